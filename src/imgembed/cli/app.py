@@ -1,0 +1,215 @@
+"""The `imgembed` command line: parses arguments, calls the library, formats output.
+Progress and summaries go to stderr, data to stdout or --output."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from imgembed.cli.output import Writer
+from imgembed.errors import ConfigurationError, ImgEmbedError, ModelUnavailableError
+from imgembed.intake.sources import expand_paths
+
+app = typer.Typer(help="Exact CLIP image and text embeddings.", no_args_is_help=True)
+models_app = typer.Typer(help="Known models.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+err = Console(stderr=True)
+
+# Exit codes, in one place: 1 = some inputs failed, 2 = usage (Typer's own).
+EXIT_CODES: list[tuple[type[ImgEmbedError], int]] = [
+    (ConfigurationError, 3),
+    (ModelUnavailableError, 4),
+    (ImgEmbedError, 5),
+]
+
+ModelOpt = Annotated[str | None, typer.Option(help="open_clip model name or seed alias.")]
+PretrainedOpt = Annotated[
+    str | None, typer.Option(help="Pretrained tag or checkpoint file (.pt/.bin/.safetensors).")
+]
+DeviceOpt = Annotated[str | None, typer.Option(help="cpu | cuda | cuda:N | auto.")]
+BatchOpt = Annotated[int | None, typer.Option(help="Images or texts per encoder batch.")]
+OutputOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--output", "-o", help="out.jsonl | out.npy | out.parquet (default: JSONL on stdout)."
+    ),
+]
+
+
+def _service(**options: Any):
+    from imgembed.service import ImageEmbeddingService
+
+    return ImageEmbeddingService(**{k: v for k, v in options.items() if v is not None})
+
+
+def _fail(exc: ImgEmbedError) -> typer.Exit:
+    code = next(code for kind, code in EXIT_CODES if isinstance(exc, kind))
+    err.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+@app.command()
+def embed(
+    paths: Annotated[list[Path], typer.Argument(help="Image files or folders (recursive).")],
+    model: ModelOpt = None,
+    pretrained: PretrainedOpt = None,
+    device: DeviceOpt = None,
+    batch_size: BatchOpt = None,
+    output: OutputOpt = None,
+    exact: Annotated[bool | None, typer.Option("--exact", help="No draft decoding.")] = None,
+    cache: Annotated[bool, typer.Option(help="Use the persistent embedding cache.")] = True,
+) -> None:
+    """Embed images; exit 1 if any input failed (each failure is named on stderr)."""
+    try:
+        service = _service(
+            model=model,
+            pretrained=pretrained,
+            device=device,
+            batch_size=batch_size,
+            exact=exact,
+            cache_embeddings=cache,
+        )
+        files = expand_paths(paths)
+        writer = Writer(output)
+        with err.status(f"loading {service.model_ref} ..."):
+            service.encoder  # noqa: B018 - load before the clock starts
+        started = time.perf_counter()
+        failures, counts = [], {"embedded": 0, "cached": 0, "failed": 0}
+        with _progress_bar() as bar:
+            task = bar.add_task("embedding", total=len(files))
+            results = service.iter_images(files, lambda p: bar.update(task, completed=p.done))
+            for result in results:
+                kind = "failed" if result.error else "cached" if result.cached else "embedded"
+                counts[kind] += 1
+                if result.error:
+                    failures.append(result.error)
+                writer.write(_row(result))
+        writer.close()
+    except ImgEmbedError as exc:
+        raise _fail(exc) from exc
+    _summary(counts, time.perf_counter() - started, failures, output)
+    if failures:
+        raise typer.Exit(1)
+
+
+def _row(result: Any) -> dict[str, Any]:
+    return {
+        "source": result.image_path,
+        "image_id": result.image_id,
+        "model": result.model_name,
+        "cached": result.cached,
+        "error": None if result.error is None else str(result.error),
+        "error_type": None if result.error is None else type(result.error).__name__,
+        "embedding": result.embedding,
+    }
+
+
+def _progress_bar() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=err,
+    )
+
+
+def _summary(
+    counts: dict[str, int], seconds: float, failures: list[Any], output: Path | None
+) -> None:
+    done = counts["embedded"] + counts["cached"]
+    rate = done / seconds if seconds > 0 else 0.0
+    err.print(
+        f"embedded: {counts['embedded']}  cached: {counts['cached']}  failed: {counts['failed']}  "
+        f"duration: {seconds:.2f} s  images/s: {rate:.1f}",
+        highlight=False,
+    )
+    for failure in failures:
+        err.print(f"  failed: {failure} ({type(failure).__name__})", highlight=False, markup=False)
+    if output:
+        err.print(f"written to {output}", highlight=False)
+
+
+@app.command("embed-text")
+def embed_text(
+    texts: Annotated[list[str], typer.Argument(help="Texts to embed; '-' reads lines from stdin.")],
+    model: ModelOpt = None,
+    pretrained: PretrainedOpt = None,
+    device: DeviceOpt = None,
+    batch_size: BatchOpt = None,
+    output: OutputOpt = None,
+) -> None:
+    """Embed texts into the same space as images."""
+    if texts == ["-"]:
+        texts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    try:
+        service = _service(model=model, pretrained=pretrained, device=device, batch_size=batch_size)
+        started = time.perf_counter()
+        vectors = service.embed_texts(texts)
+        writer = Writer(output)
+        for text, vector in zip(texts, vectors, strict=True):
+            writer.write({"source": text, "model": str(service.model_ref), "embedding": vector})
+        writer.close()
+    except ImgEmbedError as exc:
+        raise _fail(exc) from exc
+    seconds = time.perf_counter() - started
+    err.print(f"embedded: {len(texts)} texts  duration: {seconds:.2f} s", highlight=False)
+
+
+@models_app.command("list")
+def models_list(
+    all_: Annotated[
+        bool, typer.Option("--all", help="Every architecture + tag open_clip knows.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON instead of a table.")] = False,
+) -> None:
+    """Known models, their embedding dimension and aliases."""
+    from imgembed.models import registry
+
+    if all_:
+        rows = [
+            {
+                "model": ref.name,
+                "pretrained": ref.pretrained,
+                "dimension": dim,
+                "note": "",
+                "aliases": [],
+            }
+            for ref, dim in registry.known_pairs()
+        ]
+    else:
+        rows = [
+            {
+                "model": e.ref.name,
+                "pretrained": e.ref.pretrained,
+                "dimension": e.dimension,
+                "note": e.note,
+                "aliases": list(e.aliases),
+            }
+            for e in registry.CATALOGUE
+        ]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    table = Table("model", "pretrained", "dim", "aliases", "note")
+    for row in rows:
+        table.add_row(
+            row["model"],
+            row["pretrained"],
+            str(row["dimension"]),
+            ", ".join(row["aliases"]),
+            row["note"],
+        )
+    Console().print(table)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,133 @@
+"""Settings: built once (from the environment, keyword arguments or a seed-style dict) and
+passed in. Environment variables use the prefix IMGEMBED_; the GenericRAG seed's
+CLIP_MODEL_NAME and CLIP_DIMENSION are accepted as aliases."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import platformdirs
+from pydantic import AliasChoices, Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from imgembed.errors import ConfigurationError
+
+
+def _env(name: str, *aliases: str) -> AliasChoices:
+    # A validation_alias replaces the env prefix, so the prefixed name is listed explicitly.
+    return AliasChoices(name, f"IMGEMBED_{name.upper()}", *aliases)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="IMGEMBED_",
+        populate_by_name=True,
+        protected_namespaces=(),
+        extra="forbid",
+    )
+
+    model: str = Field("ViT-B-32", validation_alias=_env("model", "CLIP_MODEL_NAME"))
+    pretrained: str = Field("openai", validation_alias=_env("pretrained"))
+    dimension: int | None = Field(None, validation_alias=_env("dimension", "CLIP_DIMENSION"))
+    device: str = Field("auto", validation_alias=_env("device"))
+    runtime: Literal["torch", "onnx"] = Field("torch", validation_alias=_env("runtime"))
+    precision: Literal["fp32", "fp16", "bf16", "int8"] = Field(
+        "fp32", validation_alias=_env("precision")
+    )
+    batch_size: int = Field(32, gt=0, validation_alias=_env("batch_size"))
+    max_workers: int | None = Field(None, gt=0, validation_alias=_env("max_workers"))
+    normalize: bool = Field(True, validation_alias=_env("normalize"))
+    exact: bool = Field(False, validation_alias=_env("exact"))
+    cache_embeddings: bool = Field(
+        True, validation_alias=_env("cache_embeddings", "IMGEMBED_CACHE")
+    )
+    data_dir: Path = Field(
+        default_factory=lambda: platformdirs.user_data_path("imgembed"),
+        validation_alias=_env("data_dir"),
+    )
+    cache_dir: Path | None = Field(None, validation_alias=_env("cache_dir"))
+    model_cache_dir: Path | None = Field(None, validation_alias=_env("model_cache_dir"))
+    max_file_size: int = Field(10 * 1024 * 1024, gt=0, validation_alias=_env("max_file_size"))
+    max_image_pixels: int = Field(100_000_000, gt=0, validation_alias=_env("max_image_pixels"))
+
+    @property
+    def embedding_cache_dir(self) -> Path:
+        return self.cache_dir or self.data_dir / "cache"
+
+    @property
+    def workers(self) -> int:
+        return self.max_workers or os.cpu_count() or 1
+
+
+# The GenericRAG seed's CLIP_CONFIG keys. Mapped ones become settings; the rest are
+# accepted so a seed config dict works unchanged, and have no effect.
+_SEED_KEYS = {
+    "model_name": "model",
+    "dimension": "dimension",
+    "batch_size": "batch_size",
+    "normalize_embeddings": "normalize",
+    "normalize": "normalize",
+    "cache_embeddings": "cache_embeddings",
+    "cache_directory": "cache_dir",
+    "max_workers": "max_workers",
+    "max_file_size": "max_file_size",
+}
+_SEED_KEYS_WITHOUT_EFFECT = {
+    "ollama_endpoint",
+    "image_size",  # the model's own transform decides the input size
+    "temp_directory",
+    "convert_to_rgb",  # always done
+    "apply_augmentation",  # never done: embeddings must be deterministic
+    "debug",
+    "max_image_size",
+    "min_image_size",
+    "supported_formats",
+    "quality_threshold",
+    "enable_metadata_extraction",
+    "timeout",
+    "retry_attempts",
+    "retry_delay",
+}
+
+
+def translate_seed_config(config: dict[str, Any]) -> dict[str, Any]:
+    """Turn a seed-style config dict (or our own field names) into Settings keyword arguments."""
+    out: dict[str, Any] = {}
+    use_gpu = config.get("use_gpu")
+    gpu_device = config.get("gpu_device")
+    for key, value in config.items():
+        if key in ("use_gpu", "gpu_device") or key in _SEED_KEYS_WITHOUT_EFFECT:
+            continue
+        if key == "parallel_processing":
+            if not value:
+                out["max_workers"] = 1
+            continue
+        if key in _SEED_KEYS:
+            out[_SEED_KEYS[key]] = value
+        elif key in Settings.model_fields:
+            out[key] = value
+        else:
+            raise ConfigurationError(f"unknown setting {key!r}")
+    if use_gpu is False:
+        out["device"] = "cpu"
+    elif gpu_device:
+        out["device"] = gpu_device
+    return out
+
+
+def load_settings(config: Settings | dict[str, Any] | None = None, **overrides: Any) -> Settings:
+    """Settings from a Settings object, a seed-style dict and/or keyword overrides; fields not
+    given come from the environment."""
+    if isinstance(config, Settings):
+        if not overrides:
+            return config
+        base = config.model_dump(exclude_unset=True)
+    else:
+        base = translate_seed_config(config or {})
+    base.update(translate_seed_config(overrides))
+    try:
+        return Settings(**base)
+    except ValidationError as exc:
+        raise ConfigurationError(f"invalid settings: {exc}") from exc

@@ -1,0 +1,1 @@
+"""Engine: the batch pipeline, the embedding cache and similarity."""

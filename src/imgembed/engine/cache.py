@@ -1,0 +1,42 @@
+"""Persistent embedding cache: (content hash, encoder fingerprint) -> raw float32 vector.
+
+diskcache keeps it in SQLite + files, safe for many threads and processes at once."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import diskcache
+import numpy as np
+
+
+def content_hash(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class EmbeddingCache:
+    def __init__(self, directory: Path, namespace: str):
+        self.directory = Path(directory)
+        self._namespace = hashlib.sha256(namespace.encode()).hexdigest()[:16]
+        self._cache = diskcache.Cache(str(self.directory))
+
+    def _key(self, digest: str) -> str:
+        return f"{self._namespace}:{digest}"
+
+    def get(self, digest: str) -> np.ndarray | None:
+        raw = self._cache.get(self._key(digest))
+        return None if raw is None else np.frombuffer(raw, dtype=np.float32)
+
+    def put(self, digest: str, vector: np.ndarray) -> None:
+        self._cache.set(self._key(digest), np.asarray(vector, dtype=np.float32).tobytes())
+
+    def clear(self) -> int:
+        """Remove every cached embedding (of every model); returns how many."""
+        return self._cache.clear()
+
+    def __len__(self) -> int:
+        return len(self._cache)
+
+    def close(self) -> None:
+        self._cache.close()

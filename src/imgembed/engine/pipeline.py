@@ -1,0 +1,163 @@
+"""The batch pipeline: read + hash + cache lookup + decode + preprocess in worker threads,
+encode in batches on the calling thread, results in input order.
+
+Chunk k+1 and k+2 are decoded by the workers while chunk k is encoded, so the two
+overlap and memory stays bounded. Each item ends with an embedding or a typed error;
+one bad item never fails the others."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from imgembed.config import Settings
+from imgembed.engine.cache import EmbeddingCache, content_hash
+from imgembed.engine.similarity import l2_normalize
+from imgembed.errors import ImgEmbedError, InvalidImageError
+from imgembed.intake.decode import decode, read_metadata
+from imgembed.intake.sources import Source, describe, read_bytes
+from imgembed.models.runtime import Encoder
+from imgembed.results import ImageEmbeddingResult
+
+# Bump when intake or preprocessing changes what a given file embeds to.
+PREPROCESS_VERSION = 1
+# Draft-decoded JPEGs keep a short side of at least this many times the model input,
+# measured to stay above cosine 0.9999 to a full decode (see tests/unit/test_parity.py).
+DRAFT_FACTOR = 2
+PREFETCH_CHUNKS = 2
+
+
+@dataclass
+class Progress:
+    total: int
+    done: int = 0
+    embedded: int = 0
+    cached: int = 0
+    failed: int = 0
+
+
+ProgressCallback = Callable[[Progress], None]
+
+
+@dataclass
+class _Prepared:
+    label: str
+    started: float
+    digest: str | None = None
+    pixels: np.ndarray | None = None
+    vector: np.ndarray | None = None  # from the cache
+    metadata: dict[str, Any] = field(default_factory=dict)
+    error: ImgEmbedError | None = None
+    cached: bool = False
+    seconds: float = 0.0
+
+
+class ImagePipeline:
+    def __init__(self, encoder: Encoder, settings: Settings, cache: EmbeddingCache | None):
+        self.encoder = encoder
+        self.settings = settings
+        self.cache = cache
+        self.draft_min_side = (
+            None if settings.exact else DRAFT_FACTOR * encoder.preprocessor.min_side
+        )
+
+    @staticmethod
+    def cache_namespace(encoder: Encoder, exact: bool) -> str:
+        preprocess = json.dumps(encoder.preprocessor.as_dict(), sort_keys=True)
+        draft = "exact" if exact else f"draft{DRAFT_FACTOR}"
+        return f"{encoder.fingerprint}|{preprocess}|pp{PREPROCESS_VERSION}|{draft}"
+
+    def iter_results(
+        self, sources: Sequence[Source], progress: ProgressCallback | None = None
+    ) -> Iterator[ImageEmbeddingResult]:
+        """Results in input order, streamed chunk by chunk."""
+        state = Progress(total=len(sources))
+        size = self.settings.batch_size
+        chunks = [sources[i : i + size] for i in range(0, len(sources), size)]
+        with ThreadPoolExecutor(
+            self.settings.workers, thread_name_prefix="imgembed-decode"
+        ) as pool:
+            pending: list[list[Future[_Prepared]]] = []
+            for k in range(len(chunks)):
+                while len(pending) <= PREFETCH_CHUNKS and k + len(pending) < len(chunks):
+                    pending.append(
+                        [pool.submit(self._prepare, s) for s in chunks[k + len(pending)]]
+                    )
+                prepared = [future.result() for future in pending.pop(0)]
+                self._encode(prepared)
+                for item in prepared:
+                    result = self._result(item)
+                    state.done += 1
+                    state.failed += not result.ok
+                    state.cached += result.cached
+                    state.embedded += result.ok and not result.cached
+                    yield result
+                if progress:
+                    progress(state)
+
+    def _prepare(self, source: Source) -> _Prepared:
+        item = _Prepared(label=describe(source), started=time.perf_counter())
+        try:
+            data = read_bytes(source, self.settings.max_file_size)
+            item.digest = content_hash(data)
+            item.vector = self.cache.get(item.digest) if self.cache is not None else None
+            item.cached = item.vector is not None
+            if item.cached:
+                item.metadata = read_metadata(data, item.label)
+            else:
+                decoded = decode(
+                    data,
+                    item.label,
+                    max_pixels=self.settings.max_image_pixels,
+                    draft_min_side=self.draft_min_side,
+                )
+                item.metadata = decoded.metadata
+                item.pixels = self.encoder.preprocessor(decoded.image)
+        except ImgEmbedError as exc:
+            item.error = exc
+        except Exception as exc:  # untrusted data: anything the decoders throw is this item's
+            item.error = InvalidImageError(f"cannot decode image: {exc!r}", item.label)
+        item.seconds = time.perf_counter() - item.started
+        return item
+
+    def _encode(self, prepared: list[_Prepared]) -> None:
+        todo = [item for item in prepared if item.pixels is not None]
+        if not todo:
+            return
+        started = time.perf_counter()
+        try:
+            vectors = self.encoder.encode_images(np.stack([item.pixels for item in todo]))
+        except ImgEmbedError as exc:
+            for item in todo:
+                item.error = exc
+            return
+        share = (time.perf_counter() - started) / len(todo)
+        for item, vector in zip(todo, vectors, strict=True):
+            item.vector = vector
+            item.seconds += share
+            item.pixels = None
+            if self.cache is not None and item.digest:
+                self.cache.put(item.digest, vector)
+
+    def _result(self, item: _Prepared) -> ImageEmbeddingResult:
+        vector = item.vector
+        if vector is not None and self.settings.normalize:
+            vector = l2_normalize(vector)
+        return ImageEmbeddingResult(
+            image_path=item.label,
+            embedding=None if item.error else vector,
+            image_id=item.digest,
+            model_name=str(self.encoder.ref),
+            dimension=self.encoder.dimension,
+            normalized=self.settings.normalize,
+            processing_time=item.seconds,
+            metadata=item.metadata,
+            error=item.error,
+            cached=item.cached,
+        )

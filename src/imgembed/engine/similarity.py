@@ -1,0 +1,61 @@
+"""Cosine similarity and top-k, vectorised with NumPy."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from imgembed.errors import ConfigurationError
+
+ArrayLike = Sequence[float] | np.ndarray
+
+
+def l2_normalize(vectors: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (zero rows stay zero)."""
+    norms = np.linalg.norm(vectors, axis=-1, keepdims=True)
+    return vectors / np.where(norms == 0, 1, norms)
+
+
+def _matrix(candidates: Sequence[ArrayLike] | np.ndarray, dim: int) -> np.ndarray:
+    matrix = np.asarray(candidates, dtype=np.float32)
+    if matrix.size == 0:
+        return matrix.reshape(0, dim)
+    if matrix.ndim != 2 or matrix.shape[1] != dim:
+        raise ConfigurationError(
+            f"candidate embeddings have shape {matrix.shape}, expected (n, {dim})"
+        )
+    return matrix
+
+
+def cosine_similarities(
+    query: ArrayLike, candidates: Sequence[ArrayLike] | np.ndarray
+) -> np.ndarray:
+    """Cosine of `query` with each candidate row."""
+    q = np.asarray(query, dtype=np.float32).ravel()
+    matrix = _matrix(candidates, q.shape[0])
+    return l2_normalize(matrix) @ l2_normalize(q[None, :])[0]
+
+
+def cosine_similarity(a: ArrayLike, b: ArrayLike) -> float:
+    return float(cosine_similarities(a, [b])[0])
+
+
+def top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k highest scores, best first (ties keep input order)."""
+    k = max(0, min(k, scores.shape[0]))
+    if k == 0:
+        return np.empty(0, dtype=np.int64)
+    part = (
+        np.argpartition(-scores, k - 1)[:k] if k < scores.shape[0] else np.arange(scores.shape[0])
+    )
+    return part[np.lexsort((part, -scores[part]))]
+
+
+def most_similar(
+    query: ArrayLike, candidates: Mapping[str, ArrayLike], k: int = 5
+) -> list[tuple[str, float]]:
+    """(key, score) pairs of the k candidates most similar to `query`, best first."""
+    keys = list(candidates)
+    scores = cosine_similarities(query, [candidates[key] for key in keys])
+    return [(keys[i], float(scores[i])) for i in top_k(scores, k)]

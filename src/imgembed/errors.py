@@ -1,0 +1,73 @@
+"""One exception tree for everything imgembed raises on purpose.
+
+    ImgEmbedError
+    ├── ConfigurationError        settings that cannot work (dimension mismatch, no CUDA, ...)
+    ├── ModelUnavailableError     weights or architecture cannot be had
+    ├── ImageError                one input image is unusable (carries its `source`)
+    │   ├── ImageNotFoundError
+    │   ├── InvalidImageError     corrupt or truncated data, not an image
+    │   ├── UnsupportedFormatError
+    │   └── ImageTooLargeError
+    └── EncodeError               the model failed on a batch
+
+Surfaces map these to HTTP status codes and CLI exit codes in one place each.
+"""
+
+from __future__ import annotations
+
+
+class ImgEmbedError(Exception):
+    """Base of every error imgembed raises on purpose."""
+
+
+class ConfigurationError(ImgEmbedError):
+    """The settings cannot work together or with this machine."""
+
+
+class ModelUnavailableError(ImgEmbedError):
+    """The model's weights or architecture cannot be loaded."""
+
+
+class ImageError(ImgEmbedError):
+    """One input image cannot be embedded; `source` says which."""
+
+    def __init__(self, message: str, source: str | None = None):
+        super().__init__(message)
+        self.source = source
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        return f"{self.source}: {text}" if self.source else text
+
+
+class ImageNotFoundError(ImageError):
+    """The path does not exist or is not a file."""
+
+
+class InvalidImageError(ImageError):
+    """The data is not a readable image (corrupt, truncated, empty)."""
+
+
+class UnsupportedFormatError(ImageError):
+    """The data is an image in a format imgembed does not accept."""
+
+
+class ImageTooLargeError(ImageError):
+    """The file or the pixel count exceeds the configured limit."""
+
+
+class EncodeError(ImgEmbedError):
+    """The model failed while encoding a batch."""
+
+
+__all__ = [
+    "ConfigurationError",
+    "EncodeError",
+    "ImageError",
+    "ImageNotFoundError",
+    "ImageTooLargeError",
+    "ImgEmbedError",
+    "InvalidImageError",
+    "ModelUnavailableError",
+    "UnsupportedFormatError",
+]

@@ -1,0 +1,1 @@
+"""Intake: sources -> bytes -> decoded RGB images plus basic metadata."""

@@ -1,0 +1,168 @@
+"""Loading open_clip models through open_clip's own factory: one instance per
+(model, weights, device, precision) per process, loaded lazily, shared between threads."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import torch
+from open_clip.pretrained import get_pretrained_cfg
+
+from imgembed.errors import ConfigurationError, ModelUnavailableError
+from imgembed.models import registry
+from imgembed.models.registry import ModelRef
+
+log = logging.getLogger(__name__)
+
+_LOCK = threading.Lock()
+_LOADED: dict[tuple[str, str, str, str], LoadedModel] = {}
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    ref: ModelRef
+    model: torch.nn.Module
+    tokenizer: Any
+    preprocess_cfg: dict[str, Any]
+    device: torch.device
+    precision: str
+    dimension: int
+    weights_id: str  # changes whenever the weights change; part of every cache key
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as exc:
+        raise ConfigurationError(
+            f"invalid device {device!r}: use cpu, cuda, cuda:N or auto"
+        ) from exc
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (resolved.index or 0) >= count:
+            raise ConfigurationError(
+                f"device {device!r} requested but torch sees {count} CUDA device(s); "
+                "set IMGEMBED_DEVICE=cpu or auto"
+            )
+    elif resolved.type != "cpu":
+        raise ConfigurationError(f"unsupported device {device!r}: use cpu, cuda, cuda:N or auto")
+    return resolved
+
+
+def load_model(
+    ref: ModelRef, device: str = "auto", precision: str = "fp32", cache_dir: Path | None = None
+) -> LoadedModel:
+    """The shared model instance for these settings, loading it on first use."""
+    if precision not in ("fp32", "fp16", "bf16"):
+        raise ConfigurationError(
+            f"precision {precision!r} is not available on the torch runtime (fp32, fp16, bf16)"
+        )
+    torch_device = resolve_device(device)
+    if precision == "fp16" and torch_device.type == "cpu":
+        raise ConfigurationError("fp16 needs a CUDA device; use fp32 or bf16 on the CPU")
+    key = (ref.name, ref.pretrained, str(torch_device), precision)
+    with _LOCK:
+        if key not in _LOADED:
+            _LOADED[key] = _load(ref, torch_device, precision, cache_dir)
+        return _LOADED[key]
+
+
+def _load(
+    ref: ModelRef, device: torch.device, precision: str, cache_dir: Path | None
+) -> LoadedModel:
+    dimension = registry.dimension(ref.name) if ":" not in ref.name else None
+    tag_cfg = get_pretrained_cfg(ref.name, ref.pretrained) if ref.seed is None else {}
+    if ref.seed is None and not tag_cfg and not ref.is_file and ":" not in ref.name:
+        tags = open_clip.list_pretrained_tags_by_model(ref.name)
+        raise ModelUnavailableError(
+            f"{ref}: {ref.pretrained!r} is neither a pretrained tag of {ref.name} "
+            f"(known: {', '.join(tags) or 'none'}) nor a checkpoint file "
+            f"({', '.join(registry.CHECKPOINT_SUFFIXES)})"
+        )
+    if ref.is_file and not Path(ref.pretrained).is_file():
+        raise ModelUnavailableError(f"{ref}: checkpoint file {ref.pretrained} does not exist")
+    kwargs: dict[str, Any] = {
+        "precision": precision,
+        "device": device,
+        "cache_dir": str(cache_dir) if cache_dir else None,
+        # open_clip 3 builds e.g. ViT-B-32 with GELU even for QuickGELU-trained tags such as
+        # `openai` (it only warns); follow the tag so vectors match the original weights.
+        "force_quick_gelu": bool(tag_cfg.get("quick_gelu", False)),
+    }
+    log.info("loading %s on %s (%s)", ref, device, precision)
+    try:
+        if ref.seed is not None:
+            # Random weights are the point here; silence open_clip's warning about them.
+            with torch.random.fork_rng(devices=[]), _quiet_root_logger():
+                torch.manual_seed(ref.seed)
+                model = open_clip.create_model(ref.name, pretrained=None, **kwargs)
+        else:
+            pretrained = None if ":" in ref.name else ref.pretrained
+            model = open_clip.create_model(ref.name, pretrained=pretrained, **kwargs)
+    except Exception as exc:  # open_clip raises RuntimeError/OSError/HF errors alike
+        raise ModelUnavailableError(_unavailable_message(ref, tag_cfg, cache_dir, exc)) from exc
+    model.eval()
+    preprocess_cfg = dict(open_clip.get_model_preprocess_cfg(model))
+    return LoadedModel(
+        ref=ref,
+        model=model,
+        tokenizer=open_clip.get_tokenizer(ref.name),
+        preprocess_cfg=preprocess_cfg,
+        device=device,
+        precision=precision,
+        dimension=dimension or int(model.text_projection.shape[-1]),
+        weights_id=_weights_id(ref),
+    )
+
+
+@contextlib.contextmanager
+def _quiet_root_logger() -> Iterator[None]:
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def _weights_id(ref: ModelRef) -> str:
+    if ref.seed is not None:  # random init depends on the torch version
+        return f"{ref.name}/{ref.pretrained}/torch-{torch.__version__}"
+    if ref.is_file:
+        stat = Path(ref.pretrained).stat()
+        return f"{ref.name}/{Path(ref.pretrained).resolve()}/{stat.st_size}/{stat.st_mtime_ns}"
+    return f"{ref.name}/{ref.pretrained}"
+
+
+def _unavailable_message(
+    ref: ModelRef, tag_cfg: dict[str, Any], cache_dir: Path | None, exc: Exception
+) -> str:
+    from huggingface_hub import constants
+
+    where = cache_dir or constants.HF_HUB_CACHE
+    repo = tag_cfg.get("hf_hub", "").rstrip("/")
+    offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") else ""
+    lines = [
+        f"cannot load weights for {ref}: {exc}",
+        f"Looked in the Hugging Face cache at {where}{offline}"
+        + (f" for the repository {repo}." if repo else "."),
+        "To supply the weights, any of:",
+        "  - run once where the Hugging Face hub is reachable; the weights are cached there",
+        "    (set IMGEMBED_MODEL_CACHE_DIR or HF_HOME to choose the cache directory),",
+        "  - copy such a cache directory to this machine and point HF_HOME or",
+        "    IMGEMBED_MODEL_CACHE_DIR at it,",
+        "  - or download the checkpoint file (.safetensors/.bin/.pt) and set",
+        "    IMGEMBED_PRETRAINED=/path/to/file with IMGEMBED_MODEL=" + ref.name + ".",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,110 @@
+"""Which models imgembed knows by name: a small catalogue of recommended entries, the seeds'
+aliases, and every architecture + pretrained tag open_clip itself knows."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import open_clip
+
+from imgembed.errors import ModelUnavailableError
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+open_clip.add_model_config(CONFIG_DIR)
+
+TEST_MODEL = "imgembed-tiny"
+SEED_PREFIX = "seed:"
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """An open_clip architecture plus its weights: a pretrained tag, a checkpoint file, or
+    `seed:N` (deterministic random weights, for tests only)."""
+
+    name: str
+    pretrained: str
+
+    @property
+    def seed(self) -> int | None:
+        if not self.pretrained.startswith(SEED_PREFIX):
+            return None
+        return int(self.pretrained.removeprefix(SEED_PREFIX))
+
+    @property
+    def is_file(self) -> bool:
+        return self.seed is None and Path(self.pretrained).suffix in CHECKPOINT_SUFFIXES
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.pretrained})"
+
+
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".npz")
+
+
+@dataclass(frozen=True)
+class CatalogueEntry:
+    ref: ModelRef
+    dimension: int
+    note: str
+    aliases: tuple[str, ...] = ()
+
+
+CATALOGUE: tuple[CatalogueEntry, ...] = (
+    CatalogueEntry(
+        ModelRef("ViT-B-32", "openai"),
+        512,
+        "default; the seeds' model",
+        ("clip-vit-base-patch32", "openai/clip-vit-base-patch32"),
+    ),
+    CatalogueEntry(
+        ModelRef("ViT-B-16", "openai"),
+        512,
+        "finer patches, ~4x slower",
+        ("clip-vit-base-patch16", "openai/clip-vit-base-patch16"),
+    ),
+    CatalogueEntry(
+        ModelRef("ViT-L-14", "openai"),
+        768,
+        "large, best quality of the OpenAI models",
+        ("clip-vit-large-patch14", "openai/clip-vit-large-patch14"),
+    ),
+    CatalogueEntry(ModelRef("ViT-B-32", "laion2b_s34b_b79k"), 512, "LAION-2B trained"),
+    CatalogueEntry(
+        ModelRef(TEST_MODEL, "seed:0"),
+        64,
+        "TEST ONLY: tiny architecture with seeded random weights; vectors carry no meaning",
+    ),
+)
+
+_ALIASES = {alias.lower(): entry.ref for entry in CATALOGUE for alias in entry.aliases}
+
+
+def resolve(model: str, pretrained: str) -> ModelRef:
+    """Map a seed alias such as `clip-vit-base-patch32` to its open_clip name and tag."""
+    aliased = _ALIASES.get(model.lower())
+    if aliased is not None:
+        return aliased
+    return ModelRef(model.replace("/", "-") if ":" not in model else model, pretrained)
+
+
+def dimension(name: str) -> int:
+    """Embedding width of an architecture, from its config, without loading weights."""
+    config = open_clip.get_model_config(name)
+    if config is None:
+        known = ", ".join(open_clip.list_models()[:12])
+        raise ModelUnavailableError(
+            f"unknown model architecture {name!r}; `imgembed models list --all` shows all "
+            f"(e.g. {known}, ...)"
+        )
+    return int(config["embed_dim"])
+
+
+def known_pairs() -> list[tuple[ModelRef, int]]:
+    """Every architecture + pretrained tag open_clip knows, with its dimension."""
+    pairs = []
+    for name, tag in open_clip.list_pretrained():
+        config = open_clip.get_model_config(name)
+        if config is not None:
+            pairs.append((ModelRef(name, tag), int(config["embed_dim"])))
+    return pairs

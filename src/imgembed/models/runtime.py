@@ -1,0 +1,72 @@
+"""Runtimes turn preprocessed image batches and texts into raw (unnormalised) embeddings.
+Every runtime has the same interface; the engine never knows which one it drives."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import Protocol
+
+import numpy as np
+
+from imgembed.config import Settings
+from imgembed.errors import ConfigurationError, EncodeError
+from imgembed.models.preprocess import Preprocessor
+from imgembed.models.registry import ModelRef
+
+
+class Encoder(Protocol):
+    ref: ModelRef
+    dimension: int
+    preprocessor: Preprocessor
+    fingerprint: str  # identifies weights + runtime + precision
+
+    def encode_images(self, batch: np.ndarray) -> np.ndarray: ...
+
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray: ...
+
+
+class TorchEncoder:
+    """open_clip's model on torch: the reference runtime."""
+
+    def __init__(self, ref: ModelRef, settings: Settings):
+        from imgembed.models.loader import load_model
+
+        self._loaded = load_model(
+            ref, settings.device, settings.precision, settings.model_cache_dir
+        )
+        self.ref = ref
+        self.dimension = self._loaded.dimension
+        self.preprocessor = Preprocessor.from_config(self._loaded.preprocess_cfg)
+        self.fingerprint = f"torch/{settings.precision}/{self._loaded.weights_id}"
+        self._lock = threading.Lock()  # one forward pass at a time: each uses every core
+
+    def encode_images(self, batch: np.ndarray) -> np.ndarray:
+        import torch
+
+        model = self._loaded.model
+        dtype = next(model.parameters()).dtype
+        try:
+            with self._lock, torch.inference_mode():
+                pixels = torch.from_numpy(batch).to(self._loaded.device, dtype)
+                return model.encode_image(pixels).float().cpu().numpy()
+        except RuntimeError as exc:
+            raise EncodeError(f"{self.ref}: image encoding failed: {exc}") from exc
+
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        import torch
+
+        try:
+            with self._lock, torch.inference_mode():
+                tokens = self._loaded.tokenizer(list(texts)).to(self._loaded.device)
+                return self._loaded.model.encode_text(tokens).float().cpu().numpy()
+        except RuntimeError as exc:
+            raise EncodeError(f"{self.ref}: text encoding failed: {exc}") from exc
+
+
+def create_encoder(ref: ModelRef, settings: Settings) -> Encoder:
+    if settings.runtime == "torch":
+        return TorchEncoder(ref, settings)
+    raise ConfigurationError(
+        f"runtime {settings.runtime!r} is not available in this version; use IMGEMBED_RUNTIME=torch"
+    )

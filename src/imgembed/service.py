@@ -1,0 +1,234 @@
+"""ImageEmbeddingService: the library facade, with the GenericRAG seed's method names.
+
+Sync methods (`embed_image(s)`, `embed_text(s)`) return NumPy arrays and result objects;
+the seed's async methods return its plain shapes (a `list[float]`, or a dict when
+`include_metadata=True`) and run their work in a thread, never on the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from imgembed.config import Settings, load_settings
+from imgembed.engine import similarity
+from imgembed.engine.cache import EmbeddingCache
+from imgembed.engine.pipeline import ImagePipeline, ProgressCallback
+from imgembed.errors import ConfigurationError, ImgEmbedError
+from imgembed.intake.decode import decode, read_metadata
+from imgembed.intake.sources import Source, describe, read_bytes
+from imgembed.models import registry
+from imgembed.models.runtime import Encoder, create_encoder
+from imgembed.results import ImageEmbeddingResult
+
+log = logging.getLogger(__name__)
+
+Embedding = list[float]
+
+
+class ImageEmbeddingService:
+    """Embeds images and texts into one CLIP space.
+
+    Built from `Settings`, a seed-style config dict (`{"model_name": ..., "use_gpu": ...}`)
+    and/or keyword overrides; anything not given comes from IMGEMBED_* environment variables.
+    The model loads on first use and is shared by every service in the process."""
+
+    def __init__(self, config: Settings | dict[str, Any] | None = None, **overrides: Any):
+        self.settings = load_settings(config, **overrides)
+        self.model_ref = registry.resolve(self.settings.model, self.settings.pretrained)
+        self._check_dimension()
+        self._lock = threading.Lock()
+        self._encoder: Encoder | None = None
+        self._pipeline: ImagePipeline | None = None
+        self._cache: EmbeddingCache | None = None
+
+    def _check_dimension(self) -> None:
+        wanted = self.settings.dimension
+        if wanted is None or ":" in self.model_ref.name:
+            return
+        actual = registry.dimension(self.model_ref.name)
+        if wanted != actual:
+            raise ConfigurationError(
+                f"configured dimension {wanted} does not match {self.model_ref}, which produces "
+                f"{actual}-d embeddings; set IMGEMBED_DIMENSION/CLIP_DIMENSION={actual} or "
+                "choose another model"
+            )
+
+    # -- engine, built lazily --------------------------------------------------------------
+
+    @property
+    def encoder(self) -> Encoder:
+        return self._ensure()[0]
+
+    @property
+    def dimension(self) -> int:
+        if self._encoder is None and ":" not in self.model_ref.name:
+            return registry.dimension(self.model_ref.name)
+        return self.encoder.dimension
+
+    def _ensure(self) -> tuple[Encoder, ImagePipeline]:
+        with self._lock:
+            if self._encoder is None or self._pipeline is None:
+                encoder = create_encoder(self.model_ref, self.settings)
+                if self.settings.cache_embeddings:
+                    namespace = ImagePipeline.cache_namespace(encoder, self.settings.exact)
+                    self._cache = EmbeddingCache(self.settings.embedding_cache_dir, namespace)
+                self._pipeline = ImagePipeline(encoder, self.settings, self._cache)
+                self._encoder = encoder
+            return self._encoder, self._pipeline
+
+    # -- sync API ----------------------------------------------------------------------------
+
+    def embed_images(
+        self, sources: Sequence[Source], progress: ProgressCallback | None = None
+    ) -> list[ImageEmbeddingResult]:
+        """One result per source, in order: an embedding or a typed error, never an exception."""
+        return list(self.iter_images(sources, progress))
+
+    def iter_images(
+        self, sources: Sequence[Source], progress: ProgressCallback | None = None
+    ) -> Iterator[ImageEmbeddingResult]:
+        """Like `embed_images`, streamed batch by batch (for long runs)."""
+        return self._ensure()[1].iter_results(list(sources), progress)
+
+    def embed_image(self, source: Source) -> np.ndarray:
+        """The embedding of one image; raises its typed error if it cannot be embedded."""
+        return self._embed_one(source).embedding  # type: ignore[return-value]
+
+    def _embed_one(self, source: Source) -> ImageEmbeddingResult:
+        (result,) = self.embed_images([source])
+        if result.error is not None:
+            raise result.error
+        return result
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """Embeddings of texts, shape (len(texts), dimension), in the images' space."""
+        texts = list(texts)
+        if not all(isinstance(t, str) for t in texts):
+            raise ConfigurationError("embed_texts takes a list of strings")
+        encoder = self.encoder
+        if not texts:
+            return np.empty((0, encoder.dimension), dtype=np.float32)
+        size = self.settings.batch_size
+        vectors = np.concatenate(
+            [encoder.encode_texts(texts[i : i + size]) for i in range(0, len(texts), size)]
+        )
+        return similarity.l2_normalize(vectors) if self.settings.normalize else vectors
+
+    def embed_text(self, text: str) -> np.ndarray:
+        return self.embed_texts([text])[0]
+
+    def preprocess(self, source: Source) -> Image.Image:
+        """The model-sized RGB image the network sees (before normalisation)."""
+        label = describe(source)
+        data = read_bytes(source, self.settings.max_file_size)
+        decoded = decode(data, label, max_pixels=self.settings.max_image_pixels)
+        return self.encoder.preprocessor.resize_and_crop(decoded.image)
+
+    def image_metadata(self, source: Source) -> dict[str, Any]:
+        data = read_bytes(source, self.settings.max_file_size)
+        return read_metadata(data, describe(source))
+
+    def clear_cache(self) -> int:
+        """Empty the persistent embedding cache; returns how many entries were removed."""
+        if self._cache is None:
+            self._cache = EmbeddingCache(self.settings.embedding_cache_dir, "")
+        return self._cache.clear()
+
+    def close(self) -> None:
+        if self._cache is not None:
+            self._cache.close()
+
+    def __enter__(self) -> ImageEmbeddingService:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- the seed's async API ----------------------------------------------------------------
+
+    async def generate_embedding_from_image_path(
+        self, image_path: str, include_metadata: bool = False
+    ) -> Embedding | dict[str, Any]:
+        result = await asyncio.to_thread(self._embed_one, image_path)
+        return result.to_dict() if include_metadata else _as_list(result)
+
+    async def generate_embedding_from_image_bytes(
+        self, image_bytes: bytes, include_metadata: bool = False
+    ) -> Embedding | dict[str, Any]:
+        result = await asyncio.to_thread(self._embed_one, image_bytes)
+        return result.to_dict() if include_metadata else _as_list(result)
+
+    async def batch_generate_embeddings(
+        self, image_paths: Sequence[Source], include_metadata: bool = False
+    ) -> list[Embedding | dict[str, Any] | None]:
+        """In input order. A failed item is None (plain) or a dict with `error` (metadata)."""
+        results = await asyncio.to_thread(self.embed_images, image_paths)
+        for result in results:
+            if result.error is not None:
+                log.warning("skipped %s", result.error)
+        if include_metadata:
+            return [result.to_dict() for result in results]
+        return [_as_list(result) if result.ok else None for result in results]
+
+    async def embed_texts_async(self, texts: Sequence[str]) -> list[Embedding]:
+        return (await asyncio.to_thread(self.embed_texts, texts)).tolist()
+
+    async def calculate_similarities(
+        self, query_embedding: Sequence[float], candidate_embeddings: Sequence[Sequence[float]]
+    ) -> list[float]:
+        scores = await asyncio.to_thread(
+            similarity.cosine_similarities, query_embedding, candidate_embeddings
+        )
+        return scores.tolist()
+
+    async def calculate_cosine_similarity(
+        self, embedding1: Sequence[float], embedding2: Sequence[float]
+    ) -> float:
+        return similarity.cosine_similarity(embedding1, embedding2)
+
+    async def find_similar_images(
+        self,
+        query_embedding: Sequence[float],
+        image_embeddings: Mapping[str, Sequence[float]] | np.ndarray | Sequence[Sequence[float]],
+        top_k: int = 5,
+    ) -> list[tuple[str | int, float]]:
+        """(key, score) best first; keys are the mapping's keys, or row numbers of a matrix."""
+        if not isinstance(image_embeddings, Mapping):
+            image_embeddings = dict(enumerate(image_embeddings))  # type: ignore[arg-type]
+        return await asyncio.to_thread(
+            similarity.most_similar, query_embedding, image_embeddings, top_k
+        )
+
+    async def preprocess_image(self, image_path: Source) -> Image.Image:
+        return await asyncio.to_thread(self.preprocess, image_path)
+
+    async def batch_preprocess_images(
+        self, image_paths: Sequence[Source]
+    ) -> list[Image.Image | None]:
+        """In input order; an image that cannot be read is None (and logged)."""
+
+        def run() -> list[Image.Image | None]:
+            out: list[Image.Image | None] = []
+            for path in image_paths:
+                try:
+                    out.append(self.preprocess(path))
+                except ImgEmbedError as exc:
+                    log.warning("skipped %s", exc)
+                    out.append(None)
+            return out
+
+        return await asyncio.to_thread(run)
+
+    async def extract_image_metadata(self, image_path: Source) -> dict[str, Any]:
+        return await asyncio.to_thread(self.image_metadata, image_path)
+
+
+def _as_list(result: ImageEmbeddingResult) -> Embedding:
+    assert result.embedding is not None
+    return result.embedding.tolist()

@@ -1,0 +1,53 @@
+"""Our torch-free transform reproduces open_clip's inference transform on real photos."""
+
+import numpy as np
+import open_clip
+import pytest
+from open_clip.transform import PreprocessCfg, image_transform_v2
+from PIL import Image
+
+from imgembed.intake.decode import decode
+from imgembed.models.preprocess import Preprocessor
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        {},  # the default: OpenAI mean/std, bicubic, shortest side, 224
+        {"resize_mode": "squash"},
+        {"resize_mode": "longest", "fill_color": 0},
+        {"interpolation": "bilinear"},
+        {"size": (224, 256), "resize_mode": "shortest"},
+        {"size": 256, "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)},
+        {"size": 64, "resize_mode": "longest"},
+    ],
+)
+def test_arrays_equal_open_clip_transform(cfg, photos):
+    full = PreprocessCfg(**cfg)
+    reference = image_transform_v2(full, is_train=False)
+    ours = Preprocessor.from_config(open_clip.transform.merge_preprocess_dict(full, {}))
+    for path in photos:
+        image = Image.open(path).convert("RGB")
+        expected = reference(image).numpy()
+        actual = ours(image)
+        assert actual.shape == expected.shape
+        assert actual.dtype == np.float32
+        assert np.abs(actual - expected).max() < 1e-5, path.name
+
+
+def test_small_image_is_upscaled_and_padded_like_open_clip():
+    image = Image.fromarray(np.arange(40 * 30 * 3, dtype=np.uint8).reshape(30, 40, 3))
+    for mode in ("shortest", "longest", "squash"):
+        cfg = PreprocessCfg(resize_mode=mode)
+        expected = image_transform_v2(cfg, is_train=False)(image).numpy()
+        actual = Preprocessor.from_config(open_clip.transform.merge_preprocess_dict(cfg, {}))(image)
+        assert np.abs(actual - expected).max() < 1e-5, mode
+
+
+def test_draft_decoding_keeps_short_side_above_the_floor(large_jpegs):
+    data = large_jpegs[0].read_bytes()
+    full = decode(data, "x", max_pixels=10**9)
+    drafted = decode(data, "x", max_pixels=10**9, draft_min_side=448)
+    assert min(drafted.image.size) >= 448
+    assert drafted.image.size[0] < full.image.size[0] / 2  # really decoded smaller
+    assert drafted.metadata["width"] == full.metadata["width"]  # metadata is of the file
