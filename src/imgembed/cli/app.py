@@ -21,7 +21,7 @@ from imgembed.intake.sources import expand_paths
 app = typer.Typer(help="Exact CLIP image and text embeddings.", no_args_is_help=True)
 models_app = typer.Typer(help="Known models.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 
 # Exit codes, in one place: 1 = some inputs failed, 2 = usage (Typer's own).
 EXIT_CODES: list[tuple[type[ImgEmbedError], int]] = [
@@ -52,7 +52,7 @@ def _service(**options: Any):
 
 def _fail(exc: ImgEmbedError) -> typer.Exit:
     code = next(code for kind, code in EXIT_CODES if isinstance(exc, kind))
-    err.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+    err.print(f"error: {exc}", markup=False, highlight=False)
     return typer.Exit(code)
 
 

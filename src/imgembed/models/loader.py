@@ -6,11 +6,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import open_clip
 import torch
@@ -22,6 +24,7 @@ from imgembed.models.registry import ModelRef
 
 log = logging.getLogger(__name__)
 
+HUB_PROBE_SECONDS = 3.0
 _LOCK = threading.Lock()
 _LOADED: dict[tuple[str, str, str, str], LoadedModel] = {}
 
@@ -100,17 +103,22 @@ def _load(
         "force_quick_gelu": bool(tag_cfg.get("quick_gelu", False)),
     }
     log.info("loading %s on %s (%s)", ref, device, precision)
-    try:
-        if ref.seed is not None:
-            # Random weights are the point here; silence open_clip's warning about them.
-            with torch.random.fork_rng(devices=[]), _quiet_root_logger():
-                torch.manual_seed(ref.seed)
-                model = open_clip.create_model(ref.name, pretrained=None, **kwargs)
-        else:
-            pretrained = None if ":" in ref.name else ref.pretrained
-            model = open_clip.create_model(ref.name, pretrained=pretrained, **kwargs)
-    except Exception as exc:  # open_clip raises RuntimeError/OSError/HF errors alike
-        raise ModelUnavailableError(_unavailable_message(ref, tag_cfg, cache_dir, exc)) from exc
+    hub_problem = None
+    # open_clip logs what it then raises (and warns about seeded random weights, which are
+    # the point of `seed:N`); our exception carries the message instead.
+    with _quiet_root_logger():
+        try:
+            if ref.seed is not None:
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(ref.seed)
+                    model = open_clip.create_model(ref.name, pretrained=None, **kwargs)
+            else:
+                pretrained = None if ":" in ref.name else ref.pretrained
+                with _offline_unless_hub_reachable() as hub_problem:
+                    model = open_clip.create_model(ref.name, pretrained=pretrained, **kwargs)
+        except Exception as exc:  # open_clip raises RuntimeError/OSError/HF errors alike
+            message = _unavailable_message(ref, tag_cfg, cache_dir, exc, hub_problem)
+            raise ModelUnavailableError(message) from exc
     model.eval()
     preprocess_cfg = dict(open_clip.get_model_preprocess_cfg(model))
     return LoadedModel(
@@ -126,10 +134,36 @@ def _load(
 
 
 @contextlib.contextmanager
+def _offline_unless_hub_reachable() -> Iterator[str | None]:
+    """Without a route to the hub, huggingface_hub retries with backoff for about a minute
+    per file before giving up. Probe once; if unreachable, use the local cache only, which
+    either has the weights or fails at once. Yields why the hub was not used, if it wasn't."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        yield "HF_HUB_OFFLINE is set"
+        return
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        yield None  # a direct probe says nothing about a proxied route
+        return
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=HUB_PROBE_SECONDS).close()
+    except OSError as exc:
+        constants.HF_HUB_OFFLINE = True
+        try:
+            yield f"{constants.ENDPOINT} is not reachable ({exc})"
+        finally:
+            constants.HF_HUB_OFFLINE = False
+        return
+    yield None
+
+
+@contextlib.contextmanager
 def _quiet_root_logger() -> Iterator[None]:
     root = logging.getLogger()
     level = root.level
-    root.setLevel(logging.ERROR)
+    root.setLevel(logging.CRITICAL)
     try:
         yield
     finally:
@@ -146,13 +180,17 @@ def _weights_id(ref: ModelRef) -> str:
 
 
 def _unavailable_message(
-    ref: ModelRef, tag_cfg: dict[str, Any], cache_dir: Path | None, exc: Exception
+    ref: ModelRef,
+    tag_cfg: dict[str, Any],
+    cache_dir: Path | None,
+    exc: Exception,
+    hub_problem: str | None,
 ) -> str:
     from huggingface_hub import constants
 
     where = cache_dir or constants.HF_HUB_CACHE
     repo = tag_cfg.get("hf_hub", "").rstrip("/")
-    offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") else ""
+    offline = f" only ({hub_problem})" if hub_problem else ""
     lines = [
         f"cannot load weights for {ref}: {exc}",
         f"Looked in the Hugging Face cache at {where}{offline}"

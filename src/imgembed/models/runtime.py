@@ -40,16 +40,19 @@ class TorchEncoder:
         self.preprocessor = Preprocessor.from_config(self._loaded.preprocess_cfg)
         self.fingerprint = f"torch/{settings.precision}/{self._loaded.weights_id}"
         self._lock = threading.Lock()  # one forward pass at a time: each uses every core
+        # Like OpenAI's CLIP: images enter in the dtype of the first conv (fp16/bf16 keep some
+        # layers in fp32, so "the model's dtype" is not one thing).
+        visual = self._loaded.model.visual
+        first = getattr(getattr(visual, "conv1", None), "weight", None)
+        self._input_dtype = (first if first is not None else next(visual.parameters())).dtype
 
     def encode_images(self, batch: np.ndarray) -> np.ndarray:
         import torch
 
-        model = self._loaded.model
-        dtype = next(model.parameters()).dtype
         try:
             with self._lock, torch.inference_mode():
-                pixels = torch.from_numpy(batch).to(self._loaded.device, dtype)
-                return model.encode_image(pixels).float().cpu().numpy()
+                pixels = torch.from_numpy(batch).to(self._loaded.device, self._input_dtype)
+                return self._loaded.model.encode_image(pixels).float().cpu().numpy()
         except RuntimeError as exc:
             raise EncodeError(f"{self.ref}: image encoding failed: {exc}") from exc
 

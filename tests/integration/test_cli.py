@@ -1,0 +1,96 @@
+"""The real `imgembed` command in a subprocess: outputs, summaries, exit codes."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+IMGEMBED = str(Path(sys.executable).with_name("imgembed"))
+TINY_ARGS = ["--model", "imgembed-tiny", "--pretrained", "seed:0"]
+
+
+def run(*args, stdin=None):
+    return subprocess.run(
+        [IMGEMBED, *args], capture_output=True, text=True, input=stdin, env=os.environ, timeout=300
+    )
+
+
+@pytest.fixture
+def folder(photos, tmp_path):
+    """A folder tree of real photos plus a non-image file that must be ignored."""
+    root = tmp_path / "images"
+    (root / "sub").mkdir(parents=True)
+    for i, photo in enumerate(photos):
+        (root / ("sub" if i % 2 else ".") / photo.name).write_bytes(photo.read_bytes())
+    (root / "notes.txt").write_text("not an image")
+    return root
+
+
+def test_embed_folder_to_stdout_with_a_failure(folder, photos):
+    missing = folder / "missing.jpg"
+    proc = run("embed", str(folder), str(missing), *TINY_ARGS)
+    assert proc.returncode == 1, proc.stderr
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert len(lines) == len(photos) + 1
+    ok = [line for line in lines if line["error"] is None]
+    assert len(ok) == len(photos) and all(len(line["embedding"]) == 64 for line in ok)
+    assert lines[-1]["source"] == str(missing) and lines[-1]["error_type"] == "ImageNotFoundError"
+    assert f"embedded: {len(photos)}  cached: 0  failed: 1" in proc.stderr
+    assert "images/s:" in proc.stderr and "duration:" in proc.stderr
+    assert f"failed: {missing}: no such file (ImageNotFoundError)" in proc.stderr
+
+
+def test_outputs_npy_parquet_and_cache(folder, photos, tmp_path):
+    npy = tmp_path / "out.npy"
+    proc = run("embed", str(folder), "-o", str(npy), *TINY_ARGS)
+    assert proc.returncode == 0, proc.stderr
+    matrix = np.load(npy)
+    sources = (tmp_path / "out.npy.sources.txt").read_text().splitlines()
+    assert matrix.shape == (len(photos), 64) and matrix.dtype == np.float32
+    assert len(sources) == len(photos) and all(Path(s).exists() for s in sources)
+    np.testing.assert_allclose(np.linalg.norm(matrix, axis=1), 1, atol=1e-5)
+
+    parquet = tmp_path / "out.parquet"
+    proc = run("embed", str(folder), "--output", str(parquet), *TINY_ARGS)
+    assert proc.returncode == 0, proc.stderr
+    assert f"embedded: 0  cached: {len(photos)}  failed: 0" in proc.stderr  # second run
+    table = pq.read_table(parquet).to_pydict()
+    assert table["source"] == sources
+    np.testing.assert_allclose(np.array(table["embedding"]), matrix, atol=1e-6)
+
+
+def test_embed_text(tmp_path):
+    proc = run("embed-text", "a red bicycle", "a cat", *TINY_ARGS)
+    assert proc.returncode == 0, proc.stderr
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [line["source"] for line in lines] == ["a red bicycle", "a cat"]
+    assert all(len(line["embedding"]) == 64 for line in lines)
+    out = tmp_path / "texts.npy"
+    proc = run("embed-text", "-", "-o", str(out), *TINY_ARGS, stdin="one\ntwo\n\nthree\n")
+    assert proc.returncode == 0, proc.stderr
+    assert np.load(out).shape == (3, 64)
+
+
+def test_models_list():
+    proc = run("models", "list", "--json")
+    rows = {(r["model"], r["pretrained"]): r for r in json.loads(proc.stdout)}
+    assert rows[("ViT-B-32", "openai")]["dimension"] == 512
+    assert "clip-vit-large-patch14" in rows[("ViT-L-14", "openai")]["aliases"]
+    assert rows[("imgembed-tiny", "seed:0")]["note"].startswith("TEST ONLY")
+    everything = json.loads(run("models", "list", "--all", "--json").stdout)
+    assert len(everything) > 100
+    assert run("models", "list").returncode == 0
+
+
+def test_exit_codes_for_unavailable_model_and_bad_config(photos):
+    proc = run("embed", str(photos[0]))  # default ViT-B-32 openai, offline
+    assert proc.returncode == 4
+    assert "IMGEMBED_PRETRAINED=/path/to/file" in proc.stderr
+    proc = run("embed", str(photos[0]), "-o", "x.csv", *TINY_ARGS)
+    assert proc.returncode == 3 and "unknown output format" in proc.stderr
+    assert run("embed").returncode == 2  # usage

@@ -1,0 +1,171 @@
+"""Model loading: clear errors when weights can't be had, one shared instance per process."""
+
+import threading
+import time
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+
+from imgembed import ConfigurationError, ImageEmbeddingService, ModelUnavailableError
+from imgembed.models import loader, registry
+from tests.conftest import TINY
+
+
+def test_offline_default_model_fails_fast_and_says_what_to_do():
+    service = ImageEmbeddingService()  # ViT-B-32 + openai; the hub is off in tests
+    started = time.perf_counter()
+    with pytest.raises(ModelUnavailableError) as caught:
+        service.embed_text("x")
+    assert time.perf_counter() - started < 20
+    message = str(caught.value)
+    for needle in (
+        "ViT-B-32 (openai)",
+        "timm/vit_base_patch32_clip_224.openai",
+        "HF_HUB_OFFLINE",
+        "IMGEMBED_PRETRAINED=/path/to/file",
+        "IMGEMBED_MODEL_CACHE_DIR",
+    ):
+        assert needle in message
+
+
+def test_missing_checkpoint_file(tmp_path):
+    missing = tmp_path / "nope.safetensors"
+    service = ImageEmbeddingService(model="ViT-B-32", pretrained=str(missing))
+    with pytest.raises(ModelUnavailableError, match="does not exist"):
+        service.encoder  # noqa: B018
+
+
+def test_unknown_tag_lists_the_known_ones():
+    service = ImageEmbeddingService(model="ViT-B-32", pretrained="no-such-tag")
+    with pytest.raises(ModelUnavailableError, match=r"known: .*openai.*laion2b_s34b_b79k"):
+        service.encoder  # noqa: B018
+
+
+def test_unknown_architecture():
+    with pytest.raises(ModelUnavailableError, match="unknown model architecture 'ViT-Q-99'"):
+        ImageEmbeddingService(model="ViT-Q-99").encoder  # noqa: B018
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_a_gpu_is_a_configuration_error():
+    with pytest.raises(ConfigurationError, match="IMGEMBED_DEVICE=cpu"):
+        ImageEmbeddingService(**TINY, device="cuda").encoder  # noqa: B018
+
+
+def test_auto_device_on_this_machine():
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert loader.resolve_device("auto").type == expected
+
+
+@pytest.mark.parametrize(
+    ("settings", "match"),
+    [
+        ({"precision": "int8"}, "not available on the torch runtime"),
+        ({"precision": "fp16", "device": "cpu"}, "fp16 needs a CUDA device"),
+        ({"runtime": "onnx"}, "IMGEMBED_RUNTIME=torch"),
+        ({"device": "tpu"}, "unsupported device|invalid device"),
+    ],
+)
+def test_unusable_runtime_settings(settings, match):
+    with pytest.raises(ConfigurationError, match=match):
+        ImageEmbeddingService(**{**TINY, **settings}).encoder  # noqa: B018
+
+
+def test_bf16_on_cpu_works_and_stays_close(photos):
+    with ImageEmbeddingService(**TINY, cache_embeddings=False) as fp32:
+        reference = fp32.embed_image(photos[0])
+    with ImageEmbeddingService(**TINY, precision="bf16", cache_embeddings=False) as bf16:
+        vector = bf16.embed_image(photos[0])
+    assert vector.dtype.name == "float32"
+    assert float(reference @ vector) > 0.99
+
+
+def test_one_model_instance_per_process(monkeypatch):
+    calls = []
+    real_load = loader._load
+    monkeypatch.setattr(loader, "_load", lambda *a: calls.append(a) or real_load(*a))
+    settings = {"model": "imgembed-tiny", "pretrained": "seed:77"}
+    services = [ImageEmbeddingService(**settings) for _ in range(6)]
+    models = []
+    threads = [
+        threading.Thread(target=lambda s=s: models.append(s.encoder._loaded.model))
+        for s in services
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1
+    assert all(m is models[0] for m in models)
+
+
+def test_quick_gelu_follows_the_pretrained_tag(monkeypatch):
+    seen = {}
+
+    def fake_create_model(name, pretrained=None, **kwargs):
+        seen[pretrained] = kwargs["force_quick_gelu"]
+        raise RuntimeError("stop before downloading")
+
+    monkeypatch.setattr(open_clip, "create_model", fake_create_model)
+    for tag in ("openai", "laion2b_s34b_b79k"):
+        with pytest.raises(ModelUnavailableError):
+            loader._load(registry.ModelRef("ViT-B-32", tag), torch.device("cpu"), "fp32", None)
+    assert seen == {"openai": True, "laion2b_s34b_b79k": False}
+
+
+def test_catalogue_dimensions_match_open_clip_configs():
+    for entry in registry.CATALOGUE:
+        assert registry.dimension(entry.ref.name) == entry.dimension, entry.ref
+
+
+def test_seed_aliases_resolve():
+    assert registry.resolve("clip-vit-base-patch32", "x") == registry.ModelRef("ViT-B-32", "openai")
+    assert registry.resolve("openai/clip-vit-large-patch14", "x").name == "ViT-L-14"
+    assert registry.resolve("ViT-B/32", "openai") == registry.ModelRef("ViT-B-32", "openai")
+    assert registry.resolve("hf-hub:org/repo", "") == registry.ModelRef("hf-hub:org/repo", "")
+
+
+def test_seeded_models_are_deterministic_and_distinct():
+    a = ImageEmbeddingService(**TINY).embed_text("same text")
+    b = ImageEmbeddingService(model="imgembed-tiny", pretrained="seed:1").embed_text("same text")
+    assert float(a @ ImageEmbeddingService(**TINY).embed_text("same text")) == pytest.approx(1)
+    assert float(a @ b) < 0.99
+
+
+def test_unreachable_hub_fails_fast_without_retries(monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "https://127.0.0.1")  # nothing listens on :443
+    started = time.perf_counter()
+    with pytest.raises(ModelUnavailableError, match=r"https://127\.0\.0\.1 is not reachable"):
+        ImageEmbeddingService(model="ViT-B-16", pretrained="openai").encoder  # noqa: B018
+    assert time.perf_counter() - started < 10
+    assert constants.HF_HUB_OFFLINE is False  # restored after the load
+
+
+@pytest.mark.slow
+def test_weights_in_the_hugging_face_cache_load_offline(vitb32_checkpoint, tmp_path, photos):
+    """What a first download leaves behind is used without the network, with the tag's
+    QuickGELU, exactly as open_clip computes it from the same file."""
+    from safetensors.torch import save_file
+
+    from tests.reference import reference_image_embeddings, rowwise_cosine
+
+    revision = "0" * 40
+    repo = tmp_path / "hub" / "models--timm--vit_base_patch32_clip_224.openai"
+    (repo / "snapshots" / revision).mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    weights = torch.load(vitb32_checkpoint, weights_only=True)
+    save_file(weights, repo / "snapshots" / revision / "open_clip_model.safetensors")
+
+    service = ImageEmbeddingService(model="clip-vit-base-patch32", model_cache_dir=tmp_path / "hub")
+    ours = np.stack([r.embedding for r in service.embed_images(photos)])
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        "ViT-B-32", pretrained=str(vitb32_checkpoint), force_quick_gelu=True
+    )
+    expected = reference_image_embeddings(model.eval(), preprocess, photos)
+    assert rowwise_cosine(ours, expected).min() >= 0.9999

@@ -1,0 +1,152 @@
+"""The batch pipeline: order, per-item typed errors, progress, normalisation, threads."""
+
+import struct
+import threading
+import time
+import zlib
+
+import numpy as np
+import pytest
+
+from imgembed import (
+    ImageEmbeddingService,
+    ImageNotFoundError,
+    ImageTooLargeError,
+    InvalidImageError,
+)
+from tests.conftest import TINY
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG that claims width x height pixels but carries almost no data."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        )
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+
+
+@pytest.fixture
+def bad_inputs(photos, tmp_path):
+    jpeg = next(p for p in photos if p.suffix == ".jpg").read_bytes()
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    return {
+        "missing": (tmp_path / "missing.jpg", ImageNotFoundError),
+        "folder": (tmp_path, ImageNotFoundError),
+        "garbage": (b"this is not an image at all", InvalidImageError),
+        "truncated": (jpeg[: len(jpeg) // 2], InvalidImageError),
+        "empty": (empty, InvalidImageError),
+        "bomb": (_png_header_only(40_000, 40_000), ImageTooLargeError),
+    }
+
+
+def test_order_and_per_item_errors(tiny_service, photos, bad_inputs):
+    tiny_service.settings.batch_size = 3  # several chunks, errors spread over them
+    sources, expected = [], []
+    for photo, (bad, error) in zip(photos, bad_inputs.values(), strict=False):
+        sources += [photo, bad]
+        expected += [None, error]
+    results = tiny_service.embed_images(sources)
+    assert len(results) == len(sources)
+    for source, result, error in zip(sources, results, expected, strict=True):
+        if error is None:
+            assert result.ok and result.image_path == str(source)
+            assert result.embedding.shape == (64,)
+            assert result.metadata["width"] > 0
+        else:
+            assert isinstance(result.error, error), (source, result.error)
+            assert result.embedding is None
+            assert str(result.error)  # a message a person can act on
+
+
+def test_bomb_is_refused_before_decoding(tiny_service, bad_inputs):
+    bomb, _ = bad_inputs["bomb"]
+    started = time.perf_counter()
+    (result,) = tiny_service.embed_images([bomb])
+    assert isinstance(result.error, ImageTooLargeError)
+    assert "1600000000 pixels" in str(result.error)  # Pillow's own bomb guard fires first
+    assert time.perf_counter() - started < 2
+
+
+def test_file_size_and_pixel_limits(photos):
+    with ImageEmbeddingService(**TINY, max_file_size=1000, max_image_pixels=10**9) as service:
+        (result,) = service.embed_images([photos[0]])
+        assert isinstance(result.error, ImageTooLargeError)
+        assert "max_file_size" in str(result.error)
+    with ImageEmbeddingService(**TINY, max_image_pixels=10_000) as service:
+        (result,) = service.embed_images([photos[0]])
+        assert isinstance(result.error, ImageTooLargeError)
+        assert "max_image_pixels" in str(result.error)
+
+
+def test_single_image_raises_its_typed_error(tiny_service, bad_inputs):
+    with pytest.raises(ImageNotFoundError, match=r"missing\.jpg"):
+        tiny_service.embed_image(bad_inputs["missing"][0])
+
+
+def test_path_and_bytes_give_the_same_vector(tiny_service, photos):
+    for photo in photos[:3]:
+        from_path = tiny_service.embed_image(photo)
+        from_bytes = tiny_service.embed_image(photo.read_bytes())
+        np.testing.assert_array_equal(from_path, from_bytes)
+
+
+def test_progress_callback_counts(tiny_service, all_photos):
+    tiny_service.settings.batch_size = 4
+    seen = []
+    sources = [*all_photos, "/nonexistent/x.jpg"]
+    tiny_service.embed_images(sources, progress=lambda p: seen.append((p.done, p.failed, p.total)))
+    assert len(seen) == -(-len(sources) // 4)  # once per batch
+    assert [s[0] for s in seen] == sorted(s[0] for s in seen)
+    assert seen[-1] == (len(sources), 1, len(sources))
+
+
+def test_embeddings_are_normalised_unless_asked(photos):
+    with ImageEmbeddingService(**TINY, cache_embeddings=False) as normalised:
+        unit = np.stack([r.embedding for r in normalised.embed_images(photos)])
+        texts = normalised.embed_texts(["a", "b"])
+    np.testing.assert_allclose(np.linalg.norm(unit, axis=1), 1, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(texts, axis=1), 1, atol=1e-5)
+    with ImageEmbeddingService(**TINY, normalize=False, cache_embeddings=False) as raw_service:
+        raw = np.stack([r.embedding for r in raw_service.embed_images(photos)])
+    norms = np.linalg.norm(raw, axis=1)
+    assert np.all(np.abs(norms - 1) > 1e-3)
+    np.testing.assert_allclose(raw / norms[:, None], unit, atol=1e-5)
+
+
+def test_batch_size_does_not_change_vectors(photos):
+    vectors = []
+    for batch_size in (1, 4, 32):
+        with ImageEmbeddingService(**TINY, batch_size=batch_size, cache_embeddings=False) as s:
+            vectors.append(np.stack([r.embedding for r in s.embed_images(photos)]))
+    np.testing.assert_allclose(vectors[0], vectors[1], atol=1e-5)
+    np.testing.assert_allclose(vectors[0], vectors[2], atol=1e-5)
+
+
+def test_threads_share_one_service(tiny_service, photos):
+    expected = np.stack([r.embedding for r in tiny_service.embed_images(photos)])
+    outputs, errors = {}, []
+
+    def work(n):
+        try:
+            outputs[n] = np.stack([r.embedding for r in tiny_service.embed_images(photos)])
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for out in outputs.values():
+        np.testing.assert_allclose(out, expected, atol=1e-6)
+
+
+def test_empty_input(tiny_service):
+    assert tiny_service.embed_images([]) == []
+    assert tiny_service.embed_texts([]).shape == (0, 64)

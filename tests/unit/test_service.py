@@ -1,0 +1,113 @@
+"""The seed's async methods: names, return shapes, and never blocking the event loop."""
+
+import asyncio
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from imgembed import ImageEmbeddingService, ImageNotFoundError
+from tests.conftest import TINY
+
+
+async def test_path_and_bytes_return_plain_lists(tiny_service, photos):
+    from_path = await tiny_service.generate_embedding_from_image_path(str(photos[0]))
+    from_bytes = await tiny_service.generate_embedding_from_image_bytes(photos[0].read_bytes())
+    assert isinstance(from_path, list) and len(from_path) == 64
+    assert all(isinstance(x, float) for x in from_path)
+    assert np.linalg.norm(from_path) == pytest.approx(1, abs=1e-5)
+    np.testing.assert_allclose(from_path, from_bytes, atol=1e-7)
+
+
+async def test_include_metadata_returns_a_dict(tiny_service, photos):
+    photo = next(p for p in photos if p.name == "rocket.jpg")
+    result = await tiny_service.generate_embedding_from_image_path(
+        str(photo), include_metadata=True
+    )
+    assert len(result["embedding"]) == 64
+    assert result["metadata"]["width"] == 640 and result["metadata"]["height"] == 427
+    assert result["metadata"]["format"] == "JPEG"
+    assert result["metadata"]["size"] == photo.stat().st_size
+    assert result["model_name"] == "imgembed-tiny (seed:0)" and result["dimension"] == 64
+    assert result["normalized"] is True and result["processing_time"] > 0
+    assert len(result["image_id"]) == 64 and result["error"] is None
+
+
+async def test_single_bad_path_raises_typed_error(tiny_service):
+    with pytest.raises(ImageNotFoundError):
+        await tiny_service.generate_embedding_from_image_path("/no/such/image.jpg")
+
+
+async def test_batch_keeps_order_and_marks_failures(tiny_service, photos):
+    paths = [str(photos[0]), "/no/such.jpg", str(photos[1])]
+    plain = await tiny_service.batch_generate_embeddings(paths)
+    assert [type(x) for x in plain] == [list, type(None), list]
+    detailed = await tiny_service.batch_generate_embeddings(paths, include_metadata=True)
+    assert detailed[1]["error_type"] == "ImageNotFoundError" and detailed[1]["embedding"] is None
+    np.testing.assert_allclose(detailed[2]["embedding"], plain[2], atol=1e-7)
+
+
+async def test_similarity_methods(tiny_service, photos):
+    embeddings = await tiny_service.batch_generate_embeddings([str(p) for p in photos])
+    query = embeddings[2]
+    scores = await tiny_service.calculate_similarities(query, embeddings)
+    assert scores == pytest.approx((np.array(embeddings) @ np.array(query)).tolist(), abs=1e-5)
+    assert await tiny_service.calculate_cosine_similarity(query, query) == pytest.approx(
+        1, abs=1e-6
+    )
+    mapping = {p.name: e for p, e in zip(photos, embeddings, strict=True)}
+    hits = await tiny_service.find_similar_images(query, mapping, top_k=2)
+    assert len(hits) == 2 and hits[0] == (photos[2].name, pytest.approx(1, abs=1e-5))
+    assert hits[0][1] >= hits[1][1]
+    by_row = await tiny_service.find_similar_images(query, np.array(embeddings), top_k=1)
+    assert by_row[0][0] == 2
+
+
+async def test_preprocess_image(tiny_service, photos):
+    image = await tiny_service.preprocess_image(str(photos[0]))
+    assert isinstance(image, Image.Image) and image.size == (224, 224) and image.mode == "RGB"
+    images = await tiny_service.batch_preprocess_images([str(photos[0]), "/missing.png"])
+    assert images[0].size == (224, 224) and images[1] is None
+
+
+async def test_extract_image_metadata(tiny_service, photos):
+    metadata = await tiny_service.extract_image_metadata(str(photos[0]))
+    assert metadata["width"] > 0 and metadata["format"] in ("PNG", "JPEG")
+
+
+async def test_async_methods_do_not_block_the_event_loop(all_photos):
+    service = ImageEmbeddingService(**TINY, cache_embeddings=False, exact=True)
+    service.encoder  # noqa: B018 - load first: we measure embedding, not loading
+    ticks = 0
+    done = asyncio.Event()
+
+    async def ticker():
+        nonlocal ticks
+        while not done.is_set():
+            ticks += 1
+            await asyncio.sleep(0.005)
+
+    task = asyncio.create_task(ticker())
+    loop_start = asyncio.get_running_loop().time()
+    await service.batch_generate_embeddings([str(p) for p in all_photos * 2])
+    elapsed = asyncio.get_running_loop().time() - loop_start
+    done.set()
+    await task
+    assert elapsed > 0.1
+    assert ticks >= elapsed / 0.005 * 0.3  # the loop kept ticking while we embedded
+
+
+def test_clear_cache_without_prior_use(photos):
+    service = ImageEmbeddingService(**TINY)
+    service.embed_images(photos[:2])
+    fresh = ImageEmbeddingService(**TINY)
+    assert fresh.clear_cache() == 2
+
+
+def test_seed_config_dict_and_texts(tmp_path):
+    service = ImageEmbeddingService(
+        {"model_name": "imgembed-tiny", "use_gpu": False, "batch_size": 2}, pretrained="seed:0"
+    )
+    vectors = service.embed_texts(["a", "b", "c", "d", "e"])
+    assert vectors.shape == (5, 64)
+    np.testing.assert_allclose(vectors[0], service.embed_text("a"), atol=1e-6)

@@ -1,0 +1,48 @@
+import numpy as np
+import pytest
+
+from imgembed import ConfigurationError
+from imgembed.engine import similarity
+
+
+def test_cosine_matches_definition():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=16), rng.normal(size=16)
+    expected = a @ b / np.linalg.norm(a) / np.linalg.norm(b)
+    assert similarity.cosine_similarity(a, b) == pytest.approx(expected, abs=1e-6)
+    assert similarity.cosine_similarity(a, 3 * a) == pytest.approx(1, abs=1e-6)
+    assert similarity.cosine_similarity(a, -a) == pytest.approx(-1, abs=1e-6)
+
+
+def test_one_vs_many_is_vectorised_and_ordered():
+    rng = np.random.default_rng(1)
+    query, candidates = rng.normal(size=8), rng.normal(size=(100, 8))
+    scores = similarity.cosine_similarities(query, candidates)
+    assert scores.shape == (100,)
+    for i in (0, 50, 99):
+        assert scores[i] == pytest.approx(
+            similarity.cosine_similarity(query, candidates[i]), abs=1e-6
+        )
+
+
+def test_top_k_best_first_with_stable_ties():
+    scores = np.array([0.1, 0.9, 0.5, 0.9, -0.2])
+    assert similarity.top_k(scores, 3).tolist() == [1, 3, 2]
+    assert similarity.top_k(scores, 10).tolist() == [1, 3, 2, 0, 4]
+    assert similarity.top_k(scores, 0).tolist() == []
+
+
+def test_most_similar_over_a_mapping():
+    vectors = {"a": [1, 0, 0], "b": [0.9, 0.1, 0], "c": [0, 1, 0], "d": [-1, 0, 0]}
+    hits = similarity.most_similar([1, 0, 0], vectors, k=2)
+    assert [key for key, _ in hits] == ["a", "b"]
+    assert hits[0][1] == pytest.approx(1.0)
+
+
+def test_dimension_mismatch_is_a_clear_error():
+    with pytest.raises(ConfigurationError, match="expected"):
+        similarity.cosine_similarities([1, 0], [[1, 0, 0]])
+
+
+def test_zero_vectors_do_not_produce_nan():
+    assert np.isfinite(similarity.cosine_similarities([0, 0], [[1, 0], [0, 0]])).all()
