@@ -47,7 +47,7 @@ class ImageEmbeddingResult:
 
 @dataclass(frozen=True)
 class SimilarityResult:
-    image_path: str
+    image_path: str | int  # the candidate's key (a row number for a matrix)
     similarity_score: float
     rank: int  # 1 = most similar
     embedding: list[float] | None = None

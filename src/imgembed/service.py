@@ -24,7 +24,7 @@ from imgembed.intake.decode import decode, read_metadata
 from imgembed.intake.sources import Source, describe, read_bytes
 from imgembed.models import registry
 from imgembed.models.runtime import Encoder, create_encoder
-from imgembed.results import ImageEmbeddingResult
+from imgembed.results import ImageEmbeddingResult, SimilarityResult
 
 log = logging.getLogger(__name__)
 
@@ -41,18 +41,16 @@ class ImageEmbeddingService:
     def __init__(self, config: Settings | dict[str, Any] | None = None, **overrides: Any):
         self.settings = load_settings(config, **overrides)
         self.model_ref = registry.resolve(self.settings.model, self.settings.pretrained)
-        self._check_dimension()
+        if ":" not in self.model_ref.name:  # hub/local-dir configs are known only once loaded
+            self._check_dimension(registry.dimension(self.model_ref.name))
         self._lock = threading.Lock()
         self._encoder: Encoder | None = None
         self._pipeline: ImagePipeline | None = None
         self._cache: EmbeddingCache | None = None
 
-    def _check_dimension(self) -> None:
+    def _check_dimension(self, actual: int) -> None:
         wanted = self.settings.dimension
-        if wanted is None or ":" in self.model_ref.name:
-            return
-        actual = registry.dimension(self.model_ref.name)
-        if wanted != actual:
+        if wanted is not None and wanted != actual:
             raise ConfigurationError(
                 f"configured dimension {wanted} does not match {self.model_ref}, which produces "
                 f"{actual}-d embeddings; set IMGEMBED_DIMENSION/CLIP_DIMENSION={actual} or "
@@ -75,6 +73,7 @@ class ImageEmbeddingService:
         with self._lock:
             if self._encoder is None or self._pipeline is None:
                 encoder = create_encoder(self.model_ref, self.settings)
+                self._check_dimension(encoder.dimension)
                 if self.settings.cache_embeddings:
                     namespace = ImagePipeline.cache_namespace(encoder, self.settings.exact)
                     self._cache = EmbeddingCache(self.settings.embedding_cache_dir, namespace)
@@ -123,6 +122,31 @@ class ImageEmbeddingService:
     def embed_text(self, text: str) -> np.ndarray:
         return self.embed_texts([text])[0]
 
+    def similar_images(
+        self,
+        query_embedding: Sequence[float],
+        image_embeddings: Mapping[str, Sequence[float]] | np.ndarray | Sequence[Sequence[float]],
+        top_k: int = 5,
+    ) -> list[SimilarityResult]:
+        """The top_k most similar candidates, best first (rank 1). Candidates are a mapping
+        (key -> embedding) or a matrix, whose keys are then the row numbers."""
+        if isinstance(image_embeddings, Mapping):
+            keys = list(image_embeddings)
+            matrix = [image_embeddings[key] for key in keys]
+        else:
+            matrix = image_embeddings
+            keys = list(range(len(matrix)))
+        scores = similarity.cosine_similarities(query_embedding, matrix)
+        return [
+            SimilarityResult(
+                image_path=keys[i],
+                similarity_score=float(scores[i]),
+                rank=rank,
+                embedding=np.asarray(matrix[i], dtype=np.float32).tolist(),
+            )
+            for rank, i in enumerate(similarity.top_k(scores, top_k), start=1)
+        ]
+
     def preprocess(self, source: Source) -> Image.Image:
         """The model-sized RGB image the network sees (before normalisation)."""
         label = describe(source)
@@ -136,7 +160,7 @@ class ImageEmbeddingService:
 
     def clear_cache(self) -> int:
         """Empty the persistent embedding cache; returns how many entries were removed."""
-        if self._cache is None:
+        if self._cache is None:  # clearing covers every model, so no encoder is needed
             self._cache = EmbeddingCache(self.settings.embedding_cache_dir, "")
         return self._cache.clear()
 
@@ -199,11 +223,10 @@ class ImageEmbeddingService:
         top_k: int = 5,
     ) -> list[tuple[str | int, float]]:
         """(key, score) best first; keys are the mapping's keys, or row numbers of a matrix."""
-        if not isinstance(image_embeddings, Mapping):
-            image_embeddings = dict(enumerate(image_embeddings))  # type: ignore[arg-type]
-        return await asyncio.to_thread(
-            similarity.most_similar, query_embedding, image_embeddings, top_k
+        hits = await asyncio.to_thread(
+            self.similar_images, query_embedding, image_embeddings, top_k
         )
+        return [(hit.image_path, hit.similarity_score) for hit in hits]
 
     async def preprocess_image(self, image_path: Source) -> Image.Image:
         return await asyncio.to_thread(self.preprocess, image_path)

@@ -169,3 +169,26 @@ def test_weights_in_the_hugging_face_cache_load_offline(vitb32_checkpoint, tmp_p
     )
     expected = reference_image_embeddings(model.eval(), preprocess, photos)
     assert rowwise_cosine(ours, expected).min() >= 0.9999
+
+
+def test_local_dir_model_and_its_dimension_check(tmp_path, photos):
+    """open_clip's local-dir schema (config + weights in a folder) loads without the hub;
+    its dimension is only known once loaded, and is checked then."""
+    import json
+
+    from safetensors.torch import save_file
+
+    tiny = ImageEmbeddingService(**TINY, cache_embeddings=False)
+    folder = tmp_path / "tiny-local"
+    folder.mkdir()
+    config = json.loads((registry.CONFIG_DIR / "imgembed-tiny.json").read_text())
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": config}))
+    state = {k: v.contiguous() for k, v in tiny.encoder._loaded.model.state_dict().items()}
+    save_file(state, folder / "open_clip_model.safetensors")
+
+    local = ImageEmbeddingService(model=f"local-dir:{folder}", cache_embeddings=False)
+    np.testing.assert_allclose(local.embed_image(photos[0]), tiny.embed_image(photos[0]), atol=1e-6)
+    assert local.dimension == 64
+    wrong = ImageEmbeddingService(model=f"local-dir:{folder}", dimension=512)
+    with pytest.raises(ConfigurationError, match="configured dimension 512"):
+        wrong.embed_text("x")

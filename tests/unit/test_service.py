@@ -63,6 +63,17 @@ async def test_similarity_methods(tiny_service, photos):
     assert by_row[0][0] == 2
 
 
+def test_similar_images_returns_ranked_results(tiny_service):
+    vectors = {"a": [1, 0, 0], "b": [0.9, 0.1, 0], "c": [0, 1, 0], "d": [-1, 0, 0]}
+    hits = tiny_service.similar_images([1, 0, 0], vectors, top_k=3)
+    assert [(h.image_path, h.rank) for h in hits] == [("a", 1), ("b", 2), ("c", 3)]
+    assert hits[0].similarity_score == pytest.approx(1.0)
+    assert hits[1].similarity_score == pytest.approx(0.9 / np.hypot(0.9, 0.1))
+    assert hits[1].embedding == pytest.approx([0.9, 0.1, 0])
+    by_row = tiny_service.similar_images([0, 1, 0], np.array(list(vectors.values())), top_k=1)
+    assert by_row[0].image_path == 2 and by_row[0].rank == 1
+
+
 async def test_preprocess_image(tiny_service, photos):
     image = await tiny_service.preprocess_image(str(photos[0]))
     assert isinstance(image, Image.Image) and image.size == (224, 224) and image.mode == "RGB"

@@ -32,13 +32,6 @@ def test_top_k_best_first_with_stable_ties():
     assert similarity.top_k(scores, 0).tolist() == []
 
 
-def test_most_similar_over_a_mapping():
-    vectors = {"a": [1, 0, 0], "b": [0.9, 0.1, 0], "c": [0, 1, 0], "d": [-1, 0, 0]}
-    hits = similarity.most_similar([1, 0, 0], vectors, k=2)
-    assert [key for key, _ in hits] == ["a", "b"]
-    assert hits[0][1] == pytest.approx(1.0)
-
-
 def test_dimension_mismatch_is_a_clear_error():
     with pytest.raises(ConfigurationError, match="expected"):
         similarity.cosine_similarities([1, 0], [[1, 0, 0]])

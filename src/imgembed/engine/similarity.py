@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -50,12 +50,3 @@ def top_k(scores: np.ndarray, k: int) -> np.ndarray:
         np.argpartition(-scores, k - 1)[:k] if k < scores.shape[0] else np.arange(scores.shape[0])
     )
     return part[np.lexsort((part, -scores[part]))]
-
-
-def most_similar(
-    query: ArrayLike, candidates: Mapping[str, ArrayLike], k: int = 5
-) -> list[tuple[str, float]]:
-    """(key, score) pairs of the k candidates most similar to `query`, best first."""
-    keys = list(candidates)
-    scores = cosine_similarities(query, [candidates[key] for key in keys])
-    return [(keys[i], float(scores[i])) for i in top_k(scores, k)]

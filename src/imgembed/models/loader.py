@@ -114,7 +114,9 @@ def _load(
                     model = open_clip.create_model(ref.name, pretrained=None, **kwargs)
             else:
                 pretrained = None if ":" in ref.name else ref.pretrained
-                with _offline_unless_hub_reachable() as hub_problem:
+                local = ref.is_file or ref.local_dir is not None
+                hub = contextlib.nullcontext() if local else _offline_unless_hub_reachable()
+                with hub as hub_problem:
                     model = open_clip.create_model(ref.name, pretrained=pretrained, **kwargs)
         except Exception as exc:  # open_clip raises RuntimeError/OSError/HF errors alike
             message = _unavailable_message(ref, tag_cfg, cache_dir, exc, hub_problem)
@@ -174,9 +176,16 @@ def _weights_id(ref: ModelRef) -> str:
     if ref.seed is not None:  # random init depends on the torch version
         return f"{ref.name}/{ref.pretrained}/torch-{torch.__version__}"
     if ref.is_file:
-        stat = Path(ref.pretrained).stat()
-        return f"{ref.name}/{Path(ref.pretrained).resolve()}/{stat.st_size}/{stat.st_mtime_ns}"
+        return f"{ref.name}/{_file_id(Path(ref.pretrained))}"
+    if ref.local_dir is not None:
+        return "local-dir/" + ",".join(_file_id(p) for p in sorted(ref.local_dir.iterdir()))
     return f"{ref.name}/{ref.pretrained}"
+
+
+def _file_id(path: Path) -> str:
+    # Size and mtime change whenever a checkpoint is replaced; hashing GBs would not pay.
+    stat = path.stat()
+    return f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
 def _unavailable_message(

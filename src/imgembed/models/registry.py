@@ -32,6 +32,12 @@ class ModelRef:
         return int(self.pretrained.removeprefix(SEED_PREFIX))
 
     @property
+    def local_dir(self) -> Path | None:
+        """open_clip's `local-dir:PATH` schema: config and weights in one folder."""
+        prefix = "local-dir:"
+        return Path(self.name.removeprefix(prefix)) if self.name.startswith(prefix) else None
+
+    @property
     def is_file(self) -> bool:
         return self.seed is None and Path(self.pretrained).suffix in CHECKPOINT_SUFFIXES
 
