@@ -20,8 +20,8 @@ from imgembed.engine import similarity
 from imgembed.engine.cache import EmbeddingCache
 from imgembed.engine.pipeline import ImagePipeline, ProgressCallback
 from imgembed.errors import ConfigurationError, ImgEmbedError
-from imgembed.intake.decode import decode, read_metadata
-from imgembed.intake.sources import Source, describe, read_bytes
+from imgembed.intake.image_input import ImageInput
+from imgembed.intake.sources import Source
 from imgembed.models import registry
 from imgembed.models.runtime import Encoder, create_encoder
 from imgembed.results import ImageEmbeddingResult, SimilarityResult
@@ -29,6 +29,7 @@ from imgembed.results import ImageEmbeddingResult, SimilarityResult
 log = logging.getLogger(__name__)
 
 Embedding = list[float]
+Input = Source | Image.Image  # a path, raw bytes, or a PIL image
 
 
 class ImageEmbeddingService:
@@ -84,22 +85,22 @@ class ImageEmbeddingService:
     # -- sync API ----------------------------------------------------------------------------
 
     def embed_images(
-        self, sources: Sequence[Source], progress: ProgressCallback | None = None
+        self, sources: Sequence[Input], progress: ProgressCallback | None = None
     ) -> list[ImageEmbeddingResult]:
         """One result per source, in order: an embedding or a typed error, never an exception."""
         return list(self.iter_images(sources, progress))
 
     def iter_images(
-        self, sources: Sequence[Source], progress: ProgressCallback | None = None
+        self, sources: Sequence[Input], progress: ProgressCallback | None = None
     ) -> Iterator[ImageEmbeddingResult]:
         """Like `embed_images`, streamed batch by batch (for long runs)."""
         return self._ensure()[1].iter_results(list(sources), progress)
 
-    def embed_image(self, source: Source) -> np.ndarray:
+    def embed_image(self, source: Input) -> np.ndarray:
         """The embedding of one image; raises its typed error if it cannot be embedded."""
         return self._embed_one(source).embedding  # type: ignore[return-value]
 
-    def _embed_one(self, source: Source) -> ImageEmbeddingResult:
+    def _embed_one(self, source: Input) -> ImageEmbeddingResult:
         (result,) = self.embed_images([source])
         if result.error is not None:
             raise result.error
@@ -147,16 +148,14 @@ class ImageEmbeddingService:
             for rank, i in enumerate(similarity.top_k(scores, top_k), start=1)
         ]
 
-    def preprocess(self, source: Source) -> Image.Image:
+    def preprocess(self, source: Input) -> Image.Image:
         """The model-sized RGB image the network sees (before normalisation)."""
-        label = describe(source)
-        data = read_bytes(source, self.settings.max_file_size)
-        decoded = decode(data, label, max_pixels=self.settings.max_image_pixels)
+        image_input = ImageInput.read(source, self.settings.max_file_size)
+        decoded = image_input.decode(self.settings.max_image_pixels)
         return self.encoder.preprocessor.resize_and_crop(decoded.image)
 
-    def image_metadata(self, source: Source) -> dict[str, Any]:
-        data = read_bytes(source, self.settings.max_file_size)
-        return read_metadata(data, describe(source))
+    def image_metadata(self, source: Input) -> dict[str, Any]:
+        return ImageInput.read(source, self.settings.max_file_size).metadata()
 
     def clear_cache(self) -> int:
         """Empty the persistent embedding cache; returns how many entries were removed."""
@@ -189,7 +188,7 @@ class ImageEmbeddingService:
         return result.to_dict() if include_metadata else _as_list(result)
 
     async def batch_generate_embeddings(
-        self, image_paths: Sequence[Source], include_metadata: bool = False
+        self, image_paths: Sequence[Input], include_metadata: bool = False
     ) -> list[Embedding | dict[str, Any] | None]:
         """In input order. A failed item is None (plain) or a dict with `error` (metadata)."""
         results = await asyncio.to_thread(self.embed_images, image_paths)
@@ -228,11 +227,11 @@ class ImageEmbeddingService:
         )
         return [(hit.image_path, hit.similarity_score) for hit in hits]
 
-    async def preprocess_image(self, image_path: Source) -> Image.Image:
+    async def preprocess_image(self, image_path: Input) -> Image.Image:
         return await asyncio.to_thread(self.preprocess, image_path)
 
     async def batch_preprocess_images(
-        self, image_paths: Sequence[Source]
+        self, image_paths: Sequence[Input]
     ) -> list[Image.Image | None]:
         """In input order; an image that cannot be read is None (and logged)."""
 
@@ -248,7 +247,7 @@ class ImageEmbeddingService:
 
         return await asyncio.to_thread(run)
 
-    async def extract_image_metadata(self, image_path: Source) -> dict[str, Any]:
+    async def extract_image_metadata(self, image_path: Input) -> dict[str, Any]:
         return await asyncio.to_thread(self.image_metadata, image_path)
 
 

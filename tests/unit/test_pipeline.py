@@ -88,11 +88,28 @@ def test_single_image_raises_its_typed_error(tiny_service, bad_inputs):
         tiny_service.embed_image(bad_inputs["missing"][0])
 
 
-def test_path_and_bytes_give_the_same_vector(tiny_service, photos):
-    for photo in photos[:3]:
-        from_path = tiny_service.embed_image(photo)
-        from_bytes = tiny_service.embed_image(photo.read_bytes())
-        np.testing.assert_array_equal(from_path, from_bytes)
+def test_path_bytes_and_pil_image_give_the_same_vector(photos):
+    from PIL import Image
+
+    with ImageEmbeddingService(**TINY, exact=True) as service:
+        for photo in photos:
+            from_path = service.embed_image(photo)
+            np.testing.assert_array_equal(from_path, service.embed_image(photo.read_bytes()))
+            with Image.open(photo) as image:
+                from_pil = service.embed_image(image)
+            np.testing.assert_allclose(from_pil, from_path, atol=1e-6)
+        (result,) = service.embed_images([Image.open(photos[0])])
+        assert result.image_path.startswith("<PIL image ") and result.metadata["width"] > 0
+        again = service.embed_images([Image.open(photos[0])])
+        assert again[0].cached and again[0].image_id == result.image_id
+
+
+def test_pil_image_respects_the_pixel_limit(photos):
+    from PIL import Image
+
+    with ImageEmbeddingService(**TINY, max_image_pixels=1000) as service:
+        (result,) = service.embed_images([Image.open(photos[0])])
+    assert isinstance(result.error, ImageTooLargeError)
 
 
 def test_progress_callback_counts(tiny_service, all_photos):

@@ -11,10 +11,6 @@ import diskcache
 import numpy as np
 
 
-def content_hash(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 class EmbeddingCache:
     def __init__(self, directory: Path, namespace: str):
         self.directory = Path(directory)

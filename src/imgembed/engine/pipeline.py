@@ -15,13 +15,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from imgembed.config import Settings
-from imgembed.engine.cache import EmbeddingCache, content_hash
+from imgembed.engine.cache import EmbeddingCache
 from imgembed.engine.similarity import l2_normalize
 from imgembed.errors import ImgEmbedError, InvalidImageError
-from imgembed.intake.decode import decode, read_metadata
-from imgembed.intake.sources import Source, describe, read_bytes
+from imgembed.intake.image_input import ImageInput
+from imgembed.intake.sources import Source, describe
 from imgembed.models.runtime import Encoder
 from imgembed.results import ImageEmbeddingResult
 
@@ -74,7 +75,7 @@ class ImagePipeline:
         return f"{encoder.fingerprint}|{preprocess}|pp{PREPROCESS_VERSION}|{draft}"
 
     def iter_results(
-        self, sources: Sequence[Source], progress: ProgressCallback | None = None
+        self, sources: Sequence[Source | Image.Image], progress: ProgressCallback | None = None
     ) -> Iterator[ImageEmbeddingResult]:
         """Results in input order, streamed chunk by chunk."""
         state = Progress(total=len(sources))
@@ -101,22 +102,17 @@ class ImagePipeline:
                 if progress:
                     progress(state)
 
-    def _prepare(self, source: Source) -> _Prepared:
+    def _prepare(self, source: Source | Image.Image) -> _Prepared:
         item = _Prepared(label=describe(source), started=time.perf_counter())
         try:
-            data = read_bytes(source, self.settings.max_file_size)
-            item.digest = content_hash(data)
+            image_input = ImageInput.read(source, self.settings.max_file_size)
+            item.digest = image_input.digest
             item.vector = self.cache.get(item.digest) if self.cache is not None else None
             item.cached = item.vector is not None
             if item.cached:
-                item.metadata = read_metadata(data, item.label)
+                item.metadata = image_input.metadata()
             else:
-                decoded = decode(
-                    data,
-                    item.label,
-                    max_pixels=self.settings.max_image_pixels,
-                    draft_min_side=self.draft_min_side,
-                )
+                decoded = image_input.decode(self.settings.max_image_pixels, self.draft_min_side)
                 item.metadata = decoded.metadata
                 item.pixels = self.encoder.preprocessor(decoded.image)
         except ImgEmbedError as exc:

@@ -36,7 +36,7 @@ def decode(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
-            metadata = _basic_metadata(image, len(data))
+            metadata = image_metadata(image, len(data))
             if image.width * image.height > max_pixels:
                 raise ImageTooLargeError(
                     f"{image.width}x{image.height} pixels, over the limit of {max_pixels:,} "
@@ -59,7 +59,7 @@ def read_metadata(data: bytes, source: str) -> dict[str, Any]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            return _basic_metadata(Image.open(io.BytesIO(data)), len(data))
+            return image_metadata(Image.open(io.BytesIO(data)), len(data))
     except Exception as exc:
         raise _decode_error(exc, source) from exc
 
@@ -93,7 +93,8 @@ def _draft(image: Image.Image, min_side: int) -> None:
         image.draft(None, (max(1, width * min_side // short), max(1, height * min_side // short)))
 
 
-def _basic_metadata(image: Image.Image, size: int) -> dict[str, Any]:
+def image_metadata(image: Image.Image, size: int | None) -> dict[str, Any]:
+    """Basic metadata from an opened image (its header; pixels are not decoded)."""
     dpi = image.info.get("dpi")
     return {
         "width": image.width,

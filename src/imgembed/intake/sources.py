@@ -6,6 +6,8 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+from PIL import Image
+
 from imgembed.errors import ImageNotFoundError, ImageTooLargeError
 
 Source = str | os.PathLike[str] | bytes
@@ -15,10 +17,12 @@ IMAGE_EXTENSIONS = frozenset(
 )
 
 
-def describe(source: Source) -> str:
+def describe(source: Source | Image.Image) -> str:
     """A short label for messages and results."""
     if isinstance(source, bytes | bytearray | memoryview):
         return f"<{len(source)} bytes>"
+    if isinstance(source, Image.Image):
+        return f"<PIL image {source.width}x{source.height} {source.mode}>"
     return os.fspath(source)
 
 
