@@ -114,9 +114,10 @@ def test_pil_image_respects_the_pixel_limit(photos):
 
 def test_progress_callback_counts(tiny_service, all_photos):
     tiny_service.settings.batch_size = 4
-    seen = []
+    snapshots = []
     sources = [*all_photos, "/nonexistent/x.jpg"]
-    tiny_service.embed_images(sources, progress=lambda p: seen.append((p.done, p.failed, p.total)))
+    tiny_service.embed_images(sources, progress=snapshots.append)
+    seen = [(p.done, p.failed, p.total) for p in snapshots]
     assert len(seen) == -(-len(sources) // 4)  # once per batch
     assert [s[0] for s in seen] == sorted(s[0] for s in seen)
     assert seen[-1] == (len(sources), 1, len(sources))

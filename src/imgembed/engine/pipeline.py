@@ -7,6 +7,7 @@ one bad item never fails the others."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -100,7 +101,7 @@ class ImagePipeline:
                     state.embedded += result.ok and not result.cached
                     yield result
                 if progress:
-                    progress(state)
+                    progress(dataclasses.replace(state))  # a snapshot the callee may keep
 
     def _prepare(self, source: Source | Image.Image) -> _Prepared:
         item = _Prepared(label=describe(source), started=time.perf_counter())
