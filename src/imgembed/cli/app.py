@@ -65,7 +65,9 @@ def embed(
     batch_size: BatchOpt = None,
     output: OutputOpt = None,
     exact: Annotated[bool | None, typer.Option("--exact", help="No draft decoding.")] = None,
-    cache: Annotated[bool, typer.Option(help="Use the persistent embedding cache.")] = True,
+    cache: Annotated[
+        bool | None, typer.Option("--cache/--no-cache", help="Use the embedding cache.")
+    ] = None,
 ) -> None:
     """Embed images; exit 1 if any input failed (each failure is named on stderr)."""
     try:

@@ -26,11 +26,11 @@ class Writer:
             raise ConfigurationError(f"unknown output format {self.suffix!r}; use one of {FORMATS}")
         self._rows: list[dict[str, Any]] = []
         self._stream: IO[str] | None = None
-        if self.suffix == ".jsonl":
-            self._stream = path.open("w", encoding="utf-8") if path else sys.stdout
 
     def write(self, row: dict[str, Any]) -> None:
-        if self._stream is not None:
+        if self.suffix == ".jsonl":
+            if self._stream is None:  # opened on first use: a failed start leaves no file
+                self._stream = self.path.open("w", encoding="utf-8") if self.path else sys.stdout
             vector = row.get("embedding")
             out = {**row, "embedding": None if vector is None else vector.tolist()}
             self._stream.write(json.dumps(out, ensure_ascii=False) + "\n")
@@ -38,10 +38,11 @@ class Writer:
             self._rows.append(row)
 
     def close(self) -> None:
-        if self._stream is not None:
-            self._stream.flush()
-            if self._stream is not sys.stdout:
-                self._stream.close()
+        if self.suffix == ".jsonl":
+            if self._stream is not None:
+                self._stream.flush()
+                if self._stream is not sys.stdout:
+                    self._stream.close()
         elif self.suffix == ".npy":
             self._write_npy()
         else:

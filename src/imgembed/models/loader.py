@@ -122,15 +122,18 @@ def _load(
             message = _unavailable_message(ref, tag_cfg, cache_dir, exc, hub_problem)
             raise ModelUnavailableError(message) from exc
     model.eval()
-    preprocess_cfg = dict(open_clip.get_model_preprocess_cfg(model))
+    tokenizer = open_clip.get_tokenizer(ref.name)
+    if dimension is None:  # hub/local-dir configs: ask the model itself, whatever its class
+        with torch.inference_mode():
+            dimension = int(model.encode_text(tokenizer([""]).to(device)).shape[-1])
     return LoadedModel(
         ref=ref,
         model=model,
-        tokenizer=open_clip.get_tokenizer(ref.name),
-        preprocess_cfg=preprocess_cfg,
+        tokenizer=tokenizer,
+        preprocess_cfg=dict(open_clip.get_model_preprocess_cfg(model)),
         device=device,
         precision=precision,
-        dimension=dimension or int(model.text_projection.shape[-1]),
+        dimension=dimension,
         weights_id=_weights_id(ref),
     )
 
