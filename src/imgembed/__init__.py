@@ -5,12 +5,15 @@ from imgembed.engine.pipeline import Progress
 from imgembed.errors import (
     ConfigurationError,
     EncodeError,
+    FetchError,
     ImageError,
     ImageNotFoundError,
     ImageTooLargeError,
+    ImageTooSmallError,
     ImgEmbedError,
     InvalidImageError,
     ModelUnavailableError,
+    SourceNotAllowedError,
     UnsupportedFormatError,
 )
 from imgembed.results import ImageEmbeddingResult, SimilarityResult
@@ -19,16 +22,19 @@ from imgembed.service import ImageEmbeddingService
 __all__ = [
     "ConfigurationError",
     "EncodeError",
+    "FetchError",
     "ImageEmbeddingResult",
     "ImageEmbeddingService",
     "ImageError",
     "ImageNotFoundError",
     "ImageTooLargeError",
+    "ImageTooSmallError",
     "ImgEmbedError",
     "InvalidImageError",
     "ModelUnavailableError",
     "Progress",
     "Settings",
     "SimilarityResult",
+    "SourceNotAllowedError",
     "UnsupportedFormatError",
 ]

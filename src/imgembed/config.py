@@ -4,15 +4,21 @@ CLIP_MODEL_NAME and CLIP_DIMENSION are accepted as aliases."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import platformdirs
-from pydantic import AliasChoices, Field, ValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AliasChoices, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from imgembed.errors import ConfigurationError
+
+DEFAULT_FORMATS = (
+    ".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif",
+    ".heic", ".heif", ".avif", ".mpo",
+)  # fmt: skip
 
 
 def _env(name: str, *aliases: str) -> AliasChoices:
@@ -51,6 +57,35 @@ class Settings(BaseSettings):
     model_cache_dir: Path | None = Field(None, validation_alias=_env("model_cache_dir"))
     max_file_size: int = Field(10 * 1024 * 1024, gt=0, validation_alias=_env("max_file_size"))
     max_image_pixels: int = Field(100_000_000, gt=0, validation_alias=_env("max_image_pixels"))
+    max_image_size: int = Field(30_000, gt=0, validation_alias=_env("max_image_size"))
+    min_image_size: int = Field(32, gt=0, validation_alias=_env("min_image_size"))
+    supported_formats: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: list(DEFAULT_FORMATS), validation_alias=_env("supported_formats")
+    )
+    allowed_roots: Annotated[list[Path] | None, NoDecode] = Field(
+        None, validation_alias=_env("allowed_roots")
+    )
+    allow_private_urls: bool = Field(False, validation_alias=_env("allow_private_urls"))
+    fetch_timeout: float = Field(30.0, gt=0, validation_alias=_env("fetch_timeout"))
+    retry_attempts: int = Field(3, ge=1, validation_alias=_env("retry_attempts"))
+    retry_delay: float = Field(1.0, ge=0, validation_alias=_env("retry_delay"))
+    max_concurrent_fetches: int = Field(8, gt=0, validation_alias=_env("max_concurrent_fetches"))
+    quality_threshold: float = Field(0.5, ge=0, le=1, validation_alias=_env("quality_threshold"))
+
+    @field_validator("supported_formats", "allowed_roots", mode="before")
+    @classmethod
+    def _split_list(cls, value: Any) -> Any:
+        """Lists from the environment: JSON, or separated by commas or the path separator."""
+        if not isinstance(value, str):
+            return value
+        if value.strip().startswith("["):
+            return json.loads(value)
+        return [part.strip() for part in value.replace(os.pathsep, ",").split(",") if part.strip()]
+
+    @field_validator("supported_formats")
+    @classmethod
+    def _dotted_lowercase(cls, value: list[str]) -> list[str]:
+        return [f".{v.lower().lstrip('.')}" for v in value]
 
     @property
     def embedding_cache_dir(self) -> Path:
@@ -73,6 +108,13 @@ _SEED_KEYS = {
     "cache_directory": "cache_dir",
     "max_workers": "max_workers",
     "max_file_size": "max_file_size",
+    "max_image_size": "max_image_size",
+    "min_image_size": "min_image_size",
+    "supported_formats": "supported_formats",
+    "quality_threshold": "quality_threshold",
+    "timeout": "fetch_timeout",
+    "retry_attempts": "retry_attempts",
+    "retry_delay": "retry_delay",
 }
 _SEED_KEYS_WITHOUT_EFFECT = {
     "ollama_endpoint",
@@ -81,14 +123,7 @@ _SEED_KEYS_WITHOUT_EFFECT = {
     "convert_to_rgb",  # always done
     "apply_augmentation",  # never done: embeddings must be deterministic
     "debug",
-    "max_image_size",
-    "min_image_size",
-    "supported_formats",
-    "quality_threshold",
-    "enable_metadata_extraction",
-    "timeout",
-    "retry_attempts",
-    "retry_delay",
+    "enable_metadata_extraction",  # metadata is always extracted; include_metadata shows it
 }
 
 

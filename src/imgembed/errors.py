@@ -7,7 +7,10 @@
     │   ├── ImageNotFoundError
     │   ├── InvalidImageError     corrupt or truncated data, not an image
     │   ├── UnsupportedFormatError
-    │   └── ImageTooLargeError
+    │   ├── ImageTooLargeError    file size, pixel count or side over the limit
+    │   ├── ImageTooSmallError
+    │   ├── SourceNotAllowedError outside the allowed roots, or a private address
+    │   └── FetchError            a URL could not be downloaded
     └── EncodeError               the model failed on a batch
 
 Surfaces map these to HTTP status codes and CLI exit codes in one place each.
@@ -56,6 +59,22 @@ class ImageTooLargeError(ImageError):
     """The file or the pixel count exceeds the configured limit."""
 
 
+class ImageTooSmallError(ImageError):
+    """The image's shorter side is under the configured minimum."""
+
+
+class SourceNotAllowedError(ImageError):
+    """A path outside the allowed roots, or a URL that resolves to a private address."""
+
+
+class FetchError(ImageError):
+    """A URL could not be downloaded (status, timeout, content type, connection)."""
+
+    def __init__(self, message: str, source: str | None = None, status: int | None = None):
+        super().__init__(message, source)
+        self.status = status
+
+
 class EncodeError(ImgEmbedError):
     """The model failed while encoding a batch."""
 
@@ -63,11 +82,14 @@ class EncodeError(ImgEmbedError):
 __all__ = [
     "ConfigurationError",
     "EncodeError",
+    "FetchError",
     "ImageError",
     "ImageNotFoundError",
     "ImageTooLargeError",
+    "ImageTooSmallError",
     "ImgEmbedError",
     "InvalidImageError",
     "ModelUnavailableError",
+    "SourceNotAllowedError",
     "UnsupportedFormatError",
 ]

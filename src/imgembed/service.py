@@ -20,8 +20,8 @@ from imgembed.engine import similarity
 from imgembed.engine.cache import EmbeddingCache
 from imgembed.engine.pipeline import ImagePipeline, ProgressCallback
 from imgembed.errors import ConfigurationError, ImgEmbedError
-from imgembed.intake.image_input import ImageInput
-from imgembed.intake.sources import Source
+from imgembed.intake.image_input import Input, Intake
+from imgembed.intake.sources import decode_base64
 from imgembed.models import registry
 from imgembed.models.runtime import Encoder, create_encoder
 from imgembed.results import ImageEmbeddingResult, SimilarityResult
@@ -29,7 +29,6 @@ from imgembed.results import ImageEmbeddingResult, SimilarityResult
 log = logging.getLogger(__name__)
 
 Embedding = list[float]
-Input = Source | Image.Image  # a path, raw bytes, or a PIL image
 
 
 class ImageEmbeddingService:
@@ -44,6 +43,7 @@ class ImageEmbeddingService:
         self.model_ref = registry.resolve(self.settings.model, self.settings.pretrained)
         if ":" not in self.model_ref.name:  # hub/local-dir configs are known only once loaded
             self._check_dimension(registry.dimension(self.model_ref.name))
+        self.intake = Intake(self.settings)
         self._lock = threading.Lock()
         self._encoder: Encoder | None = None
         self._pipeline: ImagePipeline | None = None
@@ -78,7 +78,7 @@ class ImageEmbeddingService:
                 if self.settings.cache_embeddings:
                     namespace = ImagePipeline.cache_namespace(encoder, self.settings.exact)
                     self._cache = EmbeddingCache(self.settings.embedding_cache_dir, namespace)
-                self._pipeline = ImagePipeline(encoder, self.settings, self._cache)
+                self._pipeline = ImagePipeline(encoder, self.settings, self._cache, self.intake)
                 self._encoder = encoder
             return self._encoder, self._pipeline
 
@@ -150,12 +150,11 @@ class ImageEmbeddingService:
 
     def preprocess(self, source: Input) -> Image.Image:
         """The model-sized RGB image the network sees (before normalisation)."""
-        image_input = ImageInput.read(source, self.settings.max_file_size)
-        decoded = image_input.decode(self.settings.max_image_pixels)
+        decoded = self.intake.read(source).decode(self.intake.limits)
         return self.encoder.preprocessor.resize_and_crop(decoded.image)
 
     def image_metadata(self, source: Input) -> dict[str, Any]:
-        return ImageInput.read(source, self.settings.max_file_size).metadata()
+        return self.intake.read(source).metadata()
 
     def clear_cache(self) -> int:
         """Empty the persistent embedding cache; returns how many entries were removed."""
@@ -164,6 +163,7 @@ class ImageEmbeddingService:
         return self._cache.clear()
 
     def close(self) -> None:
+        self.intake.close()
         if self._cache is not None:
             self._cache.close()
 
@@ -186,6 +186,21 @@ class ImageEmbeddingService:
     ) -> Embedding | dict[str, Any]:
         result = await asyncio.to_thread(self._embed_one, image_bytes)
         return result.to_dict() if include_metadata else _as_list(result)
+
+    async def generate_embedding_from_url(
+        self, url: str, include_metadata: bool = False
+    ) -> Embedding | dict[str, Any]:
+        """The Findly seed's `generate_image_embedding(image_url)`: download (with retries)
+        and embed."""
+        result = await asyncio.to_thread(self._embed_one, url)
+        return result.to_dict() if include_metadata else _as_list(result)
+
+    async def generate_embedding_from_base64(
+        self, data: str, include_metadata: bool = False
+    ) -> Embedding | dict[str, Any]:
+        """From base64 text or a `data:image/...;base64,` URI."""
+        image_bytes = decode_base64(data, self.settings.max_file_size)
+        return await self.generate_embedding_from_image_bytes(image_bytes, include_metadata)
 
     async def batch_generate_embeddings(
         self, image_paths: Sequence[Input], include_metadata: bool = False

@@ -6,7 +6,7 @@ import pytest
 from open_clip.transform import PreprocessCfg, image_transform_v2
 from PIL import Image
 
-from imgembed.intake.decode import decode
+from imgembed.intake.decode import Limits, decode
 from imgembed.models.preprocess import Preprocessor
 
 
@@ -46,8 +46,8 @@ def test_small_image_is_upscaled_and_padded_like_open_clip():
 
 def test_draft_decoding_keeps_short_side_above_the_floor(large_jpegs):
     data = large_jpegs[0].read_bytes()
-    full = decode(data, "x", max_pixels=10**9)
-    drafted = decode(data, "x", max_pixels=10**9, draft_min_side=448)
+    full = decode(data, "x", Limits())
+    drafted = decode(data, "x", Limits(), draft_min_side=448)
     assert min(drafted.image.size) >= 448
     assert drafted.image.size[0] < full.image.size[0] / 2  # really decoded smaller
     assert drafted.metadata["width"] == full.metadata["width"]  # metadata is of the file

@@ -79,7 +79,7 @@ def embed(
             exact=exact,
             cache_embeddings=cache,
         )
-        files = expand_paths(paths)
+        files = expand_paths(paths, service.settings.supported_formats)
         writer = Writer(output)
         with err.status(f"loading {service.model_ref} ..."):
             service.encoder  # noqa: B018 - load before the clock starts

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -16,14 +17,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from imgembed.config import Settings
 from imgembed.engine.cache import EmbeddingCache
 from imgembed.engine.similarity import l2_normalize
 from imgembed.errors import ImgEmbedError, InvalidImageError
-from imgembed.intake.image_input import ImageInput
-from imgembed.intake.sources import Source, describe
+from imgembed.intake.image_input import Input, Intake
+from imgembed.intake.sources import describe, is_url
 from imgembed.models.runtime import Encoder
 from imgembed.results import ImageEmbeddingResult
 
@@ -61,10 +61,15 @@ class _Prepared:
 
 
 class ImagePipeline:
-    def __init__(self, encoder: Encoder, settings: Settings, cache: EmbeddingCache | None):
+    def __init__(
+        self, encoder: Encoder, settings: Settings, cache: EmbeddingCache | None, intake: Intake
+    ):
         self.encoder = encoder
         self.settings = settings
         self.cache = cache
+        self.intake = intake
+        # Decoding is CPU work: at most one per core, even when more threads wait on URLs.
+        self._decode_slots = threading.Semaphore(settings.workers)
         self.draft_min_side = (
             None if settings.exact else DRAFT_FACTOR * encoder.preprocessor.min_side
         )
@@ -76,15 +81,16 @@ class ImagePipeline:
         return f"{encoder.fingerprint}|{preprocess}|pp{PREPROCESS_VERSION}|{draft}"
 
     def iter_results(
-        self, sources: Sequence[Source | Image.Image], progress: ProgressCallback | None = None
+        self, sources: Sequence[Input], progress: ProgressCallback | None = None
     ) -> Iterator[ImageEmbeddingResult]:
         """Results in input order, streamed chunk by chunk."""
         state = Progress(total=len(sources))
         size = self.settings.batch_size
         chunks = [sources[i : i + size] for i in range(0, len(sources), size)]
-        with ThreadPoolExecutor(
-            self.settings.workers, thread_name_prefix="imgembed-decode"
-        ) as pool:
+        threads = self.settings.workers
+        if any(is_url(source) for source in sources):  # downloads wait on the network
+            threads += self.settings.max_concurrent_fetches
+        with ThreadPoolExecutor(threads, thread_name_prefix="imgembed-intake") as pool:
             pending: list[list[Future[_Prepared]]] = []
             for k in range(len(chunks)):
                 while len(pending) <= PREFETCH_CHUNKS and k + len(pending) < len(chunks):
@@ -103,19 +109,20 @@ class ImagePipeline:
                 if progress:
                     progress(dataclasses.replace(state))  # a snapshot the callee may keep
 
-    def _prepare(self, source: Source | Image.Image) -> _Prepared:
+    def _prepare(self, source: Input) -> _Prepared:
         item = _Prepared(label=describe(source), started=time.perf_counter())
         try:
-            image_input = ImageInput.read(source, self.settings.max_file_size)
+            image_input = self.intake.read(source)
             item.digest = image_input.digest
             item.vector = self.cache.get(item.digest) if self.cache is not None else None
             item.cached = item.vector is not None
             if item.cached:
                 item.metadata = image_input.metadata()
             else:
-                decoded = image_input.decode(self.settings.max_image_pixels, self.draft_min_side)
+                with self._decode_slots:
+                    decoded = image_input.decode(self.intake.limits, self.draft_min_side)
+                    item.pixels = self.encoder.preprocessor(decoded.image)
                 item.metadata = decoded.metadata
-                item.pixels = self.encoder.preprocessor(decoded.image)
         except ImgEmbedError as exc:
             item.error = exc
         except Exception as exc:  # untrusted data: anything the decoders throw is this item's

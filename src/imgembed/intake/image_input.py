@@ -1,16 +1,31 @@
-"""One input image, read once: from a path, raw bytes, or a PIL image already in memory."""
+"""One input image, read once, from any source: a path, raw bytes, a base64 data URI,
+an http(s) URL, or a PIL image already in memory."""
 
 from __future__ import annotations
 
 import hashlib
+import threading
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image, ImageOps
 
-from imgembed.errors import ImageTooLargeError
-from imgembed.intake.decode import Decoded, decode, image_metadata, read_metadata, to_rgb
-from imgembed.intake.sources import Source, describe, read_bytes
+from imgembed.intake.decode import Decoded, Limits, decode, image_metadata, read_metadata, to_rgb
+from imgembed.intake.sources import (
+    Source,
+    check_size,
+    decode_base64,
+    describe,
+    is_data_uri,
+    is_url,
+    read_file,
+)
+
+if TYPE_CHECKING:
+    from imgembed.intake.fetch import Fetcher
+
+Input = Source | Image.Image
 
 
 def content_hash(data: bytes) -> str:
@@ -24,30 +39,66 @@ class ImageInput:
     data: bytes | None = None
     image: Image.Image | None = None
 
-    @classmethod
-    def read(cls, source: Source | Image.Image, max_file_size: int) -> ImageInput:
-        if isinstance(source, Image.Image):
-            header = f"{source.mode}:{source.size}:".encode()
-            return cls(describe(source), content_hash(header + source.tobytes()), image=source)
-        data = read_bytes(source, max_file_size)
-        return cls(describe(source), content_hash(data), data=data)
-
     def metadata(self) -> dict[str, Any]:
         if self.image is not None:
-            return image_metadata(self.image, None)
+            return {**image_metadata(self.image, None), "content_hash": self.digest}
         assert self.data is not None
-        return read_metadata(self.data, self.label)
+        return {**read_metadata(self.data, self.label), "content_hash": self.digest}
 
-    def decode(self, max_pixels: int, draft_min_side: int | None = None) -> Decoded:
+    def decode(self, limits: Limits, draft_min_side: int | None = None) -> Decoded:
         if self.data is not None:
-            return decode(
-                self.data, self.label, max_pixels=max_pixels, draft_min_side=draft_min_side
-            )
+            decoded = decode(self.data, self.label, limits, draft_min_side)
+            return Decoded(decoded.image, {**decoded.metadata, "content_hash": self.digest})
         assert self.image is not None
-        if self.image.width * self.image.height > max_pixels:
-            raise ImageTooLargeError(
-                f"{self.image.width}x{self.image.height} pixels, over the limit of "
-                f"{max_pixels:,} (max_image_pixels)",
-                self.label,
-            )
+        limits.check(self.image, self.label)
         return Decoded(to_rgb(ImageOps.exif_transpose(self.image)), self.metadata())
+
+
+class Intake:
+    """Reads inputs under one set of limits; shared by the threads of a service."""
+
+    def __init__(self, settings: Any, fetcher: Fetcher | None = None):
+        """`fetcher` replaces the one built from settings (tests use it for policies)."""
+        self.settings = settings
+        self.limits = Limits.from_settings(settings)
+        roots = settings.allowed_roots
+        self.roots = [Path(root).resolve() for root in roots] if roots is not None else None
+        self._fetcher = fetcher
+        self._lock = threading.Lock()
+
+    @property
+    def fetcher(self) -> Fetcher:
+        from imgembed.intake.fetch import Fetcher, allow_all, is_public  # httpx: only for URLs
+
+        with self._lock:
+            if self._fetcher is None:
+                s = self.settings
+                self._fetcher = Fetcher(
+                    max_bytes=s.max_file_size,
+                    timeout=s.fetch_timeout,
+                    attempts=s.retry_attempts,
+                    retry_delay=s.retry_delay,
+                    max_connections=s.max_concurrent_fetches,
+                    address_allowed=allow_all if s.allow_private_urls else is_public,
+                )
+            return self._fetcher
+
+    def read(self, source: Input) -> ImageInput:
+        label = describe(source)
+        if isinstance(source, Image.Image):
+            header = f"{source.mode}:{source.size}:".encode()
+            return ImageInput(label, content_hash(header + source.tobytes()), image=source)
+        max_size = self.settings.max_file_size
+        if isinstance(source, bytes | bytearray | memoryview):
+            data = check_size(bytes(source), max_size, label)
+        elif is_url(source):
+            data = self.fetcher.fetch(str(source))
+        elif is_data_uri(source):
+            data = decode_base64(str(source), max_size, label)
+        else:
+            data = read_file(Path(source), max_size, self.roots)
+        return ImageInput(label, content_hash(data), data=data)
+
+    def close(self) -> None:
+        if self._fetcher is not None:
+            self._fetcher.close()

@@ -1,20 +1,32 @@
-"""Reading image sources (paths, folders, raw bytes) into bytes, within limits."""
+"""Local sources into bytes, within limits: paths (optionally confined to allowed roots),
+raw bytes and base64 data URIs. URLs are fetched by `fetch.py`."""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
 from collections.abc import Iterable
 from pathlib import Path
 
 from PIL import Image
 
-from imgembed.errors import ImageNotFoundError, ImageTooLargeError
+from imgembed.errors import (
+    ImageNotFoundError,
+    ImageTooLargeError,
+    InvalidImageError,
+    SourceNotAllowedError,
+)
 
 Source = str | os.PathLike[str] | bytes
 
-IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".mpo"}
-)
+
+def is_url(source: object) -> bool:
+    return isinstance(source, str) and source[:8].lower().startswith(("http://", "https://"))
+
+
+def is_data_uri(source: object) -> bool:
+    return isinstance(source, str) and source[:5].lower() == "data:"
 
 
 def describe(source: Source | Image.Image) -> str:
@@ -23,36 +35,73 @@ def describe(source: Source | Image.Image) -> str:
         return f"<{len(source)} bytes>"
     if isinstance(source, Image.Image):
         return f"<PIL image {source.width}x{source.height} {source.mode}>"
+    if is_data_uri(source):
+        return f"<data URI, {len(source)} characters>"
     return os.fspath(source)
 
 
-def read_bytes(source: Source, max_file_size: int) -> bytes:
-    if isinstance(source, bytes | bytearray | memoryview):
-        data = bytes(source)
-        if len(data) > max_file_size:
-            raise ImageTooLargeError(_too_large(len(data), max_file_size), describe(source))
-        return data
-    path = Path(source)
-    try:
-        size = path.stat().st_size
-        if not path.is_file():
-            raise ImageNotFoundError("not a file", str(path))
-        if size > max_file_size:
-            raise ImageTooLargeError(_too_large(size, max_file_size), str(path))
-        return path.read_bytes()
-    except (FileNotFoundError, NotADirectoryError) as exc:
-        raise ImageNotFoundError("no such file", str(path)) from exc
-    except PermissionError as exc:
-        raise ImageNotFoundError("permission denied", str(path)) from exc
+def check_size(data: bytes, max_file_size: int, label: str) -> bytes:
+    if len(data) > max_file_size:
+        raise ImageTooLargeError(_too_large(len(data), max_file_size), label)
+    return data
 
 
 def _too_large(size: int, limit: int) -> str:
-    return f"file is {size:,} bytes, over the limit of {limit:,} (max_file_size)"
+    return f"{size:,} bytes, over the limit of {limit:,} (max_file_size)"
 
 
-def expand_paths(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
-    """Files as given; folders walked recursively (sorted, symlinked folders not followed,
-    so link loops cannot recur) for files with an image extension."""
+def decode_base64(text: str, max_file_size: int, label: str = "<base64>") -> bytes:
+    """Bytes from a data URI (`data:image/png;base64,...`) or plain base64 text."""
+    if is_data_uri(text):
+        header, _, text = text.partition(",")
+        if not header.lower().endswith(";base64"):
+            raise InvalidImageError("only base64 data URIs are supported", label)
+    # Refuse by the encoded length before allocating the decoded bytes.
+    if len(text) * 3 // 4 > max_file_size + 3:
+        raise ImageTooLargeError(_too_large(len(text) * 3 // 4, max_file_size), label)
+    try:
+        data = base64.b64decode("".join(text.split()), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise InvalidImageError(f"invalid base64: {exc}", label) from exc
+    return check_size(data, max_file_size, label)
+
+
+def check_allowed(path: Path, roots: list[Path] | None) -> Path:
+    """The real path, if it lies inside one of the roots (symlinks and `..` resolved)."""
+    if roots is None:
+        return path
+    real = path.resolve()
+    if not any(real.is_relative_to(root) for root in roots):
+        raise SourceNotAllowedError(
+            f"outside the allowed roots ({', '.join(map(str, roots))})", str(path)
+        )
+    return real
+
+
+def read_file(path: Path, max_file_size: int, roots: list[Path] | None = None) -> bytes:
+    label = str(path)
+    try:
+        real = check_allowed(path, roots)
+        if not real.is_file():
+            if real.exists():
+                raise ImageNotFoundError("not a file", label)
+            raise ImageNotFoundError("no such file", label)
+        with real.open("rb") as handle:
+            # Read one byte past the limit instead of trusting stat (files can grow).
+            data = handle.read(max_file_size + 1)
+        return check_size(data, max_file_size, label)
+    except PermissionError as exc:
+        raise ImageNotFoundError("permission denied", label) from exc
+    except RuntimeError as exc:  # Path.resolve on a symlink loop
+        raise ImageNotFoundError(f"cannot resolve: {exc}", label) from exc
+    except OSError as exc:  # loops, names too long, I/O errors
+        raise ImageNotFoundError(f"cannot read: {exc.strerror or exc}", label) from exc
+
+
+def expand_paths(paths: Iterable[str | os.PathLike[str]], extensions: Iterable[str]) -> list[Path]:
+    """Files as given; folders walked recursively (sorted; symlinked folders are not followed,
+    so link loops cannot recur) for files with one of the extensions."""
+    wanted = {ext.lower() for ext in extensions}
     found: list[Path] = []
     for entry in paths:
         path = Path(entry)
@@ -62,8 +111,6 @@ def expand_paths(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
         for root, dirs, files in os.walk(path):
             dirs.sort()
             found.extend(
-                Path(root, name)
-                for name in sorted(files)
-                if Path(name).suffix.lower() in IMAGE_EXTENSIONS
+                Path(root, name) for name in sorted(files) if Path(name).suffix.lower() in wanted
             )
     return found
