@@ -2,6 +2,8 @@
 
 photos/   CC0 / public-domain photos that scikit-image ships (licences in its _fetchers.py)
 large/    3640x2400+ JPEG wallpapers from Debian's ukui-wallpapers package
+pillow/   Pillow's own test images (its source distribution's Tests/images): every format,
+          EXIF and GPS, 16-bit, animations, broken and hostile files
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 from pathlib import Path
 
@@ -51,9 +54,32 @@ def debian_jpegs() -> None:
             shutil.copy(Path(tmp) / "x/usr/share/backgrounds" / name, target / name)
 
 
+def pillow_images() -> None:
+    import PIL
+
+    target = ROOT / "pillow"
+    if (target / "hopper.jpg").exists():
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
+             f"pillow=={PIL.__version__}", "-d", tmp],
+            check=True,
+        )  # fmt: skip
+        (sdist,) = Path(tmp).glob("*.tar.gz")
+        prefix = f"{sdist.name.removesuffix('.tar.gz')}/Tests/images/"
+        with tarfile.open(sdist) as archive:
+            for member in archive.getmembers():
+                if member.isfile() and member.name.startswith(prefix):
+                    out = target / member.name.removeprefix(prefix)
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    out.write_bytes(archive.extractfile(member).read())
+
+
 def main() -> int:
     photos()
     debian_jpegs()
+    pillow_images()
     count = sum(1 for p in ROOT.rglob("*") if p.is_file())
     print(f"test data ready: {count} files in {ROOT}")
     return 0

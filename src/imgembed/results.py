@@ -24,6 +24,7 @@ class ImageEmbeddingResult:
     metadata: dict[str, Any] = field(default_factory=dict)
     error: ImgEmbedError | None = None
     cached: bool = False
+    confidence: float | None = None  # quality signal in [0, 1]; see intake/quality.py
 
     @property
     def ok(self) -> bool:
@@ -39,6 +40,7 @@ class ImageEmbeddingResult:
             "normalized": self.normalized,
             "processing_time": self.processing_time,
             "cached": self.cached,
+            "confidence": self.confidence,
             "metadata": self.metadata,
             "error": None if self.error is None else str(self.error),
             "error_type": None if self.error is None else type(self.error).__name__,

@@ -7,6 +7,7 @@ the seed's async methods return its plain shapes (a `list[float]`, or a dict whe
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 from collections.abc import Iterator, Mapping, Sequence
@@ -153,8 +154,15 @@ class ImageEmbeddingService:
         decoded = self.intake.read(source).decode(self.intake.limits)
         return self.encoder.preprocessor.resize_and_crop(decoded.image)
 
-    def image_metadata(self, source: Input) -> dict[str, Any]:
-        return self.intake.read(source).metadata()
+    def image_metadata(self, source: Input, extended: bool = False) -> dict[str, Any]:
+        """Width, height, format, mode, file size, dpi, frames, transparency, content hash
+        and the quality signal; with `extended`, camera, exposure, dates, orientation, GPS."""
+        image_input = self.intake.read(source)
+        # Embedding limits (format list, minimum size) don't apply: only the safety ones.
+        limits = dataclasses.replace(self.intake.limits, min_side=1, formats=None)
+        decoded = image_input.decode(limits)
+        metadata = image_input.metadata(extended)
+        return {**metadata, "quality": self.intake.quality(decoded)}
 
     def clear_cache(self) -> int:
         """Empty the persistent embedding cache; returns how many entries were removed."""
@@ -264,6 +272,9 @@ class ImageEmbeddingService:
 
     async def extract_image_metadata(self, image_path: Input) -> dict[str, Any]:
         return await asyncio.to_thread(self.image_metadata, image_path)
+
+    async def extract_extended_metadata(self, image_path: Input) -> dict[str, Any]:
+        return await asyncio.to_thread(self.image_metadata, image_path, True)
 
 
 def _as_list(result: ImageEmbeddingResult) -> Embedding:

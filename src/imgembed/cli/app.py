@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from PIL import Image
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
@@ -166,6 +168,58 @@ def embed_text(
     err.print(f"embedded: {len(texts)} texts  duration: {seconds:.2f} s", highlight=False)
 
 
+@app.command()
+def metadata(
+    paths: Annotated[list[Path], typer.Argument(help="Image files or folders (recursive).")],
+    extended: Annotated[
+        bool, typer.Option("--extended", help="Camera, exposure, dates, orientation, GPS.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON lines instead of a table.")] = False,
+) -> None:
+    """Image metadata and the quality signal; exit 1 if any input failed."""
+    from imgembed.service import ImageEmbeddingService
+
+    try:
+        service = ImageEmbeddingService()  # no model is loaded for metadata
+    except ImgEmbedError as exc:
+        raise _fail(exc) from exc
+    table = Table("path", "size", "format", "bytes", "quality", "taken", "camera", "GPS")
+    table.columns[0].overflow = "fold"
+    failed = 0
+    for path in expand_paths(paths, service.settings.supported_formats):
+        try:
+            data = service.image_metadata(path, extended)
+        except ImgEmbedError as exc:
+            failed += 1
+            err.print(f"failed: {exc} ({type(exc).__name__})", markup=False, highlight=False)
+            continue
+        if as_json:
+            typer.echo(json.dumps({"path": str(path), **data}, ensure_ascii=False))
+        else:
+            table.add_row(*_metadata_cells(path, data))
+    if not as_json and table.row_count:
+        Console().print(table)
+    if failed:
+        raise typer.Exit(1)
+
+
+def _metadata_cells(path: Path, data: dict[str, Any]) -> list[str]:
+    quality = data["quality"]
+    camera = data.get("camera_info") or {}
+    gps = data.get("gps_info") or {}
+    flag = " low" if quality["low_quality"] else ""
+    return [
+        str(path),
+        f"{data['width']}x{data['height']}",
+        f"{data['format']} {data['mode']}",
+        f"{data['size']:,}",
+        f"{quality['confidence']:.2f}{flag}",
+        data.get("creation_date") or "",
+        " ".join(filter(None, [camera.get("make"), camera.get("model")])),
+        f"{gps['latitude']:.5f}, {gps['longitude']:.5f}" if gps.get("latitude") is not None else "",
+    ]
+
+
 @models_app.command("list")
 def models_list(
     all_: Annotated[
@@ -214,4 +268,8 @@ def models_list(
 
 
 def main() -> None:
+    # Decoders warn about oddities in files (skipped tags, huge images); every file already
+    # ends embedded or with a typed error, so on a terminal these are noise.
+    warnings.filterwarnings("ignore", module=r"PIL\.")
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
     app()

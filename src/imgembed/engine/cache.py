@@ -1,4 +1,5 @@
-"""Persistent embedding cache: (content hash, encoder fingerprint) -> raw float32 vector.
+"""Persistent embedding cache: (content hash, encoder fingerprint) -> raw float32 vector and
+the image's quality signal (so a cached result reports what a fresh one would).
 
 diskcache keeps it in SQLite + files, safe for many threads and processes at once."""
 
@@ -6,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Any
 
 import diskcache
 import numpy as np
@@ -20,12 +22,16 @@ class EmbeddingCache:
     def _key(self, digest: str) -> str:
         return f"{self._namespace}:{digest}"
 
-    def get(self, digest: str) -> np.ndarray | None:
-        raw = self._cache.get(self._key(digest))
-        return None if raw is None else np.frombuffer(raw, dtype=np.float32)
+    def get(self, digest: str) -> tuple[np.ndarray, dict[str, Any]] | None:
+        entry = self._cache.get(self._key(digest))
+        if entry is None:
+            return None
+        raw, quality = entry
+        return np.frombuffer(raw, dtype=np.float32), quality
 
-    def put(self, digest: str, vector: np.ndarray) -> None:
-        self._cache.set(self._key(digest), np.asarray(vector, dtype=np.float32).tobytes())
+    def put(self, digest: str, vector: np.ndarray, quality: dict[str, Any]) -> None:
+        raw = np.asarray(vector, dtype=np.float32).tobytes()
+        self._cache.set(self._key(digest), (raw, quality))
 
     def clear(self) -> int:
         """Remove every cached embedding (of every model); returns how many."""

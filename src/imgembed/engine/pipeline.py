@@ -27,8 +27,8 @@ from imgembed.intake.sources import describe, is_url
 from imgembed.models.runtime import Encoder
 from imgembed.results import ImageEmbeddingResult
 
-# Bump when intake or preprocessing changes what a given file embeds to.
-PREPROCESS_VERSION = 1
+# Bump when intake or preprocessing changes what a given file embeds to (or its cache entry).
+PREPROCESS_VERSION = 2
 # Draft-decoded JPEGs keep a short side of at least this many times the model input,
 # measured to stay above cosine 0.9999 to a full decode (see tests/unit/test_parity.py).
 DRAFT_FACTOR = 2
@@ -114,15 +114,18 @@ class ImagePipeline:
         try:
             image_input = self.intake.read(source)
             item.digest = image_input.digest
-            item.vector = self.cache.get(item.digest) if self.cache is not None else None
-            item.cached = item.vector is not None
-            if item.cached:
-                item.metadata = image_input.metadata()
+            hit = self.cache.get(item.digest) if self.cache is not None else None
+            if hit is not None:
+                item.vector, scores = hit
+                item.cached = True
+                quality = self.intake.flag(scores)  # the threshold may differ from then
+                item.metadata = {**image_input.metadata(), "quality": quality}
             else:
                 with self._decode_slots:
                     decoded = image_input.decode(self.intake.limits, self.draft_min_side)
                     item.pixels = self.encoder.preprocessor(decoded.image)
-                item.metadata = decoded.metadata
+                    quality = self.intake.quality(decoded)
+                item.metadata = {**decoded.metadata, "quality": quality}
         except ImgEmbedError as exc:
             item.error = exc
         except Exception as exc:  # untrusted data: anything the decoders throw is this item's
@@ -147,7 +150,7 @@ class ImagePipeline:
             item.seconds += share
             item.pixels = None
             if self.cache is not None and item.digest:
-                self.cache.put(item.digest, vector)
+                self.cache.put(item.digest, vector, item.metadata["quality"])
 
     def _result(self, item: _Prepared) -> ImageEmbeddingResult:
         vector = item.vector
@@ -164,4 +167,5 @@ class ImagePipeline:
             metadata=item.metadata,
             error=item.error,
             cached=item.cached,
+            confidence=item.metadata.get("quality", {}).get("confidence"),
         )

@@ -18,7 +18,6 @@ What intake does before the model's own transform, so results match
 from __future__ import annotations
 
 import io
-import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -98,9 +97,7 @@ class Decoded:
 def open_image(data: bytes, source: str) -> Image.Image:
     """Open (parse the header of) an image; pixels are decoded later, by `load`."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            return Image.open(io.BytesIO(data))
+        return Image.open(io.BytesIO(data))
     except Exception as exc:
         raise _decode_error(exc, source) from exc
 
@@ -118,11 +115,6 @@ def decode(data: bytes, source: str, limits: Limits, draft_min_side: int | None 
         raise
     except Exception as exc:
         raise _decode_error(exc, source) from exc
-
-
-def read_metadata(data: bytes, source: str) -> dict[str, Any]:
-    """Basic metadata from the header alone, without decoding pixels."""
-    return image_metadata(open_image(data, source), len(data))
 
 
 def _decode_error(exc: Exception, source: str) -> ImgEmbedError:

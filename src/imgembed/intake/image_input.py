@@ -11,7 +11,9 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image, ImageOps
 
-from imgembed.intake.decode import Decoded, Limits, decode, image_metadata, read_metadata, to_rgb
+from imgembed.intake.decode import Decoded, Limits, decode, image_metadata, open_image, to_rgb
+from imgembed.intake.metadata import extended_metadata
+from imgembed.intake.quality import assess
 from imgembed.intake.sources import (
     Source,
     check_size,
@@ -39,11 +41,12 @@ class ImageInput:
     data: bytes | None = None
     image: Image.Image | None = None
 
-    def metadata(self) -> dict[str, Any]:
-        if self.image is not None:
-            return {**image_metadata(self.image, None), "content_hash": self.digest}
-        assert self.data is not None
-        return {**read_metadata(self.data, self.label), "content_hash": self.digest}
+    def metadata(self, extended: bool = False) -> dict[str, Any]:
+        """Header metadata (no pixels decoded); with `extended`, EXIF camera/exposure/GPS too."""
+        image = self.image if self.image is not None else open_image(self.data, self.label)
+        size = None if self.data is None else len(self.data)
+        metadata = {**image_metadata(image, size), "content_hash": self.digest}
+        return {**metadata, **extended_metadata(image)} if extended else metadata
 
     def decode(self, limits: Limits, draft_min_side: int | None = None) -> Decoded:
         if self.data is not None:
@@ -98,6 +101,14 @@ class Intake:
         else:
             data = read_file(Path(source), max_size, self.roots)
         return ImageInput(label, content_hash(data), data=data)
+
+    def quality(self, decoded: Decoded) -> dict[str, Any]:
+        original = (decoded.metadata["width"], decoded.metadata["height"])
+        return self.flag(assess(decoded.image, original))
+
+    def flag(self, scores: dict[str, Any]) -> dict[str, Any]:
+        """Scores plus `low_quality` under the current threshold."""
+        return {**scores, "low_quality": scores["confidence"] < self.settings.quality_threshold}
 
     def close(self) -> None:
         if self._fetcher is not None:
