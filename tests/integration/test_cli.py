@@ -94,3 +94,34 @@ def test_exit_codes_for_unavailable_model_and_bad_config(photos):
     proc = run("embed", str(photos[0]), "-o", "x.csv", *TINY_ARGS)
     assert proc.returncode == 3 and "unknown output format" in proc.stderr
     assert run("embed").returncode == 2  # usage
+
+
+def test_metadata_command(tmp_path):
+    pillow = Path(__file__).resolve().parents[2] / ".testdata" / "pillow"
+    proc = run(
+        "metadata", str(pillow / "flower.jpg"), str(pillow / "broken.png"), "--extended", "--json"
+    )
+    assert proc.returncode == 1
+    (line,) = [json.loads(text) for text in proc.stdout.splitlines()]
+    assert line["camera_info"]["model"] == "Canon PowerShot S40"
+    assert line["creation_date"] == "2003-12-14T12:01:44"
+    assert line["quality"]["confidence"] > 0.5
+    assert "broken.png" in proc.stderr and "InvalidImageError" in proc.stderr
+    table = run("metadata", str(pillow / "flower.jpg"))
+    assert table.returncode == 0 and "480x360" in table.stdout
+
+
+def test_embed_url_from_the_command_line(photos, monkeypatch):
+    from tests.integration.test_fetch import ImageServer
+
+    server = ImageServer(next(p for p in photos if p.suffix == ".jpg").read_bytes())
+    try:
+        url = server.url("/photo.jpg")
+        refused = run("embed", url, *TINY_ARGS)
+        assert refused.returncode == 1 and "SourceNotAllowedError" in refused.stderr
+        monkeypatch.setenv("IMGEMBED_ALLOW_PRIVATE_URLS", "true")
+        proc = run("embed", url, *TINY_ARGS)
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout)["source"] == url
+    finally:
+        server.close()

@@ -60,7 +60,9 @@ def _fail(exc: ImgEmbedError) -> typer.Exit:
 
 @app.command()
 def embed(
-    paths: Annotated[list[Path], typer.Argument(help="Image files or folders (recursive).")],
+    paths: Annotated[
+        list[str], typer.Argument(help="Image files, folders (recursive) or http(s) URLs.")
+    ],
     model: ModelOpt = None,
     pretrained: PretrainedOpt = None,
     device: DeviceOpt = None,
@@ -170,7 +172,9 @@ def embed_text(
 
 @app.command()
 def metadata(
-    paths: Annotated[list[Path], typer.Argument(help="Image files or folders (recursive).")],
+    paths: Annotated[
+        list[str], typer.Argument(help="Image files, folders (recursive) or http(s) URLs.")
+    ],
     extended: Annotated[
         bool, typer.Option("--extended", help="Camera, exposure, dates, orientation, GPS.")
     ] = False,
@@ -203,7 +207,7 @@ def metadata(
         raise typer.Exit(1)
 
 
-def _metadata_cells(path: Path, data: dict[str, Any]) -> list[str]:
+def _metadata_cells(path: Path | str, data: dict[str, Any]) -> list[str]:
     quality = data["quality"]
     camera = data.get("camera_info") or {}
     gps = data.get("gps_info") or {}

@@ -98,12 +98,18 @@ def read_file(path: Path, max_file_size: int, roots: list[Path] | None = None) -
         raise ImageNotFoundError(f"cannot read: {exc.strerror or exc}", label) from exc
 
 
-def expand_paths(paths: Iterable[str | os.PathLike[str]], extensions: Iterable[str]) -> list[Path]:
-    """Files as given; folders walked recursively (sorted; symlinked folders are not followed,
-    so link loops cannot recur) for files with one of the extensions."""
+def expand_paths(
+    paths: Iterable[str | os.PathLike[str]], extensions: Iterable[str]
+) -> list[Path | str]:
+    """Files as given, URLs and data URIs untouched; folders walked recursively (sorted;
+    symlinked folders are not followed, so link loops cannot recur) for files with one of
+    the extensions."""
     wanted = {ext.lower() for ext in extensions}
-    found: list[Path] = []
+    found: list[Path | str] = []
     for entry in paths:
+        if is_url(entry) or is_data_uri(entry):
+            found.append(str(entry))
+            continue
         path = Path(entry)
         if not path.is_dir():
             found.append(path)
