@@ -70,6 +70,23 @@ def test_sixteen_bit_images_are_scaled_not_clipped():
     assert (decoded < 255).mean() > 0.5  # Pillow's own convert("RGB") clips to white
 
 
+def test_float_and_16_bit_png_images_are_scaled(tmp_path):
+    ramp = np.tile(np.linspace(0, 1, 256, dtype=np.float32), (64, 1))
+    Image.fromarray(ramp, mode="F").save(tmp_path / "float.tif")
+    Image.fromarray((ramp * 65535).astype(np.uint16)).save(tmp_path / "deep.png")
+    for name in ("float.tif", "deep.png"):
+        decoded = np.asarray(decode((tmp_path / name).read_bytes(), name, Limits()).image)
+        np.testing.assert_allclose(decoded[0, :, 0], np.rint(ramp[0] * 255), atol=1, err_msg=name)
+
+
+def test_cmyk_jpeg_converts_like_pillow():
+    path = PILLOW / "pil_sample_cmyk.jpg"
+    assert Image.open(path).mode == "CMYK"
+    decoded = decode(path.read_bytes(), "x", Limits(min_side=1)).image
+    np.testing.assert_array_equal(np.asarray(decoded), np.asarray(Image.open(path).convert("RGB")))
+    assert np.asarray(decoded).std() > 10  # a real picture, not a flat colour
+
+
 def test_exif_orientation_is_applied(service, rocket):
     stored = rocket.rotate(90, expand=True)  # what a camera held sideways writes
     exif = Image.Exif()
