@@ -247,6 +247,12 @@ def test_many_urls_use_bounded_connections(server):
     assert elapsed < 12 * 0.3  # but faster than one at a time
 
 
+def test_malformed_urls_are_fetch_errors(service):
+    bad = service.embed_images(["http://127.0.0.1:99999/x.jpg", "http://exa mple.com/x.jpg"])
+    for result in bad:
+        assert isinstance(result.error, FetchError), result.error
+
+
 def test_batches_mix_paths_bytes_urls_and_data_uris(server, service, photos):
     uri = "data:image/png;base64," + base64.b64encode(photos[0].read_bytes()).decode()
     sources = [photos[0], photos[1].read_bytes(), server.url("/photo.jpg"), uri,

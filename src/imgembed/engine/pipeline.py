@@ -128,8 +128,8 @@ class ImagePipeline:
                 item.metadata = {**decoded.metadata, "quality": quality}
         except ImgEmbedError as exc:
             item.error = exc
-        except Exception as exc:  # untrusted data: anything the decoders throw is this item's
-            item.error = InvalidImageError(f"cannot decode image: {exc!r}", item.label)
+        except Exception as exc:  # untrusted input: whatever a reader throws is this item's
+            item.error = InvalidImageError(f"cannot read image: {exc!r}", item.label)
         item.seconds = time.perf_counter() - item.started
         return item
 

@@ -107,6 +107,8 @@ class Fetcher:
                         current = urljoin(current, response.headers["location"])
                         continue
                     return self._body(response, url)
+            except httpx.InvalidURL as exc:
+                raise FetchError(f"invalid URL {current}: {exc}", url) from exc
             except httpx.TimeoutException as exc:
                 raise _Transient(FetchError(f"timed out ({type(exc).__name__})", url)) from exc
             except httpx.TransportError as exc:
@@ -115,10 +117,13 @@ class Fetcher:
 
     def _pinned(self, current: str, original: str) -> tuple[str, str]:
         """The URL with its host replaced by a checked address, and the Host header."""
-        parts = urlsplit(current)
+        try:
+            parts = urlsplit(current)
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+        except ValueError as exc:  # e.g. a port out of range
+            raise FetchError(f"invalid URL {current}: {exc}", original) from exc
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise FetchError(f"not an http(s) URL: {current}", original)
-        port = parts.port or (443 if parts.scheme == "https" else 80)
         try:
             resolved = self._resolve(parts.hostname, port)
             addresses = [ipaddress.ip_address(a.split("%")[0]) for a in resolved]
