@@ -183,32 +183,33 @@ class ImageEmbeddingService:
 
     # -- the seed's async API ----------------------------------------------------------------
 
+    async def _generate(self, source: Input, include_metadata: bool) -> Embedding | dict[str, Any]:
+        result = await asyncio.to_thread(self._embed_one, source)
+        return result.to_dict() if include_metadata else _as_list(result)
+
     async def generate_embedding_from_image_path(
         self, image_path: str, include_metadata: bool = False
     ) -> Embedding | dict[str, Any]:
-        result = await asyncio.to_thread(self._embed_one, image_path)
-        return result.to_dict() if include_metadata else _as_list(result)
+        return await self._generate(image_path, include_metadata)
 
     async def generate_embedding_from_image_bytes(
         self, image_bytes: bytes, include_metadata: bool = False
     ) -> Embedding | dict[str, Any]:
-        result = await asyncio.to_thread(self._embed_one, image_bytes)
-        return result.to_dict() if include_metadata else _as_list(result)
+        return await self._generate(image_bytes, include_metadata)
 
     async def generate_embedding_from_url(
         self, url: str, include_metadata: bool = False
     ) -> Embedding | dict[str, Any]:
         """The Findly seed's `generate_image_embedding(image_url)`: download (with retries)
         and embed."""
-        result = await asyncio.to_thread(self._embed_one, url)
-        return result.to_dict() if include_metadata else _as_list(result)
+        return await self._generate(url, include_metadata)
 
     async def generate_embedding_from_base64(
         self, data: str, include_metadata: bool = False
     ) -> Embedding | dict[str, Any]:
         """From base64 text or a `data:image/...;base64,` URI."""
         image_bytes = decode_base64(data, self.settings.max_file_size)
-        return await self.generate_embedding_from_image_bytes(image_bytes, include_metadata)
+        return await self._generate(image_bytes, include_metadata)
 
     async def batch_generate_embeddings(
         self, image_paths: Sequence[Input], include_metadata: bool = False
