@@ -71,6 +71,11 @@ class Settings(BaseSettings):
     retry_delay: float = Field(1.0, ge=0, validation_alias=_env("retry_delay"))
     max_concurrent_fetches: int = Field(8, gt=0, validation_alias=_env("max_concurrent_fetches"))
     quality_threshold: float = Field(0.5, ge=0, le=1, validation_alias=_env("quality_threshold"))
+    store: Literal["postgres", "qdrant"] = Field("postgres", validation_alias=_env("store"))
+    database_url: str | None = Field(None, validation_alias=_env("database_url"))
+    qdrant_url: str | None = Field(None, validation_alias=_env("qdrant_url"))
+    qdrant_api_key: str | None = Field(None, validation_alias=_env("qdrant_api_key"))
+    collection: str = Field("images", min_length=1, validation_alias=_env("collection"))
 
     @field_validator("supported_formats", "allowed_roots", mode="before")
     @classmethod

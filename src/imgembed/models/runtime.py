@@ -69,6 +69,10 @@ class TorchEncoder:
 
 def create_encoder(ref: ModelRef, settings: Settings) -> Encoder:
     if settings.runtime == "torch":
+        if ref.name == "efficientnet-lite0":
+            from imgembed.models.efficientnet import EfficientNetEncoder
+
+            return EfficientNetEncoder(ref, settings)
         return TorchEncoder(ref, settings)
     raise ConfigurationError(
         f"runtime {settings.runtime!r} is not available in this version; use IMGEMBED_RUNTIME=torch"

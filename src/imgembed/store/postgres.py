@@ -1,0 +1,239 @@
+"""VectorStore on PostgreSQL + pgvector (embedded, or any server via IMGEMBED_DATABASE_URL).
+
+The schema comes from Alembic migrations (store/migrations). Queries name the collection as
+a literal so the planner can match the collection's partial HNSW index."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psycopg
+from pgvector.psycopg import register_vector
+from psycopg import sql
+
+from imgembed.errors import CollectionNotFoundError, ProvenanceMismatchError, StoreError
+from imgembed.store.base import CollectionInfo, Hit, Provenance, Record
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+def _alembic_config(url: str) -> Any:
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.set_main_option(
+        "sqlalchemy.url", url.replace("postgresql://", "postgresql+psycopg://", 1)
+    )
+    return config
+
+
+def migrate(url: str) -> None:
+    """Bring the schema to the newest revision (safe to run from many processes at once)."""
+    from alembic import command
+
+    try:
+        command.upgrade(_alembic_config(url), "head")
+    except Exception as exc:
+        raise StoreError(f"database migration failed: {exc}") from exc
+
+
+def revisions(url: str) -> tuple[str | None, str]:
+    """(the database's revision, the newest one the code knows)."""
+    from alembic.script import ScriptDirectory
+
+    head = ScriptDirectory.from_config(_alembic_config(url)).get_current_head() or ""
+    with psycopg.connect(url) as connection:
+        exists = connection.execute("SELECT to_regclass('alembic_version')").fetchone()[0]
+        current = None
+        if exists:
+            row = connection.execute("SELECT version_num FROM alembic_version").fetchone()
+            current = row[0] if row else None
+    return current, head
+
+
+class PostgresStore:
+    backend = "postgres"
+
+    def __init__(self, url: str, upgrade: bool = True):
+        self.url = url
+        if upgrade:
+            migrate(url)
+        try:
+            self._connection = psycopg.connect(url, autocommit=True)
+            register_vector(self._connection)
+        except psycopg.Error as exc:
+            raise StoreError(f"cannot connect to PostgreSQL: {exc}") from exc
+        self._lock = threading.Lock()
+
+    # -- collections -------------------------------------------------------------------------
+
+    def create_collection(self, name: str, provenance: Provenance) -> CollectionInfo:
+        with self._lock, self._connection.transaction():
+            self._connection.execute(
+                "INSERT INTO imgembed_collections (name, model, pretrained, dimension, preprocess)"
+                " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (name) DO NOTHING",
+                (name, provenance.model, provenance.pretrained, provenance.dimension,
+                 provenance.preprocess),
+            )  # fmt: skip
+            self._connection.execute(
+                sql.SQL(
+                    "CREATE INDEX IF NOT EXISTS {index} ON imgembed_items USING hnsw "
+                    "((embedding::vector({dim})) vector_cosine_ops) WHERE collection = {name}"
+                ).format(
+                    index=sql.Identifier(_index_name(name)),
+                    dim=sql.Literal(provenance.dimension),
+                    name=sql.Literal(name),
+                )
+            )
+        info = self.get_collection(name)
+        if info.provenance != provenance:
+            raise ProvenanceMismatchError(
+                f"collection {name!r} holds vectors of {info.provenance.describe()}; "
+                f"they cannot be mixed with {provenance.describe()}"
+            )
+        return info
+
+    def get_collection(self, name: str) -> CollectionInfo:
+        row = self._query(
+            "SELECT c.name, c.model, c.pretrained, c.dimension, c.preprocess,"
+            " (SELECT count(*) FROM imgembed_items i WHERE i.collection = c.name)"
+            " FROM imgembed_collections c WHERE c.name = %s",
+            (name,),
+        )
+        if not row:
+            raise CollectionNotFoundError(f"no collection {name!r}")
+        return _info(row[0])
+
+    def collections(self) -> list[CollectionInfo]:
+        rows = self._query(
+            "SELECT c.name, c.model, c.pretrained, c.dimension, c.preprocess,"
+            " (SELECT count(*) FROM imgembed_items i WHERE i.collection = c.name)"
+            " FROM imgembed_collections c ORDER BY c.name"
+        )
+        return [_info(row) for row in rows]
+
+    def drop_collection(self, name: str) -> None:
+        self.get_collection(name)
+        with self._lock, self._connection.transaction():
+            self._connection.execute("DELETE FROM imgembed_collections WHERE name = %s", (name,))
+            self._connection.execute(
+                sql.SQL("DROP INDEX IF EXISTS {}").format(sql.Identifier(_index_name(name)))
+            )
+
+    # -- items -------------------------------------------------------------------------------
+
+    def upsert(self, name: str, records: Sequence[Record]) -> None:
+        if not records:
+            return
+        dimension = self.get_collection(name).provenance.dimension
+        rows = []
+        for record in records:
+            vector = np.asarray(record.vector, dtype=np.float32)
+            if vector.shape != (dimension,):
+                raise StoreError(
+                    f"{record.id}: vector of shape {vector.shape}, expected ({dimension},)"
+                )
+            rows.append((name, record.id, vector, record.content_hash, record.source,
+                         json.dumps(record.metadata, default=str)))  # fmt: skip
+        with self._lock, self._connection.transaction(), self._connection.cursor() as cursor:
+            cursor.executemany(
+                "INSERT INTO imgembed_items"
+                " (collection, id, embedding, content_hash, source, metadata)"
+                " VALUES (%s, %s, %s, %s, %s, %s)"
+                " ON CONFLICT (collection, id) DO UPDATE SET embedding = EXCLUDED.embedding,"
+                " content_hash = EXCLUDED.content_hash, source = EXCLUDED.source,"
+                " metadata = EXCLUDED.metadata, updated_at = now()",
+                rows,
+            )
+
+    def get(self, name: str, ids: Iterable[str]) -> list[Record]:
+        rows = self._query(
+            "SELECT id, embedding, content_hash, source, metadata FROM imgembed_items"
+            " WHERE collection = %s AND id = ANY(%s) ORDER BY id",
+            (name, list(ids)),
+        )
+        return [Record(r[0], np.asarray(r[1], dtype=np.float32), r[2], r[3], r[4]) for r in rows]
+
+    def hashes(self, name: str) -> dict[str, str]:
+        rows = self._query(
+            "SELECT id, content_hash FROM imgembed_items WHERE collection = %s", (name,)
+        )
+        return dict(rows)
+
+    def delete(self, name: str, ids: Iterable[str]) -> int:
+        with self._lock:
+            cursor = self._connection.execute(
+                "DELETE FROM imgembed_items WHERE collection = %s AND id = ANY(%s)",
+                (name, list(ids)),
+            )
+            return cursor.rowcount
+
+    def count(self, name: str) -> int:
+        return self.get_collection(name).count
+
+    def search(
+        self,
+        name: str,
+        vector: np.ndarray,
+        top_k: int = 10,
+        filters: Mapping[str, Any] | None = None,
+        exact: bool = False,
+    ) -> list[Hit]:
+        dimension = self.get_collection(name).provenance.dimension
+        query = np.asarray(vector, dtype=np.float32).ravel()
+        if query.shape != (dimension,):
+            raise StoreError(
+                f"query vector has {query.shape[0]} dimensions, collection {dimension}"
+            )
+        distance = sql.SQL("embedding::vector({dim}) <=> %(q)s::vector({dim})").format(
+            dim=sql.Literal(dimension)
+        )
+        where = sql.SQL("collection = {}").format(sql.Literal(name))
+        params: dict[str, Any] = {"q": query, "k": top_k}
+        if filters:
+            where = sql.SQL("{} AND metadata @> %(filters)s::jsonb").format(where)
+            params["filters"] = json.dumps(dict(filters))
+        statement = sql.SQL(
+            "SELECT id, 1 - ({distance}) AS score, source, content_hash, metadata"
+            " FROM imgembed_items WHERE {where} ORDER BY {distance} LIMIT %(k)s"
+        ).format(distance=distance, where=where)
+        with self._lock, self._connection.transaction():
+            if exact:
+                self._connection.execute("SET LOCAL enable_indexscan = off")
+            else:  # enough candidates for k, and keep scanning when filters drop some
+                ef = max(40, 2 * top_k)
+                self._connection.execute(
+                    sql.SQL("SET LOCAL hnsw.ef_search = {}").format(sql.Literal(ef))
+                )
+                self._connection.execute("SET LOCAL hnsw.iterative_scan = relaxed_order")
+            rows = self._connection.execute(statement, params).fetchall()
+        hits = [Hit(r[0], float(r[1]), r[2], r[3], r[4]) for r in rows]
+        return sorted(hits, key=lambda hit: -hit.score)  # relaxed order: re-sort the k rows
+
+    def close(self) -> None:
+        self._connection.close()
+
+    def _query(self, statement: str, params: Any = None) -> list[tuple[Any, ...]]:
+        try:
+            with self._lock:
+                return self._connection.execute(statement, params).fetchall()
+        except psycopg.Error as exc:
+            raise StoreError(f"query failed: {exc}") from exc
+
+
+def _index_name(collection: str) -> str:
+    return "imgembed_hnsw_" + hashlib.sha256(collection.encode()).hexdigest()[:16]
+
+
+def _info(row: tuple[Any, ...]) -> CollectionInfo:
+    name, model, pretrained, dimension, preprocess, count = row
+    return CollectionInfo(
+        name, "postgres", Provenance(model, pretrained, dimension, preprocess), count
+    )

@@ -1,0 +1,210 @@
+"""VectorStore on Qdrant: a server or cluster (IMGEMBED_QDRANT_URL + API key), or local files
+(qdrant-client's local mode, one process at a time). Provenance lives in a small registry
+collection; point ids are UUIDs derived from our ids, which are kept in the payload."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from imgembed.errors import CollectionNotFoundError, ProvenanceMismatchError, StoreError
+from imgembed.store.base import CollectionInfo, Hit, Provenance, Record
+
+REGISTRY = "imgembed_collections"
+_NAMESPACE = uuid.UUID("5b3f4c1e-8a52-4d0c-9a51-6c3e7d2f9b10")
+_PAGE = 1000
+
+
+def _point_id(item_id: str) -> str:
+    return str(uuid.uuid5(_NAMESPACE, item_id))
+
+
+class QdrantStore:
+    backend = "qdrant"
+
+    def __init__(
+        self, *, url: str | None = None, api_key: str | None = None, path: Path | None = None
+    ):
+        from qdrant_client import QdrantClient, models
+
+        self._models = models
+        try:
+            if url:
+                self._client = QdrantClient(url=url, api_key=api_key, timeout=30)
+            else:
+                assert path is not None
+                Path(path).mkdir(parents=True, exist_ok=True)
+                self._client = QdrantClient(path=str(path))
+            if not self._client.collection_exists(REGISTRY):
+                self._client.create_collection(
+                    REGISTRY,
+                    vectors_config=models.VectorParams(size=1, distance=models.Distance.DOT),
+                )
+        except Exception as exc:
+            raise StoreError(f"cannot open Qdrant ({url or path}): {exc}") from exc
+
+    def create_collection(self, name: str, provenance: Provenance) -> CollectionInfo:
+        models = self._models
+        if name == REGISTRY:
+            raise StoreError(f"{REGISTRY!r} is reserved")
+        if not self._client.collection_exists(name):
+            self._client.create_collection(
+                name,
+                vectors_config=models.VectorParams(
+                    size=provenance.dimension, distance=models.Distance.COSINE
+                ),
+            )
+        existing = self._provenance(name)
+        if existing is None:
+            self._client.upsert(
+                REGISTRY,
+                points=[models.PointStruct(id=_point_id(name), vector=[1.0],
+                                           payload={"name": name, **vars(provenance)})],
+            )  # fmt: skip
+        elif existing != provenance:
+            raise ProvenanceMismatchError(
+                f"collection {name!r} holds vectors of {existing.describe()}; "
+                f"they cannot be mixed with {provenance.describe()}"
+            )
+        return self.get_collection(name)
+
+    def _provenance(self, name: str) -> Provenance | None:
+        points = self._client.retrieve(REGISTRY, ids=[_point_id(name)], with_payload=True)
+        if not points:
+            return None
+        payload = dict(points[0].payload or {})
+        payload.pop("name", None)
+        return Provenance(**payload)
+
+    def get_collection(self, name: str) -> CollectionInfo:
+        provenance = self._provenance(name)
+        if provenance is None or not self._client.collection_exists(name):
+            raise CollectionNotFoundError(f"no collection {name!r}")
+        return CollectionInfo(name, self.backend, provenance, self.count(name))
+
+    def collections(self) -> list[CollectionInfo]:
+        names = []
+        offset = None
+        while True:
+            points, offset = self._client.scroll(
+                REGISTRY, limit=_PAGE, offset=offset, with_payload=True
+            )
+            names += [p.payload["name"] for p in points if p.payload]
+            if offset is None:
+                break
+        return [self.get_collection(name) for name in sorted(names)]
+
+    def drop_collection(self, name: str) -> None:
+        self.get_collection(name)
+        self._client.delete_collection(name)
+        self._client.delete(
+            REGISTRY, points_selector=self._models.PointIdsList(points=[_point_id(name)])
+        )
+
+    def upsert(self, name: str, records: Sequence[Record]) -> None:
+        if not records:
+            return
+        dimension = self.get_collection(name).provenance.dimension
+        points = []
+        for record in records:
+            vector = np.asarray(record.vector, dtype=np.float32)
+            if vector.shape != (dimension,):
+                raise StoreError(
+                    f"{record.id}: vector of shape {vector.shape}, expected ({dimension},)"
+                )
+            payload = {"id": record.id, "content_hash": record.content_hash,
+                       "source": record.source, "metadata": record.metadata}  # fmt: skip
+            points.append(
+                self._models.PointStruct(
+                    id=_point_id(record.id), vector=vector.tolist(), payload=payload
+                )
+            )
+        self._client.upsert(name, points=points, wait=True)
+
+    def get(self, name: str, ids: Iterable[str]) -> list[Record]:
+        points = self._client.retrieve(
+            name, ids=[_point_id(i) for i in ids], with_payload=True, with_vectors=True
+        )
+        records = [
+            Record(
+                p.payload["id"],
+                np.asarray(p.vector, dtype=np.float32),
+                p.payload["content_hash"],
+                p.payload["source"],
+                p.payload.get("metadata") or {},
+            )
+            for p in points
+        ]
+        return sorted(records, key=lambda r: r.id)
+
+    def hashes(self, name: str) -> dict[str, str]:
+        out: dict[str, str] = {}
+        offset = None
+        while True:
+            points, offset = self._client.scroll(
+                name, limit=_PAGE, offset=offset, with_payload=["id", "content_hash"]
+            )
+            out.update({p.payload["id"]: p.payload["content_hash"] for p in points})
+            if offset is None:
+                return out
+
+    def delete(self, name: str, ids: Iterable[str]) -> int:
+        wanted = [_point_id(i) for i in ids]
+        present = len(self._client.retrieve(name, ids=wanted)) if wanted else 0
+        if present:
+            self._client.delete(name, points_selector=self._models.PointIdsList(points=wanted))
+        return present
+
+    def count(self, name: str) -> int:
+        return self._client.count(name, exact=True).count
+
+    def search(
+        self,
+        name: str,
+        vector: np.ndarray,
+        top_k: int = 10,
+        filters: Mapping[str, Any] | None = None,
+        exact: bool = False,
+    ) -> list[Hit]:
+        models = self._models
+        dimension = self.get_collection(name).provenance.dimension
+        query = np.asarray(vector, dtype=np.float32).ravel()
+        if query.shape != (dimension,):
+            raise StoreError(
+                f"query vector has {query.shape[0]} dimensions, collection {dimension}"
+            )
+        condition = None
+        if filters:
+            condition = models.Filter(
+                must=[
+                    models.FieldCondition(
+                        key=f"metadata.{key}", match=models.MatchValue(value=value)
+                    )
+                    for key, value in filters.items()
+                ]
+            )
+        points = self._client.query_points(
+            name,
+            query=query.tolist(),
+            limit=top_k,
+            query_filter=condition,
+            with_payload=True,
+            search_params=models.SearchParams(exact=exact),
+        ).points
+        return [
+            Hit(
+                p.payload["id"],
+                float(p.score),
+                p.payload["source"],
+                p.payload["content_hash"],
+                p.payload.get("metadata") or {},
+            )
+            for p in points
+        ]
+
+    def close(self) -> None:
+        self._client.close()
