@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import threading
 from collections.abc import Iterator, Mapping, Sequence
@@ -16,20 +17,25 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from imgembed import indexing
 from imgembed.config import Settings, load_settings
 from imgembed.engine import similarity
 from imgembed.engine.cache import EmbeddingCache
 from imgembed.engine.pipeline import ImagePipeline, ProgressCallback
-from imgembed.errors import ConfigurationError, ImgEmbedError
+from imgembed.errors import ConfigurationError, ImgEmbedError, ProvenanceMismatchError
+from imgembed.indexing import IndexItem, IndexStats
 from imgembed.intake.image_input import Input, Intake
 from imgembed.intake.sources import decode_base64
 from imgembed.models import registry
 from imgembed.models.runtime import Encoder, create_encoder
 from imgembed.results import ImageEmbeddingResult, SimilarityResult
+from imgembed.store import Provenance, VectorStore, open_store
 
 log = logging.getLogger(__name__)
 
 Embedding = list[float]
+Candidates = Mapping[str, Sequence[float]] | np.ndarray | Sequence[Sequence[float]]
+Filters = Mapping[str, Any] | None
 
 
 class ImageEmbeddingService:
@@ -49,6 +55,7 @@ class ImageEmbeddingService:
         self._encoder: Encoder | None = None
         self._pipeline: ImagePipeline | None = None
         self._cache: EmbeddingCache | None = None
+        self._store: VectorStore | None = None
 
     def _check_dimension(self, actual: int) -> None:
         wanted = self.settings.dimension
@@ -127,7 +134,7 @@ class ImageEmbeddingService:
     def similar_images(
         self,
         query_embedding: Sequence[float],
-        image_embeddings: Mapping[str, Sequence[float]] | np.ndarray | Sequence[Sequence[float]],
+        image_embeddings: Candidates,
         top_k: int = 5,
     ) -> list[SimilarityResult]:
         """The top_k most similar candidates, best first (rank 1). Candidates are a mapping
@@ -148,6 +155,72 @@ class ImageEmbeddingService:
             )
             for rank, i in enumerate(similarity.top_k(scores, top_k), start=1)
         ]
+
+    # -- stores: index and search ------------------------------------------------------------
+
+    @property
+    def provenance(self) -> Provenance:
+        """What this service's vectors are: a collection only mixes equal provenance."""
+        encoder = self.encoder
+        return Provenance(
+            model=encoder.ref.name,
+            pretrained=encoder.ref.pretrained,
+            dimension=encoder.dimension,
+            preprocess=ImagePipeline.preprocess_fingerprint(encoder),
+        )
+
+    @property
+    def store(self) -> VectorStore:
+        """The configured vector store (the embedded Postgres by default), opened on first use."""
+        with self._lock:
+            if self._store is None:
+                self._store = open_store(self.settings)
+            return self._store
+
+    def index(
+        self,
+        items: Sequence[IndexItem],
+        collection: str | None = None,
+        *,
+        prune: bool = False,
+        progress: ProgressCallback | None = None,
+    ) -> IndexStats:
+        """Embed and store items (incremental by content hash; see imgembed.indexing)."""
+        name = collection or self.settings.collection
+        return indexing.index(self, self.store, name, list(items), prune=prune, progress=progress)
+
+    def search_vector(
+        self,
+        vector: Sequence[float] | np.ndarray,
+        collection: str | None = None,
+        top_k: int = 10,
+        filters: Filters = None,
+    ) -> list[SimilarityResult]:
+        name = collection or self.settings.collection
+        info = self.store.get_collection(name)
+        if info.provenance != self.provenance:
+            raise ProvenanceMismatchError(
+                f"collection {name!r} was built with {info.provenance.describe()}; this service "
+                f"embeds with {self.provenance.describe()}. Search it with "
+                f"--model {info.provenance.model} --pretrained {info.provenance.pretrained}"
+            )
+        hits = self.store.search(name, np.asarray(vector, dtype=np.float32), top_k, filters)
+        return [
+            SimilarityResult(h.source, h.score, rank, None, {**h.metadata, "id": h.id})
+            for rank, h in enumerate(hits, start=1)
+        ]
+
+    def search_text(
+        self, text: str, collection: str | None = None, top_k: int = 10, filters: Filters = None
+    ) -> list[SimilarityResult]:
+        """Images of a collection most similar to a text (needs a CLIP model)."""
+        return self.search_vector(self.embed_text(text), collection, top_k, filters)
+
+    def search_image(
+        self, source: Input, collection: str | None = None, top_k: int = 10, filters: Filters = None
+    ) -> list[SimilarityResult]:
+        """Images of a collection most similar to an image (path, bytes, URL, ...)."""
+        return self.search_vector(self.embed_image(source), collection, top_k, filters)
 
     def preprocess(self, source: Input) -> Image.Image:
         """The model-sized RGB image the network sees (before normalisation)."""
@@ -172,6 +245,8 @@ class ImageEmbeddingService:
 
     def close(self) -> None:
         self.intake.close()
+        if self._store is not None:
+            self._store.close()
         if self._cache is not None:
             self._cache.close()
 
@@ -242,13 +317,18 @@ class ImageEmbeddingService:
     async def find_similar_images(
         self,
         query_embedding: Sequence[float],
-        image_embeddings: Mapping[str, Sequence[float]] | np.ndarray | Sequence[Sequence[float]],
+        image_embeddings: Candidates | str,
         top_k: int = 5,
     ) -> list[tuple[str | int, float]]:
-        """(key, score) best first; keys are the mapping's keys, or row numbers of a matrix."""
-        hits = await asyncio.to_thread(
-            self.similar_images, query_embedding, image_embeddings, top_k
-        )
+        """(key, score) best first; keys are the mapping's keys, or row numbers of a matrix.
+        A string names a store collection; then keys are the images' sources."""
+        if isinstance(image_embeddings, str):
+            find = functools.partial(self.search_vector, collection=image_embeddings, top_k=top_k)
+            hits = await asyncio.to_thread(find, query_embedding)
+        else:
+            hits = await asyncio.to_thread(
+                self.similar_images, query_embedding, image_embeddings, top_k
+            )
         return [(hit.image_path, hit.similarity_score) for hit in hits]
 
     async def preprocess_image(self, image_path: Input) -> Image.Image:

@@ -16,28 +16,23 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from imgembed.cli.common import (
+    BatchOpt,
+    DeviceOpt,
+    ModelOpt,
+    PretrainedOpt,
+    SourcesArg,
+    err,
+    fail,
+    make_service,
+)
 from imgembed.cli.output import Writer
-from imgembed.errors import ConfigurationError, ImgEmbedError, ModelUnavailableError
+from imgembed.errors import ImgEmbedError
 from imgembed.intake.sources import expand_paths
 
 app = typer.Typer(help="Exact CLIP image and text embeddings.", no_args_is_help=True)
 models_app = typer.Typer(help="Known models.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
-err = Console(stderr=True, soft_wrap=True)
-
-# Exit codes, in one place: 1 = some inputs failed, 2 = usage (Typer's own).
-EXIT_CODES: list[tuple[type[ImgEmbedError], int]] = [
-    (ConfigurationError, 3),
-    (ModelUnavailableError, 4),
-    (ImgEmbedError, 5),
-]
-
-ModelOpt = Annotated[str | None, typer.Option(help="open_clip model name or seed alias.")]
-PretrainedOpt = Annotated[
-    str | None, typer.Option(help="Pretrained tag or checkpoint file (.pt/.bin/.safetensors).")
-]
-DeviceOpt = Annotated[str | None, typer.Option(help="cpu | cuda | cuda:N | auto.")]
-BatchOpt = Annotated[int | None, typer.Option(help="Images or texts per encoder batch.")]
 OutputOpt = Annotated[
     Path | None,
     typer.Option(
@@ -46,23 +41,9 @@ OutputOpt = Annotated[
 ]
 
 
-def _service(**options: Any):
-    from imgembed.service import ImageEmbeddingService
-
-    return ImageEmbeddingService(**{k: v for k, v in options.items() if v is not None})
-
-
-def _fail(exc: ImgEmbedError) -> typer.Exit:
-    code = next(code for kind, code in EXIT_CODES if isinstance(exc, kind))
-    err.print(f"error: {exc}", markup=False, highlight=False)
-    return typer.Exit(code)
-
-
 @app.command()
 def embed(
-    paths: Annotated[
-        list[str], typer.Argument(help="Image files, folders (recursive) or http(s) URLs.")
-    ],
+    paths: SourcesArg,
     model: ModelOpt = None,
     pretrained: PretrainedOpt = None,
     device: DeviceOpt = None,
@@ -75,7 +56,7 @@ def embed(
 ) -> None:
     """Embed images; exit 1 if any input failed (each failure is named on stderr)."""
     try:
-        service = _service(
+        service = make_service(
             model=model,
             pretrained=pretrained,
             device=device,
@@ -100,7 +81,7 @@ def embed(
                 writer.write(_row(result))
         writer.close()
     except ImgEmbedError as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
     _summary(counts, time.perf_counter() - started, failures, output)
     if failures:
         raise typer.Exit(1)
@@ -157,7 +138,9 @@ def embed_text(
     if texts == ["-"]:
         texts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
     try:
-        service = _service(model=model, pretrained=pretrained, device=device, batch_size=batch_size)
+        service = make_service(
+            model=model, pretrained=pretrained, device=device, batch_size=batch_size
+        )
         started = time.perf_counter()
         vectors = service.embed_texts(texts)
         writer = Writer(output)
@@ -165,16 +148,14 @@ def embed_text(
             writer.write({"source": text, "model": str(service.model_ref), "embedding": vector})
         writer.close()
     except ImgEmbedError as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
     seconds = time.perf_counter() - started
     err.print(f"embedded: {len(texts)} texts  duration: {seconds:.2f} s", highlight=False)
 
 
 @app.command()
 def metadata(
-    paths: Annotated[
-        list[str], typer.Argument(help="Image files, folders (recursive) or http(s) URLs.")
-    ],
+    paths: SourcesArg,
     extended: Annotated[
         bool, typer.Option("--extended", help="Camera, exposure, dates, orientation, GPS.")
     ] = False,
@@ -186,7 +167,7 @@ def metadata(
     try:
         service = ImageEmbeddingService()  # no model is loaded for metadata
     except ImgEmbedError as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
     table = Table("path", "size", "format", "bytes", "quality", "taken", "camera", "GPS")
     table.columns[0].overflow = "fold"
     failed = 0
@@ -272,6 +253,8 @@ def models_list(
 
 
 def main() -> None:
+    from imgembed.cli import store_commands  # noqa: F401 - registers index, search, ...
+
     # Decoders warn about oddities in files (skipped tags, huge images); every file already
     # ends embedded or with a typed error, so on a terminal these are noise.
     warnings.filterwarnings("ignore", module=r"PIL\.")

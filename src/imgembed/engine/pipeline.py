@@ -8,6 +8,7 @@ one bad item never fails the others."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import threading
 import time
@@ -73,6 +74,12 @@ class ImagePipeline:
         self.draft_min_side = (
             None if settings.exact else DRAFT_FACTOR * encoder.preprocessor.min_side
         )
+
+    @staticmethod
+    def preprocess_fingerprint(encoder: Encoder) -> str:
+        """Identifies the model's transform and our intake: part of a collection's provenance."""
+        preprocess = json.dumps(encoder.preprocessor.as_dict(), sort_keys=True)
+        return hashlib.sha256(f"{preprocess}|pp{PREPROCESS_VERSION}".encode()).hexdigest()[:12]
 
     @staticmethod
     def cache_namespace(encoder: Encoder, exact: bool) -> str:

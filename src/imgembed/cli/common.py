@@ -1,0 +1,45 @@
+"""What every command shares: the stderr console, options, and errors mapped to exit codes."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from imgembed.errors import ConfigurationError, ImgEmbedError, ModelUnavailableError, StoreError
+
+err = Console(stderr=True, soft_wrap=True)
+
+# Exit codes, in one place: 1 = some inputs failed, 2 = usage (Typer's own).
+EXIT_CODES: list[tuple[type[ImgEmbedError], int]] = [
+    (ConfigurationError, 3),
+    (ModelUnavailableError, 4),
+    (StoreError, 6),
+    (ImgEmbedError, 5),
+]
+
+ModelOpt = Annotated[str | None, typer.Option(help="open_clip model name or seed alias.")]
+PretrainedOpt = Annotated[
+    str | None, typer.Option(help="Pretrained tag or checkpoint file (.pt/.bin/.safetensors).")
+]
+DeviceOpt = Annotated[str | None, typer.Option(help="cpu | cuda | cuda:N | auto.")]
+BatchOpt = Annotated[int | None, typer.Option(help="Images or texts per encoder batch.")]
+CollectionOpt = Annotated[
+    str | None, typer.Option("--collection", "-c", help="Collection name (default: images).")
+]
+SourcesArg = Annotated[
+    list[str], typer.Argument(help="Image files, folders (recursive) or http(s) URLs.")
+]
+
+
+def make_service(**options: Any):
+    from imgembed.service import ImageEmbeddingService
+
+    return ImageEmbeddingService(**{k: v for k, v in options.items() if v is not None})
+
+
+def fail(exc: ImgEmbedError) -> typer.Exit:
+    code = next(code for kind, code in EXIT_CODES if isinstance(exc, kind))
+    err.print(f"error: {exc}", markup=False, highlight=False)
+    return typer.Exit(code)

@@ -1,0 +1,276 @@
+"""Commands over a vector store: index, search, duplicates, collections, db."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from imgembed.cli.app import app
+from imgembed.cli.common import (
+    BatchOpt,
+    CollectionOpt,
+    DeviceOpt,
+    ModelOpt,
+    PretrainedOpt,
+    err,
+    fail,
+    make_service,
+)
+from imgembed.errors import ConfigurationError, ImgEmbedError
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="JSON instead of a table.")]
+collections_app = typer.Typer(help="Collections in the store.", invoke_without_command=True)
+db_app = typer.Typer(help="The database: migrations and the embedded server.", no_args_is_help=True)
+app.add_typer(collections_app, name="collections")
+app.add_typer(db_app, name="db")
+
+
+@app.command()
+def index(
+    sources: Annotated[
+        list[str],
+        typer.Argument(help="Folders, image files, URLs, or lists: .txt, .csv, .jsonl."),
+    ],
+    collection: CollectionOpt = None,
+    prune: Annotated[
+        bool, typer.Option("--prune", help="Remove stored items not among these sources.")
+    ] = False,
+    failures: Annotated[
+        Path | None, typer.Option("--failures", help="Write each failure as a JSON line.")
+    ] = None,
+    model: ModelOpt = None,
+    pretrained: PretrainedOpt = None,
+    device: DeviceOpt = None,
+    batch_size: BatchOpt = None,
+) -> None:
+    """Embed and store images; re-runs add only what is new or changed (exit 1 on failures)."""
+    from imgembed.indexing import read_index_sources
+
+    try:
+        service = make_service(
+            model=model, pretrained=pretrained, device=device, batch_size=batch_size
+        )
+        name = collection or service.settings.collection
+        items = read_index_sources(sources, service.settings.supported_formats)
+        with err.status(f"loading {service.model_ref} and the {service.settings.store} store"):
+            store = service.store
+        err.print(
+            f"Indexing {len(items)} images into collection '{name}' "
+            f"({service.model_ref}, {store.backend})",
+            highlight=False,
+        )
+        with _progress_bar() as bar:
+            task = bar.add_task("indexing", total=len(items))
+            stats = service.index(
+                items, name, prune=prune, progress=lambda p: bar.update(task, completed=p.done)
+            )
+    except ImgEmbedError as exc:
+        raise fail(exc) from exc
+    err.print(
+        "Indexing completed. Final statistics:\n"
+        f"   Total: {stats.total}\n   Processed: {stats.processed}\n"
+        f"   Successful: {stats.successful}\n   Failed: {stats.failed}\n"
+        f"   Skipped: {stats.skipped} (unchanged)\n   Pruned: {stats.pruned}\n"
+        f"   Duration: {stats.duration:.2f} seconds\n   Images/s: {stats.images_per_second:.1f}",
+        highlight=False,
+    )
+    for failure in stats.failures:
+        err.print(f"  failed: {failure['error']} ({failure['error_type']})", markup=False)
+    if failures:
+        failures.write_text("".join(json.dumps(f) + "\n" for f in stats.failures), "utf-8")
+    if stats.failed:
+        raise typer.Exit(1)
+
+
+def _progress_bar() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=err,
+    )
+
+
+def _filters(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigurationError(f"--filter takes key=value, not {pair!r}")
+        out[key] = value
+    return out
+
+
+def _service_for(name: str | None, **options: Any):
+    """A service for the collection: with its own model unless --model was given."""
+    service = make_service(**options)
+    name = name or service.settings.collection
+    if options.get("model") is None:
+        provenance = service.store.get_collection(name).provenance
+        service.close()
+        options = {**options, "model": provenance.model, "pretrained": provenance.pretrained}
+        service = make_service(**options)
+    return service, name
+
+
+@app.command()
+def search(
+    text: Annotated[str | None, typer.Argument(help="Text to search images by.")] = None,
+    image: Annotated[
+        str | None, typer.Option("--image", help="Search by an image (path or URL).")
+    ] = None,
+    collection: CollectionOpt = None,
+    top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="How many hits.")] = 10,
+    filter_: Annotated[
+        list[str] | None, typer.Option("--filter", help="Metadata key=value (repeatable).")
+    ] = None,
+    as_json: JsonOpt = False,
+    model: ModelOpt = None,
+    pretrained: PretrainedOpt = None,
+    device: DeviceOpt = None,
+) -> None:
+    """Images most similar to a text or an image; the collection's model is used by default."""
+    if (text is None) == (image is None):
+        err.print("error: give a text or --image (one of them)")
+        raise typer.Exit(2)
+    try:
+        filters = _filters(filter_ or [])
+        service, name = _service_for(collection, model=model, pretrained=pretrained, device=device)
+        if image is not None:
+            hits = service.search_image(image, name, top_k, filters)
+        else:
+            hits = service.search_text(text or "", name, top_k, filters)
+    except ImgEmbedError as exc:
+        raise fail(exc) from exc
+    rows = [
+        {
+            "rank": hit.rank,
+            "id": hit.metadata["id"],
+            "source": hit.image_path,
+            "score": round(hit.similarity_score, 6),
+            "metadata": {k: v for k, v in hit.metadata.items() if k != "id"},
+        }
+        for hit in hits
+    ]
+    if as_json:
+        typer.echo(json.dumps(rows, ensure_ascii=False, indent=2))
+        return
+    table = Table("#", "score", "id", "source", "metadata")
+    table.columns[3].overflow = "fold"
+    for row in rows:
+        extra = {k: v for k, v in row["metadata"].items() if k not in ("width", "height", "format")}
+        table.add_row(str(row["rank"]), f"{row['score']:.4f}", row["id"], row["source"],
+                      json.dumps(extra, ensure_ascii=False))  # fmt: skip
+    Console().print(table)
+
+
+@app.command()
+def duplicates(
+    collection: CollectionOpt = None,
+    threshold: Annotated[
+        float, typer.Option(min=0, max=1, help="Cosine similarity that counts as a duplicate.")
+    ] = 0.95,
+    as_json: JsonOpt = False,
+) -> None:
+    """Groups of near-duplicate images in a collection."""
+    from imgembed.indexing.duplicates import find_duplicates
+
+    try:
+        service = make_service()
+        name = collection or service.settings.collection
+        groups = find_duplicates(service.store, name, threshold)
+    except ImgEmbedError as exc:
+        raise fail(exc) from exc
+    if as_json:
+        typer.echo(json.dumps([[{"id": i, "source": s} for i, s in g] for g in groups], indent=2))
+        return
+    for number, group in enumerate(groups, 1):
+        typer.echo(f"group {number} ({len(group)} images):")
+        for item_id, source in group:
+            typer.echo(f"  {item_id}" + (f"  {source}" if source != item_id else ""))
+    err.print(f"{len(groups)} groups of near-duplicates (cosine >= {threshold})", highlight=False)
+
+
+@collections_app.callback()
+def collections(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """Each collection with its backend, model, dimension and count."""
+    if ctx.invoked_subcommand:
+        return
+    try:
+        infos = make_service().store.collections()
+    except ImgEmbedError as exc:
+        raise fail(exc) from exc
+    rows = [
+        {"name": i.name, "backend": i.backend, "model": i.provenance.model,
+         "pretrained": i.provenance.pretrained, "dimension": i.provenance.dimension,
+         "count": i.count}
+        for i in infos
+    ]  # fmt: skip
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    table = Table("name", "backend", "model", "pretrained", "dim", "count")
+    for row in rows:
+        table.add_row(*(str(row[k]) for k in ("name", "backend", "model", "pretrained",
+                                              "dimension", "count")))  # fmt: skip
+    Console().print(table)
+
+
+@collections_app.command("drop")
+def collections_drop(name: str) -> None:
+    """Delete a collection and everything in it."""
+    try:
+        make_service().store.drop_collection(name)
+    except ImgEmbedError as exc:
+        raise fail(exc) from exc
+    err.print(f"dropped collection '{name}'", highlight=False)
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Apply the schema migrations (also done automatically on first use)."""
+    from imgembed.store import embedded
+    from imgembed.store.postgres import migrate, revisions
+
+    settings = make_service().settings
+    try:
+        url = settings.database_url or embedded.start(settings.data_dir)
+        migrate(url)
+        current, head = revisions(url)
+    except ImgEmbedError as exc:
+        raise fail(exc) from exc
+    err.print(f"schema at revision {current} (newest: {head})", highlight=False)
+
+
+@db_app.command("status")
+def db_status() -> None:
+    """The embedded server's state, or the external database's schema revision."""
+    from imgembed.store import embedded
+
+    settings = make_service().settings
+    if settings.database_url:
+        from imgembed.store.postgres import revisions
+
+        current, head = revisions(settings.database_url)
+        typer.echo(f"external database: schema {current or 'none'} (newest {head})")
+        return
+    state = embedded.status(settings.data_dir)
+    running = f"running (pid {state.pid}, socket {state.socket})" if state.running else "stopped"
+    typer.echo(f"embedded PostgreSQL in {state.pgdata}: "
+               f"{running if state.initialised else 'not created yet'}")  # fmt: skip
+
+
+@db_app.command("stop")
+def db_stop() -> None:
+    """Stop the embedded server (it also stops by itself when its last user exits)."""
+    from imgembed.store import embedded
+
+    stopped = embedded.stop(make_service().settings.data_dir)
+    typer.echo("stopped" if stopped else "not running")
