@@ -32,6 +32,7 @@ class QdrantStore:
         from qdrant_client import QdrantClient, models
 
         self._models = models
+        self._local = not url  # local mode always searches exactly
         try:
             if url:
                 self._client = QdrantClient(url=url, api_key=api_key, timeout=30)
@@ -193,7 +194,7 @@ class QdrantStore:
             limit=top_k,
             query_filter=condition,
             with_payload=True,
-            search_params=models.SearchParams(exact=exact),
+            search_params=models.SearchParams(exact=True) if exact and not self._local else None,
         ).points
         return [
             Hit(
