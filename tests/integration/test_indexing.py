@@ -1,0 +1,160 @@
+"""Indexing into the embedded Postgres: incremental, idempotent, prunable, resumable after
+kill -9; catalogues with metadata; search by text and image; provenance."""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from imgembed import ImageEmbeddingService
+from imgembed.errors import ProvenanceMismatchError
+from imgembed.indexing import IndexItem, read_index_sources
+from imgembed.store import embedded
+from imgembed.store.postgres import PostgresStore
+from tests.conftest import TINY
+
+IMGEMBED = str(Path(sys.executable).with_name("imgembed"))
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    folder = Path(os.environ["IMGEMBED_DATA_DIR"])
+    yield folder
+    embedded.stop(folder)
+
+
+def _crops(large_jpegs, folder: Path, count: int, size: int = 320) -> list[Path]:
+    """Distinct real images: tiles cut from the large photos."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for n in range(count):
+        photo = Image.open(large_jpegs[n % len(large_jpegs)])
+        k = n // len(large_jpegs)  # the k-th cell of a grid over the photo
+        columns = photo.width // size
+        x, y = (k % columns) * size, (k // columns) * size
+        path = folder / f"tile-{n:03d}.png"
+        photo.crop((x, y, x + size, y + size)).save(path)
+        paths.append(path)
+    return paths
+
+
+def _items(paths) -> list[IndexItem]:
+    return [IndexItem(str(p), str(p)) for p in paths]
+
+
+def test_incremental_index_skip_change_and_prune(data_dir, photos, tmp_path):
+    folder = tmp_path / "shop"
+    folder.mkdir()
+    for photo in photos:
+        (folder / photo.name).write_bytes(photo.read_bytes())
+    with ImageEmbeddingService(**TINY) as service:
+        items = read_index_sources([str(folder)], service.settings.supported_formats)
+        first = service.index(items, "shop")
+        assert (first.total, first.successful, first.skipped, first.failed) == (6, 6, 0, 0)
+        again = service.index(items, "shop")
+        assert (again.successful, again.skipped) == (0, 6)
+
+        changed = folder / photos[0].name
+        Image.open(photos[1]).save(changed, format=Image.open(photos[0]).format)
+        (folder / photos[2].name).unlink()
+        items = read_index_sources([str(folder)], service.settings.supported_formats)
+        third = service.index(items, "shop", prune=True)
+        assert (third.successful, third.skipped, third.pruned) == (1, 4, 1)
+        stored = service.store.hashes("shop")
+        assert len(stored) == 5
+        assert stored[str(changed)] == hashlib.sha256(changed.read_bytes()).hexdigest()
+
+
+def test_catalogue_files_with_metadata_and_filters(data_dir, photos, tmp_path):
+    (tmp_path / "img").mkdir()
+    rows = []
+    for n, photo in enumerate(photos):
+        (tmp_path / "img" / photo.name).write_bytes(photo.read_bytes())
+        category = "fashion" if n % 2 else "interior"
+        rows.append({"id": f"sku-{n}", "image": f"img/{photo.name}", "category": category,
+                     "price": f"{10 + n}"})  # fmt: skip
+    csv_file = tmp_path / "products.csv"
+    csv_file.write_text(
+        "id,image,category,price\n"
+        + "".join(f"{r['id']},{r['image']},{r['category']},{r['price']}\n" for r in rows)
+    )
+    jsonl = tmp_path / "more.jsonl"
+    jsonl.write_text(json.dumps({"image_url": str(photos[0]), "id": "extra", "shop": "x"}) + "\n")
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"img/{photos[1].name}\n\n")
+    with ImageEmbeddingService(**TINY) as service:
+        items = read_index_sources([str(csv_file), str(jsonl), str(listing)], [".png"])
+        assert [i.id for i in items][:2] == ["sku-0", "sku-1"] and len(items) == 8
+        assert items[0].metadata == {"category": "interior", "price": "10"}
+        stats = service.index(items, "catalogue")
+        assert stats.successful == 8
+        query = service.embed_image(photos[3])
+        hits = service.search_vector(query, "catalogue", top_k=3, filters={"category": "fashion"})
+        assert hits[0].metadata["id"] == "sku-3" and hits[0].similarity_score > 0.999
+        assert all(h.metadata["category"] == "fashion" for h in hits)
+        assert hits[0].metadata["width"] > 0 and "confidence" in hits[0].metadata
+
+
+async def test_search_by_text_image_and_collection_name(data_dir, photos):
+    with ImageEmbeddingService(**TINY) as service:
+        service.index(_items(photos), "photos")
+        by_image = service.search_image(photos[4], "photos", top_k=2)
+        assert by_image[0].image_path == str(photos[4]) and by_image[0].rank == 1
+        by_text = service.search_text("a rocket", "photos", top_k=3)
+        assert len(by_text) == 3 and by_text[0].similarity_score >= by_text[1].similarity_score
+        pairs = await service.find_similar_images(service.embed_image(photos[2]), "photos", top_k=1)
+        assert pairs[0][0] == str(photos[2]) and pairs[0][1] == pytest.approx(1, abs=1e-5)
+    other = ImageEmbeddingService(model="imgembed-tiny", pretrained="seed:1")
+    with pytest.raises(ProvenanceMismatchError, match="--model imgembed-tiny --pretrained seed:0"):
+        other.search_text("a rocket", "photos")
+    other.close()
+
+
+@pytest.mark.slow
+def test_index_resumes_after_kill_9(data_dir, large_jpegs, tmp_path, vitb32_checkpoint):
+    """Killed mid-run, the next run stores every image exactly once and embeds none twice."""
+    images = _crops(large_jpegs, tmp_path / "tiles", 80)
+    command = [IMGEMBED, "index", str(tmp_path / "tiles"), "-c", "tiles", "--batch-size", "8",
+               "--model", "ViT-B-32", "--pretrained", str(vitb32_checkpoint)]  # fmt: skip
+    first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    store = None
+    deadline = time.time() + 240
+    while time.time() < deadline and first.poll() is None:
+        time.sleep(0.2)
+        if store is None and (data_dir / "postgres" / "postmaster.pid").exists():
+            try:
+                store = PostgresStore(embedded.start(data_dir))
+            except Exception:
+                continue
+        if store is not None:
+            try:
+                if store.count("tiles") >= 16:
+                    break
+            except Exception:
+                continue
+    assert first.poll() is None, "the first run ended before it could be killed"
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait()
+    stored_before = store.count("tiles")
+    assert 16 <= stored_before < 80
+
+    second = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr
+    assert f"Skipped: {stored_before} (unchanged)" in second.stderr
+    assert f"Successful: {80 - stored_before}" in second.stderr
+    hashes = store.hashes("tiles")
+    assert len(hashes) == 80 == store.count("tiles")
+    assert hashes == {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in images}
+    vectors = np.stack([r.vector for r in store.get("tiles", sorted(hashes))])
+    # Flat regions of a wallpaper give identical tiles: one vector per distinct content.
+    assert np.isfinite(vectors).all()
+    assert len({v.tobytes() for v in vectors}) == len(set(hashes.values()))
+    store.close()
