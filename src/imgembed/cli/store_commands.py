@@ -175,16 +175,21 @@ def search(
 def duplicates(
     collection: CollectionOpt = None,
     threshold: Annotated[
-        float, typer.Option(min=0, max=1, help="Cosine similarity that counts as a duplicate.")
-    ] = 0.95,
+        float | None,
+        typer.Option(min=0, max=1, help="Cosine that counts as a duplicate (default per model)."),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Groups of near-duplicate images in a collection."""
     from imgembed.indexing.duplicates import find_duplicates
+    from imgembed.models.registry import duplicate_threshold
 
     try:
         service = make_service()
         name = collection or service.settings.collection
+        if threshold is None:
+            model = service.store.get_collection(name).provenance.model
+            threshold = duplicate_threshold(model)
         groups = find_duplicates(service.store, name, threshold)
     except ImgEmbedError as exc:
         raise fail(exc) from exc
