@@ -59,6 +59,7 @@ def index(
         name = collection or service.settings.collection
         items = read_index_sources(sources, service.settings.supported_formats)
         with err.status(f"loading {service.model_ref} and the {service.settings.store} store"):
+            service.encoder  # noqa: B018 - fail on the model before showing progress
             store = service.store
         err.print(
             f"Indexing {len(items)} images into collection '{name}' "
@@ -162,13 +163,17 @@ def search(
     if as_json:
         typer.echo(json.dumps(rows, ensure_ascii=False, indent=2))
         return
-    table = Table("#", "score", "id", "source", "metadata")
-    table.columns[3].overflow = "fold"
+    show_id = any(row["id"] != row["source"] for row in rows)  # catalogues: ids like SKUs
+    table = Table("#", "score", *(["id"] if show_id else []), "source", "metadata")
+    table.columns[-2].overflow = "fold"
     for row in rows:
-        extra = {k: v for k, v in row["metadata"].items() if k not in ("width", "height", "format")}
-        table.add_row(str(row["rank"]), f"{row['score']:.4f}", row["id"], row["source"],
-                      json.dumps(extra, ensure_ascii=False))  # fmt: skip
+        extra = {k: v for k, v in row["metadata"].items() if k not in _IMAGE_KEYS}
+        cells = [str(row["rank"]), f"{row['score']:.4f}", *([row["id"]] if show_id else [])]
+        table.add_row(*cells, row["source"], json.dumps(extra, ensure_ascii=False))
     Console().print(table)
+
+
+_IMAGE_KEYS = ("width", "height", "format", "confidence")
 
 
 @app.command()

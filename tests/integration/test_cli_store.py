@@ -1,0 +1,64 @@
+"""The store commands end to end: index, search, duplicates, collections, db."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from imgembed.store import embedded
+from tests.integration.test_cli import run
+
+TINY = ["--model", "imgembed-tiny", "--pretrained", "seed:0"]
+
+
+@pytest.fixture
+def data_dir():
+    folder = Path(os.environ["IMGEMBED_DATA_DIR"])
+    yield folder
+    embedded.stop(folder)
+
+
+def test_index_search_collections_and_db(data_dir, photos, tmp_path):
+    failures = tmp_path / "failures.jsonl"
+    missing = tmp_path / "missing.jpg"
+    proc = run("index", str(photos[0].parent), str(missing), "-c", "shop", "--failures",
+               str(failures), *TINY)  # fmt: skip
+    assert proc.returncode == 1, proc.stderr
+    for line in ("Total: 7", "Processed: 7", "Successful: 6", "Failed: 1", "Skipped: 0"):
+        assert line in proc.stderr
+    assert "Images/s:" in proc.stderr and "Duration:" in proc.stderr
+    (failure,) = [json.loads(line) for line in failures.read_text().splitlines()]
+    assert failure["source"] == str(missing) and failure["error_type"] == "ImageNotFoundError"
+
+    again = run("index", str(photos[0].parent), "-c", "shop", *TINY)
+    assert again.returncode == 0 and "Skipped: 6 (unchanged)" in again.stderr
+
+    # search uses the collection's own model without being told
+    hits = json.loads(run("search", "--image", str(photos[2]), "-c", "shop", "--json").stdout)
+    assert hits[0]["source"] == str(photos[2]) and hits[0]["rank"] == 1
+    assert hits[0]["score"] == pytest.approx(1, abs=1e-5) and len(hits) == 6
+    texts = json.loads(run("search", "a photo", "-c", "shop", "-k", "2", "--json").stdout)
+    assert len(texts) == 2 and texts[0]["score"] >= texts[1]["score"]
+    table = run("search", "--image", str(photos[2]), "-c", "shop", "-k", "1")
+    assert table.returncode == 0 and photos[2].name in table.stdout
+
+    listed = json.loads(run("collections", "--json").stdout)
+    assert listed == [{"name": "shop", "backend": "postgres", "model": "imgembed-tiny",
+                       "pretrained": "seed:0", "dimension": 64, "count": 6}]  # fmt: skip
+    # every command has exited, so the last one out stopped the shared server
+    assert run("db", "status").stdout.strip().endswith(": stopped")
+    assert "revision 0001" in run("db", "upgrade").stderr
+    assert run("collections", "drop", "shop").returncode == 0
+    assert json.loads(run("collections", "--json").stdout) == []
+
+
+def test_store_errors_and_image_only_text(data_dir, photos):
+    assert run("search", "x", "-c", "nothing").returncode == 6  # no such collection
+    assert run("search").returncode == 2  # neither text nor --image
+    assert run("search", "x", "--filter", "novalue", "-c", "c").returncode == 3
+    run("index", str(photos[0]), "-c", "pictures", "--model", "efficientnet-lite0")
+    proc = run("search", "a cat", "-c", "pictures")
+    assert proc.returncode == 3 and "image-only" in proc.stderr
+    dupes = json.loads(run("duplicates", "-c", "pictures", "--json").stdout)
+    assert dupes == []
