@@ -71,6 +71,8 @@ def index(
     if prune:
         gone = set(stored) - {item.id for item in items}
         stats.pruned = store.delete(collection, gone) if gone else 0
+    if stats.successful or stats.pruned:
+        store.analyze()
     stats.duration = time.perf_counter() - started
     return stats
 

@@ -71,6 +71,16 @@ class PostgresStore:
         except psycopg.Error as exc:
             raise StoreError(f"cannot connect to PostgreSQL: {exc}") from exc
         self._lock = threading.Lock()
+        self._dimensions: dict[str, int] = {}
+
+    def _dimension(self, name: str) -> int:
+        """The collection's dimension, without counting its rows (hot path: every search)."""
+        if name not in self._dimensions:
+            row = self._query("SELECT dimension FROM imgembed_collections WHERE name = %s", (name,))
+            if not row:
+                raise CollectionNotFoundError(f"no collection {name!r}")
+            self._dimensions[name] = row[0][0]
+        return self._dimensions[name]
 
     # -- collections -------------------------------------------------------------------------
 
@@ -121,6 +131,7 @@ class PostgresStore:
 
     def drop_collection(self, name: str) -> None:
         self.get_collection(name)
+        self._dimensions.pop(name, None)
         with self._lock, self._connection.transaction():
             self._connection.execute("DELETE FROM imgembed_collections WHERE name = %s", (name,))
             self._connection.execute(
@@ -132,7 +143,7 @@ class PostgresStore:
     def upsert(self, name: str, records: Sequence[Record]) -> None:
         if not records:
             return
-        dimension = self.get_collection(name).provenance.dimension
+        dimension = self._dimension(name)
         rows = []
         for record in records:
             vector = np.asarray(record.vector, dtype=np.float32)
@@ -176,7 +187,9 @@ class PostgresStore:
             return cursor.rowcount
 
     def count(self, name: str) -> int:
-        return self.get_collection(name).count
+        self._dimension(name)  # raises for an unknown collection
+        row = self._query("SELECT count(*) FROM imgembed_items WHERE collection = %s", (name,))
+        return row[0][0]
 
     def search(
         self,
@@ -186,7 +199,7 @@ class PostgresStore:
         filters: Mapping[str, Any] | None = None,
         exact: bool = False,
     ) -> list[Hit]:
-        dimension = self.get_collection(name).provenance.dimension
+        dimension = self._dimension(name)
         query = np.asarray(vector, dtype=np.float32).ravel()
         if query.shape != (dimension,):
             raise StoreError(
@@ -217,8 +230,20 @@ class PostgresStore:
         hits = [Hit(r[0], float(r[1]), r[2], r[3], r[4]) for r in rows]
         return sorted(hits, key=lambda hit: -hit.score)  # relaxed order: re-sort the k rows
 
+    def analyze(self) -> None:
+        # Right after a bulk load the planner has no statistics and scans everything
+        # instead of using the HNSW index (measured: 21 ms -> 3.5 ms at 5k vectors).
+        self._query_no_rows("ANALYZE imgembed_items")
+
     def close(self) -> None:
         self._connection.close()
+
+    def _query_no_rows(self, statement: str) -> None:
+        try:
+            with self._lock:
+                self._connection.execute(statement)
+        except psycopg.Error as exc:
+            raise StoreError(f"query failed: {exc}") from exc
 
     def _query(self, statement: str, params: Any = None) -> list[tuple[Any, ...]]:
         try:

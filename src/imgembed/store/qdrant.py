@@ -207,5 +207,8 @@ class QdrantStore:
             for p in points
         ]
 
+    def analyze(self) -> None:
+        """Qdrant keeps its own statistics."""
+
     def close(self) -> None:
         self._client.close()
