@@ -3,6 +3,7 @@
 from imgembed.config import Settings
 from imgembed.engine.pipeline import Progress
 from imgembed.errors import (
+    CollectionNotFoundError,
     ConfigurationError,
     EncodeError,
     FetchError,
@@ -13,13 +14,16 @@ from imgembed.errors import (
     ImgEmbedError,
     InvalidImageError,
     ModelUnavailableError,
+    ProvenanceMismatchError,
     SourceNotAllowedError,
+    StoreError,
     UnsupportedFormatError,
 )
 from imgembed.results import ImageEmbeddingResult, SimilarityResult
 from imgembed.service import ImageEmbeddingService
 
 __all__ = [
+    "CollectionNotFoundError",
     "ConfigurationError",
     "EncodeError",
     "FetchError",
@@ -33,8 +37,10 @@ __all__ = [
     "InvalidImageError",
     "ModelUnavailableError",
     "Progress",
+    "ProvenanceMismatchError",
     "Settings",
     "SimilarityResult",
     "SourceNotAllowedError",
+    "StoreError",
     "UnsupportedFormatError",
 ]

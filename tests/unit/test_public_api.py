@@ -6,6 +6,7 @@ import sys
 import imgembed
 
 PUBLIC = {
+    "CollectionNotFoundError",
     "ConfigurationError",
     "EncodeError",
     "FetchError",
@@ -19,9 +20,11 @@ PUBLIC = {
     "InvalidImageError",
     "ModelUnavailableError",
     "Progress",
+    "ProvenanceMismatchError",
     "Settings",
     "SimilarityResult",
     "SourceNotAllowedError",
+    "StoreError",
     "UnsupportedFormatError",
 }
 
