@@ -73,6 +73,17 @@ def test_incremental_index_skip_change_and_prune(data_dir, photos, tmp_path):
         assert stored[str(changed)] == hashlib.sha256(changed.read_bytes()).hexdigest()
 
 
+def test_ids_do_not_depend_on_the_working_directory(tmp_path, photos, monkeypatch):
+    folder = tmp_path / "pics"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(photos[0].read_bytes())
+    monkeypatch.chdir(tmp_path)
+    relative = read_index_sources(["pics"], [".png"])
+    monkeypatch.chdir(folder)
+    here = read_index_sources(["."], [".png"])
+    assert relative[0].id == here[0].id == str(folder / "a.png")
+
+
 def test_catalogue_files_with_metadata_and_filters(data_dir, photos, tmp_path):
     (tmp_path / "img").mkdir()
     rows = []

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +35,7 @@ def read_index_sources(entries: Iterable[str], extensions: Iterable[str]) -> lis
         if not is_url(entry) and path.suffix.lower() in LIST_SUFFIXES and path.is_file():
             items += _read_list(path)
         else:
-            items += [IndexItem(str(s), str(s)) for s in expand_paths([entry], extensions)]
+            items += [IndexItem(_stable(s), _stable(s)) for s in expand_paths([entry], extensions)]
     unique: dict[str, IndexItem] = {}
     for item in items:
         unique.setdefault(item.id, item)
@@ -51,6 +52,14 @@ def _read_list(path: Path) -> list[IndexItem]:
         else:
             rows = [{"image": line.strip()} for line in handle if line.strip()]
     return [_item(row, path, n) for n, row in enumerate(rows, 1)]
+
+
+def _stable(source: str | Path) -> str:
+    """Ids of local files are absolute paths (symlinks kept), so they do not depend on the
+    directory a run started in: re-runs match and --prune never drops a file by accident."""
+    if is_url(source) or is_data_uri(source):
+        return str(source)
+    return os.path.abspath(source)
 
 
 def _json_line(line: str, path: Path, number: int) -> dict[str, Any]:
@@ -70,8 +79,8 @@ def _item(row: dict[str, Any], path: Path, number: int) -> IndexItem:
             f"{path}:{number}: no image column (one of {', '.join(IMAGE_COLUMNS)})"
         )
     source = str(row[column]).strip()
-    if not (is_url(source) or is_data_uri(source) or Path(source).is_absolute()):
-        source = str(path.parent / source)
+    if not (is_url(source) or is_data_uri(source)):
+        source = _stable(path.parent / source)  # relative to the list file
     metadata = {k: v for k, v in row.items() if k not in (column, "id") and v not in (None, "")}
     item_id = str(row.get("id") or "").strip() or source
     return IndexItem(item_id, source, metadata)
