@@ -76,6 +76,7 @@ class Settings(BaseSettings):
     qdrant_url: str | None = Field(None, validation_alias=_env("qdrant_url"))
     qdrant_api_key: str | None = Field(None, validation_alias=_env("qdrant_api_key"))
     collection: str = Field("images", min_length=1, validation_alias=_env("collection"))
+    hnsw_ef_search: int = Field(100, ge=10, le=1000, validation_alias=_env("hnsw_ef_search"))
 
     @field_validator("supported_formats", "allowed_roots", mode="before")
     @classmethod

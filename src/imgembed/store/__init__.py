@@ -15,13 +15,11 @@ def open_store(settings: Settings) -> VectorStore:
         if settings.qdrant_url:
             return QdrantStore(url=settings.qdrant_url, api_key=settings.qdrant_api_key)
         return QdrantStore(path=settings.data_dir / "qdrant")
+    from imgembed.store import embedded
     from imgembed.store.postgres import PostgresStore
 
-    if settings.database_url:
-        return PostgresStore(settings.database_url)
-    from imgembed.store import embedded
-
-    return PostgresStore(embedded.start(settings.data_dir))
+    url = settings.database_url or embedded.start(settings.data_dir)
+    return PostgresStore(url, ef_search=settings.hnsw_ef_search)
 
 
 __all__ = ["CollectionInfo", "Hit", "Provenance", "Record", "VectorStore", "open_store"]

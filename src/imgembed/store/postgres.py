@@ -61,8 +61,9 @@ def revisions(url: str) -> tuple[str | None, str]:
 class PostgresStore:
     backend = "postgres"
 
-    def __init__(self, url: str, upgrade: bool = True):
+    def __init__(self, url: str, upgrade: bool = True, ef_search: int = 100):
         self.url = url
+        self.ef_search = ef_search  # HNSW candidates per query: recall against latency
         if upgrade:
             migrate(url)
         try:
@@ -221,7 +222,7 @@ class PostgresStore:
             if exact:
                 self._connection.execute("SET LOCAL enable_indexscan = off")
             else:  # enough candidates for k, and keep scanning when filters drop some
-                ef = max(40, 2 * top_k)
+                ef = max(self.ef_search, 2 * top_k)
                 self._connection.execute(
                     sql.SQL("SET LOCAL hnsw.ef_search = {}").format(sql.Literal(ef))
                 )
