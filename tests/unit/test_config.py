@@ -17,6 +17,9 @@ def test_environment_variables(monkeypatch, tmp_path):
         "IMGEMBED_BATCH_SIZE": "7",
         "IMGEMBED_DATA_DIR": str(tmp_path / "d"),
         "IMGEMBED_CACHE_DIR": str(tmp_path / "c"),
+        "IMGEMBED_STORE": "qdrant",
+        "IMGEMBED_COLLECTION": "products",
+        "IMGEMBED_HNSW_EF_SEARCH": "64",
     }
     for key, value in values.items():
         monkeypatch.setenv(key, value)
@@ -29,6 +32,11 @@ def test_environment_variables(monkeypatch, tmp_path):
     assert (settings.runtime, settings.precision, settings.batch_size) == ("torch", "bf16", 7)
     assert settings.data_dir == tmp_path / "d"
     assert settings.embedding_cache_dir == tmp_path / "c"
+    assert (settings.store, settings.collection, settings.hnsw_ef_search) == (
+        "qdrant",
+        "products",
+        64,
+    )
 
 
 def test_defaults(tmp_path):
