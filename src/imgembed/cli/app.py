@@ -13,7 +13,6 @@ from typing import Annotated, Any
 import typer
 from PIL import Image
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from imgembed.cli.common import (
@@ -25,6 +24,7 @@ from imgembed.cli.common import (
     err,
     fail,
     make_service,
+    progress_bar,
 )
 from imgembed.cli.output import Writer
 from imgembed.errors import ImgEmbedError
@@ -70,7 +70,7 @@ def embed(
             service.encoder  # noqa: B018 - load before the clock starts
         started = time.perf_counter()
         failures, counts = [], {"embedded": 0, "cached": 0, "failed": 0}
-        with _progress_bar() as bar:
+        with progress_bar() as bar:
             task = bar.add_task("embedding", total=len(files))
             results = service.iter_images(files, lambda p: bar.update(task, completed=p.done))
             for result in results:
@@ -97,16 +97,6 @@ def _row(result: Any) -> dict[str, Any]:
         "error_type": None if result.error is None else type(result.error).__name__,
         "embedding": result.embedding,
     }
-
-
-def _progress_bar() -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=err,
-    )
 
 
 def _summary(

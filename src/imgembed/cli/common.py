@@ -6,6 +6,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from imgembed.errors import ConfigurationError, ImgEmbedError, ModelUnavailableError, StoreError
 
@@ -31,6 +32,16 @@ CollectionOpt = Annotated[
 SourcesArg = Annotated[
     list[str], typer.Argument(help="Image files, folders (recursive) or http(s) URLs.")
 ]
+
+
+def progress_bar() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=err,
+    )
 
 
 def make_service(**options: Any):

@@ -8,7 +8,6 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from imgembed.cli.app import app
@@ -21,6 +20,7 @@ from imgembed.cli.common import (
     err,
     fail,
     make_service,
+    progress_bar,
 )
 from imgembed.errors import ConfigurationError, ImgEmbedError
 
@@ -66,7 +66,7 @@ def index(
             f"({service.model_ref}, {store.backend})",
             highlight=False,
         )
-        with _progress_bar() as bar:
+        with progress_bar() as bar:
             task = bar.add_task("indexing", total=len(items))
             stats = service.index(
                 items, name, prune=prune, progress=lambda p: bar.update(task, completed=p.done)
@@ -87,16 +87,6 @@ def index(
         failures.write_text("".join(json.dumps(f) + "\n" for f in stats.failures), "utf-8")
     if stats.failed:
         raise typer.Exit(1)
-
-
-def _progress_bar() -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=err,
-    )
 
 
 def _filters(pairs: list[str]) -> dict[str, str]:

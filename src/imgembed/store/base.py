@@ -9,6 +9,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from imgembed.errors import StoreError
+
 
 @dataclass(frozen=True)
 class Provenance:
@@ -21,6 +23,17 @@ class Provenance:
 
     def describe(self) -> str:
         return f"{self.model} ({self.pretrained}), {self.dimension}-d, preprocess {self.preprocess}"
+
+
+def checked_vector(vector: Any, dimension: int, what: str) -> np.ndarray:
+    """A float32 vector of the collection's dimension, or a StoreError saying what is wrong."""
+    array = np.asarray(vector, dtype=np.float32).ravel()
+    if array.shape != (dimension,):
+        raise StoreError(
+            f"{what}: vector of shape {np.shape(vector)}, "
+            f"but the collection has {dimension} dimensions"
+        )
+    return array
 
 
 @dataclass

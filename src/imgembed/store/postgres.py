@@ -18,7 +18,7 @@ from pgvector.psycopg import register_vector
 from psycopg import sql
 
 from imgembed.errors import CollectionNotFoundError, ProvenanceMismatchError, StoreError
-from imgembed.store.base import CollectionInfo, Hit, Provenance, Record
+from imgembed.store.base import CollectionInfo, Hit, Provenance, Record, checked_vector
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -147,11 +147,7 @@ class PostgresStore:
         dimension = self._dimension(name)
         rows = []
         for record in records:
-            vector = np.asarray(record.vector, dtype=np.float32)
-            if vector.shape != (dimension,):
-                raise StoreError(
-                    f"{record.id}: vector of shape {vector.shape}, expected ({dimension},)"
-                )
+            vector = checked_vector(record.vector, dimension, record.id)
             rows.append((name, record.id, vector, record.content_hash, record.source,
                          json.dumps(record.metadata, default=str)))  # fmt: skip
         with self._lock, self._connection.transaction(), self._connection.cursor() as cursor:
@@ -201,11 +197,7 @@ class PostgresStore:
         exact: bool = False,
     ) -> list[Hit]:
         dimension = self._dimension(name)
-        query = np.asarray(vector, dtype=np.float32).ravel()
-        if query.shape != (dimension,):
-            raise StoreError(
-                f"query vector has {query.shape[0]} dimensions, collection {dimension}"
-            )
+        query = checked_vector(vector, dimension, "query")
         distance = sql.SQL("embedding::vector({dim}) <=> %(q)s::vector({dim})").format(
             dim=sql.Literal(dimension)
         )

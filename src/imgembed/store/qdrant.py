@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from imgembed.errors import CollectionNotFoundError, ProvenanceMismatchError, StoreError
-from imgembed.store.base import CollectionInfo, Hit, Provenance, Record
+from imgembed.store.base import CollectionInfo, Hit, Provenance, Record, checked_vector
 
 REGISTRY = "imgembed_collections"
 _NAMESPACE = uuid.UUID("5b3f4c1e-8a52-4d0c-9a51-6c3e7d2f9b10")
@@ -33,6 +33,7 @@ class QdrantStore:
 
         self._models = models
         self._local = not url  # local mode always searches exactly
+        self._dimensions: dict[str, int] = {}
         try:
             if url:
                 self._client = QdrantClient(url=url, api_key=api_key, timeout=30)
@@ -81,6 +82,15 @@ class QdrantStore:
         payload.pop("name", None)
         return Provenance(**payload)
 
+    def _dimension(self, name: str) -> int:
+        """Without counting points (the hot path: every search and upsert)."""
+        if name not in self._dimensions:
+            provenance = self._provenance(name)
+            if provenance is None:
+                raise CollectionNotFoundError(f"no collection {name!r}")
+            self._dimensions[name] = provenance.dimension
+        return self._dimensions[name]
+
     def get_collection(self, name: str) -> CollectionInfo:
         provenance = self._provenance(name)
         if provenance is None or not self._client.collection_exists(name):
@@ -101,6 +111,7 @@ class QdrantStore:
 
     def drop_collection(self, name: str) -> None:
         self.get_collection(name)
+        self._dimensions.pop(name, None)
         self._client.delete_collection(name)
         self._client.delete(
             REGISTRY, points_selector=self._models.PointIdsList(points=[_point_id(name)])
@@ -109,14 +120,10 @@ class QdrantStore:
     def upsert(self, name: str, records: Sequence[Record]) -> None:
         if not records:
             return
-        dimension = self.get_collection(name).provenance.dimension
+        dimension = self._dimension(name)
         points = []
         for record in records:
-            vector = np.asarray(record.vector, dtype=np.float32)
-            if vector.shape != (dimension,):
-                raise StoreError(
-                    f"{record.id}: vector of shape {vector.shape}, expected ({dimension},)"
-                )
+            vector = checked_vector(record.vector, dimension, record.id)
             payload = {"id": record.id, "content_hash": record.content_hash,
                        "source": record.source, "metadata": record.metadata}  # fmt: skip
             points.append(
@@ -172,12 +179,8 @@ class QdrantStore:
         exact: bool = False,
     ) -> list[Hit]:
         models = self._models
-        dimension = self.get_collection(name).provenance.dimension
-        query = np.asarray(vector, dtype=np.float32).ravel()
-        if query.shape != (dimension,):
-            raise StoreError(
-                f"query vector has {query.shape[0]} dimensions, collection {dimension}"
-            )
+        dimension = self._dimension(name)
+        query = checked_vector(vector, dimension, "query")
         condition = None
         if filters:
             condition = models.Filter(
