@@ -298,9 +298,6 @@ class ImageEmbeddingService:
             return [result.to_dict() for result in results]
         return [_as_list(result) if result.ok else None for result in results]
 
-    async def embed_texts_async(self, texts: Sequence[str]) -> list[Embedding]:
-        return (await asyncio.to_thread(self.embed_texts, texts)).tolist()
-
     async def calculate_similarities(
         self, query_embedding: Sequence[float], candidate_embeddings: Sequence[Sequence[float]]
     ) -> list[float]:

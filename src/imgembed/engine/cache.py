@@ -37,8 +37,5 @@ class EmbeddingCache:
         """Remove every cached embedding (of every model); returns how many."""
         return self._cache.clear()
 
-    def __len__(self) -> int:
-        return len(self._cache)
-
     def close(self) -> None:
         self._cache.close()

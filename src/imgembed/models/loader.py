@@ -36,7 +36,6 @@ class LoadedModel:
     tokenizer: Any
     preprocess_cfg: dict[str, Any]
     device: torch.device
-    precision: str
     dimension: int
     weights_id: str  # changes whenever the weights change; part of every cache key
 
@@ -132,7 +131,6 @@ def _load(
         tokenizer=tokenizer,
         preprocess_cfg=dict(open_clip.get_model_preprocess_cfg(model)),
         device=device,
-        precision=precision,
         dimension=dimension,
         weights_id=_weights_id(ref),
     )
