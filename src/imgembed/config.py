@@ -99,7 +99,21 @@ class Settings(BaseSettings):
 
     @property
     def workers(self) -> int:
-        return self.max_workers or os.cpu_count() or 1
+        return self.max_workers or cores()
+
+    @property
+    def encode_threads(self) -> int:
+        return cores()
+
+    @property
+    def onnx_dir(self) -> Path:
+        """Where ONNX exports live: next to the model weights if that is set."""
+        return (self.model_cache_dir or self.data_dir) / "onnx"
+
+
+def cores() -> int:
+    """CPUs this process may use (a container's or taskset's limit, not the host's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 # The GenericRAG seed's CLIP_CONFIG keys. Mapped ones become settings; the rest are

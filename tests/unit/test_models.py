@@ -64,7 +64,8 @@ def test_auto_device_on_this_machine():
     [
         ({"precision": "int8"}, "not available on the torch runtime"),
         ({"precision": "fp16", "device": "cpu"}, "fp16 needs a CUDA device"),
-        ({"runtime": "onnx"}, "IMGEMBED_RUNTIME=torch"),
+        ({"runtime": "onnx", "precision": "bf16"}, "not available on the ONNX runtime"),
+        ({"runtime": "onnx", "device": "cuda"}, "runs on the CPU"),
         ({"device": "tpu"}, "unsupported device|invalid device"),
     ],
 )
@@ -111,13 +112,21 @@ def test_quick_gelu_follows_the_pretrained_tag(monkeypatch):
     monkeypatch.setattr(open_clip, "create_model", fake_create_model)
     for tag in ("openai", "laion2b_s34b_b79k"):
         with pytest.raises(ModelUnavailableError):
-            loader._load(registry.ModelRef("ViT-B-32", tag), torch.device("cpu"), "fp32", None)
+            ref = registry.ModelRef("ViT-B-32", tag)
+            loader._load(ref, torch.device("cpu"), "fp32", None, registry.weights_id(ref))
     assert seen == {"openai": True, "laion2b_s34b_b79k": False}
 
 
 def test_catalogue_dimensions_match_open_clip_configs():
+    """registry reads the config files itself (no open_clip import): same answer."""
+    import open_clip
+
     for entry in registry.CATALOGUE:
         assert registry.dimension(entry.ref.name) == entry.dimension, entry.ref
+        if entry.ref.name not in registry.IMAGE_ONLY:
+            assert registry.model_config(entry.ref.name) == open_clip.get_model_config(
+                entry.ref.name
+            )
 
 
 def test_seed_aliases_resolve():

@@ -19,7 +19,9 @@ from imgembed.cli.common import (
     BatchOpt,
     DeviceOpt,
     ModelOpt,
+    PrecisionOpt,
     PretrainedOpt,
+    RuntimeOpt,
     SourcesArg,
     err,
     fail,
@@ -31,8 +33,6 @@ from imgembed.errors import ImgEmbedError
 from imgembed.intake.sources import expand_paths
 
 app = typer.Typer(help="Exact CLIP image and text embeddings.", no_args_is_help=True)
-models_app = typer.Typer(help="Known models.", no_args_is_help=True)
-app.add_typer(models_app, name="models")
 OutputOpt = Annotated[
     Path | None,
     typer.Option(
@@ -47,6 +47,8 @@ def embed(
     model: ModelOpt = None,
     pretrained: PretrainedOpt = None,
     device: DeviceOpt = None,
+    runtime: RuntimeOpt = None,
+    precision: PrecisionOpt = None,
     batch_size: BatchOpt = None,
     output: OutputOpt = None,
     exact: Annotated[bool | None, typer.Option("--exact", help="No draft decoding.")] = None,
@@ -60,6 +62,8 @@ def embed(
             model=model,
             pretrained=pretrained,
             device=device,
+            runtime=runtime,
+            precision=precision,
             batch_size=batch_size,
             exact=exact,
             cache_embeddings=cache,
@@ -121,6 +125,8 @@ def embed_text(
     model: ModelOpt = None,
     pretrained: PretrainedOpt = None,
     device: DeviceOpt = None,
+    runtime: RuntimeOpt = None,
+    precision: PrecisionOpt = None,
     batch_size: BatchOpt = None,
     output: OutputOpt = None,
 ) -> None:
@@ -129,7 +135,12 @@ def embed_text(
         texts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
     try:
         service = make_service(
-            model=model, pretrained=pretrained, device=device, batch_size=batch_size
+            model=model,
+            pretrained=pretrained,
+            device=device,
+            runtime=runtime,
+            precision=precision,
+            batch_size=batch_size,
         )
         started = time.perf_counter()
         vectors = service.embed_texts(texts)
@@ -195,55 +206,8 @@ def _metadata_cells(path: Path | str, data: dict[str, Any]) -> list[str]:
     ]
 
 
-@models_app.command("list")
-def models_list(
-    all_: Annotated[
-        bool, typer.Option("--all", help="Every architecture + tag open_clip knows.")
-    ] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="JSON instead of a table.")] = False,
-) -> None:
-    """Known models, their embedding dimension and aliases."""
-    from imgembed.models import registry
-
-    if all_:
-        rows = [
-            {
-                "model": ref.name,
-                "pretrained": ref.pretrained,
-                "dimension": dim,
-                "note": "",
-                "aliases": [],
-            }
-            for ref, dim in registry.known_pairs()
-        ]
-    else:
-        rows = [
-            {
-                "model": e.ref.name,
-                "pretrained": e.ref.pretrained,
-                "dimension": e.dimension,
-                "note": e.note,
-                "aliases": list(e.aliases),
-            }
-            for e in registry.CATALOGUE
-        ]
-    if as_json:
-        typer.echo(json.dumps(rows, indent=2))
-        return
-    table = Table("model", "pretrained", "dim", "aliases", "note")
-    for row in rows:
-        table.add_row(
-            row["model"],
-            row["pretrained"],
-            str(row["dimension"]),
-            ", ".join(row["aliases"]),
-            row["note"],
-        )
-    Console().print(table)
-
-
 def main() -> None:
-    from imgembed.cli import store_commands  # noqa: F401 - registers index, search, ...
+    from imgembed.cli import model_commands, store_commands  # noqa: F401 - register commands
 
     # Decoders warn about oddities in files (skipped tags, huge images); every file already
     # ends embedded or with a typed error, so on a terminal these are noise.

@@ -25,6 +25,12 @@ PretrainedOpt = Annotated[
     str | None, typer.Option(help="Pretrained tag or checkpoint file (.pt/.bin/.safetensors).")
 ]
 DeviceOpt = Annotated[str | None, typer.Option(help="cpu | cuda | cuda:N | auto.")]
+RuntimeOpt = Annotated[
+    str | None, typer.Option(help="torch | onnx (exported once, then runs without torch).")
+]
+PrecisionOpt = Annotated[
+    str | None, typer.Option(help="fp32 | int8 (onnx) | bf16 (torch) | fp16 (torch, CUDA).")
+]
 BatchOpt = Annotated[int | None, typer.Option(help="Images or texts per encoder batch.")]
 CollectionOpt = Annotated[
     str | None, typer.Option("--collection", "-c", help="Collection name (default: images).")

@@ -16,7 +16,9 @@ from imgembed.cli.common import (
     CollectionOpt,
     DeviceOpt,
     ModelOpt,
+    PrecisionOpt,
     PretrainedOpt,
+    RuntimeOpt,
     err,
     fail,
     make_service,
@@ -47,6 +49,8 @@ def index(
     model: ModelOpt = None,
     pretrained: PretrainedOpt = None,
     device: DeviceOpt = None,
+    runtime: RuntimeOpt = None,
+    precision: PrecisionOpt = None,
     batch_size: BatchOpt = None,
 ) -> None:
     """Embed and store images; re-runs add only what is new or changed (exit 1 on failures)."""
@@ -54,7 +58,12 @@ def index(
 
     try:
         service = make_service(
-            model=model, pretrained=pretrained, device=device, batch_size=batch_size
+            model=model,
+            pretrained=pretrained,
+            device=device,
+            runtime=runtime,
+            precision=precision,
+            batch_size=batch_size,
         )
         name = collection or service.settings.collection
         items = read_index_sources(sources, service.settings.supported_formats)
@@ -126,6 +135,8 @@ def search(
     model: ModelOpt = None,
     pretrained: PretrainedOpt = None,
     device: DeviceOpt = None,
+    runtime: RuntimeOpt = None,
+    precision: PrecisionOpt = None,
 ) -> None:
     """Images most similar to a text or an image; the collection's model is used by default."""
     if (text is None) == (image is None):
@@ -133,7 +144,14 @@ def search(
         raise typer.Exit(2)
     try:
         filters = _filters(filter_ or [])
-        service, name = _service_for(collection, model=model, pretrained=pretrained, device=device)
+        service, name = _service_for(
+            collection,
+            model=model,
+            pretrained=pretrained,
+            device=device,
+            runtime=runtime,
+            precision=precision,
+        )
         if image is not None:
             hits = service.search_image(image, name, top_k, filters)
         else:

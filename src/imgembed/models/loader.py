@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-import open_clip
 import torch
 from open_clip.pretrained import get_pretrained_cfg
 
@@ -22,11 +21,13 @@ from imgembed.errors import ConfigurationError, ModelUnavailableError
 from imgembed.models import registry
 from imgembed.models.registry import ModelRef
 
+open_clip = registry.open_clip()
+
 log = logging.getLogger(__name__)
 
 HUB_PROBE_SECONDS = 3.0
 _LOCK = threading.Lock()
-_LOADED: dict[tuple[str, str, str, str], LoadedModel] = {}
+_LOADED: dict[tuple[str, str, str, str, str], LoadedModel] = {}
 
 
 @dataclass(frozen=True)
@@ -72,15 +73,21 @@ def load_model(
     torch_device = resolve_device(device)
     if precision == "fp16" and torch_device.type == "cpu":
         raise ConfigurationError("fp16 needs a CUDA device; use fp32 or bf16 on the CPU")
-    key = (ref.name, ref.pretrained, str(torch_device), precision)
+    # The weights' identity is part of the key: a checkpoint replaced on disk loads anew.
+    if ref.is_file and not Path(ref.pretrained).is_file():
+        raise ModelUnavailableError(f"{ref}: checkpoint file {ref.pretrained} does not exist")
+    if ref.local_dir is not None and not ref.local_dir.is_dir():
+        raise ModelUnavailableError(f"{ref}: folder {ref.local_dir} does not exist")
+    weights_id = registry.weights_id(ref)
+    key = (ref.name, ref.pretrained, weights_id, str(torch_device), precision)
     with _LOCK:
         if key not in _LOADED:
-            _LOADED[key] = _load(ref, torch_device, precision, cache_dir)
+            _LOADED[key] = _load(ref, torch_device, precision, cache_dir, weights_id)
         return _LOADED[key]
 
 
 def _load(
-    ref: ModelRef, device: torch.device, precision: str, cache_dir: Path | None
+    ref: ModelRef, device: torch.device, precision: str, cache_dir: Path | None, weights_id: str
 ) -> LoadedModel:
     dimension = registry.dimension(ref.name) if ":" not in ref.name else None
     tag_cfg = get_pretrained_cfg(ref.name, ref.pretrained) if ref.seed is None else {}
@@ -91,8 +98,6 @@ def _load(
             f"(known: {', '.join(tags) or 'none'}) nor a checkpoint file "
             f"({', '.join(registry.CHECKPOINT_SUFFIXES)})"
         )
-    if ref.is_file and not Path(ref.pretrained).is_file():
-        raise ModelUnavailableError(f"{ref}: checkpoint file {ref.pretrained} does not exist")
     kwargs: dict[str, Any] = {
         "precision": precision,
         "device": device,
@@ -105,7 +110,7 @@ def _load(
     hub_problem = None
     # open_clip logs what it then raises (and warns about seeded random weights, which are
     # the point of `seed:N`); our exception carries the message instead.
-    with _quiet_root_logger():
+    with quiet_root_logger():
         try:
             if ref.seed is not None:
                 with torch.random.fork_rng(devices=[]):
@@ -132,7 +137,7 @@ def _load(
         preprocess_cfg=dict(open_clip.get_model_preprocess_cfg(model)),
         device=device,
         dimension=dimension,
-        weights_id=_weights_id(ref),
+        weights_id=weights_id,
     )
 
 
@@ -163,7 +168,7 @@ def _offline_unless_hub_reachable() -> Iterator[str | None]:
 
 
 @contextlib.contextmanager
-def _quiet_root_logger() -> Iterator[None]:
+def quiet_root_logger() -> Iterator[None]:
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.CRITICAL)
@@ -171,22 +176,6 @@ def _quiet_root_logger() -> Iterator[None]:
         yield
     finally:
         root.setLevel(level)
-
-
-def _weights_id(ref: ModelRef) -> str:
-    if ref.seed is not None:  # random init depends on the torch version
-        return f"{ref.name}/{ref.pretrained}/torch-{torch.__version__}"
-    if ref.is_file:
-        return f"{ref.name}/{_file_id(Path(ref.pretrained))}"
-    if ref.local_dir is not None:
-        return "local-dir/" + ",".join(_file_id(p) for p in sorted(ref.local_dir.iterdir()))
-    return f"{ref.name}/{ref.pretrained}"
-
-
-def _file_id(path: Path) -> str:
-    # Size and mtime change whenever a checkpoint is replaced; hashing GBs would not pay.
-    stat = path.stat()
-    return f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
 def _unavailable_message(

@@ -3,15 +3,30 @@ aliases, and every architecture + pretrained tag open_clip itself knows."""
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
+import importlib.util
+import json
 from dataclasses import dataclass
 from pathlib import Path
-
-import open_clip
+from types import ModuleType
+from typing import Any
 
 from imgembed.errors import ModelUnavailableError
 
+# Nothing here imports open_clip (and so torch) until a torch model is needed: the ONNX
+# runtime names models, reads their configs and checks their weights without it.
 CONFIG_DIR = Path(__file__).parent / "configs"
-open_clip.add_model_config(CONFIG_DIR)
+
+
+@functools.cache
+def open_clip() -> ModuleType:
+    """open_clip, with our own model configs registered."""
+    import open_clip as module
+
+    module.add_model_config(CONFIG_DIR)
+    return module
+
 
 TEST_MODEL = "imgembed-tiny"
 SEED_PREFIX = "seed:"
@@ -111,25 +126,55 @@ def duplicate_threshold(name: str) -> float:
     return _DUPLICATE_THRESHOLDS.get(name, 0.92)
 
 
+def model_config(name: str) -> dict[str, Any] | None:
+    """An architecture's open_clip config, read from the JSON files without importing it."""
+    spec = importlib.util.find_spec("open_clip")
+    folders = [CONFIG_DIR]
+    if spec is not None and spec.submodule_search_locations:
+        folders += [Path(p) / "model_configs" for p in spec.submodule_search_locations]
+    for folder in folders:
+        path = folder / f"{name}.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+    return None
+
+
 def dimension(name: str) -> int:
     """Embedding width of an architecture, from its config, without loading weights."""
     if name in IMAGE_ONLY:
         return IMAGE_ONLY[name]
-    config = open_clip.get_model_config(name)
+    config = model_config(name)
     if config is None:
-        known = ", ".join(open_clip.list_models()[:12])
+        known = ", ".join(sorted(p.stem for p in CONFIG_DIR.parent.glob("configs/*.json")))
         raise ModelUnavailableError(
             f"unknown model architecture {name!r}; `imgembed models list --all` shows all "
-            f"(e.g. {known}, ...)"
+            f"open_clip knows (besides {known})"
         )
     return int(config["embed_dim"])
+
+
+def weights_id(ref: ModelRef) -> str:
+    """Changes whenever the weights change; part of every cache key and ONNX export."""
+    if ref.seed is not None:  # random init depends on the torch version
+        return f"{ref.name}/{ref.pretrained}/torch-{importlib.metadata.version('torch')}"
+    if ref.is_file:
+        return f"{ref.name}/{_file_id(Path(ref.pretrained))}"
+    if ref.local_dir is not None:
+        return "local-dir/" + ",".join(_file_id(p) for p in sorted(ref.local_dir.iterdir()))
+    return f"{ref.name}/{ref.pretrained}"
+
+
+def _file_id(path: Path) -> str:
+    # Size and mtime change whenever a checkpoint is replaced; hashing GBs would not pay.
+    stat = path.stat()
+    return f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
 def known_pairs() -> list[tuple[ModelRef, int]]:
     """Every architecture + pretrained tag open_clip knows, with its dimension."""
     pairs = []
-    for name, tag in open_clip.list_pretrained():
-        config = open_clip.get_model_config(name)
+    for name, tag in open_clip().list_pretrained():
+        config = model_config(name)
         if config is not None:
             pairs.append((ModelRef(name, tag), int(config["embed_dim"])))
     return pairs

@@ -10,7 +10,7 @@ from typing import Protocol
 import numpy as np
 
 from imgembed.config import Settings
-from imgembed.errors import ConfigurationError, EncodeError
+from imgembed.errors import EncodeError
 from imgembed.models.preprocess import Preprocessor
 from imgembed.models.registry import ModelRef
 
@@ -68,12 +68,12 @@ class TorchEncoder:
 
 
 def create_encoder(ref: ModelRef, settings: Settings) -> Encoder:
-    if settings.runtime == "torch":
-        if ref.name == "efficientnet-lite0":
-            from imgembed.models.efficientnet import EfficientNetEncoder
+    if settings.runtime == "onnx":
+        from imgembed.models.onnx_runtime import OnnxEncoder
 
-            return EfficientNetEncoder(ref, settings)
-        return TorchEncoder(ref, settings)
-    raise ConfigurationError(
-        f"runtime {settings.runtime!r} is not available in this version; use IMGEMBED_RUNTIME=torch"
-    )
+        return OnnxEncoder(ref, settings)
+    if ref.name == "efficientnet-lite0":
+        from imgembed.models.efficientnet import EfficientNetEncoder
+
+        return EfficientNetEncoder(ref, settings)
+    return TorchEncoder(ref, settings)
