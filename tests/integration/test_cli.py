@@ -87,6 +87,48 @@ def test_models_list():
     assert run("models", "list").returncode == 0
 
 
+def test_models_export_then_verify_on_own_images(photos, tmp_path):
+    proc = run("models", "export", "imgembed-tiny", "--pretrained", "seed:0", "--precision", "int8")
+    assert proc.returncode == 0, proc.stderr
+    folder = Path(proc.stdout.strip())
+    assert {"visual.onnx", "text.onnx", "tokenizer.json"} <= {p.name for p in folder.iterdir()}
+    assert "visual.onnx" in proc.stderr and "sha256" in proc.stderr
+    again = run(
+        "models", "export", "imgembed-tiny", "--pretrained", "seed:0", "--precision", "int8"
+    )
+    assert again.stdout == proc.stdout and f"up to date: {folder}" in again.stderr
+
+    images = tmp_path / "mine"
+    images.mkdir()
+    for photo in photos:
+        (images / photo.name).write_bytes(photo.read_bytes())
+    (images / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    args = ["models", "verify", "imgembed-tiny", "--pretrained", "seed:0", "--images", str(images)]
+    fp32 = run(*args, "--precision", "fp32", "--json")
+    assert fp32.returncode == 0, fp32.stderr
+    report = json.loads(fp32.stdout)
+    assert report["images"] == len(photos) and len(report["failed"]) == 1
+    assert report["image_cosine_min"] >= 0.99999 and report["text_cosine_min"] >= 0.99999
+    assert report["speed_ratio"] > 0 and report["reference_images_per_second"] > 0
+    int8 = run(*args, "--json")  # int8 is the default to verify
+    report = json.loads(int8.stdout)
+    assert report["precision"] == "int8" and 0.98 < report["image_cosine_min"] < 0.99999
+    strict = run(*args, "--min-cosine", "0.99999")
+    assert strict.returncode == 1 and "is below 0.99999" in strict.stderr
+    assert "image cosine min / mean" in strict.stdout
+
+
+def test_embed_on_the_onnx_runtime_matches_torch(photos):
+    onnx = run("embed", *map(str, photos), "--runtime", "onnx", "--no-cache", *TINY_ARGS)
+    torch = run("embed", *map(str, photos), "--no-cache", *TINY_ARGS)
+    assert onnx.returncode == 0 and torch.returncode == 0, onnx.stderr + torch.stderr
+    a = np.array([json.loads(line)["embedding"] for line in onnx.stdout.splitlines()])
+    b = np.array([json.loads(line)["embedding"] for line in torch.stdout.splitlines()])
+    assert np.sum(a * b, axis=1).min() >= 0.99999
+    bad = run("embed", str(photos[0]), "--runtime", "onnx", "--precision", "bf16", *TINY_ARGS)
+    assert bad.returncode == 3 and "not available on the ONNX runtime" in bad.stderr
+
+
 def test_exit_codes_for_unavailable_model_and_bad_config(photos):
     proc = run("embed", str(photos[0]))  # default ViT-B-32 openai, offline
     assert proc.returncode == 4
