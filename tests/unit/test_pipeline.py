@@ -168,3 +168,55 @@ def test_threads_share_one_service(tiny_service, photos):
 def test_empty_input(tiny_service):
     assert tiny_service.embed_images([]) == []
     assert tiny_service.embed_texts([]).shape == (0, 64)
+
+
+def _counting_reads(service, monkeypatch):
+    """Records when each input is read (in the worker threads)."""
+    reads = []
+    real = service.intake.read
+
+    def read(source):
+        reads.append(time.perf_counter())
+        return real(source)
+
+    monkeypatch.setattr(service.intake, "read", read)
+    return reads
+
+
+def test_work_in_flight_is_bounded(photos, monkeypatch):
+    """A long run never reads more than the chunk being encoded plus PREFETCH_CHUNKS ahead,
+    however slowly results are consumed: memory stays flat on any number of images."""
+    from imgembed.engine.pipeline import PREFETCH_CHUNKS
+
+    with ImageEmbeddingService(**TINY, batch_size=8, cache_embeddings=False) as service:
+        reads = _counting_reads(service, monkeypatch)
+        sources = (photos * 100)[:600]
+        ahead = []
+        for done, result in enumerate(service.iter_images(sources), start=1):
+            assert result.ok
+            time.sleep(0.001 if done % 50 else 0.2)  # a slow consumer now and then
+            ahead.append(len(reads) - done)
+    assert len(reads) == len(sources)
+    assert max(ahead) <= (PREFETCH_CHUNKS + 1) * 8
+    assert max(ahead) >= PREFETCH_CHUNKS * 8  # and it does read ahead
+
+
+def test_decoding_overlaps_encoding(photos, monkeypatch):
+    with ImageEmbeddingService(**TINY, batch_size=4, cache_embeddings=False) as service:
+        encoder = service.encoder
+        reads = _counting_reads(service, monkeypatch)
+        windows = []
+        real = encoder.encode_images
+
+        def slow_encode(batch):
+            started = time.perf_counter()
+            time.sleep(0.3)  # a big model
+            out = real(batch)
+            windows.append((started, time.perf_counter()))
+            return out
+
+        monkeypatch.setattr(encoder, "encode_images", slow_encode)
+        results = service.embed_images((photos * 4)[:16])
+    assert all(r.ok for r in results) and len(windows) == 4
+    during = [t for t in reads if any(a <= t <= b for a, b in windows)]
+    assert len(during) >= 4, "the next batch must be read while one is encoded"

@@ -63,9 +63,14 @@ def resolve_device(device: str) -> torch.device:
 
 
 def load_model(
-    ref: ModelRef, device: str = "auto", precision: str = "fp32", cache_dir: Path | None = None
+    ref: ModelRef,
+    device: str = "auto",
+    precision: str = "fp32",
+    cache_dir: Path | None = None,
+    shared: bool = True,
 ) -> LoadedModel:
-    """The shared model instance for these settings, loading it on first use."""
+    """The shared model instance for these settings, loading it on first use; with
+    shared=False a private one that is freed with its last reference (e.g. after an export)."""
     if precision not in ("fp32", "fp16", "bf16"):
         raise ConfigurationError(
             f"precision {precision!r} is not available on the torch runtime (fp32, fp16, bf16)"
@@ -73,12 +78,14 @@ def load_model(
     torch_device = resolve_device(device)
     if precision == "fp16" and torch_device.type == "cpu":
         raise ConfigurationError("fp16 needs a CUDA device; use fp32 or bf16 on the CPU")
-    # The weights' identity is part of the key: a checkpoint replaced on disk loads anew.
     if ref.is_file and not Path(ref.pretrained).is_file():
         raise ModelUnavailableError(f"{ref}: checkpoint file {ref.pretrained} does not exist")
     if ref.local_dir is not None and not ref.local_dir.is_dir():
         raise ModelUnavailableError(f"{ref}: folder {ref.local_dir} does not exist")
     weights_id = registry.weights_id(ref)
+    if not shared:
+        return _load(ref, torch_device, precision, cache_dir, weights_id)
+    # The weights' identity is part of the key: a checkpoint replaced on disk loads anew.
     key = (ref.name, ref.pretrained, weights_id, str(torch_device), precision)
     with _LOCK:
         if key not in _LOADED:

@@ -24,6 +24,7 @@ from imgembed.models.onnx_runtime import (
     EXPORT_FORMAT,
     ONNX_PRECISIONS,
     export_dir,
+    stale_reason,
     write_manifest,
 )
 from imgembed.models.preprocess import Preprocessor
@@ -53,7 +54,7 @@ def export(ref: ModelRef, precision: str, settings: Settings) -> Path:
     if ref.name in registry.IMAGE_ONLY:
         raise ConfigurationError(f"{ref.name} runs on the torch runtime only")
     started = time.perf_counter()
-    loaded = load_model(ref, "cpu", "fp32", settings.model_cache_dir)
+    loaded = load_model(ref, "cpu", "fp32", settings.model_cache_dir, shared=False)
     preprocessor = Preprocessor.from_config(loaded.preprocess_cfg)
     target = export_dir(settings, ref, precision)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -94,9 +95,13 @@ def export(ref: ModelRef, precision: str, settings: Settings) -> Path:
             "seconds": round(time.perf_counter() - started, 1),
         }
         write_manifest(work, manifest)
-        if target.exists():  # stale (or another process just finished the same export)
+        if target.exists():  # stale
             shutil.rmtree(target)
-        os.replace(work, target)
+        try:
+            os.replace(work, target)
+        except OSError:  # another process has just put the same export there
+            if stale_reason(target, ref) is not None:
+                raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
     log.info("exported %s (%s) to %s in %.0f s", ref, precision, target, manifest["seconds"])
