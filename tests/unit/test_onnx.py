@@ -13,7 +13,7 @@ import open_clip
 import pytest
 import torch
 
-from imgembed import ImageEmbeddingService, ModelUnavailableError
+from imgembed import ConfigurationError, ImageEmbeddingService, ModelUnavailableError
 from imgembed.models import onnx_runtime, registry
 from imgembed.models.tokenizer import TextTokenizer
 from tests.conftest import TINY
@@ -223,3 +223,25 @@ def test_missing_export_without_torch_is_a_typed_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "imgembed.models.onnx_export", None)  # import fails
     with pytest.raises(ModelUnavailableError, match="Exporting needs torch"):
         ImageEmbeddingService(runtime="onnx", **TINY).encoder  # noqa: B018
+
+
+def test_a_model_torch_cannot_export_is_a_typed_error(monkeypatch):
+    def fail(*args, **kwargs):
+        raise RuntimeError("Exporting the operator 'aten::weird' is not supported")
+
+    monkeypatch.setattr(torch.onnx, "export", fail)
+    with pytest.raises(ConfigurationError, match=r"cannot be exported to ONNX.*aten::weird"):
+        ImageEmbeddingService(runtime="onnx", **TINY).encoder  # noqa: B018
+    assert not list(ImageEmbeddingService(**TINY).settings.onnx_dir.glob("*/*"))  # no leftovers
+
+
+def test_a_tokenizer_without_onnx_form_exports_the_image_tower_only(monkeypatch, photos):
+    def unsupported(simple):
+        raise ConfigurationError("this model's tokenizer has no ONNX equivalent")
+
+    monkeypatch.setattr(TextTokenizer, "from_open_clip", unsupported)
+    with ImageEmbeddingService(runtime="onnx", cache_embeddings=False, **TINY) as service:
+        assert service.embed_image(photos[0]).shape == (64,)
+        assert set(service.encoder.manifest["files"]) == {"visual.onnx"}
+        with pytest.raises(ConfigurationError, match="no text tower"):
+            service.embed_text("a cat")

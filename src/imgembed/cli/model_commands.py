@@ -27,7 +27,7 @@ def models_list(
     all_: Annotated[
         bool, typer.Option("--all", help="Every architecture + tag open_clip knows.")
     ] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="JSON instead of a table.")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Known models, their embedding dimension and aliases."""
     from imgembed.models import registry

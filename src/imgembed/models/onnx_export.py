@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from imgembed.config import Settings
-from imgembed.errors import ConfigurationError
+from imgembed.errors import ConfigurationError, ImgEmbedError
 from imgembed.models import registry
 from imgembed.models.loader import load_model, quiet_root_logger
 from imgembed.models.onnx_runtime import (
@@ -60,22 +60,7 @@ def export(ref: ModelRef, precision: str, settings: Settings) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        files = {"visual": "visual.onnx"}
-        pixels = torch.zeros(2, 3, *preprocessor.size)
-        _export_tower(_Tower(loaded.model, text=False), pixels, work / files["visual"])
-        text: dict[str, Any] | None = None
-        try:
-            tokenizer = TextTokenizer.from_open_clip(loaded.tokenizer)
-        except (ConfigurationError, AttributeError) as exc:
-            log.warning("%s: exporting the image tower only (%s)", ref, exc)
-        else:
-            files["text"] = "text.onnx"
-            tokens = torch.from_numpy(tokenizer(["a photo", "of a cat"]))
-            _export_tower(_Tower(loaded.model, text=True), tokens, work / files["text"])
-            text = tokenizer.save(work)
-        if precision == "int8":
-            for name in files.values():
-                _quantize(work / name)
+        files, text = _export_towers(ref, loaded, preprocessor, precision, work)
         manifest = {
             "format": EXPORT_FORMAT,
             "model": ref.name,
@@ -106,6 +91,37 @@ def export(ref: ModelRef, precision: str, settings: Settings) -> Path:
         shutil.rmtree(work, ignore_errors=True)
     log.info("exported %s (%s) to %s in %.0f s", ref, precision, target, manifest["seconds"])
     return target
+
+
+def _export_towers(
+    ref: ModelRef, loaded: Any, preprocessor: Preprocessor, precision: str, work: Path
+) -> tuple[dict[str, str], dict[str, Any] | None]:
+    """The towers' ONNX files (and the tokenizer) in `work`; a typed error if torch's
+    exporter or the quantiser cannot handle this architecture."""
+    try:
+        files = {"visual": "visual.onnx"}
+        pixels = torch.zeros(2, 3, *preprocessor.size)
+        _export_tower(_Tower(loaded.model, text=False), pixels, work / files["visual"])
+        text: dict[str, Any] | None = None
+        try:
+            tokenizer = TextTokenizer.from_open_clip(loaded.tokenizer)
+        except (ConfigurationError, AttributeError) as exc:
+            log.warning("%s: exporting the image tower only (%s)", ref, exc)
+        else:
+            files["text"] = "text.onnx"
+            tokens = torch.from_numpy(tokenizer(["a photo", "of a cat"]))
+            _export_tower(_Tower(loaded.model, text=True), tokens, work / files["text"])
+            text = tokenizer.save(work)
+        if precision == "int8":
+            for name in files.values():
+                _quantize(work / name)
+    except ImgEmbedError:
+        raise
+    except Exception as exc:  # torch's exporter and onnxruntime's tools raise many kinds
+        raise ConfigurationError(
+            f"{ref} cannot be exported to ONNX ({precision}): {exc}; use IMGEMBED_RUNTIME=torch"
+        ) from exc
+    return files, text
 
 
 def _export_tower(tower: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
