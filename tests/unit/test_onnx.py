@@ -78,14 +78,14 @@ def test_tiny_fp32_equals_open_clip(tiny_reference, all_photos):
 
 
 def test_tiny_int8_stays_close(tiny_reference, all_photos):
-    """The tiny model is the hardest case for int8 (64-wide layers, random weights):
-    measured 0.990 (images) and 0.987 (texts) at the minimum."""
+    """Measured 0.99988 (images) and 0.9988 (texts) at the minimum; 0.990 and 0.987 before
+    the weights were limited to 7 bits (see onnx_export._quantize)."""
     images, texts = _embed(all_photos, runtime="onnx", precision="int8", **TINY)
     expected = reference_image_embeddings(*tiny_reference, all_photos)
     image_cos = rowwise_cosine(images, expected)
-    assert 0.98 <= image_cos.min() < 0.99999  # close, and really quantised
+    assert 0.999 <= image_cos.min() < 0.99999  # close, and really quantised
     expected_texts = reference_text_embeddings(tiny_reference[0], "imgembed-tiny", TEXTS)
-    assert rowwise_cosine(texts, expected_texts).min() >= 0.98
+    assert rowwise_cosine(texts, expected_texts).min() >= 0.998
 
 
 @pytest.fixture(scope="module")
@@ -94,10 +94,15 @@ def vitb32_exports(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("precision", "bound"), [("fp32", 0.99999), ("int8", 0.975)])
-def test_vit_b_32_equals_open_clip(vitb32_checkpoint, vitb32_exports, all_photos, precision, bound):
-    """fp32 is exact. int8 with these *random* weights: min 0.981 over the photos (real
-    weights cannot be fetched offline; `imgembed models verify` checks them on real photos)."""
+@pytest.mark.parametrize(
+    ("precision", "image_bound", "text_bound"), [("fp32", 0.99999, 0.99999), ("int8", 0.999, 0.998)]
+)
+def test_vit_b_32_equals_open_clip(
+    vitb32_checkpoint, vitb32_exports, all_photos, precision, image_bound, text_bound
+):
+    """fp32 is exact; int8 (the issue's bound is 0.99) measured 0.9997 on the photos and
+    0.9984 on the texts with these random weights (real ones cannot be fetched offline:
+    `imgembed models verify` checks them)."""
     model, preprocess = reference_model("ViT-B-32", str(vitb32_checkpoint))
     settings = {"model": "ViT-B-32", "pretrained": str(vitb32_checkpoint)}
     images, texts = _embed(
@@ -105,10 +110,10 @@ def test_vit_b_32_equals_open_clip(vitb32_checkpoint, vitb32_exports, all_photos
     )
     assert (
         rowwise_cosine(images, reference_image_embeddings(model, preprocess, all_photos)).min()
-        >= bound
+        >= image_bound
     )
     expected_texts = reference_text_embeddings(model, "ViT-B-32", TEXTS)
-    assert rowwise_cosine(texts, expected_texts).min() >= bound
+    assert rowwise_cosine(texts, expected_texts).min() >= text_bound
 
 
 @pytest.fixture
