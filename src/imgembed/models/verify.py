@@ -65,8 +65,10 @@ def verify(ref: ModelRef, settings: Settings, images: Sequence[Path | bytes]) ->
         try:  # full decode (no draft): both runtimes see the same pixels
             decoded = intake.read(source).decode(intake.limits, None)
             pixels.append(reference.preprocessor(decoded.image))
-        except ImgEmbedError as exc:
-            failed.append(f"{exc}")
+        except ImgEmbedError as exc:  # names its source
+            failed.append(str(exc))
+        except Exception as exc:  # untrusted files: as in the pipeline, skip and name them
+            failed.append(f"{source if isinstance(source, Path | str) else 'bytes'}: {exc!r}")
     if not pixels:
         raise ImgEmbedError("no image could be read to verify with")
     batch = np.stack(pixels)
