@@ -201,3 +201,20 @@ def test_local_dir_model_and_its_dimension_check(tmp_path, photos):
     wrong = ImageEmbeddingService(model=f"local-dir:{folder}", dimension=512)
     with pytest.raises(ConfigurationError, match="configured dimension 512"):
         wrong.embed_text("x")
+
+
+def test_a_checkpoint_replaced_on_disk_loads_anew(tmp_path, photos):
+    """A long-running process must not keep serving the old weights of a replaced file."""
+    registry.open_clip()
+    path = tmp_path / "tiny.pt"
+
+    def save_and_embed(seed: int) -> np.ndarray:
+        torch.manual_seed(seed)
+        torch.save(open_clip.create_model("imgembed-tiny").state_dict(), path)
+        settings = {"model": "imgembed-tiny", "pretrained": str(path), "cache_embeddings": False}
+        with ImageEmbeddingService(**settings) as service:
+            return service.embed_image(photos[0])
+
+    first, second = save_and_embed(1), save_and_embed(2)
+    assert float(first @ second) < 0.99
+    np.testing.assert_allclose(save_and_embed(1), first, atol=1e-6)
