@@ -4,8 +4,11 @@ CLIP_MODEL_NAME and CLIP_DIMENSION are accepted as aliases."""
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
+import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -77,6 +80,10 @@ class Settings(BaseSettings):
     qdrant_api_key: str | None = Field(None, validation_alias=_env("qdrant_api_key"))
     collection: str = Field("images", min_length=1, validation_alias=_env("collection"))
     hnsw_ef_search: int = Field(100, ge=10, le=1000, validation_alias=_env("hnsw_ef_search"))
+    # The seed's `image_size`: the model's input size decides; a different value is refused.
+    image_size: int | None = Field(None, gt=0, validation_alias=_env("image_size"))
+    # The seed's `debug`: results carry metadata["debug_logs"] (timestamped steps).
+    debug: bool = Field(False, validation_alias=_env("debug"))
 
     @field_validator("supported_formats", "allowed_roots", mode="before")
     @classmethod
@@ -116,8 +123,8 @@ def cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-# The GenericRAG seed's CLIP_CONFIG keys. Mapped ones become settings; the rest are
-# accepted so a seed config dict works unchanged, and have no effect.
+# The GenericRAG seed's CLIP_CONFIG keys. Mapped ones become settings; the others describe
+# what imgembed always does, so their value is checked rather than silently ignored.
 _SEED_KEYS = {
     "model_name": "model",
     "dimension": "dimension",
@@ -135,15 +142,23 @@ _SEED_KEYS = {
     "timeout": "fetch_timeout",
     "retry_attempts": "retry_attempts",
     "retry_delay": "retry_delay",
+    "image_size": "image_size",
+    "debug": "debug",
+}
+# Keys whose only possible value is what imgembed does anyway: that value is accepted, any
+# other is refused with the reason.
+_SEED_FIXED = {
+    "convert_to_rgb": (True, "every image is converted to RGB: the model takes RGB input"),
+    "apply_augmentation": (False, "embeddings must be deterministic, so nothing is augmented"),
+    "enable_metadata_extraction": (
+        True,
+        "metadata is read from the image header at no cost; results show it with "
+        "include_metadata=True",
+    ),
 }
 _SEED_KEYS_WITHOUT_EFFECT = {
-    "ollama_endpoint",
-    "image_size",  # the model's own transform decides the input size
-    "temp_directory",
-    "convert_to_rgb",  # always done
-    "apply_augmentation",  # never done: embeddings must be deterministic
-    "debug",
-    "enable_metadata_extraction",  # metadata is always extracted; include_metadata shows it
+    "temp_directory": "imgembed keeps downloads and decoded images in memory",
+    "ollama_endpoint": "no text embedder uses Ollama yet",
 }
 
 
@@ -153,7 +168,17 @@ def translate_seed_config(config: dict[str, Any]) -> dict[str, Any]:
     use_gpu = config.get("use_gpu")
     gpu_device = config.get("gpu_device")
     for key, value in config.items():
-        if key in ("use_gpu", "gpu_device") or key in _SEED_KEYS_WITHOUT_EFFECT:
+        if key in ("use_gpu", "gpu_device"):
+            continue
+        if key in _SEED_FIXED:
+            expected, reason = _SEED_FIXED[key]
+            if bool(value) != expected:
+                raise ConfigurationError(f"{key}={value!r} cannot be honoured: {reason}")
+            continue
+        if key in _SEED_KEYS_WITHOUT_EFFECT:
+            warnings.warn(
+                f"{key} has no effect: {_SEED_KEYS_WITHOUT_EFFECT[key]}", UserWarning, stacklevel=3
+            )
             continue
         if key == "parallel_processing":
             if not value:
@@ -172,6 +197,31 @@ def translate_seed_config(config: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _known_environment_names() -> set[str]:
+    names = set()
+    for field in Settings.model_fields.values():
+        alias = field.validation_alias
+        if isinstance(alias, AliasChoices):
+            names.update(
+                a for a in alias.choices if isinstance(a, str) and a.startswith("IMGEMBED_")
+            )
+    return names
+
+
+def warn_unknown_environment(environ: Mapping[str, str] = os.environ) -> list[str]:
+    """Warn about IMGEMBED_* variables that are no setting (a typo would otherwise be
+    ignored silently); returns them."""
+    known = _known_environment_names()
+    unknown = sorted(k for k in environ if k.startswith("IMGEMBED_") and k not in known)
+    for name in unknown:
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        warnings.warn(
+            f"{name} is not an imgembed setting{hint}; it is ignored", UserWarning, stacklevel=2
+        )
+    return unknown
+
+
 def load_settings(config: Settings | dict[str, Any] | None = None, **overrides: Any) -> Settings:
     """Settings from a Settings object, a seed-style dict and/or keyword overrides; fields not
     given come from the environment."""
@@ -182,6 +232,7 @@ def load_settings(config: Settings | dict[str, Any] | None = None, **overrides: 
     else:
         base = translate_seed_config(config or {})
     base.update(translate_seed_config(overrides))
+    warn_unknown_environment()
     try:
         return Settings(**base)
     except ValidationError as exc:

@@ -47,7 +47,8 @@ class ImageEmbeddingService:
 
     def __init__(self, config: Settings | dict[str, Any] | None = None, **overrides: Any):
         self.settings = load_settings(config, **overrides)
-        self.model_ref = registry.resolve(self.settings.model, self.settings.pretrained)
+        explicit = "pretrained" in self.settings.model_fields_set
+        self.model_ref = registry.resolve(self.settings.model, self.settings.pretrained, explicit)
         if ":" not in self.model_ref.name:  # hub/local-dir configs are known only once loaded
             self._check_dimension(registry.dimension(self.model_ref.name))
         self.intake = Intake(self.settings)
@@ -64,6 +65,15 @@ class ImageEmbeddingService:
                 f"configured dimension {wanted} does not match {self.model_ref}, which produces "
                 f"{actual}-d embeddings; set IMGEMBED_DIMENSION/CLIP_DIMENSION={actual} or "
                 "choose another model"
+            )
+
+    def _check_image_size(self, size: tuple[int, int]) -> None:
+        wanted = self.settings.image_size
+        if wanted is not None and (wanted, wanted) != size:
+            raise ConfigurationError(
+                f"image_size {wanted} cannot be honoured: {self.model_ref} takes "
+                f"{size[1]}x{size[0]} input, and any other size would change its vectors; "
+                "remove image_size or set it to the model's input size"
             )
 
     # -- engine, built lazily --------------------------------------------------------------
@@ -83,6 +93,7 @@ class ImageEmbeddingService:
             if self._encoder is None or self._pipeline is None:
                 encoder = create_encoder(self.model_ref, self.settings)
                 self._check_dimension(encoder.dimension)
+                self._check_image_size(encoder.preprocessor.size)
                 if self.settings.cache_embeddings:
                     namespace = ImagePipeline.cache_namespace(encoder, self.settings.exact)
                     self._cache = EmbeddingCache(self.settings.embedding_cache_dir, namespace)

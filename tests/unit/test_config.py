@@ -1,5 +1,7 @@
 """Settings from the environment, keyword arguments and the seed's config names."""
 
+import numpy as np
+import open_clip
 import pytest
 
 from imgembed import ConfigurationError, ImageEmbeddingService, Settings
@@ -107,3 +109,74 @@ def test_unknown_and_invalid_settings_are_clear_errors():
         ImageEmbeddingService(batch_size=0)
     with pytest.raises(ConfigurationError, match="runtime"):
         ImageEmbeddingService(runtime="tensorflow")
+
+
+def test_an_explicit_checkpoint_wins_over_the_aliases_tag(monkeypatch, tmp_path):
+    checkpoint = str(tmp_path / "ckpt.pt")
+    service = ImageEmbeddingService(model="clip-vit-base-patch32", pretrained=checkpoint)
+    assert service.model_ref == ModelRef("ViT-B-32", checkpoint)
+    monkeypatch.setenv("CLIP_MODEL_NAME", "clip-vit-large-patch14")
+    monkeypatch.setenv("IMGEMBED_PRETRAINED", "laion2b_s32b_b82k")
+    assert ImageEmbeddingService().model_ref == ModelRef("ViT-L-14", "laion2b_s32b_b82k")
+    monkeypatch.delenv("IMGEMBED_PRETRAINED")
+    assert ImageEmbeddingService().model_ref == ModelRef("ViT-L-14", "openai")  # the alias's tag
+
+
+@pytest.mark.slow
+def test_an_alias_with_a_checkpoint_file_embeds_with_that_file(vitb32_checkpoint, photos):
+    from tests.reference import reference_image_embeddings, rowwise_cosine
+
+    service = ImageEmbeddingService(
+        model="clip-vit-base-patch32", pretrained=str(vitb32_checkpoint), cache_embeddings=False
+    )
+    ours = np.stack([r.embedding for r in service.embed_images(photos[:3])])
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        "ViT-B-32", pretrained=str(vitb32_checkpoint)
+    )
+    expected = reference_image_embeddings(model.eval(), preprocess, photos[:3])
+    assert rowwise_cosine(ours, expected).min() >= 0.9999
+
+
+def test_image_size_is_honoured_or_refused(photos):
+    tiny = {"model": "imgembed-tiny", "pretrained": "seed:0", "cache_embeddings": False}
+    same = ImageEmbeddingService({**tiny, "image_size": 224})
+    assert same.embed_image(photos[0]).shape == (64,)
+    other = ImageEmbeddingService({**tiny, "image_size": 256})
+    with pytest.raises(ConfigurationError, match=r"image_size 256 cannot be honoured.*224x224"):
+        other.embed_image(photos[0])
+
+
+@pytest.mark.parametrize(
+    ("key", "accepted", "refused", "reason"),
+    [
+        ("convert_to_rgb", True, False, "RGB"),
+        ("apply_augmentation", False, True, "deterministic"),
+        ("enable_metadata_extraction", True, False, "include_metadata"),
+    ],
+)
+def test_seed_preprocessing_keys_are_honoured_or_refused(key, accepted, refused, reason):
+    load_settings({key: accepted})
+    with pytest.raises(ConfigurationError, match=rf"{key}={refused}.*{reason}"):
+        load_settings({key: refused})
+
+
+def test_seed_keys_without_effect_say_so():
+    with pytest.warns(UserWarning, match="temp_directory has no effect"):
+        load_settings({"temp_directory": "./data/temp"})
+
+
+def test_a_misspelt_environment_variable_warns(monkeypatch):
+    monkeypatch.setenv("IMGEMBED_BATCHSIZE", "3")
+    monkeypatch.setenv("IMGEMBED_BATCH_SIZE", "4")
+    with pytest.warns(UserWarning, match=r"IMGEMBED_BATCHSIZE .*did you mean IMGEMBED_BATCH_SIZE"):
+        settings = load_settings()
+    assert settings.batch_size == 4
+
+
+def test_known_environment_variables_do_not_warn(monkeypatch, recwarn):
+    values = {"IMGEMBED_MODEL": "ViT-B-32", "IMGEMBED_CACHE": "1", "IMGEMBED_DEBUG": "1",
+              "IMGEMBED_HNSW_EF_SEARCH": "40"}  # fmt: skip
+    for name, value in values.items():
+        monkeypatch.setenv(name, value)
+    load_settings()
+    assert not [w for w in recwarn if "IMGEMBED_" in str(w.message)]

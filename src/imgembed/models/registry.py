@@ -107,11 +107,12 @@ CATALOGUE: tuple[CatalogueEntry, ...] = (
 _ALIASES = {alias.lower(): entry.ref for entry in CATALOGUE for alias in entry.aliases}
 
 
-def resolve(model: str, pretrained: str) -> ModelRef:
-    """Map a seed alias such as `clip-vit-base-patch32` to its open_clip name and tag."""
+def resolve(model: str, pretrained: str, explicit: bool = True) -> ModelRef:
+    """Map a seed alias such as `clip-vit-base-patch32` to its open_clip name and tag. An
+    `explicit` pretrained (a checkpoint file, another tag) wins over the alias's own tag."""
     aliased = _ALIASES.get(model.lower())
     if aliased is not None:
-        return aliased
+        return ModelRef(aliased.name, pretrained) if explicit else aliased
     return ModelRef(model.replace("/", "-") if ":" not in model else model, pretrained)
 
 
