@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 DB_NAME = diskcache.core.DBNAME  # "cache.db"
 QUARANTINE_MARK = ".corrupt-"
 # SQLite's primary result codes for "this file is damaged" (sqlite3 errors carry them).
-_SQLITE_CORRUPT, _SQLITE_CANTOPEN, _SQLITE_NOTADB = 11, 14, 26
+_SQLITE_CORRUPT, _SQLITE_NOTADB = 11, 26
 _SQLITE_BUSY, _SQLITE_LOCKED = 5, 6
 Entry = tuple[np.ndarray, dict[str, Any]]
 
@@ -46,20 +46,12 @@ class EmbeddingCache:
         self.directory = Path(directory)
         self._db = self.directory / DB_NAME
         self._namespace = hashlib.sha256(namespace.encode()).hexdigest()[:16]
-        self._lock = threading.Lock()  # one thread repairs; the others see the result
+        self._lock = threading.RLock()  # one thread repairs; the others see the result
         self._warned: set[str] = set()
         self._writable = True
         self._cache: diskcache.Cache | None = None  # None: off
         self._inode: tuple[int, int] | None = None  # the cache.db this cache opened
         self._open()
-
-    @property
-    def enabled(self) -> bool:
-        return self._cache is not None
-
-    @property
-    def writable(self) -> bool:
-        return self._cache is not None and self._writable
 
     def _key(self, digest: str) -> str:
         return f"{self._namespace}:{digest}"
@@ -127,6 +119,8 @@ class EmbeddingCache:
         stops it from opening leaves the cache off."""
         for attempt in range(2):
             try:
+                if self._db.exists() and not self._db.is_file():  # SQLite could block on a FIFO
+                    raise _NotAFileError(f"{self._db} is not a file")
                 self._cache = diskcache.Cache(str(self.directory))
                 self._inode = _inode(self._db)
                 return
@@ -203,7 +197,9 @@ class EmbeddingCache:
         return True
 
     def _warn(self, kind: str, message: str) -> None:
-        if kind not in self._warned:
+        with self._lock:
+            if kind in self._warned:
+                return
             self._warned.add(kind)
             log.warning("embedding cache %s %s%s", self.directory, message, _hint(self.directory))
 
@@ -225,12 +221,14 @@ def _checked(entry: Any, dimension: int) -> Entry | str:
     return vector, quality
 
 
+class _NotAFileError(Exception):
+    pass
+
+
 def _is_damage(exc: Exception, db: Path) -> bool:
+    """A damaged file, as opposed to a full, read-only or busy disk (which leave it alone)."""
     code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
-    if code in (_SQLITE_CORRUPT, _SQLITE_NOTADB):
-        return True
-    # "unable to open" is damage only when something other than a file sits in its place.
-    return code == _SQLITE_CANTOPEN and db.exists() and not db.is_file()
+    return code in (_SQLITE_CORRUPT, _SQLITE_NOTADB) or (db.exists() and not db.is_file())
 
 
 def _is_busy(exc: Exception) -> bool:
@@ -249,17 +247,18 @@ def _inode(path: Path) -> tuple[int, int] | None:
 def _hint(directory: Path) -> str:
     """What SQLite's "disk I/O error" or "unable to open" often means here."""
     folder = next((p for p in (directory, *directory.parents) if p.is_dir()), None)
-    if folder is None:
-        return ""
-    if not os.access(folder, os.W_OK):
-        return f" ({folder} is not writable)"
-    if shutil.disk_usage(folder).free < 1 << 20:
-        return f" (the disk under {folder} is full)"
+    try:
+        if folder is not None and not os.access(folder, os.W_OK):
+            return f" ({folder} is not writable)"
+        if folder is not None and shutil.disk_usage(folder).free < 1 << 20:
+            return f" (the disk under {folder} is full)"
+    except OSError:
+        pass
     return ""
 
 
 def _describe(exc: Exception) -> str:
-    return f"{type(exc).__name__}: {exc}"
+    return str(exc) if isinstance(exc, _NotAFileError) else f"{type(exc).__name__}: {exc}"
 
 
 def _remove(path: Path) -> None:
