@@ -21,8 +21,13 @@ from imgembed import indexing
 from imgembed.config import Settings, load_settings
 from imgembed.engine import similarity
 from imgembed.engine.cache import EmbeddingCache
-from imgembed.engine.pipeline import ImagePipeline, ProgressCallback
-from imgembed.errors import ConfigurationError, ImgEmbedError, ProvenanceMismatchError
+from imgembed.engine.pipeline import ImagePipeline, ProgressCallback, finite_rows
+from imgembed.errors import (
+    ConfigurationError,
+    EncodeError,
+    ImgEmbedError,
+    ProvenanceMismatchError,
+)
 from imgembed.indexing import IndexItem, IndexStats
 from imgembed.intake.image_input import Input, Intake
 from imgembed.intake.sources import decode_base64
@@ -137,6 +142,12 @@ class ImageEmbeddingService:
         vectors = np.concatenate(
             [encoder.encode_texts(texts[i : i + size]) for i in range(0, len(texts), size)]
         )
+        finite = finite_rows(vectors, len(texts), encoder.dimension)
+        if not finite.all():
+            bad = ", ".join(f"#{i} {texts[i][:40]!r}" for i in np.flatnonzero(~finite)[:5])
+            raise EncodeError(
+                f"{encoder.ref} returned a non-finite embedding (NaN or infinity) for text {bad}"
+            )
         return similarity.l2_normalize(vectors) if self.settings.normalize else vectors
 
     def embed_text(self, text: str) -> np.ndarray:

@@ -146,7 +146,7 @@ def test_export_is_reused_and_redone_when_the_source_changes(tiny_checkpoint, ph
         registry.ModelRef("imgembed-tiny", str(tiny_checkpoint))
     )
     assert manifest["opset"] == 17 and manifest["precision"] == "fp32"
-    assert set(manifest["files"]) == {"visual.onnx", "text.onnx"}
+    assert set(manifest["files"]) == {"visual.onnx", "text.onnx", "tokenizer.json"}
     assert manifest["preprocess"]["size"] == [224, 224]
 
     again, _ = first_vector()

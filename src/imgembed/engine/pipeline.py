@@ -22,7 +22,7 @@ import numpy as np
 from imgembed.config import Settings
 from imgembed.engine.cache import EmbeddingCache
 from imgembed.engine.similarity import l2_normalize
-from imgembed.errors import ImgEmbedError, InvalidImageError
+from imgembed.errors import EncodeError, ImgEmbedError, InvalidImageError
 from imgembed.intake.image_input import Input, Intake
 from imgembed.intake.sources import describe, is_url
 from imgembed.models.runtime import Encoder
@@ -121,7 +121,9 @@ class ImagePipeline:
         try:
             image_input = self.intake.read(source)
             item.digest = image_input.digest
-            hit = self.cache.get(item.digest) if self.cache is not None else None
+            hit = None
+            if self.cache is not None:  # never raises: a cache problem is not the image's
+                hit = self.cache.get(item.digest, self.encoder.dimension)
             if hit is not None:
                 item.vector, scores = hit
                 item.cached = True
@@ -147,15 +149,22 @@ class ImagePipeline:
         started = time.perf_counter()
         try:
             vectors = self.encoder.encode_images(np.stack([item.pixels for item in todo]))
+            finite = finite_rows(vectors, len(todo), self.encoder.dimension)
         except ImgEmbedError as exc:
             for item in todo:
                 item.error = exc
             return
         share = (time.perf_counter() - started) / len(todo)
-        for item, vector in zip(todo, vectors, strict=True):
-            item.vector = vector
+        for item, vector, ok in zip(todo, vectors, finite, strict=True):
             item.seconds += share
             item.pixels = None
+            if not ok:  # never returned, never cached
+                item.error = EncodeError(
+                    f"{item.label}: {self.encoder.ref} returned a non-finite embedding "
+                    "(NaN or infinity) for this image"
+                )
+                continue
+            item.vector = vector
             if self.cache is not None and item.digest:
                 self.cache.put(item.digest, vector, item.metadata["quality"])
 
@@ -176,3 +185,13 @@ class ImagePipeline:
             cached=item.cached,
             confidence=item.metadata.get("quality", {}).get("confidence"),
         )
+
+
+def finite_rows(vectors: np.ndarray, count: int, dimension: int) -> np.ndarray:
+    """Which rows of an encoder's output are usable (all finite); EncodeError if the output
+    is not `count` rows of `dimension` values. Every runtime's vectors pass through here
+    (images in the pipeline, texts in the service), so none returns NaN or infinity."""
+    shape = getattr(vectors, "shape", None)
+    if shape != (count, dimension):
+        raise EncodeError(f"the model returned shape {shape}, expected ({count}, {dimension})")
+    return np.isfinite(vectors).all(axis=1)

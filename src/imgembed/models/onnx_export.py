@@ -3,7 +3,6 @@ ONNX step that needs torch; the result runs on onnxruntime alone (models/onnx_ru
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import logging
 import os
@@ -24,6 +23,7 @@ from imgembed.models.onnx_runtime import (
     EXPORT_FORMAT,
     ONNX_PRECISIONS,
     export_dir,
+    file_sha256,
     stale_reason,
     write_manifest,
 )
@@ -72,7 +72,7 @@ def export(ref: ModelRef, precision: str, settings: Settings) -> Path:
             "preprocess": preprocessor.as_dict(),
             "towers": files,
             "tokenizer": text,
-            "files": {name: _file_record(work / name) for name in files.values()},
+            "files": {name: _file_record(work / name) for name in _written(files, text)},
             "exported_with": {
                 pkg: importlib.metadata.version(pkg)
                 for pkg in ("imgembed", "torch", "open_clip_torch", "onnx", "onnxruntime")
@@ -80,8 +80,10 @@ def export(ref: ModelRef, precision: str, settings: Settings) -> Path:
             "seconds": round(time.perf_counter() - started, 1),
         }
         write_manifest(work, manifest)
-        if target.exists():  # stale
+        if target.is_dir() and not target.is_symlink():  # stale
             shutil.rmtree(target)
+        elif target.exists() or target.is_symlink():  # a file in its place
+            target.unlink()
         try:
             os.replace(work, target)
         except OSError:  # another process has just put the same export there
@@ -165,10 +167,10 @@ def _quantize(path: Path) -> None:
     fp32.unlink()
 
 
+def _written(towers: dict[str, str], tokenizer: dict[str, Any] | None) -> list[str]:
+    """Every file of the export, each verified by its sha256 before use."""
+    return [*towers.values(), *([TextTokenizer.FILE] if tokenizer is not None else [])]
+
+
 def _file_record(path: Path) -> dict[str, Any]:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    stat = path.stat()
-    return {"sha256": digest.hexdigest(), "bytes": stat.st_size}
+    return {"sha256": file_sha256(path), "bytes": path.stat().st_size}
