@@ -79,6 +79,7 @@ class Intake:
                 self._fetcher = Fetcher(
                     max_bytes=s.max_file_size,
                     timeout=s.fetch_timeout,
+                    deadline=s.fetch_deadline,
                     attempts=s.retry_attempts,
                     retry_delay=s.retry_delay,
                     max_connections=s.max_concurrent_fetches,
