@@ -19,15 +19,13 @@ import pytest
 from PIL import Image
 
 from imgembed import ImageEmbeddingService, ImageNotFoundError, ImageTooLargeError
-from imgembed.intake import sources
+from imgembed.intake import budget, sources
 from imgembed.intake.decode import FRAME_SCAN_LIMIT, Limits, decode
 from tests.conftest import TINY
 
 MB = 1 << 20
-PIXELS = 10_000 * 10_000  # the default max_image_pixels
-# The documented bound: bytes per pixel of the file's pixel count, plus strip buffers.
-BYTES_PER_PIXEL = {"default": 4, "exact": 8}
-STRIP_BUFFERS = 64 * MB
+PIXELS = 100_000_000  # the default max_image_pixels
+STRIP_BUFFERS = 64 * MB  # the conversion's strips, per image on top of the estimate
 
 
 def _chunk(kind: bytes, body: bytes) -> bytes:
@@ -77,34 +75,65 @@ with ImageEmbeddingService(**settings) as service:
 
 
 @pytest.fixture(scope="module")
-def big_pngs(tmp_path_factory) -> list[Path]:
-    """10000x10000 pixels: 16-bit grey (~0.9 MB) and 16-bit RGBA (~3.5 MB)."""
+def big_images(tmp_path_factory) -> dict[str, list[Path]]:
+    """10000x10000 pixels, 16-bit grey (~0.9 MB) and 16-bit RGBA (~3.5 MB); and a 7000x7000
+    WebP (24 KB), which libwebp decodes through buffers of its own."""
     folder = tmp_path_factory.mktemp("big")
-    return [
-        write_big_png(folder / "grey16.png", 10_000, 10_000, 16, 0),
-        write_big_png(folder / "rgba16.png", 10_000, 10_000, 16, 6),
-    ]
+    ramp = np.zeros((7000, 7000, 3), dtype=np.uint8)
+    ramp[..., 0] = np.linspace(0, 255, 7000).astype(np.uint8)
+    Image.fromarray(ramp).save(folder / "big.webp", lossless=True, quality=0, method=0)
+    return {
+        "png": [
+            write_big_png(folder / "grey16.png", 10_000, 10_000, 16, 0),
+            write_big_png(folder / "rgba16.png", 10_000, 10_000, 16, 6),
+        ],
+        "webp": [folder / "big.webp"],
+    }
 
 
-@pytest.mark.parametrize("mode", ["default", "exact"])
-def test_peak_memory_per_image_is_bounded(big_pngs, photos, mode):
-    """Both images decode at once (two decode slots on two cores). Before the bound, these
-    two took 4.4 GB (16-bit grey went through float64 at full size)."""
-    settings = {**TINY, "cache_embeddings": False, "exact": mode == "exact"}
+def _estimate(path: Path, exact: bool) -> int:
+    with Image.open(path) as image:
+        return budget.decode_bytes(image, full_size_rgb=exact)
+
+
+@pytest.mark.parametrize(
+    ("kind", "mode"), [("png", "default"), ("png", "exact"), ("webp", "default")]
+)
+def test_peak_memory_per_image_stays_within_the_estimate(big_images, photos, kind, mode):
+    """Peak RSS while the images decode (at once, one per decode slot) stays within what
+    budget.py estimates for them, and each estimate within the budget. Before, the two PNGs
+    took 4.4 GB (16-bit grey went through float64 at full size)."""
+    paths, exact = big_images[kind], mode == "exact"
+    settings = {**TINY, "cache_embeddings": False, "exact": exact}
     run = subprocess.run(
-        [sys.executable, "-c", _MEASURE, json.dumps(settings), str(photos[0]), *map(str, big_pngs)],
+        [sys.executable, "-c", _MEASURE, json.dumps(settings), str(photos[0]), *map(str, paths)],
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert run.returncode == 0, run.stderr
     measured = json.loads(run.stdout)
-    assert measured["errors"] == [None, None]
-    in_flight = min(measured["workers"], len(big_pngs))
-    bound = in_flight * (BYTES_PER_PIXEL[mode] * PIXELS + STRIP_BUFFERS)
+    assert measured["errors"] == [None] * len(paths)
+    estimates = sorted((_estimate(path, exact) for path in paths), reverse=True)
+    assert max(estimates) <= budget.BYTES_PER_PIXEL * PIXELS
+    in_flight = estimates[: measured["workers"]]
+    bound = sum(in_flight) + len(in_flight) * STRIP_BUFFERS
     extra = measured["after"] - measured["before"]
-    print(f"{mode}: peak RSS +{extra / MB:.0f} MB for {in_flight} images (bound {bound / MB:.0f})")
+    print(f"{kind} {mode}: peak RSS +{extra / MB:.0f} MB, estimated {sum(in_flight) / MB:.0f}")
     assert extra < bound
+
+
+def test_images_over_the_memory_budget_are_refused(tmp_path):
+    """With max_image_pixels = 4 million the budget is 32 MB: a 2000x2000 WebP needs about
+    64 MB (libwebp's buffers), a PNG of the same size fits in both modes."""
+    picture = Image.fromarray(np.full((2000, 2000, 4), 128, dtype=np.uint8))
+    picture.save(tmp_path / "a.webp", lossless=True)
+    picture.save(tmp_path / "a.png")
+    limits = Limits(max_pixels=4_000_000)
+    with pytest.raises(ImageTooLargeError, match=r"2000x2000 WEBP RGBA pixels need about 61 MB"):
+        decode((tmp_path / "a.webp").read_bytes(), "x", limits, draft_min_side=448)
+    for draft_min_side in (448, None):
+        assert decode((tmp_path / "a.png").read_bytes(), "x", limits, draft_min_side).image
 
 
 def test_deep_images_are_reduced_then_scaled(tmp_path):

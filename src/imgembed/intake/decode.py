@@ -15,12 +15,9 @@ What intake does before the model's own transform, so results match
   large image reduced by an integer factor (box filter) before conversion, while the short
   side stays at least `draft_min_side`; off in exact mode.
 
-Memory: Pillow holds a decoded image in at most 4 bytes per pixel, whatever the file's bit
-depth (a 16-bit RGBA PNG becomes 8-bit RGBA, 16-bit grey 2 bytes per pixel). The conversion
-to RGB works in strips of STRIP_PIXELS, so beside the decoded image it holds only the RGB
-result: the reduced one (small), or in exact mode the full-size one (4 bytes per pixel).
-Decoding one image therefore needs at most 4 (exact mode: 8) bytes per pixel plus a few
-tens of MB for a strip, and `max_image_pixels` caps the pixels.
+Memory: the conversion to RGB works in strips of STRIP_PIXELS, so beside the decoded image
+it holds only the RGB result: the reduced one (small), or in exact mode the full-size one.
+Images whose decoding would take more than the budget are refused first (`budget.py`).
 """
 
 from __future__ import annotations
@@ -42,6 +39,7 @@ from imgembed.errors import (
     InvalidImageError,
     UnsupportedFormatError,
 )
+from imgembed.intake import budget
 
 pillow_heif.register_heif_opener()
 
@@ -126,6 +124,7 @@ def open_image(data: bytes, source: str) -> Image.Image:
 def decode(data: bytes, source: str, limits: Limits, draft_min_side: int | None = None) -> Decoded:
     image = open_image(data, source)
     limits.check(image, source)
+    budget.check(image, _reduction(image.size, draft_min_side) == 1, limits.max_pixels, source)
     metadata = image_metadata(image, len(data))
     try:
         if draft_min_side and image.format == "JPEG":
