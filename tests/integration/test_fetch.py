@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from imgembed import (
+    ConfigurationError,
     FetchError,
     ImageEmbeddingService,
     ImageTooLargeError,
@@ -197,6 +198,16 @@ def test_slow_response_times_out_and_is_retried(server):
     assert "timed out" in str(result.error) and "after 2 attempts" in str(result.error)
     assert time.perf_counter() - started < 12  # the answer would come after 20 s
     assert server.hits["/slow.jpg"] == 2
+
+
+def test_the_deadline_setting(monkeypatch):
+    with ImageEmbeddingService(**TINY, fetch_timeout=12) as service:
+        assert service.intake.fetcher.deadline == 12  # by default, the fetch timeout
+    monkeypatch.setenv("IMGEMBED_FETCH_DEADLINE", "45")
+    with ImageEmbeddingService(**TINY) as service:
+        assert service.intake.fetcher.deadline == 45
+    with pytest.raises(ConfigurationError, match="fetch_deadline"):
+        ImageEmbeddingService(**TINY, fetch_deadline=0)
 
 
 @pytest.mark.parametrize("path", ["/trickle.jpg", "/trickle-headers.jpg"])

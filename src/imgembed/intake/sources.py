@@ -22,6 +22,9 @@ from imgembed.errors import (
 
 Source = str | os.PathLike[str] | bytes
 READ_CHUNK = 1 << 20
+# Non-blocking: opening a FIFO must not wait for a writer (flags missing on Windows are 0).
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
+_OPEN_FLAGS |= getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
 
 
 def is_url(source: object) -> bool:
@@ -97,7 +100,7 @@ def read_file(
     label = str(path)
     try:
         real = check_allowed(path, roots)
-        fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        fd = os.open(real, _OPEN_FLAGS)
         try:
             info = os.fstat(fd)
             if not stat.S_ISREG(info.st_mode):
@@ -124,13 +127,13 @@ def _read_capped(fd: int, limit: int, deadline: float, label: str) -> bytes:
     stop = time.monotonic() + deadline
     chunks, total = [], 0
     while total <= limit:
+        if chunks and time.monotonic() > stop:
+            raise ImageNotFoundError(f"not read within {deadline:g} s (fetch_deadline)", label)
         chunk = os.read(fd, min(READ_CHUNK, limit + 1 - total))
         if not chunk:
             return b"".join(chunks)
         chunks.append(chunk)
         total += len(chunk)
-        if time.monotonic() > stop:
-            raise ImageNotFoundError(f"not read within {deadline:g} s (fetch_deadline)", label)
     size = os.fstat(fd).st_size  # the real size, where the file system knows it
     if size > limit:
         raise ImageTooLargeError(_too_large(size, limit), label)
