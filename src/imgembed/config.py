@@ -70,6 +70,7 @@ class Settings(BaseSettings):
     )
     allow_private_urls: bool = Field(False, validation_alias=_env("allow_private_urls"))
     fetch_timeout: float = Field(30.0, gt=0, validation_alias=_env("fetch_timeout"))
+    fetch_deadline: float | None = Field(None, gt=0, validation_alias=_env("fetch_deadline"))
     retry_attempts: int = Field(3, ge=1, validation_alias=_env("retry_attempts"))
     retry_delay: float = Field(1.0, ge=0, validation_alias=_env("retry_delay"))
     max_concurrent_fetches: int = Field(8, gt=0, validation_alias=_env("max_concurrent_fetches"))

@@ -2,6 +2,7 @@
 retries, status codes, content types, the private-address refusal and bounded concurrency."""
 
 import base64
+import contextlib
 import threading
 import time
 from collections import Counter
@@ -11,12 +12,13 @@ import numpy as np
 import pytest
 
 from imgembed import (
+    ConfigurationError,
     FetchError,
     ImageEmbeddingService,
     ImageTooLargeError,
     SourceNotAllowedError,
 )
-from imgembed.intake.fetch import Fetcher
+from imgembed.intake.fetch import Fetcher, allow_all
 from tests.conftest import TINY
 
 FAST_RETRY = {"retry_delay": 0.01, "fetch_timeout": 2.0}
@@ -24,15 +26,20 @@ FAST_RETRY = {"retry_delay": 0.01, "fetch_timeout": 2.0}
 
 class ImageServer:
     """Routes: /photo.jpg, /slow.jpg, /redirect, /loop, /to/<host>, /big-declared.jpg,
-    /big-streamed.jpg, /flaky.jpg (503 twice, then the photo), /missing.jpg (404),
-    /page.html, /octet.jpg (application/octet-stream), /pause.jpg (0.3 s, counts overlap)."""
+    /big-streamed.jpg, /flaky.jpg (503 twice, then the photo), /busy.jpg (always 503),
+    /missing.jpg (404), /page.html, /octet.jpg (application/octet-stream), /trickle.jpg and
+    /trickle-headers.jpg (a byte every 50 ms of body or of headers, for a minute),
+    /gate.jpg (answers only when GATE requests wait at once; measures their overlap)."""
+
+    GATE = 3
 
     def __init__(self, photo: bytes):
         self.photo = photo
         self.hits: Counter[str] = Counter()
         self.hosts: list[str] = []
-        self.active = 0
+        self.waiting = 0  # requests at the gate: each holds one client connection
         self.peak = 0
+        self._gate = threading.Barrier(self.GATE, timeout=60)
         self._lock = threading.Lock()
         server = self
 
@@ -56,15 +63,8 @@ class ImageServer:
         with self._lock:
             self.hits[path] += 1
             self.hosts.append(request.headers.get("Host", ""))
-            self.active += 1
-            self.peak = max(self.peak, self.active)
-        try:
-            self._route(request, path)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the client gave up, as it should
-        finally:
-            with self._lock:
-                self.active -= 1
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            self._route(request, path)  # a client may give up, as it should
 
     def _send(self, request, status, body=b"", content_type="image/jpeg", headers=None):
         request.send_response(status)
@@ -81,11 +81,19 @@ class ImageServer:
         elif path == "/octet.jpg":
             self._send(request, 200, self.photo, "application/octet-stream")
         elif path == "/slow.jpg":
-            time.sleep(3)
+            time.sleep(20)
             self._send(request, 200, self.photo)
-        elif path == "/pause.jpg":
-            time.sleep(0.3)
+        elif path == "/gate.jpg":
+            self._pass_gate()
             self._send(request, 200, self.photo)
+        elif path == "/trickle.jpg":
+            request.send_response(200)
+            request.send_header("Content-Type", "image/jpeg")
+            request.send_header("Content-Length", str(len(self.photo)))
+            request.end_headers()
+            self._trickle(request, self.photo)
+        elif path == "/trickle-headers.jpg":
+            self._trickle(request, b"HTTP/1.1 200 OK\r\nX-Padding: " + b"x" * 10_000)
         elif path == "/redirect":
             self._send(request, 302, headers={"Location": "/photo.jpg"})
         elif path == "/loop":
@@ -109,10 +117,32 @@ class ImageServer:
                 self._send(request, 503, b"busy", "text/plain")
             else:
                 self._send(request, 200, self.photo)
+        elif path == "/busy.jpg":
+            self._send(request, 503, b"busy", "text/plain")
         elif path == "/page.html":
             self._send(request, 200, b"<html>login</html>", "text/html; charset=utf-8")
         else:
             self._send(request, 404, b"not found", "text/plain")
+
+    def _trickle(self, request, data: bytes) -> None:
+        """A byte every 50 ms for a minute: each read is quick, the whole never ends."""
+        for i in range(min(len(data), 1200)):
+            request.wfile.write(data[i : i + 1])
+            time.sleep(0.05)
+
+    def _pass_gate(self) -> None:
+        """Counted from the request's arrival until before its answer: the client is waiting
+        on its connection all that time, so the count never exceeds the connections it holds,
+        whatever the scheduling. The barrier lets requests through only GATE at a time, so a
+        client that cannot hold GATE connections at once fails (the barrier breaks)."""
+        with self._lock:
+            self.waiting += 1
+            self.peak = max(self.peak, self.waiting)
+        try:
+            self._gate.wait()
+        finally:
+            with self._lock:
+                self.waiting -= 1
 
     def close(self):
         self.httpd.shutdown()
@@ -159,14 +189,74 @@ async def test_generate_embedding_from_url(server, service):
 
 
 def test_slow_response_times_out_and_is_retried(server):
-    settings = {**TINY, "allow_private_urls": True, "retry_delay": 0.01}
+    settings = {**TINY, "allow_private_urls": True, "retry_delay": 0.01, "fetch_deadline": 15}
     with ImageEmbeddingService(**settings, fetch_timeout=0.5, retry_attempts=2) as service:
+        service.encoder  # noqa: B018 - load the model first: we time the download
         started = time.perf_counter()
         (result,) = service.embed_images([server.url("/slow.jpg")])
     assert isinstance(result.error, FetchError)
     assert "timed out" in str(result.error) and "after 2 attempts" in str(result.error)
-    assert time.perf_counter() - started < 3
+    assert time.perf_counter() - started < 12  # the answer would come after 20 s
     assert server.hits["/slow.jpg"] == 2
+
+
+def test_the_deadline_setting(monkeypatch):
+    with ImageEmbeddingService(**TINY, fetch_timeout=12) as service:
+        assert service.intake.fetcher.deadline == 12  # by default, the fetch timeout
+    monkeypatch.setenv("IMGEMBED_FETCH_DEADLINE", "45")
+    with ImageEmbeddingService(**TINY) as service:
+        assert service.intake.fetcher.deadline == 45
+    with pytest.raises(ConfigurationError, match="fetch_deadline"):
+        ImageEmbeddingService(**TINY, fetch_deadline=0)
+
+
+@pytest.mark.parametrize("path", ["/trickle.jpg", "/trickle-headers.jpg"])
+def test_deadline_stops_a_trickling_download(server, path):
+    """Every read returns within the per-read timeout; only the deadline ends it."""
+    fetcher = Fetcher(max_bytes=10**7, address_allowed=allow_all, timeout=5, deadline=1.5)
+    started = time.perf_counter()
+    with pytest.raises(FetchError, match=r"deadline of 1\.5 s \(fetch_deadline; 1 attempt\)"):
+        fetcher.fetch(server.url(path))
+    elapsed = time.perf_counter() - started
+    assert 1.5 <= elapsed < 10  # the server would trickle for a minute
+    assert server.hits[path] == 1  # no retry once the deadline has passed
+    assert fetcher.fetch(server.url("/photo.jpg")) == server.photo  # the client still works
+    fetcher.close()
+
+
+def test_retries_stay_within_the_deadline(server):
+    """Back-off never sleeps past the deadline: without it, 10 attempts would take minutes."""
+    fetcher = Fetcher(
+        max_bytes=10**7, address_allowed=allow_all, deadline=2, attempts=10, retry_delay=0.4
+    )
+    started = time.perf_counter()
+    # Usually the back-off stops first (0.4 + 0.8 s fit in 2 s, 1.6 more do not); on a very
+    # busy machine the deadline may end the last attempt instead.
+    with pytest.raises(FetchError, match=r"503 \(after [1-3] attempts?\)|deadline of 2 s"):
+        fetcher.fetch(server.url("/busy.jpg"))
+    assert time.perf_counter() - started < 6
+    assert 1 <= server.hits["/busy.jpg"] <= 3
+    fetcher.close()
+
+
+def test_a_trickling_url_holds_its_batch_only_until_the_deadline(server):
+    """Ten good URLs and two trickling ones, over several chunks: the batch ends soon after
+    the deadline, every good URL embedded, the trickling ones failed with the deadline."""
+    settings = {**TINY, "allow_private_urls": True, "fetch_timeout": 5, "fetch_deadline": 2}
+    good = [server.url("/photo.jpg")] * 10
+    urls = [server.url("/trickle.jpg"), *good[:5], server.url("/trickle-headers.jpg"), *good[5:]]
+    with ImageEmbeddingService(**settings, batch_size=4) as service:
+        service.encoder  # noqa: B018 - load the model first: we time the batch
+        started = time.perf_counter()
+        results = service.embed_images(urls)
+        elapsed = time.perf_counter() - started
+        expected = service.embed_image(server.photo)
+    slow = [results[0], results[6]]
+    assert all(isinstance(r.error, FetchError) and "fetch_deadline" in str(r.error) for r in slow)
+    good = results[1:6] + results[7:]
+    assert [r.ok for r in good] == [True] * 10
+    np.testing.assert_allclose(np.stack([r.embedding for r in good]), [expected] * 10, atol=1e-6)
+    assert 2 <= elapsed < 15  # not the minute the two servers would trickle for
 
 
 def test_redirects_are_followed_and_bounded(server, service):
@@ -181,7 +271,8 @@ def test_oversize_bodies_are_refused_without_retry(server):
         declared, streamed = service.embed_images(
             [server.url("/big-declared.jpg"), server.url("/big-streamed.jpg")]
         )
-    assert isinstance(declared.error, ImageTooLargeError) and "announced" in str(declared.error)
+    assert isinstance(declared.error, ImageTooLargeError)
+    assert "50,000,000 bytes announced, over the limit of 1,000,000" in str(declared.error)
     assert isinstance(streamed.error, ImageTooLargeError) and "passed" in str(streamed.error)
     assert server.hits["/big-declared.jpg"] == server.hits["/big-streamed.jpg"] == 1
 
@@ -236,15 +327,15 @@ def test_requests_go_to_the_checked_address_with_the_original_host(server):
 
 
 def test_many_urls_use_bounded_connections(server):
-    settings = {**TINY, "allow_private_urls": True, **FAST_RETRY, "max_concurrent_fetches": 3}
-    urls = [server.url("/pause.jpg") for _ in range(12)]
-    with ImageEmbeddingService(**settings, batch_size=12) as service:
-        started = time.perf_counter()
+    """Exactly GATE downloads at once: never more (the peak), and really that many (the gate
+    opens only for GATE waiting requests). No timing is involved."""
+    settings = {**TINY, "allow_private_urls": True, "fetch_timeout": 60, "fetch_deadline": 120}
+    urls = [server.url("/gate.jpg") for _ in range(4 * server.GATE)]
+    with ImageEmbeddingService(**settings, max_concurrent_fetches=server.GATE) as service:
         results = service.embed_images(urls)
-        elapsed = time.perf_counter() - started
-    assert all(r.ok for r in results)
-    assert server.peak <= 3
-    assert elapsed < 12 * 0.3  # but faster than one at a time
+    assert all(r.ok for r in results), [str(r.error) for r in results if r.error]
+    assert server.peak == server.GATE
+    assert server.hits["/gate.jpg"] == len(urls)
 
 
 def test_malformed_urls_are_fetch_errors(service):

@@ -1,5 +1,6 @@
 """The batch pipeline: order, per-item typed errors, progress, normalisation, threads."""
 
+import functools
 import struct
 import threading
 import time
@@ -65,6 +66,7 @@ def test_order_and_per_item_errors(tiny_service, photos, bad_inputs):
 
 def test_bomb_is_refused_before_decoding(tiny_service, bad_inputs):
     bomb, _ = bad_inputs["bomb"]
+    tiny_service.encoder  # noqa: B018 - load the model first: we time the refusal
     started = time.perf_counter()
     (result,) = tiny_service.embed_images([bomb])
     assert isinstance(result.error, ImageTooLargeError)
@@ -170,17 +172,33 @@ def test_empty_input(tiny_service):
     assert tiny_service.embed_texts([]).shape == (0, 64)
 
 
-def _counting_reads(service, monkeypatch):
-    """Records when each input is read (in the worker threads)."""
+def _counting_reads(service, monkeypatch, before=None):
+    """Records when each input is read (in the worker threads); `before(source)` runs first."""
     reads = []
     real = service.intake.read
 
     def read(source):
         reads.append(time.perf_counter())
+        if before is not None:
+            before(source)
         return real(source)
 
     monkeypatch.setattr(service.intake, "read", read)
     return reads
+
+
+def _wait_until(condition, timeout: float = 60) -> bool:
+    """Polls `condition`: a generous timeout that only a failing test ever reaches."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def _at_least(items: list, count: int) -> bool:
+    return len(items) >= count
 
 
 def test_work_in_flight_is_bounded(photos, monkeypatch):
@@ -194,29 +212,45 @@ def test_work_in_flight_is_bounded(photos, monkeypatch):
         ahead = []
         for done, result in enumerate(service.iter_images(sources), start=1):
             assert result.ok
-            time.sleep(0.001 if done % 50 else 0.2)  # a slow consumer now and then
+            if done % 50 == 0:  # a slow consumer: the workers read as far ahead as they may
+                target = min(done + PREFETCH_CHUNKS * 8, len(sources))
+                assert _wait_until(functools.partial(_at_least, reads, target)), "no read-ahead"
+                time.sleep(0.2)  # and have time to read further, if they could
             ahead.append(len(reads) - done)
     assert len(reads) == len(sources)
     assert max(ahead) <= (PREFETCH_CHUNKS + 1) * 8
-    assert max(ahead) >= PREFETCH_CHUNKS * 8  # and it does read ahead
 
 
-def test_decoding_overlaps_encoding(photos, monkeypatch):
+def test_decoding_overlaps_encoding(photos, tmp_path, monkeypatch):
+    """Inputs after the first chunk may only be read once the first chunk is being encoded,
+    and that encode waits until one of them is read: a pipeline that decodes only between
+    encodes cannot pass (the wait would run out). No timing is involved."""
+    sources = []
+    for i in range(16):
+        photo = photos[i % len(photos)]
+        sources.append(tmp_path / f"{i:02d}{photo.suffix}")
+        sources[-1].write_bytes(photo.read_bytes())
+    encoding = threading.Event()
+    later_reads = []
+
+    def gate(source):
+        if int(source.stem) >= 4:  # not in the first chunk
+            assert encoding.wait(60)
+            later_reads.append(source)
+
+    overlapped = []
     with ImageEmbeddingService(**TINY, batch_size=4, cache_embeddings=False) as service:
         encoder = service.encoder
-        reads = _counting_reads(service, monkeypatch)
-        windows = []
+        _counting_reads(service, monkeypatch, before=gate)
         real = encoder.encode_images
 
-        def slow_encode(batch):
-            started = time.perf_counter()
-            time.sleep(0.3)  # a big model
-            out = real(batch)
-            windows.append((started, time.perf_counter()))
-            return out
+        def encode(batch):
+            if not encoding.is_set():
+                encoding.set()
+                overlapped.append(_wait_until(functools.partial(_at_least, later_reads, 1)))
+            return real(batch)
 
-        monkeypatch.setattr(encoder, "encode_images", slow_encode)
-        results = service.embed_images((photos * 4)[:16])
-    assert all(r.ok for r in results) and len(windows) == 4
-    during = [t for t in reads if any(a <= t <= b for a, b in windows)]
-    assert len(during) >= 4, "the next batch must be read while one is encoded"
+        monkeypatch.setattr(encoder, "encode_images", encode)
+        results = service.embed_images(sources)
+    assert all(r.ok for r in results)
+    assert overlapped == [True], "the next chunk must be read while one is encoded"

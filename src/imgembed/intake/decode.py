@@ -11,12 +11,18 @@ What intake does before the model's own transform, so results match
 - 16-bit and float images are scaled to 8 bits (not clipped); CMYK, palette and greyscale
   are converted by Pillow. Embedded ICC profiles are not applied: neither open_clip's
   reference nor CLIP's training data applied them;
-- large JPEGs may be decoded at 1/2, 1/4 or 1/8 scale (libjpeg DCT scaling) while the short
+- large JPEGs may be decoded at 1/2, 1/4 or 1/8 scale (libjpeg DCT scaling), and any other
+  large image reduced by an integer factor (box filter) before conversion, while the short
   side stays at least `draft_min_side`; off in exact mode.
+
+Memory: the conversion to RGB works in strips of STRIP_PIXELS, so beside the decoded image
+it holds only the RGB result: the reduced one (small), or in exact mode the full-size one.
+Images whose decoding would take more than the budget are refused first (`budget.py`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -24,7 +30,7 @@ from typing import Any
 
 import numpy as np
 import pillow_heif
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, UnidentifiedImageError
 
 from imgembed.errors import (
     ImageTooLargeError,
@@ -33,11 +39,24 @@ from imgembed.errors import (
     InvalidImageError,
     UnsupportedFormatError,
 )
+from imgembed.intake import budget
 
 pillow_heif.register_heif_opener()
 
 BACKGROUND = (255, 255, 255)
 _JPEG_FAMILY = {"JPEG", "MPO"}  # phones write JPEGs that Pillow reports as MPO
+FRAME_SCAN_LIMIT = 1000  # GIF frames or TIFF pages walked to count them
+STRIP_PIXELS = 1 << 20  # pixels converted at a time (float64 scaling: ~8 MB per temporary)
+# EXIF orientation -> the operation that makes the image upright (as ImageOps.exif_transpose).
+_UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 
 def pil_formats(extensions: Iterable[str]) -> frozenset[str]:
@@ -105,16 +124,39 @@ def open_image(data: bytes, source: str) -> Image.Image:
 def decode(data: bytes, source: str, limits: Limits, draft_min_side: int | None = None) -> Decoded:
     image = open_image(data, source)
     limits.check(image, source)
+    budget.check(image, _reduction(image.size, draft_min_side) == 1, limits.max_pixels, source)
     metadata = image_metadata(image, len(data))
     try:
         if draft_min_side and image.format == "JPEG":
             _draft(image, draft_min_side)
         image.load()
-        return Decoded(to_rgb(ImageOps.exif_transpose(image)), metadata)
+        turn = _upright(image)
+        rgb = to_rgb(image, _reduction(image.size, draft_min_side))
+        del image  # free the decoded original before the upright copy is made
+        return Decoded(rgb if turn is None else rgb.transpose(turn), metadata)
     except ImgEmbedError:
         raise
     except Exception as exc:
         raise _decode_error(exc, source) from exc
+
+
+def upright_rgb(image: Image.Image) -> Image.Image:
+    """An image already in memory (a PIL input), upright and RGB, at full size."""
+    turn = _upright(image)
+    rgb = to_rgb(image)
+    return rgb if turn is None else rgb.transpose(turn)
+
+
+def _upright(image: Image.Image) -> Image.Transpose | None:
+    try:
+        return _UPRIGHT.get(image.getexif().get(ExifTags.Base.Orientation))
+    except Exception:  # malformed EXIF: keep the image as stored
+        return None
+
+
+def _reduction(size: tuple[int, int], min_side: int | None) -> int:
+    """The integer factor that keeps the short side at least `min_side` (1: none)."""
+    return max(1, min(size) // min_side) if min_side else 1
 
 
 def _decode_error(exc: Exception, source: str) -> ImgEmbedError:
@@ -126,11 +168,24 @@ def _decode_error(exc: Exception, source: str) -> ImgEmbedError:
     return InvalidImageError(f"cannot decode image: {exc}", source)
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
+def to_rgb(image: Image.Image, factor: int = 1) -> Image.Image:
+    """RGB, reduced by `factor`; converted strip by strip, so no full-size intermediate is
+    made beside the result (per pixel the same as converting the whole image at once)."""
     if image.mode == "RGB":
-        return image
-    if image.mode.startswith("I") or image.mode == "F":
-        image = _to_8bit(image)
+        return image.reduce(factor) if factor > 1 else image
+    top = _scale_top(image) if _is_deep(image) else None
+    width, height = image.size
+    out = Image.new("RGB", (-(-width // factor), -(-height // factor)))
+    rows = max(1, STRIP_PIXELS // (width * factor)) * factor  # whole reduction blocks
+    for y in range(0, height, rows):
+        strip = _strip_to_rgb(image.crop((0, y, width, min(height, y + rows))), top)
+        out.paste(strip.reduce(factor) if factor > 1 else strip, (0, y // factor))
+    return out
+
+
+def _strip_to_rgb(image: Image.Image, top: float | None) -> Image.Image:
+    if top is not None:
+        image = _to_8bit(image, top)
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
@@ -141,16 +196,30 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def _to_8bit(image: Image.Image) -> Image.Image:
+def _is_deep(image: Image.Image) -> bool:
+    return image.mode.startswith("I") or image.mode == "F"
+
+
+def _scale_top(image: Image.Image) -> float:
+    """The value that maps to 255: 1 or 255 for float images, else the smallest of 255,
+    65535 and the peak that holds every pixel (so 16-bit data is scaled, not clipped)."""
+    width, height = image.size
+    rows = max(1, STRIP_PIXELS // width)
+    peaks = [
+        np.fmax.reduce(np.asarray(image.crop((0, y, width, min(height, y + rows)))), axis=None)
+        for y in range(0, height, rows)
+    ]
+    peak = float(np.fmax.reduce(peaks))  # NaN only if every pixel is NaN
+    if image.mode == "F":
+        return 1.0 if peak <= 1.0 else 255.0
+    return 255.0 if peak <= 255 else 65535.0 if peak <= 65535 else peak
+
+
+def _to_8bit(image: Image.Image, top: float) -> Image.Image:
     """16/32-bit integer and float greyscale to 8 bits by scaling, where Pillow would clip."""
     pixels = np.asarray(image, dtype=np.float64)
-    if image.mode == "F":
-        top = 1.0 if pixels.size and np.nanmax(pixels) <= 1.0 else 255.0
-    else:
-        peak = pixels.max() if pixels.size else 0
-        top = 255.0 if peak <= 255 else 65535.0 if peak <= 65535 else float(peak)
     scaled = np.nan_to_num(pixels / top * 255.0)
-    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), mode="L")
+    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8))
 
 
 def _draft(image: Image.Image, min_side: int) -> None:
@@ -163,10 +232,7 @@ def _draft(image: Image.Image, min_side: int) -> None:
 def image_metadata(image: Image.Image, size: int | None) -> dict[str, Any]:
     """Basic metadata from an opened image (its header; pixels are not decoded)."""
     dpi = image.info.get("dpi")
-    try:
-        frames = int(getattr(image, "n_frames", 1))
-    except Exception:  # counting frames of a broken animation may fail; it is still frame 0
-        frames = 1
+    frames = _frames(image)
     return {
         "width": image.width,
         "height": image.height,
@@ -174,10 +240,36 @@ def image_metadata(image: Image.Image, size: int | None) -> dict[str, Any]:
         "mode": image.mode,
         "size": size,
         "dpi": _dpi(dpi),
-        "animated": frames > 1,
+        "animated": frames is None or frames > 1,
         "frames": frames,
         "has_transparency": image.has_transparency_data,
     }
+
+
+def _frames(image: Image.Image) -> int | None:
+    """The number of frames or pages. Most formats state it in their header. GIF and TIFF do
+    not: Pillow walks the whole file to count (tens of seconds for tens of thousands of TIFF
+    pages), so here at most FRAME_SCAN_LIMIT frames are walked and a longer file gives None
+    (unknown: more than the limit). Frame 0 is selected again afterwards."""
+    if image.format not in ("GIF", "TIFF"):
+        try:
+            return int(getattr(image, "n_frames", 1))
+        except Exception:  # counting frames of a broken animation may fail; it is still frame 0
+            return 1
+    count = 1
+    try:
+        while count <= FRAME_SCAN_LIMIT:
+            if image.format == "GIF":  # its public seek decodes each frame; n_frames' walk not
+                image._seek(count, False)  # type: ignore[attr-defined]
+            else:
+                image.seek(count)
+            count += 1
+        return None
+    except Exception:  # EOFError after the last frame; a broken frame ends the count too
+        return count
+    finally:
+        with contextlib.suppress(Exception):
+            image.seek(0)
 
 
 def _dpi(value: Any) -> list[float] | None:

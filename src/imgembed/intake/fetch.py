@@ -1,19 +1,27 @@
 """Downloading images from http(s) URLs, safely.
 
 - The host is resolved once, every address is checked (private, loopback, link-local,
-  cloud metadata and other non-public addresses are refused unless allowed), and the
-  request goes to the checked address (Host header and TLS SNI keep the name), so DNS
-  cannot be switched between check and use. Every redirect is checked the same way.
-- Timeouts for connect and read; the size limit is enforced while streaming.
-- Retries with exponential backoff on transient failures only (timeouts, connection
-  errors, 5xx, 429); never on other 4xx, bad content types or oversize bodies.
-- One shared connection pool with a bounded number of connections.
+  cloud metadata and other non-public addresses are refused unless allowed; so is every
+  IPv6 form that carries an IPv4 address, by that address), and the request goes to the
+  checked address (Host header and TLS SNI keep the name), so DNS cannot be switched between
+  check and use. Every redirect is checked the same way.
+- One deadline bounds a whole download: DNS, connecting, redirects, headers, body and the
+  retries with their back-off. A per-read timeout alone cannot stop a server that trickles a
+  byte at a time, so downloads run as tasks on one event-loop thread, where the deadline
+  cancels whatever is in progress. Retries happen only within the deadline.
+- At most `max_connections` downloads run at once; a download's deadline starts when it gets
+  its turn, so waiting behind slow downloads never counts against a fast one.
+- The size limit is enforced while streaming. Retries with exponential back-off on transient
+  failures only (timeouts, connection errors, 5xx, 429); never on other 4xx, bad content types
+  or oversize bodies.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import socket
+import threading
 from collections.abc import Callable
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
@@ -28,11 +36,41 @@ MAX_REDIRECTS = 5
 # Servers label images loosely; these are refused as clearly not images.
 _NOT_IMAGE_TYPES = ("text/", "application/json", "application/xml", "application/javascript")
 
+# IPv6 ranges that carry an IPv4 address a translator or relay would deliver to.
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")  # RFC 6052: the IPv4 address is the last 32 bits
+_IPV4_CARRIERS_REFUSED = (
+    ipaddress.ip_network("::/96"),  # IPv4-compatible (deprecated; some stacks still route it)
+    ipaddress.ip_network("::ffff:0:0:0/96"),  # IPv4-translated (SIIT, obsolete)
+    ipaddress.ip_network("64:ff9b:1::/48"),  # local-use NAT64: a private translator, any layout
+)
+
 
 def is_public(address: IPAddress) -> bool:
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-        address = address.ipv4_mapped
+    """A globally reachable unicast address. An IPv6 address that carries an IPv4 address is
+    judged by it: IPv4-mapped ones by the IPv4 address alone (the socket connects to it);
+    NAT64, 6to4, Teredo and ISATAP ones only if the IPv4 address is public and the IPv6
+    address is itself allowed; forms without a public use are refused outright."""
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped:
+            return is_public(address.ipv4_mapped)
+        if any(address in network for network in _IPV4_CARRIERS_REFUSED):
+            return False
+        if not all(is_public(inner) for inner in _embedded_ipv4(address)):
+            return False
     return address.is_global and not address.is_multicast
+
+
+def _embedded_ipv4(address: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    embedded = []
+    if address in _NAT64:
+        embedded.append(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
+    if address.sixtofour:
+        embedded.append(address.sixtofour)
+    if address.teredo:
+        embedded.extend(address.teredo)  # server and (de-obfuscated) client
+    if (int(address) >> 32) & 0xFDFFFFFF == 0x5EFE:  # ISATAP interface id (::0:5efe, ::200:5efe)
+        embedded.append(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
+    return embedded
 
 
 def allow_all(address: IPAddress) -> bool:
@@ -53,51 +91,78 @@ class Fetcher:
         *,
         max_bytes: int,
         timeout: float = 30.0,
+        deadline: float | None = None,
         attempts: int = 3,
         retry_delay: float = 1.0,
         max_connections: int = 8,
         address_allowed: AddressPolicy = is_public,
         resolve: Callable[[str, int], list[str]] | None = None,
     ):
+        """`timeout` bounds each network wait (connect, each read); `deadline` (default:
+        `timeout`) the whole download, retries included."""
         self.max_bytes = max_bytes
+        self.deadline = deadline or timeout
         self.attempts = attempts
         self.retry_delay = retry_delay
         self.address_allowed = address_allowed
         self._resolve = resolve or _resolve
-        self._client = httpx.Client(
+        self._turns = threading.BoundedSemaphore(max_connections)
+        self._client = httpx.AsyncClient(
             timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
             limits=httpx.Limits(max_connections=max_connections),
             follow_redirects=False,
             headers={"User-Agent": "imgembed", "Accept": "image/*"},
         )
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="imgembed-fetch", daemon=True
+        )
+        self._thread.start()
 
     def fetch(self, url: str) -> bytes:
-        retrying = tenacity.Retrying(
-            stop=tenacity.stop_after_attempt(self.attempts),
+        """The body of `url`; called from any thread (not from the fetch loop itself)."""
+        with self._turns:  # waiting for a turn is not part of the deadline
+            return asyncio.run_coroutine_threadsafe(self._fetch(url), self._loop).result()
+
+    def close(self) -> None:
+        if self._loop.is_closed():
+            return
+        asyncio.run_coroutine_threadsafe(self._client.aclose(), self._loop).result()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+
+    async def _fetch(self, url: str) -> bytes:
+        retrying = tenacity.AsyncRetrying(
+            stop=tenacity.stop_after_attempt(self.attempts)
+            | tenacity.stop_before_delay(self.deadline),  # never back off past the deadline
             wait=tenacity.wait_exponential(multiplier=self.retry_delay, max=30),
             retry=tenacity.retry_if_exception_type(_Transient),
             reraise=True,
         )
         try:
-            for attempt in retrying:
-                with attempt:
-                    return self._fetch_once(url)
+            async with asyncio.timeout(self.deadline):
+                return await retrying(self._fetch_once, url)
+        except TimeoutError as exc:
+            attempts = retrying.statistics.get("attempt_number", 1)
+            raise FetchError(
+                f"not downloaded within the deadline of {self.deadline:g} s "
+                f"(fetch_deadline; {_attempts(attempts)})",
+                url,
+            ) from exc
         except _Transient as transient:
             error = transient.error
+            attempts = retrying.statistics.get("attempt_number", self.attempts)
             raise FetchError(
-                f"{error.args[0]} (after {self.attempts} attempts)", url, error.status
+                f"{error.args[0]} (after {_attempts(attempts)})", url, error.status
             ) from transient
-        raise AssertionError("unreachable")  # pragma: no cover
 
-    def close(self) -> None:
-        self._client.close()
-
-    def _fetch_once(self, url: str) -> bytes:
+    async def _fetch_once(self, url: str) -> bytes:
         current = url
         for _ in range(MAX_REDIRECTS + 1):
-            target, host = self._pinned(current, url)
+            target, host = await self._pinned(current, url)
             try:
-                with self._client.stream(
+                async with self._client.stream(
                     "GET",
                     target,
                     headers={"Host": host},
@@ -106,7 +171,7 @@ class Fetcher:
                     if response.is_redirect and "location" in response.headers:
                         current = urljoin(current, response.headers["location"])
                         continue
-                    return self._body(response, url)
+                    return await self._body(response, url)
             except httpx.InvalidURL as exc:
                 raise FetchError(f"invalid URL {current}: {exc}", url) from exc
             except httpx.TimeoutException as exc:
@@ -115,7 +180,7 @@ class Fetcher:
                 raise _Transient(FetchError(f"connection failed: {exc}", url)) from exc
         raise FetchError(f"more than {MAX_REDIRECTS} redirects", url)
 
-    def _pinned(self, current: str, original: str) -> tuple[str, str]:
+    async def _pinned(self, current: str, original: str) -> tuple[str, str]:
         """The URL with its host replaced by a checked address, and the Host header."""
         try:
             parts = urlsplit(current)
@@ -125,7 +190,8 @@ class Fetcher:
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise FetchError(f"not an http(s) URL: {current}", original)
         try:
-            resolved = self._resolve(parts.hostname, port)
+            # In a worker thread: the deadline can abandon a lookup that hangs.
+            resolved = await asyncio.to_thread(self._resolve, parts.hostname, port)
             addresses = [ipaddress.ip_address(a.split("%")[0]) for a in resolved]
         except OSError as exc:
             raise _Transient(
@@ -146,7 +212,7 @@ class Fetcher:
         host = parts.netloc.rpartition("@")[2]  # never forward credentials in the Host header
         return urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, "")), host
 
-    def _body(self, response: httpx.Response, url: str) -> bytes:
+    async def _body(self, response: httpx.Response, url: str) -> bytes:
         status = response.status_code
         if status >= 500 or status == 429:
             raise _Transient(FetchError(f"server answered {status}", url, status))
@@ -165,7 +231,7 @@ class Fetcher:
                 url,
             )
         chunks, total = [], 0
-        for chunk in response.iter_bytes():
+        async for chunk in response.aiter_bytes():
             total += len(chunk)
             if total > self.max_bytes:
                 raise ImageTooLargeError(
@@ -173,6 +239,10 @@ class Fetcher:
                 )
             chunks.append(chunk)
         return b"".join(chunks)
+
+
+def _attempts(count: int) -> str:
+    return f"{count} attempt" + ("s" if count != 1 else "")
 
 
 def _hostname(url: str) -> str:

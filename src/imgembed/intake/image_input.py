@@ -9,9 +9,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from PIL import Image, ImageOps
+from PIL import Image
 
-from imgembed.intake.decode import Decoded, Limits, decode, image_metadata, open_image, to_rgb
+from imgembed.intake.decode import (
+    Decoded,
+    Limits,
+    decode,
+    image_metadata,
+    open_image,
+    upright_rgb,
+)
 from imgembed.intake.metadata import extended_metadata
 from imgembed.intake.quality import assess
 from imgembed.intake.sources import (
@@ -54,7 +61,7 @@ class ImageInput:
             return Decoded(decoded.image, {**decoded.metadata, "content_hash": self.digest})
         assert self.image is not None
         limits.check(self.image, self.label)
-        return Decoded(to_rgb(ImageOps.exif_transpose(self.image)), self.metadata())
+        return Decoded(upright_rgb(self.image), self.metadata())
 
 
 class Intake:
@@ -79,6 +86,7 @@ class Intake:
                 self._fetcher = Fetcher(
                     max_bytes=s.max_file_size,
                     timeout=s.fetch_timeout,
+                    deadline=s.fetch_deadline,
                     attempts=s.retry_attempts,
                     retry_delay=s.retry_delay,
                     max_connections=s.max_concurrent_fetches,
@@ -99,7 +107,8 @@ class Intake:
         elif is_data_uri(source):
             data = decode_base64(str(source), max_size, label)
         else:
-            data = read_file(Path(source), max_size, self.roots)
+            deadline = self.settings.fetch_deadline or self.settings.fetch_timeout
+            data = read_file(Path(source), max_size, self.roots, deadline)
         return ImageInput(label, content_hash(data), data=data)
 
     def quality(self, decoded: Decoded) -> dict[str, Any]:

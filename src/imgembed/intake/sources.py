@@ -6,6 +6,8 @@ from __future__ import annotations
 import base64
 import binascii
 import os
+import stat
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -19,6 +21,10 @@ from imgembed.errors import (
 )
 
 Source = str | os.PathLike[str] | bytes
+READ_CHUNK = 1 << 20
+# Non-blocking: opening a FIFO must not wait for a writer (flags missing on Windows are 0).
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
+_OPEN_FLAGS |= getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
 
 
 def is_url(source: object) -> bool:
@@ -58,7 +64,11 @@ def decode_base64(text: str, max_file_size: int, label: str = "<base64>") -> byt
             raise InvalidImageError("only base64 data URIs are supported", label)
     # Refuse by the encoded length before allocating the decoded bytes.
     if len(text) * 3 // 4 > max_file_size + 3:
-        raise ImageTooLargeError(_too_large(len(text) * 3 // 4, max_file_size), label)
+        raise ImageTooLargeError(
+            f"about {len(text) * 3 // 4:,} bytes, over the limit of {max_file_size:,} "
+            "(max_file_size)",
+            label,
+        )
     try:
         data = base64.b64decode("".join(text.split()), validate=True)
     except (binascii.Error, ValueError) as exc:
@@ -78,24 +88,65 @@ def check_allowed(path: Path, roots: list[Path] | None) -> Path:
     return real
 
 
-def read_file(path: Path, max_file_size: int, roots: list[Path] | None = None) -> bytes:
+def read_file(
+    path: Path, max_file_size: int, roots: list[Path] | None = None, deadline: float = 30.0
+) -> bytes:
+    """The bytes of a regular file, read within the size limit and `deadline` seconds.
+
+    Only regular files are read: a FIFO, a device (/dev/zero, /dev/random), a socket or a
+    directory is refused. It is opened non-blocking, so opening a FIFO never waits for a
+    writer, and a /proc file that would block fails at once. The deadline is checked between
+    reads of READ_CHUNK (a single read that hangs, as on a dead network mount, is not cut)."""
     label = str(path)
     try:
         real = check_allowed(path, roots)
-        if not real.is_file():
-            if real.exists():
-                raise ImageNotFoundError("not a file", label)
-            raise ImageNotFoundError("no such file", label)
-        with real.open("rb") as handle:
-            # Read one byte past the limit instead of trusting stat (files can grow).
-            data = handle.read(max_file_size + 1)
-        return check_size(data, max_file_size, label)
+        fd = os.open(real, _OPEN_FLAGS)
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise ImageNotFoundError(_not_regular(info.st_mode), label)
+            if info.st_size > max_file_size:
+                raise ImageTooLargeError(_too_large(info.st_size, max_file_size), label)
+            return _read_capped(fd, max_file_size, deadline, label)
+        finally:
+            os.close(fd)
+    except FileNotFoundError as exc:
+        raise ImageNotFoundError("no such file", label) from exc
     except PermissionError as exc:
         raise ImageNotFoundError("permission denied", label) from exc
+    except BlockingIOError as exc:  # e.g. a /proc file with nothing to read yet
+        raise ImageNotFoundError("not a regular file: reading it would block", label) from exc
     except RuntimeError as exc:  # Path.resolve on a symlink loop
         raise ImageNotFoundError(f"cannot resolve: {exc}", label) from exc
-    except OSError as exc:  # loops, names too long, I/O errors
+    except OSError as exc:  # loops, names too long, I/O errors, sockets (ENXIO)
         raise ImageNotFoundError(f"cannot read: {exc.strerror or exc}", label) from exc
+
+
+def _read_capped(fd: int, limit: int, deadline: float, label: str) -> bytes:
+    # Read one byte past the limit instead of trusting stat: files grow, /proc files say 0.
+    stop = time.monotonic() + deadline
+    chunks, total = [], 0
+    while total <= limit:
+        if chunks and time.monotonic() > stop:
+            raise ImageNotFoundError(f"not read within {deadline:g} s (fetch_deadline)", label)
+        chunk = os.read(fd, min(READ_CHUNK, limit + 1 - total))
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        total += len(chunk)
+    size = os.fstat(fd).st_size  # the real size, where the file system knows it
+    if size > limit:
+        raise ImageTooLargeError(_too_large(size, limit), label)
+    raise ImageTooLargeError(f"more than {limit:,} bytes, over the limit (max_file_size)", label)
+
+
+def _not_regular(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "not a file (a directory)"
+    kinds = {stat.S_ISFIFO: "a FIFO", stat.S_ISCHR: "a character device",
+             stat.S_ISBLK: "a block device", stat.S_ISSOCK: "a socket"}  # fmt: skip
+    kind = next((name for test, name in kinds.items() if test(mode)), "special")
+    return f"not a regular file ({kind})"
 
 
 def expand_paths(
