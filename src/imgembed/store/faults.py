@@ -43,8 +43,7 @@ def translate(exc: BaseException, action: str, location: str) -> StoreError:
     detail = _detail(exc)
     if _disk_full(exc):
         return StoreFullError(
-            f"disk full at {location}: {action} failed, nothing of it was stored ({detail}); "
-            "free some space there"
+            f"disk full at {location}: {action} failed ({detail}); free some space there"
         )
     if _connection_lost(exc):
         return StoreUnavailableError(

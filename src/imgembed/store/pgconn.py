@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 RECONNECT_SECONDS = 30.0  # how long to wait for a server that went away to come back
 CONNECT_TIMEOUT = 10  # seconds, per attempt
+APPLICATION = "imgembed"  # pg_stat_activity.application_name of our connections
 
 
 class Connection:
@@ -71,7 +72,9 @@ class Connection:
 
 
 def _connect(url: str) -> psycopg.Connection:
-    connection = psycopg.connect(url, autocommit=True, connect_timeout=CONNECT_TIMEOUT)
+    connection = psycopg.connect(
+        url, autocommit=True, connect_timeout=CONNECT_TIMEOUT, application_name=APPLICATION
+    )
     try:
         register_vector(connection)
     except BaseException:
