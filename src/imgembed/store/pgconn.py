@@ -27,14 +27,17 @@ APPLICATION = "imgembed"  # pg_stat_activity.application_name of our connections
 
 
 class Connection:
-    def __init__(self, reopen: Callable[[], str], location: str):
-        """`reopen` gives the URL to connect to (and may start the server first);
-        `location` names where the data lives, for messages."""
-        self._reopen = reopen
+    def __init__(self, url: str, location: str, reopen: Callable[[], str] | None = None):
+        """`location` names where the data lives, for messages; `reopen` gives the URL to
+        connect to again after the server went away (and may start the server first)."""
+        self._reopen = reopen or (lambda: url)
         self.location = location
         self._lock = threading.Lock()
-        with store_errors("connecting to PostgreSQL", location):
-            self._connection = _connect(reopen())
+        try:
+            self._connection = _connect(url)
+        except psycopg.OperationalError as exc:
+            detail = " ".join(str(exc).split())
+            raise StoreUnavailableError(f"cannot connect to {location}: {detail}") from exc
 
     def run(self, action: str, work: Callable[[psycopg.Connection], T]) -> T:
         """`work(connection)` under the lock; reconnects and retries it once if the

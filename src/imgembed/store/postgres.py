@@ -96,7 +96,7 @@ class PostgresStore:
         self.ef_search = ef_search  # HNSW candidates per query: recall against latency
         if upgrade:
             migrate(url, self.location)
-        self._db = Connection(reopen or (lambda: url), self.location)
+        self._db = Connection(url, self.location, reopen)
         self._dimensions: dict[str, int] = {}
 
     def _dimension(self, name: str) -> int:
