@@ -182,3 +182,25 @@ def test_a_read_only_folder_is_refused_before_any_work(tmp_path):
         folder.chmod(0o755)
     assert proc.stdout.strip() == f"cannot write the output {folder}/out.npy: Permission denied"
     assert list(Path(folder).iterdir()) == []
+
+
+def test_a_write_that_fails_after_the_work_is_a_typed_error(tmp_path):
+    import numpy as np
+
+    from imgembed.cli.output import Writer
+    from imgembed.errors import OutputError
+
+    full = tmp_path / "full.jsonl"
+    full.symlink_to("/dev/full")  # every write: ENOSPC, as on a full disk
+    writer = Writer(full)
+    with pytest.raises(OutputError, match=r"cannot write .*full\.jsonl: No space left on device"):
+        for _ in range(2000):  # past the stream's buffer
+            writer.write({"source": "a.png", "embedding": np.zeros(64, np.float32)})
+        writer.close()
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    writer = Writer(gone / "v.npy")
+    writer.write({"source": "a.png", "embedding": np.zeros(4, np.float32)})
+    gone.rmdir()  # the folder removed while the work ran
+    with pytest.raises(OutputError, match="No such file or directory"):
+        writer.close()
