@@ -437,3 +437,21 @@ def test_a_value_the_database_refuses_fails_its_item_not_its_batch(data_dir, pho
         assert (stats.successful, stats.failed) == (5, 1)
         assert stats.failures[0]["id"] == str(photos[1])
         assert len(service.store.hashes("photos")) == 5
+
+
+@pytest.mark.filterwarnings("ignore:Failed to obtain server version")
+def test_an_unreachable_qdrant_server_is_a_typed_error_after_one_retry(caplog):
+    import socket
+
+    with socket.socket() as probe:  # a loopback port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with (
+        caplog.at_level(logging.WARNING, logger="imgembed.store.qdrant"),
+        pytest.raises(StoreUnavailableError) as caught,
+    ):
+        QdrantStore(url=f"http://127.0.0.1:{port}")
+    assert str(caught.value).startswith(
+        f"the database went away during opening Qdrant (Qdrant at http://127.0.0.1:{port})"
+    )
+    assert [r.getMessage().endswith("trying once more") for r in caplog.records] == [True]
