@@ -10,11 +10,16 @@
     │   ├── ImageTooLargeError    file size, pixel count or side over the limit
     │   ├── ImageTooSmallError
     │   ├── SourceNotAllowedError outside the allowed roots, or a private address
-    │   └── FetchError            a URL could not be downloaded
+    │   ├── FetchError            a URL could not be downloaded
+    │   └── SourceListError       a list file or one of its rows names no usable image
     ├── EncodeError               the model failed on a batch
+    ├── OutputError               an output file could not be written (disk full, ...)
     └── StoreError                the vector database failed or refused
         ├── CollectionNotFoundError
-        └── ProvenanceMismatchError  a collection built with another model
+        ├── ProvenanceMismatchError  a collection built with another model
+        ├── StoreUnavailableError    the database cannot be reached or went away
+        ├── StoreFullError           the disk under the store is full
+        └── InvalidRecordError       a vector, id or metadata the store cannot hold
 
 Surfaces map these to HTTP status codes and CLI exit codes in one place each.
 """
@@ -78,8 +83,19 @@ class FetchError(ImageError):
         self.status = status
 
 
+class SourceListError(ImageError):
+    """A list file (.csv/.jsonl/.txt) or one of its rows cannot be used: a row without an
+    image column, a line that is not JSON, a file that is not UTF-8. `source` names the
+    file and line (`products.csv:12`)."""
+
+
 class EncodeError(ImgEmbedError):
     """The model failed while encoding a batch."""
+
+
+class OutputError(ImgEmbedError):
+    """An output file could not be written after the work was done (disk full, its folder
+    removed meanwhile); the message names the file and the reason."""
 
 
 class StoreError(ImgEmbedError):
@@ -94,6 +110,20 @@ class ProvenanceMismatchError(StoreError):
     """The collection was built with another model or preprocessing than asked for."""
 
 
+class StoreUnavailableError(StoreError):
+    """The database cannot be reached, or went away during a call (server stopped or
+    killed, connection lost); a retry after reconnecting also failed."""
+
+
+class StoreFullError(StoreError):
+    """The disk under the store is full; nothing of the failed call was stored."""
+
+
+class InvalidRecordError(StoreError):
+    """A vector, id or metadata the store cannot hold: wrong dimension, NaN or infinity,
+    text that is not valid UTF-8 or contains NUL characters."""
+
+
 __all__ = [
     "CollectionNotFoundError",
     "ConfigurationError",
@@ -105,9 +135,14 @@ __all__ = [
     "ImageTooSmallError",
     "ImgEmbedError",
     "InvalidImageError",
+    "InvalidRecordError",
     "ModelUnavailableError",
+    "OutputError",
     "ProvenanceMismatchError",
+    "SourceListError",
     "SourceNotAllowedError",
     "StoreError",
+    "StoreFullError",
+    "StoreUnavailableError",
     "UnsupportedFormatError",
 ]

@@ -30,6 +30,7 @@ from imgembed.cli.common import (
 )
 from imgembed.cli.output import Writer
 from imgembed.errors import ImgEmbedError
+from imgembed.intake.names import printable
 from imgembed.intake.sources import expand_paths
 
 app = typer.Typer(help="Exact CLIP image and text embeddings.", no_args_is_help=True)
@@ -58,6 +59,7 @@ def embed(
 ) -> None:
     """Embed images; exit 1 if any input failed (each failure is named on stderr)."""
     try:
+        writer = Writer(output)  # an unwritable -o fails now, not after the work
         service = make_service(
             model=model,
             pretrained=pretrained,
@@ -69,7 +71,6 @@ def embed(
             cache_embeddings=cache,
         )
         files = expand_paths(paths, service.settings.supported_formats)
-        writer = Writer(output)
         with err.status(f"loading {service.model_ref} ..."):
             service.encoder  # noqa: B018 - load before the clock starts
         started = time.perf_counter()
@@ -116,7 +117,7 @@ def _summary(
     for failure in failures:
         err.print(f"  failed: {failure} ({type(failure).__name__})", highlight=False, markup=False)
     if output:
-        err.print(f"written to {output}", highlight=False)
+        err.print(f"written to {printable(str(output))}", highlight=False, markup=False)
 
 
 @app.command("embed-text")

@@ -1,17 +1,47 @@
-"""Writing embeddings to stdout (JSON lines) or a file: .jsonl, .npy (+ .sources.txt), .parquet."""
+"""Writing embeddings to stdout (JSON lines) or a file: .jsonl, .npy (+ .sources.txt), .parquet.
+
+The file is checked before any work (a missing or read-only folder is a ConfigurationError
+at once, not after an hour of embedding). Text is written as UTF-8: a file name that is not
+valid UTF-8 is written with `\\xNN` for each undecodable byte (intake/names.py; `restore`
+gives the name back)."""
 
 from __future__ import annotations
 
 import json
 import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
 
-from imgembed.errors import ConfigurationError
+from imgembed.errors import ConfigurationError, OutputError
+from imgembed.intake.names import printable
 
 FORMATS = (".jsonl", ".npy", ".parquet")
+
+
+def check_writable(path: Path, what: str = "output") -> None:
+    """A ConfigurationError now if `path` cannot be written later (nothing is left behind)."""
+    shown = printable(str(path))
+    folder = path.parent
+    if path.is_dir():
+        raise ConfigurationError(f"cannot write the {what} {shown}: it is a folder")
+    if not folder.is_dir():
+        raise ConfigurationError(
+            f"cannot write the {what} {shown}: the folder {printable(str(folder))} does not "
+            "exist (create it first)"
+        )
+    try:
+        if path.exists():
+            path.open("ab").close()  # appends nothing: the file stays as it is
+        else:
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+    except OSError as exc:
+        raise ConfigurationError(f"cannot write the {what} {shown}: {exc.strerror or exc}") from exc
 
 
 class Writer:
@@ -24,29 +54,46 @@ class Writer:
         self.suffix = path.suffix.lower() if path else ".jsonl"
         if self.suffix not in FORMATS:
             raise ConfigurationError(f"unknown output format {self.suffix!r}; use one of {FORMATS}")
+        if path is not None:
+            check_writable(path)
         self._rows: list[dict[str, Any]] = []
         self._stream: IO[str] | None = None
 
     def write(self, row: dict[str, Any]) -> None:
+        row = {key: printable(v) if isinstance(v, str) else v for key, v in row.items()}
         if self.suffix == ".jsonl":
-            if self._stream is None:  # opened on first use: a failed start leaves no file
-                self._stream = self.path.open("w", encoding="utf-8") if self.path else sys.stdout
             vector = row.get("embedding")
             out = {**row, "embedding": None if vector is None else vector.tolist()}
-            self._stream.write(json.dumps(out, ensure_ascii=False) + "\n")
+            with self._errors():
+                if self._stream is None:  # opened on first use: a failed start leaves no file
+                    self._stream = self._open()
+                self._stream.write(json.dumps(out, ensure_ascii=False) + "\n")
         else:
             self._rows.append(row)
 
     def close(self) -> None:
-        if self.suffix == ".jsonl":
-            if self._stream is not None:
-                self._stream.flush()
-                if self._stream is not sys.stdout:
-                    self._stream.close()
-        elif self.suffix == ".npy":
-            self._write_npy()
-        else:
-            self._write_parquet()
+        with self._errors():
+            if self.suffix == ".jsonl":
+                if self._stream is not None:
+                    self._stream.flush()
+                    if self._stream is not sys.stdout:
+                        self._stream.close()
+            elif self.suffix == ".npy":
+                self._write_npy()
+            else:
+                self._write_parquet()
+
+    def _open(self) -> IO[str]:
+        return self.path.open("w", encoding="utf-8") if self.path else sys.stdout
+
+    @contextmanager
+    def _errors(self) -> Iterator[None]:
+        """OSError while writing (disk full, folder removed meanwhile) -> OutputError."""
+        try:
+            yield
+        except OSError as exc:
+            where = printable(str(self.path)) if self.path else "stdout"
+            raise OutputError(f"cannot write {where}: {exc.strerror or exc}") from exc
 
     def _write_npy(self) -> None:
         assert self.path is not None

@@ -24,7 +24,9 @@ from imgembed.cli.common import (
     make_service,
     progress_bar,
 )
-from imgembed.errors import ConfigurationError, ImgEmbedError
+from imgembed.cli.output import check_writable
+from imgembed.errors import ConfigurationError, ImgEmbedError, OutputError
+from imgembed.intake.names import printable
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="JSON instead of a table.")]
 collections_app = typer.Typer(help="Collections in the store.", invoke_without_command=True)
@@ -53,10 +55,13 @@ def index(
     precision: PrecisionOpt = None,
     batch_size: BatchOpt = None,
 ) -> None:
-    """Embed and store images; re-runs add only what is new or changed (exit 1 on failures)."""
+    """Embed and store images; re-runs add only what is new or changed (exit 1 on failures).
+    A store failure (exit 6) keeps what was stored: run the same command again to go on."""
     from imgembed.indexing import read_index_sources
 
     try:
+        if failures:
+            check_writable(failures, "failures file")  # now, not after the work
         service = make_service(
             model=model,
             pretrained=pretrained,
@@ -82,18 +87,24 @@ def index(
             )
     except ImgEmbedError as exc:
         raise fail(exc) from exc
+    unpruned = " (not pruned: some sources could not be read)" if stats.prune_skipped else ""
     err.print(
         "Indexing completed. Final statistics:\n"
         f"   Total: {stats.total}\n   Processed: {stats.processed}\n"
         f"   Successful: {stats.successful}\n   Failed: {stats.failed}\n"
-        f"   Skipped: {stats.skipped} (unchanged)\n   Pruned: {stats.pruned}\n"
+        f"   Skipped: {stats.skipped} (unchanged)\n   Pruned: {stats.pruned}{unpruned}\n"
         f"   Duration: {stats.duration:.2f} seconds\n   Images/s: {stats.images_per_second:.1f}",
         highlight=False,
     )
     for failure in stats.failures:
         err.print(f"  failed: {failure['error']} ({failure['error_type']})", markup=False)
     if failures:
-        failures.write_text("".join(json.dumps(f) + "\n" for f in stats.failures), "utf-8")
+        lines = "".join(json.dumps(f, ensure_ascii=False) + "\n" for f in stats.failures)
+        try:
+            failures.write_text(lines, "utf-8")
+        except OSError as exc:
+            where = printable(str(failures))
+            raise fail(OutputError(f"cannot write {where}: {exc.strerror or exc}")) from exc
     if stats.failed:
         raise typer.Exit(1)
 

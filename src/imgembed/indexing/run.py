@@ -3,19 +3,34 @@ stored with the same content hash, optionally prune what is gone.
 
 A run killed at any moment (even kill -9) loses at most the batch not yet stored; the
 next run skips what was stored (same id, same content hash) and, through the embedding
-cache, does not embed twice what was embedded but not stored."""
+cache, does not embed twice what was embedded but not stored.
+
+Failures: a source that cannot be used (a list row without an image, a folder that cannot
+be listed), an image that cannot be embedded, or a record the store cannot hold (NaN
+vector) fails that item alone. The store retries a batch once after a lost connection
+(store/pgconn.py); when the store still fails, the run stops with that StoreError, its
+message saying what was kept and how to go on."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from imgembed.engine.pipeline import Progress
+from imgembed.errors import (
+    CollectionNotFoundError,
+    ImgEmbedError,
+    InvalidRecordError,
+    ProvenanceMismatchError,
+    StoreError,
+)
 from imgembed.indexing.sources import IndexItem
+from imgembed.intake.names import printable
 from imgembed.results import ImageEmbeddingResult
-from imgembed.store.base import Record, VectorStore
+from imgembed.store.base import Record, VectorStore, checked_record
 
 _IMAGE_FIELDS = ("width", "height", "format")
 
@@ -24,16 +39,24 @@ _IMAGE_FIELDS = ("width", "height", "format")
 class IndexStats:
     total: int = 0
     processed: int = 0
-    successful: int = 0
+    successful: int = 0  # stored by this run
     failed: int = 0
     skipped: int = 0
     pruned: int = 0
     duration: float = 0.0
     failures: list[dict[str, str]] = field(default_factory=list)
+    prune_skipped: bool = False  # pruning asked for, but some sources could not be read
 
     @property
     def images_per_second(self) -> float:
         return self.processed / self.duration if self.duration > 0 else 0.0
+
+    def fail(self, item_id: str, source: str, error: ImgEmbedError) -> None:
+        self.failed += 1
+        self.failures.append(
+            {"id": printable(item_id), "source": printable(source),
+             "error": printable(str(error)), "error_type": type(error).__name__}
+        )  # fmt: skip
 
 
 def index(
@@ -46,39 +69,93 @@ def index(
     progress: Callable[[Progress], None] | None = None,
 ) -> IndexStats:
     started = time.perf_counter()
-    store.create_collection(collection, service.provenance)
-    stored = store.hashes(collection)
     stats = IndexStats(total=len(items))
-    batch: list[Record] = []
-    results = service.iter_images([item.source for item in items], progress)
-    for item, result in zip(items, results, strict=True):
-        stats.processed += 1
-        if result.error is not None:
-            stats.failed += 1
-            stats.failures.append(
-                {"id": item.id, "source": item.source, "error": str(result.error),
-                 "error_type": type(result.error).__name__}
-            )  # fmt: skip
-        elif stored.get(item.id) == result.image_id:
-            stats.skipped += 1
-        else:
-            batch.append(_record(item, result))
-            stats.successful += 1
-            if len(batch) >= service.settings.batch_size:
-                store.upsert(collection, batch)
-                batch = []
-    store.upsert(collection, batch)
-    if prune:
-        gone = set(stored) - {item.id for item in items}
-        stats.pruned = store.delete(collection, gone) if gone else 0
-    if stats.successful or stats.pruned:
-        store.analyze()
+    unusable = [item for item in items if item.error is not None]
+    todo = [item for item in items if item.error is None]
+    try:
+        provenance = service.provenance
+        store.create_collection(collection, provenance)
+        stored = store.hashes(collection)
+        for item in unusable:
+            stats.processed += 1
+            stats.fail(item.id, item.source, item.error)  # type: ignore[arg-type]
+        batch: list[Record] = []
+        results = service.iter_images(
+            [item.source for item in todo], _shifted(progress, len(unusable))
+        )
+        for item, result in zip(todo, results, strict=True):
+            stats.processed += 1
+            if result.error is not None:
+                stats.fail(item.id, item.source, result.error)
+            elif stored.get(printable(item.id)) == result.image_id:
+                stats.skipped += 1
+            else:
+                record = _record(item, result)
+                try:
+                    checked_record(record, provenance.dimension)
+                except InvalidRecordError as exc:  # e.g. a NaN vector: this item only
+                    stats.fail(item.id, item.source, exc)
+                    continue
+                batch.append(record)
+                if len(batch) >= service.settings.batch_size:
+                    _store(store, collection, batch, stats)
+                    batch = []
+        _store(store, collection, batch, stats)
+        if prune and unusable:  # what could not be read might still exist: keep it all
+            stats.prune_skipped = True
+        elif prune:
+            gone = set(stored) - {printable(item.id) for item in items}
+            stats.pruned = store.delete(collection, gone) if gone else 0
+        if stats.successful or stats.pruned:
+            store.analyze()
+    except (ProvenanceMismatchError, CollectionNotFoundError):
+        raise
+    except StoreError as exc:
+        raise _interrupted(exc, stats) from exc
     stats.duration = time.perf_counter() - started
     return stats
+
+
+def _store(store: VectorStore, collection: str, batch: list[Record], stats: IndexStats) -> None:
+    try:
+        store.upsert(collection, batch)
+        stats.successful += len(batch)
+        return
+    except InvalidRecordError as exc:  # a value the database refused: find it, store the rest
+        if len(batch) == 1:
+            stats.fail(batch[0].id, batch[0].source, exc)
+            return
+    for record in batch:
+        _store(store, collection, [record], stats)
+
+
+def _interrupted(exc: StoreError, stats: IndexStats) -> StoreError:
+    return type(exc)(
+        f"{exc}\nIndexing stopped after {stats.processed} of {stats.total} items. The "
+        f"{stats.successful} items this run stored are kept, as is everything stored before. "
+        "To continue, index the same sources again (the same `imgembed index` command): "
+        "stored items are skipped by content hash, and the embedding cache spares "
+        "embedding again what was embedded but not stored."
+    )
+
+
+def _shifted(
+    progress: Callable[[Progress], None] | None, already: int
+) -> Callable[[Progress], None] | None:
+    """Progress over all items when `already` of them failed before embedding."""
+    if progress is None or not already:
+        return progress
+    return lambda p: progress(
+        dataclasses.replace(
+            p, total=p.total + already, done=p.done + already, failed=p.failed + already
+        )
+    )
 
 
 def _record(item: IndexItem, result: ImageEmbeddingResult) -> Record:
     image = {key: result.metadata.get(key) for key in _IMAGE_FIELDS}
     metadata = {**image, "confidence": result.confidence, **item.metadata}
     assert result.embedding is not None and result.image_id is not None
-    return Record(item.id, result.embedding, result.image_id, item.source, metadata)
+    return Record(
+        printable(item.id), result.embedding, result.image_id, printable(item.source), metadata
+    )

@@ -1,22 +1,35 @@
 """What to index: folders, single files and URLs, or list files: `.txt` (a path or URL per
 line) and `.csv` / `.jsonl` catalogues with an image column, an optional `id` and any other
-columns as metadata. Relative paths in list files are relative to the list file."""
+columns as metadata. Relative paths in list files are relative to the list file.
+
+A source that cannot be used becomes an item with its typed `error` (reported as failed,
+never stopping the rest): a row without an image or a line that is not JSON (named by its
+line in the file), a folder that cannot be listed, a list file that cannot be read.
+CSV/JSONL files must be UTF-8: ids and metadata decoded with a guessed encoding would be
+stored wrong without anyone noticing, so such a file fails as a whole, naming the line and
+byte. `.txt` lists hold file names, which on Linux are bytes: they are decoded as the
+system decodes names (UTF-8, undecodable bytes kept), so every name on disk can be listed.
+Ids are printable (intake/names.py): a name that is not UTF-8 is stored with `\\xNN`."""
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from imgembed.errors import ConfigurationError
+from imgembed.errors import ImageError, ImageNotFoundError, SourceListError
+from imgembed.intake.names import printable
 from imgembed.intake.sources import expand_paths, is_data_uri, is_url
 
 IMAGE_COLUMNS = ("image", "image_url", "image_path", "url", "path", "source", "file")
 LIST_SUFFIXES = {".txt", ".lst", ".csv", ".jsonl", ".ndjson"}
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
 
 
 @dataclass(frozen=True)
@@ -24,6 +37,7 @@ class IndexItem:
     id: str
     source: str  # a path or URL
     metadata: dict[str, Any] = field(default_factory=dict)
+    error: ImageError | None = None  # set when the source itself cannot be used
 
 
 def read_index_sources(entries: Iterable[str], extensions: Iterable[str]) -> list[IndexItem]:
@@ -34,8 +48,11 @@ def read_index_sources(entries: Iterable[str], extensions: Iterable[str]) -> lis
         path = Path(entry)
         if not is_url(entry) and path.suffix.lower() in LIST_SUFFIXES and path.is_file():
             items += _read_list(path)
-        else:
-            items += [IndexItem(_stable(s), _stable(s)) for s in expand_paths([entry], extensions)]
+            continue
+        failures: list[ImageError] = []
+        found = expand_paths([entry], extensions, failures)
+        items += [IndexItem(printable(_stable(s)), _stable(s)) for s in found]
+        items += [_failed(error.source or str(path), error) for error in failures]
     unique: dict[str, IndexItem] = {}
     for item in items:
         unique.setdefault(item.id, item)
@@ -43,15 +60,71 @@ def read_index_sources(entries: Iterable[str], extensions: Iterable[str]) -> lis
 
 
 def _read_list(path: Path) -> list[IndexItem]:
-    suffix = path.suffix.lower()
-    with path.open(encoding="utf-8-sig", newline="") as handle:
-        if suffix == ".csv":
-            rows: Iterable[dict[str, Any]] = list(csv.DictReader(handle))
-        elif suffix in (".jsonl", ".ndjson"):
-            rows = [_json_line(line, path, n) for n, line in enumerate(handle, 1) if line.strip()]
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        return [_failed(str(path), ImageNotFoundError(f"cannot read: {exc.strerror}", str(path)))]
+    if path.suffix.lower() in (".txt", ".lst"):
+        text = data.removeprefix(b"\xef\xbb\xbf").decode("utf-8", "surrogateescape")
+        return [_path_item(line.strip(), path) for line in _LINE_BREAK.split(text) if line.strip()]
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line, column = _position(data, exc.start)
+        label = f"{printable(str(path))}:{line}"
+        error = SourceListError(
+            f"not UTF-8: byte 0x{data[exc.start]:02x} at column {column} cannot be decoded; "
+            "list files are read as UTF-8, so save it as UTF-8 "
+            "(e.g. iconv -f cp1252 -t utf-8 old.csv > new.csv) and index it again",
+            label,
+        )
+        return [_failed(label, error)]
+    rows = _csv_rows(text) if path.suffix.lower() == ".csv" else _json_rows(text)
+    return [_item(row, path, line) for line, row in rows]
+
+
+def _position(data: bytes, offset: int) -> tuple[int, int]:
+    """(line, column) of a byte offset, both from 1, columns counted in bytes."""
+    before = data[:offset]
+    start = max(before.rfind(b"\n"), before.rfind(b"\r")) + 1
+    lines = len(_LINE_BREAK.findall(before.decode("utf-8", "replace")))
+    return lines + 1, offset - start + 1
+
+
+def _csv_rows(text: str) -> Iterator[tuple[int, dict[str, Any] | SourceListError]]:
+    """(the file line a row starts on, the row by header name); blank lines skipped."""
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header: list[str] | None = None
+    while True:
+        line = reader.line_num + 1  # a quoted field may span lines: the row starts here
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            yield line, SourceListError(f"not valid CSV: {exc}")
+            continue
+        if not any(cell.strip() for cell in row):
+            continue
+        if header is None:
+            header = [name.strip() for name in row]
         else:
-            rows = [{"image": line.strip()} for line in handle if line.strip()]
-    return [_item(row, path, n) for n, row in enumerate(rows, 1)]
+            yield line, dict(zip(header, row, strict=False))
+
+
+def _json_rows(text: str) -> Iterator[tuple[int, dict[str, Any] | SourceListError]]:
+    for number, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            yield number, SourceListError(f"not JSON: {exc}")
+            continue
+        if not isinstance(row, dict):
+            yield number, SourceListError(f"expected a JSON object, not {type(row).__name__}")
+            continue
+        yield number, row
 
 
 def _stable(source: str | Path) -> str:
@@ -62,25 +135,27 @@ def _stable(source: str | Path) -> str:
     return os.path.abspath(source)
 
 
-def _json_line(line: str, path: Path, number: int) -> dict[str, Any]:
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise ConfigurationError(f"{path}:{number}: not JSON: {exc}") from exc
-    if not isinstance(row, dict):
-        raise ConfigurationError(f"{path}:{number}: expected a JSON object")
-    return row
-
-
-def _item(row: dict[str, Any], path: Path, number: int) -> IndexItem:
-    column = next((c for c in IMAGE_COLUMNS if row.get(c)), None)
-    if column is None:
-        raise ConfigurationError(
-            f"{path}:{number}: no image column (one of {', '.join(IMAGE_COLUMNS)})"
-        )
-    source = str(row[column]).strip()
+def _path_item(source: str, list_file: Path) -> IndexItem:
     if not (is_url(source) or is_data_uri(source)):
-        source = _stable(path.parent / source)  # relative to the list file
+        source = _stable(list_file.parent / source)  # relative to the list file
+    return IndexItem(printable(source), source)
+
+
+def _failed(label: str, error: ImageError, item_id: str | None = None) -> IndexItem:
+    label = printable(label)
+    return IndexItem(item_id or label, label, error=error)
+
+
+def _item(row: dict[str, Any] | SourceListError, path: Path, line: int) -> IndexItem:
+    label = f"{printable(str(path))}:{line}"
+    if isinstance(row, SourceListError):
+        row.source = label
+        return _failed(label, row)
+    row_id = str(row.get("id") or "").strip()
+    column = next((c for c in IMAGE_COLUMNS if str(row.get(c) or "").strip()), None)
+    if column is None:
+        error = SourceListError(f"no image: none of {', '.join(IMAGE_COLUMNS)} has a value", label)
+        return _failed(label, error, row_id)  # a catalogue's own id names it best
+    item = _path_item(str(row[column]).strip(), path)
     metadata = {k: v for k, v in row.items() if k not in (column, "id") and v not in (None, "")}
-    item_id = str(row.get("id") or "").strip() or source
-    return IndexItem(item_id, source, metadata)
+    return IndexItem(row_id or item.id, item.source, metadata)

@@ -14,6 +14,7 @@ from pathlib import Path
 from PIL import Image
 
 from imgembed.errors import (
+    ImageError,
     ImageNotFoundError,
     ImageTooLargeError,
     InvalidImageError,
@@ -150,13 +151,26 @@ def _not_regular(mode: int) -> str:
 
 
 def expand_paths(
-    paths: Iterable[str | os.PathLike[str]], extensions: Iterable[str]
+    paths: Iterable[str | os.PathLike[str]],
+    extensions: Iterable[str],
+    failures: list[ImageError] | None = None,
 ) -> list[Path | str]:
     """Files as given, URLs and data URIs untouched; folders walked recursively (sorted;
     symlinked folders are not followed, so link loops cannot recur) for files with one of
-    the extensions."""
+    the extensions. A folder that cannot be listed (permissions, I/O errors) does not stop
+    the walk: it goes to `failures` as an ImageNotFoundError if a list is given, otherwise
+    it stays in the result, so that reading it fails as that entry's typed error."""
     wanted = {ext.lower() for ext in extensions}
     found: list[Path | str] = []
+
+    def unreadable(exc: OSError) -> None:
+        folder = Path(exc.filename) if exc.filename else Path(exc.args[-1])
+        if failures is None:
+            found.append(folder)
+        else:
+            reason = exc.strerror or str(exc)
+            failures.append(ImageNotFoundError(f"cannot list folder: {reason}", str(folder)))
+
     for entry in paths:
         if is_url(entry) or is_data_uri(entry):
             found.append(str(entry))
@@ -165,7 +179,7 @@ def expand_paths(
         if not path.is_dir():
             found.append(path)
             continue
-        for root, dirs, files in os.walk(path):
+        for root, dirs, files in os.walk(path, onerror=unreadable):
             dirs.sort()
             found.extend(
                 Path(root, name) for name in sorted(files) if Path(name).suffix.lower() in wanted

@@ -18,8 +18,14 @@ def open_store(settings: Settings) -> VectorStore:
     from imgembed.store import embedded
     from imgembed.store.postgres import PostgresStore
 
-    url = settings.database_url or embedded.start(settings.data_dir)
-    return PostgresStore(url, ef_search=settings.hnsw_ef_search)
+    if settings.database_url:
+        return PostgresStore(settings.database_url, ef_search=settings.hnsw_ef_search)
+    return PostgresStore(
+        embedded.start(settings.data_dir),
+        ef_search=settings.hnsw_ef_search,
+        location=str(embedded.pgdata(settings.data_dir)),
+        reopen=lambda: embedded.start(settings.data_dir),  # restarts a server that died
+    )
 
 
 __all__ = ["CollectionInfo", "Hit", "Provenance", "Record", "VectorStore", "open_store"]

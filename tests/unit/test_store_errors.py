@@ -1,0 +1,140 @@
+"""Driver errors become typed StoreErrors (store/faults.py); records are validated before any
+driver sees them (store/base.py); undecodable file names are escaped reversibly."""
+
+import errno
+import os
+import sqlite3
+
+import numpy as np
+import psycopg
+import pytest
+from psycopg import errors as pg
+
+from imgembed.errors import (
+    InvalidRecordError,
+    StoreError,
+    StoreFullError,
+    StoreUnavailableError,
+)
+from imgembed.intake.names import printable, restore
+from imgembed.store import Record
+from imgembed.store.base import checked_metadata, checked_record, checked_vector
+from imgembed.store.faults import store_errors, translate
+
+CAFE = os.fsdecode(b"caf\xe9.jpg")  # how Python hands us a Latin-1 name on a UTF-8 system
+
+
+def _raise_in(exc: BaseException) -> StoreError:
+    with pytest.raises(StoreError) as caught, store_errors("storing 8 items", "/data/postgres"):
+        raise exc
+    assert caught.value.__cause__ is exc  # the driver's error stays attached
+    return caught.value
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        pg.DiskFull('could not extend file "base/5/1": No space left on device'),
+        OSError(errno.ENOSPC, "No space left on device"),
+        sqlite3.OperationalError("database or disk is full"),
+    ],
+)
+def test_disk_full_names_the_place(exc):
+    error = _raise_in(exc)
+    assert type(error) is StoreFullError
+    assert str(error).startswith("disk full at /data/postgres: storing 8 items failed")
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        psycopg.OperationalError("consuming input failed: server closed the connection"),
+        pg.AdminShutdown("terminating connection due to administrator command"),
+        pg.CannotConnectNow("the database system is starting up"),
+        psycopg.InterfaceError("the connection is closed"),
+        ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused"),
+    ],
+)
+def test_lost_connections_are_unavailable(exc):
+    error = _raise_in(exc)
+    assert type(error) is StoreUnavailableError
+    assert str(error).startswith("the database went away during storing 8 items")
+
+
+def test_qdrant_without_answer_is_unavailable():
+    from qdrant_client.http.exceptions import ResponseHandlingException
+
+    error = _raise_in(ResponseHandlingException(ConnectionRefusedError("refused")))
+    assert type(error) is StoreUnavailableError
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        UnicodeEncodeError("utf-8", CAFE, 3, 4, "surrogates not allowed"),
+        pg.InvalidTextRepresentation("invalid input syntax for type vector"),
+        pg.DataException("NaN not allowed in vector"),
+    ],
+)
+def test_values_the_database_refuses_are_invalid_records(exc):
+    assert type(_raise_in(exc)) is InvalidRecordError
+
+
+def test_other_driver_errors_are_store_errors_and_ours_pass_through():
+    error = _raise_in(pg.UndefinedTable('relation "imgembed_items" does not exist'))
+    assert type(error) is StoreError and "UndefinedTable" in str(error)
+    mine = StoreFullError("disk full at x")
+    with pytest.raises(StoreFullError) as caught, store_errors("x", "y"):
+        raise mine
+    assert caught.value is mine
+
+
+def test_sqlalchemy_wrapped_errors_are_unwrapped():
+    import sqlalchemy.exc
+
+    wrapped = sqlalchemy.exc.OperationalError("UPGRADE", {}, pg.DiskFull("No space left"))
+    assert type(translate(wrapped, "migrating", "/d")) is StoreFullError
+
+
+def test_vectors_must_be_finite_and_of_the_dimension():
+    assert checked_vector([1, 2, 3], 3, "x").dtype == np.float32
+    with pytest.raises(InvalidRecordError, match=r"non-finite values .* first 1"):
+        checked_vector([0.0, np.nan, 1.0], 3, "x")
+    with pytest.raises(InvalidRecordError, match="non-finite"):
+        checked_vector([0.0, np.inf, 1.0], 3, "x")
+    with pytest.raises(InvalidRecordError, match="non-finite"):
+        checked_vector([0.0, 1e39, 1.0], 3, "x")  # overflows float32 to infinity
+    with pytest.raises(InvalidRecordError, match="3 dimensions"):
+        checked_vector([1, 2], 3, "x")
+    with pytest.raises(InvalidRecordError, match="not a vector of numbers"):
+        checked_vector(["a", "b", "c"], 3, "x")
+
+
+def test_records_with_text_the_store_cannot_hold_are_refused():
+    ok = Record("a.jpg", np.ones(3), "hash", "/x/a.jpg", {"k": ["v", {"n": 1}]})
+    _, metadata = checked_record(ok, 3)
+    assert metadata == '{"k": ["v", {"n": 1}]}'
+    bad_id = Record(CAFE, np.ones(3), "hash", "/x/a.jpg")
+    with pytest.raises(InvalidRecordError, match=r"id is not valid UTF-8: 'caf\\xe9\.jpg'"):
+        checked_record(bad_id, 3)
+    with pytest.raises(InvalidRecordError, match=r"source of a\.jpg is not valid UTF-8"):
+        checked_record(Record("a.jpg", np.ones(3), "h", CAFE), 3)
+    with pytest.raises(InvalidRecordError, match="NUL"):
+        checked_record(Record("a\x00b", np.ones(3), "h", "s"), 3)
+    with pytest.raises(InvalidRecordError, match=r"metadata of a\.jpg"):
+        checked_metadata({"note": ["x", CAFE]}, "a.jpg")
+    with pytest.raises(InvalidRecordError, match=r"metadata of a\.jpg"):
+        checked_metadata({"price": float("nan")}, "a.jpg")
+    with pytest.raises(InvalidRecordError, match=r"metadata of a\.jpg"):
+        checked_metadata({"a\x00": 1}, "a.jpg")
+
+
+def test_printable_names_round_trip():
+    assert printable("plain/é.jpg") == "plain/é.jpg"  # valid names never change
+    assert printable(CAFE) == "caf\\xe9.jpg"
+    assert restore(printable(CAFE)) == CAFE
+    assert os.fsencode(restore(printable(CAFE))) == b"caf\xe9.jpg"
+    mixed = os.fsdecode(b"d\xc3\xa9j\xe0/\xff\xfe.png")  # valid UTF-8 next to invalid bytes
+    assert printable(mixed) == "déj\\xe0/\\xff\\xfe.png" and restore(printable(mixed)) == mixed
+    assert printable("\ud800x") == "\\ud800x"  # a lone surrogate that is no escaped byte
+    assert restore("no escapes") == "no escapes"
