@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import platformdirs
-from pydantic import AliasChoices, Field, ValidationError, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from imgembed.errors import ConfigurationError
@@ -32,6 +32,7 @@ class Settings(BaseSettings):
         populate_by_name=True,
         protected_namespaces=(),
         extra="forbid",
+        frozen=True,  # built once and passed in; derive variants with model_copy(update=...)
     )
 
     model: str = Field("ViT-B-32", validation_alias=_env("model", "CLIP_MODEL_NAME"))
@@ -77,6 +78,17 @@ class Settings(BaseSettings):
     qdrant_api_key: str | None = Field(None, validation_alias=_env("qdrant_api_key"))
     collection: str = Field("images", min_length=1, validation_alias=_env("collection"))
     hnsw_ef_search: int = Field(100, ge=10, le=1000, validation_alias=_env("hnsw_ef_search"))
+    # The HTTP service (imgembed serve) and its dynamic batcher.
+    batch_wait_ms: float = Field(5.0, ge=0, validation_alias=_env("batch_wait_ms"))
+    queue_size: int = Field(1024, gt=0, validation_alias=_env("queue_size"))
+    max_body_size: int = Field(25 * 1024 * 1024, gt=0, validation_alias=_env("max_body_size"))
+    max_batch_inputs: int = Field(256, gt=0, validation_alias=_env("max_batch_inputs"))
+    api_keys: Annotated[list[SecretStr] | None, NoDecode] = Field(
+        None, validation_alias=_env("api_keys")
+    )
+    cors_origins: Annotated[list[str] | None, NoDecode] = Field(
+        None, validation_alias=_env("cors_origins")
+    )
 
     @field_validator("supported_formats", "allowed_roots", mode="before")
     @classmethod
@@ -87,6 +99,14 @@ class Settings(BaseSettings):
         if value.strip().startswith("["):
             return json.loads(value)
         return [part.strip() for part in value.replace(os.pathsep, ",").split(",") if part.strip()]
+
+    @field_validator("api_keys", "cors_origins", mode="before")
+    @classmethod
+    def _split_commas(cls, value: Any) -> Any:
+        """Keys and origins from the environment: separated by commas (origins hold colons)."""
+        if not isinstance(value, str):
+            return value
+        return [part.strip() for part in value.split(",") if part.strip()]
 
     @field_validator("supported_formats")
     @classmethod

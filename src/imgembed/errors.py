@@ -12,14 +12,19 @@
     │   ├── SourceNotAllowedError outside the allowed roots, or a private address
     │   └── FetchError            a URL could not be downloaded
     ├── EncodeError               the model failed on a batch
-    └── StoreError                the vector database failed or refused
-        ├── CollectionNotFoundError
-        └── ProvenanceMismatchError  a collection built with another model
+    ├── StoreError                the vector database failed or refused
+    │   ├── CollectionNotFoundError
+    │   └── ProvenanceMismatchError  a collection built with another model
+    └── UnavailableError          the service cannot take work now (loading, stopping)
+        └── OverloadedError       its queue is full; both carry `retry_after` (seconds)
 
-Surfaces map these to HTTP status codes and CLI exit codes in one place each.
+Surfaces map these to HTTP status codes and CLI exit codes in one place each, and turn
+them into data with `error_dict`.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 
 class ImgEmbedError(Exception):
@@ -94,6 +99,23 @@ class ProvenanceMismatchError(StoreError):
     """The collection was built with another model or preprocessing than asked for."""
 
 
+class UnavailableError(ImgEmbedError):
+    """The service cannot take this work now (model loading, shutting down): retry later."""
+
+    def __init__(self, message: str, retry_after: float = 1.0):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class OverloadedError(UnavailableError):
+    """More work is waiting than the service accepts (a bounded queue, not unbounded memory)."""
+
+
+def error_dict(error: BaseException) -> dict[str, Any]:
+    """An error as data, the same on every surface: the message and the error's type."""
+    return {"error": str(error), "error_type": type(error).__name__}
+
+
 __all__ = [
     "CollectionNotFoundError",
     "ConfigurationError",
@@ -106,8 +128,11 @@ __all__ = [
     "ImgEmbedError",
     "InvalidImageError",
     "ModelUnavailableError",
+    "OverloadedError",
     "ProvenanceMismatchError",
     "SourceNotAllowedError",
     "StoreError",
+    "UnavailableError",
     "UnsupportedFormatError",
+    "error_dict",
 ]

@@ -29,8 +29,10 @@ from imgembed.cli.common import (
     progress_bar,
 )
 from imgembed.cli.output import Writer
+from imgembed.engine.pipeline import Progress
 from imgembed.errors import ImgEmbedError
 from imgembed.intake.sources import expand_paths
+from imgembed.results import ImageEmbeddingResult
 
 app = typer.Typer(help="Exact CLIP image and text embeddings.", no_args_is_help=True)
 OutputOpt = Annotated[
@@ -73,13 +75,16 @@ def embed(
         with err.status(f"loading {service.model_ref} ..."):
             service.encoder  # noqa: B018 - load before the clock starts
         started = time.perf_counter()
-        failures, counts = [], {"embedded": 0, "cached": 0, "failed": 0}
+        failures, counts = [], Progress(total=len(files))
         with progress_bar() as bar:
             task = bar.add_task("embedding", total=len(files))
-            results = service.iter_images(files, lambda p: bar.update(task, completed=p.done))
-            for result in results:
-                kind = "failed" if result.error else "cached" if result.cached else "embedded"
-                counts[kind] += 1
+
+            def update(progress: Progress) -> None:
+                nonlocal counts
+                counts = progress
+                bar.update(task, completed=progress.done)
+
+            for result in service.iter_images(files, update):
                 if result.error:
                     failures.append(result.error)
                 writer.write(_row(result))
@@ -91,25 +96,23 @@ def embed(
         raise typer.Exit(1)
 
 
-def _row(result: Any) -> dict[str, Any]:
+def _row(result: ImageEmbeddingResult) -> dict[str, Any]:
+    row = result.to_dict()
     return {
         "source": result.image_path,
         "image_id": result.image_id,
         "model": result.model_name,
         "cached": result.cached,
-        "error": None if result.error is None else str(result.error),
-        "error_type": None if result.error is None else type(result.error).__name__,
+        "error": row["error"],
+        "error_type": row["error_type"],
         "embedding": result.embedding,
     }
 
 
-def _summary(
-    counts: dict[str, int], seconds: float, failures: list[Any], output: Path | None
-) -> None:
-    done = counts["embedded"] + counts["cached"]
-    rate = done / seconds if seconds > 0 else 0.0
+def _summary(counts: Progress, seconds: float, failures: list[Any], output: Path | None) -> None:
+    rate = (counts.embedded + counts.cached) / seconds if seconds > 0 else 0.0
     err.print(
-        f"embedded: {counts['embedded']}  cached: {counts['cached']}  failed: {counts['failed']}  "
+        f"embedded: {counts.embedded}  cached: {counts.cached}  failed: {counts.failed}  "
         f"duration: {seconds:.2f} s  images/s: {rate:.1f}",
         highlight=False,
     )

@@ -15,11 +15,26 @@ def open_store(settings: Settings) -> VectorStore:
         if settings.qdrant_url:
             return QdrantStore(url=settings.qdrant_url, api_key=settings.qdrant_api_key)
         return QdrantStore(path=settings.data_dir / "qdrant")
-    from imgembed.store import embedded
     from imgembed.store.postgres import PostgresStore
 
-    url = settings.database_url or embedded.start(settings.data_dir)
-    return PostgresStore(url, ef_search=settings.hnsw_ef_search)
+    return PostgresStore(postgres_url(settings), ef_search=settings.hnsw_ef_search)
 
 
-__all__ = ["CollectionInfo", "Hit", "Provenance", "Record", "VectorStore", "open_store"]
+def postgres_url(settings: Settings) -> str:
+    """IMGEMBED_DATABASE_URL if set, else the embedded server's (started or joined)."""
+    if settings.database_url:
+        return settings.database_url
+    from imgembed.store import embedded
+
+    return embedded.start(settings.data_dir)
+
+
+__all__ = [
+    "CollectionInfo",
+    "Hit",
+    "Provenance",
+    "Record",
+    "VectorStore",
+    "open_store",
+    "postgres_url",
+]
