@@ -176,3 +176,10 @@ class ImagePipeline:
             cached=item.cached,
             confidence=item.metadata.get("quality", {}).get("confidence"),
         )
+
+    # The per-item steps, public for schedulers that batch across requests
+    # (engine/batcher.py): prepare in a worker thread, encode a list of prepared items
+    # (each gets its vector, or the batch's error), then build the result.
+    prepare = _prepare
+    encode_prepared = _encode
+    build_result = _result
