@@ -15,6 +15,7 @@
     ├── StoreError                the vector database failed or refused
     │   ├── CollectionNotFoundError
     │   └── ProvenanceMismatchError  a collection built with another model
+    ├── RequestTooLargeError      a request over a service limit (body bytes, inputs)
     └── UnavailableError          the service cannot take work now (loading, stopping)
         └── OverloadedError       its queue is full; both carry `retry_after` (seconds)
 
@@ -99,6 +100,10 @@ class ProvenanceMismatchError(StoreError):
     """The collection was built with another model or preprocessing than asked for."""
 
 
+class RequestTooLargeError(ImgEmbedError):
+    """A request over one of the service's limits (body size, inputs per request)."""
+
+
 class UnavailableError(ImgEmbedError):
     """The service cannot take this work now (model loading, shutting down): retry later."""
 
@@ -130,6 +135,7 @@ __all__ = [
     "ModelUnavailableError",
     "OverloadedError",
     "ProvenanceMismatchError",
+    "RequestTooLargeError",
     "SourceNotAllowedError",
     "StoreError",
     "UnavailableError",

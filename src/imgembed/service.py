@@ -48,11 +48,12 @@ class ImageEmbeddingService(SeedAsyncMethods):
             self._check_dimension(self.model_facts.dimension)
         self.intake = Intake(self.settings)
         self._lock = threading.Lock()
+        self._store_lock = threading.Lock()  # opening the store never waits on a model load
         self._encoder: Encoder | None = None
         self._pipeline: ImagePipeline | None = None
         self._cache: EmbeddingCache | None = None
         self._store: VectorStore | None = None
-        self._owns_store = True
+        self._parent: ImageEmbeddingService | None = None  # whose store a sibling uses
         self._siblings: dict[tuple[str, str], ImageEmbeddingService] = {}
 
     def _check_dimension(self, actual: int) -> None:
@@ -175,7 +176,9 @@ class ImageEmbeddingService(SeedAsyncMethods):
     @property
     def store(self) -> VectorStore:
         """The configured vector store (the embedded Postgres by default), opened on first use."""
-        with self._lock:
+        if self._parent is not None:
+            return self._parent.store
+        with self._store_lock:
             if self._store is None:
                 self._store = open_store(self.settings)
             return self._store
@@ -194,17 +197,22 @@ class ImageEmbeddingService(SeedAsyncMethods):
 
     def for_collection(self, collection: str | None = None) -> ImageEmbeddingService:
         """A service that embeds as the collection's vectors were made: this one if its model
-        made them, else one with the collection's model and otherwise the same settings and
-        store (kept, so asking again costs nothing)."""
+        made them, else one with the collection's model (see `with_model`)."""
         stored = self.store.provenance(collection or self.settings.collection)
-        key = (stored.model, stored.pretrained)
-        if key == (self.model_ref.name, self.model_ref.pretrained):
+        return self.with_model(stored.model, stored.pretrained)
+
+    def with_model(self, model: str, pretrained: str) -> ImageEmbeddingService:
+        """This service if it has that model, else one with that model and otherwise the
+        same settings and store (kept, so asking again costs nothing)."""
+        ref = registry.resolve(model, pretrained)
+        if ref == self.model_ref:
             return self
+        key = (ref.name, ref.pretrained)
         with self._lock:
             if key not in self._siblings:
-                update = {"model": stored.model, "pretrained": stored.pretrained, "dimension": None}
+                update = {"model": ref.name, "pretrained": ref.pretrained, "dimension": None}
                 sibling = ImageEmbeddingService(self.settings.model_copy(update=update))
-                sibling._store, sibling._owns_store = self._store, False
+                sibling._parent = self  # one store (connection) for both
                 self._siblings[key] = sibling
             return self._siblings[key]
 
@@ -276,7 +284,7 @@ class ImageEmbeddingService(SeedAsyncMethods):
         for sibling in self._siblings.values():
             sibling.close()
         self.intake.close()
-        if self._store is not None and self._owns_store:
+        if self._store is not None:
             self._store.close()
         if self._cache is not None:
             self._cache.close()

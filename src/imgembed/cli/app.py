@@ -210,7 +210,11 @@ def _metadata_cells(path: Path | str, data: dict[str, Any]) -> list[str]:
 
 
 def main() -> None:
-    from imgembed.cli import model_commands, store_commands  # noqa: F401 - register commands
+    from imgembed.cli import (  # noqa: F401 - register commands
+        model_commands,
+        serve_command,
+        store_commands,
+    )
 
     # Decoders warn about oddities in files (skipped tags, huge images); every file already
     # ends embedded or with a typed error, so on a terminal these are noise.

@@ -244,7 +244,7 @@ class Batcher:
             raw = item.vector
             result = self.pipeline.build_result(item)
         except ImgEmbedError as exc:
-            result = self._failed(label, exc, time.perf_counter() - started)
+            result = self.failed_result(label, exc, time.perf_counter() - started)
         if normalize is not None and normalize != result.normalized and result.ok:
             vector = l2_normalize(result.embedding) if normalize else raw
             result = dataclasses.replace(result, embedding=vector, normalized=normalize)
@@ -264,7 +264,11 @@ class Batcher:
         assert data is not None
         return data, extra
 
-    def _failed(self, label: str, error: ImgEmbedError, seconds: float) -> ImageEmbeddingResult:
+    def failed_result(
+        self, label: str, error: ImgEmbedError, seconds: float = 0.0
+    ) -> ImageEmbeddingResult:
+        """The result of an input that could not be embedded (also for callers that refuse
+        an input before it reaches the batcher)."""
         encoder = self.pipeline.encoder
         return ImageEmbeddingResult(
             image_path=label,
