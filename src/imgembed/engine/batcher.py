@@ -3,7 +3,9 @@
 An image is read, hashed, looked up in the cache, decoded and preprocessed in a worker pool
 (ImagePipeline's own steps); its pixels then wait in a queue. One encoder task per kind
 (images, texts) takes what is waiting: up to `max_batch` items, after waiting at most
-`max_wait` seconds for company, and encodes them in the encoder thread. The event loop only
+`max_wait` seconds for company while other images are still being prepared, and encodes
+them in the encoder thread. While the encoder works, new inputs queue up: the busier the
+service, the larger its batches. The event loop only
 moves items between queues; it never decodes or runs the model.
 
 Failures stay with the requests they belong to:
@@ -19,6 +21,7 @@ Failures stay with the requests they belong to:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
@@ -70,13 +73,16 @@ class _Lane(Generic[T]):
         kind: str,
         encode: Callable[[list[T]], list[Any]],
         batcher: Batcher,
+        expecting: Callable[[], bool],
     ):
         self.kind = kind
         self._encode = encode  # runs in the encoder thread; one outcome per payload
         self._batcher = batcher
+        self._expecting = expecting  # are more inputs on their way (being prepared)?
         self._queue: asyncio.Queue[_Entry[T]] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self._inflight: list[_Entry[T]] = []
+        self._changed = asyncio.Event()  # an input arrived or stopped being expected
 
     @property
     def depth(self) -> int:
@@ -88,15 +94,31 @@ class _Lane(Generic[T]):
             self._task.add_done_callback(self._stopped)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(_Entry(payload, future))
+        self.changed()
         return await future
+
+    def changed(self) -> None:
+        self._changed.set()
+
+    async def _gather(self) -> None:
+        """After the first input: wait for company, at most `max_wait`, and only while more
+        inputs are being prepared (a lone request is encoded at once)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._batcher.max_wait
+        while self._queue.qsize() < self._batcher.max_batch - 1 and self._expecting():
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), remaining)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         batcher = self._batcher
         while True:
             batch = [await self._queue.get()]
-            if self._queue.qsize() < batcher.max_batch - 1 and batcher.max_wait > 0:
-                await asyncio.sleep(batcher.max_wait)  # let concurrent requests join
+            await self._gather()
             while len(batch) < batcher.max_batch and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             batch = [entry for entry in batch if not entry.future.done()]  # gone clients
@@ -167,9 +189,13 @@ class Batcher:
         )
         # One encoder thread: each forward pass already uses every core.
         self.encoder_pool = ThreadPoolExecutor(1, "imgembed-encode")
-        self._images: _Lane[Any] = _Lane("image", self._encode_images, self)
-        self._texts: _Lane[str] = _Lane("text", self._encode_texts, self)
+        self._images: _Lane[Any] = _Lane(
+            "image", self._encode_images, self, lambda: self._preparing > 0
+        )
+        # Texts need no preparation: they batch up while the encoder is busy.
+        self._texts: _Lane[str] = _Lane("text", self._encode_texts, self, lambda: False)
         self._admitted = 0
+        self._preparing = 0  # images being read, decoded and preprocessed
         self._closed = False
 
     # -- admission ---------------------------------------------------------------------------
@@ -236,7 +262,12 @@ class Batcher:
                 source, extra = await loop.run_in_executor(
                     self.prepare_pool, self._read_extended, source
                 )
-            item = await loop.run_in_executor(self.prepare_pool, self.pipeline.prepare, source)
+            self._preparing += 1
+            try:
+                item = await loop.run_in_executor(self.prepare_pool, self.pipeline.prepare, source)
+            finally:
+                self._preparing -= 1
+                self._images.changed()
             item.label = label
             if item.pixels is not None:
                 await self._images.submit(item)  # the encoder sets its vector or error
