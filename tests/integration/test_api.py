@@ -367,7 +367,10 @@ def test_access_logs_are_json_and_never_hold_images_or_keys(root, caplog):
 def test_api_keys_guard_everything_but_health(root):
     with _client(False, allowed_roots=[root], api_keys="k1,k2") as client:
         assert client.get("/health").status_code == 200
-        assert client.get("/").status_code in (200, 404)  # the page itself holds no data
+        page = client.get("/")  # the page and its files hold no data
+        assert page.status_code == 200 and '<script src="/static/app.js">' in page.text
+        assert client.get("/static/app.js").headers["content-type"].startswith("text/javascript")
+        assert client.get("/static/secrets.txt").status_code == 404
         refused = client.post("/api/v1/embeddings/text", json={"texts": ["x"]})
         assert refused.status_code == 401 and refused.headers["www-authenticate"] == "Bearer"
         assert refused.json()["error_type"] == "Unauthorized"
