@@ -19,6 +19,7 @@ from fastapi.testclient import TestClient
 from imgembed import ImageEmbeddingService
 from imgembed.api import create_app
 from imgembed.config import load_settings
+from imgembed.indexing import IndexItem
 from imgembed.store import embedded
 from tests.conftest import TESTDATA, TINY
 from tests.serving import FileServer
@@ -451,7 +452,7 @@ def _job(client, response):
     raise AssertionError(f"job did not finish: {job}")
 
 
-def test_collections_index_search_duplicates_thumbnails(data_dir, root, library, tmp_path):
+def test_collections_index_search_duplicates_thumbnails(data_dir, root, library, photos, tmp_path):
     with _client(allowed_roots=[root]) as client:
         created = client.post("/api/v1/collections", json={"name": "shop"})
         assert created.status_code == 201
@@ -505,6 +506,11 @@ def test_collections_index_search_duplicates_thumbnails(data_dir, root, library,
         assert max(Image.open(BytesIO(thumb.content)).size) == 64
         missing = client.get("/api/v1/collections/shop/thumbnail", params={"id": "nope"})
         assert missing.status_code == 404
+        # an item indexed by the library from outside the roots: its file is never served
+        library.index([IndexItem("outside", str(photos[0]))], "shop")
+        refused = client.get("/api/v1/collections/shop/thumbnail", params={"id": "outside"})
+        assert refused.status_code == 403
+        client.request("DELETE", "/api/v1/collections/shop/items", json={"ids": ["outside"]})
         items = "/api/v1/collections/shop/items"
         deleted = client.request("DELETE", items, json={"ids": ["sku-1"]})
         assert deleted.json() == {"deleted": 1}
@@ -518,5 +524,16 @@ def test_collections_index_search_duplicates_thumbnails(data_dir, root, library,
         assert other_model.json()["error_type"] == "ProvenanceMismatchError"
         assert client.get("/api/v1/jobs/nope").status_code == 404
         assert client.request("DELETE", "/api/v1/collections/shop").json() == {"dropped": "shop"}
+
+        # a collection of another model is indexed and searched with that model
+        other = client.post("/api/v1/collections", json={**seed1, "name": "other"})
+        assert other.status_code == 201 and other.json()["pretrained"] == "seed:1"
+        job = _job(client, client.post("/api/v1/collections/other/index", json={
+            "sources": [str(root / "rocket.jpg"), str(root / "coffee.png")]}))  # fmt: skip
+        assert job["stats"]["successful"] == 2
+        query = {"query_image_path": str(root / "coffee.png"), "collection": "other"}
+        found = client.post("/api/v1/search/image", json=query).json()
+        assert found["model_name"] == "imgembed-tiny (seed:1)"
+        assert found["results"][0]["similarity_score"] == pytest.approx(1, abs=1e-5)
         gone = client.post("/api/v1/search/image", json={"query_text": "x", "collection": "shop"})
         assert gone.status_code == 404 and gone.json()["error_type"] == "CollectionNotFoundError"
