@@ -11,7 +11,8 @@ load run against the batching server (mixed endpoints, 64 clients) counts 5xx an
 the server's RSS before and after.
 
 Run: .venv/bin/python bench/bench_service.py [--images original]
-(results in bench/results/service-small.json or service-original.json)
+       [--model ViT-B-32 --runtime onnx]
+(results in bench/results/service-<model>-<runtime>-<images>.json)
 """
 
 from __future__ import annotations
@@ -249,6 +250,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="imgembed-tiny")
     parser.add_argument("--pretrained", default="seed:0")
+    parser.add_argument("--runtime", default="torch", choices=["torch", "onnx"])
     parser.add_argument("--seconds", type=float, default=8.0, help="per concurrency level")
     parser.add_argument("--levels", default="1,4,16,64")
     parser.add_argument("--load-seconds", type=float, default=40.0)
@@ -269,6 +271,9 @@ def main() -> None:
     env = {
         "IMGEMBED_MODEL": args.model,
         "IMGEMBED_PRETRAINED": args.pretrained,
+        "IMGEMBED_RUNTIME": args.runtime,
+        # ONNX exports are kept between runs (seeded weights: always the same export)
+        "IMGEMBED_MODEL_CACHE_DIR": str(Path(tempfile.gettempdir()) / "imgembed-bench-models"),
         "IMGEMBED_CACHE_EMBEDDINGS": "false",  # every request is embedded
         "IMGEMBED_ALLOWED_ROOTS": str(photos[0].parent.resolve()),
         "IMGEMBED_DATA_DIR": str(work / "data"),
@@ -278,7 +283,7 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                     "load_average_at_start": os.getloadavg()},
-        "model": f"{args.model} ({args.pretrained})",
+        "model": f"{args.model} ({args.pretrained}), {args.runtime}",
         "images": args.images,
         "seconds_per_level": args.seconds,
         "modes": {},
@@ -305,7 +310,7 @@ def main() -> None:
         print(f"  {load['requests']} requests, statuses {load['statuses']}, "
               f"server RSS MB {[round(r, 1) for r in load['rss_mb']]}")  # fmt: skip
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"service-{args.images}.json"
+    out = RESULTS / f"service-{args.model}-{args.runtime}-{args.images}.json"
     out.write_text(json.dumps(results, indent=2))
     print(f"written to {out}")
 
