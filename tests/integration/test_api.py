@@ -10,11 +10,13 @@ import shutil
 import threading
 import time
 from collections.abc import Iterator
+from io import BytesIO
 from pathlib import Path
 
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from PIL import Image
 
 from imgembed import ImageEmbeddingService
 from imgembed.api import create_app
@@ -499,10 +501,6 @@ def test_collections_index_search_duplicates_thumbnails(data_dir, root, library,
 
         thumb = client.get("/api/v1/collections/shop/thumbnail", params={"id": "sku-1", "size": 64})
         assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
-        from io import BytesIO
-
-        from PIL import Image
-
         assert max(Image.open(BytesIO(thumb.content)).size) == 64
         missing = client.get("/api/v1/collections/shop/thumbnail", params={"id": "nope"})
         assert missing.status_code == 404
@@ -537,3 +535,32 @@ def test_collections_index_search_duplicates_thumbnails(data_dir, root, library,
         assert found["results"][0]["similarity_score"] == pytest.approx(1, abs=1e-5)
         gone = client.post("/api/v1/search/image", json={"query_text": "x", "collection": "shop"})
         assert gone.status_code == 404 and gone.json()["error_type"] == "CollectionNotFoundError"
+
+
+def test_shutdown_stops_an_index_job_at_a_stored_batch_and_a_rerun_resumes(
+    data_dir, root, monkeypatch
+):
+    import imgembed.service
+    from tests.fakes import FakeEncoder
+
+    real = imgembed.service.create_encoder
+    monkeypatch.setattr(
+        imgembed.service, "create_encoder", lambda ref, s: FakeEncoder(real(ref, s), delay=0.3)
+    )
+    for n in range(24):  # distinct files: a crop each
+        Image.open(root / "astronaut.png").crop((n, n, 200 + n, 200 + n)).save(root / f"c{n}.png")
+    sources = [str(root / f"c{n}.png") for n in range(24)]
+    body = {"sources": sources}
+    with _client(allowed_roots=[root], batch_size=4) as client:
+        app = client.app
+        started = client.post("/api/v1/collections/crops/index", json=body).json()
+        job = app.state.imgembed.jobs.get(started["job_id"])
+        while job.progress is None or job.progress.done == 0:
+            time.sleep(0.05)
+    assert job.status == "cancelled" and "shutting down" in job.error["error"]
+    with _client(allowed_roots=[root], batch_size=4) as client:
+        stored = client.get("/api/v1/collections").json()[0]["count"]
+        assert 0 < stored < 24
+        again = _job(client, client.post("/api/v1/collections/crops/index", json=body))
+        assert again["stats"]["skipped"] == stored
+        assert again["stats"]["successful"] == 24 - stored

@@ -99,6 +99,7 @@ class Jobs:
         job.finished = time.time()
 
     def close(self) -> None:
-        """Stop at the next stored batch; queued jobs are dropped."""
+        """Drop queued jobs and wait for a running one to stop at its next stored batch
+        (blocking: call it in a thread)."""
         self._stopping.set()
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool.shutdown(wait=True, cancel_futures=True)

@@ -87,7 +87,7 @@ class AppState:
         return {"model": model, "store": store}
 
     async def close(self) -> None:
-        self.jobs.close()
+        await asyncio.to_thread(self.jobs.close)
         for task in self._loading.values():
             task.cancel()
         for batcher in self._batchers.values():
