@@ -99,3 +99,29 @@ def test_the_search_page_in_a_real_browser(indexed):
         assert any("rocket.jpg" in g and "rocket-copy.jpg" in g for g in groups)
         assert errors == []
         browser.close()
+
+
+def test_the_page_asks_for_an_api_key_when_the_server_wants_one(indexed):
+    playwright = pytest.importorskip("playwright.sync_api")
+    settings = load_settings(**TINY, allowed_roots=[indexed], api_keys="page-key")
+    with (
+        serve_in_thread(create_app(settings)) as base,
+        playwright.sync_playwright() as p,
+    ):
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        page = browser.new_page()
+        page.set_default_timeout(TIMEOUT)
+        page.goto(f"{base}/")
+        page.wait_for_function("document.querySelector('#status').textContent.includes('401')")
+        page.click("#key-box summary")
+        page.fill("#api-key", "page-key")
+        page.press("#api-key", "Enter")
+        page.wait_for_selector("#collection option", state="attached")
+        page.fill("#query", "a rocket")
+        page.click("#search")
+        page.wait_for_function("document.querySelectorAll('#results .card').length === 7")
+        page.wait_for_function(
+            "[...document.querySelectorAll('#results .card img')]"
+            ".every(img => img.complete && img.naturalWidth > 0)"
+        )  # thumbnails fetched with the key
+        browser.close()
