@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import platformdirs
-from pydantic import AliasChoices, Field, ValidationError, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from imgembed.errors import ConfigurationError
@@ -35,6 +35,7 @@ class Settings(BaseSettings):
         populate_by_name=True,
         protected_namespaces=(),
         extra="forbid",
+        frozen=True,  # built once and passed in; derive variants with model_copy(update=...)
     )
 
     model: str = Field("ViT-B-32", validation_alias=_env("model", "CLIP_MODEL_NAME"))
@@ -85,6 +86,17 @@ class Settings(BaseSettings):
     image_size: int | None = Field(None, gt=0, validation_alias=_env("image_size"))
     # The seed's `debug`: results carry metadata["debug_logs"] (timestamped steps).
     debug: bool = Field(False, validation_alias=_env("debug"))
+    # The HTTP service (imgembed serve) and its dynamic batcher.
+    batch_wait_ms: float = Field(5.0, ge=0, validation_alias=_env("batch_wait_ms"))
+    queue_size: int = Field(1024, gt=0, validation_alias=_env("queue_size"))
+    max_body_size: int = Field(25 * 1024 * 1024, gt=0, validation_alias=_env("max_body_size"))
+    max_batch_inputs: int = Field(256, gt=0, validation_alias=_env("max_batch_inputs"))
+    api_keys: Annotated[list[SecretStr] | None, NoDecode] = Field(
+        None, validation_alias=_env("api_keys")
+    )
+    cors_origins: Annotated[list[str] | None, NoDecode] = Field(
+        None, validation_alias=_env("cors_origins")
+    )
 
     @field_validator("supported_formats", "allowed_roots", mode="before")
     @classmethod
@@ -95,6 +107,14 @@ class Settings(BaseSettings):
         if value.strip().startswith("["):
             return json.loads(value)
         return [part.strip() for part in value.replace(os.pathsep, ",").split(",") if part.strip()]
+
+    @field_validator("api_keys", "cors_origins", mode="before")
+    @classmethod
+    def _split_commas(cls, value: Any) -> Any:
+        """Keys and origins from the environment: separated by commas (origins hold colons)."""
+        if not isinstance(value, str):
+            return value
+        return [part.strip() for part in value.split(",") if part.strip()]
 
     @field_validator("supported_formats")
     @classmethod
@@ -198,8 +218,12 @@ def translate_seed_config(config: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# Read by `imgembed serve` (uvicorn's own options), not settings of the library.
+_SERVER_ENVIRONMENT = {"IMGEMBED_HOST", "IMGEMBED_PORT", "IMGEMBED_WORKERS"}
+
+
 def _known_environment_names() -> set[str]:
-    names = set()
+    names = set(_SERVER_ENVIRONMENT)
     for field in Settings.model_fields.values():
         alias = field.validation_alias
         if isinstance(alias, AliasChoices):

@@ -14,17 +14,23 @@
     │   └── SourceListError       a list file or one of its rows names no usable image
     ├── EncodeError               the model failed on a batch
     ├── OutputError               an output file could not be written (disk full, ...)
-    └── StoreError                the vector database failed or refused
-        ├── CollectionNotFoundError
-        ├── ProvenanceMismatchError  a collection built with another model
-        ├── StoreUnavailableError    the database cannot be reached or went away
-        ├── StoreFullError           the disk under the store is full
-        └── InvalidRecordError       a vector, id or metadata the store cannot hold
+    ├── StoreError                the vector database failed or refused
+    │   ├── CollectionNotFoundError
+    │   ├── ProvenanceMismatchError  a collection built with another model
+    │   ├── StoreUnavailableError    the database cannot be reached or went away
+    │   ├── StoreFullError           the disk under the store is full
+    │   └── InvalidRecordError       a vector, id or metadata the store cannot hold
+    ├── RequestTooLargeError      a request over a service limit (body bytes, inputs)
+    └── UnavailableError          the service cannot take work now (loading, stopping)
+        └── OverloadedError       its queue is full; both carry `retry_after` (seconds)
 
-Surfaces map these to HTTP status codes and CLI exit codes in one place each.
+Surfaces map these to HTTP status codes and CLI exit codes in one place each, and turn
+them into data with `error_dict`.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 
 class ImgEmbedError(Exception):
@@ -124,6 +130,27 @@ class InvalidRecordError(StoreError):
     text that is not valid UTF-8 or contains NUL characters."""
 
 
+class RequestTooLargeError(ImgEmbedError):
+    """A request over one of the service's limits (body size, inputs per request)."""
+
+
+class UnavailableError(ImgEmbedError):
+    """The service cannot take this work now (model loading, shutting down): retry later."""
+
+    def __init__(self, message: str, retry_after: float = 1.0):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class OverloadedError(UnavailableError):
+    """More work is waiting than the service accepts (a bounded queue, not unbounded memory)."""
+
+
+def error_dict(error: BaseException) -> dict[str, Any]:
+    """An error as data, the same on every surface: the message and the error's type."""
+    return {"error": str(error), "error_type": type(error).__name__}
+
+
 __all__ = [
     "CollectionNotFoundError",
     "ConfigurationError",
@@ -138,11 +165,15 @@ __all__ = [
     "InvalidRecordError",
     "ModelUnavailableError",
     "OutputError",
+    "OverloadedError",
     "ProvenanceMismatchError",
+    "RequestTooLargeError",
     "SourceListError",
     "SourceNotAllowedError",
     "StoreError",
     "StoreFullError",
     "StoreUnavailableError",
+    "UnavailableError",
     "UnsupportedFormatError",
+    "error_dict",
 ]

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from imgembed.errors import ImgEmbedError
+from imgembed.errors import ImgEmbedError, error_dict
 
 
 @dataclass
@@ -42,8 +42,7 @@ class ImageEmbeddingResult:
             "cached": self.cached,
             "confidence": self.confidence,
             "metadata": self.metadata,
-            "error": None if self.error is None else str(self.error),
-            "error_type": None if self.error is None else type(self.error).__name__,
+            **(error_dict(self.error) if self.error else {"error": None, "error_type": None}),
         }
 
 
@@ -54,3 +53,11 @@ class SimilarityResult:
     rank: int  # 1 = most similar
     embedding: list[float] | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Duplicates:
+    """Groups of near-duplicates in a collection, and the cosine that made them."""
+
+    threshold: float
+    groups: list[list[tuple[str, str]]]  # (id, source), largest group first

@@ -1,15 +1,13 @@
 """ImageEmbeddingService: the library facade, with the GenericRAG seed's method names.
 
 Sync methods (`embed_image(s)`, `embed_text(s)`) return NumPy arrays and result objects;
-the seed's async methods return its plain shapes (a `list[float]`, or a dict when
-`include_metadata=True`) and run their work in a thread, never on the event loop."""
+the seed's async methods (service_async.py) return its plain shapes and run their work in a
+thread, never on the event loop. Policy that every surface shares lives here: which model
+searches a collection, near-duplicate thresholds, provenance checks."""
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
-import functools
-import logging
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -25,25 +23,21 @@ from imgembed.engine.pipeline import ImagePipeline, ProgressCallback, finite_row
 from imgembed.errors import (
     ConfigurationError,
     EncodeError,
-    ImgEmbedError,
     ProvenanceMismatchError,
 )
 from imgembed.indexing import IndexItem, IndexStats
+from imgembed.indexing.duplicates import find_duplicates
 from imgembed.intake.image_input import Input, Intake
-from imgembed.intake.sources import decode_base64
 from imgembed.models import registry
 from imgembed.models.runtime import Encoder, create_encoder
-from imgembed.results import ImageEmbeddingResult, SimilarityResult
+from imgembed.results import Duplicates, ImageEmbeddingResult, SimilarityResult
+from imgembed.service_async import Candidates, SeedAsyncMethods
 from imgembed.store import Provenance, VectorStore, open_store
 
-log = logging.getLogger(__name__)
-
-Embedding = list[float]
-Candidates = Mapping[str, Sequence[float]] | np.ndarray | Sequence[Sequence[float]]
 Filters = Mapping[str, Any] | None
 
 
-class ImageEmbeddingService:
+class ImageEmbeddingService(SeedAsyncMethods):
     """Embeds images and texts into one CLIP space.
 
     Built from `Settings`, a seed-style config dict (`{"model_name": ..., "use_gpu": ...}`)
@@ -54,14 +48,18 @@ class ImageEmbeddingService:
         self.settings = load_settings(config, **overrides)
         explicit = "pretrained" in self.settings.model_fields_set
         self.model_ref = registry.resolve(self.settings.model, self.settings.pretrained, explicit)
-        if ":" not in self.model_ref.name:  # hub/local-dir configs are known only once loaded
-            self._check_dimension(registry.dimension(self.model_ref.name))
+        self.model_facts = registry.facts(self.model_ref.name)
+        if self.model_facts.dimension is not None:  # else known only once loaded
+            self._check_dimension(self.model_facts.dimension)
         self.intake = Intake(self.settings)
         self._lock = threading.Lock()
+        self._store_lock = threading.Lock()  # opening the store never waits on a model load
         self._encoder: Encoder | None = None
         self._pipeline: ImagePipeline | None = None
         self._cache: EmbeddingCache | None = None
         self._store: VectorStore | None = None
+        self._parent: ImageEmbeddingService | None = None  # whose store a sibling uses
+        self._siblings: dict[tuple[str, str], ImageEmbeddingService] = {}
 
     def _check_dimension(self, actual: int) -> None:
         wanted = self.settings.dimension
@@ -89,9 +87,14 @@ class ImageEmbeddingService:
 
     @property
     def dimension(self) -> int:
-        if self._encoder is None and ":" not in self.model_ref.name:
-            return registry.dimension(self.model_ref.name)
+        if self._encoder is None and self.model_facts.dimension is not None:
+            return self.model_facts.dimension
         return self.encoder.dimension
+
+    @property
+    def pipeline(self) -> ImagePipeline:
+        """The image pipeline, whose per-item steps the dynamic batcher schedules."""
+        return self._ensure()[1]
 
     def _ensure(self) -> tuple[Encoder, ImagePipeline]:
         with self._lock:
@@ -194,7 +197,9 @@ class ImageEmbeddingService:
     @property
     def store(self) -> VectorStore:
         """The configured vector store (the embedded Postgres by default), opened on first use."""
-        with self._lock:
+        if self._parent is not None:
+            return self._parent.store
+        with self._store_lock:
             if self._store is None:
                 self._store = open_store(self.settings)
             return self._store
@@ -211,6 +216,37 @@ class ImageEmbeddingService:
         name = collection or self.settings.collection
         return indexing.index(self, self.store, name, list(items), prune=prune, progress=progress)
 
+    def for_collection(self, collection: str | None = None) -> ImageEmbeddingService:
+        """A service that embeds as the collection's vectors were made: this one if its model
+        made them, else one with the collection's model (see `with_model`)."""
+        stored = self.store.provenance(collection or self.settings.collection)
+        return self.with_model(stored.model, stored.pretrained)
+
+    def with_model(self, model: str, pretrained: str) -> ImageEmbeddingService:
+        """This service if it has that model, else one with that model and otherwise the
+        same settings and store (kept, so asking again costs nothing)."""
+        ref = registry.resolve(model, pretrained)
+        if ref == self.model_ref:
+            return self
+        key = (ref.name, ref.pretrained)
+        with self._lock:
+            if key not in self._siblings:
+                update = {"model": ref.name, "pretrained": ref.pretrained, "dimension": None}
+                sibling = ImageEmbeddingService(self.settings.model_copy(update=update))
+                sibling._parent = self  # one store (connection) for both
+                self._siblings[key] = sibling
+            return self._siblings[key]
+
+    def duplicates(
+        self, collection: str | None = None, threshold: float | None = None
+    ) -> Duplicates:
+        """Groups of near-duplicates; the threshold defaults to the collection's model's."""
+        name = collection or self.settings.collection
+        if threshold is None:
+            model = self.store.provenance(name).model
+            threshold = registry.facts(model).duplicate_threshold
+        return Duplicates(threshold, find_duplicates(self.store, name, threshold))
+
     def search_vector(
         self,
         vector: Sequence[float] | np.ndarray,
@@ -219,12 +255,12 @@ class ImageEmbeddingService:
         filters: Filters = None,
     ) -> list[SimilarityResult]:
         name = collection or self.settings.collection
-        info = self.store.get_collection(name)
-        if info.provenance != self.provenance:
+        stored = self.store.provenance(name)
+        if stored != self.provenance:
             raise ProvenanceMismatchError(
-                f"collection {name!r} was built with {info.provenance.describe()}; this service "
+                f"collection {name!r} was built with {stored.describe()}; this service "
                 f"embeds with {self.provenance.describe()}. Search it with "
-                f"--model {info.provenance.model} --pretrained {info.provenance.pretrained}"
+                f"--model {stored.model} --pretrained {stored.pretrained}"
             )
         hits = self.store.search(name, np.asarray(vector, dtype=np.float32), top_k, filters)
         return [
@@ -266,6 +302,8 @@ class ImageEmbeddingService:
         return self._cache.clear()
 
     def close(self) -> None:
+        for sibling in self._siblings.values():
+            sibling.close()
         self.intake.close()
         if self._store is not None:
             self._store.close()
@@ -277,106 +315,3 @@ class ImageEmbeddingService:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    # -- the seed's async API ----------------------------------------------------------------
-
-    async def _generate(self, source: Input, include_metadata: bool) -> Embedding | dict[str, Any]:
-        result = await asyncio.to_thread(self._embed_one, source)
-        return result.to_dict() if include_metadata else _as_list(result)
-
-    async def generate_embedding_from_image_path(
-        self, image_path: str, include_metadata: bool = False
-    ) -> Embedding | dict[str, Any]:
-        return await self._generate(image_path, include_metadata)
-
-    async def generate_embedding_from_image_bytes(
-        self, image_bytes: bytes, include_metadata: bool = False
-    ) -> Embedding | dict[str, Any]:
-        return await self._generate(image_bytes, include_metadata)
-
-    async def generate_embedding_from_url(
-        self, url: str, include_metadata: bool = False
-    ) -> Embedding | dict[str, Any]:
-        """The Findly seed's `generate_image_embedding(image_url)`: download (with retries)
-        and embed."""
-        return await self._generate(url, include_metadata)
-
-    async def generate_embedding_from_base64(
-        self, data: str, include_metadata: bool = False
-    ) -> Embedding | dict[str, Any]:
-        """From base64 text or a `data:image/...;base64,` URI."""
-        image_bytes = decode_base64(data, self.settings.max_file_size)
-        return await self._generate(image_bytes, include_metadata)
-
-    async def batch_generate_embeddings(
-        self, image_paths: Sequence[Input], include_metadata: bool = False
-    ) -> list[Embedding | dict[str, Any] | None]:
-        """In input order. A failed item is None (plain) or a dict with `error` (metadata)."""
-        results = await asyncio.to_thread(self.embed_images, image_paths)
-        for result in results:
-            if result.error is not None:
-                log.warning("skipped %s", result.error)
-        if include_metadata:
-            return [result.to_dict() for result in results]
-        return [_as_list(result) if result.ok else None for result in results]
-
-    async def calculate_similarities(
-        self, query_embedding: Sequence[float], candidate_embeddings: Sequence[Sequence[float]]
-    ) -> list[float]:
-        scores = await asyncio.to_thread(
-            similarity.cosine_similarities, query_embedding, candidate_embeddings
-        )
-        return scores.tolist()
-
-    async def calculate_cosine_similarity(
-        self, embedding1: Sequence[float], embedding2: Sequence[float]
-    ) -> float:
-        return similarity.cosine_similarity(embedding1, embedding2)
-
-    async def find_similar_images(
-        self,
-        query_embedding: Sequence[float],
-        image_embeddings: Candidates | str,
-        top_k: int = 5,
-    ) -> list[tuple[str | int, float]]:
-        """(key, score) best first; keys are the mapping's keys, or row numbers of a matrix.
-        A string names a store collection; then keys are the images' sources."""
-        if isinstance(image_embeddings, str):
-            find = functools.partial(self.search_vector, collection=image_embeddings, top_k=top_k)
-            hits = await asyncio.to_thread(find, query_embedding)
-        else:
-            hits = await asyncio.to_thread(
-                self.similar_images, query_embedding, image_embeddings, top_k
-            )
-        return [(hit.image_path, hit.similarity_score) for hit in hits]
-
-    async def preprocess_image(self, image_path: Input) -> Image.Image:
-        return await asyncio.to_thread(self.preprocess, image_path)
-
-    async def batch_preprocess_images(
-        self, image_paths: Sequence[Input]
-    ) -> list[Image.Image | None]:
-        """In input order; an image that cannot be read is None (and logged)."""
-
-        def run() -> list[Image.Image | None]:
-            out: list[Image.Image | None] = []
-            for path in image_paths:
-                try:
-                    out.append(self.preprocess(path))
-                except ImgEmbedError as exc:
-                    log.warning("skipped %s", exc)
-                    out.append(None)
-            return out
-
-        return await asyncio.to_thread(run)
-
-    async def extract_image_metadata(self, image_path: Input) -> dict[str, Any]:
-        return await asyncio.to_thread(self.image_metadata, image_path)
-
-    async def extract_extended_metadata(self, image_path: Input) -> dict[str, Any]:
-        return await asyncio.to_thread(self.image_metadata, image_path, True)
-
-
-def _as_list(result: ImageEmbeddingResult) -> Embedding:
-    assert result.embedding is not None
-    return result.embedding.tolist()

@@ -10,8 +10,6 @@ from PIL import Image
 
 from imgembed import ImageEmbeddingService
 from imgembed.indexing import IndexItem
-from imgembed.indexing.duplicates import find_duplicates
-from imgembed.models.registry import duplicate_threshold
 from imgembed.store import embedded
 from tests.conftest import TESTDATA
 
@@ -92,7 +90,9 @@ def test_duplicates_groups_copies_together(data_dir, photos, tmp_path):
             items.append(IndexItem(str(path), str(path)))
     with ImageEmbeddingService(**MODEL) as service:
         service.index(items, "mixed")
-        groups = find_duplicates(service.store, "mixed", duplicate_threshold("efficientnet-lite0"))
+        found = service.duplicates("mixed")  # the model's own threshold
+    assert found.threshold == 0.6
+    groups = found.groups
     as_sets = {frozenset(Path(source).stem.rsplit("-", 1)[0] for _, source in g) for g in groups}
     assert all(len(group) == 1 for group in as_sets)  # a group never mixes two photos
     assert {next(iter(g)) for g in as_sets} == {p.stem for p in photos}  # each photo found

@@ -180,3 +180,26 @@ def test_known_environment_variables_do_not_warn(monkeypatch, recwarn):
         monkeypatch.setenv(name, value)
     load_settings()
     assert not [w for w in recwarn if "IMGEMBED_" in str(w.message)]
+
+
+def test_settings_are_immutable_and_copied_with_changes():
+    from pydantic import ValidationError
+
+    settings = load_settings(batch_size=4)
+    with pytest.raises(ValidationError, match="frozen"):
+        settings.batch_size = 8
+    changed = settings.model_copy(update={"batch_size": 8})
+    assert (settings.batch_size, changed.batch_size) == (4, 8)
+
+
+def test_service_settings_from_the_environment(monkeypatch):
+    monkeypatch.setenv("IMGEMBED_API_KEYS", "k1, k2")
+    monkeypatch.setenv("IMGEMBED_CORS_ORIGINS", "http://localhost:3000,https://a.example")
+    monkeypatch.setenv("IMGEMBED_MAX_BODY_SIZE", "1000")
+    settings = Settings()
+    assert [key.get_secret_value() for key in settings.api_keys] == ["k1", "k2"]
+    assert "k1" not in repr(settings)  # keys never end up in logs
+    assert settings.cors_origins == ["http://localhost:3000", "https://a.example"]
+    assert settings.max_body_size == 1000 and settings.max_batch_inputs == 256
+    assert (settings.batch_wait_ms, settings.queue_size) == (5.0, 1024)
+    assert Settings().model_copy().api_keys == settings.api_keys

@@ -122,8 +122,9 @@ def test_catalogue_dimensions_match_open_clip_configs():
     import open_clip
 
     for entry in registry.CATALOGUE:
-        assert registry.dimension(entry.ref.name) == entry.dimension, entry.ref
-        if entry.ref.name not in registry.IMAGE_ONLY:
+        facts = registry.facts(entry.ref.name)
+        assert facts.dimension == entry.dimension, entry.ref
+        if facts.family == "open_clip":
             assert registry.model_config(entry.ref.name) == open_clip.get_model_config(
                 entry.ref.name
             )
@@ -218,3 +219,15 @@ def test_a_checkpoint_replaced_on_disk_loads_anew(tmp_path, photos):
     first, second = save_and_embed(1), save_and_embed(2)
     assert float(first @ second) < 0.99
     np.testing.assert_allclose(save_and_embed(1), first, atol=1e-6)
+
+
+def test_model_facts_are_data():
+    clip = registry.facts("ViT-B-32")
+    assert (clip.family, clip.dimension, clip.has_text_tower) == ("open_clip", 512, True)
+    assert clip.duplicate_threshold == registry.CLIP_DUPLICATE_THRESHOLD
+    effnet = registry.facts("efficientnet-lite0")
+    assert (effnet.family, effnet.dimension, effnet.has_text_tower) == ("efficientnet", 1280, False)
+    assert effnet.duplicate_threshold == 0.6
+    assert registry.facts("hf-hub:org/repo").dimension is None  # known once loaded
+    with pytest.raises(ModelUnavailableError, match="models list --all"):
+        registry.facts("no-such-architecture")

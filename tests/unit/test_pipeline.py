@@ -45,13 +45,13 @@ def bad_inputs(photos, tmp_path):
     }
 
 
-def test_order_and_per_item_errors(tiny_service, photos, bad_inputs):
-    tiny_service.settings.batch_size = 3  # several chunks, errors spread over them
+def test_order_and_per_item_errors(photos, bad_inputs):
     sources, expected = [], []
     for photo, (bad, error) in zip(photos, bad_inputs.values(), strict=False):
         sources += [photo, bad]
         expected += [None, error]
-    results = tiny_service.embed_images(sources)
+    with ImageEmbeddingService(**TINY, batch_size=3) as service:  # errors spread over chunks
+        results = service.embed_images(sources)
     assert len(results) == len(sources)
     for source, result, error in zip(sources, results, expected, strict=True):
         if error is None:
@@ -114,11 +114,11 @@ def test_pil_image_respects_the_pixel_limit(photos):
     assert isinstance(result.error, ImageTooLargeError)
 
 
-def test_progress_callback_counts(tiny_service, all_photos):
-    tiny_service.settings.batch_size = 4
+def test_progress_callback_counts(all_photos):
     snapshots = []
     sources = [*all_photos, "/nonexistent/x.jpg"]
-    tiny_service.embed_images(sources, progress=snapshots.append)
+    with ImageEmbeddingService(**TINY, batch_size=4) as service:
+        service.embed_images(sources, progress=snapshots.append)
     seen = [(p.done, p.failed, p.total) for p in snapshots]
     assert len(seen) == -(-len(sources) // 4)  # once per batch
     assert [s[0] for s in seen] == sorted(s[0] for s in seen)

@@ -29,9 +29,11 @@ from imgembed.cli.common import (
     progress_bar,
 )
 from imgembed.cli.output import Writer
+from imgembed.engine.pipeline import Progress
 from imgembed.errors import ImgEmbedError
 from imgembed.intake.names import printable
 from imgembed.intake.sources import expand_paths
+from imgembed.results import ImageEmbeddingResult
 
 app = typer.Typer(help="Exact CLIP image and text embeddings.", no_args_is_help=True)
 OutputOpt = Annotated[
@@ -74,13 +76,16 @@ def embed(
         with err.status(f"loading {service.model_ref} ..."):
             service.encoder  # noqa: B018 - load before the clock starts
         started = time.perf_counter()
-        failures, counts = [], {"embedded": 0, "cached": 0, "failed": 0}
+        failures, counts = [], Progress(total=len(files))
         with progress_bar() as bar:
             task = bar.add_task("embedding", total=len(files))
-            results = service.iter_images(files, lambda p: bar.update(task, completed=p.done))
-            for result in results:
-                kind = "failed" if result.error else "cached" if result.cached else "embedded"
-                counts[kind] += 1
+
+            def update(progress: Progress) -> None:
+                nonlocal counts
+                counts = progress
+                bar.update(task, completed=progress.done)
+
+            for result in service.iter_images(files, update):
                 if result.error:
                     failures.append(result.error)
                 writer.write(_row(result))
@@ -92,25 +97,23 @@ def embed(
         raise typer.Exit(1)
 
 
-def _row(result: Any) -> dict[str, Any]:
+def _row(result: ImageEmbeddingResult) -> dict[str, Any]:
+    row = result.to_dict()
     return {
         "source": result.image_path,
         "image_id": result.image_id,
         "model": result.model_name,
         "cached": result.cached,
-        "error": None if result.error is None else str(result.error),
-        "error_type": None if result.error is None else type(result.error).__name__,
+        "error": row["error"],
+        "error_type": row["error_type"],
         "embedding": result.embedding,
     }
 
 
-def _summary(
-    counts: dict[str, int], seconds: float, failures: list[Any], output: Path | None
-) -> None:
-    done = counts["embedded"] + counts["cached"]
-    rate = done / seconds if seconds > 0 else 0.0
+def _summary(counts: Progress, seconds: float, failures: list[Any], output: Path | None) -> None:
+    rate = (counts.embedded + counts.cached) / seconds if seconds > 0 else 0.0
     err.print(
-        f"embedded: {counts['embedded']}  cached: {counts['cached']}  failed: {counts['failed']}  "
+        f"embedded: {counts.embedded}  cached: {counts.cached}  failed: {counts.failed}  "
         f"duration: {seconds:.2f} s  images/s: {rate:.1f}",
         highlight=False,
     )
@@ -208,7 +211,11 @@ def _metadata_cells(path: Path | str, data: dict[str, Any]) -> list[str]:
 
 
 def main() -> None:
-    from imgembed.cli import model_commands, store_commands  # noqa: F401 - register commands
+    from imgembed.cli import (  # noqa: F401 - register commands
+        model_commands,
+        serve_command,
+        store_commands,
+    )
 
     # Decoders warn about oddities in files (skipped tags, huge images); every file already
     # ends embedded or with a typed error, so on a terminal these are noise.

@@ -124,7 +124,7 @@ def models_verify(
 ) -> None:
     """Compare a runtime + precision with open_clip on torch fp32: cosine (min / mean) over
     your images and prompts, and the speed ratio at the same batch size."""
-    from imgembed.models.verify import synthetic_images, verify
+    from imgembed.models.verify import default_min_cosine, synthetic_images, verify
 
     try:
         service = make_service(
@@ -144,7 +144,7 @@ def models_verify(
             report = verify(service.model_ref, service.settings, sources)
     except ImgEmbedError as exc:
         raise fail(exc) from exc
-    bound = min_cosine if min_cosine is not None else (0.99 if precision == "int8" else 0.9999)
+    bound = min_cosine if min_cosine is not None else default_min_cosine(report.precision)
     if as_json:
         typer.echo(json.dumps({**asdict(report), "speed_ratio": report.speed_ratio}, indent=2))
     else:

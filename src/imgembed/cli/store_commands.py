@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -119,18 +119,6 @@ def _filters(pairs: list[str]) -> dict[str, str]:
     return out
 
 
-def _service_for(name: str | None, **options: Any):
-    """A service for the collection: with its own model unless --model was given."""
-    service = make_service(**options)
-    name = name or service.settings.collection
-    if options.get("model") is None:
-        provenance = service.store.get_collection(name).provenance
-        service.close()
-        options = {**options, "model": provenance.model, "pretrained": provenance.pretrained}
-        service = make_service(**options)
-    return service, name
-
-
 @app.command()
 def search(
     text: Annotated[str | None, typer.Argument(help="Text to search images by.")] = None,
@@ -155,14 +143,12 @@ def search(
         raise typer.Exit(2)
     try:
         filters = _filters(filter_ or [])
-        service, name = _service_for(
-            collection,
-            model=model,
-            pretrained=pretrained,
-            device=device,
-            runtime=runtime,
-            precision=precision,
+        service = make_service(
+            model=model, pretrained=pretrained, device=device, runtime=runtime, precision=precision
         )
+        name = collection or service.settings.collection
+        if model is None:  # the collection's own model
+            service = service.for_collection(name)
         if image is not None:
             hits = service.search_image(image, name, top_k, filters)
         else:
@@ -205,18 +191,11 @@ def duplicates(
     as_json: JsonOpt = False,
 ) -> None:
     """Groups of near-duplicate images in a collection."""
-    from imgembed.indexing.duplicates import find_duplicates
-    from imgembed.models.registry import duplicate_threshold
-
     try:
-        service = make_service()
-        name = collection or service.settings.collection
-        if threshold is None:
-            model = service.store.get_collection(name).provenance.model
-            threshold = duplicate_threshold(model)
-        groups = find_duplicates(service.store, name, threshold)
+        found = make_service().duplicates(collection, threshold)
     except ImgEmbedError as exc:
         raise fail(exc) from exc
+    groups = found.groups
     if as_json:
         typer.echo(json.dumps([[{"id": i, "source": s} for i, s in g] for g in groups], indent=2))
         return
@@ -224,7 +203,9 @@ def duplicates(
         typer.echo(f"group {number} ({len(group)} images):")
         for item_id, source in group:
             typer.echo(f"  {item_id}" + (f"  {source}" if source != item_id else ""))
-    err.print(f"{len(groups)} groups of near-duplicates (cosine >= {threshold})", highlight=False)
+    err.print(
+        f"{len(groups)} groups of near-duplicates (cosine >= {found.threshold})", highlight=False
+    )
 
 
 @collections_app.callback()
@@ -265,12 +246,12 @@ def collections_drop(name: str) -> None:
 @db_app.command("upgrade")
 def db_upgrade() -> None:
     """Apply the schema migrations (also done automatically on first use)."""
-    from imgembed.store import embedded
+    from imgembed.store import postgres_url
     from imgembed.store.postgres import migrate, revisions
 
     settings = make_service().settings
     try:
-        url = settings.database_url or embedded.start(settings.data_dir)
+        url = postgres_url(settings)
         migrate(url)
         current, head = revisions(url)
     except ImgEmbedError as exc:

@@ -186,6 +186,13 @@ class ImagePipeline:
             confidence=item.metadata.get("quality", {}).get("confidence"),
         )
 
+    # The per-item steps, public for schedulers that batch across requests
+    # (engine/batcher.py): prepare in a worker thread, encode a list of prepared items
+    # (each gets its vector, or the batch's error), then build the result.
+    prepare = _prepare
+    encode_prepared = _encode
+    build_result = _result
+
 
 def finite_rows(vectors: np.ndarray, count: int, dimension: int) -> np.ndarray:
     """Which rows of an encoder's output are usable (all finite); EncodeError if the output

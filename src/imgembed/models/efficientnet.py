@@ -14,11 +14,11 @@ import numpy as np
 
 from imgembed.config import Settings
 from imgembed.errors import ConfigurationError, EncodeError, ModelUnavailableError
+from imgembed.models import registry
 from imgembed.models.preprocess import Preprocessor
 from imgembed.models.registry import ModelRef
 
 NAME = "efficientnet-lite0"
-DIMENSION = 1280
 # TensorFlow's EfficientNet-Lite input: (x - 127) / 128 on 0..255 pixels. The whole image is
 # kept (longest side to 224, padded) rather than centre-cropped: edited copies differ at the
 # borders. Recall@1 of edited copies (tests/integration/test_retrieval.py): centre crop 0.935,
@@ -45,7 +45,7 @@ class EfficientNetEncoder:
         from imgembed.models.loader import resolve_device
 
         self.ref = ref
-        self.dimension = DIMENSION
+        self.dimension = registry.facts(NAME).dimension
         self.preprocessor = PREPROCESSOR
         self.fingerprint = f"torch/fp32/{NAME}/{ref.pretrained}"
         self._device = resolve_device(settings.device)

@@ -96,9 +96,9 @@ def load_model(
 def _load(
     ref: ModelRef, device: torch.device, precision: str, cache_dir: Path | None, weights_id: str
 ) -> LoadedModel:
-    dimension = registry.dimension(ref.name) if ":" not in ref.name else None
+    dimension = registry.facts(ref.name).dimension
     tag_cfg = get_pretrained_cfg(ref.name, ref.pretrained) if ref.seed is None else {}
-    if ref.seed is None and not tag_cfg and not ref.is_file and ":" not in ref.name:
+    if ref.seed is None and not tag_cfg and not ref.is_file and not ref.carries_config:
         tags = open_clip.list_pretrained_tags_by_model(ref.name)
         raise ModelUnavailableError(
             f"{ref}: {ref.pretrained!r} is neither a pretrained tag of {ref.name} "
@@ -124,7 +124,7 @@ def _load(
                     torch.manual_seed(ref.seed)
                     model = open_clip.create_model(ref.name, pretrained=None, **kwargs)
             else:
-                pretrained = None if ":" in ref.name else ref.pretrained
+                pretrained = None if ref.carries_config else ref.pretrained
                 local = ref.is_file or ref.local_dir is not None
                 hub = contextlib.nullcontext() if local else _offline_unless_hub_reachable()
                 with hub as hub_problem:

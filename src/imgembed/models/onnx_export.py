@@ -51,7 +51,7 @@ def export(ref: ModelRef, precision: str, settings: Settings) -> Path:
     an interrupted export leaves nothing half-written behind."""
     if precision not in ONNX_PRECISIONS:
         raise ConfigurationError(f"ONNX precision is one of {', '.join(ONNX_PRECISIONS)}")
-    if ref.name in registry.IMAGE_ONLY:
+    if registry.facts(ref.name).family != "open_clip":
         raise ConfigurationError(f"{ref.name} runs on the torch runtime only")
     started = time.perf_counter()
     loaded = load_model(ref, "cpu", "fp32", settings.model_cache_dir, shared=False)

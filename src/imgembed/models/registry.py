@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, Literal
 
 from imgembed.errors import ModelUnavailableError
 
@@ -51,6 +51,12 @@ class ModelRef:
         """open_clip's `local-dir:PATH` schema: config and weights in one folder."""
         prefix = "local-dir:"
         return Path(self.name.removeprefix(prefix)) if self.name.startswith(prefix) else None
+
+    @property
+    def carries_config(self) -> bool:
+        """open_clip's `hf-hub:...` and `local-dir:...` names bring their own config (and
+        weights): the architecture is known only once loaded."""
+        return ":" in self.name
 
     @property
     def is_file(self) -> bool:
@@ -113,18 +119,43 @@ def resolve(model: str, pretrained: str, explicit: bool = True) -> ModelRef:
     aliased = _ALIASES.get(model.lower())
     if aliased is not None:
         return ModelRef(aliased.name, pretrained) if explicit else aliased
-    return ModelRef(model.replace("/", "-") if ":" not in model else model, pretrained)
+    ref = ModelRef(model, pretrained)
+    return ref if ref.carries_config else ModelRef(model.replace("/", "-"), pretrained)
 
 
-IMAGE_ONLY = {"efficientnet-lite0": 1280}
-# Cosine at which two images count as near-duplicates. EfficientNet-Lite0 measured on edited
-# copies of real photos: copies >= 0.78, different photos <= 0.32. CLIP spaces are
-# anisotropic (unrelated photos often score 0.5-0.7), so they need a higher bar.
-_DUPLICATE_THRESHOLDS = {"efficientnet-lite0": 0.6}
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the engine and the surfaces need to know about a model before loading it."""
+
+    family: Literal["open_clip", "efficientnet"]
+    dimension: int | None  # None: a hub/local-dir config, known once loaded
+    has_text_tower: bool
+    # Cosine at which two images count as near-duplicates.
+    duplicate_threshold: float
 
 
-def duplicate_threshold(name: str) -> float:
-    return _DUPLICATE_THRESHOLDS.get(name, 0.92)
+# CLIP spaces are anisotropic (unrelated photos often score 0.5-0.7): a high bar.
+CLIP_DUPLICATE_THRESHOLD = 0.92
+# Models that are not open_clip architectures, one entry each. EfficientNet-Lite0's
+# threshold is measured on edited copies of real photos: copies >= 0.78, others <= 0.32.
+_FACTS = {
+    "efficientnet-lite0": ModelFacts("efficientnet", 1280, False, 0.6),
+}
+
+
+def facts(name: str) -> ModelFacts:
+    """The facts of a model by name, from our table or its open_clip config (no weights)."""
+    if name in _FACTS:
+        return _FACTS[name]
+    if ModelRef(name, "").carries_config:
+        return ModelFacts("open_clip", None, True, CLIP_DUPLICATE_THRESHOLD)
+    config = model_config(name)
+    if config is None:
+        raise ModelUnavailableError(
+            f"unknown model architecture {name!r}; `imgembed models list --all` shows the "
+            "known ones"
+        )
+    return ModelFacts("open_clip", int(config["embed_dim"]), True, CLIP_DUPLICATE_THRESHOLD)
 
 
 def model_config(name: str) -> dict[str, Any] | None:
@@ -138,19 +169,6 @@ def model_config(name: str) -> dict[str, Any] | None:
         if path.is_file():
             return json.loads(path.read_text())
     return None
-
-
-def dimension(name: str) -> int:
-    """Embedding width of an architecture, from its config, without loading weights."""
-    if name in IMAGE_ONLY:
-        return IMAGE_ONLY[name]
-    config = model_config(name)
-    if config is None:
-        raise ModelUnavailableError(
-            f"unknown model architecture {name!r}; `imgembed models list --all` shows the "
-            "known ones"
-        )
-    return int(config["embed_dim"])
 
 
 def weights_id(ref: ModelRef) -> str:

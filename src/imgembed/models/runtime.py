@@ -11,6 +11,7 @@ import numpy as np
 
 from imgembed.config import Settings
 from imgembed.errors import EncodeError
+from imgembed.models import registry
 from imgembed.models.preprocess import Preprocessor
 from imgembed.models.registry import ModelRef
 
@@ -72,7 +73,7 @@ def create_encoder(ref: ModelRef, settings: Settings) -> Encoder:
         from imgembed.models.onnx_runtime import OnnxEncoder
 
         return OnnxEncoder(ref, settings)
-    if ref.name == "efficientnet-lite0":
+    if registry.facts(ref.name).family == "efficientnet":
         from imgembed.models.efficientnet import EfficientNetEncoder
 
         return EfficientNetEncoder(ref, settings)

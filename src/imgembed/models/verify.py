@@ -52,6 +52,12 @@ class VerifyReport:
         return self.images_per_second / self.reference_images_per_second
 
 
+def default_min_cosine(precision: str) -> float:
+    """The image cosine to the reference a runtime must reach: int8 trades a little
+    exactness for speed; every other precision must match."""
+    return 0.99 if precision == "int8" else 0.9999
+
+
 def reference_settings(settings: Settings) -> Settings:
     return settings.model_copy(update={"runtime": "torch", "precision": "fp32", "device": "cpu"})
 

@@ -158,6 +158,16 @@ class PostgresStore:
             raise CollectionNotFoundError(f"no collection {name!r}")
         return _info(row[0])
 
+    def provenance(self, name: str) -> Provenance:
+        row = self._query(
+            "SELECT model, pretrained, dimension, preprocess FROM imgembed_collections"
+            " WHERE name = %s",
+            (name,),
+        )
+        if not row:
+            raise CollectionNotFoundError(f"no collection {name!r}")
+        return Provenance(*row[0])
+
     def collections(self) -> list[CollectionInfo]:
         rows = self._query(
             "listing collections",

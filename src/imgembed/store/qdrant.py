@@ -144,6 +144,12 @@ class QdrantStore:
             raise CollectionNotFoundError(f"no collection {name!r}")
         return CollectionInfo(name, self.backend, provenance, self.count(name))
 
+    def provenance(self, name: str) -> Provenance:
+        provenance = self._provenance(name)
+        if provenance is None:
+            raise CollectionNotFoundError(f"no collection {name!r}")
+        return provenance
+
     def collections(self) -> list[CollectionInfo]:
         return self._call("listing collections", self._collections)
 

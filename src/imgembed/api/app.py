@@ -1,0 +1,71 @@
+"""The FastAPI app factory: settings in, app out. Routes are thin (parse, call the engine,
+format); errors become statuses in errors.py; security and logs in middleware.py.
+
+Every module in `imgembed.api.routes` that has a `router` is included, so a new group of
+endpoints (e.g. /api/v1/stores/{id}/products) is one new file there."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import APIRouter, FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from imgembed.api import errors, routes
+from imgembed.api.inputs import server_settings
+from imgembed.api.middleware import RequestContext
+from imgembed.api.state import AppState
+from imgembed.config import Settings, load_settings
+from imgembed.service import ImageEmbeddingService
+
+DESCRIPTION = """Exact CLIP image and text embeddings, dynamic batching, similarity search.
+
+Local paths are accepted only inside `IMGEMBED_ALLOWED_ROOTS`; with `IMGEMBED_API_KEYS` set,
+send `Authorization: Bearer <key>`. Errors are `{"error", "error_type", "request_id"}`."""
+
+
+def routers() -> list[APIRouter]:
+    found = []
+    for module in sorted(pkgutil.iter_modules(routes.__path__), key=lambda m: m.name):
+        imported = importlib.import_module(f"{routes.__name__}.{module.name}")
+        router = getattr(imported, "router", None)
+        if isinstance(router, APIRouter):
+            found.append(router)
+    return found
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """An app over one service built from `settings` (default: IMGEMBED_* variables). The
+    model loads in the background at startup; /ready tells when it is done."""
+    settings = server_settings(settings or load_settings())
+    state = AppState(settings, ImageEmbeddingService(settings))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await state.start()
+        yield
+        await state.close()  # after the server has finished the requests in flight
+
+    app = FastAPI(title="imgembed", description=DESCRIPTION, version="0.1.0", lifespan=lifespan)
+    app.state.imgembed = state
+    errors.install(app)
+    for router in routers():
+        app.include_router(router)
+    app.add_middleware(RequestContext, settings=settings, metrics=state.metrics)
+    if settings.cors_origins:  # off unless asked for; outermost, so preflights need no key
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
+            expose_headers=["X-Request-ID", "Retry-After"],
+        )
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """For `uvicorn --factory` (each worker process builds its app from the environment)."""
+    return create_app()

@@ -1,0 +1,112 @@
+"""Errors to HTTP: one status table for every route, one body shape (the library's
+`error_dict` plus the request id). OpenAI-compatible routes (/v1/...) wrap the same data
+in OpenAI's `{"error": {"message", "type", "code"}}` so its SDKs read it."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from imgembed.errors import (
+    CollectionNotFoundError,
+    ConfigurationError,
+    EncodeError,
+    FetchError,
+    ImageError,
+    ImageNotFoundError,
+    ImageTooLargeError,
+    ImgEmbedError,
+    ModelUnavailableError,
+    ProvenanceMismatchError,
+    RequestTooLargeError,
+    SourceNotAllowedError,
+    StoreError,
+    UnavailableError,
+    UnsupportedFormatError,
+    error_dict,
+)
+
+log = logging.getLogger("imgembed.api")
+
+
+class NotFoundError(ImgEmbedError):
+    """A resource of the service itself (a job, an item) does not exist."""
+
+
+# First match wins: subclasses before their bases.
+STATUS: list[tuple[type[ImgEmbedError], int]] = [
+    (ImageNotFoundError, 404),
+    (CollectionNotFoundError, 404),
+    (NotFoundError, 404),
+    (SourceNotAllowedError, 403),
+    (ImageTooLargeError, 413),
+    (RequestTooLargeError, 413),
+    (UnsupportedFormatError, 415),
+    (FetchError, 502),
+    (ImageError, 400),  # invalid, truncated, too small
+    (ProvenanceMismatchError, 409),
+    (ConfigurationError, 422),  # the request cannot work with this model or these settings
+    (UnavailableError, 503),  # overloaded, loading, shutting down
+    (ModelUnavailableError, 503),
+    (EncodeError, 503),
+    (StoreError, 503),
+    (ImgEmbedError, 500),
+]
+
+
+def status_of(error: ImgEmbedError) -> int:
+    return next(status for kind, status in STATUS if isinstance(error, kind))
+
+
+def error_body(path: str, error: dict[str, Any], request_id: str | None) -> dict[str, Any]:
+    """The one error shape: `error_dict` plus the request id (OpenAI's shape under /v1/)."""
+    if path.startswith("/v1/"):
+        return {"error": {"message": error["error"], "type": error["error_type"], "code": None}}
+    return {**error, "request_id": request_id}
+
+
+def error_response(
+    request: Request, status: int, error: dict[str, Any], headers: dict[str, str] | None = None
+) -> JSONResponse:
+    request_id = getattr(request.state, "request_id", None)
+    return JSONResponse(error_body(request.url.path, error, request_id), status, headers=headers)
+
+
+async def _imgembed_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ImgEmbedError)
+    status = status_of(exc)
+    headers = None
+    if isinstance(exc, UnavailableError):
+        headers = {"Retry-After": str(max(1, round(exc.retry_after)))}
+    elif isinstance(exc, EncodeError):
+        headers = {"Retry-After": "1"}
+    if status == 500:
+        log.error("unexpected library error", exc_info=exc)
+    return error_response(request, status, error_dict(exc), headers)
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    details = [
+        f"{'.'.join(str(part) for part in error['loc'])}: {error['msg']}" for error in exc.errors()
+    ]
+    body = {"error": "; ".join(details), "error_type": "ValidationError"}
+    return error_response(request, 422, body)
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HTTPException)
+    body = {"error": str(exc.detail), "error_type": "HTTPError"}
+    return error_response(request, exc.status_code, body, exc.headers)
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(ImgEmbedError, _imgembed_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(HTTPException, _http_error)
+    # Anything else is a bug: the request-context middleware answers 500 and logs it.

@@ -1,0 +1,224 @@
+"""Request bodies and image sources, under the server's security defaults:
+
+- local paths are refused unless IMGEMBED_ALLOWED_ROOTS is set, and then only inside them
+  (the service itself gets an empty root list, so nothing it is handed reads the disk);
+- URLs must be http(s) and keep the intake's SSRF rules (no private addresses by default);
+- base64 and uploads are held to the per-image size limit, bodies to IMGEMBED_MAX_BODY_SIZE,
+  and the number of inputs per request to IMGEMBED_MAX_BATCH_INPUTS (413 beyond).
+
+A route takes JSON, or multipart/form-data (uploads plus the same fields as form fields)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any, TypeVar
+
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError
+from starlette.datastructures import UploadFile
+
+from imgembed.api.schemas import ImageSource
+from imgembed.config import Settings
+from imgembed.engine.batcher import Batcher
+from imgembed.errors import (
+    ImageTooLargeError,
+    ImgEmbedError,
+    RequestTooLargeError,
+    SourceNotAllowedError,
+)
+from imgembed.intake.image_input import Input
+from imgembed.intake.sources import check_allowed, decode_base64, is_url
+from imgembed.results import ImageEmbeddingResult
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def server_settings(settings: Settings) -> Settings:
+    """The service's settings behind a server: no allowed roots means no local paths."""
+    if settings.allowed_roots is None:
+        return settings.model_copy(update={"allowed_roots": []})
+    return settings
+
+
+def local_path(path: str, settings: Settings) -> Path:
+    """A path inside the allowed roots (resolved), or SourceNotAllowedError."""
+    if not settings.allowed_roots:
+        raise SourceNotAllowedError(
+            "this server reads no local paths; its operator can allow folders with "
+            "IMGEMBED_ALLOWED_ROOTS",
+            path,
+        )
+    roots = [Path(root).resolve() for root in settings.allowed_roots]
+    return check_allowed(Path(path), roots)
+
+
+def path_source(path: str, settings: Settings) -> Input:
+    local_path(path, settings)
+    return Path(path)  # never fetched as a URL; the intake checks the roots again on reading
+
+
+def url_source(url: str) -> Input:
+    if not is_url(url):
+        raise SourceNotAllowedError("only http(s) URLs are fetched", url[:100])
+    return url
+
+
+def base64_source(text: str, settings: Settings) -> Input:
+    return decode_base64(text, settings.max_file_size)
+
+
+def image_source(
+    settings: Settings, path: str | None, url: str | None, base64: str | None
+) -> Input:
+    """Exactly one of the three, as an input for the engine."""
+    if path is not None:
+        return path_source(path, settings)
+    if url is not None:
+        return url_source(url)
+    assert base64 is not None
+    return base64_source(base64, settings)
+
+
+def sources_or_errors(
+    settings: Settings, paths: list[str], images: list[ImageSource]
+) -> tuple[list[Input | ImgEmbedError], list[str]]:
+    """Each listed input as an engine input, or the error that refuses it (that input only),
+    with labels for the results. Blocking (paths are resolved): call it in a thread."""
+    sources: list[Input | ImgEmbedError] = []
+    for path, url, data in [(p, None, None) for p in paths] + [
+        (i.path, i.url, i.base64) for i in images
+    ]:
+        try:
+            sources.append(image_source(settings, path, url, data))
+        except ImgEmbedError as exc:
+            sources.append(exc)
+    numbered = enumerate(images, len(paths))
+    labels = [*paths, *(i.path or i.url or f"<input {n}>" for n, i in numbered)]
+    return sources, labels
+
+
+async def embed_inputs(
+    batcher: Batcher,
+    sources: list[Input | ImgEmbedError],
+    labels: list[str],
+    *,
+    extended: bool = False,
+    normalize: bool | None = None,
+) -> list[ImageEmbeddingResult]:
+    """Results in input order; inputs refused before embedding keep their error."""
+    todo = [n for n, source in enumerate(sources) if not isinstance(source, ImgEmbedError)]
+    embedded = await batcher.embed_images(
+        [sources[n] for n in todo],  # type: ignore[misc]
+        labels=[labels[n] for n in todo],
+        extended=extended,
+        normalize=normalize,
+    )
+    results = [
+        batcher.failed_result(labels[n], source) if isinstance(source, ImgEmbedError) else None
+        for n, source in enumerate(sources)
+    ]
+    for n, result in zip(todo, embedded, strict=True):
+        results[n] = result
+    return results  # type: ignore[return-value]
+
+
+def check_count(count: int, settings: Settings) -> None:
+    if count > settings.max_batch_inputs:
+        raise RequestTooLargeError(
+            f"{count} inputs in one request; at most {settings.max_batch_inputs} "
+            "(IMGEMBED_MAX_BATCH_INPUTS)"
+        )
+
+
+async def read_upload(upload: UploadFile, settings: Settings) -> tuple[bytes, str]:
+    """An uploaded file's bytes (within the per-image limit) and its name."""
+    name = upload.filename or "upload"
+    data = await upload.read(settings.max_file_size + 1)
+    if len(data) > settings.max_file_size:
+        raise ImageTooLargeError(
+            f"over the limit of {settings.max_file_size:,} bytes (max_file_size)", name
+        )
+    return data, name
+
+
+async def parse_body(
+    request: Request, model: type[M], settings: Settings
+) -> tuple[M, list[UploadFile]]:
+    """The body as `model`, from JSON or from multipart form fields, plus any uploads.
+    Large JSON bodies (base64 images) are parsed in a thread, off the event loop."""
+    uploads: list[UploadFile] = []
+    if request.headers.get("content-type", "").startswith("multipart/form-data"):
+        form = await request.form(max_files=settings.max_batch_inputs + 1)
+        data: Any = {}
+        for key, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                uploads.append(value)
+            else:
+                data[key] = value
+        return _validate(model, data), uploads
+    raw = await request.body()
+    if len(raw) > LARGE_BODY:
+        return await asyncio.to_thread(_parse_json, model, raw), uploads
+    return _parse_json(model, raw), uploads
+
+
+LARGE_BODY = 256 * 1024
+
+
+def _parse_json(model: type[M], raw: bytes) -> M:
+    try:
+        data = json.loads(raw) if raw else {}
+    except ValueError as exc:
+        raise RequestValidationError(
+            [{"loc": ("body",), "msg": f"invalid JSON: {exc}", "type": "json_invalid"}]
+        ) from exc
+    return _validate(model, data)
+
+
+def _validate(model: type[M], data: Any) -> M:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        errors = [{**error, "loc": ("body", *error["loc"])} for error in exc.errors()]
+        raise RequestValidationError(errors) from exc
+
+
+def body_spec(model: type[BaseModel], uploads: str) -> dict[str, Any]:
+    """OpenAPI for a body given as JSON or as multipart with file uploads."""
+    schema = _inline(model.model_json_schema())
+    form = {
+        "type": "object",
+        "properties": {
+            **schema.get("properties", {}),
+            uploads: {"type": "array", "items": {"type": "string", "format": "binary"}},
+        },
+    }
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": schema},
+                "multipart/form-data": {"schema": form},
+            },
+        }
+    }
+
+
+def _inline(schema: dict[str, Any]) -> dict[str, Any]:
+    """Replace local `$defs` references by the definitions (the models are not recursive)."""
+    defs = schema.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith("#/$defs/"):
+                return resolve(defs[ref.removeprefix("#/$defs/")])
+            return {key: resolve(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [resolve(value) for value in node]
+        return node
+
+    return resolve(schema)

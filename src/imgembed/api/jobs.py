@@ -1,0 +1,105 @@
+"""Background index jobs: one at a time in a worker thread (indexing already uses every core),
+progress readable while they run. Jobs live in memory: indexing is idempotent, so after a
+restart the same request resumes where the last stored batch ended."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from imgembed.api.errors import NotFoundError
+from imgembed.engine.pipeline import Progress, ProgressCallback
+from imgembed.errors import ImgEmbedError, UnavailableError, error_dict
+from imgembed.indexing import IndexStats
+
+KEEP = 100  # finished jobs remembered
+log = logging.getLogger("imgembed.api")
+
+
+@dataclass
+class Job:
+    id: str
+    collection: str
+    total: int
+    status: str = "queued"  # queued | running | done | failed | cancelled
+    progress: Progress | None = None
+    stats: IndexStats | None = None
+    error: dict[str, Any] | None = None
+    created: float = field(default_factory=time.time)
+    finished: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        stats = None
+        if self.stats is not None:
+            rate = self.stats.images_per_second
+            stats = {**dataclasses.asdict(self.stats), "images_per_second": rate}
+        return {
+            "id": self.id,
+            "collection": self.collection,
+            "status": self.status,
+            "total": self.total,
+            "progress": dataclasses.asdict(self.progress) if self.progress else None,
+            "stats": stats,
+            "error": self.error,
+            "created": self.created,
+            "finished": self.finished,
+        }
+
+
+class Jobs:
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(1, "imgembed-index")
+        self._jobs: OrderedDict[str, Job] = OrderedDict()
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+
+    def submit(
+        self, collection: str, total: int, run: Callable[[ProgressCallback], IndexStats]
+    ) -> Job:
+        job = Job(uuid.uuid4().hex, collection, total)
+        with self._lock:
+            self._jobs[job.id] = job
+            while len(self._jobs) > KEEP and next(iter(self._jobs.values())).finished:
+                self._jobs.popitem(last=False)
+        self._pool.submit(self._run, job, run)
+        return job
+
+    def get(self, job_id: str) -> Job:
+        with self._lock:
+            job = self._jobs.get(job_id)
+        if job is None:
+            raise NotFoundError(f"no job {job_id!r} (jobs are kept in memory until a restart)")
+        return job
+
+    def _run(self, job: Job, run: Callable[[ProgressCallback], IndexStats]) -> None:
+        def progress(state: Progress) -> None:
+            job.progress = state
+            if self._stopping.is_set():  # stored batches stay; a rerun resumes after them
+                raise UnavailableError("the server is shutting down")
+
+        job.status = "running"
+        try:
+            job.stats = run(progress)
+            job.status = "done"
+        except UnavailableError as exc:
+            job.status, job.error = "cancelled", error_dict(exc)
+        except ImgEmbedError as exc:
+            job.status, job.error = "failed", error_dict(exc)
+        except Exception as exc:  # a bug: the job says so instead of hanging as "running"
+            log.exception("index job %s failed", job.id)
+            job.status, job.error = "failed", {**error_dict(exc), "error_type": "InternalError"}
+        job.finished = time.time()
+
+    def close(self) -> None:
+        """Drop queued jobs and wait for a running one to stop at its next stored batch
+        (blocking: call it in a thread)."""
+        self._stopping.set()
+        self._pool.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,144 @@
+"""What every request passes through (plain ASGI, so bodies stream): a request id echoed as
+X-Request-ID, the body size limit, API keys, metrics, a JSON access log line, and a 500 with
+the request id for anything that is a bug."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import re
+import time
+import uuid
+from typing import Any
+
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from imgembed.api.errors import error_body
+from imgembed.api.metrics import Metrics
+from imgembed.config import Settings
+from imgembed.errors import RequestTooLargeError
+
+access_log = logging.getLogger("imgembed.access")
+log = logging.getLogger("imgembed.api")
+
+# Open without an API key: liveness/readiness, and the page and docs (no data in them).
+OPEN_PATHS = ("/health", "/ready", "/", "/docs", "/docs/oauth2-redirect", "/openapi.json")
+OPEN_PREFIXES = ("/static/",)
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+class RequestContext:
+    def __init__(self, app: ASGIApp, settings: Settings, metrics: Metrics):
+        self.app = app
+        self.max_body = settings.max_body_size
+        self.keys = [key.get_secret_value().encode() for key in settings.api_keys or []]
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        given = headers.get("x-request-id", "")
+        request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        started = time.perf_counter()
+        status = 500
+        response_started = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status, response_started
+            if message["type"] == "http.response.start":
+                status, response_started = message["status"], True
+                MutableHeaders(scope=message)["X-Request-ID"] = request_id
+            await send(message)
+
+        try:
+            refusal = self._refusal(scope, headers)
+            if refusal is None:
+                await self.app(scope, self._limited(receive), send_with_id)
+            else:
+                await _answer(scope, send_with_id, request_id, *refusal)
+        except Exception:
+            log.exception("bug while serving a request", extra={"fields": {"id": request_id}})
+            if not response_started:
+                error = {"error": "internal error; the log names it by request id",
+                         "error_type": "InternalError"}  # fmt: skip
+                await _answer(scope, send_with_id, request_id, 500, error)
+        finally:
+            seconds = time.perf_counter() - started
+            route = scope.get("route")
+            template = getattr(route, "path", None) or "<unmatched>"
+            self.metrics.request(template, scope["method"], status, seconds)
+            client = scope.get("client")
+            access_log.info(
+                "request",
+                extra={
+                    "fields": {
+                        "request_id": request_id,
+                        "method": scope["method"],
+                        "path": scope["path"],
+                        "route": template,
+                        "status": status,
+                        "duration_ms": round(seconds * 1000, 2),
+                        "client": client[0] if client else None,
+                    }
+                },
+            )
+
+    def _refusal(self, scope: Scope, headers: Headers) -> tuple[int, dict[str, Any]] | None:
+        length = headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body:
+            return 413, _too_large(int(length), self.max_body)
+        if self.keys and not _is_open(scope["path"]) and scope["method"] != "OPTIONS":
+            scheme, _, token = headers.get("authorization", "").partition(" ")
+            given = token.strip().encode()
+            valid = scheme.lower() == "bearer" and any(
+                hmac.compare_digest(given, key) for key in self.keys
+            )
+            if not valid:
+                error = {"error": "a valid API key is required: Authorization: Bearer <key>",
+                         "error_type": "Unauthorized"}  # fmt: skip
+                return 401, error
+        return None
+
+    def _limited(self, receive: Receive) -> Receive:
+        """Counts body bytes as they arrive (chunked uploads carry no length)."""
+        seen = 0
+
+        async def receive_limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_body:
+                    raise RequestTooLargeError(_too_large(seen, self.max_body)["error"])
+            return message
+
+        return receive_limited
+
+
+def _is_open(path: str) -> bool:
+    return path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
+
+
+def _too_large(size: int, limit: int) -> dict[str, str]:
+    return {
+        "error": f"request body of {size:,} bytes or more is over the limit of {limit:,} "
+        "(IMGEMBED_MAX_BODY_SIZE)",
+        "error_type": "RequestTooLargeError",
+    }
+
+
+async def _answer(
+    scope: Scope, send: Send, request_id: str, status: int, error: dict[str, Any]
+) -> None:
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    response = JSONResponse(error_body(scope["path"], error, request_id), status, headers)
+    await response(scope, _no_receive, send)
+
+
+async def _no_receive() -> Message:
+    return {"type": "http.disconnect"}

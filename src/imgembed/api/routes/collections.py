@@ -1,0 +1,137 @@
+"""Collections in the store: list, create (with the model's provenance), drop, index (a
+background job), delete items, near-duplicates, and thumbnails of indexed local files.
+Store calls block, so these routes are plain functions run in FastAPI's thread pool."""
+
+from __future__ import annotations
+
+import io
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query
+from fastapi.responses import Response
+
+from imgembed.api.errors import NotFoundError
+from imgembed.api.inputs import local_path
+from imgembed.api.schemas import CollectionCreate, CollectionOut, DeleteItems, IndexRequest
+from imgembed.api.state import State
+from imgembed.errors import CollectionNotFoundError, ModelUnavailableError
+from imgembed.indexing import IndexItem, read_index_sources
+from imgembed.intake.sources import is_data_uri, is_url
+from imgembed.models import registry
+from imgembed.store import CollectionInfo
+
+router = APIRouter(prefix="/api/v1", tags=["collections"])
+
+
+def _info(info: CollectionInfo) -> dict[str, Any]:
+    provenance = info.provenance
+    try:
+        text = registry.facts(provenance.model).has_text_tower
+    except ModelUnavailableError:  # an architecture this version does not know
+        text = False
+    return {"name": info.name, "backend": info.backend, "model": provenance.model,
+            "pretrained": provenance.pretrained, "dimension": provenance.dimension,
+            "count": info.count, "has_text_tower": text}  # fmt: skip
+
+
+@router.get("/collections", response_model=list[CollectionOut], summary="All collections")
+def list_collections(state: State) -> list[dict[str, Any]]:
+    return [_info(info) for info in state.service.store.collections()]
+
+
+@router.post(
+    "/collections",
+    response_model=CollectionOut,
+    status_code=201,
+    summary="Create a collection for a model (or return it if it exists with that model)",
+)
+def create_collection(body: CollectionCreate, state: State) -> dict[str, Any]:
+    service = state.service
+    if body.model is not None:
+        service = service.with_model(body.model, body.pretrained or state.settings.pretrained)
+    return _info(service.store.create_collection(body.name, service.provenance))
+
+
+@router.delete("/collections/{name}", summary="Drop a collection and everything in it")
+def drop_collection(name: str, state: State) -> dict[str, str]:
+    state.service.store.drop_collection(name)
+    return {"dropped": name}
+
+
+@router.post(
+    "/collections/{name}/index",
+    status_code=202,
+    summary="Index sources into a collection as a background job (incremental, resumable)",
+)
+def index(name: str, body: IndexRequest, state: State) -> dict[str, Any]:
+    settings = state.settings
+    for source in body.sources:  # before anything reads a folder or a list file
+        if not is_url(source):
+            local_path(source, settings)
+    items = read_index_sources(body.sources, settings.supported_formats)
+    items += [IndexItem(i.id or i.source, i.source, i.metadata) for i in body.items]
+    try:  # an existing collection is indexed with its own model
+        service = state.service.for_collection(name)
+    except CollectionNotFoundError:
+        service = state.service
+    job = state.jobs.submit(
+        name,
+        len(items),
+        lambda progress: service.index(items, name, prune=body.prune, progress=progress),
+    )
+    return {"job_id": job.id, "status": job.status, "total": len(items),
+            "url": f"/api/v1/jobs/{job.id}"}  # fmt: skip
+
+
+@router.get("/jobs/{job_id}", summary="An index job's status, progress and statistics")
+def job(job_id: str, state: State) -> dict[str, Any]:
+    return state.jobs.get(job_id).to_dict()
+
+
+@router.delete("/collections/{name}/items", summary="Delete items by id")
+def delete_items(name: str, body: DeleteItems, state: State) -> dict[str, int]:
+    store = state.service.store
+    store.provenance(name)  # 404 for an unknown collection
+    return {"deleted": store.delete(name, body.ids)}
+
+
+@router.get("/collections/{name}/duplicates", summary="Groups of near-duplicate images")
+def duplicates(
+    name: str,
+    state: State,
+    threshold: Annotated[
+        float | None, Query(ge=0, le=1, description="Default: the model's.")
+    ] = None,
+) -> dict[str, Any]:
+    found = state.service.duplicates(name, threshold)
+    groups = [[{"id": i, "source": s} for i, s in group] for group in found.groups]
+    return {"threshold": found.threshold, "groups": groups}
+
+
+@router.get(
+    "/collections/{name}/thumbnail",
+    response_class=Response,
+    responses={200: {"content": {"image/jpeg": {}}}},
+    summary="A JPEG thumbnail of an indexed local file inside the allowed roots",
+)
+def thumbnail(
+    name: str,
+    id: str,
+    state: State,
+    size: Annotated[int, Query(ge=16, le=1024)] = 256,
+) -> Response:
+    service = state.service
+    records = service.store.get(name, [id])
+    if not records:
+        raise NotFoundError(f"no item {id!r} in collection {name!r}")
+    source = records[0].source
+    if is_url(source) or is_data_uri(source):
+        raise NotFoundError(f"item {id!r} is not a local file: no thumbnail is served for it")
+    path = local_path(source, state.settings)  # 403 outside the allowed roots
+    decoded = service.intake.read(path).decode(service.intake.limits, draft_min_side=size)
+    image = decoded.image
+    image.thumbnail((size, size))
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=85)
+    headers = {"Cache-Control": "private, max-age=300"}
+    return Response(buffer.getvalue(), media_type="image/jpeg", headers=headers)

@@ -1,0 +1,102 @@
+"""What one running app holds: settings, the service, one batcher per model, index jobs and
+metrics. The model loads in the background at startup: /health answers at once, /ready and
+the embedding routes say 503 until it is loaded (no first request timing out on a load)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Annotated, Any
+
+from fastapi import Depends, Request
+
+from imgembed.api.jobs import Jobs
+from imgembed.api.metrics import Metrics
+from imgembed.config import Settings
+from imgembed.engine.batcher import Batcher
+from imgembed.errors import CollectionNotFoundError, ImgEmbedError, UnavailableError
+from imgembed.service import ImageEmbeddingService
+
+log = logging.getLogger("imgembed.api")
+
+
+class AppState:
+    def __init__(self, settings: Settings, service: ImageEmbeddingService):
+        self.settings = settings
+        self.service = service
+        self.metrics = Metrics()
+        self.jobs = Jobs()
+        self._batchers: dict[int, Batcher] = {}
+        self._loading: dict[int, asyncio.Task[Batcher]] = {}
+        self.metrics.watch(
+            lambda: sum(b.queue_depth for b in self._batchers.values()),
+            lambda: sum(b.in_flight for b in self._batchers.values()),
+        )
+
+    async def start(self) -> None:
+        self._load(self.service)  # in the background
+
+    def _load(self, service: ImageEmbeddingService) -> asyncio.Task[Batcher]:
+        key = id(service)
+        if key not in self._loading:
+            self._loading[key] = asyncio.create_task(self._build(service))
+        return self._loading[key]
+
+    async def _build(self, service: ImageEmbeddingService) -> Batcher:
+        try:
+            pipeline = await asyncio.to_thread(lambda: service.pipeline)
+        except ImgEmbedError as exc:
+            log.error("cannot load %s: %s", service.model_ref, exc)
+            raise
+        batcher = Batcher(pipeline, observer=self.metrics)
+        self._batchers[id(service)] = batcher
+        log.info("model %s loaded", service.model_ref)
+        return batcher
+
+    def batcher(self) -> Batcher:
+        """The main model's batcher, or 503 while it loads (the load error if it failed)."""
+        return self._ready_batcher(self.service)
+
+    def _ready_batcher(self, service: ImageEmbeddingService) -> Batcher:
+        task = self._load(service)
+        if not task.done():
+            raise UnavailableError(f"the model {service.model_ref} is still loading", 2.0)
+        return task.result()  # raises the load error: ModelUnavailableError -> 503
+
+    async def batcher_for(self, service: ImageEmbeddingService) -> Batcher:
+        """A batcher for another model (a collection built with it), loaded on first use."""
+        if service is self.service:
+            return self.batcher()
+        return await asyncio.shield(self._load(service))
+
+    def readiness(self) -> dict[str, Any]:
+        task = self._loading.get(id(self.service))
+        if task is None or not task.done():
+            model: Any = "loading"
+        elif task.exception() is not None:
+            model = f"failed: {task.exception()}"
+        else:
+            model = True
+        store: Any = True
+        try:
+            self.service.store.provenance(self.settings.collection)
+        except CollectionNotFoundError:
+            pass  # the store answered
+        except ImgEmbedError as exc:
+            store = f"failed: {exc}"
+        return {"model": model, "store": store}
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self.jobs.close)
+        for task in self._loading.values():
+            task.cancel()
+        for batcher in self._batchers.values():
+            await batcher.close()
+        await asyncio.to_thread(self.service.close)
+
+
+def get_state(request: Request) -> AppState:
+    return request.app.state.imgembed
+
+
+State = Annotated[AppState, Depends(get_state)]

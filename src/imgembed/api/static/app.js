@@ -1,0 +1,193 @@
+// The search page: plain JavaScript against the JSON API (no build step, nothing from a CDN).
+"use strict";
+
+const $ = (selector) => document.querySelector(selector);
+const state = { collections: [], thumbnails: [] };
+const HIDDEN_METADATA = new Set(["id", "content_hash", "quality"]);
+
+function headers(extra = {}) {
+  const key = localStorage.getItem("imgembed-key");
+  return key ? { ...extra, Authorization: `Bearer ${key}` } : extra;
+}
+
+async function api(path, options = {}) {
+  const response = await fetch(path, { ...options, headers: headers(options.headers) });
+  const body = response.headers.get("content-type")?.includes("json") ? await response.json() : null;
+  if (!response.ok) {
+    const message = body?.error?.message ?? body?.error ?? response.statusText;
+    throw new Error(`${response.status}: ${message}`);
+  }
+  return body;
+}
+
+function status(text, isError = false) {
+  const line = $("#status");
+  line.textContent = text;
+  line.classList.toggle("error", isError);
+}
+
+function collection() {
+  return state.collections.find((c) => c.name === $("#collection").value);
+}
+
+async function loadCollections() {
+  try {
+    state.collections = await api("/api/v1/collections");
+  } catch (error) {
+    status(`Cannot list collections: ${error.message}`, true);
+    return;
+  }
+  const select = $("#collection");
+  select.replaceChildren(
+    ...state.collections.map((c) => new Option(`${c.name} (${c.count ?? "?"})`, c.name)),
+  );
+  if (!state.collections.length) status("No collections yet: index some images first.");
+  describeCollection();
+}
+
+function describeCollection() {
+  const current = collection();
+  $("#collection-info").textContent = current
+    ? `${current.model} (${current.pretrained}), ${current.dimension}-d`
+    : "";
+  const text = Boolean(current?.has_text_tower);
+  $("#query").disabled = !text;
+  $("#search").disabled = !text;
+  $("#query").placeholder = text
+    ? "Describe an image: a red bicycle, a cat on a sofa…"
+    : "This collection's model has no text tower: search by image";
+}
+
+function releaseThumbnails() {
+  state.thumbnails.forEach((url) => URL.revokeObjectURL(url));
+  state.thumbnails = [];
+}
+
+async function thumbnail(img, id) {
+  const name = encodeURIComponent(collection().name);
+  const path = `/api/v1/collections/${name}/thumbnail?size=256&id=${encodeURIComponent(id)}`;
+  try {
+    const response = await fetch(path, { headers: headers() });
+    if (!response.ok) throw new Error(String(response.status));
+    const url = URL.createObjectURL(await response.blob());
+    state.thumbnails.push(url);
+    img.src = url;
+  } catch {
+    img.alt = "no thumbnail (not a local file inside the allowed roots)";
+  }
+}
+
+function card(hit) {
+  const node = $("#card").content.firstElementChild.cloneNode(true);
+  const id = hit.metadata?.id ?? hit.id ?? hit.image_path;
+  node.dataset.id = id;
+  const score = node.querySelector(".score");
+  if (hit.similarity_score === undefined) score.remove();
+  else score.textContent = `#${hit.rank}  ${hit.similarity_score.toFixed(4)}`;
+  node.querySelector(".source").textContent = hit.image_path ?? hit.source;
+  const list = node.querySelector(".metadata");
+  for (const [key, value] of Object.entries(hit.metadata ?? {})) {
+    if (HIDDEN_METADATA.has(key) || value === null || typeof value === "object") continue;
+    list.append(Object.assign(document.createElement("dt"), { textContent: key }));
+    list.append(Object.assign(document.createElement("dd"), { textContent: String(value) }));
+  }
+  node.querySelector(".more").addEventListener("click", () => search({ query_id: id }, "this image"));
+  thumbnail(node.querySelector("img"), id);
+  return node;
+}
+
+function show(hits) {
+  releaseThumbnails();
+  $("#results").replaceChildren(...hits.map(card));
+}
+
+function topK() {
+  return Math.max(1, Math.min(200, Number($("#top-k").value) || 24));
+}
+
+async function search(query, what) {
+  const current = collection();
+  if (!current) return status("Choose a collection first.", true);
+  status(`Searching ${current.name} for ${what}…`);
+  try {
+    const body = JSON.stringify({ ...query, collection: current.name, top_k: topK() });
+    const answer = await api("/api/v1/search/image", {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body,
+    });
+    show(answer.results);
+    status(`${answer.results.length} results for ${what} (${answer.processing_time.toFixed(2)} s)`);
+  } catch (error) {
+    status(error.message, true);
+  }
+}
+
+async function searchByFile(file) {
+  const current = collection();
+  if (!current || !file) return;
+  status(`Searching ${current.name} for images like ${file.name}…`);
+  const form = new FormData();
+  form.append("file", file, file.name);
+  form.append("collection", current.name);
+  form.append("top_k", String(topK()));
+  try {
+    const answer = await api("/api/v1/search/image", { method: "POST", body: form });
+    show(answer.results);
+    status(`${answer.results.length} results like ${file.name}`);
+  } catch (error) {
+    status(error.message, true);
+  }
+}
+
+async function duplicates() {
+  const current = collection();
+  if (!current) return status("Choose a collection first.", true);
+  status(`Looking for near-duplicates in ${current.name}…`);
+  try {
+    const name = encodeURIComponent(current.name);
+    const answer = await api(`/api/v1/collections/${name}/duplicates`);
+    releaseThumbnails();
+    const groups = answer.groups.map((members, n) => {
+      const row = document.createElement("div");
+      row.className = "group";
+      row.append(Object.assign(document.createElement("h2"), { textContent: `group ${n + 1}` }));
+      row.append(...members.map((m) => card({ id: m.id, source: m.source })));
+      return row;
+    });
+    $("#results").replaceChildren(...groups);
+    status(`${groups.length} groups of near-duplicates (cosine ≥ ${answer.threshold})`);
+  } catch (error) {
+    status(error.message, true);
+  }
+}
+
+function setUp() {
+  $("#api-key").value = localStorage.getItem("imgembed-key") ?? "";
+  $("#api-key").addEventListener("change", (event) => {
+    localStorage.setItem("imgembed-key", event.target.value.trim());
+    loadCollections();
+  });
+  $("#collection").addEventListener("change", describeCollection);
+  $("#text-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    const text = $("#query").value.trim();
+    if (text) search({ query_text: text }, `“${text}”`);
+  });
+  $("#duplicates").addEventListener("click", duplicates);
+  $("#file").addEventListener("change", (event) => searchByFile(event.target.files[0]));
+  const drop = $("#drop");
+  drop.addEventListener("dragover", (event) => {
+    event.preventDefault();
+    drop.classList.add("over");
+  });
+  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+  drop.addEventListener("drop", (event) => {
+    event.preventDefault();
+    drop.classList.remove("over");
+    searchByFile(event.dataTransfer.files[0]);
+  });
+  loadCollections();
+}
+
+setUp();

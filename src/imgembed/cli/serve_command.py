@@ -1,0 +1,67 @@
+"""`imgembed serve`: the HTTP service on uvicorn."""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated
+
+import typer
+
+from imgembed.cli.app import app
+from imgembed.cli.common import (
+    DeviceOpt,
+    ModelOpt,
+    PrecisionOpt,
+    PretrainedOpt,
+    RuntimeOpt,
+    fail,
+    make_service,
+)
+from imgembed.errors import ImgEmbedError
+
+
+@app.command()
+def serve(
+    host: Annotated[
+        str, typer.Option(envvar="IMGEMBED_HOST", help="Address to listen on (0.0.0.0: all).")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(envvar="IMGEMBED_PORT", help="TCP port.")] = 8000,
+    workers: Annotated[
+        int,
+        typer.Option(
+            envvar="IMGEMBED_WORKERS", min=1, help="Processes; each loads the model once."
+        ),
+    ] = 1,
+    log_level: Annotated[str, typer.Option(help="debug | info | warning | error.")] = "info",
+    model: ModelOpt = None,
+    pretrained: PretrainedOpt = None,
+    device: DeviceOpt = None,
+    runtime: RuntimeOpt = None,
+    precision: PrecisionOpt = None,
+) -> None:
+    """Serve the HTTP API and the search page (every other setting from IMGEMBED_* variables).
+    SIGTERM stops accepting, finishes the requests in flight, then exits."""
+    import uvicorn
+
+    from imgembed.api.logs import logging_config
+
+    options = {"model": model, "pretrained": pretrained, "device": device, "runtime": runtime,
+               "precision": precision}  # fmt: skip
+    for name, value in options.items():  # worker processes read their settings from here
+        if value is not None:
+            os.environ[f"IMGEMBED_{name.upper()}"] = value
+    try:
+        make_service()  # settings and model name checked before the server starts
+    except ImgEmbedError as exc:
+        raise fail(exc) from exc
+    uvicorn.run(
+        "imgembed.api:app_from_env",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_config=logging_config(log_level),
+        log_level=log_level,
+        access_log=False,  # our middleware logs each request as JSON, with its id
+        timeout_graceful_shutdown=30,
+    )

@@ -1,0 +1,143 @@
+"""The GenericRAG seed's async methods, mixed into ImageEmbeddingService.
+
+They return the seed's plain shapes (a `list[float]`, or a dict when `include_metadata=True`)
+and run their work in a thread, never on the event loop. Everything they do is a sync
+method of the service; this module only adapts shapes."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from PIL import Image
+
+from imgembed.engine import similarity
+from imgembed.errors import ImgEmbedError
+from imgembed.intake.image_input import Input
+from imgembed.intake.sources import decode_base64
+from imgembed.results import ImageEmbeddingResult
+
+if TYPE_CHECKING:
+    from imgembed.service import ImageEmbeddingService
+
+log = logging.getLogger("imgembed.service")
+
+Embedding = list[float]
+Candidates = Mapping[str, Sequence[float]] | np.ndarray | Sequence[Sequence[float]]
+
+
+class SeedAsyncMethods:
+    """Async wrappers over the sync API; only for ImageEmbeddingService."""
+
+    async def _generate(
+        self: ImageEmbeddingService, source: Input, include_metadata: bool
+    ) -> Embedding | dict[str, Any]:
+        result = await asyncio.to_thread(self._embed_one, source)
+        return result.to_dict() if include_metadata else _as_list(result)
+
+    async def generate_embedding_from_image_path(
+        self: ImageEmbeddingService, image_path: str, include_metadata: bool = False
+    ) -> Embedding | dict[str, Any]:
+        return await self._generate(image_path, include_metadata)
+
+    async def generate_embedding_from_image_bytes(
+        self: ImageEmbeddingService, image_bytes: bytes, include_metadata: bool = False
+    ) -> Embedding | dict[str, Any]:
+        return await self._generate(image_bytes, include_metadata)
+
+    async def generate_embedding_from_url(
+        self: ImageEmbeddingService, url: str, include_metadata: bool = False
+    ) -> Embedding | dict[str, Any]:
+        """The Findly seed's `generate_image_embedding(image_url)`: download (with retries)
+        and embed."""
+        return await self._generate(url, include_metadata)
+
+    async def generate_embedding_from_base64(
+        self: ImageEmbeddingService, data: str, include_metadata: bool = False
+    ) -> Embedding | dict[str, Any]:
+        """From base64 text or a `data:image/...;base64,` URI."""
+        image_bytes = decode_base64(data, self.settings.max_file_size)
+        return await self._generate(image_bytes, include_metadata)
+
+    async def batch_generate_embeddings(
+        self: ImageEmbeddingService, image_paths: Sequence[Input], include_metadata: bool = False
+    ) -> list[Embedding | dict[str, Any] | None]:
+        """In input order. A failed item is None (plain) or a dict with `error` (metadata)."""
+        results = await asyncio.to_thread(self.embed_images, image_paths)
+        for result in results:
+            if result.error is not None:
+                log.warning("skipped %s", result.error)
+        if include_metadata:
+            return [result.to_dict() for result in results]
+        return [_as_list(result) if result.ok else None for result in results]
+
+    async def calculate_similarities(
+        self: ImageEmbeddingService,
+        query_embedding: Sequence[float],
+        candidate_embeddings: Sequence[Sequence[float]],
+    ) -> list[float]:
+        scores = await asyncio.to_thread(
+            similarity.cosine_similarities, query_embedding, candidate_embeddings
+        )
+        return scores.tolist()
+
+    async def calculate_cosine_similarity(
+        self: ImageEmbeddingService, embedding1: Sequence[float], embedding2: Sequence[float]
+    ) -> float:
+        return similarity.cosine_similarity(embedding1, embedding2)
+
+    async def find_similar_images(
+        self: ImageEmbeddingService,
+        query_embedding: Sequence[float],
+        image_embeddings: Candidates | str,
+        top_k: int = 5,
+    ) -> list[tuple[str | int, float]]:
+        """(key, score) best first; keys are the mapping's keys, or row numbers of a matrix.
+        A string names a store collection; then keys are the images' sources."""
+        if isinstance(image_embeddings, str):
+            find = functools.partial(self.search_vector, collection=image_embeddings, top_k=top_k)
+            hits = await asyncio.to_thread(find, query_embedding)
+        else:
+            hits = await asyncio.to_thread(
+                self.similar_images, query_embedding, image_embeddings, top_k
+            )
+        return [(hit.image_path, hit.similarity_score) for hit in hits]
+
+    async def preprocess_image(self: ImageEmbeddingService, image_path: Input) -> Image.Image:
+        return await asyncio.to_thread(self.preprocess, image_path)
+
+    async def batch_preprocess_images(
+        self: ImageEmbeddingService, image_paths: Sequence[Input]
+    ) -> list[Image.Image | None]:
+        """In input order; an image that cannot be read is None (and logged)."""
+
+        def run() -> list[Image.Image | None]:
+            out: list[Image.Image | None] = []
+            for path in image_paths:
+                try:
+                    out.append(self.preprocess(path))
+                except ImgEmbedError as exc:
+                    log.warning("skipped %s", exc)
+                    out.append(None)
+            return out
+
+        return await asyncio.to_thread(run)
+
+    async def extract_image_metadata(
+        self: ImageEmbeddingService, image_path: Input
+    ) -> dict[str, Any]:
+        return await asyncio.to_thread(self.image_metadata, image_path)
+
+    async def extract_extended_metadata(
+        self: ImageEmbeddingService, image_path: Input
+    ) -> dict[str, Any]:
+        return await asyncio.to_thread(self.image_metadata, image_path, True)
+
+
+def _as_list(result: ImageEmbeddingResult) -> Embedding:
+    assert result.embedding is not None
+    return result.embedding.tolist()

@@ -1,0 +1,566 @@
+"""The HTTP API in process (FastAPI's TestClient): every endpoint, the seed's bodies and
+fields, every error status from real bad inputs, and the security defaults."""
+
+import base64
+import contextlib
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from io import BytesIO
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from imgembed import ImageEmbeddingService
+from imgembed.api import create_app
+from imgembed.config import load_settings
+from imgembed.indexing import IndexItem
+from imgembed.store import embedded
+from tests.conftest import TESTDATA, TINY
+from tests.serving import FileServer
+
+PILLOW = TESTDATA / "pillow"
+IMAGE = "/api/v1/embeddings/image"
+# Files of Pillow's own test corpus, and the status each must get.
+HOSTILE = {
+    "decompression_bomb.gif": (413, "ImageTooLargeError"),
+    "01r_00.pcx": (415, "UnsupportedFormatError"),
+    "apng/chunk_no_fctl.png": (400, "InvalidImageError"),
+    "7x13.png": (400, "ImageTooSmallError"),
+    "broken.png": (400, "InvalidImageError"),
+}
+
+
+@pytest.fixture
+def root(photos, tmp_path) -> Path:
+    """The allowed root: copies of the photos and of the hostile files."""
+    folder = tmp_path / "root"
+    folder.mkdir()
+    for path in photos:
+        shutil.copy(path, folder / path.name)
+    for name in HOSTILE:
+        shutil.copy(PILLOW / name, folder / Path(name).name)
+    return folder
+
+
+@pytest.fixture
+def library():
+    """The library's own vectors, to compare the API's with."""
+    with ImageEmbeddingService(**TINY, cache_embeddings=False) as service:
+        yield service
+
+
+@contextlib.contextmanager
+def _client(wait: bool = True, **settings) -> Iterator[TestClient]:
+    """A client of a new app; with `wait`, once its model has loaded."""
+    with TestClient(create_app(load_settings(**TINY, **settings))) as client:
+        if wait:
+            _wait_for_model(client)
+        yield client
+
+
+def _wait_for_model(client: TestClient, headers: dict | None = None) -> None:
+    for _ in range(600):
+        answer = client.post("/api/v1/embeddings/text", json={"texts": ["x"]}, headers=headers)
+        if answer.status_code == 200:
+            return
+        time.sleep(0.1)
+    raise AssertionError("the model did not load")
+
+
+@pytest.fixture
+def client(root):
+    with _client(allowed_roots=[root]) as client:
+        yield client
+
+
+def _cos(a, b) -> float:
+    a, b = np.asarray(a), np.asarray(b)
+    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def test_one_image_from_every_source_equals_the_library(client, root, library):
+    photo = root / "rocket.jpg"
+    data = photo.read_bytes()
+    expected = library.embed_image(photo)
+    bodies = [
+        {"image_path": str(photo), "include_metadata": True, "normalize": True},  # the seed's
+        {"image_base64": _b64(data)},
+        {"image_base64": "data:image/jpeg;base64," + _b64(data)},
+    ]
+    for body in bodies:
+        response = client.post("/api/v1/embeddings/image", json=body)
+        assert response.status_code == 200, response.text
+        out = response.json()
+        assert _cos(out["embedding"], expected) >= 0.99999
+        assert (out["dimension"], out["model_name"]) == (64, "imgembed-tiny (seed:0)")
+        assert out["processing_time"] > 0 and 0 <= out["confidence"] <= 1
+        assert out["error"] is None and len(out["image_id"]) == 64
+    assert bodies and out["metadata"] is None  # only when asked
+    first = client.post("/api/v1/embeddings/image", json=bodies[0]).json()
+    assert first["cached"] is True and first["image_path"] == str(photo)
+    assert first["metadata"]["width"] == 640 and "camera_info" not in first["metadata"]
+    upload = client.post(
+        "/api/v1/embeddings/image",
+        files={"file": ("mine.jpg", data, "image/jpeg")},
+        data={"include_metadata": "true", "extended": "true", "normalize": "false"},
+    )
+    assert upload.status_code == 200, upload.text
+    out = upload.json()
+    assert out["image_path"] == "mine.jpg" and out["normalized"] is False
+    assert {"camera_info", "gps_info", "creation_date"} <= out["metadata"].keys()
+    assert abs(np.linalg.norm(out["embedding"]) - 1) > 1e-3
+    assert _cos(out["embedding"], expected) >= 0.99999
+
+
+def test_request_ids_are_echoed(client, root):
+    response = client.get("/health")
+    assert response.json() == {"status": "ok"} and len(response.headers["x-request-id"]) == 32
+    mine = client.get("/health", headers={"X-Request-ID": "trace-42"})
+    assert mine.headers["x-request-id"] == "trace-42"
+    odd = client.get("/health", headers={"X-Request-ID": "no spaces\nor newlines"})
+    assert odd.headers["x-request-id"] != "no spaces\nor newlines"
+    error = client.post("/api/v1/embeddings/image", json={"image_path": str(root / "nope.jpg")})
+    assert error.json()["request_id"] == error.headers["x-request-id"]
+
+
+def test_every_error_status_from_real_bad_inputs(client, root, photos):
+    def status(body):
+        response = client.post("/api/v1/embeddings/image", json=body)
+        return response.status_code, response.json().get("error_type"), response
+
+    for name, (code, kind) in HOSTILE.items():
+        path = root / Path(name).name
+        got, got_kind, response = status({"image_path": str(path)})
+        assert (got, got_kind) == (code, kind), (name, response.text)
+        assert str(path) in response.json()["error"]  # names the input
+    assert status({"image_path": str(root / "missing.jpg")})[:2] == (404, "ImageNotFoundError")
+    outside = status({"image_path": str(photos[0])})  # a real file, outside the root
+    assert outside[:2] == (403, "SourceNotAllowedError")
+    assert "allowed roots" in outside[2].json()["error"]
+    escape = status({"image_path": str(root / ".." / ".." / photos[0].name)})
+    assert escape[:2] == (403, "SourceNotAllowedError")
+    assert status({"image_url": "file:///etc/passwd"})[:2] == (403, "SourceNotAllowedError")
+    assert status({"image_base64": "%%% not base64"})[:2] == (400, "InvalidImageError")
+    assert status({"image_base64": _b64(b"not an image")})[:2] == (400, "InvalidImageError")
+    two = status({"image_path": str(root / "rocket.jpg"), "image_url": "http://x.example/a"})
+    assert two[:2] == (422, "ConfigurationError")
+    assert status({})[:2] == (422, "ConfigurationError")
+    assert status({"image_path": 5})[:2] == (422, "ValidationError")
+    assert status({"image_path": "a", "typo": 1})[:2] == (422, "ValidationError")
+    json_type = {"content-type": "application/json"}
+    broken = client.post(IMAGE, content=b"{not json", headers=json_type)
+    assert broken.status_code == 422 and "invalid JSON" in broken.json()["error"]
+    assert client.get("/no/such/route").status_code == 404
+
+
+def test_urls_keep_the_ssrf_rules_and_fetch_failures_are_502(root, photos, library):
+    files = FileServer({"photo.jpg": (root / "rocket.jpg").read_bytes()})
+    try:
+        with _client(allowed_roots=[root]) as strict:
+            refused = strict.post(IMAGE, json={"image_url": files.url("photo.jpg")})
+            assert refused.status_code == 403, refused.text  # loopback is private
+            assert refused.json()["error_type"] == "SourceNotAllowedError"
+        with _client(allowed_roots=[root], allow_private_urls=True, retry_delay=0.01) as client:
+            ok = client.post(IMAGE, json={"image_url": files.url("photo.jpg")})
+            assert ok.status_code == 200, ok.text
+            assert _cos(ok.json()["embedding"], library.embed_image(root / "rocket.jpg")) >= 0.99999
+            missing = client.post(IMAGE, json={"image_url": files.url("gone.jpg")})
+            assert missing.status_code == 502 and missing.json()["error_type"] == "FetchError"
+            assert "404" in missing.json()["error"]
+    finally:
+        files.close()
+
+
+def test_without_allowed_roots_no_local_path_is_read(photos):
+    with _client() as client:
+        response = client.post("/api/v1/embeddings/image", json={"image_path": str(photos[0])})
+        assert response.status_code == 403
+        assert "IMGEMBED_ALLOWED_ROOTS" in response.json()["error"]
+        batch = client.post(
+            "/api/v1/embeddings/image/batch",
+            json={"images": [{"path": str(photos[0])}, {"base64": _b64(photos[0].read_bytes())}]},
+        )
+        assert [r["error_type"] for r in batch.json()["results"]] == ["SourceNotAllowedError", None]
+
+
+def test_a_batch_with_broken_files_answers_every_item_in_order(client, root, library):
+    good = [root / "rocket.jpg", root / "coffee.png"]
+    body = {
+        "image_paths": [str(good[0]), str(root / "broken.png"), str(root / "missing.jpg")],
+        "images": [{"base64": _b64(good[1].read_bytes())}, {"url": "ftp://x/y.jpg"}],
+        "include_metadata": True,
+    }
+    response = client.post("/api/v1/embeddings/image/batch", json=body)
+    assert response.status_code == 200, response.text
+    out = response.json()
+    kinds = [r["error_type"] for r in out["results"]]
+    assert kinds == [None, "InvalidImageError", "ImageNotFoundError", None, "SourceNotAllowedError"]
+    assert (out["successful"], out["failed"]) == (2, 3)
+    assert _cos(out["results"][0]["embedding"], library.embed_image(good[0])) >= 0.99999
+    assert _cos(out["results"][3]["embedding"], library.embed_image(good[1])) >= 0.99999
+    assert out["results"][0]["metadata"]["width"] == 640
+    assert out["results"][1]["embedding"] is None and "broken.png" in out["results"][1]["error"]
+    files = [("files", (p.name, p.read_bytes())) for p in (good[1], root / "broken.png")]
+    uploaded = client.post("/api/v1/embeddings/image/batch", files=files).json()
+    assert [(r["image_path"], r["error_type"]) for r in uploaded["results"]] == [
+        ("coffee.png", None),
+        ("broken.png", "InvalidImageError"),
+    ]
+
+
+def test_size_and_count_limits_are_413(root):
+    with _client(allowed_roots=[root], max_body_size=200_000, max_batch_inputs=3) as client:
+        big = {"image_base64": "A" * 300_000}
+        response = client.post("/api/v1/embeddings/image", json=big)
+        assert response.status_code == 413 and "IMGEMBED_MAX_BODY_SIZE" in response.json()["error"]
+
+        def chunks():  # no Content-Length: counted while it streams
+            for _ in range(10):
+                yield b"x" * 50_000
+
+        json_type = {"content-type": "application/json"}
+        streamed = client.post(IMAGE, content=chunks(), headers=json_type)
+        assert streamed.status_code == 413
+        many = client.post("/api/v1/embeddings/image/batch", json={"image_paths": ["a"] * 4})
+        assert many.status_code == 413 and "IMGEMBED_MAX_BATCH_INPUTS" in many.json()["error"]
+        texts = client.post("/api/v1/embeddings/text", json={"texts": ["a"] * 4})
+        assert texts.status_code == 413
+        assert client.post("/api/v1/embeddings/text", json={"texts": ["a"] * 3}).status_code == 200
+    with _client(allowed_roots=[root], max_file_size=50_000) as small:
+        upload = small.post(IMAGE, files={"file": ("r.jpg", (root / "rocket.jpg").read_bytes())})
+        assert upload.status_code == 413 and upload.json()["error_type"] == "ImageTooLargeError"
+
+
+def test_texts_and_openai_compatible_embeddings(client, root, library):
+    texts = ["a red bicycle", "a cat"]
+    expected = library.embed_texts(texts)
+    out = client.post("/api/v1/embeddings/text", json={"texts": texts}).json()
+    assert out["dimension"] == 64 and out["normalized"] is True
+    assert min(_cos(a, b) for a, b in zip(out["embeddings"], expected, strict=True)) >= 0.99999
+    assert client.post("/api/v1/embeddings/text", json={"texts": []}).status_code == 422
+
+    models = client.get("/v1/models").json()
+    assert models["object"] == "list" and models["data"][0]["id"] == "imgembed-tiny"
+    photo = (root / "rocket.jpg").read_bytes()
+    data_uri = "data:image/jpeg;base64," + _b64(photo)
+    body = {"input": [texts[0], data_uri], "model": "imgembed-tiny"}
+    floats = client.post("/v1/embeddings", json=body).json()
+    assert floats["object"] == "list" and [d["index"] for d in floats["data"]] == [0, 1]
+    assert _cos(floats["data"][0]["embedding"], expected[0]) >= 0.99999
+    assert _cos(floats["data"][1]["embedding"], library.embed_image(photo)) >= 0.99999
+    packed = client.post("/v1/embeddings", json={**body, "encoding_format": "base64"}).json()
+    unpacked = np.frombuffer(base64.b64decode(packed["data"][1]["embedding"]), dtype="<f4")
+    np.testing.assert_allclose(unpacked, floats["data"][1]["embedding"], atol=1e-7)
+    single = client.post("/v1/embeddings", json={"input": "a cat", "model": "imgembed-tiny"})
+    assert len(single.json()["data"]) == 1
+    plain = {"input": [_b64(photo)], "model": "imgembed-tiny", "modality": "image"}
+    forced = client.post("/v1/embeddings", json=plain)
+    assert _cos(forced.json()["data"][0]["embedding"], library.embed_image(photo)) >= 0.99999
+    wrong = client.post("/v1/embeddings", json={**body, "dimensions": 32})
+    assert wrong.status_code == 422 and "64 dimensions" in wrong.json()["error"]["message"]
+    other = client.post("/v1/embeddings", json={**body, "model": "text-embedding-3-small"})
+    assert other.status_code == 422 and other.json()["error"]["type"] == "ConfigurationError"
+    tokens = client.post("/v1/embeddings", json={"input": [1, 2, 3], "model": "imgembed-tiny"})
+    assert tokens.status_code == 422
+    bad_image = client.post(
+        "/v1/embeddings", json={"input": "data:image/png;base64," + _b64(b"junk"), "model": "x"}
+    )
+    assert bad_image.status_code == 422  # the model is checked first
+    bad_image = client.post(
+        "/v1/embeddings",
+        json={"input": "data:image/png;base64," + _b64(b"junk"), "model": "imgembed-tiny"},
+    )
+    assert bad_image.status_code == 400 and bad_image.json()["error"]["type"] == "InvalidImageError"
+
+
+def test_search_among_candidates(client, root, library):
+    names = ["rocket.jpg", "coffee.png", "chelsea.png", "astronaut.png"]
+    body = {
+        "query_image_path": str(root / "coffee.png"),
+        "candidate_image_paths": [str(root / n) for n in names] + [str(root / "broken.png")],
+        "top_k": 3,
+    }
+    out = client.post("/api/v1/search/image", json=body).json()
+    assert [r["rank"] for r in out["results"]] == [1, 2, 3]
+    assert out["results"][0]["image_path"] == str(root / "coffee.png")
+    assert out["results"][0]["similarity_score"] == pytest.approx(1, abs=1e-5)
+    scores = [r["similarity_score"] for r in out["results"]]
+    assert scores == sorted(scores, reverse=True)
+    query = library.embed_image(root / "coffee.png")
+    for hit in out["results"]:
+        expected = _cos(query, library.embed_image(hit["image_path"]))
+        assert hit["similarity_score"] == pytest.approx(expected, abs=1e-4)
+    assert out["failed"][0]["error_type"] == "InvalidImageError" and out["collection"] is None
+    by_text = client.post(
+        "/api/v1/search/image",
+        json={"query_text": "a cup", "candidate_images": [{"path": str(root / n)} for n in names],
+              "include_embeddings": True},
+    ).json()  # fmt: skip
+    assert len(by_text["results"]) == 4 and len(by_text["results"][0]["embedding"]) == 64
+    upload = client.post(
+        "/api/v1/search/image",
+        files={"file": ("q.png", (root / "chelsea.png").read_bytes())},
+        data={"candidate_image_paths": "unused"},
+    )
+    assert upload.status_code == 422  # lists are JSON-only; a form field is a string
+    no_query = client.post("/api/v1/search/image", json={"candidate_image_paths": []})
+    assert no_query.status_code == 422
+
+
+def test_openapi_docs_and_metrics(client, root):
+    schema = client.get("/openapi.json").json()
+    for path in ("/api/v1/embeddings/image", "/api/v1/embeddings/image/batch",
+                 "/api/v1/embeddings/text", "/api/v1/search/image", "/v1/embeddings",
+                 "/v1/models", "/api/v1/collections", "/api/v1/jobs/{job_id}", "/health",
+                 "/ready", "/metrics"):  # fmt: skip
+        assert path in schema["paths"], path
+    body = schema["paths"]["/api/v1/embeddings/image"]["post"]["requestBody"]["content"]
+    assert {"application/json", "multipart/form-data"} <= body.keys()
+    assert "image_path" in body["application/json"]["schema"]["properties"]
+    assert "swagger" in client.get("/docs").text.lower()
+    for _ in range(2):  # the second is a cache hit
+        client.post("/api/v1/embeddings/image", json={"image_path": str(root / "rocket.jpg")})
+    client.post("/api/v1/embeddings/image", json={"image_path": str(root / "broken.png")})
+    text = client.get("/metrics").text
+    requests = 'imgembed_requests_total{method="POST",route="/api/v1/embeddings/image"'
+    assert requests + ',status="200"} 2.0' in text
+    assert 'route="/api/v1/embeddings/image",status="400"} 1.0' in text
+    assert 'imgembed_images_total{outcome="cached"} 1.0' in text
+    assert 'imgembed_images_total{outcome="failed"} 1.0' in text
+    assert 'imgembed_batch_size_count{kind="image"}' in text
+    assert "imgembed_request_seconds_bucket" in text and "imgembed_queue_depth 0.0" in text
+    assert "imgembed_images_per_second" in text
+
+
+def test_access_logs_are_json_and_never_hold_images_or_keys(root, caplog):
+    secret = "s3cret-key-0123456789"
+    payload = _b64((root / "rocket.jpg").read_bytes())
+    with (
+        caplog.at_level(logging.INFO, logger="imgembed"),
+        _client(False, allowed_roots=[root], api_keys=secret) as client,
+    ):
+        auth = {"Authorization": f"Bearer {secret}"}
+        _wait_for_model(client, auth)
+        response = client.post(IMAGE, json={"image_base64": payload}, headers=auth)
+        assert response.status_code == 200
+    records = [r for r in caplog.records if r.name == "imgembed.access"]
+    mine = [r for r in records if r.fields["request_id"] == response.headers["x-request-id"]]
+    assert len(mine) == 1 and mine[0].fields["status"] == 200
+    assert mine[0].fields["route"] == "/api/v1/embeddings/image"
+    from imgembed.api.logs import JsonFormatter
+
+    line = json.loads(JsonFormatter().format(mine[0]))
+    assert line["message"] == "request" and line["duration_ms"] > 0
+    everything = "\n".join(JsonFormatter().format(r) for r in caplog.records)
+    assert secret not in everything and payload[:200] not in everything
+
+
+def test_api_keys_guard_everything_but_health(root):
+    with _client(False, allowed_roots=[root], api_keys="k1,k2") as client:
+        assert client.get("/health").status_code == 200
+        page = client.get("/")  # the page and its files hold no data
+        assert page.status_code == 200 and '<script src="/static/app.js">' in page.text
+        assert client.get("/static/app.js").headers["content-type"].startswith("text/javascript")
+        assert client.get("/static/secrets.txt").status_code == 404
+        refused = client.post("/api/v1/embeddings/text", json={"texts": ["x"]})
+        assert refused.status_code == 401 and refused.headers["www-authenticate"] == "Bearer"
+        assert refused.json()["error_type"] == "Unauthorized"
+        assert client.get("/metrics").status_code == 401
+        assert client.get("/v1/models", headers={"Authorization": "Bearer nope"}).status_code == 401
+        assert client.get("/v1/models", headers={"Authorization": "k2"}).status_code == 401
+        for key in ("k1", "k2"):
+            auth = {"Authorization": f"Bearer {key}"}
+            assert client.get("/v1/models", headers=auth).status_code == 200
+
+
+def test_cors_is_off_by_default_and_on_when_configured(root):
+    preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST"}
+    with _client(allowed_roots=[root]) as client:
+        response = client.get("/health", headers={"Origin": "https://app.example"})
+        assert "access-control-allow-origin" not in response.headers
+        assert client.options("/api/v1/embeddings/text", headers=preflight).status_code != 200
+    cors = {"cors_origins": "https://app.example", "api_keys": "k"}
+    with _client(False, allowed_roots=[root], **cors) as client:
+        response = client.options("/api/v1/embeddings/text", headers=preflight)
+        assert response.status_code == 200
+        assert response.headers["access-control-allow-origin"] == "https://app.example"
+        other = client.get("/health", headers={"Origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in other.headers
+
+
+def test_not_ready_while_the_model_loads(root, monkeypatch):
+    import imgembed.service
+
+    release = threading.Event()
+    real = imgembed.service.create_encoder
+
+    def slow(ref, settings):
+        release.wait(timeout=60)
+        return real(ref, settings)
+
+    monkeypatch.setattr(imgembed.service, "create_encoder", slow)
+    with _client(False, allowed_roots=[root]) as client:
+        assert client.get("/health").status_code == 200
+        ready = client.get("/ready")
+        assert ready.status_code == 503 and ready.json()["model"] == "loading"
+        busy = client.post("/api/v1/embeddings/text", json={"texts": ["x"]})
+        assert busy.status_code == 503 and busy.json()["error_type"] == "UnavailableError"
+        assert int(busy.headers["retry-after"]) >= 1
+        release.set()
+        _wait_for_model(client)
+        assert client.get("/ready").json() == {"status": "ready", "model": True, "store": True}
+
+
+def test_a_bug_is_a_500_with_the_request_id(client, monkeypatch):
+    from imgembed.engine.batcher import Batcher
+
+    async def broken(self, texts):
+        raise ValueError("a bug")
+
+    monkeypatch.setattr(Batcher, "embed_texts", broken)
+    response = client.post("/api/v1/embeddings/text", json={"texts": ["x"]})
+    assert response.status_code == 500 and response.json()["error_type"] == "InternalError"
+    assert response.json()["request_id"] == response.headers["x-request-id"]
+    assert "a bug" not in response.text  # details go to the log, not to the client
+
+
+@pytest.fixture
+def data_dir():
+    folder = Path(os.environ["IMGEMBED_DATA_DIR"])
+    yield folder
+    embedded.stop(folder)
+
+
+def _job(client, response):
+    assert response.status_code == 202, response.text
+    url = response.json()["url"]
+    for _ in range(1200):
+        job = client.get(url).json()
+        if job["status"] not in ("queued", "running"):
+            return job
+        time.sleep(0.1)
+    raise AssertionError(f"job did not finish: {job}")
+
+
+def test_collections_index_search_duplicates_thumbnails(data_dir, root, library, photos, tmp_path):
+    with _client(allowed_roots=[root]) as client:
+        created = client.post("/api/v1/collections", json={"name": "shop"})
+        assert created.status_code == 201
+        assert created.json() == {"name": "shop", "backend": "postgres", "model": "imgembed-tiny",
+                                  "pretrained": "seed:0", "dimension": 64, "count": 0,
+                                  "has_text_tower": True}  # fmt: skip
+        copy = root / "copy-of-rocket.jpg"
+        copy.write_bytes((root / "rocket.jpg").read_bytes())
+        job = _job(client, client.post("/api/v1/collections/shop/index", json={
+            "sources": [str(root / "rocket.jpg"), str(root / "coffee.png"), str(copy),
+                        str(root / "broken.png")],
+            "items": [{"id": "sku-1", "source": str(root / "chelsea.png"),
+                       "metadata": {"category": "cats"}}],
+        }))  # fmt: skip
+        assert job["status"] == "done", job
+        stats = job["stats"]
+        assert (stats["total"], stats["successful"], stats["failed"]) == (5, 4, 1)
+        assert stats["failures"][0]["error_type"] == "InvalidImageError"
+        assert job["progress"]["done"] == 5
+        listed = client.get("/api/v1/collections").json()
+        assert [(c["name"], c["count"]) for c in listed] == [("shop", 4)]
+
+        by_image = client.post("/api/v1/search/image", json={
+            "query_image_path": str(root / "coffee.png"), "collection": "shop", "top_k": 2,
+        }).json()  # fmt: skip
+        assert by_image["results"][0]["image_path"] == str(root / "coffee.png")
+        assert by_image["results"][0]["similarity_score"] == pytest.approx(1, abs=1e-5)
+        assert by_image["collection"] == "shop" and len(by_image["results"]) == 2
+        filtered = client.post("/api/v1/search/image", json={
+            "query_text": "a cat", "collection": "shop", "filters": {"category": "cats"},
+        }).json()  # fmt: skip
+        assert [r["metadata"]["id"] for r in filtered["results"]] == ["sku-1"]
+        more = client.post("/api/v1/search/image", json={
+            "query_id": str(root / "rocket.jpg"), "collection": "shop", "top_k": 2,
+        }).json()  # fmt: skip
+        assert {r["image_path"] for r in more["results"]} == {str(root / "rocket.jpg"), str(copy)}
+        unknown = client.post("/api/v1/search/image", json={"query_id": "x", "collection": "shop"})
+        assert unknown.status_code == 404
+
+        dupes = client.get("/api/v1/collections/shop/duplicates").json()
+        assert dupes["threshold"] == 0.92
+        assert any({g["source"] for g in group} >= {str(root / "rocket.jpg"), str(copy)}
+                   for group in dupes["groups"])  # fmt: skip
+
+        thumb = client.get("/api/v1/collections/shop/thumbnail", params={"id": "sku-1", "size": 64})
+        assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
+        assert max(Image.open(BytesIO(thumb.content)).size) == 64
+        missing = client.get("/api/v1/collections/shop/thumbnail", params={"id": "nope"})
+        assert missing.status_code == 404
+        # an item indexed by the library from outside the roots: its file is never served
+        library.index([IndexItem("outside", str(photos[0]))], "shop")
+        refused = client.get("/api/v1/collections/shop/thumbnail", params={"id": "outside"})
+        assert refused.status_code == 403
+        client.request("DELETE", "/api/v1/collections/shop/items", json={"ids": ["outside"]})
+        items = "/api/v1/collections/shop/items"
+        deleted = client.request("DELETE", items, json={"ids": ["sku-1"]})
+        assert deleted.json() == {"deleted": 1}
+        assert client.get("/api/v1/collections").json()[0]["count"] == 3
+
+        outside = client.post("/api/v1/collections/shop/index", json={"sources": [str(tmp_path)]})
+        assert outside.status_code == 403  # a folder outside the roots is never listed
+        seed1 = {"name": "shop", "model": "imgembed-tiny", "pretrained": "seed:1"}
+        other_model = client.post("/api/v1/collections", json=seed1)
+        assert other_model.status_code == 409
+        assert other_model.json()["error_type"] == "ProvenanceMismatchError"
+        assert client.get("/api/v1/jobs/nope").status_code == 404
+        assert client.request("DELETE", "/api/v1/collections/shop").json() == {"dropped": "shop"}
+
+        # a collection of another model is indexed and searched with that model
+        other = client.post("/api/v1/collections", json={**seed1, "name": "other"})
+        assert other.status_code == 201 and other.json()["pretrained"] == "seed:1"
+        job = _job(client, client.post("/api/v1/collections/other/index", json={
+            "sources": [str(root / "rocket.jpg"), str(root / "coffee.png")]}))  # fmt: skip
+        assert job["stats"]["successful"] == 2
+        query = {"query_image_path": str(root / "coffee.png"), "collection": "other"}
+        found = client.post("/api/v1/search/image", json=query).json()
+        assert found["model_name"] == "imgembed-tiny (seed:1)"
+        assert found["results"][0]["similarity_score"] == pytest.approx(1, abs=1e-5)
+        gone = client.post("/api/v1/search/image", json={"query_text": "x", "collection": "shop"})
+        assert gone.status_code == 404 and gone.json()["error_type"] == "CollectionNotFoundError"
+
+
+def test_shutdown_stops_an_index_job_at_a_stored_batch_and_a_rerun_resumes(
+    data_dir, root, monkeypatch
+):
+    import imgembed.service
+    from tests.fakes import FakeEncoder
+
+    real = imgembed.service.create_encoder
+    monkeypatch.setattr(
+        imgembed.service, "create_encoder", lambda ref, s: FakeEncoder(real(ref, s), delay=0.3)
+    )
+    for n in range(24):  # distinct files: a crop each
+        Image.open(root / "astronaut.png").crop((n, n, 200 + n, 200 + n)).save(root / f"c{n}.png")
+    sources = [str(root / f"c{n}.png") for n in range(24)]
+    body = {"sources": sources}
+    with _client(allowed_roots=[root], batch_size=4) as client:
+        app = client.app
+        started = client.post("/api/v1/collections/crops/index", json=body).json()
+        job = app.state.imgembed.jobs.get(started["job_id"])
+        while job.progress is None or job.progress.done == 0:
+            time.sleep(0.05)
+    assert job.status == "cancelled" and "shutting down" in job.error["error"]
+    with _client(allowed_roots=[root], batch_size=4) as client:
+        stored = client.get("/api/v1/collections").json()[0]["count"]
+        assert 0 < stored < 24
+        again = _job(client, client.post("/api/v1/collections/crops/index", json=body))
+        assert again["stats"]["skipped"] == stored
+        assert again["stats"]["successful"] == 24 - stored

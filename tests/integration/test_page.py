@@ -1,0 +1,127 @@
+"""The search page in a real headless Chromium (Playwright, Debian's chromium): load it,
+search by text, see scored results with thumbnails, "more like this", search by an
+uploaded image, and the near-duplicates view."""
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from imgembed import ImageEmbeddingService
+from imgembed.api import create_app
+from imgembed.config import load_settings
+from imgembed.indexing import IndexItem
+from imgembed.store import embedded
+from tests.conftest import TINY
+from tests.serving import serve_in_thread
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run"]  # fmt: skip
+TIMEOUT = 60_000  # ms; the machine is shared
+
+
+@pytest.fixture
+def data_dir():
+    folder = Path(os.environ["IMGEMBED_DATA_DIR"])
+    yield folder
+    embedded.stop(folder)
+
+
+@pytest.fixture
+def indexed(data_dir, photos, tmp_path) -> Path:
+    root = tmp_path / "root"
+    root.mkdir()
+    for photo in photos:
+        shutil.copy(photo, root / photo.name)
+    shutil.copy(root / "rocket.jpg", root / "rocket-copy.jpg")
+    files = sorted(root.iterdir())
+    with ImageEmbeddingService(**TINY) as service:
+        service.index([IndexItem(str(f), str(f), {"shop": "demo"}) for f in files], "photos")
+    return root
+
+
+def test_the_search_page_in_a_real_browser(indexed):
+    playwright = pytest.importorskip("playwright.sync_api")
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: scripts/setup.sh installs Debian's chromium")
+    settings = load_settings(**TINY, allowed_roots=[indexed])
+    with (
+        serve_in_thread(create_app(settings)) as base,
+        playwright.sync_playwright() as p,
+    ):
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        page = browser.new_page()
+        page.set_default_timeout(TIMEOUT)
+        errors: list[str] = []
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.goto(f"{base}/")
+        page.wait_for_selector("#collection option", state="attached")
+        assert page.locator("#collection").input_value() == "photos"
+        assert "imgembed-tiny" in page.locator("#collection-info").inner_text()
+
+        page.fill("#query", "a cup of coffee")
+        page.click("#search")
+        page.wait_for_function("document.querySelectorAll('#results .card').length === 7")
+        scores = [
+            float(text.split()[-1])
+            for text in page.locator("#results .card .score").all_inner_texts()
+        ]
+        assert scores == sorted(scores, reverse=True)
+        assert "results for" in page.locator("#status").inner_text()
+        page.wait_for_function(
+            "[...document.querySelectorAll('#results .card img')]"
+            ".every(img => img.complete && img.naturalWidth > 0)"
+        )  # every thumbnail arrived through the API
+        assert "shop" in page.locator("#results .card dl").first.inner_text()
+
+        coffee = page.locator("#results .card", has_text="coffee.png")
+        coffee.locator(".more").click()
+        page.wait_for_function(
+            "document.querySelector('#status').textContent.includes('results for this image')"
+        )
+        first = page.locator("#results .card").first
+        assert first.get_attribute("data-id") == str(indexed / "coffee.png")
+        assert first.locator(".score").inner_text().endswith("1.0000")
+
+        page.set_input_files("#file", str(indexed / "chelsea.png"))
+        page.wait_for_function(
+            "document.querySelector('#status').textContent.includes('results like chelsea')"
+        )
+        assert page.locator("#results .card").first.get_attribute("data-id") == str(
+            indexed / "chelsea.png"
+        )
+
+        page.click("#duplicates")
+        page.wait_for_selector("#results .group")
+        groups = page.locator("#results .group").all_inner_texts()
+        assert any("rocket.jpg" in g and "rocket-copy.jpg" in g for g in groups)
+        assert errors == []
+        browser.close()
+
+
+def test_the_page_asks_for_an_api_key_when_the_server_wants_one(indexed):
+    playwright = pytest.importorskip("playwright.sync_api")
+    settings = load_settings(**TINY, allowed_roots=[indexed], api_keys="page-key")
+    with (
+        serve_in_thread(create_app(settings)) as base,
+        playwright.sync_playwright() as p,
+    ):
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        page = browser.new_page()
+        page.set_default_timeout(TIMEOUT)
+        page.goto(f"{base}/")
+        page.wait_for_function("document.querySelector('#status').textContent.includes('401')")
+        page.click("#key-box summary")
+        page.fill("#api-key", "page-key")
+        page.press("#api-key", "Enter")
+        page.wait_for_selector("#collection option", state="attached")
+        page.fill("#query", "a rocket")
+        page.click("#search")
+        page.wait_for_function("document.querySelectorAll('#results .card').length === 7")
+        page.wait_for_function(
+            "[...document.querySelectorAll('#results .card img')]"
+            ".every(img => img.complete && img.naturalWidth > 0)"
+        )  # thumbnails fetched with the key
+        browser.close()

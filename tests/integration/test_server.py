@@ -1,0 +1,202 @@
+"""`imgembed serve` as a real process on a loopback port: the endpoints over real HTTP, the
+OpenAI SDK as a client, error statuses from real bad inputs, JSON access logs, several
+workers, and a graceful SIGTERM (in-flight requests finish, then the process exits)."""
+
+import base64
+import json
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import psutil
+import pytest
+
+from imgembed.store import embedded
+from tests.conftest import TESTDATA
+from tests.serving import IMGEMBED, TINY_ENV, FileServer, serve_process
+
+KEY = "test-key-7f3a9c"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+@pytest.fixture
+def data_dir():
+    folder = Path(os.environ["IMGEMBED_DATA_DIR"])
+    yield folder
+    embedded.stop(folder)
+
+
+@pytest.fixture
+def root(photos, tmp_path) -> Path:
+    folder = tmp_path / "root"
+    folder.mkdir()
+    for path in photos:
+        shutil.copy(path, folder / path.name)
+    shutil.copy(TESTDATA / "pillow" / "broken.png", folder / "broken.png")
+    return folder
+
+
+def _cos(a, b) -> float:
+    a, b = np.asarray(a), np.asarray(b)
+    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+def test_serve_end_to_end_with_the_openai_sdk_and_a_graceful_sigterm(
+    data_dir, root, large_jpegs, tmp_path
+):
+    from openai import OpenAI, UnprocessableEntityError
+
+    files = FileServer({"photo.jpg": (root / "rocket.jpg").read_bytes()})
+    log = tmp_path / "server.log"
+    env = {
+        "IMGEMBED_ALLOWED_ROOTS": os.pathsep.join([str(root), str(TESTDATA.resolve())]),
+        "IMGEMBED_ALLOW_PRIVATE_URLS": "true",  # the loopback file server
+        "IMGEMBED_RETRY_DELAY": "0.01",
+        "IMGEMBED_API_KEYS": KEY,
+        "IMGEMBED_MAX_BODY_SIZE": str(2_000_000),
+        "IMGEMBED_CACHE_EMBEDDINGS": "false",
+        "IMGEMBED_EXACT": "true",  # full decodes: the in-flight batch below takes a while
+    }
+    try:
+        with serve_process(env, log) as (base, process):
+            http = httpx.Client(base_url=base, headers=AUTH, timeout=120)
+            assert httpx.get(f"{base}/health").json() == {"status": "ok"}
+            assert (
+                httpx.post(f"{base}/api/v1/embeddings/text", json={"texts": ["x"]}).status_code
+                == 401
+            )
+
+            one = http.post(
+                "/api/v1/embeddings/image", json={"image_path": str(root / "rocket.jpg")}
+            )
+            assert one.status_code == 200 and one.json()["dimension"] == 64
+            request_id = one.headers["x-request-id"]
+            url = http.post("/api/v1/embeddings/image", json={"image_url": files.url("photo.jpg")})
+            np.testing.assert_allclose(url.json()["embedding"], one.json()["embedding"], atol=1e-6)
+            gone = http.post("/api/v1/embeddings/image", json={"image_url": files.url("nope.jpg")})
+            assert gone.status_code == 502 and gone.json()["error_type"] == "FetchError"
+            outside = http.post("/api/v1/embeddings/image", json={"image_path": "/etc/hostname"})
+            assert outside.status_code == 403
+            broken = http.post(
+                "/api/v1/embeddings/image",
+                files={"file": ("broken.png", (root / "broken.png").read_bytes())},
+            )
+            assert broken.status_code == 400 and broken.json()["error_type"] == "InvalidImageError"
+            big = http.post("/api/v1/embeddings/image", json={"image_base64": "A" * 2_500_000})
+            assert big.status_code == 413
+            batch = http.post(
+                "/api/v1/embeddings/image/batch",
+                files=[("files", (p.name, p.read_bytes())) for p in
+                       (root / "coffee.png", root / "broken.png", root / "chelsea.png")],
+            ).json()  # fmt: skip
+            assert [r["error_type"] for r in batch["results"]] == [None, "InvalidImageError", None]
+
+            sdk = OpenAI(base_url=f"{base}/v1", api_key=KEY)
+            assert [m.id for m in sdk.models.list()] == ["imgembed-tiny"]
+            photo = (
+                "data:image/jpeg;base64,"
+                + base64.b64encode((root / "rocket.jpg").read_bytes()).decode()
+            )
+            answer = sdk.embeddings.create(model="imgembed-tiny", input=["a cat", photo])
+            texts = http.post("/api/v1/embeddings/text", json={"texts": ["a cat"]}).json()
+            assert _cos(answer.data[0].embedding, texts["embeddings"][0]) >= 0.99999
+            assert _cos(answer.data[1].embedding, one.json()["embedding"]) >= 0.99999
+            floats = sdk.embeddings.create(
+                model="imgembed-tiny", input="a cat", encoding_format="float"
+            )
+            np.testing.assert_allclose(
+                floats.data[0].embedding, answer.data[0].embedding, atol=1e-6
+            )
+            with pytest.raises(UnprocessableEntityError, match="64 dimensions"):
+                sdk.embeddings.create(model="imgembed-tiny", input="a cat", dimensions=8)
+
+            created = http.post("/api/v1/collections", json={"name": "photos"})
+            assert created.status_code == 201
+            job = http.post("/api/v1/collections/photos/index", json={"sources": [str(root)]})
+            for _ in range(600):
+                state = http.get(job.json()["url"]).json()
+                if state["status"] == "done":
+                    break
+                time.sleep(0.1)
+            assert state["stats"]["successful"] == 6 and state["stats"]["failed"] == 1
+            hits = http.post("/api/v1/search/image", json={
+                "query_image_path": str(root / "chelsea.png"), "collection": "photos", "top_k": 1,
+            }).json()["results"]  # fmt: skip
+            assert hits[0]["image_path"] == str(root / "chelsea.png")
+            assert "imgembed_requests_total" in http.get("/metrics").text
+
+            # SIGTERM while a slow batch is in flight: it finishes, then the process exits.
+            slow = [str(p) for p in large_jpegs] * 4
+            outcome = {}
+
+            def long_request():
+                outcome["response"] = http.post(
+                    "/api/v1/embeddings/image/batch", json={"image_paths": slow}
+                )
+
+            thread = threading.Thread(target=long_request)
+            thread.start()
+            for _ in range(300):
+                metrics = http.get("/metrics").text
+                if "imgembed_inputs_in_flight 0.0" not in metrics:
+                    break
+                time.sleep(0.02)
+            process.send_signal(signal.SIGTERM)
+            thread.join(timeout=120)
+            response = outcome["response"]
+            assert response.status_code == 200
+            assert response.json()["successful"] == len(slow)
+            _exited_after_sigterm(process)
+            with pytest.raises(httpx.ConnectError):
+                httpx.get(f"{base}/health")
+    finally:
+        files.close()
+    lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    access = [line for line in lines if line["logger"] == "imgembed.access"]
+    assert any(line["request_id"] == request_id and line["status"] == 200 for line in access)
+    assert {"method", "path", "route", "status", "duration_ms", "client"} <= access[0].keys()
+    assert KEY not in log.read_text()
+    # the order of events: SIGTERM, the in-flight batch answered, then the app shut down
+    messages = [line.get("request_id") or line["message"] for line in lines]
+    slow_id = response.headers["x-request-id"]
+    shutdown = messages.index("Shutting down")
+    assert shutdown < messages.index(slow_id) < messages.index("Application shutdown complete.")
+
+
+def _exited_after_sigterm(process: subprocess.Popen) -> None:
+    """uvicorn finishes its graceful shutdown, then re-raises SIGTERM on itself."""
+    assert process.wait(timeout=60) in (0, -signal.SIGTERM)
+
+
+def test_serve_with_two_workers(data_dir, root, tmp_path):
+    env = {"IMGEMBED_ALLOWED_ROOTS": str(root)}
+    with serve_process(env, tmp_path / "log", "--workers", "2") as (base, process):
+        workers = [p for p in psutil.Process(process.pid).children() if "python" in p.name()]
+        assert len(workers) >= 2
+        statuses = []
+        deadline = time.monotonic() + 120
+        while statuses[-10:] != [200] * 10 and time.monotonic() < deadline:
+            response = httpx.post(
+                f"{base}/api/v1/embeddings/image", json={"image_path": str(root / "rocket.jpg")}
+            )
+            statuses.append(response.status_code)
+            assert response.status_code in (200, 503), response.text  # 503: still loading
+        assert statuses[-10:] == [200] * 10
+        process.send_signal(signal.SIGTERM)
+        _exited_after_sigterm(process)
+        psutil.wait_procs(workers, timeout=30)
+        assert not any(worker.is_running() for worker in workers)
+
+
+def test_serve_refuses_settings_that_cannot_work(tmp_path):
+    env = {**os.environ, **TINY_ENV, "IMGEMBED_MODEL": "no-such-architecture"}
+    proc = subprocess.run(
+        [IMGEMBED, "serve", "--port", "0"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 4 and "unknown model architecture" in proc.stderr
