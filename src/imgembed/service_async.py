@@ -1,8 +1,9 @@
 """The GenericRAG seed's async methods, mixed into ImageEmbeddingService.
 
-They return the seed's plain shapes (a `list[float]`, or a dict when `include_metadata=True`)
-and run their work in a thread, never on the event loop. Everything they do is a sync
-method of the service; this module only adapts shapes."""
+They return the seed's plain shapes: a `list[float]`, or a dict when `include_metadata=True`
+or, as the seed shows, in `debug` mode, whose `metadata["debug_logs"]` lists the steps. They
+run their work in a thread, never on the event loop. Everything they do is a sync method of
+the service; this module only adapts shapes."""
 
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ class SeedAsyncMethods:
         self: ImageEmbeddingService, source: Input, include_metadata: bool
     ) -> Embedding | dict[str, Any]:
         result = await asyncio.to_thread(self._embed_one, source)
-        return result.to_dict() if include_metadata else _as_list(result)
+        return result.to_dict() if include_metadata or self.settings.debug else _as_list(result)
 
     async def generate_embedding_from_image_path(
         self: ImageEmbeddingService, image_path: str, include_metadata: bool = False
@@ -71,7 +72,7 @@ class SeedAsyncMethods:
         for result in results:
             if result.error is not None:
                 log.warning("skipped %s", result.error)
-        if include_metadata:
+        if include_metadata or self.settings.debug:
             return [result.to_dict() for result in results]
         return [_as_list(result) if result.ok else None for result in results]
 

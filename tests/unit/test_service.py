@@ -134,3 +134,37 @@ def test_seed_config_dict_and_texts(tmp_path):
     vectors = service.embed_texts(["a", "b", "c", "d", "e"])
     assert vectors.shape == (5, 64)
     np.testing.assert_allclose(vectors[0], service.embed_text("a"), atol=1e-6)
+
+
+async def test_debug_mode_returns_timestamped_steps(photos, tmp_path):
+    """The seed's `debug=True`: the result carries metadata["debug_logs"], each entry a
+    timestamp and a message, for a fresh embedding, a cached one and a failure."""
+    from datetime import datetime
+
+    service = ImageEmbeddingService({**TINY, "debug": True, "cache_directory": tmp_path / "c"})
+    fresh = await service.generate_embedding_from_image_path(str(photos[0]))
+    messages = [entry["message"] for entry in fresh["metadata"]["debug_logs"]]
+    assert messages[0].startswith(f"read {photos[0]}") and "sha256" in messages[0]
+    assert messages[1] == "cache miss"
+    assert any(m.startswith("decoded ") for m in messages)
+    assert any(m.startswith("preprocessed to 224x224") for m in messages)
+    assert any(m.startswith("encoded by ") and "batch of 1" in m for m in messages)
+    assert messages[-1].startswith("done in ")
+    stamps = [datetime.fromisoformat(e["timestamp"]) for e in fresh["metadata"]["debug_logs"]]
+    assert stamps == sorted(stamps) and stamps[0].tzinfo is not None
+    assert len(fresh["embedding"]) == 64
+
+    cached = await service.generate_embedding_from_image_path(str(photos[0]))
+    assert "cache hit: the stored embedding is used" in [
+        e["message"] for e in cached["metadata"]["debug_logs"]
+    ]
+    (broken,) = await service.batch_generate_embeddings([b"not an image"])
+    assert broken["error_type"] == "InvalidImageError"
+    assert broken["metadata"]["debug_logs"][-2]["message"].startswith("failed: InvalidImageError")
+
+
+async def test_without_debug_there_are_no_logs(photos):
+    service = ImageEmbeddingService(TINY)
+    result = await service.generate_embedding_from_image_path(str(photos[0]), True)
+    assert "debug_logs" not in result["metadata"]
+    assert isinstance(await service.generate_embedding_from_image_path(str(photos[0])), list)

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -59,6 +60,12 @@ class _Prepared:
     error: ImgEmbedError | None = None
     cached: bool = False
     seconds: float = 0.0
+    log: list[dict[str, str]] | None = None  # debug mode: the steps, timestamped
+
+    def note(self, message: str) -> None:
+        if self.log is not None:
+            stamp = datetime.now(UTC).isoformat(timespec="milliseconds")
+            self.log.append({"timestamp": stamp, "message": message})
 
 
 class ImagePipeline:
@@ -118,12 +125,17 @@ class ImagePipeline:
 
     def _prepare(self, source: Input) -> _Prepared:
         item = _Prepared(label=describe(source), started=time.perf_counter())
+        if self.settings.debug:
+            item.log = []
         try:
             image_input = self.intake.read(source)
             item.digest = image_input.digest
+            size = "" if image_input.data is None else f"{len(image_input.data):,} bytes, "
+            item.note(f"read {item.label} ({size}sha256 {item.digest[:16]})")
             hit = None
             if self.cache is not None:  # never raises: a cache problem is not the image's
                 hit = self.cache.get(item.digest, self.encoder.dimension)
+                item.note("cache hit: the stored embedding is used" if hit else "cache miss")
             if hit is not None:
                 item.vector, scores = hit
                 item.cached = True
@@ -132,13 +144,17 @@ class ImagePipeline:
             else:
                 with self._decode_slots:
                     decoded = image_input.decode(self.intake.limits, self.draft_min_side)
+                    item.note(_decoded_note(decoded.metadata, decoded.image.size))
                     item.pixels = self.encoder.preprocessor(decoded.image)
+                    item.note(f"preprocessed to {_preprocess_note(self.encoder.preprocessor)}")
                     quality = self.intake.quality(decoded)
                 item.metadata = {**decoded.metadata, "quality": quality}
         except ImgEmbedError as exc:
             item.error = exc
         except Exception as exc:  # untrusted input: whatever a reader throws is this item's
             item.error = InvalidImageError(f"cannot read image: {exc!r}", item.label)
+        if item.error is not None:
+            item.note(f"failed: {type(item.error).__name__}: {item.error}")
         item.seconds = time.perf_counter() - item.started
         return item
 
@@ -153,16 +169,23 @@ class ImagePipeline:
         except ImgEmbedError as exc:
             for item in todo:
                 item.error = exc
+                item.note(f"failed: {type(exc).__name__}: {exc}")
             return
-        share = (time.perf_counter() - started) / len(todo)
+        seconds = time.perf_counter() - started
+        share = seconds / len(todo)
         for item, vector, ok in zip(todo, vectors, finite, strict=True):
             item.seconds += share
             item.pixels = None
+            item.note(
+                f"encoded by {self.encoder.fingerprint} in a batch of {len(todo)} "
+                f"({seconds * 1000:.1f} ms)"
+            )
             if not ok:  # never returned, never cached
                 item.error = EncodeError(
                     f"{item.label}: {self.encoder.ref} returned a non-finite embedding "
                     "(NaN or infinity) for this image"
                 )
+                item.note(f"failed: EncodeError: {item.error}")
                 continue
             item.vector = vector
             if self.cache is not None and item.digest:
@@ -172,6 +195,11 @@ class ImagePipeline:
         vector = item.vector
         if vector is not None and self.settings.normalize:
             vector = l2_normalize(vector)
+            item.note("normalised to unit length")
+        metadata = item.metadata
+        if item.log is not None:
+            item.note(f"done in {item.seconds * 1000:.1f} ms")
+            metadata = {**metadata, "debug_logs": item.log}
         return ImageEmbeddingResult(
             image_path=item.label,
             embedding=None if item.error else vector,
@@ -180,7 +208,7 @@ class ImagePipeline:
             dimension=self.encoder.dimension,
             normalized=self.settings.normalize,
             processing_time=item.seconds,
-            metadata=item.metadata,
+            metadata=metadata,
             error=item.error,
             cached=item.cached,
             confidence=item.metadata.get("quality", {}).get("confidence"),
@@ -192,6 +220,18 @@ class ImagePipeline:
     prepare = _prepare
     encode_prepared = _encode
     build_result = _result
+
+
+def _decoded_note(metadata: dict[str, Any], size: tuple[int, int]) -> str:
+    original = f"{metadata['width']}x{metadata['height']}"
+    shown = f"{size[0]}x{size[1]}"
+    scaled = "" if shown == original else f", decoded at {shown}"
+    return f"decoded {metadata['format']} {metadata['mode']} {original}{scaled}"
+
+
+def _preprocess_note(preprocessor: Any) -> str:
+    height, width = preprocessor.size
+    return f"{width}x{height} ({preprocessor.resize_mode}, {preprocessor.interpolation})"
 
 
 def finite_rows(vectors: np.ndarray, count: int, dimension: int) -> np.ndarray:
