@@ -181,3 +181,43 @@ def test_unusable_sources_fail_alone_and_nothing_is_pruned(tmp_path, photos):
     assert listed[0]["count"] == 8  # 6 photos + sku-1, sku-3 (same files, own ids)
     stored = run("search", "--image", str(photos[5]), "-c", "shop", "-k", "1", "--json", env=env)
     assert json.loads(stored.stdout)[0]["source"] == str(locked / photos[5].name)  # kept
+
+
+def test_embed_and_metadata_report_a_folder_that_cannot_be_listed(tmp_path, photos):
+    pics, locked = tmp_path / "pics", tmp_path / "pics" / "locked"
+    locked.mkdir(parents=True)
+    shutil.copy(photos[0], pics / photos[0].name)
+    shutil.copy(photos[1], locked / photos[1].name)
+    locked.chmod(0)
+    try:
+        prefix = _root_without_permission_bypass()
+        embedded_run = run("embed", str(pics), *TINY, prefix=prefix)
+        described = run("metadata", str(pics), "--json", prefix=prefix)
+    finally:
+        locked.chmod(0o755)
+    assert embedded_run.returncode == 1, embedded_run.stderr
+    rows = [json.loads(line) for line in embedded_run.stdout.splitlines()]
+    assert [row["source"] for row in rows] == [str(pics / photos[0].name), str(locked)]
+    assert rows[0]["error"] is None and len(rows[0]["embedding"]) == 64
+    assert rows[1]["error"] == f"{locked}: cannot list folder: Permission denied"
+    assert "embedded: 1  cached: 0  failed: 1" in embedded_run.stderr
+    assert described.returncode == 1
+    assert [json.loads(line)["path"] for line in described.stdout.splitlines()] == [
+        str(pics / photos[0].name)
+    ]
+    assert f"failed: {locked}: cannot list folder: Permission denied" in described.stderr
+
+
+def test_embed_text_output_into_a_missing_folder_fails_before_any_work(tmp_path):
+    target = tmp_path / "missing" / "texts.npy"
+    proc = run("embed-text", "a red bicycle", "-o", str(target), *TINY)
+    assert proc.returncode == 3
+    assert proc.stderr.strip().startswith(f"error: cannot write the output {target}")
+
+
+def test_db_commands_report_an_unreachable_database_as_a_store_error():
+    env = {"IMGEMBED_DATABASE_URL": "postgresql://imgembed@127.0.0.1:1/none?connect_timeout=2"}
+    for command in (["db", "status"], ["db", "upgrade"]):
+        proc = run(*command, env=env)
+        assert proc.returncode == 6, (command, proc.stderr)
+        assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr

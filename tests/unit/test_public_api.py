@@ -6,6 +6,14 @@ import sys
 import imgembed
 
 PUBLIC = {
+    "UnavailableError",
+    "StoreUnavailableError",
+    "StoreFullError",
+    "SourceListError",
+    "RequestTooLargeError",
+    "OverloadedError",
+    "OutputError",
+    "InvalidRecordError",
     "CollectionNotFoundError",
     "ConfigurationError",
     "EncodeError",

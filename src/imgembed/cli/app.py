@@ -3,6 +3,7 @@ Progress and summaries go to stderr, data to stdout or --output."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -30,7 +31,7 @@ from imgembed.cli.common import (
 )
 from imgembed.cli.output import Writer
 from imgembed.engine.pipeline import Progress
-from imgembed.errors import ImgEmbedError
+from imgembed.errors import ImageError, ImgEmbedError, error_dict
 from imgembed.intake.names import printable
 from imgembed.intake.sources import expand_paths
 from imgembed.results import ImageEmbeddingResult
@@ -72,7 +73,8 @@ def embed(
             exact=exact,
             cache_embeddings=cache,
         )
-        files = expand_paths(paths, service.settings.supported_formats)
+        unlisted: list[ImageError] = []  # folders that cannot be listed
+        files = expand_paths(paths, service.settings.supported_formats, unlisted)
         with err.status(f"loading {service.model_ref} ..."):
             service.encoder  # noqa: B018 - load before the clock starts
         started = time.perf_counter()
@@ -89,9 +91,13 @@ def embed(
                 if result.error:
                     failures.append(result.error)
                 writer.write(_row(result))
+        for error in unlisted:
+            failures.append(error)
+            writer.write({"source": error.source, **error_dict(error), "embedding": None})
         writer.close()
     except ImgEmbedError as exc:
         raise fail(exc) from exc
+    counts = dataclasses.replace(counts, failed=counts.failed + len(unlisted))
     _summary(counts, time.perf_counter() - started, failures, output)
     if failures:
         raise typer.Exit(1)
@@ -138,6 +144,7 @@ def embed_text(
     if texts == ["-"]:
         texts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
     try:
+        writer = Writer(output)  # an unwritable -o fails now, not after the work
         service = make_service(
             model=model,
             pretrained=pretrained,
@@ -148,7 +155,6 @@ def embed_text(
         )
         started = time.perf_counter()
         vectors = service.embed_texts(texts)
-        writer = Writer(output)
         for text, vector in zip(texts, vectors, strict=True):
             writer.write({"source": text, "model": str(service.model_ref), "embedding": vector})
         writer.close()
@@ -175,8 +181,12 @@ def metadata(
         raise fail(exc) from exc
     table = Table("path", "size", "format", "bytes", "quality", "taken", "camera", "GPS")
     table.columns[0].overflow = "fold"
-    failed = 0
-    for path in expand_paths(paths, service.settings.supported_formats):
+    unlisted: list[ImageError] = []  # folders that cannot be listed
+    files = expand_paths(paths, service.settings.supported_formats, unlisted)
+    for error in unlisted:
+        err.print(f"failed: {error} ({type(error).__name__})", markup=False, highlight=False)
+    failed = len(unlisted)
+    for path in files:
         try:
             data = service.image_metadata(path, extended)
         except ImgEmbedError as exc:

@@ -249,9 +249,8 @@ def db_upgrade() -> None:
     from imgembed.store import postgres_url
     from imgembed.store.postgres import migrate, revisions
 
-    settings = make_service().settings
     try:
-        url = postgres_url(settings)
+        url = postgres_url(make_service().settings)
         migrate(url)
         current, head = revisions(url)
     except ImgEmbedError as exc:
@@ -264,14 +263,17 @@ def db_status() -> None:
     """The embedded server's state, or the external database's schema revision."""
     from imgembed.store import embedded
 
-    settings = make_service().settings
-    if settings.database_url:
-        from imgembed.store.postgres import revisions
+    try:
+        settings = make_service().settings
+        if settings.database_url:
+            from imgembed.store.postgres import revisions
 
-        current, head = revisions(settings.database_url)
-        typer.echo(f"external database: schema {current or 'none'} (newest {head})")
-        return
-    state = embedded.status(settings.data_dir)
+            current, head = revisions(settings.database_url)
+            typer.echo(f"external database: schema {current or 'none'} (newest {head})")
+            return
+        state = embedded.status(settings.data_dir)
+    except ImgEmbedError as exc:
+        raise fail(exc) from exc
     running = f"running (pid {state.pid}, socket {state.socket})" if state.running else "stopped"
     typer.echo(f"embedded PostgreSQL in {state.pgdata}: "
                f"{running if state.initialised else 'not created yet'}")  # fmt: skip
@@ -282,5 +284,8 @@ def db_stop() -> None:
     """Stop the embedded server (it also stops by itself when its last user exits)."""
     from imgembed.store import embedded
 
-    stopped = embedded.stop(make_service().settings.data_dir)
+    try:
+        stopped = embedded.stop(make_service().settings.data_dir)
+    except ImgEmbedError as exc:
+        raise fail(exc) from exc
     typer.echo("stopped" if stopped else "not running")
