@@ -160,6 +160,7 @@ class PostgresStore:
 
     def provenance(self, name: str) -> Provenance:
         row = self._query(
+            f"reading the provenance of {name!r}",
             "SELECT model, pretrained, dimension, preprocess FROM imgembed_collections"
             " WHERE name = %s",
             (name,),

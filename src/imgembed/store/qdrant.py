@@ -145,7 +145,8 @@ class QdrantStore:
         return CollectionInfo(name, self.backend, provenance, self.count(name))
 
     def provenance(self, name: str) -> Provenance:
-        provenance = self._provenance(name)
+        checked_text(name, "collection name")
+        provenance = self._call(f"reading collection {name!r}", lambda: self._provenance(name))
         if provenance is None:
             raise CollectionNotFoundError(f"no collection {name!r}")
         return provenance
