@@ -131,7 +131,9 @@ def test_catalogue_dimensions_match_open_clip_configs():
 
 
 def test_seed_aliases_resolve():
-    assert registry.resolve("clip-vit-base-patch32", "x") == registry.ModelRef("ViT-B-32", "openai")
+    alias = registry.resolve("clip-vit-base-patch32", "x", explicit=False)
+    assert alias == registry.ModelRef("ViT-B-32", "openai")  # the alias's own tag by default
+    assert registry.resolve("clip-vit-base-patch32", "x") == registry.ModelRef("ViT-B-32", "x")
     assert registry.resolve("openai/clip-vit-large-patch14", "x").name == "ViT-L-14"
     assert registry.resolve("ViT-B/32", "openai") == registry.ModelRef("ViT-B-32", "openai")
     assert registry.resolve("hf-hub:org/repo", "") == registry.ModelRef("hf-hub:org/repo", "")
