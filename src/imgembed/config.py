@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import platformdirs
-from pydantic import AliasChoices, Field, ValidationError, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from imgembed.errors import ConfigurationError
@@ -77,6 +77,21 @@ class Settings(BaseSettings):
     qdrant_api_key: str | None = Field(None, validation_alias=_env("qdrant_api_key"))
     collection: str = Field("images", min_length=1, validation_alias=_env("collection"))
     hnsw_ef_search: int = Field(100, ge=10, le=1000, validation_alias=_env("hnsw_ef_search"))
+    # The product catalogue (imgembed.catalog): its text embedder and category weights.
+    text_model: str = Field("minilm", min_length=1, validation_alias=_env("text_model"))
+    text_api_base: str | None = Field(
+        None, validation_alias=_env("text_api_base", "OPENAI_BASE_URL")
+    )
+    openai_api_key: SecretStr | None = Field(
+        None, validation_alias=AliasChoices("openai_api_key", "OPENAI_API_KEY")
+    )
+    ollama_url: str = Field(
+        "http://localhost:11434", validation_alias=_env("ollama_url", "CLIP_OLLAMA_ENDPOINT")
+    )
+    text_timeout: float = Field(30.0, gt=0, validation_alias=_env("text_timeout"))
+    text_retries: int = Field(3, ge=0, validation_alias=_env("text_retries"))
+    text_batch_size: int = Field(128, gt=0, validation_alias=_env("text_batch_size"))
+    category_weights: Path | None = Field(None, validation_alias=_env("category_weights"))
 
     @field_validator("supported_formats", "allowed_roots", mode="before")
     @classmethod
@@ -135,9 +150,9 @@ _SEED_KEYS = {
     "timeout": "fetch_timeout",
     "retry_attempts": "retry_attempts",
     "retry_delay": "retry_delay",
+    "ollama_endpoint": "ollama_url",
 }
 _SEED_KEYS_WITHOUT_EFFECT = {
-    "ollama_endpoint",
     "image_size",  # the model's own transform decides the input size
     "temp_directory",
     "convert_to_rgb",  # always done

@@ -12,6 +12,7 @@
     │   ├── SourceNotAllowedError outside the allowed roots, or a private address
     │   └── FetchError            a URL could not be downloaded
     ├── EncodeError               the model failed on a batch
+    │   └── TextEmbeddingError    a text embedder (an API, Ollama) failed or changed dimension
     └── StoreError                the vector database failed or refused
         ├── CollectionNotFoundError
         └── ProvenanceMismatchError  a collection built with another model
@@ -82,6 +83,15 @@ class EncodeError(ImgEmbedError):
     """The model failed while encoding a batch."""
 
 
+class TextEmbeddingError(EncodeError):
+    """A text embedder failed: an API after its retries, a malformed answer, or vectors of
+    another dimension than before. `status` is the HTTP status, if there was one."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+
+
 class StoreError(ImgEmbedError):
     """The vector store failed (connection, migration, query) or refused an operation."""
 
@@ -109,5 +119,6 @@ __all__ = [
     "ProvenanceMismatchError",
     "SourceNotAllowedError",
     "StoreError",
+    "TextEmbeddingError",
     "UnsupportedFormatError",
 ]

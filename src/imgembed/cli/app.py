@@ -207,6 +207,7 @@ def _metadata_cells(path: Path | str, data: dict[str, Any]) -> list[str]:
 
 
 def main() -> None:
+    import imgembed.cli.catalog_commands  # noqa: F401 - register commands
     from imgembed.cli import model_commands, store_commands  # noqa: F401 - register commands
 
     # Decoders warn about oddities in files (skipped tags, huge images); every file already

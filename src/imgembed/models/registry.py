@@ -122,6 +122,12 @@ IMAGE_ONLY = {"efficientnet-lite0": 1280}
 _DUPLICATE_THRESHOLDS = {"efficientnet-lite0": 0.6}
 
 
+def has_text_tower(name: str) -> bool:
+    """Whether the model embeds text into its image space (every CLIP does; image-only
+    models such as EfficientNet-Lite0 do not)."""
+    return name not in IMAGE_ONLY
+
+
 def duplicate_threshold(name: str) -> float:
     return _DUPLICATE_THRESHOLDS.get(name, 0.92)
 
