@@ -48,8 +48,14 @@ class EmbeddingServer:
     def serve(self, request: BaseHTTPRequestHandler) -> None:
         body = json.loads(request.rfile.read(int(request.headers["Content-Length"])))
         with self._lock:
-            self.requests.append({"path": request.path, "body": body, "at": time.monotonic(),
-                                  "auth": request.headers.get("Authorization")})  # fmt: skip
+            self.requests.append(
+                {
+                    "path": request.path,
+                    "body": body,
+                    "at": time.monotonic(),
+                    "auth": request.headers.get("Authorization"),
+                }
+            )
             action = self.script.pop(0) if self.script else ("dimension", self.dimension)
         try:
             if action[0] == "sleep":
@@ -59,9 +65,14 @@ class EmbeddingServer:
                 _, code, headers = action
                 self._send(request, code, {"error": {"message": f"scripted {code}"}}, headers)
             elif request.path == "/v1/embeddings":
-                data = [{"object": "embedding", "index": i,
-                         "embedding": vector(text, action[1]).tolist()}
-                        for i, text in enumerate(body["input"])]  # fmt: skip
+                data = [
+                    {
+                        "object": "embedding",
+                        "index": i,
+                        "embedding": vector(text, action[1]).tolist(),
+                    }
+                    for i, text in enumerate(body["input"])
+                ]
                 data.reverse()  # the index decides the order, not the position
                 self._send(request, 200, {"object": "list", "data": data, "model": body["model"]})
             elif request.path == "/api/embed":

@@ -24,9 +24,12 @@ def server():
 
 def _openai(server, model="test-embed", **overrides):
     settings = load_settings(
-        text_api_base=f"{server.url}/v1", openai_api_key="sk-test", retry_delay=0.01,
-        text_batch_size=2, **overrides,
-    )  # fmt: skip
+        text_api_base=f"{server.url}/v1",
+        openai_api_key="sk-test",
+        retry_delay=0.01,
+        text_batch_size=2,
+        **overrides,
+    )
     return OpenAIEmbedder(model, settings)
 
 
@@ -108,8 +111,9 @@ def test_timeouts_and_an_unreachable_server(server):
     with socket.socket() as probe:  # a port nobody listens on
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    settings = load_settings(text_api_base=f"http://127.0.0.1:{port}/v1", retry_delay=0.01,
-                             text_retries=1)  # fmt: skip
+    settings = load_settings(
+        text_api_base=f"http://127.0.0.1:{port}/v1", retry_delay=0.01, text_retries=1
+    )
     started = time.monotonic()
     with pytest.raises(TextEmbeddingError, match="cannot reach"):
         OpenAIEmbedder("m", settings).embed(["a"])

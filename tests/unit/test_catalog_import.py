@@ -54,16 +54,30 @@ def test_csv_with_aliases_html_prices_relative_images_and_bad_rows(tmp_path):
 def test_jsonl_flat_and_shopify_objects(tmp_path):
     path = tmp_path / "products.jsonl"
     rows = [
-        {"product_id": 1, "title": "Ring", "description": "Gold", "category": "sieraden",
-         "price": 99, "image_url": "https://x/1.jpg", "attributes": {"material": "gold"}},
+        {
+            "product_id": 1,
+            "title": "Ring",
+            "description": "Gold",
+            "category": "sieraden",
+            "price": 99,
+            "image_url": "https://x/1.jpg",
+            "attributes": {"material": "gold"},
+        },
         "not json",
         [1, 2],
-        {"id": 7, "title": "Shirt", "body_html": "<ul><li>Cotton</li><li>Blue</li></ul>",
-         "product_type": "Fashion", "variants": [{"price": "19.95"}, {"price": "17.50"}],
-         "images": [{"src": "https://x/b.jpg", "position": 2},
-                    {"src": "https://x/a.jpg", "position": 1}]},
+        {
+            "id": 7,
+            "title": "Shirt",
+            "body_html": "<ul><li>Cotton</li><li>Blue</li></ul>",
+            "product_type": "Fashion",
+            "variants": [{"price": "19.95"}, {"price": "17.50"}],
+            "images": [
+                {"src": "https://x/b.jpg", "position": 2},
+                {"src": "https://x/a.jpg", "position": 1},
+            ],
+        },
         {"title": "no id"},
-    ]  # fmt: skip
+    ]
     lines = [r if isinstance(r, str) else json.dumps(r) for r in rows]
     path.write_text("\n".join(lines[:2]) + "\n\n" + "\n".join(lines[2:]) + "\n")
     parsed = read_catalogue(path)
@@ -139,8 +153,11 @@ def test_shopify_products_json_with_line_numbers(tmp_path):
     assert ipod.currency == "USD"
     assert ipod.image_url == "https://cdn.shopify.com/ipod-nano.png"
     assert ipod.extra_image_urls == ("https://cdn.shopify.com/ipod-nano-2.png",)
-    assert ipod.attributes == {"vendor": "Apple", "handle": "ipod-nano",
-                               "tags": ["Emotive", "Flash Memory", "MP3", "Music"]}  # fmt: skip
+    assert ipod.attributes == {
+        "vendor": "Apple",
+        "handle": "ipod-nano",
+        "tags": ["Emotive", "Flash Memory", "MP3", "Music"],
+    }
     assert gift.description == "<digital> & instant" and gift.image_url is None
 
 
