@@ -52,7 +52,7 @@ def _products(photos):
 
 def _vectors(catalog, store_id):
     """product_id -> (text, image or None, combined, image weight, text weight), read back."""
-    with psycopg.connect(catalog._url) as connection:
+    with psycopg.connect(catalog.repository.url) as connection:
         register_vector(connection)
         rows = connection.execute(
             "SELECT product_id, text_embedding, image_embedding, combined_embedding, image_weight,"
@@ -146,7 +146,7 @@ def test_combined_vectors_over_2000_dimensions_use_halfvec_indexes(data_dir, pho
         with Catalog(**settings) as catalog:
             catalog.upsert_products("wide", _products(photos))
             assert catalog.embed("wide").successful == len(photos) + 2
-            with psycopg.connect(catalog._url) as connection:
+            with psycopg.connect(catalog.repository.url) as connection:
                 indexes = dict(
                     connection.execute(
                         "SELECT indexname, indexdef FROM pg_indexes WHERE indexdef LIKE %s",
@@ -315,3 +315,40 @@ def test_openai_embedder_in_a_catalogue_keeps_its_dimension(data_dir, photos):
             catalog.search("o", "x")
     finally:
         server.close()
+
+
+def test_objects_for_an_http_layer_and_embedding_some_products(data_dir, photos):
+    """What an HTTP endpoint calls: upsert objects (flat or Shopify), embed just those, read
+    one back (no vectors)."""
+    shopify = {
+        "id": 42,
+        "title": "Shirt",
+        "body_html": "<p>Blue <b>cotton</b></p>",
+        "product_type": "Kleding",
+        "variants": [{"price": "20"}, {"price": "18.5"}],
+        "images": [{"src": str(photos[1]), "position": 1}],
+    }
+    with Catalog(**TINY) as catalog:
+        report = catalog.upsert_products(
+            "api",
+            [
+                {"id": "a", "title": "Lamp", "image_url": str(photos[2])},
+                {"title": "no id"},
+                shopify,
+                {"id": "b", "title": "Vase", "price": "many"},
+            ],
+        )
+        assert (report.rows, report.inserted) == (4, 2)
+        assert [(b.line, b.message) for b in report.bad_rows] == [
+            (2, "no product id (a column product_id, id, sku or handle)"),
+            (4, "product b: price 'many' is not a number"),
+        ]
+        stats = catalog.embed("api", product_ids=["42"])
+        assert (stats.total, stats.successful) == (1, 1)
+        shirt = catalog.product("api", "42")
+        assert shirt["status"] == "embedded" and shirt["weight_category"] == "fashion"
+        assert shirt["description"] == "Blue cotton" and float(shirt["price"]) == 18.5
+        assert shirt["image_model"].startswith("imgembed-tiny (seed:0) preprocess ")
+        assert catalog.product("api", "a")["status"] == "pending"
+        assert catalog.product("api", "nope") is None
+        assert catalog.stats("api").to_embed == 1

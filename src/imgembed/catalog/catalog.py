@@ -93,7 +93,6 @@ class Catalog:
         self.weights = weights or load_weights(self.settings.category_weights)
         self._text_embedder = text_embedder
         self._repository: ProductRepository | None = None
-        self._url: str | None = None
         self._lock = threading.Lock()
 
     @classmethod
@@ -131,8 +130,7 @@ class Catalog:
     def repository(self) -> ProductRepository:
         with self._lock:
             if self._repository is None:
-                self._url = database_url(self.settings)
-                self._repository = ProductRepository(self._url)
+                self._repository = ProductRepository(database_url(self.settings))
             return self._repository
 
     def provenance(self) -> StoreProvenance:
@@ -267,15 +265,15 @@ class Catalog:
         if batch_size < 1:
             raise ConfigurationError("batch_size must be at least 1")
         store_id = _store(store_id)
-        if product_ids is None and not self.repository.count(store_id):
+        shared = self.repository
+        if product_ids is None and not shared.count(store_id):
             raise CollectionNotFoundError(
                 f"store {store_id!r} has no products: import some first "
                 f"(imgembed catalog import FILE --store-id {store_id})"
             )
         current = self.provenance()
-        assert self._url is not None
         # The job's own session: its store lock is held by this connection alone.
-        repository = ProductRepository(self._url, upgrade=False)
+        repository = ProductRepository(shared.url, upgrade=False)
         try:
             with repository.store_lock(store_id):
                 recorded = repository.provenance(store_id)

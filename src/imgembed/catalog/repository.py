@@ -148,6 +148,7 @@ def _translated(what: str) -> Iterator[None]:
 
 class ProductRepository:
     def __init__(self, url: str, upgrade: bool = True):
+        self.url = url
         if upgrade:
             migrate(url)
         with _translated("connecting to PostgreSQL"):
