@@ -20,6 +20,7 @@ import io
 import json
 import os
 import platform
+import shutil
 import tempfile
 import threading
 import time
@@ -199,6 +200,7 @@ def main() -> None:
     from imgembed.store import embedded
 
     embedded.stop(data_dir)
+    shutil.rmtree(data_dir, ignore_errors=True)
     result = {
         "bench": "catalog",
         "date": time.strftime("%Y-%m-%d %H:%M"),
