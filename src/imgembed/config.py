@@ -97,6 +97,21 @@ class Settings(BaseSettings):
     cors_origins: Annotated[list[str] | None, NoDecode] = Field(
         None, validation_alias=_env("cors_origins")
     )
+    # The product catalogue (imgembed.catalog): its text embedder and category weights.
+    text_model: str = Field("minilm", min_length=1, validation_alias=_env("text_model"))
+    text_api_base: str | None = Field(
+        None, validation_alias=_env("text_api_base", "OPENAI_BASE_URL")
+    )
+    openai_api_key: SecretStr | None = Field(
+        None, validation_alias=AliasChoices("openai_api_key", "OPENAI_API_KEY")
+    )
+    ollama_url: str = Field(
+        "http://localhost:11434", validation_alias=_env("ollama_url", "CLIP_OLLAMA_ENDPOINT")
+    )
+    text_timeout: float = Field(30.0, gt=0, validation_alias=_env("text_timeout"))
+    text_retries: int = Field(3, ge=0, validation_alias=_env("text_retries"))
+    text_batch_size: int = Field(128, gt=0, validation_alias=_env("text_batch_size"))
+    category_weights: Path | None = Field(None, validation_alias=_env("category_weights"))
 
     @field_validator("supported_formats", "allowed_roots", mode="before")
     @classmethod
@@ -165,6 +180,7 @@ _SEED_KEYS = {
     "retry_delay": "retry_delay",
     "image_size": "image_size",
     "debug": "debug",
+    "ollama_endpoint": "ollama_url",
 }
 # Keys whose only possible value is what imgembed does anyway: that value is accepted, any
 # other is refused with the reason.
@@ -179,7 +195,6 @@ _SEED_FIXED = {
 }
 _SEED_KEYS_WITHOUT_EFFECT = {
     "temp_directory": "imgembed keeps downloads and decoded images in memory",
-    "ollama_endpoint": "no text embedder uses Ollama yet",
 }
 
 

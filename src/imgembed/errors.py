@@ -13,6 +13,7 @@
     │   ├── FetchError            a URL could not be downloaded
     │   └── SourceListError       a list file or one of its rows names no usable image
     ├── EncodeError               the model failed on a batch
+    │   └── TextEmbeddingError    a text embedder (an API, Ollama) failed or changed dimension
     ├── OutputError               an output file could not be written (disk full, ...)
     ├── StoreError                the vector database failed or refused
     │   ├── CollectionNotFoundError
@@ -104,6 +105,15 @@ class OutputError(ImgEmbedError):
     removed meanwhile); the message names the file and the reason."""
 
 
+class TextEmbeddingError(EncodeError):
+    """A text embedder failed: an API after its retries, a malformed answer, or vectors of
+    another dimension than before. `status` is the HTTP status, if there was one."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+
+
 class StoreError(ImgEmbedError):
     """The vector store failed (connection, migration, query) or refused an operation."""
 
@@ -173,6 +183,7 @@ __all__ = [
     "StoreError",
     "StoreFullError",
     "StoreUnavailableError",
+    "TextEmbeddingError",
     "UnavailableError",
     "UnsupportedFormatError",
     "error_dict",

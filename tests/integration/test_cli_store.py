@@ -48,7 +48,7 @@ def test_index_search_collections_and_db(data_dir, photos, tmp_path):
                        "pretrained": "seed:0", "dimension": 64, "count": 6}]  # fmt: skip
     # every command has exited, so the last one out stopped the shared server
     assert run("db", "status").stdout.strip().endswith(": stopped")
-    assert "revision 0001" in run("db", "upgrade").stderr
+    assert "revision 0002" in run("db", "upgrade").stderr
     assert run("collections", "drop", "shop").returncode == 0
     assert json.loads(run("collections", "--json").stdout) == []
 

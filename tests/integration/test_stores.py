@@ -111,7 +111,7 @@ def test_migrations_are_at_head_and_rerunnable(postgres_url):
     PostgresStore(postgres_url).close()
     PostgresStore(postgres_url).close()  # a second upgrade is a no-op
     current, head = revisions(postgres_url)
-    assert current == head == "0001"
+    assert current == head == "0002"
 
 
 def test_hnsw_index_serves_the_search(postgres_url):

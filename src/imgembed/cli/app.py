@@ -222,6 +222,7 @@ def _metadata_cells(path: Path | str, data: dict[str, Any]) -> list[str]:
 
 def main() -> None:
     from imgembed.cli import (  # noqa: F401 - register commands
+        catalog_commands,
         model_commands,
         serve_command,
         store_commands,

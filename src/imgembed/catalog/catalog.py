@@ -1,0 +1,382 @@
+"""The Catalog: products per store, their fused embeddings and their search. Every catalogue
+policy lives in its methods; the CLI and the HTTP service only translate to and from them."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from imgembed.catalog import fusion, importer, jobs, search
+from imgembed.catalog.products import ProductInput, ProductRowError, product_text
+from imgembed.catalog.repository import ProductRepository, StoreProvenance
+from imgembed.catalog.text import TextEmbedder, create_text_embedder, spec_for
+from imgembed.catalog.weights import WeightsTable, load_weights
+from imgembed.config import Settings, load_settings
+from imgembed.errors import CollectionNotFoundError, ConfigurationError, ProvenanceMismatchError
+from imgembed.intake.image_input import Input
+from imgembed.service import ImageEmbeddingService
+
+log = logging.getLogger(__name__)
+_IMPORT_CHUNK = 1000  # products per transaction: a killed import keeps what it wrote
+
+
+@dataclass
+class ImportReport:
+    store_id: str
+    source: str
+    format: str
+    rows: int = 0
+    inserted: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    bad_rows: list[importer.BadRow] = field(default_factory=list)
+    duration: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "bad_rows": [asdict(b) for b in self.bad_rows]}
+
+
+@dataclass
+class StoreStats:
+    store_id: str
+    total: int
+    embedded: int
+    failed: int
+    pending: int
+    text_only: int  # embedded without an image
+    without_image_url: int
+    to_embed: int  # what `catalog embed` would process now
+    categories: dict[str, int]
+    errors: dict[str, int]
+    last_embedded_at: str | None
+    provenance: dict[str, Any] | None
+    weights_version: str | None  # the table the store's last run used
+    current_weights_version: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def database_url(settings: Settings) -> str:
+    """The catalogue always lives in PostgreSQL: IMGEMBED_DATABASE_URL, else the embedded one."""
+    from imgembed.store import embedded
+
+    return settings.database_url or embedded.start(settings.data_dir)
+
+
+class Catalog:
+    """Products per store with text + image embeddings fused by category.
+
+    Built like ImageEmbeddingService (Settings, a seed-style dict and/or keyword overrides,
+    else IMGEMBED_* variables), or around an existing service. Models load on first use."""
+
+    def __init__(
+        self,
+        config: Settings | dict[str, Any] | None = None,
+        *,
+        service: ImageEmbeddingService | None = None,
+        weights: WeightsTable | None = None,
+        text_embedder: TextEmbedder | None = None,
+        **overrides: Any,
+    ):
+        if service is not None and (config is not None or overrides):
+            raise ConfigurationError("give a Catalog either a service or settings, not both")
+        self._owns_service = service is None
+        self.service = service or ImageEmbeddingService(config, **overrides)
+        self.settings = self.service.settings
+        self.weights = weights or load_weights(self.settings.category_weights)
+        self._text_embedder = text_embedder
+        self._repository: ProductRepository | None = None
+        self._lock = threading.Lock()
+
+    @classmethod
+    def for_store(
+        cls, store_id: str, config: Settings | dict[str, Any] | None = None, **overrides: Any
+    ) -> Catalog:
+        """A catalogue with the models the store was embedded with, for whatever the settings
+        do not name explicitly (arguments or environment): re-runs and searches then match."""
+        settings = load_settings(config, **overrides)
+        repository = ProductRepository(database_url(settings))
+        try:
+            recorded = repository.provenance(store_id)
+        finally:
+            repository.close()
+        if recorded is None:
+            return cls(settings)
+        provenance, explicit = recorded[0], settings.model_fields_set
+        defaults: dict[str, Any] = {}
+        if not explicit & {"model", "pretrained"}:
+            defaults.update(model=provenance.image_model, pretrained=provenance.image_pretrained)
+        if "text_model" not in explicit:
+            defaults["text_model"] = spec_for(provenance.text_model)
+        return cls(load_settings(settings, **defaults) if defaults else settings)
+
+    # -- parts, built lazily ----------------------------------------------------------------
+
+    @property
+    def text_embedder(self) -> TextEmbedder:
+        with self._lock:
+            if self._text_embedder is None:
+                self._text_embedder = create_text_embedder(self.settings, self.service)
+            return self._text_embedder
+
+    @property
+    def repository(self) -> ProductRepository:
+        with self._lock:
+            if self._repository is None:
+                self._repository = ProductRepository(database_url(self.settings))
+            return self._repository
+
+    def provenance(self) -> StoreProvenance:
+        """What this catalogue's vectors are (loads both models)."""
+        image = self.service.provenance
+        text = self.text_embedder
+        return StoreProvenance(
+            image.model,
+            image.pretrained,
+            image.preprocess,
+            image.dimension,
+            text.name,
+            text.dimension(),
+        )
+
+    # -- the Findly document's functions ----------------------------------------------------
+
+    def generate_image_embedding(self, image_url: Input) -> list[float]:
+        """The image's unit embedding (an http(s) URL with retries, or a path, bytes, ...);
+        raises the typed error if it cannot be had."""
+        log.debug("[IMAGE] Generating image embedding for: %s", image_url)
+        return self.service.embed_image(image_url).tolist()
+
+    def generate_text_embedding(self, text: str) -> list[float]:
+        vector = self.text_embedder.embed([text])[0]
+        log.debug("[TEXT] Generated text-only embedding (length: %d)", vector.shape[0])
+        return vector.tolist()
+
+    def generate_embedding(
+        self,
+        title: str,
+        description: str | None = None,
+        category: str | None = None,
+        price: float | Decimal | None = None,
+        image_url: Input | None = None,
+        currency: str | None = None,
+    ) -> list[float]:
+        """The product's combined vector `[w_img * img ; w_txt * txt]` with its category's
+        weights: image dimension + text dimension long (without an image, a zero image part)."""
+        text = product_text(title, description, category, price, currency)
+        text_vector = self.generate_text_embedding(text)
+        image_vector = self.generate_image_embedding(image_url) if image_url else None
+        return self.combine_embeddings(text_vector, image_vector, category)
+
+    def combine_embeddings(
+        self,
+        text_emb: Sequence[float],
+        image_emb: Sequence[float] | None = None,
+        category: str | None = None,
+    ) -> list[float]:
+        """`[w_img * img ; w_txt * txt]` of the two unit vectors, with the weights of the
+        category (or its alias); without an image, a zero image part."""
+        log.debug("[COMBINED] Combining text and image embeddings")
+        key, weights = self.weights.weights(category)
+        combined = fusion.fuse(image_emb, text_emb, weights, self.service.dimension)
+        log.debug(
+            "[COMBINED] Successfully generated combined embedding (length: %d, %s "
+            "weights %.2f/%.2f)",
+            combined.shape[0],
+            key,
+            weights.image,
+            weights.text,
+        )
+        return combined.tolist()
+
+    # -- products -------------------------------------------------------------------------
+
+    def import_file(
+        self, path: str | Path, store_id: str, format: str | None = None
+    ) -> ImportReport:
+        """Upsert a CSV / JSONL / Shopify products.json file's products into the store; bad
+        rows are reported with their line and skipped."""
+        started = time.perf_counter()
+        parsed = importer.read_catalogue(Path(path), format)
+        report = ImportReport(
+            _store(store_id),
+            str(path),
+            parsed.format,
+            rows=parsed.rows,
+            bad_rows=list(parsed.bad_rows),
+        )
+        self._upsert(report, [product for _, product in parsed.products])
+        report.duration = time.perf_counter() - started
+        return report
+
+    def upsert_products(
+        self, store_id: str, products: Iterable[Mapping[str, Any] | ProductInput]
+    ) -> ImportReport:
+        """Upsert products given as mappings (the import's column names, or Shopify product
+        objects) or ProductInputs; a bad one is reported by its position (1-based)."""
+        started = time.perf_counter()
+        report = ImportReport(_store(store_id), "request", "objects")
+        good: list[ProductInput] = []
+        for number, item in enumerate(products, 1):
+            report.rows += 1
+            try:
+                good.append(item if isinstance(item, ProductInput) else importer.product(item))
+            except (ProductRowError, TypeError, AttributeError) as exc:
+                report.bad_rows.append(importer.BadRow(number, str(exc)))
+        self._upsert(report, good)
+        report.duration = time.perf_counter() - started
+        return report
+
+    def _upsert(self, report: ImportReport, products: list[ProductInput]) -> None:
+        for start in range(0, len(products), _IMPORT_CHUNK):
+            chunk = products[start : start + _IMPORT_CHUNK]
+            inserted, updated, unchanged = self.repository.upsert_products(report.store_id, chunk)
+            report.inserted += inserted
+            report.updated += updated
+            report.unchanged += unchanged
+
+    def product(self, store_id: str, product_id: str) -> dict[str, Any] | None:
+        """One product with its embedding status and provenance (no vectors), or None."""
+        return self.repository.product(store_id, product_id)
+
+    # -- embedding ---------------------------------------------------------------------------
+
+    def embed(
+        self,
+        store_id: str,
+        *,
+        batch_size: int = 50,
+        mode: str = "changed",
+        product_ids: Sequence[str] | None = None,
+        events: jobs.EmbedEvents | None = None,
+    ) -> jobs.EmbedStats:
+        """Embed the store's products that need it (see imgembed.catalog.jobs): `changed`
+        (default), `missing` (no vectors yet or failed) or `force` (all; with other models
+        than the store's, its vectors are first forgotten, in one transaction)."""
+        if mode not in jobs.MODES:
+            raise ConfigurationError(f"mode must be one of {', '.join(jobs.MODES)}, not {mode!r}")
+        if batch_size < 1:
+            raise ConfigurationError("batch_size must be at least 1")
+        store_id = _store(store_id)
+        shared = self.repository
+        if product_ids is None and not shared.count(store_id):
+            raise CollectionNotFoundError(
+                f"store {store_id!r} has no products: import some first "
+                f"(imgembed catalog import FILE --store-id {store_id})"
+            )
+        current = self.provenance()
+        # The job's own session: its store lock is held by this connection alone.
+        repository = ProductRepository(shared.url, upgrade=False)
+        try:
+            with repository.store_lock(store_id):
+                recorded = repository.provenance(store_id)
+                if recorded is None or recorded[0] != current:
+                    if recorded is not None and mode != "force":
+                        raise _mismatch(store_id, recorded[0], current)
+                    repository.set_provenance(
+                        store_id, current, self.weights.version, reset=recorded is not None
+                    )
+                run = jobs.EmbedRun(
+                    repository, self.service, self.text_embedder, self.weights, current, store_id
+                )
+                return run.run(mode, batch_size, product_ids, events)
+        finally:
+            repository.close()
+
+    # -- search and statistics ---------------------------------------------------------------
+
+    def search(
+        self,
+        store_id: str,
+        text: str | None = None,
+        *,
+        image: Input | None = None,
+        top_k: int = 10,
+        category: str | None = None,
+        max_price: float | Decimal | None = None,
+    ) -> list[search.ProductHit]:
+        """Products for a text, an image, or both, best first, with the score of each part."""
+        if top_k < 1:
+            raise ConfigurationError("top_k must be at least 1")
+        recorded = self.repository.provenance(store_id)
+        if recorded is None:
+            raise CollectionNotFoundError(
+                f"store {store_id!r} has no embeddings: run imgembed catalog embed "
+                f"--store-id {store_id}"
+            )
+        query = search.build_query(self.service, self.text_embedder, text, image)
+        current = self.provenance()
+        if recorded[0] != current:
+            raise _mismatch(store_id, recorded[0], current)
+        rows = self.repository.search(
+            store_id,
+            part=query.part,
+            dimension=query.dimension(current),
+            query=query.vector,
+            image_query=query.image,
+            text_query=query.text,
+            top_k=top_k,
+            ef_search=self.settings.hnsw_ef_search,
+            category_key=self.weights.key(category) if category else None,
+            category=category,
+            max_price=None if max_price is None else Decimal(str(max_price)),
+        )
+        return search.hits(rows, query)
+
+    def stats(self, store_id: str) -> StoreStats:
+        """Counts of the store's products by state and category, without loading a model."""
+        repository = self.repository
+        counts = repository.stats(store_id)
+        if not counts["total"]:
+            raise CollectionNotFoundError(f"store {store_id!r} has no products")
+        recorded = repository.provenance(store_id)
+        to_embed = jobs.plan(repository.plan_rows(store_id), self.weights, "changed")
+        last = counts.pop("last_embedded_at")
+        return StoreStats(
+            store_id=store_id,
+            **counts,
+            to_embed=len(to_embed),
+            last_embedded_at=last.isoformat() if last else None,
+            provenance=asdict(recorded[0]) if recorded else None,
+            weights_version=recorded[1] if recorded else None,
+            current_weights_version=self.weights.version,
+        )
+
+    def close(self) -> None:
+        if self._text_embedder is not None:
+            self._text_embedder.close()
+        if self._repository is not None:
+            self._repository.close()
+        if self._owns_service:
+            self.service.close()
+
+    def __enter__(self) -> Catalog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _store(store_id: str) -> str:
+    if not isinstance(store_id, str) or not store_id.strip():
+        raise ConfigurationError("a store id is required (--store-id)")
+    return store_id.strip()
+
+
+def _mismatch(
+    store_id: str, recorded: StoreProvenance, current: StoreProvenance
+) -> ProvenanceMismatchError:
+    return ProvenanceMismatchError(
+        f"store {store_id!r} was embedded with {recorded.describe()}; this catalogue uses "
+        f"{current.describe()}. Use the store's models (IMGEMBED_MODEL={recorded.image_model} "
+        f"IMGEMBED_PRETRAINED={recorded.image_pretrained} "
+        f"IMGEMBED_TEXT_MODEL={spec_for(recorded.text_model)}), or re-embed every product with "
+        f"the new ones: imgembed catalog embed --store-id {store_id} --force"
+    )

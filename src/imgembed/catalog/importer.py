@@ -1,0 +1,241 @@
+"""Catalogue files into products: CSV, JSON lines, and Shopify's `products.json`
+(`{"products": [...]}` or a plain list). A bad row is reported with its line in the file and
+skipped; it never stops the rest. Shopify products: body_html -> description (HTML
+stripped), product_type -> category, the lowest variant price (Shopify's "from" price),
+images[].src by position -> image_url + extra_image_urls, vendor/handle/tags -> attributes."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from imgembed.catalog.products import (
+    ProductInput,
+    ProductRowError,
+    checked,
+    from_mapping,
+    parse_price,
+    split_tags,
+)
+from imgembed.errors import ConfigurationError
+
+FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "shopify"}
+
+
+@dataclass(frozen=True)
+class BadRow:
+    line: int
+    message: str
+
+    def __str__(self) -> str:
+        return f"line {self.line}: {self.message}"
+
+
+@dataclass
+class ParsedCatalogue:
+    path: Path
+    format: str
+    products: list[tuple[int, ProductInput]] = field(default_factory=list)  # (line, product)
+    bad_rows: list[BadRow] = field(default_factory=list)
+
+    @property
+    def rows(self) -> int:
+        return len(self.products) + len(self.bad_rows)
+
+
+def read_catalogue(path: Path, format: str | None = None) -> ParsedCatalogue:
+    path = Path(path)
+    kind = format or FORMATS.get(path.suffix.lower())
+    if kind not in FORMATS.values():
+        raise ConfigurationError(
+            f"{path}: unknown catalogue format; use .csv, .jsonl or .json (Shopify), "
+            "or name one with --format csv|jsonl|shopify"
+        )
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    # Bytes that are not UTF-8 survive as surrogates; the rows holding them are reported.
+    text = raw.decode("utf-8", errors="surrogateescape").removeprefix("\ufeff")
+    parsed = ParsedCatalogue(path, kind)
+    rows = {"csv": _csv_rows, "jsonl": _jsonl_rows, "shopify": _json_rows}[kind](text)
+    for line, row in rows:
+        if isinstance(row, BadRow):
+            parsed.bad_rows.append(row)
+            continue
+        try:
+            parsed.products.append((line, product(row, path.parent)))
+        except ProductRowError as exc:
+            parsed.bad_rows.append(BadRow(line, str(exc)))
+        except Exception as exc:  # untrusted input: whatever a row breaks is that row's
+            parsed.bad_rows.append(BadRow(line, f"cannot read this product: {exc!r}"))
+    return parsed
+
+
+def product(row: Mapping[str, Any], base: Path | None = None) -> ProductInput:
+    """A product from a flat mapping or a Shopify product object."""
+    if _is_shopify(row):
+        return from_shopify(row, base)
+    return from_mapping(row, base)
+
+
+def _is_shopify(row: Mapping[str, Any]) -> bool:
+    images = row.get("images")
+    return (
+        "body_html" in row
+        or isinstance(row.get("variants"), list)
+        or (isinstance(images, list) and any(isinstance(i, Mapping) for i in images))
+    )
+
+
+def from_shopify(item: Mapping[str, Any], base: Path | None = None) -> ProductInput:
+    product_id = str(item.get("id") or item.get("handle") or "").strip()
+    variants = [v for v in item.get("variants") or [] if isinstance(v, Mapping)]
+    prices = [parse_price(v.get("price"), product_id) for v in variants]
+    known = [p for p in prices if p is not None]
+    images = [i for i in item.get("images") or [] if isinstance(i, Mapping) and i.get("src")]
+    sources = [i["src"] for i in sorted(images, key=lambda i: i.get("position") or 0)]
+    if not sources and isinstance(item.get("image"), Mapping) and item["image"].get("src"):
+        sources = [item["image"]["src"]]
+    tags = item.get("tags")
+    attributes: dict[str, Any] = {
+        key: item[key] for key in ("vendor", "handle", "status") if item.get(key)
+    }
+    if tags:
+        attributes["tags"] = split_tags(tags) if isinstance(tags, str) else list(tags)
+    return checked(
+        product_id=product_id,
+        title=item.get("title"),
+        description=item.get("body_html"),
+        category=item.get("product_type"),
+        price=min(known) if known else None,
+        currency=item.get("currency") or _variant_currency(variants),
+        image_url=sources[0] if sources else None,
+        extra_image_urls=sources[1:],
+        attributes=attributes,
+        base=base,
+    )
+
+
+def _variant_currency(variants: list[Mapping[str, Any]]) -> str | None:
+    # The Admin API lists prices per presentment currency; the first is the shop's own.
+    for variant in variants:
+        for entry in variant.get("presentment_prices") or []:
+            price = entry.get("price") if isinstance(entry, Mapping) else None
+            if isinstance(price, Mapping) and price.get("currency_code"):
+                return str(price["currency_code"])
+    return None
+
+
+Row = tuple[int, Mapping[str, Any] | BadRow]
+
+
+def _csv_rows(text: str) -> Iterator[Row]:
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header: list[str] | None = None
+    while True:
+        line = reader.line_num + 1  # where the next record starts
+        try:
+            fields = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            yield line, BadRow(line, f"not valid CSV: {exc}")
+            continue
+        if not any(f.strip() for f in fields):
+            continue
+        if header is None:
+            header = [name.strip() for name in fields]
+            continue
+        if len(fields) > len(header):
+            yield line, BadRow(line, f"{len(fields)} fields, but the header has {len(header)}")
+            continue
+        yield line, dict(zip(header, fields, strict=False))
+
+
+def _jsonl_rows(text: str) -> Iterator[Row]:
+    for line, content in enumerate(text.splitlines(), 1):
+        if not content.strip():
+            continue
+        try:
+            row = json.loads(content)
+        except json.JSONDecodeError as exc:
+            yield line, BadRow(line, f"not valid JSON: {exc.msg}")
+            continue
+        yield line, row if isinstance(row, dict) else BadRow(line, "not a JSON object")
+
+
+def _json_rows(text: str) -> Iterator[Row]:
+    """The products of a Shopify `products.json` (or a JSON list), each with the line it
+    starts on. A syntax error ends the file there: what came before is kept."""
+    walker = _Walker(text)
+    try:
+        for line, row in walker.items():
+            yield line, row if isinstance(row, dict) else BadRow(line, "not a JSON object")
+    except json.JSONDecodeError as exc:
+        yield exc.lineno, BadRow(exc.lineno, f"not valid JSON ({exc.msg}); the rest is skipped")
+
+
+class _Walker:
+    """Walks `{"products": [...]}` or `[...]` element by element with json's raw_decode,
+    so each product's line number is known (json.loads gives none)."""
+
+    def __init__(self, text: str):
+        self.text = text
+        self.decoder = json.JSONDecoder()
+        self._pos = 0  # line counting is incremental: files can be large
+        self._line = 1
+
+    def line_at(self, pos: int) -> int:
+        self._line += self.text.count("\n", self._pos, pos)
+        self._pos = pos
+        return self._line
+
+    def skip(self, pos: int) -> int:
+        while pos < len(self.text) and self.text[pos] in " \t\r\n":
+            pos += 1
+        return pos
+
+    def fail(self, message: str, pos: int) -> json.JSONDecodeError:
+        return json.JSONDecodeError(message, self.text, pos)
+
+    def items(self) -> Iterator[tuple[int, Any]]:
+        pos = self.skip(0)
+        if self.text.startswith("{", pos):
+            pos = self._products_array(pos)
+        if not self.text.startswith("[", pos):
+            raise self.fail('expected {"products": [...]} or a list of products', pos)
+        pos = self.skip(pos + 1)
+        if self.text.startswith("]", pos):
+            return
+        while True:
+            line = self.line_at(pos)
+            value, pos = self.decoder.raw_decode(self.text, pos)
+            yield line, value
+            pos = self.skip(pos)
+            if self.text.startswith("]", pos):
+                return
+            if not self.text.startswith(",", pos):
+                raise self.fail("expected ',' or ']' after a product", pos)
+            pos = self.skip(pos + 1)
+
+    def _products_array(self, pos: int) -> int:
+        pos = self.skip(pos + 1)
+        while not self.text.startswith("}", pos):
+            key, pos = self.decoder.raw_decode(self.text, pos)
+            pos = self.skip(pos)
+            if not isinstance(key, str) or not self.text.startswith(":", pos):
+                raise self.fail("expected a key and ':'", pos)
+            pos = self.skip(pos + 1)
+            if key == "products":
+                return pos
+            _, pos = self.decoder.raw_decode(self.text, pos)
+            pos = self.skip(pos)
+            if self.text.startswith(",", pos):
+                pos = self.skip(pos + 1)
+        raise self.fail('no "products" list in the object', pos)

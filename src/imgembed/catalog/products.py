@@ -1,0 +1,255 @@
+"""Products as they enter the catalogue: one mapping (a CSV row, a JSON object, a Shopify
+product, an HTTP body) becomes a checked `ProductInput`, or a `ProductRowError` that says
+what is wrong. Also the product text the text embedder sees, and its hash."""
+
+from __future__ import annotations
+
+import hashlib
+import html.parser
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any
+
+from imgembed.intake.sources import is_data_uri, is_url
+
+# Column names accepted for each field (case-insensitive); anything else is an attribute.
+COLUMNS = {
+    "product_id": ("product_id", "id", "sku", "handle"),
+    "title": ("title", "name"),
+    "description": ("description", "body_html", "body", "body (html)"),
+    "category": ("category", "product_type", "type"),
+    "price": ("price", "variant price"),
+    "currency": ("currency",),
+    "image_url": ("image_url", "image", "image_src", "image src", "img"),
+    "extra_image_urls": ("extra_image_urls", "images", "image_urls"),
+}
+
+
+class ProductRowError(ValueError):
+    """One input row is not a usable product; the importer reports it with its line."""
+
+
+@dataclass(frozen=True)
+class ProductInput:
+    product_id: str
+    title: str
+    description: str = ""
+    category: str | None = None
+    price: Decimal | None = None
+    currency: str | None = None
+    image_url: str | None = None
+    extra_image_urls: tuple[str, ...] = ()
+    attributes: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def text(self) -> str:
+        return product_text(self.title, self.description, self.category, self.price, self.currency)
+
+
+def product_text(
+    title: str,
+    description: str | None,
+    category: str | None,
+    price: Decimal | float | None,
+    currency: str | None,
+) -> str:
+    """What the text embedder sees (title first: small models truncate long texts):
+
+        {title}
+        {description}
+        Category: {category}
+        Price: {price} {currency}
+
+    Lines with nothing to say are left out."""
+    lines = [title.strip(), (description or "").strip()]
+    if category:
+        lines.append(f"Category: {category.strip()}")
+    if price is not None:
+        lines.append(f"Price: {Decimal(price):.2f} {currency or ''}".rstrip())
+    return "\n".join(line for line in lines if line)
+
+
+def text_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def from_mapping(row: Mapping[str, Any], base: Path | None = None) -> ProductInput:
+    """A product from a flat mapping with the COLUMNS names (any case); other keys become
+    attributes. Relative image paths are relative to `base` (the catalogue file's folder)."""
+    lowered = {str(k).strip().casefold(): v for k, v in row.items() if k is not None}
+    fields: dict[str, Any] = {}
+    used: set[str] = set()
+    for name, names in COLUMNS.items():
+        key = next((n for n in names if _present(lowered.get(n))), None)
+        if key is not None:
+            fields[name] = lowered[key]
+            used.add(key)
+    attributes = {k: v for k, v in lowered.items() if k not in used and _present(v)}
+    attributes.update(attributes.pop("attributes", None) or {})
+    if isinstance(attributes.get("tags"), str):
+        attributes["tags"] = split_tags(attributes["tags"])
+    extra = fields.get("extra_image_urls") or ()
+    if isinstance(extra, str):
+        extra = [part for part in re.split(r"[\s|]+", extra) if part]
+    return checked(
+        product_id=fields.get("product_id"),
+        title=fields.get("title"),
+        description=fields.get("description"),
+        category=fields.get("category"),
+        price=fields.get("price"),
+        currency=fields.get("currency"),
+        image_url=fields.get("image_url"),
+        extra_image_urls=extra,
+        attributes=attributes,
+        base=base,
+    )
+
+
+def checked(
+    *,
+    product_id: Any,
+    title: Any,
+    description: Any = None,
+    category: Any = None,
+    price: Any = None,
+    currency: Any = None,
+    image_url: Any = None,
+    extra_image_urls: Sequence[Any] = (),
+    attributes: Mapping[str, Any] | None = None,
+    base: Path | None = None,
+) -> ProductInput:
+    """A ProductInput from loose values, or ProductRowError naming the first problem."""
+    product_id = _text(product_id)
+    if not product_id:
+        raise ProductRowError("no product id (a column product_id, id, sku or handle)")
+    title = _text(title)
+    if not title:
+        raise ProductRowError(f"product {product_id}: no title")
+    if not isinstance(attributes or {}, Mapping):
+        raise ProductRowError(f"product {product_id}: attributes must be an object")
+    description = strip_html(_text(description))
+    values = [product_id, title, description, _text(category), _text(currency)]
+    values += [str(v) for v in (attributes or {}).values()]
+    if any(_has_surrogates(v) for v in values if v):
+        raise ProductRowError(f"product {product_id}: text that is not valid UTF-8")
+    images = [_image(u, base) for u in [image_url, *extra_image_urls] if _present(u)]
+    return ProductInput(
+        product_id=product_id,
+        title=title,
+        description=description,
+        category=_text(category) or None,
+        price=parse_price(price, product_id),
+        currency=_text(currency).upper() or None,
+        image_url=images[0] if _present(image_url) else None,
+        extra_image_urls=tuple(images[1:] if _present(image_url) else images),
+        attributes=dict(attributes or {}),
+    )
+
+
+def parse_price(value: Any, product_id: str = "") -> Decimal | None:
+    """29.99, "29,99", "€ 1.299,00", "1,299.00" -> Decimal; empty -> None; else an error."""
+    if not _present(value):
+        return None
+    if isinstance(value, bool):
+        raise ProductRowError(f"product {product_id}: price {value!r} is not a number")
+    text = re.sub(r"[^\d.,\-]", "", str(value))
+    if "," in text and "." in text:  # the last separator is the decimal one
+        thousands = "." if text.rfind(",") > text.rfind(".") else ","
+        text = text.replace(thousands, "")
+    text = text.replace(",", ".")
+    try:
+        price = Decimal(text)
+    except InvalidOperation:
+        raise ProductRowError(f"product {product_id}: price {value!r} is not a number") from None
+    if not price.is_finite() or price < 0:
+        raise ProductRowError(f"product {product_id}: price {value!r} must be 0 or more")
+    return price
+
+
+def split_tags(tags: str) -> list[str]:
+    return [tag.strip() for tag in tags.split(",") if tag.strip()]
+
+
+class _TextOnly(html.parser.HTMLParser):
+    BLOCKS = frozenset(
+        {
+            "p",
+            "br",
+            "div",
+            "li",
+            "ul",
+            "ol",
+            "tr",
+            "td",
+            "th",
+            "h1",
+            "h2",
+            "h3",
+            "h4",
+            "h5",
+            "h6",
+            "section",
+            "article",
+            "table",
+            "hr",
+        }
+    )
+    HIDDEN = frozenset({"script", "style", "template"})
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.parts: list[str] = []
+        self._hidden = 0
+
+    def handle_starttag(self, tag: str, attrs: Any) -> None:
+        self._hidden += tag in self.HIDDEN
+        if tag in self.BLOCKS:
+            self.parts.append("\n")
+
+    def handle_endtag(self, tag: str) -> None:
+        self._hidden -= tag in self.HIDDEN and self._hidden > 0
+        if tag in self.BLOCKS:
+            self.parts.append("\n")
+
+    def handle_data(self, data: str) -> None:
+        if not self._hidden:
+            self.parts.append(data)
+
+
+def strip_html(text: str) -> str:
+    """Visible text of HTML (Shopify's body_html): tags and scripts dropped, entities
+    decoded, blocks on their own lines, whitespace collapsed."""
+    if "<" not in text and "&" not in text:
+        return " ".join(text.split())
+    parser = _TextOnly()
+    parser.feed(text)
+    parser.close()
+    lines = (" ".join(line.split()) for line in "".join(parser.parts).splitlines())
+    return "\n".join(line for line in lines if line)
+
+
+def _image(value: Any, base: Path | None) -> str:
+    source = _text(value)
+    if is_url(source) or is_data_uri(source) or base is None:
+        return source
+    return os.path.abspath(base / source)  # relative to the catalogue file
+
+
+def _text(value: Any) -> str:
+    return "" if value is None else str(value).strip()
+
+
+def _present(value: Any) -> bool:
+    if isinstance(value, str):
+        return bool(value.strip())
+    if isinstance(value, list | tuple | dict):
+        return bool(value)
+    return value is not None
+
+
+def _has_surrogates(text: str) -> bool:
+    return any("\udc80" <= ch <= "\udcff" for ch in text)

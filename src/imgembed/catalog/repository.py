@@ -1,0 +1,528 @@
+"""All SQL of the product catalogue (tables from migration 0002): products per store, each
+store's provenance, per-store HNSW indexes, the bulk job's reads and atomic batch writes, and
+search. Every driver error becomes a StoreError here.
+
+Vectors are unit length (text, image) or fused (combined), so every index uses inner product
+(pgvector `<#>`, the negative inner product). An index per store and column is partial
+(`WHERE store_id = '<id>'`) on the column cast to its store's dimension; queries name the store
+as a literal so the planner can use it. pgvector indexes `vector` up to 2,000 dimensions and
+`halfvec` up to 4,000: wider columns (e.g. CLIP 512 + text-embedding-3-small 1536 = 2048) are
+indexed as halfvec and the few candidates are re-scored in full precision; over 4,000 they
+are searched exactly."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+import numpy as np
+import psycopg
+from pgvector.psycopg import register_vector
+from psycopg import sql
+from psycopg.types.json import Jsonb
+
+from imgembed.catalog.products import ProductInput
+from imgembed.errors import StoreError
+from imgembed.store.postgres import migrate
+
+VECTOR_LIMIT = 2000  # pgvector's HNSW limit for `vector`
+HALFVEC_LIMIT = 4000  # and for `halfvec`
+PARTS = ("combined", "image", "text")
+_PRODUCT_FIELDS = (
+    "title",
+    "description",
+    "category",
+    "price",
+    "currency",
+    "image_url",
+    "extra_image_urls",
+    "attributes",
+)
+
+
+@dataclass(frozen=True)
+class StoreProvenance:
+    """What made a store's vectors: only equal provenance gives comparable vectors."""
+
+    image_model: str
+    image_pretrained: str
+    image_preprocess: str
+    image_dimension: int
+    text_model: str
+    text_dimension: int
+
+    @property
+    def combined_dimension(self) -> int:
+        return self.image_dimension + self.text_dimension
+
+    def describe(self) -> str:
+        return (
+            f"image model {self.image_model} ({self.image_pretrained}, preprocess "
+            f"{self.image_preprocess}, {self.image_dimension}-d) and text model "
+            f"{self.text_model} ({self.text_dimension}-d)"
+        )
+
+
+@dataclass(frozen=True)
+class PlanRow:
+    """What the bulk job needs to decide whether a product is up to date (no vectors)."""
+
+    product_id: str
+    title: str
+    description: str
+    category: str | None
+    price: Decimal | None
+    currency: str | None
+    image_url: str | None
+    status: str
+    text_hash: str | None
+    embedded_image_url: str | None
+    has_text: bool
+    has_image: bool
+    has_combined: bool
+    weight_category: str | None
+    image_weight: float | None
+    text_weight: float | None
+
+
+@dataclass(frozen=True)
+class Stored:
+    text: np.ndarray | None
+    image: np.ndarray | None
+    image_hash: str | None
+
+
+@dataclass(frozen=True)
+class EmbeddedProduct:
+    product_id: str
+    text: np.ndarray
+    image: np.ndarray | None
+    combined: np.ndarray
+    weight_category: str
+    image_weight: float
+    text_weight: float
+    text_hash: str
+    image_hash: str | None
+    image_url: str | None
+
+
+@dataclass(frozen=True)
+class FailedProduct:
+    product_id: str
+    error: str
+    error_type: str
+
+
+def index_type(dimension: int) -> str | None:
+    if dimension <= VECTOR_LIMIT:
+        return "vector"
+    return "halfvec" if dimension <= HALFVEC_LIMIT else None
+
+
+def _index_name(store_id: str, part: str) -> str:
+    return f"imgembed_products_{part}_" + hashlib.sha256(store_id.encode()).hexdigest()[:16]
+
+
+def _ranked(column: str, dimension: int) -> sql.Composable:
+    """`column <#> query` in the form the store's index was built on."""
+    kind = index_type(dimension)
+    if kind is None:
+        return sql.SQL("{} <#> %(q)s::vector").format(sql.Identifier(column))
+    return sql.SQL("({col}::{kind}({dim})) <#> (%(q)s::vector({dim}))::{kind}({dim})").format(
+        col=sql.Identifier(column), kind=sql.SQL(kind), dim=sql.Literal(dimension)
+    )
+
+
+@contextlib.contextmanager
+def _translated(what: str) -> Iterator[None]:
+    try:
+        yield
+    except psycopg.Error as exc:
+        raise StoreError(f"catalogue store: {what} failed: {exc}") from exc
+
+
+class ProductRepository:
+    def __init__(self, url: str, upgrade: bool = True):
+        self.url = url
+        if upgrade:
+            migrate(url)
+        with _translated("connecting to PostgreSQL"):
+            self._connection = psycopg.connect(url, autocommit=True)
+            register_vector(self._connection)
+        self._lock = threading.RLock()
+
+    @contextlib.contextmanager
+    def _cursor(self, what: str, transaction: bool = False) -> Iterator[psycopg.Cursor[Any]]:
+        with _translated(what), self._lock:
+            tx = self._connection.transaction() if transaction else contextlib.nullcontext()
+            with tx, self._connection.cursor() as cursor:
+                yield cursor
+
+    def close(self) -> None:
+        self._connection.close()
+
+    # -- products --------------------------------------------------------------------------
+
+    def upsert_products(
+        self, store_id: str, products: Sequence[ProductInput]
+    ) -> tuple[int, int, int]:
+        """Insert or update by (store_id, product_id) in one transaction; rows whose data is
+        unchanged are left alone. Returns (inserted, updated, unchanged)."""
+        columns = sql.SQL(", ").join(map(sql.Identifier, _PRODUCT_FIELDS))
+        excluded = sql.SQL(", ").join(
+            sql.SQL("EXCLUDED.{}").format(sql.Identifier(f)) for f in _PRODUCT_FIELDS
+        )
+        current = sql.SQL(", ").join(
+            sql.SQL("imgembed_products.{}").format(sql.Identifier(f)) for f in _PRODUCT_FIELDS
+        )
+        statement = sql.SQL(
+            "INSERT INTO imgembed_products (store_id, product_id, {columns})"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+            " ON CONFLICT (store_id, product_id) DO UPDATE SET ({columns}) = ({excluded}),"
+            " updated_at = now() WHERE ({current}) IS DISTINCT FROM ({excluded})"
+            " RETURNING (xmax = 0)"
+        ).format(columns=columns, excluded=excluded, current=current)
+        params = [
+            (
+                store_id,
+                p.product_id,
+                p.title,
+                p.description,
+                p.category,
+                p.price,
+                p.currency,
+                p.image_url,
+                list(p.extra_image_urls),
+                Jsonb(p.attributes),
+            )
+            for p in products
+        ]
+        inserted = updated = 0
+        if not params:
+            return 0, 0, 0
+        with self._cursor("storing products", transaction=True) as cursor:
+            cursor.executemany(statement, params, returning=True)
+            for _ in cursor.results():
+                row = cursor.fetchone()
+                if row is not None:
+                    inserted += row[0]
+                    updated += not row[0]
+        return inserted, updated, len(params) - inserted - updated
+
+    def product(self, store_id: str, product_id: str) -> dict[str, Any] | None:
+        with self._cursor("reading a product") as cursor:
+            cursor.execute(
+                "SELECT product_id, title, description, category, price, currency, image_url,"
+                " extra_image_urls, attributes, status, last_error, error_type, attempts,"
+                " weight_category, image_weight, text_weight, text_model, image_model,"
+                " weights_version, image_hash, text_hash, created_at, updated_at, embedded_at,"
+                " combined_embedding IS NOT NULL AND image_embedding IS NULL AS text_only"
+                " FROM imgembed_products WHERE store_id = %s AND product_id = %s",
+                (store_id, product_id),
+            )
+            row = cursor.fetchone()
+            names = [c.name for c in cursor.description or []]
+        return dict(zip(names, row, strict=True)) if row else None
+
+    def count(self, store_id: str) -> int:
+        with self._cursor("counting products") as cursor:
+            cursor.execute(
+                "SELECT count(*) FROM imgembed_products WHERE store_id = %s", (store_id,)
+            )
+            return cursor.fetchone()[0]
+
+    # -- provenance and indexes -------------------------------------------------------------
+
+    def provenance(self, store_id: str) -> tuple[StoreProvenance, str] | None:
+        """The store's provenance and the weights version of its last embed run."""
+        with self._cursor("reading the store's provenance") as cursor:
+            cursor.execute(
+                "SELECT image_model, image_pretrained, image_preprocess, image_dimension,"
+                " text_model, text_dimension, weights_version"
+                " FROM imgembed_product_stores WHERE store_id = %s",
+                (store_id,),
+            )
+            row = cursor.fetchone()
+        return (StoreProvenance(*row[:6]), row[6]) if row else None
+
+    def set_provenance(
+        self, store_id: str, provenance: StoreProvenance, weights_version: str, reset: bool
+    ) -> None:
+        """Record the store's provenance and build its indexes. With `reset`, first forget
+        every vector of the store (another model's vectors must never be mixed in), all in
+        one transaction."""
+        values = (
+            store_id,
+            provenance.image_model,
+            provenance.image_pretrained,
+            provenance.image_preprocess,
+            provenance.image_dimension,
+            provenance.text_model,
+            provenance.text_dimension,
+            weights_version,
+        )
+        with self._cursor("recording the store's provenance", transaction=True) as cursor:
+            if reset:
+                cursor.execute(
+                    "UPDATE imgembed_products SET text_embedding = NULL, image_embedding = NULL,"
+                    " combined_embedding = NULL, text_hash = NULL, image_hash = NULL,"
+                    " embedded_image_url = NULL, status = 'pending', updated_at = now()"
+                    " WHERE store_id = %s",
+                    (store_id,),
+                )
+                for part in PARTS:
+                    cursor.execute(
+                        sql.SQL("DROP INDEX IF EXISTS {}").format(
+                            sql.Identifier(_index_name(store_id, part))
+                        )
+                    )
+            cursor.execute(
+                "INSERT INTO imgembed_product_stores (store_id, image_model, image_pretrained,"
+                " image_preprocess, image_dimension, text_model, text_dimension, weights_version)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (store_id) DO UPDATE SET"
+                " (image_model, image_pretrained, image_preprocess, image_dimension, text_model,"
+                " text_dimension, weights_version) = (EXCLUDED.image_model,"
+                " EXCLUDED.image_pretrained, EXCLUDED.image_preprocess,"
+                " EXCLUDED.image_dimension, EXCLUDED.text_model, EXCLUDED.text_dimension,"
+                " EXCLUDED.weights_version), updated_at = now()",
+                values,
+            )
+            dimensions = {
+                "combined": provenance.combined_dimension,
+                "image": provenance.image_dimension,
+                "text": provenance.text_dimension,
+            }
+            for part, dimension in dimensions.items():
+                kind = index_type(dimension)
+                if kind is None:
+                    continue  # wider than pgvector can index: searched exactly
+                cursor.execute(
+                    sql.SQL(
+                        "CREATE INDEX IF NOT EXISTS {index} ON imgembed_products USING hnsw"
+                        " (({column}::{kind}({dim})) {ops}) WHERE store_id = {store}"
+                    ).format(
+                        index=sql.Identifier(_index_name(store_id, part)),
+                        column=sql.Identifier(f"{part}_embedding"),
+                        kind=sql.SQL(kind),
+                        dim=sql.Literal(dimension),
+                        ops=sql.SQL(f"{kind}_ip_ops"),
+                        store=sql.Literal(store_id),
+                    )
+                )
+
+    def set_weights_version(self, store_id: str, version: str) -> None:
+        with self._cursor("recording the weights version") as cursor:
+            cursor.execute(
+                "UPDATE imgembed_product_stores SET weights_version = %s, updated_at = now()"
+                " WHERE store_id = %s",
+                (version, store_id),
+            )
+
+    @contextlib.contextmanager
+    def store_lock(self, store_id: str) -> Iterator[None]:
+        """One bulk job per store at a time (a session lock: a killed job's ends with it)."""
+        key = f"imgembed-catalog:{store_id}"
+        with self._cursor("locking the store") as cursor:
+            cursor.execute("SELECT pg_try_advisory_lock(hashtextextended(%s, 0))", (key,))
+            if not cursor.fetchone()[0]:
+                raise StoreError(
+                    f"another `catalog embed` is running for store {store_id!r}; "
+                    "wait for it to finish"
+                )
+        try:
+            yield
+        finally:
+            with self._cursor("unlocking the store") as cursor:
+                cursor.execute("SELECT pg_advisory_unlock(hashtextextended(%s, 0))", (key,))
+
+    # -- the bulk job -----------------------------------------------------------------------
+
+    def plan_rows(self, store_id: str, product_ids: Iterable[str] | None = None) -> list[PlanRow]:
+        where = sql.SQL("store_id = %s")
+        params: list[Any] = [store_id]
+        if product_ids is not None:
+            where = sql.SQL("{} AND product_id = ANY(%s)").format(where)
+            params.append(list(product_ids))
+        with self._cursor("reading the products to embed") as cursor:
+            cursor.execute(
+                sql.SQL(
+                    "SELECT product_id, title, description, category, price, currency,"
+                    " image_url, status, text_hash, embedded_image_url,"
+                    " text_embedding IS NOT NULL, image_embedding IS NOT NULL,"
+                    " combined_embedding IS NOT NULL, weight_category, image_weight, text_weight"
+                    " FROM imgembed_products WHERE {} ORDER BY product_id"
+                ).format(where),
+                params,
+            )
+            return [PlanRow(*row) for row in cursor.fetchall()]
+
+    def stored_vectors(self, store_id: str, product_ids: Sequence[str]) -> dict[str, Stored]:
+        """What is stored for products whose text or image need not be embedded again."""
+        if not product_ids:
+            return {}
+        with self._cursor("reading stored vectors") as cursor:
+            cursor.execute(
+                "SELECT product_id, text_embedding, image_embedding, image_hash"
+                " FROM imgembed_products WHERE store_id = %s AND product_id = ANY(%s)",
+                (store_id, list(product_ids)),
+            )
+            return {r[0]: Stored(_array(r[1]), _array(r[2]), r[3]) for r in cursor.fetchall()}
+
+    def save_batch(
+        self,
+        store_id: str,
+        provenance: StoreProvenance,
+        weights_version: str,
+        embedded: Sequence[EmbeddedProduct],
+        failed: Sequence[FailedProduct],
+    ) -> None:
+        """A batch's outcomes in one transaction: a kill loses at most this batch."""
+        image_model = (
+            f"{provenance.image_model} ({provenance.image_pretrained}) "
+            f"preprocess {provenance.image_preprocess}"
+        )
+        with self._cursor("storing a batch of embeddings", transaction=True) as cursor:
+            if embedded:
+                cursor.executemany(
+                    "UPDATE imgembed_products SET text_embedding = %s, image_embedding = %s,"
+                    " combined_embedding = %s, text_model = %s, image_model = %s,"
+                    " weights_version = %s, weight_category = %s, image_weight = %s,"
+                    " text_weight = %s, text_hash = %s, image_hash = %s,"
+                    " embedded_image_url = %s, status = 'embedded', last_error = NULL,"
+                    " error_type = NULL, attempts = attempts + 1, embedded_at = now(),"
+                    " updated_at = now() WHERE store_id = %s AND product_id = %s",
+                    [
+                        (
+                            e.text,
+                            e.image,
+                            e.combined,
+                            provenance.text_model,
+                            image_model if e.image is not None else None,
+                            weights_version,
+                            e.weight_category,
+                            e.image_weight,
+                            e.text_weight,
+                            e.text_hash,
+                            e.image_hash,
+                            e.image_url,
+                            store_id,
+                            e.product_id,
+                        )
+                        for e in embedded
+                    ],
+                )
+            if failed:
+                cursor.executemany(
+                    "UPDATE imgembed_products SET status = 'failed', last_error = %s,"
+                    " error_type = %s, attempts = attempts + 1, updated_at = now()"
+                    " WHERE store_id = %s AND product_id = %s",
+                    [(f.error, f.error_type, store_id, f.product_id) for f in failed],
+                )
+
+    def analyze(self) -> None:
+        # After a bulk load the planner has no statistics and may skip the HNSW indexes.
+        with self._cursor("analysing the products table") as cursor:
+            cursor.execute("ANALYZE imgembed_products")
+
+    # -- search and statistics --------------------------------------------------------------
+
+    def search(
+        self,
+        store_id: str,
+        *,
+        part: str,
+        dimension: int,
+        query: np.ndarray,
+        image_query: np.ndarray | None,
+        text_query: np.ndarray | None,
+        top_k: int,
+        ef_search: int,
+        category_key: str | None = None,
+        category: str | None = None,
+        max_price: Decimal | None = None,
+    ) -> list[dict[str, Any]]:
+        """Products nearest by inner product on one part (combined, image or text), with the
+        cosine of each part and the fused score computed in full precision, best first."""
+        column = f"{part}_embedding"
+        conditions = [
+            sql.SQL("store_id = {}").format(sql.Literal(store_id)),
+            sql.SQL("{} IS NOT NULL").format(sql.Identifier(column)),
+        ]
+        params: dict[str, Any] = {"q": query, "qi": image_query, "qt": text_query, "k": top_k}
+        if category is not None:
+            conditions.append(
+                sql.SQL("(weight_category = %(key)s OR lower(category) = lower(%(category)s))")
+            )
+            params.update(key=category_key, category=category)
+        if max_price is not None:
+            conditions.append(sql.SQL("price <= %(max_price)s"))
+            params["max_price"] = max_price
+        statement = sql.SQL(
+            "SELECT product_id, title, category, weight_category, price, currency, image_url,"
+            " image_weight, text_weight, -(image_embedding <#> %(qi)s::vector) AS image_score,"
+            " -(text_embedding <#> %(qt)s::vector) AS text_score,"
+            " -({column} <#> %(q)s::vector) AS score,"
+            " image_embedding IS NULL AS text_only"
+            " FROM imgembed_products WHERE {where} ORDER BY {ranked} LIMIT %(k)s"
+        ).format(
+            column=sql.Identifier(column),
+            where=sql.SQL(" AND ").join(conditions),
+            ranked=_ranked(column, dimension),
+        )
+        with self._cursor("searching products", transaction=True) as cursor:
+            # enough candidates for k, and keep scanning when filters drop some
+            ef = max(ef_search, 2 * top_k)
+            cursor.execute(sql.SQL("SET LOCAL hnsw.ef_search = {}").format(sql.Literal(ef)))
+            cursor.execute("SET LOCAL hnsw.iterative_scan = relaxed_order")
+            cursor.execute(statement, params)
+            names = [c.name for c in cursor.description or []]
+            rows = [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+        # relaxed order and halfvec ranking: re-sort the k rows by their exact score
+        return sorted(rows, key=lambda row: -row["score"])
+
+    def stats(self, store_id: str) -> dict[str, Any]:
+        with self._cursor("counting products") as cursor:
+            cursor.execute(
+                "SELECT count(*) AS total,"
+                " count(*) FILTER (WHERE status = 'embedded') AS embedded,"
+                " count(*) FILTER (WHERE status = 'failed') AS failed,"
+                " count(*) FILTER (WHERE status = 'pending') AS pending,"
+                " count(*) FILTER (WHERE combined_embedding IS NOT NULL"
+                "   AND image_embedding IS NULL) AS text_only,"
+                " count(*) FILTER (WHERE image_url IS NULL) AS without_image_url,"
+                " max(embedded_at) AS last_embedded_at"
+                " FROM imgembed_products WHERE store_id = %s",
+                (store_id,),
+            )
+            names = [c.name for c in cursor.description or []]
+            totals = dict(zip(names, cursor.fetchone(), strict=True))
+            cursor.execute(
+                "SELECT coalesce(weight_category, '(not embedded)'), count(*)"
+                " FROM imgembed_products WHERE store_id = %s GROUP BY 1 ORDER BY 1",
+                (store_id,),
+            )
+            totals["categories"] = dict(cursor.fetchall())
+            cursor.execute(
+                "SELECT error_type, count(*) FROM imgembed_products"
+                " WHERE store_id = %s AND status = 'failed' GROUP BY 1 ORDER BY 2 DESC",
+                (store_id,),
+            )
+            totals["errors"] = dict(cursor.fetchall())
+        return totals
+
+    def stores(self) -> list[str]:
+        with self._cursor("listing stores") as cursor:
+            cursor.execute("SELECT DISTINCT store_id FROM imgembed_products ORDER BY 1")
+            return [row[0] for row in cursor.fetchall()]
+
+
+def _array(value: Any) -> np.ndarray | None:
+    if value is None:
+        return None
+    raw = value.to_numpy() if hasattr(value, "to_numpy") else value
+    return np.asarray(raw, dtype=np.float32)

@@ -1,0 +1,258 @@
+"""Text embedders behind HTTP: any OpenAI-compatible `/v1/embeddings` endpoint (OpenAI,
+Ollama's /v1, vLLM, infinity, `imgembed serve`) and Ollama's own `/api/embed`.
+
+Requests carry up to `text_batch_size` texts. Timeouts, connection errors, 429 and 5xx are
+retried `text_retries` times with exponential backoff from `retry_delay` (a server's
+Retry-After is respected, up to a minute); other failures are typed at once: a rejected key
+(401/403) is a ConfigurationError, an unknown model a ModelUnavailableError, anything else
+and vectors of a different dimension than before a TextEmbeddingError."""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import httpx
+import numpy as np
+import tenacity
+
+from imgembed.catalog.text import checked_rows
+from imgembed.config import Settings
+from imgembed.errors import ConfigurationError, ModelUnavailableError, TextEmbeddingError
+
+log = logging.getLogger(__name__)
+
+OPENAI_BASE = "https://api.openai.com/v1"
+KNOWN_DIMENSIONS = {
+    "text-embedding-3-small": 1536,
+    "text-embedding-3-large": 3072,
+    "text-embedding-ada-002": 1536,
+}
+MAX_WAIT = 60.0
+
+
+class _Retryable(Exception):
+    def __init__(self, error: TextEmbeddingError, retry_after: float | None = None):
+        super().__init__(str(error))
+        self.error = error
+        self.retry_after = retry_after
+
+
+class HttpTextEmbedder:
+    """The request loop shared by both protocols; subclasses say what to send and read."""
+
+    name: str
+    url: str
+
+    def __init__(self, settings: Settings, headers: dict[str, str], dimension: int | None):
+        self._timeout = settings.text_timeout
+        self._retries = settings.text_retries
+        self._delay = settings.retry_delay
+        self._batch_size = settings.text_batch_size
+        self._dimension = dimension
+        self._client = httpx.Client(timeout=httpx.Timeout(settings.text_timeout), headers=headers)
+
+    def payload(self, texts: list[str]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def vectors(self, body: Any) -> list[Any]:
+        raise NotImplementedError
+
+    def refused(self, status: int, detail: str) -> Exception | None:
+        """A typed error for a status that retrying cannot fix, else None."""
+        if status in (401, 403):
+            return ConfigurationError(
+                f"{self.name}: {self.url} refused the API key ({status}: "
+                f"{detail}); check OPENAI_API_KEY"
+            )
+        return None
+
+    def dimension(self) -> int:
+        if self._dimension is None:
+            self.embed(["dimension"])
+        assert self._dimension is not None
+        return self._dimension
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        texts = list(texts)
+        if not texts:
+            return np.empty((0, self.dimension()), dtype=np.float32)
+        size = self._batch_size
+        return np.concatenate(
+            [self._embed_batch(texts[i : i + size]) for i in range(0, len(texts), size)]
+        )
+
+    def close(self) -> None:
+        self._client.close()
+
+    def _embed_batch(self, texts: list[str]) -> np.ndarray:
+        retrying = tenacity.Retrying(
+            stop=tenacity.stop_after_attempt(self._retries + 1),
+            wait=self._wait,
+            retry=tenacity.retry_if_exception_type(_Retryable),
+            before_sleep=self._log_retry,
+            reraise=True,
+        )
+        started = time.perf_counter()
+        try:
+            for attempt in retrying:
+                with attempt:
+                    rows = self._request(texts)
+        except _Retryable as exc:
+            raise TextEmbeddingError(
+                f"{exc.error} (gave up after {self._retries + 1} attempts)", exc.error.status
+            ) from exc
+        vectors = checked_rows(_as_matrix(rows, self.name), len(texts), self.name)
+        width = vectors.shape[1]
+        if self._dimension is None:
+            self._dimension = width
+        elif width != self._dimension:
+            raise TextEmbeddingError(
+                f"{self.name} at {self.url} returned {width}-d vectors where {self._dimension}-d "
+                "were expected: the endpoint serves another model (or `dimensions` changed). "
+                "Vectors of different models cannot be mixed; point IMGEMBED_TEXT_API_BASE back "
+                "at the original model, or re-embed the store with --force"
+            )
+        log.debug(
+            "[TEXT] %d texts from %s in %.2f s (length: %d)",
+            len(texts),
+            self.name,
+            time.perf_counter() - started,
+            width,
+        )
+        return vectors
+
+    def _request(self, texts: list[str]) -> list[Any]:
+        try:
+            response = self._client.post(self.url, json=self.payload(texts))
+        except httpx.TimeoutException as exc:
+            raise _Retryable(
+                TextEmbeddingError(
+                    f"{self.name}: no answer from {self.url} within {self._timeout} s"
+                )
+            ) from exc
+        except httpx.TransportError as exc:
+            raise _Retryable(
+                TextEmbeddingError(f"{self.name}: cannot reach {self.url}: {exc}")
+            ) from exc
+        status = response.status_code
+        if status == 429 or status >= 500:
+            error = TextEmbeddingError(
+                f"{self.name}: {self.url} answered {status}: {_detail(response)}", status
+            )
+            raise _Retryable(error, _retry_after(response.headers.get("Retry-After")))
+        if status >= 400:
+            detail = _detail(response)
+            raise self.refused(status, detail) or TextEmbeddingError(
+                f"{self.name}: {self.url} answered {status}: {detail}", status
+            )
+        try:
+            return self.vectors(response.json())
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise TextEmbeddingError(
+                f"{self.name}: {self.url} sent an answer that is not an embeddings response"
+            ) from exc
+
+    def _wait(self, state: tenacity.RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        backoff = self._delay * 2 ** (state.attempt_number - 1)
+        retry_after = exc.retry_after if isinstance(exc, _Retryable) else None
+        return min(MAX_WAIT, max(backoff, retry_after or 0.0))
+
+    def _log_retry(self, state: tenacity.RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        wait = state.next_action.sleep if state.next_action else 0.0
+        log.warning(
+            "[TEXT] %s; retry %d of %d in %.1f s", exc, state.attempt_number, self._retries, wait
+        )
+
+
+class OpenAIEmbedder(HttpTextEmbedder):
+    def __init__(self, model: str, settings: Settings):
+        base = (settings.text_api_base or OPENAI_BASE).rstrip("/")
+        key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else None
+        if not key and base == OPENAI_BASE:
+            raise ConfigurationError(
+                f"openai:{model} needs an API key: set OPENAI_API_KEY (or point "
+                "IMGEMBED_TEXT_API_BASE at an OpenAI-compatible server that needs none)"
+            )
+        self.name = f"openai:{model}"
+        self.model = model
+        self.url = f"{base}/embeddings"
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        super().__init__(settings, headers, KNOWN_DIMENSIONS.get(model))
+
+    def payload(self, texts: list[str]) -> dict[str, Any]:
+        return {"model": self.model, "input": texts, "encoding_format": "float"}
+
+    def vectors(self, body: Any) -> list[Any]:
+        data = sorted(body["data"], key=lambda item: item["index"])
+        return [item["embedding"] for item in data]
+
+    def refused(self, status: int, detail: str) -> Exception | None:
+        if status == 404:
+            return ModelUnavailableError(
+                f"{self.name}: {self.url} does not serve the model {self.model!r} ({detail})"
+            )
+        return super().refused(status, detail)
+
+
+class OllamaEmbedder(HttpTextEmbedder):
+    def __init__(self, model: str, settings: Settings):
+        self.name = f"ollama:{model}"
+        self.model = model
+        self.url = f"{settings.ollama_url.rstrip('/')}/api/embed"
+        super().__init__(settings, {}, None)
+
+    def payload(self, texts: list[str]) -> dict[str, Any]:
+        return {"model": self.model, "input": texts}
+
+    def vectors(self, body: Any) -> list[Any]:
+        return body["embeddings"]
+
+    def refused(self, status: int, detail: str) -> Exception | None:
+        if status == 404:
+            return ModelUnavailableError(
+                f"{self.name}: Ollama has no model {self.model!r} ({detail}); "
+                f"run `ollama pull {self.model}`"
+            )
+        return super().refused(status, detail)
+
+
+def _as_matrix(rows: list[Any], name: str) -> np.ndarray:
+    widths = {len(row) for row in rows}
+    if len(widths) > 1:
+        raise TextEmbeddingError(f"{name}: vectors of different lengths in one answer: {widths}")
+    try:
+        return np.asarray(rows, dtype=np.float32)
+    except (TypeError, ValueError) as exc:
+        raise TextEmbeddingError(f"{name}: embeddings that are not lists of numbers") from exc
+
+
+def _detail(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:200] or response.reason_phrase
+    error = body.get("error", body) if isinstance(body, dict) else body
+    if isinstance(error, dict):
+        error = error.get("message", error)
+    return str(error)[:200]
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds from a Retry-After header: a number, or an HTTP date."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        moment = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, moment.timestamp() - time.time())

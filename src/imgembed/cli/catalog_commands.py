@@ -1,0 +1,320 @@
+"""`imgembed catalog ...`: the product catalogue of the Findly document (import, embed, search,
+stats). Output of `embed` follows the document (its emoji lines, [BATCH] lines, progress and
+final statistics) on stderr; --json prints machine-readable results on stdout instead."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from imgembed.cli.app import app
+from imgembed.cli.common import (
+    DeviceOpt,
+    ModelOpt,
+    PrecisionOpt,
+    PretrainedOpt,
+    RuntimeOpt,
+    err,
+    fail,
+)
+from imgembed.errors import (
+    CollectionNotFoundError,
+    EncodeError,
+    ImgEmbedError,
+    ProvenanceMismatchError,
+    StoreError,
+)
+
+catalog_app = typer.Typer(
+    help="Products per store: text + image embeddings fused by category, and product search.",
+    no_args_is_help=True,
+)
+app.add_typer(catalog_app, name="catalog")
+
+StoreOpt = Annotated[
+    str, typer.Option("--store-id", "--store_id", help="The store the products belong to.")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="JSON on stdout instead of text.")]
+TextModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--text-model", help="minilm | clip | openai:<model> | ollama:<model> | a model folder."
+    ),
+]
+
+
+def _say(text: str) -> None:
+    err.print(text, markup=False, highlight=False, emoji=False)
+
+
+def _catalog(store_id: str | None = None, **options: Any):
+    """A Catalog with the store's own models for whatever the options do not name."""
+    from imgembed.catalog import Catalog
+
+    given = {key: value for key, value in options.items() if value is not None}
+    if store_id is None:
+        return Catalog(**given)
+    return Catalog.for_store(store_id, **given)
+
+
+@catalog_app.command("import")
+def import_(
+    file: Annotated[Path, typer.Argument(help="products.csv | .jsonl | Shopify products.json")],
+    store_id: StoreOpt,
+    format_: Annotated[
+        str | None,
+        typer.Option("--format", help="csv | jsonl | shopify (default: by the file's suffix)."),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Add or update products (by product id); bad rows are reported with their line and
+    skipped (exit 1 if there were any)."""
+    try:
+        with _catalog() as catalog:
+            report = catalog.import_file(file, store_id, format_)
+    except ImgEmbedError as exc:
+        raise fail(exc) from exc
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
+    else:
+        _say(
+            f"📦 Imported {report.rows} rows from {file} into store {report.store_id}: "
+            f"{report.inserted} new, {report.updated} updated, {report.unchanged} unchanged, "
+            f"{len(report.bad_rows)} bad ({report.duration:.2f} s)"
+        )
+        for bad in report.bad_rows:
+            _say(f"  ⚠️  {file}:{bad.line}: {bad.message}")
+    if report.bad_rows:
+        raise typer.Exit(1)
+
+
+class _Lines:
+    """The Findly document's progress lines."""
+
+    def __init__(self, verbose: bool):
+        self.verbose = verbose
+
+    def started(self, stats: Any) -> None:
+        _say(f"🚀 Starting embedding generation for store: {stats.store_id}")
+        _say(f"📊 Total products to process: {stats.to_process}")
+        if stats.skipped:
+            _say(f"   ({stats.skipped} of {stats.total} products are up to date)")
+
+    def batch(self, number: int, stats: Any, size: int) -> None:
+        _say(f"\n[BATCH] Processing batch {number}/{stats.batches} ({size} products)")
+        _say(f"📈 Progress: {stats.processed}/{stats.to_process} products processed")
+
+    def product(self, product_id: str, error: str | None) -> None:
+        if not self.verbose:
+            return
+        if error is None:
+            _say(f"✅ Successfully generated embeddings for product {product_id}")
+        else:
+            _say(f"❌ Failed to generate embeddings for product {product_id}: {error}")
+
+    def batch_done(self, stats: Any) -> None:
+        _say(f"📊 Progress: {100 * stats.processed / stats.to_process:.1f}% complete")
+
+
+def _debug_log() -> None:
+    """--verbose: the library's [TEXT] / [IMAGE] / [COMBINED] debug lines on stderr."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger("imgembed.catalog")
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False
+
+
+@catalog_app.command("embed")
+def embed(
+    store_id: StoreOpt,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", "--batch_size", min=1, help="Products per batch.")
+    ] = 50,
+    verbose: Annotated[
+        bool,
+        typer.Option("--verbose", "-v", help="A line per product and the debug log."),
+    ] = False,
+    only_missing: Annotated[
+        bool,
+        typer.Option("--only-missing", help="Only products without embeddings or that failed."),
+    ] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Every product (also with other models).")
+    ] = False,
+    as_json: JsonOpt = False,
+    model: ModelOpt = None,
+    pretrained: PretrainedOpt = None,
+    text_model: TextModelOpt = None,
+    device: DeviceOpt = None,
+    runtime: RuntimeOpt = None,
+    precision: PrecisionOpt = None,
+) -> None:
+    """Embed the store's products that are new, changed or failed before, in atomic batches
+    (a killed run resumes where it stopped); exit 1 if any product failed."""
+    if only_missing and force:
+        _say("error: --only-missing and --force exclude each other")
+        raise typer.Exit(2)
+    if verbose:
+        _debug_log()
+    mode = "force" if force else "missing" if only_missing else "changed"
+    try:
+        with _catalog(
+            store_id,
+            model=model,
+            pretrained=pretrained,
+            text_model=text_model,
+            device=device,
+            runtime=runtime,
+            precision=precision,
+        ) as catalog:
+            events = None if as_json else _Lines(verbose)
+            stats = catalog.embed(store_id, batch_size=batch_size, mode=mode, events=events)
+    except ImgEmbedError as exc:
+        stopped = isinstance(exc, EncodeError | StoreError)  # a dependency broke mid-run
+        if stopped and not isinstance(exc, ProvenanceMismatchError | CollectionNotFoundError):
+            _say("Batches already written are kept: run the same command again to resume.")
+        raise fail(exc) from exc
+    if as_json:
+        typer.echo(json.dumps(stats.to_dict(), indent=2, ensure_ascii=False))
+    else:
+        _say("\n🎉 Embedding generation completed!")
+        _say(
+            "📊 Final Statistics:\n"
+            f"   Total products: {stats.total}\n   Processed: {stats.processed}\n"
+            f"   Successful: {stats.successful}\n   Failed: {stats.failed}\n"
+            f"   Skipped: {stats.skipped}\n   Duration: {stats.duration:.2f} seconds\n"
+            f"   Without image (text only): {stats.text_only}\n"
+            f"   Products/s: {stats.products_per_second:.1f}"
+        )
+        for failure in stats.failures:
+            _say(f"  ❌ {failure['product_id']}: {failure['error']} ({failure['error_type']})")
+    if stats.failed:
+        raise typer.Exit(1)
+
+
+@catalog_app.command("search")
+def search(
+    store_id: StoreOpt,
+    text: Annotated[str | None, typer.Argument(help="What to look for, e.g. 'rode jurk'.")] = None,
+    image: Annotated[
+        str | None, typer.Option("--image", help="A query image (path or URL), alone or with text.")
+    ] = None,
+    category: Annotated[
+        str | None, typer.Option("--category", help="Only this category (or its alias).")
+    ] = None,
+    max_price: Annotated[
+        float | None, typer.Option("--max-price", "--max_price", min=0, help="Price at most.")
+    ] = None,
+    top_k: Annotated[int, typer.Option("--top-k", "--top_k", "-k", min=1, help="How many.")] = 10,
+    as_json: JsonOpt = False,
+    model: ModelOpt = None,
+    pretrained: PretrainedOpt = None,
+    text_model: TextModelOpt = None,
+    device: DeviceOpt = None,
+    runtime: RuntimeOpt = None,
+    precision: PrecisionOpt = None,
+) -> None:
+    """Products for a text, an image or both, with the score of each part. The store's own
+    models are used unless others are named."""
+    if text is None and image is None:
+        _say("error: give a text, --image, or both")
+        raise typer.Exit(2)
+    try:
+        with _catalog(
+            store_id,
+            model=model,
+            pretrained=pretrained,
+            text_model=text_model,
+            device=device,
+            runtime=runtime,
+            precision=precision,
+        ) as catalog:
+            hits = catalog.search(
+                store_id, text, image=image, top_k=top_k, category=category, max_price=max_price
+            )
+    except ImgEmbedError as exc:
+        raise fail(exc) from exc
+    if as_json:
+        typer.echo(json.dumps([hit.to_dict() for hit in hits], indent=2, ensure_ascii=False))
+        return
+    table = Table(
+        "#",
+        "score",
+        "image",
+        "text",
+        "w img/txt",
+        "product",
+        "title",
+        "category",
+        "price",
+        title=f"ranked by the {hits[0].ranked_by} part" if hits else None,
+    )
+    for hit in hits:
+        weights = f"{hit.image_weight:.2f}/{hit.text_weight:.2f}"
+        table.add_row(
+            str(hit.rank),
+            f"{hit.score:.4f}",
+            _cell(hit.image_score, "no image" if hit.text_only else "—"),
+            _cell(hit.text_score, "—"),
+            weights if hit.ranked_by == "combined" else "—",
+            hit.product_id,
+            hit.title,
+            f"{hit.category or ''} ({hit.weight_category})",
+            "" if hit.price is None else f"{hit.price:.2f} {hit.currency or ''}".strip(),
+        )
+    Console().print(table)
+
+
+def _cell(value: float | None, missing: str) -> str:
+    return missing if value is None else f"{value:.4f}"
+
+
+@catalog_app.command("stats")
+def stats(store_id: StoreOpt, as_json: JsonOpt = False) -> None:
+    """The store's products by state and category, its models and weights table."""
+    try:
+        with _catalog() as catalog:
+            result = catalog.stats(store_id)
+    except ImgEmbedError as exc:
+        raise fail(exc) from exc
+    if as_json:
+        typer.echo(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
+        return
+    table = Table("store " + result.store_id, "", show_header=True)
+    rows = [
+        ("products", result.total),
+        ("embedded", result.embedded),
+        ("  of which without image", result.text_only),
+        ("failed", result.failed),
+        ("never embedded", result.pending),
+        ("to embed now (new, changed, failed)", result.to_embed),
+        ("without image URL", result.without_image_url),
+        ("last embedded", result.last_embedded_at or "never"),
+    ]
+    for name, value in rows:
+        table.add_row(name, str(value))
+    for name, count in result.categories.items():
+        table.add_row(f"category {name}", str(count))
+    for name, count in result.errors.items():
+        table.add_row(f"error {name}", str(count))
+    if result.provenance:
+        p = result.provenance
+        table.add_row(
+            "image model", f"{p['image_model']} ({p['image_pretrained']}), {p['image_dimension']}-d"
+        )
+        table.add_row("text model", f"{p['text_model']}, {p['text_dimension']}-d")
+    stale = result.weights_version not in (None, result.current_weights_version)
+    table.add_row(
+        "weights table",
+        f"{result.current_weights_version}"
+        + (f" (store embedded with {result.weights_version})" if stale else ""),
+    )
+    Console().print(table)

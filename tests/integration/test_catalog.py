@@ -1,0 +1,354 @@
+"""The catalogue on the embedded Postgres: scores of a real search equal the fusion formula
+computed from the separate vectors (also over 2,000 dimensions, indexed as halfvec);
+incremental and resumable embedding; failures recorded and retried; provenance."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import psycopg
+import pytest
+from pgvector.psycopg import register_vector
+
+from imgembed.catalog import Catalog, findly_table, load_weights
+from imgembed.catalog.text_api import OpenAIEmbedder
+from imgembed.errors import CollectionNotFoundError, ProvenanceMismatchError
+from imgembed.store import embedded
+from imgembed.store.postgres import revisions
+from tests.conftest import TINY
+from tests.integration.embedding_server import EmbeddingServer
+
+REPO = Path(__file__).resolve().parents[2]
+TABLE = findly_table()
+
+
+@pytest.fixture
+def data_dir():
+    folder = Path(os.environ["IMGEMBED_DATA_DIR"])
+    yield folder
+    embedded.stop(folder)
+
+
+def _products(photos):
+    """One product per photo, categories spread over the table, and two without an image."""
+    categories = ["fashion", "kleding", "interieur", "tech", "sieraden", None]
+    rows = [
+        {
+            "id": f"p{n}",
+            "title": f"{photo.stem.replace('_', ' ')} print",
+            "price": 10 + n,
+            "description": f"A photo of {photo.stem}",
+            "category": categories[n % 6],
+            "image_url": str(photo),
+        }
+        for n, photo in enumerate(photos)
+    ]
+    rows.append({"id": "gift", "title": "Gift card", "category": "tech", "price": 25})
+    rows.append({"id": "book", "title": "Photo book", "category": "fashion", "price": 5})
+    return rows
+
+
+def _vectors(catalog, store_id):
+    """product_id -> (text, image or None, combined, image weight, text weight), read back."""
+    with psycopg.connect(catalog.repository.url) as connection:
+        register_vector(connection)
+        rows = connection.execute(
+            "SELECT product_id, text_embedding, image_embedding, combined_embedding, image_weight,"
+            " text_weight FROM imgembed_products WHERE store_id = %s",
+            (store_id,),
+        ).fetchall()
+
+    def array(value):
+        return None if value is None else np.asarray(value.to_numpy(), dtype=np.float64)
+
+    return {r[0]: (array(r[1]), array(r[2]), array(r[3]), r[4], r[5]) for r in rows}
+
+
+def _unit(v):
+    v = np.asarray(v, dtype=np.float64)
+    return v / np.linalg.norm(v)
+
+
+def _check_scores(hits, stored, q_image, q_text):
+    """Each hit's score from the database equals w_img*cos_img + w_txt*cos_txt computed here
+    from the stored separate vectors, and the order is the exact order of that formula."""
+    formula = {}
+    for product_id, (text, image, _, w_image, w_text) in stored.items():
+        cos_image = 0.0 if image is None else float(_unit(image) @ _unit(q_image))
+        formula[product_id] = w_image * cos_image + w_text * float(_unit(text) @ _unit(q_text))
+    for hit in hits:
+        assert hit.ranked_by == "combined"
+        assert hit.score == pytest.approx(formula[hit.product_id], abs=1e-6), hit.product_id
+        text, image, *_ = stored[hit.product_id]
+        assert hit.text_score == pytest.approx(float(_unit(text) @ _unit(q_text)), abs=1e-6)
+        if image is None:
+            assert hit.image_score is None and hit.text_only
+        else:
+            assert hit.image_score == pytest.approx(float(_unit(image) @ _unit(q_image)), abs=1e-6)
+    best = sorted(formula, key=lambda pid: -formula[pid])[: len(hits)]
+    assert [hit.product_id for hit in hits] == best
+
+
+def test_search_scores_equal_the_formula_from_the_separate_vectors(data_dir, photos):
+    with Catalog(**TINY) as catalog:  # tiny CLIP (text tower) + MiniLM (the default)
+        report = catalog.upsert_products("shop", _products(photos))
+        assert (report.inserted, report.bad_rows) == (len(photos) + 2, [])
+        stats = catalog.embed("shop", batch_size=3)
+        assert (stats.successful, stats.failed, stats.text_only) == (len(photos) + 2, 0, 2)
+        stored = _vectors(catalog, "shop")
+        for text, image, combined, w_image, w_text in stored.values():
+            assert combined.shape == (64 + 384,)  # concatenated, never averaged or padded
+            np.testing.assert_allclose(combined[64:], w_text * _unit(text), atol=1e-6)
+            if image is None:
+                assert not combined[:64].any()  # text-only: zero image part
+            else:
+                np.testing.assert_allclose(combined[:64], w_image * _unit(image), atol=1e-6)
+        assert stored["p1"][3:] == (0.75, 0.25) and stored["p3"][3:] == (0.55, 0.45)
+
+        query = "a cup of coffee"
+        hits = catalog.search("shop", query, top_k=len(stored))
+        q_image = catalog.service.embed_text(query)  # clip_text(q)
+        q_text = catalog.text_embedder.embed([query])[0]  # txt(q)
+        _check_scores(hits, stored, q_image, q_text)
+
+        both = catalog.search("shop", "cat", image=photos[1], top_k=4)  # [img(q) ; txt(q)]
+        _check_scores(
+            both,
+            stored,
+            catalog.service.embed_image(photos[1]),
+            catalog.text_embedder.embed(["cat"])[0],
+        )
+
+        by_image = catalog.search("shop", image=photos[2], top_k=3)  # one part: its own column
+        assert by_image[0].product_id == "p2" and by_image[0].ranked_by == "image"
+        assert by_image[0].score == pytest.approx(1, abs=1e-5)
+        assert all(h.text_score is None and not h.text_only for h in by_image)
+
+        fashion = catalog.search("shop", query, category="kleding", top_k=10)
+        assert {h.product_id for h in fashion} == {"p0", "p1", "book"}
+        cheap = catalog.search("shop", query, max_price=12, top_k=10)
+        assert {h.product_id for h in cheap} == {"p0", "p1", "p2", "book"}
+
+
+def test_combined_vectors_over_2000_dimensions_use_halfvec_indexes(data_dir, photos):
+    """EfficientNet-Lite0 1280 + a 1536-d OpenAI-compatible model = 2816 dimensions: more than
+    pgvector indexes as `vector`, so the store's combined index is on halfvec."""
+    server = EmbeddingServer(dimension=1536)
+    settings = {
+        "model": "efficientnet-lite0",
+        "text_model": "openai:text-embedding-3-small",
+        "text_api_base": f"{server.url}/v1",
+        "openai_api_key": "sk-test",
+    }
+    try:
+        with Catalog(**settings) as catalog:
+            catalog.upsert_products("wide", _products(photos))
+            assert catalog.embed("wide").successful == len(photos) + 2
+            with psycopg.connect(catalog.repository.url) as connection:
+                indexes = dict(
+                    connection.execute(
+                        "SELECT indexname, indexdef FROM pg_indexes WHERE indexdef LIKE %s",
+                        ("%store_id = 'wide'%",),
+                    ).fetchall()
+                )
+            kinds = sorted(d.split("::")[1].split(")")[0] for d in indexes.values())
+            assert kinds == ["halfvec(2816", "vector(1280", "vector(1536"]
+            stored = _vectors(catalog, "wide")
+            hits = catalog.search("wide", "coffee print", image=photos[2], top_k=len(stored))
+            assert hits[0].product_id == "p2"
+            _check_scores(
+                hits,
+                stored,
+                catalog.service.embed_image(photos[2]),
+                catalog.text_embedder.embed(["coffee print"])[0],
+            )
+            text_only = catalog.search("wide", "coffee print", top_k=2)  # no text tower
+            assert text_only[0].ranked_by == "text" and text_only[0].image_score is None
+    finally:
+        server.close()
+
+
+def test_incremental_runs_failures_weights_and_provenance(data_dir, photos, tmp_path):
+    products = _products(photos[:4])
+    products.append({"id": "broken", "title": "Broken", "image_url": str(tmp_path / "nope.jpg")})
+    with Catalog(**TINY) as catalog:
+        catalog.upsert_products("s", products)
+        first = catalog.embed("s")
+        assert (first.total, first.processed, first.successful, first.failed) == (7, 7, 6, 1)
+        assert first.failures == [
+            {
+                "product_id": "broken",
+                "error_type": "ImageNotFoundError",
+                "error": f"{tmp_path / 'nope.jpg'}: no such file",
+            }
+        ]
+        failed = catalog.product("s", "broken")
+        assert failed["status"] == "failed" and failed["error_type"] == "ImageNotFoundError"
+        before = _vectors(catalog, "s")
+
+        again = catalog.embed("s")  # only the failed product, retried
+        assert (again.processed, again.failed, again.skipped) == (1, 1, 6)
+        assert catalog.product("s", "broken")["attempts"] == 2
+
+        products[0]["title"] = "A new title"  # text changed
+        products[1]["category"] = "sieraden"  # category (in the text) and weights changed
+        products[2]["image_url"] = str(photos[5])  # image changed
+        products[-1]["image_url"] = str(photos[4])  # fixed
+        report = catalog.upsert_products("s", products)
+        assert (report.inserted, report.updated, report.unchanged) == (0, 4, 3)
+        third = catalog.embed("s")
+        assert (third.processed, third.successful, third.failed, third.skipped) == (4, 4, 0, 3)
+        after = _vectors(catalog, "s")
+        assert not np.array_equal(after["p0"][0], before["p0"][0])  # new text vector
+        np.testing.assert_array_equal(after["p0"][1], before["p0"][1])  # same image vector
+        assert not np.array_equal(after["p1"][0], before["p1"][0])
+        np.testing.assert_array_equal(after["p1"][1], before["p1"][1])
+        assert after["p1"][3:] == (0.55, 0.45) and before["p1"][3:] == (0.75, 0.25)
+        assert not np.array_equal(after["p2"][1], before["p2"][1])  # new image vector
+        np.testing.assert_array_equal(after["p2"][0], before["p2"][0])
+        assert catalog.product("s", "broken")["status"] == "embedded"
+
+        assert catalog.embed("s", mode="missing").processed == 0
+        forced = catalog.embed("s", mode="force")
+        assert (forced.processed, forced.skipped) == (7, 0)
+        stats = catalog.stats("s")
+        assert (stats.total, stats.embedded, stats.failed, stats.to_embed) == (7, 7, 0, 0)
+        assert stats.text_only == 2 and stats.provenance["text_model"] == "minilm"
+
+    weights = tmp_path / "weights.toml"
+    weights.write_text("[categories.fashion]\nimage = 0.5\ntext = 0.5\n")
+    with Catalog(**TINY, category_weights=weights) as catalog:
+        assert catalog.stats("s").to_embed == 2  # the two fashion products
+        before = _vectors(catalog, "s")
+        reweighed = catalog.embed("s")  # re-fused from the stored vectors: no model runs
+        assert (reweighed.processed, reweighed.skipped) == (2, 5)
+        after = _vectors(catalog, "s")
+        text, image, combined, *book_weights = after["p0"]
+        assert book_weights == [0.5, 0.5] and before["p0"][3:] == (0.75, 0.25)
+        np.testing.assert_array_equal(text, before["p0"][0])
+        np.testing.assert_array_equal(image, before["p0"][1])
+        np.testing.assert_allclose(
+            combined, np.concatenate([0.5 * _unit(image), 0.5 * _unit(text)]), atol=1e-6
+        )
+        assert catalog.stats("s").weights_version == load_weights(weights).version
+
+    with Catalog(model="imgembed-tiny", pretrained="seed:1") as other:
+        with pytest.raises(ProvenanceMismatchError, match="IMGEMBED_PRETRAINED=seed:0"):
+            other.embed("s")
+        with pytest.raises(ProvenanceMismatchError, match="--force"):
+            other.search("s", "cat")
+    same = Catalog.for_store("s")
+    assert same.service.model_ref.pretrained == "seed:0"  # the store's models by default
+    same.close()
+    with Catalog(model="imgembed-tiny", pretrained="seed:1") as other:
+        reset = other.embed("s", mode="force")  # another model: the store starts over
+        assert reset.successful == 7
+        assert other.search("s", "cat", top_k=1)[0].score is not None
+        assert other.stats("s").provenance["image_pretrained"] == "seed:1"
+        with pytest.raises(CollectionNotFoundError, match="no products"):
+            other.embed("empty")
+
+
+def test_seed_functions_lengths_and_fusion(data_dir, photos, monkeypatch):
+    import imgembed.catalog as catalog_module
+
+    monkeypatch.setenv("IMGEMBED_MODEL", "imgembed-tiny")
+    monkeypatch.setenv("IMGEMBED_PRETRAINED", "seed:0")
+    catalog_module.default_catalog.cache_clear()
+    try:
+        image = catalog_module.generate_image_embedding(str(photos[0]))
+        assert len(image) == 64 and np.linalg.norm(image) == pytest.approx(1, abs=1e-5)
+        combined = catalog_module.generate_embedding(
+            title="Rode T-shirt",
+            description="Comfortabele katoenen t-shirt",
+            category="fashion",
+            price=29.99,
+            image_url=str(photos[0]),
+        )
+        assert len(combined) == 64 + 384
+        catalog = catalog_module.default_catalog()
+        text = catalog.text_embedder.embed(
+            ["Rode T-shirt\nComfortabele katoenen t-shirt\nCategory: fashion\nPrice: 29.99"]
+        )[0]
+        manual = catalog_module.combine_embeddings(
+            text_emb=text, image_emb=image, category="kleding"
+        )
+        np.testing.assert_allclose(combined, manual, atol=1e-6)
+        np.testing.assert_allclose(manual[:64], 0.75 * np.asarray(image), atol=1e-6)
+        text_only = catalog_module.combine_embeddings(text_emb=text, image_emb=None)
+        assert not any(text_only[:64]) and len(text_only) == 448
+    finally:
+        catalog_module.default_catalog().close()
+        catalog_module.default_catalog.cache_clear()
+
+
+def test_alembic_upgrade_head_from_the_repository(data_dir):
+    alembic = str(Path(sys.executable).with_name("alembic"))
+    proc = subprocess.run(
+        [alembic, "upgrade", "head"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=os.environ,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "Running upgrade 0001 -> 0002" in proc.stderr
+    assert revisions(embedded.start(data_dir)) == ("0002", "0002")
+
+
+def test_openai_embedder_in_a_catalogue_keeps_its_dimension(data_dir, photos):
+    server = EmbeddingServer(dimension=32)
+    try:
+        with Catalog(**TINY, text_model="openai:m", text_api_base=f"{server.url}/v1") as catalog:
+            assert isinstance(catalog.text_embedder, OpenAIEmbedder)
+            catalog.upsert_products("o", _products(photos[:2]))
+            assert catalog.embed("o").successful == 4
+            assert catalog.provenance().text_dimension == 32
+        server.dimension = 8  # the endpoint now serves another model
+        with (
+            Catalog(**TINY, text_model="openai:m", text_api_base=f"{server.url}/v1") as catalog,
+            pytest.raises(ProvenanceMismatchError, match="openai:m"),
+        ):
+            catalog.search("o", "x")
+    finally:
+        server.close()
+
+
+def test_objects_for_an_http_layer_and_embedding_some_products(data_dir, photos):
+    """What an HTTP endpoint calls: upsert objects (flat or Shopify), embed just those, read
+    one back (no vectors)."""
+    shopify = {
+        "id": 42,
+        "title": "Shirt",
+        "body_html": "<p>Blue <b>cotton</b></p>",
+        "product_type": "Kleding",
+        "variants": [{"price": "20"}, {"price": "18.5"}],
+        "images": [{"src": str(photos[1]), "position": 1}],
+    }
+    with Catalog(**TINY) as catalog:
+        report = catalog.upsert_products(
+            "api",
+            [
+                {"id": "a", "title": "Lamp", "image_url": str(photos[2])},
+                {"title": "no id"},
+                shopify,
+                {"id": "b", "title": "Vase", "price": "many"},
+            ],
+        )
+        assert (report.rows, report.inserted) == (4, 2)
+        assert [(b.line, b.message) for b in report.bad_rows] == [
+            (2, "no product id (a column product_id, id, sku or handle)"),
+            (4, "product b: price 'many' is not a number"),
+        ]
+        stats = catalog.embed("api", product_ids=["42"])
+        assert (stats.total, stats.successful) == (1, 1)
+        shirt = catalog.product("api", "42")
+        assert shirt["status"] == "embedded" and shirt["weight_category"] == "fashion"
+        assert shirt["description"] == "Blue cotton" and float(shirt["price"]) == 18.5
+        assert shirt["image_model"].startswith("imgembed-tiny (seed:0) preprocess ")
+        assert catalog.product("api", "a")["status"] == "pending"
+        assert catalog.product("api", "nope") is None
+        assert catalog.stats("api").to_embed == 1

@@ -1,0 +1,152 @@
+"""Text embedders behind HTTP against a loopback server that speaks the OpenAI embeddings API
+and Ollama's: batching, retries with backoff on 429/5xx (Retry-After respected), a rejected
+key, a dimension change, timeouts, an unreachable server, an unknown model."""
+
+import socket
+import time
+
+import numpy as np
+import pytest
+
+from imgembed.catalog.text import create_text_embedder
+from imgembed.catalog.text_api import OllamaEmbedder, OpenAIEmbedder
+from imgembed.config import load_settings
+from imgembed.errors import ConfigurationError, ModelUnavailableError, TextEmbeddingError
+from tests.integration.embedding_server import EmbeddingServer, vector
+
+
+@pytest.fixture
+def server():
+    server = EmbeddingServer(dimension=16)
+    yield server
+    server.close()
+
+
+def _openai(server, model="test-embed", **overrides):
+    settings = load_settings(
+        text_api_base=f"{server.url}/v1",
+        openai_api_key="sk-test",
+        retry_delay=0.01,
+        text_batch_size=2,
+        **overrides,
+    )
+    return OpenAIEmbedder(model, settings)
+
+
+def _unit(v):
+    return v / np.linalg.norm(v)
+
+
+def test_batches_order_and_normalisation(server):
+    embedder = _openai(server)
+    texts = ["rode jurk", "blauwe lamp", "gouden ring", "zwarte tas", "witte vaas"]
+    vectors = embedder.embed(texts)
+    assert vectors.shape == (5, 16) and vectors.dtype == np.float32
+    expected = np.stack([_unit(vector(t, 16)) for t in texts])
+    np.testing.assert_allclose(vectors, expected, atol=1e-6)
+    assert [len(r["body"]["input"]) for r in server.requests] == [2, 2, 1]
+    first = server.requests[0]
+    assert first["path"] == "/v1/embeddings" and first["auth"] == "Bearer sk-test"
+    assert first["body"]["model"] == "test-embed" and first["body"]["encoding_format"] == "float"
+    assert embedder.dimension() == 16 and embedder.name == "openai:test-embed"
+    embedder.close()
+
+
+def test_429_then_success_respects_retry_after(server):
+    server.script = [("status", 429, {"Retry-After": "0.5"})]
+    embedder = _openai(server)
+    vectors = embedder.embed(["a"])
+    np.testing.assert_allclose(vectors[0], _unit(vector("a", 16)), atol=1e-6)
+    first, second = server.requests
+    assert second["at"] - first["at"] >= 0.5  # waited as told, not the 0.01 s backoff
+    embedder.close()
+
+
+def test_5xx_is_retried_three_times_then_a_typed_error(server):
+    server.script = [("status", 503, {})] * 4
+    embedder = _openai(server)
+    with pytest.raises(TextEmbeddingError, match=r"answered 503.*gave up after 4 attempts") as exc:
+        embedder.embed(["a"])
+    assert exc.value.status == 503 and len(server.requests) == 4
+    server.script = [("status", 502, {}), ("status", 500, {})]
+    assert embedder.embed(["b"]).shape == (1, 16)  # two failures, then success
+    embedder.close()
+
+
+def test_401_is_a_configuration_error_without_retries(server):
+    server.script = [("status", 401, {})]
+    embedder = _openai(server)
+    with pytest.raises(ConfigurationError, match=r"refused the API key \(401.*OPENAI_API_KEY"):
+        embedder.embed(["a"])
+    assert len(server.requests) == 1
+    server.script = [("status", 400, {})]
+    with pytest.raises(TextEmbeddingError, match="answered 400: scripted 400"):
+        embedder.embed(["a"])
+    server.script = [("status", 404, {})]
+    with pytest.raises(ModelUnavailableError, match="does not serve the model 'test-embed'"):
+        embedder.embed(["a"])
+    embedder.close()
+
+
+def test_a_dimension_change_is_a_typed_error(server):
+    known = _openai(server, model="text-embedding-3-small")  # 1536-d by its name
+    with pytest.raises(TextEmbeddingError, match="returned 16-d vectors where 1536-d"):
+        known.embed(["a"])
+    embedder = _openai(server)
+    assert embedder.embed(["a"]).shape == (1, 16)
+    server.script = [("dimension", 8)]  # the endpoint now serves another model
+    with pytest.raises(TextEmbeddingError, match="returned 8-d vectors where 16-d"):
+        embedder.embed(["b"])
+    known.close()
+    embedder.close()
+
+
+def test_timeouts_and_an_unreachable_server(server):
+    server.script = [("sleep", 1.0), ("sleep", 1.0)]
+    embedder = _openai(server, text_timeout=0.2, text_retries=1)
+    with pytest.raises(TextEmbeddingError, match=r"no answer .* within 0\.2 s"):
+        embedder.embed(["a"])
+    assert len(server.requests) == 2
+    embedder.close()
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    settings = load_settings(
+        text_api_base=f"http://127.0.0.1:{port}/v1", retry_delay=0.01, text_retries=1
+    )
+    started = time.monotonic()
+    with pytest.raises(TextEmbeddingError, match="cannot reach"):
+        OpenAIEmbedder("m", settings).embed(["a"])
+    assert time.monotonic() - started < 30
+
+
+def test_openai_without_a_key_names_the_variable(monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    with pytest.raises(ConfigurationError, match="set OPENAI_API_KEY"):
+        OpenAIEmbedder("text-embedding-3-small", load_settings())
+
+
+def test_ollama_api_embed(server, monkeypatch):
+    monkeypatch.setenv("CLIP_OLLAMA_ENDPOINT", server.url)  # the GenericRAG seed's variable
+    settings = load_settings(text_model="ollama:nomic-embed-text", retry_delay=0.01)
+    embedder = create_text_embedder(settings, service=None)
+    assert isinstance(embedder, OllamaEmbedder) and embedder.name == "ollama:nomic-embed-text"
+    vectors = embedder.embed(["een rode jurk", "a lamp"])
+    np.testing.assert_allclose(vectors[1], _unit(vector("a lamp", 16)), atol=1e-6)
+    request = server.requests[-1]
+    assert request["path"] == "/api/embed"
+    assert request["body"] == {"model": "nomic-embed-text", "input": ["een rode jurk", "a lamp"]}
+    server.script = [("status", 404, {})]
+    with pytest.raises(ModelUnavailableError, match="ollama pull nomic-embed-text"):
+        embedder.embed(["x"])
+    seed_style = load_settings({"ollama_endpoint": "http://ollama.example:11434"})
+    assert seed_style.ollama_url == "http://ollama.example:11434"
+    embedder.close()
+
+
+def test_unknown_text_models_are_clear_errors(tmp_path):
+    with pytest.raises(ConfigurationError, match="unknown text model 'bert'"):
+        create_text_embedder(load_settings(text_model="bert"), service=None)
+    with pytest.raises(ModelUnavailableError, match="not a sentence-transformers model folder"):
+        create_text_embedder(load_settings(text_model=str(tmp_path)), service=None)

@@ -1,0 +1,120 @@
+"""Fusion and the category weights table: the inner product of a fused product vector with a
+query is exactly w_img * cos_img + w_txt * cos_txt with the product's own category weights."""
+
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from imgembed.catalog import fusion
+from imgembed.catalog.weights import Weights, WeightsTable, findly_table, load_weights
+from imgembed.errors import ConfigurationError
+
+TABLE = findly_table()
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    image_dim=st.sampled_from([8, 64, 512, 1280]),
+    text_dim=st.sampled_from([16, 384, 1536]),
+    scale=st.floats(0.01, 100),
+)
+def test_inner_product_is_the_weighted_sum_of_cosines_for_every_category(
+    seed, image_dim, text_dim, scale
+):
+    rng = np.random.default_rng(seed)
+    image, query_image = rng.standard_normal((2, image_dim)) * scale  # any length: unit parts
+    text, query_text = rng.standard_normal((2, text_dim)) * scale
+    cos_image = image @ query_image / np.linalg.norm(image) / np.linalg.norm(query_image)
+    cos_text = text @ query_text / np.linalg.norm(text) / np.linalg.norm(query_text)
+    query = fusion.query(query_image, query_text)
+    assert query.shape == (image_dim + text_dim,)  # concatenated: never averaged or padded
+    for category, weights in TABLE.categories.items():
+        combined = fusion.fuse(image, text, weights, image_dim)
+        expected = weights.image * cos_image + weights.text * cos_text
+        assert float(combined @ query) == pytest.approx(expected, abs=1e-6), category
+        assert fusion.score(weights, cos_image, cos_text) == pytest.approx(expected, abs=1e-12)
+        # without an image the image part is zero: cos_img counts as 0
+        text_only = fusion.fuse(None, text, weights, image_dim)
+        assert not text_only[:image_dim].any()
+        assert float(text_only @ query) == pytest.approx(weights.text * cos_text, abs=1e-6)
+
+
+def test_the_findly_table_and_its_aliases():
+    assert TABLE.weights("fashion") == ("fashion", Weights(0.75, 0.25))
+    assert TABLE.weights("Interieur") == ("interior", Weights(0.75, 0.25))
+    assert TABLE.weights("sieraden") == ("jewellery", Weights(0.55, 0.45))
+    assert TABLE.weights("Tech") == ("tech", Weights(0.55, 0.45))
+    assert TABLE.weights("  KLEDING ") == ("fashion", Weights(0.75, 0.25))
+    assert TABLE.key("Dames kleding") == "fashion"  # a word of it that the table knows
+    assert TABLE.key("Home & Garden") == "interior"
+    assert TABLE.key("posters") == TABLE.key(None) == TABLE.key("") == "general"
+    assert TABLE.categories["general"] == Weights(0.60, 0.40)
+
+
+def test_weights_file_adds_and_replaces_categories(tmp_path):
+    toml = tmp_path / "weights.toml"
+    toml.write_text(
+        'default = "general"\n'
+        "[categories.fashion]\nimage = 0.9\ntext = 0.1\n"
+        '[categories.books]\nimage = 0.2\ntext = 0.8\naliases = ["boeken", "Bücher"]\n'
+        "[categories.home]\nimage = 0.7\ntext = 0.3\n"
+    )
+    table = load_weights(toml)
+    assert table.weights("kleding") == ("fashion", Weights(0.9, 0.1))  # old alias, new weights
+    assert table.weights("BÜCHER") == ("books", Weights(0.2, 0.8))
+    assert table.key("home") == "home"  # was an alias of interior: now its own category
+    assert table.key("interieur") == "interior"
+    assert table.version != TABLE.version
+    as_json = tmp_path / "weights.json"
+    categories = {
+        "fashion": {"image": 0.9, "text": 0.1},
+        "books": {"image": 0.2, "text": 0.8, "aliases": ["boeken", "Bücher"]},
+        "home": {"image": 0.7, "text": 0.3},
+    }
+    as_json.write_text(json.dumps({"categories": categories}))
+    assert load_weights(as_json).version == table.version  # same table, same version
+    assert load_weights(None).version == TABLE.version
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("[categories.x]\nimage = 0.7\ntext = 0.7\n", "must add up to 1"),
+        ("[categories.x]\nimage = -0.5\ntext = 1.5\n", r"in \[0, 1\]"),
+        ("[categories.x]\nimage = 0.5\n", "numeric 'image' and 'text'"),
+        ("[categories.x]\nimage = 0.5\ntext = 0.5\nweight = 1\n", "takes 'image', 'text'"),
+        ('default = "nothing"\n', "default category 'nothing'"),
+        ("categorys = 1\n", "expected keys"),
+        ("[categories.x]\nimage = 0.5\ntext = 0.5\naliases = ['fashion']\n", "also a category"),
+        ("not toml at all [", "cannot read category weights"),
+    ],
+)
+def test_bad_weights_files_are_clear_errors(tmp_path, content, message):
+    path = tmp_path / "w.toml"
+    path.write_text(content)
+    with pytest.raises(ConfigurationError, match=message):
+        load_weights(path)
+
+
+def test_missing_weights_file():
+    with pytest.raises(ConfigurationError, match="cannot read category weights"):
+        load_weights("/nonexistent/weights.toml")
+
+
+def test_fuse_refuses_vectors_it_cannot_normalise_or_place():
+    weights = Weights(0.6, 0.4)
+    with pytest.raises(ConfigurationError, match="zero"):
+        fusion.fuse(np.zeros(4), np.ones(3), weights, 4)
+    with pytest.raises(ConfigurationError, match="non-finite"):
+        fusion.fuse(np.ones(4), [1.0, np.nan, 0.0], weights, 4)
+    with pytest.raises(ConfigurationError, match="5 dimensions, expected 4"):
+        fusion.fuse(np.ones(5), np.ones(3), weights, 4)
+
+
+def test_a_table_is_checked_when_built():
+    with pytest.raises(ConfigurationError, match="names no category"):
+        WeightsTable({"general": Weights(0.6, 0.4)}, {"x": "missing"})

@@ -1,0 +1,202 @@
+"""Catalogue files into products: CSV, JSON lines, Shopify products.json; bad rows are
+reported with their line in the file and never stop the rest."""
+
+import json
+from decimal import Decimal
+
+import pytest
+
+from imgembed.catalog.importer import read_catalogue
+from imgembed.catalog.products import product_text, strip_html
+from imgembed.errors import ConfigurationError
+
+
+def _lines(parsed):
+    return {bad.line: bad.message for bad in parsed.bad_rows}
+
+
+def test_csv_with_aliases_html_prices_relative_images_and_bad_rows(tmp_path):
+    (tmp_path / "img").mkdir()
+    path = tmp_path / "products.csv"
+    path.write_bytes(
+        "\ufeffSKU,Name,Body (HTML),Type,Price,Currency,Image,Tags,Colour\n"  # BOM, Shopify-ish
+        'A1,Rode jurk,"<p>Zomerse <b>jurk</b>&nbsp;van katoen</p><p>Maat M</p>",kleding,"29,99",'
+        'eur,img/a1.jpg,"zomer, rood",rood\n'
+        'A2,Lamp,Een lamp,interieur,"€ 1.299,00",EUR,https://shop.example/a2.jpg,,\n'
+        "\n"  # blank lines are not rows
+        ",No id,x,,1,,,,\n"
+        "A4,,no title,,1,,,,\n"
+        'A5,"Multi\nline title",x,,abc,,,,\n'  # a record over two lines: reported at its start
+        "A6,Too many,x,,1,,,,,extra\n"
+        "A7,Negative,x,,-3,,,,\n"
+        "A8,Vaas,x,,1299.5,,,,\n".encode()
+    )
+    parsed = read_catalogue(path)
+    assert parsed.format == "csv" and parsed.rows == 8
+    assert _lines(parsed) == {
+        5: "no product id (a column product_id, id, sku or handle)",
+        6: "product A4: no title",
+        7: "product A5: price 'abc' is not a number",
+        9: "10 fields, but the header has 9",
+        10: "product A7: price '-3' must be 0 or more",
+    }
+    (line, jurk), (_, lamp), (_, vaas) = parsed.products
+    assert line == 2
+    assert jurk.product_id == "A1" and jurk.title == "Rode jurk"
+    assert jurk.description == "Zomerse jurk van katoen\nMaat M"  # &nbsp; is a space
+    assert jurk.category == "kleding" and jurk.price == Decimal("29.99") and jurk.currency == "EUR"
+    assert jurk.image_url == str(tmp_path / "img" / "a1.jpg")  # relative to the file
+    assert jurk.attributes == {"tags": ["zomer", "rood"], "colour": "rood"}
+    assert lamp.price == Decimal("1299.00") and lamp.image_url == "https://shop.example/a2.jpg"
+    assert vaas.price == Decimal("1299.5") and vaas.image_url is None
+
+
+def test_jsonl_flat_and_shopify_objects(tmp_path):
+    path = tmp_path / "products.jsonl"
+    rows = [
+        {
+            "product_id": 1,
+            "title": "Ring",
+            "description": "Gold",
+            "category": "sieraden",
+            "price": 99,
+            "image_url": "https://x/1.jpg",
+            "attributes": {"material": "gold"},
+        },
+        "not json",
+        [1, 2],
+        {
+            "id": 7,
+            "title": "Shirt",
+            "body_html": "<ul><li>Cotton</li><li>Blue</li></ul>",
+            "product_type": "Fashion",
+            "variants": [{"price": "19.95"}, {"price": "17.50"}],
+            "images": [
+                {"src": "https://x/b.jpg", "position": 2},
+                {"src": "https://x/a.jpg", "position": 1},
+            ],
+        },
+        {"title": "no id"},
+    ]
+    lines = [r if isinstance(r, str) else json.dumps(r) for r in rows]
+    path.write_text("\n".join(lines[:2]) + "\n\n" + "\n".join(lines[2:]) + "\n")
+    parsed = read_catalogue(path)
+    assert _lines(parsed) == {
+        2: "not valid JSON: Expecting value",
+        4: "not a JSON object",
+        6: "no product id (a column product_id, id, sku or handle)",
+    }
+    (line_ring, ring), (line_shirt, shirt) = parsed.products
+    assert (line_ring, line_shirt) == (1, 5)
+    assert ring.product_id == "1" and ring.attributes == {"material": "gold"}
+    assert ring.price == Decimal("99")
+    assert shirt.description == "Cotton\nBlue" and shirt.category == "Fashion"
+    assert shirt.price == Decimal("17.50")  # the lowest variant: Shopify's "from" price
+    assert shirt.image_url == "https://x/a.jpg" and shirt.extra_image_urls == ("https://x/b.jpg",)
+
+
+SHOPIFY = """{
+  "products": [
+    {
+      "id": 632910392,
+      "title": "IPod Nano - 8GB",
+      "body_html": "<p>It's the <em>small</em> iPod with one very big idea: Video.</p>",
+      "vendor": "Apple",
+      "product_type": "Cult Products",
+      "handle": "ipod-nano",
+      "tags": "Emotive, Flash Memory, MP3, Music",
+      "variants": [
+        {"id": 808950810, "price": "199.00", "sku": "IPOD2008PINK",
+         "presentment_prices": [{"price": {"amount": "199.00", "currency_code": "USD"}}]},
+        {"id": 49148385, "price": "189.00", "sku": "IPOD2008RED"}
+      ],
+      "images": [{"id": 850703190, "position": 1, "src": "https://cdn.shopify.com/ipod-nano.png"},
+                 {"id": 562641783, "position": 2, "src": "https://cdn.shopify.com/ipod-nano-2.png"}],
+      "image": {"src": "https://cdn.shopify.com/ipod-nano.png"}
+    },
+    {
+      "id": 921728736,
+      "title": "",
+      "body_html": "no title",
+      "variants": []
+    },
+    {
+      "id": 5,
+      "title": "Broken price",
+      "variants": [{"price": "gratis"}]
+    },
+    {
+      "id": 6,
+      "title": "Gift card",
+      "body_html": "&lt;digital&gt; &amp; instant<script>track()</script>",
+      "variants": [{"price": "25.00"}],
+      "images": []
+    }
+  ]
+}"""
+
+
+def test_shopify_products_json_with_line_numbers(tmp_path):
+    path = tmp_path / "products.json"
+    path.write_text(SHOPIFY)
+    parsed = read_catalogue(path)
+    assert parsed.format == "shopify"
+    assert _lines(parsed) == {
+        20: "product 921728736: no title",  # the line where the product's object starts
+        26: "product 5: price 'gratis' is not a number",
+    }
+    (line, ipod), (gift_line, gift) = parsed.products
+    assert (line, gift_line) == (3, 31)
+    assert ipod.product_id == "632910392" and ipod.title == "IPod Nano - 8GB"
+    assert ipod.description == "It's the small iPod with one very big idea: Video."
+    assert ipod.category == "Cult Products" and ipod.price == Decimal("189.00")
+    assert ipod.currency == "USD"
+    assert ipod.image_url == "https://cdn.shopify.com/ipod-nano.png"
+    assert ipod.extra_image_urls == ("https://cdn.shopify.com/ipod-nano-2.png",)
+    assert ipod.attributes == {
+        "vendor": "Apple",
+        "handle": "ipod-nano",
+        "tags": ["Emotive", "Flash Memory", "MP3", "Music"],
+    }
+    assert gift.description == "<digital> & instant" and gift.image_url is None
+
+
+def test_a_broken_json_document_keeps_what_came_before(tmp_path):
+    path = tmp_path / "products.json"
+    broken = SHOPIFY.replace('"id": 5,', '"id": 5 oops')
+    path.write_text(broken)
+    parsed = read_catalogue(path)
+    assert [p.product_id for _, p in parsed.products] == ["632910392"]
+    assert parsed.bad_rows[-1].line == 27 and "rest is skipped" in parsed.bad_rows[-1].message
+    plain = tmp_path / "list.json"
+    plain.write_text('[{"id": "a", "title": "A"},\n {"id": "b", "title": "B"}]')
+    assert [(n, p.product_id) for n, p in read_catalogue(plain).products] == [(1, "a"), (2, "b")]
+    other = tmp_path / "other.json"
+    other.write_text('{"items": []}')
+    assert 'no "products" list' in read_catalogue(other).bad_rows[0].message
+
+
+def test_rows_that_are_not_utf8_are_reported(tmp_path):
+    path = tmp_path / "latin1.csv"
+    path.write_bytes(b"id,title\n1,Caf\xe9 au lait\n2,Tea\n")
+    parsed = read_catalogue(path)
+    assert _lines(parsed) == {2: "product 1: text that is not valid UTF-8"}
+    assert [p.title for _, p in parsed.products] == ["Tea"]
+
+
+def test_unknown_format_and_missing_file(tmp_path):
+    with pytest.raises(ConfigurationError, match="unknown catalogue format"):
+        read_catalogue(tmp_path / "products.xml")
+    with pytest.raises(ConfigurationError, match="cannot read"):
+        read_catalogue(tmp_path / "missing.csv")
+    odd = tmp_path / "products.txt"
+    odd.write_text('{"id": 1, "title": "x"}\n')
+    assert read_catalogue(odd, "jsonl").products[0][1].title == "x"
+
+
+def test_product_text_template_and_html():
+    assert product_text("Rode jurk", "Katoen", "kleding", Decimal("29.9"), "EUR") == (
+        "Rode jurk\nKatoen\nCategory: kleding\nPrice: 29.90 EUR"
+    )
+    assert product_text("Lamp", "", None, None, None) == "Lamp"
+    assert strip_html("<div>a<br>b</div><style>p{}</style>  c &gt; d") == "a\nb\nc > d"
