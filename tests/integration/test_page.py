@@ -10,6 +10,7 @@ import pytest
 
 from imgembed import ImageEmbeddingService
 from imgembed.api import create_app
+from imgembed.catalog import Catalog
 from imgembed.config import load_settings
 from imgembed.indexing import IndexItem
 from imgembed.store import embedded
@@ -124,4 +125,58 @@ def test_the_page_asks_for_an_api_key_when_the_server_wants_one(indexed):
             "[...document.querySelectorAll('#results .card img')]"
             ".every(img => img.complete && img.naturalWidth > 0)"
         )  # thumbnails fetched with the key
+        browser.close()
+
+
+def test_the_product_view_in_a_real_browser(data_dir, photos, tmp_path):
+    """Products of a store: text search with per-part scores, a photo plus text, thumbnails."""
+    playwright = pytest.importorskip("playwright.sync_api")
+    root = tmp_path / "root"
+    root.mkdir()
+    rows = []
+    for n, photo in enumerate(photos):
+        shutil.copy(photo, root / photo.name)
+        rows.append({"id": photo.stem, "title": f"{photo.stem} poster", "price": 10 + n,
+                     "category": "fashion", "image_url": str(root / photo.name)})  # fmt: skip
+    rows.append({"id": "gift", "title": "Gift card", "category": "tech"})
+    with Catalog(**TINY) as catalog:
+        catalog.upsert_products("demo", rows)
+        assert catalog.embed("demo").successful == len(rows)
+    settings = load_settings(**TINY, allowed_roots=[root])
+    with (
+        serve_in_thread(create_app(settings)) as base,
+        playwright.sync_playwright() as p,
+    ):
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        page = browser.new_page()
+        page.set_default_timeout(TIMEOUT)
+        errors: list[str] = []
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.goto(f"{base}/")
+        page.click("#view-products")
+        page.wait_for_selector("#store option", state="attached")
+        assert page.locator("#store").input_value() == "demo"
+        assert page.locator("#text-form").is_hidden()
+
+        page.fill("#product-query", "poster")
+        page.click("#product-search")
+        count = len(rows)
+        page.wait_for_function(f"document.querySelectorAll('#results .product').length === {count}")
+        parts = page.locator("#results .product .parts").all_inner_texts()
+        assert all(text.startswith("image ") and " + text " in text for text in parts)
+        assert "no image" in page.locator("#results .product", has_text="Gift card").inner_text()
+        page.wait_for_function(
+            "[...document.querySelectorAll('#results .product img')].filter(img =>"
+            f" img.complete && img.naturalWidth > 0).length === {count - 1}"
+        )  # every product photo arrived through the API; the gift card has none
+
+        page.fill("#product-query", "chelsea poster")
+        page.set_input_files("#product-file", str(root / "chelsea.png"))
+        page.wait_for_function(
+            "document.querySelector('#status').textContent"
+            ".includes('products for “chelsea poster” + chelsea.png')"
+        )
+        assert page.locator("#results .product").first.get_attribute("data-id") == "chelsea"
+        assert "ranked by combined" in page.locator("#status").inner_text()
+        assert errors == []
         browser.close()

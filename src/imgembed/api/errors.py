@@ -26,6 +26,7 @@ from imgembed.errors import (
     RequestTooLargeError,
     SourceNotAllowedError,
     StoreError,
+    TextEmbeddingError,
     UnavailableError,
     UnsupportedFormatError,
     error_dict,
@@ -53,6 +54,7 @@ STATUS: list[tuple[type[ImgEmbedError], int]] = [
     (ConfigurationError, 422),  # the request cannot work with this model or these settings
     (UnavailableError, 503),  # overloaded, loading, shutting down
     (ModelUnavailableError, 503),
+    (TextEmbeddingError, 502),  # the catalogue's text embedder (an API) failed
     (EncodeError, 503),
     (StoreError, 503),
     (ImgEmbedError, 500),

@@ -1,6 +1,7 @@
-"""Background index jobs: one at a time in a worker thread (indexing already uses every core),
-progress readable while they run. Jobs live in memory: indexing is idempotent, so after a
-restart the same request resumes where the last stored batch ended."""
+"""Background jobs (indexing a collection, embedding a store's products): one at a time in a
+worker thread (each already uses every core), progress readable while they run. Jobs live in
+memory: both kinds are idempotent, so after a restart the same request resumes where the last
+stored batch ended."""
 
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ from typing import Any
 from imgembed.api.errors import NotFoundError
 from imgembed.engine.pipeline import Progress, ProgressCallback
 from imgembed.errors import ImgEmbedError, UnavailableError, error_dict
-from imgembed.indexing import IndexStats
 
 KEEP = 100  # finished jobs remembered
 log = logging.getLogger("imgembed.api")
@@ -27,23 +27,27 @@ log = logging.getLogger("imgembed.api")
 @dataclass
 class Job:
     id: str
-    collection: str
+    kind: str  # index | catalog-embed
+    target: str  # the collection, or the store
     total: int
     status: str = "queued"  # queued | running | done | failed | cancelled
     progress: Progress | None = None
-    stats: IndexStats | None = None
+    stats: Any = None  # IndexStats or EmbedStats
     error: dict[str, Any] | None = None
     created: float = field(default_factory=time.time)
     finished: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         stats = None
-        if self.stats is not None:
+        if hasattr(self.stats, "to_dict"):
+            stats = self.stats.to_dict()
+        elif self.stats is not None:
             rate = self.stats.images_per_second
             stats = {**dataclasses.asdict(self.stats), "images_per_second": rate}
         return {
             "id": self.id,
-            "collection": self.collection,
+            "kind": self.kind,
+            "store_id" if self.kind == "catalog-embed" else "collection": self.target,
             "status": self.status,
             "total": self.total,
             "progress": dataclasses.asdict(self.progress) if self.progress else None,
@@ -56,15 +60,15 @@ class Job:
 
 class Jobs:
     def __init__(self) -> None:
-        self._pool = ThreadPoolExecutor(1, "imgembed-index")
+        self._pool = ThreadPoolExecutor(1, "imgembed-job")
         self._jobs: OrderedDict[str, Job] = OrderedDict()
         self._lock = threading.Lock()
         self._stopping = threading.Event()
 
     def submit(
-        self, collection: str, total: int, run: Callable[[ProgressCallback], IndexStats]
+        self, kind: str, target: str, total: int, run: Callable[[ProgressCallback], Any]
     ) -> Job:
-        job = Job(uuid.uuid4().hex, collection, total)
+        job = Job(uuid.uuid4().hex, kind, target, total)
         with self._lock:
             self._jobs[job.id] = job
             while len(self._jobs) > KEEP and next(iter(self._jobs.values())).finished:
@@ -79,7 +83,7 @@ class Jobs:
             raise NotFoundError(f"no job {job_id!r} (jobs are kept in memory until a restart)")
         return job
 
-    def _run(self, job: Job, run: Callable[[ProgressCallback], IndexStats]) -> None:
+    def _run(self, job: Job, run: Callable[[ProgressCallback], Any]) -> None:
         def progress(state: Progress) -> None:
             job.progress = state
             if self._stopping.is_set():  # stored batches stay; a rerun resumes after them
@@ -94,7 +98,7 @@ class Jobs:
         except ImgEmbedError as exc:
             job.status, job.error = "failed", error_dict(exc)
         except Exception as exc:  # a bug: the job says so instead of hanging as "running"
-            log.exception("index job %s failed", job.id)
+            log.exception("%s job %s failed", job.kind, job.id)
             job.status, job.error = "failed", {**error_dict(exc), "error_type": "InternalError"}
         job.finished = time.time()
 

@@ -234,3 +234,34 @@ class IndexRequest(_Body):
 
 class DeleteItems(_Body):
     ids: list[str] = Field(min_length=1)
+
+
+class ProductsRequest(_Body):
+    products: list[dict[str, Any]] = Field(
+        description="Flat objects (id, title, description, category, price, currency, "
+        "image_url, extra_image_urls, attributes; the import's column names) or Shopify "
+        "product objects; a bad one is reported by its position and skipped."
+    )
+    embed: bool = Field(True, description="Then embed those that changed (a background job).")
+
+
+class StoreEmbedRequest(_Body):
+    mode: Literal["changed", "missing", "force"] = "changed"
+    batch_size: int = Field(50, ge=1, le=1000)
+    product_ids: list[str] | None = Field(None, description="Only these; default: the store.")
+
+
+class ProductSearchRequest(_Body):
+    """A text, an image (path, URL, base64 or an uploaded `file`), or both."""
+
+    query: str | None = Field(None, description="Text, e.g. 'rode jurk'.")
+    image_path: str | None = None
+    image_url: str | None = None
+    image_base64: str | None = None
+    category: str | None = Field(None, description="Only this category (or its aliases).")
+    max_price: float | None = Field(None, ge=0)
+    top_k: int = Field(10, ge=1, le=200)
+
+    @property
+    def image_given(self) -> bool:
+        return any(v is not None for v in (self.image_path, self.image_url, self.image_base64))

@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
 
 from imgembed.api.jobs import Jobs
 from imgembed.api.metrics import Metrics
+from imgembed.catalog import Catalog
+from imgembed.catalog.catalog import store_settings
 from imgembed.config import Settings
 from imgembed.engine.batcher import Batcher
 from imgembed.errors import CollectionNotFoundError, ImgEmbedError, UnavailableError
@@ -28,6 +31,8 @@ class AppState:
         self.jobs = Jobs()
         self._batchers: dict[int, Batcher] = {}
         self._loading: dict[int, asyncio.Task[Batcher]] = {}
+        self._catalogs: dict[tuple[str, str, str], Catalog] = {}
+        self._catalog_lock = threading.Lock()
         self.metrics.watch(
             lambda: sum(b.queue_depth for b in self._batchers.values()),
             lambda: sum(b.in_flight for b in self._batchers.values()),
@@ -69,6 +74,23 @@ class AppState:
             return self.batcher()
         return await asyncio.shield(self._load(service))
 
+    def catalog(self, store_id: str | None = None) -> Catalog:
+        """The product catalogue over this server's models, or over the models a store was
+        embedded with when the settings name none explicitly (each built once). Blocking."""
+        key = _models(self.settings)
+        with self._catalog_lock:
+            if key not in self._catalogs:
+                self._catalogs[key] = Catalog(service=self.service)
+            main = self._catalogs[key]
+        if store_id is None:
+            return main
+        recorded = main.repository.provenance(store_id)
+        settings = store_settings(self.settings, recorded[0] if recorded else None)
+        with self._catalog_lock:
+            if _models(settings) not in self._catalogs:
+                self._catalogs[_models(settings)] = Catalog(settings)
+            return self._catalogs[_models(settings)]
+
     def readiness(self) -> dict[str, Any]:
         task = self._loading.get(id(self.service))
         if task is None or not task.done():
@@ -92,7 +114,13 @@ class AppState:
             task.cancel()
         for batcher in self._batchers.values():
             await batcher.close()
+        for catalog in self._catalogs.values():
+            await asyncio.to_thread(catalog.close)
         await asyncio.to_thread(self.service.close)
+
+
+def _models(settings: Settings) -> tuple[str, str, str]:
+    return (settings.model, settings.pretrained, settings.text_model)
 
 
 def get_state(request: Request) -> AppState:

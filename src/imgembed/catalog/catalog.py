@@ -37,9 +37,14 @@ class ImportReport:
     unchanged: int = 0
     bad_rows: list[importer.BadRow] = field(default_factory=list)
     duration: float = 0.0
+    # Ids of the accepted products, when given as objects (for a follow-up embed of them).
+    product_ids: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "bad_rows": [asdict(b) for b in self.bad_rows]}
+        data = {**asdict(self), "bad_rows": [asdict(b) for b in self.bad_rows]}
+        if not self.product_ids:
+            del data["product_ids"]
+        return data
 
 
 @dataclass
@@ -107,15 +112,7 @@ class Catalog:
             recorded = repository.provenance(store_id)
         finally:
             repository.close()
-        if recorded is None:
-            return cls(settings)
-        provenance, explicit = recorded[0], settings.model_fields_set
-        defaults: dict[str, Any] = {}
-        if not explicit & {"model", "pretrained"}:
-            defaults.update(model=provenance.image_model, pretrained=provenance.image_pretrained)
-        if "text_model" not in explicit:
-            defaults["text_model"] = spec_for(provenance.text_model)
-        return cls(load_settings(settings, **defaults) if defaults else settings)
+        return cls(store_settings(settings, recorded[0] if recorded else None))
 
     # -- parts, built lazily ----------------------------------------------------------------
 
@@ -231,6 +228,7 @@ class Catalog:
             except (ProductRowError, TypeError, AttributeError) as exc:
                 report.bad_rows.append(importer.BadRow(number, str(exc)))
         self._upsert(report, good)
+        report.product_ids = [product.product_id for product in good]
         report.duration = time.perf_counter() - started
         return report
 
@@ -362,6 +360,19 @@ class Catalog:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def store_settings(settings: Settings, recorded: StoreProvenance | None) -> Settings:
+    """The settings with the store's own models wherever `settings` name none explicitly."""
+    if recorded is None:
+        return settings
+    explicit = settings.model_fields_set
+    defaults: dict[str, Any] = {}
+    if not explicit & {"model", "pretrained"}:
+        defaults.update(model=recorded.image_model, pretrained=recorded.image_pretrained)
+    if "text_model" not in explicit:
+        defaults["text_model"] = spec_for(recorded.text_model)
+    return load_settings(settings, **defaults) if defaults else settings
 
 
 def _store(store_id: str) -> str:

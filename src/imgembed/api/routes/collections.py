@@ -4,7 +4,6 @@ Store calls block, so these routes are plain functions run in FastAPI's thread p
 
 from __future__ import annotations
 
-import io
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
@@ -14,6 +13,7 @@ from imgembed.api.errors import NotFoundError
 from imgembed.api.inputs import local_path
 from imgembed.api.schemas import CollectionCreate, CollectionOut, DeleteItems, IndexRequest
 from imgembed.api.state import State
+from imgembed.api.thumbnails import thumbnail_response
 from imgembed.errors import CollectionNotFoundError, ModelUnavailableError
 from imgembed.indexing import IndexItem, read_index_sources
 from imgembed.intake.sources import is_data_uri, is_url
@@ -75,6 +75,7 @@ def index(name: str, body: IndexRequest, state: State) -> dict[str, Any]:
     except CollectionNotFoundError:
         service = state.service
     job = state.jobs.submit(
+        "index",
         name,
         len(items),
         lambda progress: service.index(items, name, prune=body.prune, progress=progress),
@@ -83,7 +84,7 @@ def index(name: str, body: IndexRequest, state: State) -> dict[str, Any]:
             "url": f"/api/v1/jobs/{job.id}"}  # fmt: skip
 
 
-@router.get("/jobs/{job_id}", summary="An index job's status, progress and statistics")
+@router.get("/jobs/{job_id}", summary="A background job's status, progress and statistics")
 def job(job_id: str, state: State) -> dict[str, Any]:
     return state.jobs.get(job_id).to_dict()
 
@@ -128,10 +129,4 @@ def thumbnail(
     if is_url(source) or is_data_uri(source):
         raise NotFoundError(f"item {id!r} is not a local file: no thumbnail is served for it")
     path = local_path(source, state.settings)  # 403 outside the allowed roots
-    decoded = service.intake.read(path).decode(service.intake.limits, draft_min_side=size)
-    image = decoded.image
-    image.thumbnail((size, size))
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=85)
-    headers = {"Cache-Control": "private, max-age=300"}
-    return Response(buffer.getvalue(), media_type="image/jpeg", headers=headers)
+    return thumbnail_response(service, path, size)

@@ -11,7 +11,7 @@ from fastapi.responses import FileResponse
 from imgembed.api.errors import NotFoundError
 
 STATIC = Path(__file__).resolve().parent.parent / "static"
-FILES = {"app.js": "text/javascript", "style.css": "text/css"}
+FILES = {"app.js": "text/javascript", "products.js": "text/javascript", "style.css": "text/css"}
 
 router = APIRouter(tags=["page"], include_in_schema=False)
 

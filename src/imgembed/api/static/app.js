@@ -63,9 +63,8 @@ function releaseThumbnails() {
   state.thumbnails = [];
 }
 
-async function thumbnail(img, id) {
-  const name = encodeURIComponent(collection().name);
-  const path = `/api/v1/collections/${name}/thumbnail?size=256&id=${encodeURIComponent(id)}`;
+// Images come through the API (with the key, if any), as blobs.
+async function loadImage(img, path, missing) {
   try {
     const response = await fetch(path, { headers: headers() });
     if (!response.ok) throw new Error(String(response.status));
@@ -73,8 +72,14 @@ async function thumbnail(img, id) {
     state.thumbnails.push(url);
     img.src = url;
   } catch {
-    img.alt = "no thumbnail (not a local file inside the allowed roots)";
+    img.alt = missing;
   }
+}
+
+function thumbnail(img, id) {
+  const name = encodeURIComponent(collection().name);
+  const path = `/api/v1/collections/${name}/thumbnail?size=256&id=${encodeURIComponent(id)}`;
+  loadImage(img, path, "no thumbnail (not a local file inside the allowed roots)");
 }
 
 function card(hit) {
@@ -167,6 +172,7 @@ function setUp() {
   $("#api-key").addEventListener("change", (event) => {
     localStorage.setItem("imgembed-key", event.target.value.trim());
     loadCollections();
+    if (typeof loadStores === "function") loadStores();
   });
   $("#collection").addEventListener("change", describeCollection);
   $("#text-form").addEventListener("submit", (event) => {

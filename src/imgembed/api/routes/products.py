@@ -1,0 +1,163 @@
+"""The product catalogue per store (imgembed.catalog): upsert products, embed them (a
+background job), search by text, image or both with the score of each part, statistics, and
+product thumbnails for the page. Catalogue calls block, so these are plain functions run in
+FastAPI's thread pool, except search, which reads an upload first."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import Response
+
+from imgembed.api.errors import NotFoundError
+from imgembed.api.inputs import body_spec, image_source, parse_body, read_upload
+from imgembed.api.schemas import ProductSearchRequest, ProductsRequest, StoreEmbedRequest
+from imgembed.api.state import AppState, State
+from imgembed.api.thumbnails import thumbnail_response
+from imgembed.catalog import Catalog
+from imgembed.catalog.jobs import EmbedStats, NoEvents
+from imgembed.engine.pipeline import Progress, ProgressCallback
+from imgembed.errors import ConfigurationError
+
+router = APIRouter(prefix="/api/v1/stores", tags=["products"])
+
+
+@router.get("", summary="Stores that have products, with their product counts")
+def stores(state: State) -> list[dict[str, Any]]:
+    repository = state.catalog().repository
+    return [{"store_id": s, "products": repository.count(s)} for s in repository.stores()]
+
+
+@router.post(
+    "/{store_id}/products",
+    summary="Upsert products (flat or Shopify objects); then embed those that changed",
+)
+def upsert_products(store_id: str, body: ProductsRequest, state: State) -> dict[str, Any]:
+    catalog = state.catalog(store_id)
+    report = catalog.upsert_products(store_id, body.products)
+    answer: dict[str, Any] = {"import": report.to_dict(), "job": None}
+    changed = report.inserted + report.updated
+    if body.embed and changed:
+        only = StoreEmbedRequest(product_ids=report.product_ids)
+        answer["job"] = _embed_job(state, catalog, store_id, only)
+    return answer
+
+
+@router.post(
+    "/{store_id}/embed",
+    status_code=202,
+    summary="Embed the store's products that need it, as a background job (resumable)",
+)
+def embed(store_id: str, body: StoreEmbedRequest, state: State) -> dict[str, Any]:
+    return _embed_job(state, state.catalog(store_id), store_id, body)
+
+
+def _embed_job(
+    state: AppState, catalog: Catalog, store_id: str, body: StoreEmbedRequest
+) -> dict[str, Any]:
+    def run(progress: ProgressCallback) -> EmbedStats:
+        return catalog.embed(
+            store_id,
+            batch_size=body.batch_size,
+            mode=body.mode,
+            product_ids=body.product_ids,
+            events=_JobEvents(progress),
+        )
+
+    total = (
+        len(body.product_ids)
+        if body.product_ids is not None
+        else catalog.repository.count(store_id)
+    )
+    job = state.jobs.submit("catalog-embed", store_id, total, run)
+    return {"job_id": job.id, "status": job.status, "total": total,
+            "url": f"/api/v1/jobs/{job.id}"}  # fmt: skip
+
+
+class _JobEvents(NoEvents):
+    """A run's batches as job progress; the job stops at a batch boundary on shutdown."""
+
+    def __init__(self, progress: ProgressCallback):
+        self.progress = progress
+
+    def started(self, stats: EmbedStats) -> None:
+        self._report(stats)
+
+    def batch_done(self, stats: EmbedStats) -> None:
+        self._report(stats)
+
+    def _report(self, stats: EmbedStats) -> None:
+        self.progress(Progress(stats.to_process, stats.processed, stats.successful, 0,
+                               stats.failed))  # fmt: skip
+
+
+@router.post(
+    "/{store_id}/search",
+    openapi_extra=body_spec(ProductSearchRequest, uploads="file"),
+    summary="Products for a text, an image, or both, with per-part scores",
+)
+async def search(store_id: str, request: Request, state: State) -> dict[str, Any]:
+    started = time.perf_counter()
+    body, uploads = await parse_body(request, ProductSearchRequest, state.settings)
+    if len(uploads) > 1 or (uploads and body.image_given):
+        raise ConfigurationError("give at most one image: a path, a URL, base64 or a file")
+    image = None
+    if uploads:
+        image = (await read_upload(uploads[0], state.settings))[0]
+    elif body.image_given:
+        given = (body.image_path, body.image_url, body.image_base64)
+        image = await asyncio.to_thread(image_source, state.settings, *given)
+    if image is None and not (body.query or "").strip():
+        raise ConfigurationError("give a query text, an image, or both")
+    catalog = await asyncio.to_thread(state.catalog, store_id)
+    hits = await asyncio.to_thread(
+        catalog.search,
+        store_id,
+        body.query if (body.query or "").strip() else None,
+        image=image,
+        top_k=body.top_k,
+        category=body.category,
+        max_price=body.max_price,
+    )
+    return {
+        "store_id": store_id,
+        "ranked_by": hits[0].ranked_by if hits else None,
+        "results": [hit.to_dict() for hit in hits],
+        "processing_time": time.perf_counter() - started,
+    }
+
+
+@router.get("/{store_id}/stats", summary="The store's products by state and category")
+def stats(store_id: str, state: State) -> dict[str, Any]:
+    return state.catalog().stats(store_id).to_dict()
+
+
+@router.get("/{store_id}/products/{product_id}", summary="One product and its embedding state")
+def product(store_id: str, product_id: str, state: State) -> dict[str, Any]:
+    found = state.catalog().product(store_id, product_id)
+    if found is None:
+        raise NotFoundError(f"no product {product_id!r} in store {store_id!r}")
+    return found
+
+
+@router.get(
+    "/{store_id}/products/{product_id}/thumbnail",
+    response_class=Response,
+    responses={200: {"content": {"image/jpeg": {}}}},
+    summary="A JPEG thumbnail of the product's image (its URL, or a file inside the roots)",
+)
+def thumbnail(
+    store_id: str,
+    product_id: str,
+    state: State,
+    size: Annotated[int, Query(ge=16, le=1024)] = 256,
+) -> Response:
+    found = state.catalog().product(store_id, product_id)
+    if found is None:
+        raise NotFoundError(f"no product {product_id!r} in store {store_id!r}")
+    if not found["image_url"]:
+        raise NotFoundError(f"product {product_id!r} has no image")
+    return thumbnail_response(state.service, found["image_url"], size)

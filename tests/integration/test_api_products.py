@@ -1,0 +1,146 @@
+"""The product catalogue over HTTP (in process): upsert flat and Shopify products, the embed
+job, search by text, by an uploaded photo and by both with per-part scores that add up to the
+fused score, filters, statistics, thumbnails, and the errors of each route."""
+
+import shutil
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+
+from imgembed.api import create_app
+from imgembed.catalog import findly_table
+from imgembed.config import load_settings
+from tests.conftest import TINY
+from tests.integration.test_api import _wait_for_model
+
+TABLE = findly_table()
+CATEGORIES = ["fashion", "kleding", "tech", "interieur", "sieraden", None]
+
+
+@pytest.fixture
+def root(photos, tmp_path):
+    folder = tmp_path / "root"
+    folder.mkdir()
+    for photo in photos:
+        shutil.copy(photo, folder / photo.name)
+    return folder
+
+
+def _products(root, photos):
+    rows = [
+        {"id": f"p{n}", "title": f"{p.stem} poster", "description": f"A print of {p.stem}",
+         "category": CATEGORIES[n % 6], "price": 10 + n, "image_url": str(root / p.name)}
+        for n, p in enumerate(photos)
+    ]  # fmt: skip
+    shopify = {"id": 77, "title": "Gift card", "body_html": "<p>Any <b>amount</b></p>",
+               "product_type": "Tech", "variants": [{"price": "25.00"}], "images": []}  # fmt: skip
+    outside = {"id": "elsewhere", "title": "Outside", "image_url": str(photos[0])}
+    return [*rows, {"title": "no id"}, shopify, outside]
+
+
+def _finished(client, job):
+    for _ in range(1200):
+        state = client.get(job["url"]).json()
+        if state["status"] not in ("queued", "running"):
+            return state
+        time.sleep(0.1)
+    raise AssertionError(f"job did not finish: {state}")
+
+
+def test_products_embed_search_and_stats_over_http(root, photos):
+    settings = load_settings(**TINY, allowed_roots=[root])
+    with TestClient(create_app(settings)) as client:
+        _wait_for_model(client)
+        answer = client.post("/api/v1/stores/shop/products", json={
+            "products": _products(root, photos)})  # fmt: skip
+        assert answer.status_code == 200, answer.text
+        report = answer.json()["import"]
+        count = len(photos) + 2
+        assert (report["rows"], report["inserted"]) == (count + 1, count)
+        assert [b["line"] for b in report["bad_rows"]] == [len(photos) + 1]
+        job = _finished(client, answer.json()["job"])
+        assert job["status"] == "done" and job["kind"] == "catalog-embed", job
+        assert job["store_id"] == "shop" and job["progress"]["done"] == count
+        stats = job["stats"]
+        assert (stats["successful"], stats["failed"], stats["text_only"]) == (count - 1, 1, 1)
+        assert stats["failures"][0]["product_id"] == "elsewhere"
+        assert stats["failures"][0]["error_type"] == "SourceNotAllowedError"
+
+        assert client.get("/api/v1/stores").json() == [{"store_id": "shop", "products": count}]
+        card = client.get("/api/v1/stores/shop/products/77").json()
+        assert (card["status"], card["weight_category"], card["text_only"]) == (
+            "embedded", "tech", True)  # fmt: skip
+        summary = client.get("/api/v1/stores/shop/stats").json()
+        assert (summary["embedded"], summary["failed"], summary["to_embed"]) == (count - 1, 1, 1)
+
+        # Text and image together: every score is the product's own category weights times
+        # the two cosines.
+        with open(root / "chelsea.png", "rb") as photo:
+            both = client.post(
+                "/api/v1/stores/shop/search",
+                data={"query": "chelsea poster", "top_k": "20"},
+                files={"file": ("q.png", photo, "image/png")},
+            )
+        assert both.status_code == 200, both.text
+        results = both.json()["results"]
+        assert both.json()["ranked_by"] == "combined" and len(results) == count - 1
+        assert results[0]["product_id"] == "p1"  # chelsea's own photo and title
+        for hit in results:
+            weights = TABLE.weights(hit["category"])[1]
+            assert (hit["image_weight"], hit["text_weight"]) == (weights.image, weights.text)
+            image = hit["image_score"] or 0.0  # text-only products have a zero image part
+            expected = weights.image * image + weights.text * hit["text_score"]
+            assert hit["score"] == pytest.approx(expected, abs=1e-4)
+        assert [h["rank"] for h in results] == list(range(1, count))
+
+        # An image alone ranks by the image cosine; the same photo is first at 1.0.
+        alone = client.post("/api/v1/stores/shop/search",
+                            json={"image_path": str(root / "rocket.jpg")}).json()  # fmt: skip
+        assert alone["ranked_by"] == "image"
+        assert (
+            alone["results"][0]["product_id"] == f"p{[p.name for p in photos].index('rocket.jpg')}"
+        )
+        assert alone["results"][0]["score"] == pytest.approx(1.0, abs=1e-3)
+        scores = [hit["score"] for hit in alone["results"]]
+        assert scores == sorted(scores, reverse=True)
+
+        cheap = client.post(
+            "/api/v1/stores/shop/search", json={"query": "poster", "max_price": 11.5}
+        ).json()
+        assert {h["product_id"] for h in cheap["results"]} == {"p0", "p1"}
+        fashion = client.post(
+            "/api/v1/stores/shop/search", json={"query": "poster", "category": "kleding"}
+        ).json()
+        assert {h["weight_category"] for h in fashion["results"]} == {"fashion"}
+        assert len(fashion["results"]) == 2  # "fashion" and its alias "kleding"
+
+        thumb = client.get("/api/v1/stores/shop/products/p1/thumbnail?size=64")
+        assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
+
+        def error(response):
+            return response.status_code, response.json()["error_type"]
+
+        assert error(client.post("/api/v1/stores/none/search", json={"query": "x"})) == (
+            404, "CollectionNotFoundError")  # fmt: skip
+        assert error(client.post("/api/v1/stores/shop/search", json={})) == (
+            422, "ConfigurationError")  # fmt: skip
+        outside = {"image_path": str(photos[0])}
+        assert error(client.post("/api/v1/stores/shop/search", json=outside)) == (
+            403, "SourceNotAllowedError")  # fmt: skip
+        assert error(client.get("/api/v1/stores/shop/products/nope")) == (404, "NotFoundError")
+        assert error(client.get("/api/v1/stores/shop/products/77/thumbnail")) == (
+            404, "NotFoundError")  # fmt: skip
+        assert error(client.get("/api/v1/stores/none/stats")) == (404, "CollectionNotFoundError")
+        assert (
+            client.post("/api/v1/stores/shop/products", json={"products": "x"}).status_code == 422
+        )
+
+        # Nothing changed: a second upsert starts no job; a forced re-embed redoes all.
+        again = client.post("/api/v1/stores/shop/products", json={
+            "products": _products(root, photos)[:2]}).json()  # fmt: skip
+        assert again["import"]["unchanged"] == 2 and again["job"] is None
+        forced = client.post("/api/v1/stores/shop/embed", json={"mode": "force"})
+        assert forced.status_code == 202
+        redone = _finished(client, forced.json())["stats"]
+        assert (redone["processed"], redone["successful"]) == (count, count - 1)
