@@ -2,6 +2,7 @@
 computed from the separate vectors (also over 2,000 dimensions, indexed as halfvec);
 incremental and resumable embedding; failures recorded and retried; provenance."""
 
+import logging
 import os
 import subprocess
 import sys
@@ -13,12 +14,15 @@ import pytest
 from pgvector.psycopg import register_vector
 
 from imgembed.catalog import Catalog, findly_table, load_weights
+from imgembed.catalog.jobs import NoEvents
+from imgembed.catalog.repository import ProductRepository
 from imgembed.catalog.text_api import OpenAIEmbedder
-from imgembed.errors import CollectionNotFoundError, ProvenanceMismatchError
-from imgembed.store import embedded
+from imgembed.errors import CollectionNotFoundError, ProvenanceMismatchError, StoreUnavailableError
+from imgembed.store import embedded, pgconn
 from imgembed.store.postgres import revisions
 from tests.conftest import TINY
 from tests.integration.embedding_server import EmbeddingServer
+from tests.integration.test_faults_store import _drop_imgembed_connections
 
 REPO = Path(__file__).resolve().parents[2]
 TABLE = findly_table()
@@ -352,3 +356,43 @@ def test_objects_for_an_http_layer_and_embedding_some_products(data_dir, photos)
         assert catalog.product("api", "a")["status"] == "pending"
         assert catalog.product("api", "nope") is None
         assert catalog.stats("api").to_embed == 1
+
+
+def test_dropped_connections_are_made_again_and_a_dead_server_is_a_typed_error(
+    data_dir, photos, caplog, monkeypatch
+):
+    """The catalogue's SQL goes through the stores' connection: a batch whose connection was
+    dropped is retried once; a read after a stopped embedded server starts it again; a server
+    gone for good is a StoreUnavailableError; nothing is embedded twice."""
+    url = embedded.start(data_dir)
+
+    class DropOnce(NoEvents):
+        def __init__(self):
+            self.dropped = []
+
+        def batch(self, number, stats, size):
+            if number == 2 and not self.dropped:
+                self.dropped.append(_drop_imgembed_connections(url))
+
+    with Catalog(**TINY) as catalog, caplog.at_level(logging.INFO, "imgembed.store.pgconn"):
+        catalog.upsert_products("faults", _products(photos))
+        events = DropOnce()
+        stats = catalog.embed("faults", batch_size=3, events=events)
+        assert events.dropped and events.dropped[0] >= 1
+        assert (stats.successful, stats.failed) == (len(photos) + 2, 0)
+        assert any("went away" in r.getMessage() for r in caplog.records)
+        embedded.stop(data_dir)
+        assert catalog.stats("faults").embedded == len(photos) + 2  # started again
+        with psycopg.connect(catalog.repository.url) as connection:
+            attempts = connection.execute(
+                "SELECT min(attempts), max(attempts) FROM imgembed_products"
+            ).fetchone()
+        assert attempts == (1, 1)  # the retried batch was stored once
+
+    monkeypatch.setattr(pgconn, "RECONNECT_SECONDS", 1.0)
+    nowhere = f"postgresql://postgres@/postgres?host={data_dir / 'no-such-socket-dir'}"
+    repository = ProductRepository(url, reopen=lambda: nowhere)  # the server never comes back
+    _drop_imgembed_connections(url)
+    with pytest.raises(StoreUnavailableError, match=r"went away (during|before) reading a product"):
+        repository.product("faults", "p0")
+    repository.close()

@@ -167,16 +167,18 @@ def test_a_dropped_connection_is_reconnected_and_the_batch_retried_once(data_dir
 
     items = [IndexItem(str(p), str(p)) for p in photos]
     with (
-        caplog.at_level(logging.WARNING, logger="imgembed.store.pgconn"),
+        caplog.at_level(logging.INFO, logger="imgembed.store.pgconn"),
         ImageEmbeddingService(**TINY, batch_size=2) as service,
     ):
         stats = service.index(items, "photos", progress=drop_after_first_batch)
         assert dropped == [1]
         assert (stats.successful, stats.failed) == (len(photos), 0)
         assert service.store.hashes("photos") == _expected(photos)
-    (warning,) = [r.getMessage() for r in caplog.records if "went away" in r.getMessage()]
-    assert warning.startswith("the database went away during storing 2 items in 'photos'")
-    assert warning.endswith("reconnecting and trying once more")
+    # Found closed before the call (the server's goodbye arrived first), or during it: either
+    # way the batch is stored once, after one reconnect.
+    (note,) = [r.getMessage() for r in caplog.records if "went away" in r.getMessage()]
+    assert re.match(r"the database went away (during|before) storing 2 items in 'photos'", note)
+    assert note.endswith(("reconnecting and trying once more", "reconnecting"))
 
 
 def test_a_retry_that_fails_too_stops_the_run_with_what_was_stored_kept(
@@ -198,7 +200,7 @@ def test_a_retry_that_fails_too_stops_the_run_with_what_was_stored_kept(
     ):
         index(service, store, "photos", items, progress=drop_after_first_batch)
     message = str(caught.value)
-    assert message.startswith("the database went away during storing 2 items in 'photos'")
+    assert re.match(r"the database went away (during|before) storing 2 items in 'photos'", message)
     assert "could not be reached again within 1 s" in message
     assert "Indexing stopped after 4 of 6 items. The 2 items this run stored are kept" in message
     check = PostgresStore(url)

@@ -68,13 +68,6 @@ class StoreStats:
         return asdict(self)
 
 
-def database_url(settings: Settings) -> str:
-    """The catalogue always lives in PostgreSQL: IMGEMBED_DATABASE_URL, else the embedded one."""
-    from imgembed.store import embedded
-
-    return settings.database_url or embedded.start(settings.data_dir)
-
-
 class Catalog:
     """Products per store with text + image embeddings fused by category.
 
@@ -107,7 +100,7 @@ class Catalog:
         """A catalogue with the models the store was embedded with, for whatever the settings
         do not name explicitly (arguments or environment): re-runs and searches then match."""
         settings = load_settings(config, **overrides)
-        repository = ProductRepository(database_url(settings))
+        repository = ProductRepository.for_settings(settings)
         try:
             recorded = repository.provenance(store_id)
         finally:
@@ -127,7 +120,7 @@ class Catalog:
     def repository(self) -> ProductRepository:
         with self._lock:
             if self._repository is None:
-                self._repository = ProductRepository(database_url(self.settings))
+                self._repository = ProductRepository.for_settings(self.settings)
             return self._repository
 
     def provenance(self) -> StoreProvenance:
@@ -271,7 +264,7 @@ class Catalog:
             )
         current = self.provenance()
         # The job's own session: its store lock is held by this connection alone.
-        repository = ProductRepository(shared.url, upgrade=False)
+        repository = shared.session()
         try:
             with repository.store_lock(store_id):
                 recorded = repository.provenance(store_id)

@@ -1,6 +1,7 @@
 """All SQL of the product catalogue (tables from migration 0002): products per store, each
 store's provenance, per-store HNSW indexes, the bulk job's reads and atomic batch writes, and
-search. Every driver error becomes a StoreError here.
+search. Driver errors become typed StoreErrors (store/faults.py) and a lost connection is
+made again on the next call, through the stores' own connection (store/pgconn.py).
 
 Vectors are unit length (text, image) or fused (combined), so every index uses inner product
 (pgvector `<#>`, the negative inner product). An index per store and column is partial
@@ -14,21 +15,22 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
 import numpy as np
 import psycopg
-from pgvector.psycopg import register_vector
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from imgembed.catalog.products import ProductInput
+from imgembed.config import Settings
 from imgembed.errors import StoreError
-from imgembed.store.postgres import migrate
+from imgembed.store import postgres_target
+from imgembed.store.pgconn import Connection
+from imgembed.store.postgres import describe_url, migrate
 
 VECTOR_LIMIT = 2000  # pgvector's HNSW limit for `vector`
 HALFVEC_LIMIT = 4000  # and for `halfvec`
@@ -138,33 +140,42 @@ def _ranked(column: str, dimension: int) -> sql.Composable:
     )
 
 
-@contextlib.contextmanager
-def _translated(what: str) -> Iterator[None]:
-    try:
-        yield
-    except psycopg.Error as exc:
-        raise StoreError(f"catalogue store: {what} failed: {exc}") from exc
-
-
 class ProductRepository:
-    def __init__(self, url: str, upgrade: bool = True):
+    def __init__(
+        self,
+        url: str,
+        upgrade: bool = True,
+        *,
+        location: str | None = None,
+        reopen: Callable[[], str] | None = None,
+    ):
+        """`location` names where the data lives, for messages; `reopen` gives the URL again
+        after the server went away (the embedded one restarts it)."""
         self.url = url
+        self.location = location or describe_url(url)
+        self._reopen = reopen
         if upgrade:
-            migrate(url)
-        with _translated("connecting to PostgreSQL"):
-            self._connection = psycopg.connect(url, autocommit=True)
-            register_vector(self._connection)
-        self._lock = threading.RLock()
+            migrate(url, self.location)
+        self._db = Connection(url, self.location, reopen)
 
-    @contextlib.contextmanager
-    def _cursor(self, what: str, transaction: bool = False) -> Iterator[psycopg.Cursor[Any]]:
-        with _translated(what), self._lock:
-            tx = self._connection.transaction() if transaction else contextlib.nullcontext()
-            with tx, self._connection.cursor() as cursor:
-                yield cursor
+    @classmethod
+    def for_settings(cls, settings: Settings, upgrade: bool = True) -> ProductRepository:
+        """The catalogue always lives in PostgreSQL: IMGEMBED_DATABASE_URL, else the embedded
+        server."""
+        target = postgres_target(settings)
+        return cls(target.url, upgrade, location=target.location, reopen=target.reopen)
+
+    def session(self) -> ProductRepository:
+        """Another connection to the same database (a bulk job's own, for its store lock)."""
+        return ProductRepository(self.url, False, location=self.location, reopen=self._reopen)
+
+    def _cursor(
+        self, what: str, transaction: bool = False
+    ) -> contextlib.AbstractContextManager[psycopg.Cursor[Any]]:
+        return self._db.cursor(what, transaction)
 
     def close(self) -> None:
-        self._connection.close()
+        self._db.close()
 
     # -- products --------------------------------------------------------------------------
 
@@ -386,43 +397,48 @@ class ProductRepository:
             f"{provenance.image_model} ({provenance.image_pretrained}) "
             f"preprocess {provenance.image_preprocess}"
         )
-        with self._cursor("storing a batch of embeddings", transaction=True) as cursor:
-            if embedded:
-                cursor.executemany(
-                    "UPDATE imgembed_products SET text_embedding = %s, image_embedding = %s,"
-                    " combined_embedding = %s, text_model = %s, image_model = %s,"
-                    " weights_version = %s, weight_category = %s, image_weight = %s,"
-                    " text_weight = %s, text_hash = %s, image_hash = %s,"
-                    " embedded_image_url = %s, status = 'embedded', last_error = NULL,"
-                    " error_type = NULL, attempts = attempts + 1, embedded_at = now(),"
-                    " updated_at = now() WHERE store_id = %s AND product_id = %s",
-                    [
-                        (
-                            e.text,
-                            e.image,
-                            e.combined,
-                            provenance.text_model,
-                            image_model if e.image is not None else None,
-                            weights_version,
-                            e.weight_category,
-                            e.image_weight,
-                            e.text_weight,
-                            e.text_hash,
-                            e.image_hash,
-                            e.image_url,
-                            store_id,
-                            e.product_id,
-                        )
-                        for e in embedded
-                    ],
-                )
-            if failed:
-                cursor.executemany(
-                    "UPDATE imgembed_products SET status = 'failed', last_error = %s,"
-                    " error_type = %s, attempts = attempts + 1, updated_at = now()"
-                    " WHERE store_id = %s AND product_id = %s",
-                    [(f.error, f.error_type, store_id, f.product_id) for f in failed],
-                )
+
+        def write(connection: psycopg.Connection[Any]) -> None:
+            with connection.transaction(), connection.cursor() as cursor:
+                if embedded:
+                    cursor.executemany(
+                        "UPDATE imgembed_products SET text_embedding = %s, image_embedding = %s,"
+                        " combined_embedding = %s, text_model = %s, image_model = %s,"
+                        " weights_version = %s, weight_category = %s, image_weight = %s,"
+                        " text_weight = %s, text_hash = %s, image_hash = %s,"
+                        " embedded_image_url = %s, status = 'embedded', last_error = NULL,"
+                        " error_type = NULL, attempts = attempts + 1, embedded_at = now(),"
+                        " updated_at = now() WHERE store_id = %s AND product_id = %s",
+                        [
+                            (
+                                e.text,
+                                e.image,
+                                e.combined,
+                                provenance.text_model,
+                                image_model if e.image is not None else None,
+                                weights_version,
+                                e.weight_category,
+                                e.image_weight,
+                                e.text_weight,
+                                e.text_hash,
+                                e.image_hash,
+                                e.image_url,
+                                store_id,
+                                e.product_id,
+                            )
+                            for e in embedded
+                        ],
+                    )
+                if failed:
+                    cursor.executemany(
+                        "UPDATE imgembed_products SET status = 'failed', last_error = %s,"
+                        " error_type = %s, attempts = attempts + 1, updated_at = now()"
+                        " WHERE store_id = %s AND product_id = %s",
+                        [(f.error, f.error_type, store_id, f.product_id) for f in failed],
+                    )
+
+        # Repeatable (updates by id), so a lost connection is made again and the batch retried.
+        self._db.run("storing a batch of embeddings", write)
 
     def analyze(self) -> None:
         # After a bulk load the planner has no statistics and may skip the HNSW indexes.

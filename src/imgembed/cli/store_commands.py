@@ -246,11 +246,11 @@ def collections_drop(name: str) -> None:
 @db_app.command("upgrade")
 def db_upgrade() -> None:
     """Apply the schema migrations (also done automatically on first use)."""
-    from imgembed.store import postgres_url
+    from imgembed.store import postgres_target
     from imgembed.store.postgres import migrate, revisions
 
     try:
-        url = postgres_url(make_service().settings)
+        url = postgres_target(make_service().settings).url
         migrate(url)
         current, head = revisions(url)
     except ImgEmbedError as exc:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import NamedTuple
+
 from imgembed.config import Settings
 from imgembed.store.base import CollectionInfo, Hit, Provenance, Record, VectorStore
 
@@ -17,33 +20,41 @@ def open_store(settings: Settings) -> VectorStore:
         return QdrantStore(path=settings.data_dir / "qdrant")
     from imgembed.store.postgres import PostgresStore
 
-    if settings.database_url:
-        return PostgresStore(settings.database_url, ef_search=settings.hnsw_ef_search)
-    from imgembed.store import embedded
-
+    target = postgres_target(settings)
     return PostgresStore(
-        postgres_url(settings),
+        target.url,
         ef_search=settings.hnsw_ef_search,
-        location=str(embedded.pgdata(settings.data_dir)),
-        reopen=lambda: embedded.start(settings.data_dir),  # restarts a server that died
+        location=target.location,
+        reopen=target.reopen,
     )
 
 
-def postgres_url(settings: Settings) -> str:
-    """IMGEMBED_DATABASE_URL if set, else the embedded server's (started or joined)."""
+class PostgresTarget(NamedTuple):
+    url: str
+    location: str | None  # where the data lives, for messages (None: the URL's host)
+    reopen: Callable[[], str] | None  # the URL again after the server went away
+
+
+def postgres_target(settings: Settings) -> PostgresTarget:
+    """IMGEMBED_DATABASE_URL, or the embedded server (started or joined; restarted by
+    `reopen` if it dies)."""
     if settings.database_url:
-        return settings.database_url
+        return PostgresTarget(settings.database_url, None, None)
     from imgembed.store import embedded
 
-    return embedded.start(settings.data_dir)
+    folder = settings.data_dir
+    return PostgresTarget(
+        embedded.start(folder), str(embedded.pgdata(folder)), lambda: embedded.start(folder)
+    )
 
 
 __all__ = [
     "CollectionInfo",
     "Hit",
+    "PostgresTarget",
     "Provenance",
     "Record",
     "VectorStore",
     "open_store",
-    "postgres_url",
+    "postgres_target",
 ]

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from imgembed.errors import (
+    ImgEmbedError,
     InvalidRecordError,
     StoreError,
     StoreFullError,
@@ -30,7 +31,7 @@ def store_errors(action: str, location: str) -> Iterator[None]:
     """Re-raise anything but our own errors as the StoreError that says what happened."""
     try:
         yield
-    except StoreError:
+    except ImgEmbedError:
         raise
     except Exception as exc:
         raise translate(exc, action, location) from exc

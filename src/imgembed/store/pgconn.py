@@ -2,16 +2,20 @@
 turns driver errors into typed StoreErrors (store/faults.py) and, when the server went away,
 reconnects (`reopen` starts the embedded server again if it died) and runs the call once
 more. Calls must therefore be safe to repeat: ours are reads, upserts and deletes by id,
-each in one transaction, so a repeat stores nothing twice."""
+each in one transaction, so a repeat stores nothing twice. Work that cannot be handed over
+as one function uses `cursor`: typed errors, and the call after a lost connection reconnects
+(the failed one is not repeated: the caller says how to resume). Before each call an idle
+connection the server has closed meanwhile (restart, administrator) is made again first."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import select
 import threading
 import time
-from collections.abc import Callable
-from typing import TypeVar
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import psycopg
 from pgvector.psycopg import register_vector
@@ -32,7 +36,8 @@ class Connection:
         connect to again after the server went away (and may start the server first)."""
         self._reopen = reopen or (lambda: url)
         self.location = location
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        self._lost: StoreUnavailableError | None = None
         try:
             self._connection = _connect(url)
         except psycopg.OperationalError as exc:
@@ -43,6 +48,7 @@ class Connection:
         """`work(connection)` under the lock; reconnects and retries it once if the
         connection was lost (a StoreUnavailableError if that fails too)."""
         with self._lock:
+            self._check(action)
             try:
                 with store_errors(action, self.location):
                     return work(self._connection)
@@ -51,6 +57,34 @@ class Connection:
                 self._reconnect(lost)
             with store_errors(action, self.location):
                 return work(self._connection)
+
+    @contextlib.contextmanager
+    def cursor(self, action: str, transaction: bool = False) -> Iterator[psycopg.Cursor[Any]]:
+        """A cursor (in one transaction if asked) under the lock, with typed errors."""
+        with self._lock:
+            self._check(action)
+            try:
+                with store_errors(action, self.location):
+                    tx = self._connection.transaction() if transaction else None
+                    with tx or contextlib.nullcontext(), self._connection.cursor() as cursor:
+                        yield cursor
+            except StoreUnavailableError as lost:
+                self._lost = lost
+                raise
+
+    def _check(self, action: str) -> None:
+        """Reconnect first if the last call lost the connection, or if the server has closed
+        it while it was idle (its socket is readable: the goodbye, or end of file)."""
+        lost = self._lost
+        if lost is None and _closed_by_server(self._connection):
+            lost = StoreUnavailableError(
+                f"the database went away before {action} ({self.location}): the server closed "
+                "the connection"
+            )
+        if lost is not None:
+            log.info("%s; reconnecting", lost)
+            self._reconnect(lost)
+            self._lost = None
 
     def _reconnect(self, lost: StoreUnavailableError) -> None:
         with contextlib.suppress(psycopg.Error):
@@ -72,6 +106,16 @@ class Connection:
     def close(self) -> None:
         with self._lock:
             self._connection.close()
+
+
+def _closed_by_server(connection: psycopg.Connection) -> bool:
+    if connection.closed:
+        return True
+    try:  # an idle connection gets nothing from the server unless it is being closed
+        readable, _, _ = select.select([connection.fileno()], [], [], 0)
+    except (OSError, ValueError, psycopg.Error):
+        return True
+    return bool(readable)
 
 
 def _connect(url: str) -> psycopg.Connection:
