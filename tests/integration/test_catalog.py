@@ -374,7 +374,7 @@ def test_dropped_connections_are_made_again_and_a_dead_server_is_a_typed_error(
             if number == 2 and not self.dropped:
                 self.dropped.append(_drop_imgembed_connections(url))
 
-    with Catalog(**TINY) as catalog, caplog.at_level(logging.INFO, "imgembed.store.pgconn"):
+    with Catalog(**TINY) as catalog, caplog.at_level(logging.WARNING, "imgembed.store.pgconn"):
         catalog.upsert_products("faults", _products(photos))
         events = DropOnce()
         stats = catalog.embed("faults", batch_size=3, events=events)

@@ -103,8 +103,8 @@ def test_server_killed_once_is_restarted_and_the_batch_retried(data_dir, tiles, 
         proc.wait(timeout=300)
     out = log.read_text()
     assert proc.returncode == 0, out
-    assert "the database went away during storing 8 items" in out
-    assert "reconnecting and trying once more" in out
+    # found closed before the batch (the server's goodbye came first), or during it
+    assert re.search(r"the database went away (during|before) storing 8 items.*; reconnecting", out)
     assert f"Successful: {TILES}" in out and "Failed: 0" in out
     assert store.hashes("tiles") == _expected(tiles)  # every image, each once
     store.close()
@@ -127,7 +127,7 @@ def test_server_killed_for_good_exits_6_keeps_what_was_stored_and_resumes(
         proc.wait(timeout=60)
     out = log.read_text()
     assert proc.returncode == 6, out
-    assert "error: the database went away during" in out
+    assert re.search(r"error: the database went away (during|before)", out)
     assert "could not be reached again within 30 s" in out
     assert "Traceback" not in out
     kept = int(re.search(r"The (\d+) items this run stored are kept", out)[1])
@@ -167,7 +167,7 @@ def test_a_dropped_connection_is_reconnected_and_the_batch_retried_once(data_dir
 
     items = [IndexItem(str(p), str(p)) for p in photos]
     with (
-        caplog.at_level(logging.INFO, logger="imgembed.store.pgconn"),
+        caplog.at_level(logging.WARNING, logger="imgembed.store.pgconn"),
         ImageEmbeddingService(**TINY, batch_size=2) as service,
     ):
         stats = service.index(items, "photos", progress=drop_after_first_batch)

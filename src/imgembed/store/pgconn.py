@@ -82,7 +82,7 @@ class Connection:
                 "the connection"
             )
         if lost is not None:
-            log.info("%s; reconnecting", lost)
+            log.warning("%s; reconnecting", lost)
             self._reconnect(lost)
             self._lost = None
 

@@ -167,6 +167,21 @@ async function duplicates() {
   }
 }
 
+// A file chosen in `input` or dropped on `zone` goes to `onFile`.
+function dropZone(zone, input, onFile) {
+  input.addEventListener("change", (event) => onFile(event.target.files[0]));
+  zone.addEventListener("dragover", (event) => {
+    event.preventDefault();
+    zone.classList.add("over");
+  });
+  zone.addEventListener("dragleave", () => zone.classList.remove("over"));
+  zone.addEventListener("drop", (event) => {
+    event.preventDefault();
+    zone.classList.remove("over");
+    onFile(event.dataTransfer.files[0]);
+  });
+}
+
 function setUp() {
   $("#api-key").value = localStorage.getItem("imgembed-key") ?? "";
   $("#api-key").addEventListener("change", (event) => {
@@ -181,18 +196,7 @@ function setUp() {
     if (text) search({ query_text: text }, `“${text}”`);
   });
   $("#duplicates").addEventListener("click", duplicates);
-  $("#file").addEventListener("change", (event) => searchByFile(event.target.files[0]));
-  const drop = $("#drop");
-  drop.addEventListener("dragover", (event) => {
-    event.preventDefault();
-    drop.classList.add("over");
-  });
-  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
-  drop.addEventListener("drop", (event) => {
-    event.preventDefault();
-    drop.classList.remove("over");
-    searchByFile(event.dataTransfer.files[0]);
-  });
+  dropZone($("#drop"), $("#file"), searchByFile);
   loadCollections();
 }
 

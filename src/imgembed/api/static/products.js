@@ -98,18 +98,7 @@ function setUpProducts() {
     event.preventDefault();
     searchProducts(null);
   });
-  $("#product-file").addEventListener("change", (event) => searchProducts(event.target.files[0]));
-  const drop = $("#product-drop");
-  drop.addEventListener("dragover", (event) => {
-    event.preventDefault();
-    drop.classList.add("over");
-  });
-  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
-  drop.addEventListener("drop", (event) => {
-    event.preventDefault();
-    drop.classList.remove("over");
-    searchProducts(event.dataTransfer.files[0]);
-  });
+  dropZone($("#product-drop"), $("#product-file"), searchProducts);
 }
 
 setUpProducts();
