@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from imgembed.store import embedded
-from tests.integration.test_cli import IMGEMBED, run
+from tests.cli import IMGEMBED, run
 
 TINY = ["--model", "imgembed-tiny", "--pretrained", "seed:0"]
 

@@ -1,23 +1,16 @@
-"""The real `imgembed` command in a subprocess: outputs, summaries, exit codes."""
+"""The `imgembed` command: outputs, summaries, exit codes (in this process through Typer's
+runner; in a real process where the process matters)."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-IMGEMBED = str(Path(sys.executable).with_name("imgembed"))
+from tests.cli import run
+
 TINY_ARGS = ["--model", "imgembed-tiny", "--pretrained", "seed:0"]
-
-
-def run(*args, stdin=None):
-    return subprocess.run(
-        [IMGEMBED, *args], capture_output=True, text=True, input=stdin, env=os.environ, timeout=300
-    )
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from imgembed.store import embedded
-from tests.integration.test_cli import run
+from tests.cli import run, run_process
 
 TINY = ["--model", "imgembed-tiny", "--pretrained", "seed:0"]
 
@@ -46,8 +46,10 @@ def test_index_search_collections_and_db(data_dir, photos, tmp_path):
     listed = json.loads(run("collections", "--json").stdout)
     assert listed == [{"name": "shop", "backend": "postgres", "model": "imgembed-tiny",
                        "pretrained": "seed:0", "dimension": 64, "count": 6}]  # fmt: skip
-    # every command has exited, so the last one out stopped the shared server
-    assert run("db", "status").stdout.strip().endswith(": stopped")
+    # a command run as its own process is the last one out: it stops the shared server
+    embedded.stop(data_dir)  # held by this process since the commands above
+    assert json.loads(run_process("collections", "--json").stdout)[0]["count"] == 6
+    assert run_process("db", "status").stdout.strip().endswith(": stopped")
     assert "revision 0002" in run("db", "upgrade").stderr
     assert run("collections", "drop", "shop").returncode == 0
     assert json.loads(run("collections", "--json").stdout) == []
