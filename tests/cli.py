@@ -23,10 +23,10 @@ class Ran:
     stderr: str
 
 
-def run(*args: str, stdin: str | None = None) -> Ran:
-    """The command in this process; an exception the command let escape fails the test
-    (in a process it would have been a traceback)."""
-    result = CliRunner().invoke(cli_app.app, [str(a) for a in args], input=stdin)
+def run(*args: str, stdin: str | None = None, env: dict[str, str] | None = None) -> Ran:
+    """The command in this process (`env`: variables set while it runs); an exception the
+    command let escape fails the test (in a process it would have been a traceback)."""
+    result = CliRunner().invoke(cli_app.app, [str(a) for a in args], input=stdin, env=env)
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         raise result.exception
     return Ran(result.exit_code, result.stdout, result.stderr)

@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,15 +15,21 @@ import pytest
 
 from imgembed.intake.names import restore
 from imgembed.store import embedded
+from tests import cli
+from tests.cli import IMGEMBED
 
-IMGEMBED = str(Path(sys.executable).with_name("imgembed"))
 TINY = ["--model", "imgembed-tiny", "--pretrained", "seed:0"]
 
 
 def run(*args, env=None, prefix=()):
+    """In this process, unless a `prefix` (e.g. dropping root's permission bypass) needs a
+    process of its own."""
+    env = {"COLUMNS": "1000", **(env or {})}
+    if not prefix:
+        return cli.run(*args, env=env)
     return subprocess.run(
         [*prefix, IMGEMBED, *args], capture_output=True, text=True, timeout=300,
-        env={**os.environ, "COLUMNS": "1000", **(env or {})},
+        env={**os.environ, **env},
     )  # fmt: skip
 
 
