@@ -262,4 +262,5 @@ def _kill_switch() -> None:
     except FileNotFoundError:
         return
     ray.kill(ray.get_runtime_context().current_actor, no_restart=False)
-    time.sleep(60)  # the kill arrives meanwhile
+    time.sleep(30)  # the kill arrives meanwhile
+    raise RuntimeError("ray.kill did not stop this actor")
