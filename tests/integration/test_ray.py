@@ -21,8 +21,8 @@ from imgembed import ImageEmbeddingService
 from imgembed.catalog import Catalog
 from imgembed.config import Settings
 from imgembed.distributed import cluster, embed_dataset, embed_store, index
-from imgembed.distributed.stages import KILL_SWITCH
-from imgembed.errors import ConfigurationError
+from imgembed.distributed.stages import KILL_SWITCH, outcomes
+from imgembed.errors import ConfigurationError, StoreUnavailableError
 from imgembed.indexing import read_index_sources
 from imgembed.store import embedded
 from imgembed.store.postgres import PostgresStore
@@ -267,3 +267,15 @@ def test_stores_the_workers_cannot_reach_are_refused(ray_address, data_dir, monk
     qdrant = settings.model_copy(update={"store": "qdrant"})
     with pytest.raises(ConfigurationError, match="IMGEMBED_QDRANT_URL"):
         cluster.worker_settings(qdrant)
+
+
+def _store_down(batch):
+    raise StoreUnavailableError("cannot connect to PostgreSQL at db:5432/shop: refused")
+
+
+def test_a_workers_typed_error_reaches_the_driver_as_itself(ray_address):
+    cluster.configure_data()
+    ds = ray.data.from_items([{"id": "a"}]).map_batches(_store_down, batch_format="pyarrow")
+    with pytest.raises(StoreUnavailableError) as caught:
+        list(outcomes(ds))
+    assert str(caught.value) == "cannot connect to PostgreSQL at db:5432/shop: refused"

@@ -24,6 +24,7 @@ from imgembed.config import Settings
 from imgembed.errors import ConfigurationError, ImgEmbedError
 from imgembed.store import postgres_url
 
+_RETRY_NOTE = "\nFailed to apply UDF transform after "
 _ADDRESS = re.compile(r"^(ray://)?[\w.\-\[\]:]+:\d+$")
 
 
@@ -43,7 +44,7 @@ def check_address(address: str | None) -> str:
 def connect(address: str | None, settings: Settings) -> Iterator[None]:
     """Ray for one run (see the module's docstring)."""
     if ray.is_initialized():
-        quiet_data()
+        configure_data()
         yield
         return
     address = check_address(address)
@@ -55,18 +56,20 @@ def connect(address: str | None, settings: Settings) -> Iterator[None]:
         ray.init(address=address, **options)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise ConfigurationError(f"cannot connect to the Ray cluster at {address}: {exc}") from exc
-    quiet_data()
+    configure_data()
     try:
         yield
     finally:
         ray.shutdown()
 
 
-def quiet_data() -> None:
-    """The driver shows its own progress: no Ray Data bars or per-run log lines."""
+def configure_data() -> None:
+    """The driver shows its own progress (no Ray Data bars or per-run log lines), and a
+    worker's typed error reaches it as itself, not wrapped in Ray's UserCodeException."""
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False
+    context.raise_original_map_exception = True
     logging.getLogger("ray.data").setLevel(logging.ERROR)
 
 
@@ -115,6 +118,14 @@ def imgembed_error(exc: BaseException) -> ImgEmbedError | None:
             current = cause
             continue
         if isinstance(current, ImgEmbedError):
-            return current
+            return _without_retry_note(current)
         current = current.__cause__ or current.__context__
     return None
+
+
+def _without_retry_note(error: ImgEmbedError) -> ImgEmbedError:
+    """Ray Data appends its retry advice to a failed task's message; ours says what to do."""
+    message = error.args[0] if error.args else None
+    if isinstance(message, str) and _RETRY_NOTE in message:
+        error.args = (message.split(_RETRY_NOTE)[0], *error.args[1:])
+    return error

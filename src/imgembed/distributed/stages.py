@@ -10,7 +10,10 @@ Both stages run the engine's own per-item steps (ImagePipeline.prepare, encode_p
 build_result), so a vector made on Ray equals one made locally. Between the stages an item
 travels pickled in a private column (its pixels, digest and metadata, or its typed error).
 A row whose `stored_hash` equals its content hash is `skipped` before it reaches the
-encoder; a row without a source is `skipped` too (nothing to embed)."""
+encoder; a row without a source is `skipped` too (nothing to embed). An actor that dies
+(killed, out of memory) is restarted by Ray Data and its batches retried (Ray Data's
+defaults: max_restarts and max_task_retries unlimited); the writers' upserts by id make a
+retried batch store nothing twice."""
 
 from __future__ import annotations
 
@@ -161,7 +164,7 @@ def embed_dataset(
     from imgembed.service import ImageEmbeddingService
 
     settings = load_settings(settings)
-    cluster.quiet_data()
+    cluster.configure_data()
     service = ImageEmbeddingService(settings)
     try:
         return stages(ds, service, column=column, keep_results=False)
