@@ -108,7 +108,7 @@ class RayRunner:
                 }
                 for task in tasks
             ]
-            ds = ray.data.from_items(rows)
+            ds = stages.from_rows(rows, batch_size)
             ds = stages.stages(ds, self.catalog.service, settings=workers, keep_results=True)
             ds = ds.map_batches(
                 CatalogWriter,

@@ -123,7 +123,7 @@ def _index(
             stats.fail(item.id, item.source, item.error)  # type: ignore[arg-type]
         state.done = state.failed = len(unusable)
         if todo:
-            ds = ray.data.from_items([_row(item, stored) for item in todo])
+            ds = stages.from_rows([_row(item, stored) for item in todo], workers.batch_size)
             ds = stages.stages(ds, service, settings=workers, keep_results=True)
             ds = ds.map_batches(
                 IndexWriter,

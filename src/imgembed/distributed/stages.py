@@ -219,6 +219,12 @@ def stages(
     )
 
 
+def from_rows(rows: list[dict[str, Any]], batch_size: int) -> ray.data.Dataset:
+    """A dataset of one block per batch: the stages stream batch by batch (one block of a
+    whole run would be decoded by one task and reach the encoder all at once)."""
+    return ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // batch_size)))
+
+
 def outcomes(ds: ray.data.Dataset, batch_size: int | None = None) -> Iterator[pa.Table]:
     """Runs `ds`, yielding its batches on the driver; a worker's typed error is raised as
     itself (a StoreError stays a StoreError)."""
