@@ -258,13 +258,15 @@ class _Events:
 def test_stores_the_workers_cannot_reach_are_refused(ray_address, data_dir, monkeypatch):
     settings = Settings(**TINY)
     assert cluster.all_nodes_here()  # this Ray runs here: the embedded server is passed on
-    assert cluster.worker_settings(settings).database_url == embedded.start(data_dir)
+    url = embedded.start(data_dir)
+    assert cluster.worker_settings(settings).database_url == url
+    qdrant = settings.model_copy(update={"store": "qdrant"})
+    assert cluster.postgres_settings(qdrant).database_url == url  # the catalogue's database
     external = settings.model_copy(update={"database_url": "postgresql://db.internal/shop"})
     monkeypatch.setattr(cluster, "all_nodes_here", lambda: False)
     with pytest.raises(ConfigurationError, match="IMGEMBED_DATABASE_URL"):
         cluster.worker_settings(settings)
     assert cluster.worker_settings(external) is external
-    qdrant = settings.model_copy(update={"store": "qdrant"})
     with pytest.raises(ConfigurationError, match="IMGEMBED_QDRANT_URL"):
         cluster.worker_settings(qdrant)
 

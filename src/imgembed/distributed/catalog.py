@@ -50,7 +50,8 @@ class CatalogWriter:
         from imgembed.catalog import Catalog
 
         self.catalog = Catalog(settings)
-        repository = ProductRepository(settings.database_url or "", upgrade=False)
+        assert settings.database_url is not None  # cluster.postgres_settings set it
+        repository = ProductRepository(settings.database_url, upgrade=False)
         self.run = jobs.EmbedRun(
             repository,
             None,  # the images come embedded
@@ -99,7 +100,7 @@ class RayRunner:
         tasks, stats = run.plan(mode, batch_size, product_ids)
         events.started(stats)
         if tasks:
-            workers = cluster.worker_settings(self.catalog.settings)
+            workers = cluster.postgres_settings(self.catalog.settings)
             rows = [
                 {
                     "product_id": task.product_id,

@@ -88,6 +88,12 @@ def worker_settings(settings: Settings) -> Settings:
                 "many: set IMGEMBED_QDRANT_URL to a Qdrant server or cluster"
             )
         return settings
+    return postgres_settings(settings)
+
+
+def postgres_settings(settings: Settings) -> Settings:
+    """The settings with a PostgreSQL the workers can reach (the catalogue always lives in
+    PostgreSQL, whatever IMGEMBED_STORE says)."""
     if settings.database_url:
         return settings
     if not all_nodes_here():
