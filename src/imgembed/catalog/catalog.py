@@ -247,10 +247,12 @@ class Catalog:
         mode: str = "changed",
         product_ids: Sequence[str] | None = None,
         events: jobs.EmbedEvents | None = None,
+        runner: jobs.Runner | None = None,
     ) -> jobs.EmbedStats:
         """Embed the store's products that need it (see imgembed.catalog.jobs): `changed`
         (default), `missing` (no vectors yet or failed) or `force` (all; with other models
-        than the store's, its vectors are first forgotten, in one transaction)."""
+        than the store's, its vectors are first forgotten, in one transaction). `runner`
+        runs the planned job elsewhere (imgembed.distributed: on Ray); by default, here."""
         if mode not in jobs.MODES:
             raise ConfigurationError(f"mode must be one of {', '.join(jobs.MODES)}, not {mode!r}")
         if batch_size < 1:
@@ -277,7 +279,7 @@ class Catalog:
                 run = jobs.EmbedRun(
                     repository, self.service, self.text_embedder, self.weights, current, store_id
                 )
-                return run.run(mode, batch_size, product_ids, events)
+                return (runner or jobs.EmbedRun.run)(run, mode, batch_size, product_ids, events)
         finally:
             repository.close()
 

@@ -132,6 +132,19 @@ class NoEvents:
         pass
 
 
+class Runner(Protocol):
+    """Runs a planned job: `EmbedRun.run` here, or imgembed.distributed's on a Ray cluster."""
+
+    def __call__(
+        self,
+        run: EmbedRun,
+        mode: str,
+        batch_size: int,
+        product_ids: Sequence[str] | None,
+        events: EmbedEvents | None,
+    ) -> EmbedStats: ...
+
+
 @dataclass
 class EmbedRun:
     repository: ProductRepository
@@ -150,41 +163,54 @@ class EmbedRun:
     ) -> EmbedStats:
         events = events or NoEvents()
         started = time.perf_counter()
+        tasks, stats = self.plan(mode, batch_size, product_ids)
+        events.started(stats)
+        batches = [tasks[i : i + batch_size] for i in range(0, len(tasks), batch_size)]
+        sources = [task.row.image_url for task in tasks if task.embed_image]
+        images = self.service.iter_images(sources) if sources else iter(())
+        try:
+            for number, batch in enumerate(batches, 1):
+                events.batch(number, stats, len(batch))
+                self.process_batch(batch, images, stats, events)
+                events.batch_done(stats)
+        finally:
+            if hasattr(images, "close"):
+                images.close()  # stops the downloads still running ahead
+        self.finish(stats, started)
+        return stats
+
+    def plan(
+        self, mode: str, batch_size: int, product_ids: Sequence[str] | None = None
+    ) -> tuple[list[Task], EmbedStats]:
+        """The products to process, in order, and the run's statistics so far."""
         rows = self.repository.plan_rows(self.store_id, product_ids)
         tasks = plan(rows, self.table, mode)
-        batches = [tasks[i : i + batch_size] for i in range(0, len(tasks), batch_size)]
         stats = EmbedStats(
             self.store_id,
             mode,
             total=len(rows),
             to_process=len(tasks),
             skipped=len(rows) - len(tasks),
-            batches=len(batches),
+            batches=-(-len(tasks) // batch_size),
         )
-        events.started(stats)
-        sources = [task.row.image_url for task in tasks if task.embed_image]
-        images = self.service.iter_images(sources) if sources else iter(())
-        try:
-            for number, batch in enumerate(batches, 1):
-                events.batch(number, stats, len(batch))
-                self._batch(batch, images, stats, events)
-                events.batch_done(stats)
-        finally:
-            if hasattr(images, "close"):
-                images.close()  # stops the downloads still running ahead
+        return tasks, stats
+
+    def finish(self, stats: EmbedStats, started: float) -> None:
+        """After the last batch: planner statistics, the weights table used, the duration."""
         if stats.successful:
             self.repository.analyze()
         self.repository.set_weights_version(self.store_id, self.table.version)
         stats.duration = time.perf_counter() - started
-        return stats
 
-    def _batch(
+    def process_batch(
         self,
         batch: list[Task],
         images: Iterator[ImageEmbeddingResult],
         stats: EmbedStats,
         events: EmbedEvents,
     ) -> None:
+        """One batch: its images from `images` (in task order, for the tasks that embed an
+        image), its texts in one call, fusion, and one transaction for every outcome."""
         results = {}
         for task in batch:
             if task.embed_image:

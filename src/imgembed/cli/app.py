@@ -27,6 +27,7 @@ from imgembed.cli.common import (
     err,
     fail,
     make_service,
+    optional_value,
     progress_bar,
 )
 from imgembed.cli.output import Writer
@@ -232,4 +233,5 @@ def main() -> None:
     # ends embedded or with a typed error, so on a terminal these are noise.
     warnings.filterwarnings("ignore", module=r"PIL\.")
     warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+    sys.argv[1:] = optional_value(sys.argv[1:], "--ray", "local")
     app()

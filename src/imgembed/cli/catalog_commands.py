@@ -19,6 +19,7 @@ from imgembed.cli.common import (
     ModelOpt,
     PrecisionOpt,
     PretrainedOpt,
+    RayOpt,
     RuntimeOpt,
     err,
     fail,
@@ -156,6 +157,7 @@ def embed(
     device: DeviceOpt = None,
     runtime: RuntimeOpt = None,
     precision: PrecisionOpt = None,
+    ray: RayOpt = None,
 ) -> None:
     """Embed the store's products that are new, changed or failed before, in atomic batches
     (a killed run resumes where it stopped); exit 1 if any product failed."""
@@ -166,6 +168,10 @@ def embed(
         _debug_log()
     mode = "force" if force else "missing" if only_missing else "changed"
     try:
+        if ray is not None:
+            from imgembed import distributed  # ray: only for --ray
+
+            distributed.check_address(ray)
         with _catalog(
             store_id,
             model=model,
@@ -176,7 +182,11 @@ def embed(
             precision=precision,
         ) as catalog:
             events = None if as_json else _Lines(verbose)
-            stats = catalog.embed(store_id, batch_size=batch_size, mode=mode, events=events)
+            options = {"batch_size": batch_size, "mode": mode, "events": events}
+            if ray is None:
+                stats = catalog.embed(store_id, **options)
+            else:
+                stats = distributed.embed_store(catalog, store_id, address=ray, **options)
     except ImgEmbedError as exc:
         stopped = isinstance(exc, EncodeError | StoreError)  # a dependency broke mid-run
         if stopped and not isinstance(exc, ProvenanceMismatchError | CollectionNotFoundError):

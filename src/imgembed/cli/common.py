@@ -35,9 +35,31 @@ BatchOpt = Annotated[int | None, typer.Option(help="Images or texts per encoder 
 CollectionOpt = Annotated[
     str | None, typer.Option("--collection", "-c", help="Collection name (default: images).")
 ]
+RayOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--ray",
+        metavar="[ADDRESS]",
+        help="Run on Ray: alone (or 'local') a Ray started for this run, 'auto' the cluster "
+        "running here, or a cluster's address (host:port, ray://host:10001). "
+        "Needs imgembed[ray].",
+    ),
+]
 SourcesArg = Annotated[
     list[str], typer.Argument(help="Image files, folders (recursive) or http(s) URLs.")
 ]
+
+
+def optional_value(argv: list[str], option: str, value: str) -> list[str]:
+    """`option` given without a value (last, or before another option) gets `value`:
+    `--ray` alone means `--ray local` (Typer has no options with optional values)."""
+    out = []
+    for i, token in enumerate(argv):
+        out.append(token)
+        following = argv[i + 1] if i + 1 < len(argv) else None
+        if token == option and (following is None or following.startswith("-")):
+            out.append(value)
+    return out
 
 
 def progress_bar() -> Progress:

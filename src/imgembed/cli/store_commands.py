@@ -18,6 +18,7 @@ from imgembed.cli.common import (
     ModelOpt,
     PrecisionOpt,
     PretrainedOpt,
+    RayOpt,
     RuntimeOpt,
     err,
     fail,
@@ -25,6 +26,7 @@ from imgembed.cli.common import (
     progress_bar,
 )
 from imgembed.cli.output import check_writable
+from imgembed.engine.pipeline import Progress
 from imgembed.errors import ConfigurationError, ImgEmbedError, OutputError
 from imgembed.intake.names import printable
 
@@ -54,12 +56,17 @@ def index(
     runtime: RuntimeOpt = None,
     precision: PrecisionOpt = None,
     batch_size: BatchOpt = None,
+    ray: RayOpt = None,
 ) -> None:
     """Embed and store images; re-runs add only what is new or changed (exit 1 on failures).
     A store failure (exit 6) keeps what was stored: run the same command again to go on."""
     from imgembed.indexing import read_index_sources
 
     try:
+        if ray is not None:
+            from imgembed import distributed  # ray: only for --ray
+
+            distributed.check_address(ray)
         if failures:
             check_writable(failures, "failures file")  # now, not after the work
         service = make_service(
@@ -75,16 +82,24 @@ def index(
         with err.status(f"loading {service.model_ref} and the {service.settings.store} store"):
             service.encoder  # noqa: B018 - fail on the model before showing progress
             store = service.store
+        where = "" if ray is None else f", on Ray ({ray})"
         err.print(
             f"Indexing {len(items)} images into collection '{name}' "
-            f"({service.model_ref}, {store.backend})",
+            f"({service.model_ref}, {store.backend}{where})",
             highlight=False,
         )
         with progress_bar() as bar:
             task = bar.add_task("indexing", total=len(items))
-            stats = service.index(
-                items, name, prune=prune, progress=lambda p: bar.update(task, completed=p.done)
-            )
+
+            def update(progress: Progress) -> None:
+                bar.update(task, completed=progress.done)
+
+            if ray is None:
+                stats = service.index(items, name, prune=prune, progress=update)
+            else:
+                stats = distributed.index(
+                    service, items, name, prune=prune, progress=update, address=ray
+                )
     except ImgEmbedError as exc:
         raise fail(exc) from exc
     unpruned = " (not pruned: some sources could not be read)" if stats.prune_skipped else ""

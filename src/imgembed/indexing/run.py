@@ -90,7 +90,7 @@ def index(
             elif stored.get(printable(item.id)) == result.image_id:
                 stats.skipped += 1
             else:
-                record = _record(item, result)
+                record = record_for(item, result)
                 try:
                     checked_record(record, provenance.dimension)
                 except InvalidRecordError as exc:  # e.g. a NaN vector: this item only
@@ -98,9 +98,9 @@ def index(
                     continue
                 batch.append(record)
                 if len(batch) >= service.settings.batch_size:
-                    _store(store, collection, batch, stats)
+                    store_batch(store, collection, batch, stats)
                     batch = []
-        _store(store, collection, batch, stats)
+        store_batch(store, collection, batch, stats)
         if prune and unusable:  # what could not be read might still exist: keep it all
             stats.prune_skipped = True
         elif prune:
@@ -111,12 +111,15 @@ def index(
     except (ProvenanceMismatchError, CollectionNotFoundError):
         raise
     except StoreError as exc:
-        raise _interrupted(exc, stats) from exc
+        raise interrupted(exc, stats) from exc
     stats.duration = time.perf_counter() - started
     return stats
 
 
-def _store(store: VectorStore, collection: str, batch: list[Record], stats: IndexStats) -> None:
+def store_batch(
+    store: VectorStore, collection: str, batch: list[Record], stats: IndexStats
+) -> None:
+    """One atomic upsert; a record the database refuses fails alone, the rest is stored."""
     try:
         store.upsert(collection, batch)
         stats.successful += len(batch)
@@ -126,10 +129,11 @@ def _store(store: VectorStore, collection: str, batch: list[Record], stats: Inde
             stats.fail(batch[0].id, batch[0].source, exc)
             return
     for record in batch:
-        _store(store, collection, [record], stats)
+        store_batch(store, collection, [record], stats)
 
 
-def _interrupted(exc: StoreError, stats: IndexStats) -> StoreError:
+def interrupted(exc: StoreError, stats: IndexStats) -> StoreError:
+    """The store error that stopped a run, saying what was kept and how to go on."""
     return type(exc)(
         f"{exc}\nIndexing stopped after {stats.processed} of {stats.total} items. The "
         f"{stats.successful} items this run stored are kept, as is everything stored before. "
@@ -152,7 +156,8 @@ def _shifted(
     )
 
 
-def _record(item: IndexItem, result: ImageEmbeddingResult) -> Record:
+def record_for(item: IndexItem, result: ImageEmbeddingResult) -> Record:
+    """What the store keeps of an embedded item: its vector, hash, source and metadata."""
     image = {key: result.metadata.get(key) for key in _IMAGE_FIELDS}
     metadata = {**image, "confidence": result.confidence, **item.metadata}
     assert result.embedding is not None and result.image_id is not None

@@ -1,0 +1,137 @@
+"""Which Ray a run uses, and what its workers may reach.
+
+    address None or "local"  a Ray started on this machine for the run (num_cpus = the
+                             settings' workers), stopped at the end
+    "auto"                   the cluster already running here (`ray start --head`)
+    "host:port", "ray://..." that cluster
+
+A process that already runs Ray (ray.init was called) keeps using it. The workers get the
+driver's settings, with the store made reachable: the embedded PostgreSQL listens on a unix
+socket of this machine only, so it serves a Ray whose nodes all run here (its URL is passed
+to them) and is refused for a cluster with other nodes."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import ray
+
+from imgembed.config import Settings
+from imgembed.errors import ConfigurationError, ImgEmbedError
+from imgembed.store import postgres_url
+
+_RETRY_NOTE = "\nFailed to apply UDF transform after "
+_ADDRESS = re.compile(r"^(ray://)?[\w.\-\[\]:]+:\d+$")
+
+
+def check_address(address: str | None) -> str:
+    """ "local", "auto" or a cluster address; anything else is a ConfigurationError."""
+    if address is None or address == "local":
+        return "local"
+    if address == "auto" or _ADDRESS.match(address):
+        return address
+    raise ConfigurationError(
+        f"--ray takes local, auto or a cluster address (host:port, ray://host:10001), not "
+        f"{address!r}; with no address, put --ray after the sources or write --ray=local"
+    )
+
+
+@contextmanager
+def connect(address: str | None, settings: Settings) -> Iterator[None]:
+    """Ray for one run (see the module's docstring)."""
+    if ray.is_initialized():
+        configure_data()
+        yield
+        return
+    address = check_address(address)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # never report usage
+    options: dict = {"log_to_driver": False, "logging_level": logging.ERROR}
+    if address == "local":
+        options.update(num_cpus=settings.workers, include_dashboard=False)
+    try:
+        ray.init(address=address, **options)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise ConfigurationError(f"cannot connect to the Ray cluster at {address}: {exc}") from exc
+    configure_data()
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def configure_data() -> None:
+    """The driver shows its own progress (no Ray Data bars or per-run log lines), and a
+    worker's typed error reaches it as itself, not wrapped in Ray's UserCodeException."""
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    context.raise_original_map_exception = True
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
+
+
+def all_nodes_here() -> bool:
+    """Whether every live node of the cluster runs on this machine."""
+    here = ray.util.get_node_ip_address()
+    return all(node["NodeManagerAddress"] == here for node in ray.nodes() if node["Alive"])
+
+
+def worker_settings(settings: Settings) -> Settings:
+    """The settings the workers run with: the driver's, with a store they can reach."""
+    if settings.store == "qdrant":
+        if not settings.qdrant_url:
+            raise ConfigurationError(
+                "Qdrant's local files serve one process at a time, and a Ray run writes from "
+                "many: set IMGEMBED_QDRANT_URL to a Qdrant server or cluster"
+            )
+        return settings
+    return postgres_settings(settings)
+
+
+def postgres_settings(settings: Settings) -> Settings:
+    """The settings with a PostgreSQL the workers can reach (the catalogue always lives in
+    PostgreSQL, whatever IMGEMBED_STORE says)."""
+    if settings.database_url:
+        return settings
+    if not all_nodes_here():
+        raise ConfigurationError(
+            "the embedded PostgreSQL listens on a unix socket of this machine, which Ray "
+            "workers on other hosts cannot reach: set IMGEMBED_DATABASE_URL to a PostgreSQL "
+            "with pgvector that every node can reach (or run on a local Ray: --ray local)"
+        )
+    return settings.model_copy(update={"database_url": postgres_url(settings)})
+
+
+def cluster_cpus() -> int:
+    return int(ray.cluster_resources().get("CPU", 1))
+
+
+def cluster_gpus() -> int:
+    return int(ray.cluster_resources().get("GPU", 0))
+
+
+def imgembed_error(exc: BaseException) -> ImgEmbedError | None:
+    """The typed error a worker raised, from the exception Ray hands the driver."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        cause = getattr(current, "cause", None)  # a RayTaskError: the worker's own exception
+        if isinstance(cause, BaseException):
+            current = cause
+            continue
+        if isinstance(current, ImgEmbedError):
+            return _without_retry_note(current)
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _without_retry_note(error: ImgEmbedError) -> ImgEmbedError:
+    """Ray Data appends its retry advice to a failed task's message; ours says what to do."""
+    message = error.args[0] if error.args else None
+    if isinstance(message, str) and _RETRY_NOTE in message:
+        error.args = (message.split(_RETRY_NOTE)[0], *error.args[1:])
+    return error
