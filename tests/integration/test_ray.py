@@ -26,9 +26,9 @@ from imgembed.errors import ConfigurationError, StoreUnavailableError
 from imgembed.indexing import read_index_sources
 from imgembed.store import embedded
 from imgembed.store.postgres import PostgresStore
+from tests.cli import IMGEMBED, run_process
 from tests.conftest import TINY
 from tests.integration.test_catalog import _products, _vectors
-from tests.integration.test_cli import IMGEMBED, run
 
 TINY_ARGS = ["--model", "imgembed-tiny", "--pretrained", "seed:0"]
 
@@ -180,7 +180,7 @@ def test_a_driver_killed_mid_run_resumes_storing_each_image_once(
 
     # The rerun starts a Ray of its own (--ray without an address) and writes the failures.
     failures = tmp_path / "failures.jsonl"
-    second = run(*command[1:], "--failures", str(failures), "--ray")
+    second = run_process(*command[1:], "--failures", str(failures), "--ray")
     assert second.returncode == 1, second.stderr  # the broken file
     assert "on Ray (local)" in second.stderr
     assert f"Skipped: {stored_before} (unchanged)" in second.stderr

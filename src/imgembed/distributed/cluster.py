@@ -22,7 +22,7 @@ import ray
 
 from imgembed.config import Settings
 from imgembed.errors import ConfigurationError, ImgEmbedError
-from imgembed.store import postgres_url
+from imgembed.store import postgres_target
 
 _RETRY_NOTE = "\nFailed to apply UDF transform after "
 _ADDRESS = re.compile(r"^(ray://)?[\w.\-\[\]:]+:\d+$")
@@ -102,7 +102,7 @@ def postgres_settings(settings: Settings) -> Settings:
             "workers on other hosts cannot reach: set IMGEMBED_DATABASE_URL to a PostgreSQL "
             "with pgvector that every node can reach (or run on a local Ray: --ray local)"
         )
-    return settings.model_copy(update={"database_url": postgres_url(settings)})
+    return settings.model_copy(update={"database_url": postgres_target(settings).url})
 
 
 def cluster_cpus() -> int:
