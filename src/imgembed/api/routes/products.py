@@ -110,13 +110,14 @@ async def search(store_id: str, request: Request, state: State) -> dict[str, Any
     elif body.image_given:
         given = (body.image_path, body.image_url, body.image_base64)
         image = await asyncio.to_thread(image_source, state.settings, *given)
-    if image is None and not (body.query or "").strip():
+    text = (body.query or "").strip() or None
+    if image is None and text is None:
         raise ConfigurationError("give a query text, an image, or both")
     catalog = await asyncio.to_thread(state.catalog, store_id)
     hits = await asyncio.to_thread(
         catalog.search,
         store_id,
-        body.query if (body.query or "").strip() else None,
+        text,
         image=image,
         top_k=body.top_k,
         category=body.category,
