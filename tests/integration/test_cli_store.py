@@ -2,6 +2,7 @@
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -64,3 +65,24 @@ def test_store_errors_and_image_only_text(data_dir, photos):
     assert proc.returncode == 3 and "image-only" in proc.stderr
     dupes = json.loads(run("duplicates", "-c", "pictures", "--json").stdout)
     assert dupes == []
+
+
+def test_db_start_keeps_the_server_up_between_commands_until_stopped(data_dir, photos):
+    """Commands as processes of their own: without `db start` the last one out stops the
+    server; with it the server stays up, used or not, until `db stop` or the time is up."""
+    started = run_process("db", "start", "--for", "10m")
+    assert started.returncode == 0 and "kept up until" in started.stdout, started.stderr
+    indexed = run_process("index", str(photos[0]), "-c", "kept", *TINY)
+    assert indexed.returncode == 0, indexed.stderr
+    status = run_process("db", "status").stdout
+    assert ": running (pid" in status and "kept up until" in status
+    assert "the embedded PostgreSQL in" not in run_process("collections").stderr  # no restart
+    assert run_process("db", "stop").stdout.strip() == "stopped"
+    assert run_process("db", "status").stdout.strip().endswith(": stopped")
+
+    assert run_process("db", "start", "--for", "1s").returncode == 0
+    deadline = time.monotonic() + 60  # the keeper lets go; it was the last user
+    while time.monotonic() < deadline and embedded.status(data_dir).running:
+        time.sleep(0.2)
+    assert not embedded.status(data_dir).running
+    assert run_process("db", "start", "--for", "soon").returncode == 2

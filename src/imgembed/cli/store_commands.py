@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -273,6 +274,45 @@ def db_upgrade() -> None:
     err.print(f"schema at revision {current} (newest: {head})", highlight=False)
 
 
+@db_app.command("start")
+def db_start(
+    keep: Annotated[
+        str,
+        typer.Option(
+            "--for",
+            help="How long to keep it up, used or not: 90s, 30m, 2h (default 1h).",
+        ),
+    ] = "1h",
+) -> None:
+    """Start the embedded server and keep it up between commands (each would otherwise start
+    and stop it); `imgembed db stop` ends it sooner."""
+    from imgembed.store import embedded
+
+    seconds = _duration(keep)
+    try:
+        until = embedded.keep(make_service().settings.data_dir, seconds)
+    except ImgEmbedError as exc:
+        raise fail(exc) from exc
+    typer.echo(f"running; kept up until {_clock(until)}")
+
+
+def _duration(text: str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600}
+    number, unit = (text[:-1], text[-1]) if text[-1:] in units else (text, "s")
+    try:
+        seconds = float(number) * units[unit]
+    except ValueError:
+        seconds = -1
+    if seconds <= 0:
+        err.print(f"error: --for {text!r}: give a duration such as 90s, 30m or 2h")
+        raise typer.Exit(2)
+    return seconds
+
+
+def _clock(epoch: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch))
+
+
 @db_app.command("status")
 def db_status() -> None:
     """The embedded server's state, or the external database's schema revision."""
@@ -290,6 +330,8 @@ def db_status() -> None:
     except ImgEmbedError as exc:
         raise fail(exc) from exc
     running = f"running (pid {state.pid}, socket {state.socket})" if state.running else "stopped"
+    if state.kept_until:
+        running += f", kept up until {_clock(state.kept_until)} (imgembed db start)"
     typer.echo(f"embedded PostgreSQL in {state.pgdata}: "
                f"{running if state.initialised else 'not created yet'}")  # fmt: skip
 

