@@ -187,7 +187,20 @@ def keep(data_dir: Path, seconds: float) -> float:
         start_new_session=True,  # outlives this command and its terminal
     )  # fmt: skip
     (folder / _KEEPER).write_text(json.dumps({"pid": keeper.pid, "until": until}))
+    deadline = time.monotonic() + REVIVE_SECONDS
+    while keeper.pid not in _handles(folder):  # else this command, exiting, could stop it
+        if keeper.poll() is not None or time.monotonic() > deadline:
+            raise StoreUnavailableError(f"the keeper of the embedded PostgreSQL in {folder} "
+                                        "did not start")  # fmt: skip
+        time.sleep(0.05)
     return until
+
+
+def _handles(folder: Path) -> list[int]:
+    try:
+        return list(json.loads((folder / _HANDLES).read_text() or "[]"))
+    except (OSError, ValueError):
+        return []
 
 
 def kept_until(data_dir: Path) -> float | None:
