@@ -18,6 +18,10 @@ from PIL import Image
 im = Image.open('$SAMPLES/rocket.jpg'); w, h = im.size
 im.crop((w // 10, h // 10, w - w // 10, h - h // 10)).save('$SAMPLES/rocket-edited.jpg', quality=60)"
 
+# One server for all the commands below (each would start and stop it), stopped at the end.
+"$IMGEMBED" db start --for 30m || exit
+trap '"$IMGEMBED" db stop >/dev/null' EXIT
+
 "$IMGEMBED" index "$SAMPLES" --collection demo-clip
 rc=$?
 if [ "$rc" -eq 0 ]; then
