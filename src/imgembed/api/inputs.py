@@ -82,6 +82,15 @@ def image_source(
     return base64_source(base64, settings)
 
 
+async def one_image(
+    uploads: list[UploadFile], given: tuple[str | None, str | None, str | None], settings: Settings
+) -> tuple[Input, str | None]:
+    """The uploaded file, else the one of (path, url, base64) given, with its label."""
+    if uploads:
+        return await read_upload(uploads[0], settings)
+    return await asyncio.to_thread(image_source, settings, *given), None
+
+
 def sources_or_errors(
     settings: Settings, paths: list[str], images: list[ImageSource]
 ) -> tuple[list[Input | ImgEmbedError], list[str]]:

@@ -29,7 +29,7 @@ from imgembed.errors import (
     StoreError,
 )
 from imgembed.indexing import IndexItem, IndexStats
-from imgembed.indexing.run import interrupted, record_for, store_batch
+from imgembed.indexing.run import finish, interrupted, record_for, store_batch
 from imgembed.intake.names import printable
 from imgembed.store import Provenance, open_store
 from imgembed.store.base import checked_record
@@ -141,13 +141,7 @@ def _index(
                 _fold(batch, stats, state)
                 if progress:
                     progress(Progress(**vars(state)))
-        if prune and unusable:  # what could not be read might still exist: keep it all
-            stats.prune_skipped = True
-        elif prune:
-            gone = set(stored) - {printable(item.id) for item in items}
-            stats.pruned = store.delete(name, gone) if gone else 0
-        if stats.successful or stats.pruned:
-            store.analyze()
+        finish(store, name, items, stored, prune, bool(unusable), stats)
     except (ProvenanceMismatchError, CollectionNotFoundError):
         raise
     except StoreError as exc:

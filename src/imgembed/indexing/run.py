@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -101,19 +101,33 @@ def index(
                     store_batch(store, collection, batch, stats)
                     batch = []
         store_batch(store, collection, batch, stats)
-        if prune and unusable:  # what could not be read might still exist: keep it all
-            stats.prune_skipped = True
-        elif prune:
-            gone = set(stored) - {printable(item.id) for item in items}
-            stats.pruned = store.delete(collection, gone) if gone else 0
-        if stats.successful or stats.pruned:
-            store.analyze()
+        finish(store, collection, items, stored, prune, bool(unusable), stats)
     except (ProvenanceMismatchError, CollectionNotFoundError):
         raise
     except StoreError as exc:
         raise interrupted(exc, stats) from exc
     stats.duration = time.perf_counter() - started
     return stats
+
+
+def finish(
+    store: VectorStore,
+    collection: str,
+    items: Sequence[IndexItem],
+    stored: Mapping[str, str],
+    prune: bool,
+    unreadable: bool,
+    stats: IndexStats,
+) -> None:
+    """After a run's last batch: prune what is gone (not when some source could not be read:
+    what could not be read might still exist) and refresh the planner's statistics."""
+    if prune and unreadable:
+        stats.prune_skipped = True
+    elif prune:
+        gone = set(stored) - {printable(item.id) for item in items}
+        stats.pruned = store.delete(collection, gone) if gone else 0
+    if stats.successful or stats.pruned:
+        store.analyze()
 
 
 def store_batch(

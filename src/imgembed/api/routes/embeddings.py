@@ -12,7 +12,7 @@ from imgembed.api.inputs import (
     body_spec,
     check_count,
     embed_inputs,
-    image_source,
+    one_image,
     parse_body,
     read_upload,
     sources_or_errors,
@@ -53,10 +53,7 @@ async def embed_image(request: Request, state: State) -> dict[str, Any]:
             "give exactly one image: image_path, image_url, image_base64 or a file upload"
         )
     batcher = state.batcher()
-    if uploads:
-        source, label = await read_upload(uploads[0], state.settings)
-    else:
-        source, label = await asyncio.to_thread(image_source, state.settings, *given), None
+    source, label = await one_image(uploads, given, state.settings)
     result = await batcher.embed_image(
         source, labels=[label], extended=body.extended, normalize=body.normalize
     )

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
 from imgembed.api.errors import NotFoundError
-from imgembed.api.inputs import body_spec, image_source, parse_body, read_upload
+from imgembed.api.inputs import body_spec, one_image, parse_body
 from imgembed.api.schemas import ProductSearchRequest, ProductsRequest, StoreEmbedRequest
 from imgembed.api.state import AppState, State
 from imgembed.api.thumbnails import thumbnail_response
@@ -105,11 +105,9 @@ async def search(store_id: str, request: Request, state: State) -> dict[str, Any
     if len(uploads) > 1 or (uploads and body.image_given):
         raise ConfigurationError("give at most one image: a path, a URL, base64 or a file")
     image = None
-    if uploads:
-        image = (await read_upload(uploads[0], state.settings))[0]
-    elif body.image_given:
+    if uploads or body.image_given:
         given = (body.image_path, body.image_url, body.image_base64)
-        image = await asyncio.to_thread(image_source, state.settings, *given)
+        image = (await one_image(uploads, given, state.settings))[0]
     text = (body.query or "").strip() or None
     if image is None and text is None:
         raise ConfigurationError("give a query text, an image, or both")

@@ -15,9 +15,8 @@ from imgembed.api.inputs import (
     body_spec,
     check_count,
     embed_inputs,
-    image_source,
+    one_image,
     parse_body,
-    read_upload,
     sources_or_errors,
 )
 from imgembed.api.schemas import SearchRequest, SearchResponse
@@ -79,11 +78,8 @@ async def _query_vector(
 ) -> np.ndarray:
     if body.query_text is not None:
         return (await batcher.embed_texts([body.query_text]))[0]
-    if uploads:
-        source, label = await read_upload(uploads[0], state.settings)
-    else:
-        given = (body.query_image_path, body.query_image_url, body.query_image_base64)
-        source, label = await asyncio.to_thread(image_source, state.settings, *given), None
+    given = (body.query_image_path, body.query_image_url, body.query_image_base64)
+    source, label = await one_image(uploads, given, state.settings)
     result = await batcher.embed_image(source, labels=[label])
     if result.error is not None:
         raise result.error  # the query itself is unusable: the request fails
