@@ -1,20 +1,14 @@
-"""`imgembed index` locally against `imgembed index --ray` on this machine, in one process,
-and what bounds a cluster: the store's insert rate.
+"""`imgembed index` locally against `imgembed index --ray` on this machine, in one process.
 
-1. Indexing: the same real photos (the small ones and the large wallpapers, cycled; cache
-   off), each under its own id, into two collections of the embedded PostgreSQL: the local
-   pipeline (decode threads + encoder in one process), then a local Ray with the machine's
-   CPUs (decode tasks + one encoder actor per two CPUs). Reported: images/s over the whole
-   run, time to the first stored batch (Ray starts its workers and loads the model in each
-   actor), and the rate over the run's second half (steady state: what each further actor
-   adds).
-2. Store: N vectors (default 20,000 x 512, near a 32-d subspace like real embeddings) upserted
-   in batches of 1,000 through the store's API, (a) with the collection's HNSW index
-   maintained, (b) into the collection with its index dropped, then the index built once
-   (`create_collection` again: CREATE INDEX IF NOT EXISTS).
+The same real photos (the small ones and the large wallpapers, cycled; cache off), each under
+its own id, into two collections of the embedded PostgreSQL: the local pipeline (decode
+threads + encoder in one process), then a local Ray with the machine's CPUs (decode tasks +
+one encoder actor per two CPUs). Reported: images/s over the whole run, time to the first
+stored batch (Ray starts its workers and loads the model in each actor), and the rate over
+the run's second half (steady state: what each further actor adds). What bounds a cluster's
+store, its insert rate, is measured by bench/bench_store.py.
 
 Run: .venv/bin/python bench/bench_ray.py [--images 192] [--model ViT-B-32|imgembed-tiny]
-     [--vectors 20000]
 """
 
 from __future__ import annotations
@@ -91,59 +85,6 @@ def bench_index(settings, paths: list[Path]) -> dict:
             "steady_ratio": steady[0] / steady[1] if all(steady) else None}  # fmt: skip
 
 
-def embeddings_like(n: int, dim: int, seed: int):
-    """Unit vectors near a 32-d subspace plus noise, like real image embeddings."""
-    import numpy as np
-
-    basis = np.random.default_rng(0).normal(size=(32, dim)).astype(np.float32)
-    rng = np.random.default_rng(seed)
-    vectors = rng.normal(size=(n, 32)).astype(np.float32) @ basis
-    vectors += 0.3 * rng.normal(size=(n, dim)).astype(np.float32)
-    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
-
-
-def bench_inserts(settings, count: int, dimension: int, batch: int = 1000) -> dict:
-    import psycopg
-    from psycopg import sql
-
-    from imgembed.store import Provenance, Record, open_store
-    from imgembed.store.postgres import _index_name
-
-    vectors = embeddings_like(count, dimension, seed=1)
-    provenance = Provenance("bench", "random", dimension, "none")
-    store = open_store(settings)
-
-    def load(name: str) -> float:
-        started = time.perf_counter()
-        for start in range(0, count, batch):
-            records = [Record(f"v{i}", vectors[i], f"h{i}", f"s{i}")
-                       for i in range(start, min(count, start + batch))]  # fmt: skip
-            store.upsert(name, records)
-        return time.perf_counter() - started
-
-    try:
-        store.create_collection("maintained", provenance)
-        maintained = load("maintained")
-
-        store.create_collection("bulk", provenance)
-        with psycopg.connect(store.url, autocommit=True) as connection:
-            connection.execute(sql.SQL("DROP INDEX {}").format(sql.Identifier(_index_name("bulk"))))
-        loaded = load("bulk")
-        started = time.perf_counter()
-        store.create_collection("bulk", provenance)  # builds the HNSW index over the rows
-        built = time.perf_counter() - started
-        store.analyze()
-        with psycopg.connect(store.url) as connection:
-            memory = connection.execute("SHOW maintenance_work_mem").fetchone()[0]
-    finally:
-        store.close()
-    return {"vectors": count, "dimension": dimension, "batch": batch,
-            "maintained_vectors_per_s": count / maintained,
-            "bulk_load_vectors_per_s": count / loaded, "index_build_s": built,
-            "bulk_then_index_vectors_per_s": count / (loaded + built),
-            "maintenance_work_mem": memory}  # fmt: skip
-
-
 def photos(count: int) -> list[Path]:
     found = sorted((TESTDATA / "photos").glob("*")) + sorted((TESTDATA / "large").glob("*"))
     if not found:
@@ -168,8 +109,6 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=192)
     parser.add_argument("--model", default="ViT-B-32", help="an open_clip architecture "
                         "(random weights) or imgembed-tiny")  # fmt: skip
-    parser.add_argument("--vectors", type=int, default=20_000)
-    parser.add_argument("--dimension", type=int, default=512)
     args = parser.parse_args()
 
     from imgembed.config import Settings
@@ -186,11 +125,10 @@ def main() -> None:
         )
         try:
             indexing = bench_index(settings, photos(args.images))
-            inserts = bench_inserts(settings, args.vectors, args.dimension)
         finally:
             embedded.stop(data_dir)
     load = os.getloadavg()
-    result = {"indexing": indexing, "inserts": inserts, "model": args.model,
+    result = {"indexing": indexing, "model": args.model,
               "cores": os.cpu_count(), "load_average": load, "machine": platform.machine(),
               "date": time.strftime("%Y-%m-%d")}  # fmt: skip
     local, ray = indexing["local"], indexing["ray"]
@@ -205,13 +143,6 @@ def main() -> None:
           f"actor(s)); ray.init {indexing['ray_init_s']:.1f} s")  # fmt: skip
     print(f"  Ray / local: {indexing['ratio']:.2f}x overall, "
           f"{indexing['steady_ratio'] or 0:.2f}x over the second half")  # fmt: skip
-    print(f"store: {inserts['vectors']:,} x {inserts['dimension']} vectors in batches of "
-          f"{inserts['batch']}, embedded PostgreSQL + pgvector:")  # fmt: skip
-    print(f"  HNSW maintained:       {inserts['maintained_vectors_per_s']:8,.0f} vectors/s")
-    print(f"  bulk load, no index:   {inserts['bulk_load_vectors_per_s']:8,.0f} vectors/s, "
-          f"then the index built in {inserts['index_build_s']:.1f} s "
-          f"(maintenance_work_mem {inserts['maintenance_work_mem']}): "
-          f"{inserts['bulk_then_index_vectors_per_s']:,.0f} vectors/s in all")  # fmt: skip
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"ray-{args.model}.json"
     out.write_text(json.dumps(result, indent=2))

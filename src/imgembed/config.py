@@ -82,6 +82,9 @@ class Settings(BaseSettings):
     qdrant_api_key: str | None = Field(None, validation_alias=_env("qdrant_api_key"))
     collection: str = Field("images", min_length=1, validation_alias=_env("collection"))
     hnsw_ef_search: int = Field(100, ge=10, le=1000, validation_alias=_env("hnsw_ef_search"))
+    # A run storing at least this many new items into a new collection, or one it grows by
+    # half or more, builds the HNSW index after the load (Postgres; 0: never).
+    defer_index_min: int = Field(5000, ge=0, validation_alias=_env("defer_index_min"))
     # The seed's `image_size`: the model's input size decides; a different value is refused.
     image_size: int | None = Field(None, gt=0, validation_alias=_env("image_size"))
     # The seed's `debug`: results carry metadata["debug_logs"] (timestamped steps).

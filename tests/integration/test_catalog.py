@@ -300,7 +300,8 @@ def test_alembic_upgrade_head_from_the_repository(data_dir):
     )
     assert proc.returncode == 0, proc.stderr
     assert "Running upgrade 0001 -> 0002" in proc.stderr
-    assert revisions(embedded.start(data_dir)) == ("0002", "0002")
+    assert "Running upgrade 0002 -> 0003" in proc.stderr
+    assert revisions(embedded.start(data_dir)) == ("0003", "0003")
 
 
 def test_openai_embedder_in_a_catalogue_keeps_its_dimension(data_dir, photos):

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from imgembed.store import embedded
+from imgembed.store.postgres import SCHEMA
 from tests.cli import run, run_process
 
 TINY = ["--model", "imgembed-tiny", "--pretrained", "seed:0"]
@@ -51,7 +52,7 @@ def test_index_search_collections_and_db(data_dir, photos, tmp_path):
     embedded.stop(data_dir)  # held by this process since the commands above
     assert json.loads(run_process("collections", "--json").stdout)[0]["count"] == 6
     assert run_process("db", "status").stdout.strip().endswith(": stopped")
-    assert "revision 0002" in run("db", "upgrade").stderr
+    assert f"revision {SCHEMA}" in run("db", "upgrade").stderr
     assert run("collections", "drop", "shop").returncode == 0
     assert json.loads(run("collections", "--json").stdout) == []
 

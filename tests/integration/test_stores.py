@@ -9,7 +9,7 @@ import pytest
 
 from imgembed.errors import CollectionNotFoundError, ProvenanceMismatchError, StoreError
 from imgembed.store import Provenance, Record
-from imgembed.store.postgres import PostgresStore, revisions
+from imgembed.store.postgres import SCHEMA, PostgresStore, revisions
 from imgembed.store.qdrant import QdrantStore
 
 PROV = Provenance("imgembed-tiny", "seed:0", 8, "abc123")
@@ -111,24 +111,98 @@ def test_migrations_are_at_head_and_rerunnable(postgres_url):
     PostgresStore(postgres_url).close()
     PostgresStore(postgres_url).close()  # a second upgrade is a no-op
     current, head = revisions(postgres_url)
-    assert current == head == "0002"
+    assert current == head == SCHEMA
 
 
-def test_hnsw_index_serves_the_search(postgres_url):
+def _plan(url: str, statement: str) -> str:
     import psycopg
+
+    with psycopg.connect(url, autocommit=True) as connection:
+        return " ".join(row[0] for row in connection.execute(f"EXPLAIN {statement}"))
+
+
+def test_hnsw_index_serves_the_search_and_exact_search_scans(postgres_url):
+    from imgembed.store.postgres import items_table
 
     store = PostgresStore(postgres_url)
     name = _name()
     store.create_collection(name, PROV)
     store.upsert(name, _records(n=2000))  # on a few hundred rows a sort is cheaper
-    with psycopg.connect(postgres_url, autocommit=True) as connection:
-        connection.execute("ANALYZE imgembed_items")
-        plan = connection.execute(
-            f"EXPLAIN SELECT id FROM imgembed_items WHERE collection = '{name}' "
-            "ORDER BY embedding::vector(8) <=> '[1,0,0,0,0,0,0,0]'::vector(8) LIMIT 5"
-        ).fetchall()
-    assert "imgembed_hnsw_" in " ".join(row[0] for row in plan)
+    store.refresh(name)
+    table = items_table(name)
+    probe = "'[1,0,0,0,0,0,0,0]'"
+    approximate = _plan(postgres_url, f"SELECT id FROM {table} ORDER BY "
+                        f"embedding::halfvec(8) <=> {probe}::halfvec(8) LIMIT 5")  # fmt: skip
+    assert f"Index Scan using {table}_hnsw" in approximate
+    exact = _plan(postgres_url, f"SELECT id FROM {table} ORDER BY embedding <=> {probe} LIMIT 5")
+    assert "Seq Scan" in exact and "hnsw" not in exact
+    # and the store's own answers: approximate finds the exact top 5 on this easy set
+    query = _unit([1, 0, 0, 0, 0, 0, 0, 0])
+    found = [hit.id for hit in store.search(name, query, top_k=5)]
+    assert found == [hit.id for hit in store.search(name, query, top_k=5, exact=True)]
     store.close()
+
+
+def _index_exists(url: str, name: str) -> bool:
+    import psycopg
+
+    from imgembed.store.postgres import items_table
+
+    with psycopg.connect(url) as connection:
+        row = connection.execute("SELECT to_regclass(%s)", (f"{items_table(name)}_hnsw",))
+        return row.fetchone()[0] is not None
+
+
+def test_a_bulk_load_builds_its_index_afterwards(postgres_url):
+    store = PostgresStore(postgres_url, defer_index_min=100)
+    name = _name()
+    store.create_collection(name, PROV)
+    assert _index_exists(postgres_url, name)
+    assert store.bulk_load(name, 40) is False  # below the minimum: the index is maintained
+    assert store.bulk_load(name, 300) is True
+    assert not _index_exists(postgres_url, name)
+    records = _records(n=300)
+    for start in range(0, 300, 100):
+        store.upsert(name, records[start : start + 100])
+    query = records[7].vector
+    assert store.search(name, query, top_k=1)[0].id == "item-7"  # meanwhile: exact scans
+    store.close()
+    # the run stopped before building it: the next refresh (any later run's end) does
+    store = PostgresStore(postgres_url, defer_index_min=100)
+    store.refresh(name)
+    assert _index_exists(postgres_url, name)
+    assert store.search(name, query, top_k=1)[0].id == "item-7"
+    # a load of less than half again what the collection holds keeps its index up to date
+    assert store.bulk_load(name, 140) is False and _index_exists(postgres_url, name)
+    assert store.bulk_load(name, 150) is True
+    store.refresh(name)
+    assert _index_exists(postgres_url, name)
+    assert PostgresStore(postgres_url, defer_index_min=0).bulk_load(name, 10**6) is False
+    store.close()
+
+
+def test_equal_ids_in_one_batch_the_last_wins(postgres_url):
+    store = PostgresStore(postgres_url)
+    name = _name()
+    store.create_collection(name, PROV)
+    first, second = _records(n=2)
+    second.id = first.id
+    store.upsert(name, [first, second])
+    (kept,) = store.get(name, [first.id])
+    assert kept.content_hash == second.content_hash and kept.metadata == second.metadata
+    np.testing.assert_allclose(kept.vector, second.vector, rtol=1e-6)
+    store.close()
+
+
+def test_the_embedded_server_runs_with_its_settings(postgres_url):
+    import psycopg
+
+    from imgembed.store import embedded
+
+    with psycopg.connect(postgres_url) as connection:
+        for key, value in embedded.settings().items():
+            shown = connection.execute(f"SHOW {key}").fetchone()[0]
+            assert shown == value.replace("1024MB", "1GB"), key
 
 
 def _write(url: str, name: str, start: int, queue) -> None:
@@ -156,3 +230,59 @@ def test_concurrent_writers(postgres_url):
     assert store.count(name) == 200
     assert store.hashes(name) == {r.id: r.content_hash for r in _records(n=200)}
     store.close()
+
+
+def test_migration_0003_moves_items_into_a_table_per_collection_and_back(tmp_path):
+    import psycopg
+    from alembic import command
+    from pgvector.psycopg import register_vector
+    from psycopg.types.json import Jsonb
+
+    from imgembed.store import embedded
+    from imgembed.store.postgres import _alembic_config
+
+    url = embedded.start(tmp_path)
+    try:
+        command.upgrade(_alembic_config(url), "0002")  # the schema of the previous release
+        records = _records(n=30)
+        with psycopg.connect(url) as connection:
+            register_vector(connection)
+            for name, dimension in (("photos", 8), ("wide", 3)):
+                connection.execute(
+                    "INSERT INTO imgembed_collections (name, model, pretrained, dimension,"
+                    " preprocess) VALUES (%s, 'imgembed-tiny', 'seed:0', %s, 'abc123')",
+                    (name, dimension),
+                )
+            for r in records:
+                connection.execute(
+                    "INSERT INTO imgembed_items (collection, id, embedding, content_hash, source,"
+                    " metadata) VALUES ('photos', %s, %s, %s, %s, %s)",
+                    (r.id, r.vector, r.content_hash, r.source, Jsonb(r.metadata)),
+                )
+            connection.execute(
+                "INSERT INTO imgembed_items (collection, id, embedding, content_hash, source)"
+                " VALUES ('wide', 'w', '[1,2,3]', 'h', 's')"
+            )
+
+        store = PostgresStore(url)  # upgrades to the head
+        assert revisions(url)[0] == "0003"
+        assert {c.name: c.count for c in store.collections()} == {"photos": 30, "wide": 1}
+        assert store.hashes("photos") == {r.id: r.content_hash for r in records}
+        (got,) = store.get("photos", ["item-3"])
+        np.testing.assert_allclose(got.vector, records[3].vector, rtol=1e-6)
+        assert got.metadata == records[3].metadata
+        hits = store.search("photos", records[3].vector, top_k=3, filters={"color": "red"})
+        assert hits[0].id == "item-3" and hits[0].score == pytest.approx(1, abs=1e-5)
+        assert _index_exists(url, "photos")
+        store.close()
+        with psycopg.connect(url) as connection:
+            assert connection.execute("SELECT to_regclass('imgembed_items')").fetchone()[0] is None
+
+        command.downgrade(_alembic_config(url), "0002")
+        with psycopg.connect(url) as connection:
+            rows = connection.execute(
+                "SELECT collection, count(*) FROM imgembed_items GROUP BY 1 ORDER BY 1"
+            ).fetchall()
+        assert rows == [("photos", 30), ("wide", 1)]
+    finally:
+        embedded.stop(tmp_path)

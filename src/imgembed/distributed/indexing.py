@@ -29,7 +29,7 @@ from imgembed.errors import (
     StoreError,
 )
 from imgembed.indexing import IndexItem, IndexStats
-from imgembed.indexing.run import finish, interrupted, record_for, store_batch
+from imgembed.indexing.run import begin, finish, interrupted, record_for, store_batch
 from imgembed.intake.names import printable
 from imgembed.store import Provenance, open_store
 from imgembed.store.base import checked_record
@@ -118,6 +118,7 @@ def _index(
         store = service.store
         store.create_collection(name, provenance)
         stored = store.hashes(name)
+        begin(store, name, todo, stored)
         for item in unusable:
             stats.processed += 1
             stats.fail(item.id, item.source, item.error)  # type: ignore[arg-type]

@@ -1,8 +1,9 @@
 """Indexing run: embed what is new or changed, store it in atomic batches, skip what is
 stored with the same content hash, optionally prune what is gone.
 
-A run killed at any moment (even kill -9) loses at most the batch not yet stored; the
-next run skips what was stored (same id, same content hash) and, through the embedding
+Batches are stored on a thread of their own while the next ones are embedded. A run killed
+at any moment (even kill -9) loses at most the batches not yet stored; the next run skips
+what was stored (same id, same content hash) and, through the embedding
 cache, does not embed twice what was embedded but not stored.
 
 Failures: a source that cannot be used (a list row without an image, a folder that cannot
@@ -14,6 +15,8 @@ message saying what was kept and how to go on."""
 from __future__ import annotations
 
 import dataclasses
+import queue
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -76,6 +79,7 @@ def index(
         provenance = service.provenance
         store.create_collection(collection, provenance)
         stored = store.hashes(collection)
+        begin(store, collection, todo, stored)
         for item in unusable:
             stats.processed += 1
             stats.fail(item.id, item.source, item.error)  # type: ignore[arg-type]
@@ -83,24 +87,25 @@ def index(
         results = service.iter_images(
             [item.source for item in todo], _shifted(progress, len(unusable))
         )
-        for item, result in zip(todo, results, strict=True):
-            stats.processed += 1
-            if result.error is not None:
-                stats.fail(item.id, item.source, result.error)
-            elif stored.get(printable(item.id)) == result.image_id:
-                stats.skipped += 1
-            else:
-                record = record_for(item, result)
-                try:
-                    checked_record(record, provenance.dimension)
-                except InvalidRecordError as exc:  # e.g. a NaN vector: this item only
-                    stats.fail(item.id, item.source, exc)
-                    continue
-                batch.append(record)
-                if len(batch) >= service.settings.batch_size:
-                    store_batch(store, collection, batch, stats)
-                    batch = []
-        store_batch(store, collection, batch, stats)
+        with Writer(store, collection, stats) as writer:
+            for item, result in zip(todo, results, strict=True):
+                stats.processed += 1
+                if result.error is not None:
+                    stats.fail(item.id, item.source, result.error)
+                elif stored.get(printable(item.id)) == result.image_id:
+                    stats.skipped += 1
+                else:
+                    record = record_for(item, result)
+                    try:
+                        checked_record(record, provenance.dimension)
+                    except InvalidRecordError as exc:  # e.g. a NaN vector: this item only
+                        stats.fail(item.id, item.source, exc)
+                        continue
+                    batch.append(record)
+                    if len(batch) >= service.settings.batch_size:
+                        writer.put(batch)
+                        batch = []
+            writer.put(batch)
         finish(store, collection, items, stored, prune, bool(unusable), stats)
     except (ProvenanceMismatchError, CollectionNotFoundError):
         raise
@@ -108,6 +113,14 @@ def index(
         raise interrupted(exc, stats) from exc
     stats.duration = time.perf_counter() - started
     return stats
+
+
+def begin(
+    store: VectorStore, collection: str, todo: Sequence[IndexItem], stored: Mapping[str, str]
+) -> bool:
+    """Before a run's first batch: tell the store how many new items come (a bulk load into
+    a new or much-grown collection builds its index afterwards)."""
+    return store.bulk_load(collection, sum(printable(item.id) not in stored for item in todo))
 
 
 def finish(
@@ -120,14 +133,55 @@ def finish(
     stats: IndexStats,
 ) -> None:
     """After a run's last batch: prune what is gone (not when some source could not be read:
-    what could not be read might still exist) and refresh the planner's statistics."""
+    what could not be read might still exist), build an index a bulk load set aside (also
+    one a stopped run left unbuilt) and refresh the planner's statistics."""
     if prune and unreadable:
         stats.prune_skipped = True
     elif prune:
         gone = set(stored) - {printable(item.id) for item in items}
         stats.pruned = store.delete(collection, gone) if gone else 0
-    if stats.successful or stats.pruned:
-        store.analyze()
+    store.refresh(collection)
+
+
+class Writer:
+    """Stores batches on a thread of its own, so that the model embeds the next batch
+    while the database stores this one. At most two batches wait (memory stays bounded).
+    Leaving the `with` block stores what waits; a StoreError stops the writer and is raised
+    by the next `put` or on leaving, after the counts are in `stats`."""
+
+    def __init__(self, store: VectorStore, collection: str, stats: IndexStats):
+        self._store, self._collection, self._stats = store, collection, stats
+        self._own = IndexStats()  # this thread's counts, added to `stats` on leaving
+        self._queue: queue.Queue[list[Record] | None] = queue.Queue(maxsize=2)
+        self._error: StoreError | None = None
+        self._thread = threading.Thread(target=self._run, name="imgembed-writer", daemon=True)
+        self._thread.start()
+
+    def put(self, batch: list[Record]) -> None:
+        if self._error is not None:
+            raise self._error
+        if batch:
+            self._queue.put(batch)
+
+    def _run(self) -> None:
+        while (batch := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    store_batch(self._store, self._collection, batch, self._own)
+                except StoreError as exc:
+                    self._error = exc
+
+    def __enter__(self) -> Writer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        self._stats.successful += self._own.successful
+        self._stats.failed += self._own.failed
+        self._stats.failures.extend(self._own.failures)
+        if self._error is not None:
+            raise self._error
 
 
 def store_batch(

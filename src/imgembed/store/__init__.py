@@ -24,6 +24,7 @@ def open_store(settings: Settings) -> VectorStore:
     return PostgresStore(
         target.url,
         ef_search=settings.hnsw_ef_search,
+        defer_index_min=settings.defer_index_min,
         location=target.location,
         reopen=target.reopen,
     )

@@ -164,8 +164,14 @@ class VectorStore(Protocol):
         scans everything instead of using the approximate index."""
         ...
 
-    def analyze(self) -> None:
-        """Refresh query-planner statistics after bulk changes (searches stay fast)."""
+    def bulk_load(self, name: str, incoming: int) -> bool:
+        """Before storing `incoming` new items: whether the store takes them as a bulk load
+        (its approximate index built afterwards, by `refresh`)."""
+        ...
+
+    def refresh(self, name: str) -> None:
+        """After bulk changes: build what a bulk load set aside, refresh the statistics
+        searches depend on. Safe to call any time, and again after a stopped run."""
         ...
 
     def close(self) -> None: ...

@@ -1,17 +1,20 @@
 """VectorStore on PostgreSQL + pgvector (embedded, or any server via IMGEMBED_DATABASE_URL).
 
-The schema comes from Alembic migrations (store/migrations). Queries name the collection as
-a literal so the planner can match the collection's partial HNSW index. Every call runs
-through pgconn.Connection: typed errors, and one retry after a lost connection."""
+The schema comes from Alembic migrations (store/migrations): a registry of collections, and
+per collection a table of its own with a `vector(dimension)` column and an HNSW index (see
+`_table_ddl`, `_index_ddl`). Every call runs through pgconn.Connection: typed errors, and one
+retry after a lost connection."""
 
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
+import psutil
 import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
@@ -30,7 +33,11 @@ from imgembed.store.base import (
 from imgembed.store.faults import store_errors
 from imgembed.store.pgconn import Connection
 
+log = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).parent / "migrations"
+SCHEMA = "0003"  # the newest migration (a test holds it equal to Alembic's head)
+HNSW_MAX_DIMENSION = 4000  # pgvector's limit for an index over halfvec; above it: exact search
+DEFER_INDEX_MIN = 5000  # the smallest bulk load that builds its index afterwards
 
 
 def _alembic_config(url: str) -> Any:
@@ -45,11 +52,24 @@ def _alembic_config(url: str) -> Any:
 
 
 def migrate(url: str, location: str | None = None) -> None:
-    """Bring the schema to the newest revision (safe to run from many processes at once)."""
+    """Bring the schema to the newest revision (safe to run from many processes at once).
+    A schema already there is told by one query: importing Alembic and SQLAlchemy alone
+    would cost a short command most of its time (measured 1.3 s of `imgembed search`)."""
+    where = location or describe_url(url)
+    with store_errors("reading the schema revision", where), psycopg.connect(url) as connection:
+        if _revision(connection) == SCHEMA:
+            return
     from alembic import command
 
-    with store_errors("migrating the schema", location or describe_url(url)):
+    with store_errors("migrating the schema", where):
         command.upgrade(_alembic_config(url), "head")
+
+
+def _revision(connection: psycopg.Connection) -> str | None:
+    if connection.execute("SELECT to_regclass('alembic_version')").fetchone()[0] is None:
+        return None
+    row = connection.execute("SELECT version_num FROM alembic_version").fetchone()
+    return row[0] if row else None
 
 
 def revisions(url: str) -> tuple[str | None, str]:
@@ -59,12 +79,7 @@ def revisions(url: str) -> tuple[str | None, str]:
     head = ScriptDirectory.from_config(_alembic_config(url)).get_current_head() or ""
     where = describe_url(url)
     with store_errors("reading the schema revision", where), psycopg.connect(url) as connection:
-        exists = connection.execute("SELECT to_regclass('alembic_version')").fetchone()[0]
-        current = None
-        if exists:
-            row = connection.execute("SELECT version_num FROM alembic_version").fetchone()
-            current = row[0] if row else None
-    return current, head
+        return _revision(connection), head
 
 
 def describe_url(url: str) -> str:
@@ -77,6 +92,11 @@ def describe_url(url: str) -> str:
     return f"PostgreSQL at {host}:{info.get('port') or 5432}/{info.get('dbname') or ''}"
 
 
+class _Collection(NamedTuple):
+    table: str  # the collection's own items table
+    dimension: int
+
+
 class PostgresStore:
     backend = "postgres"
 
@@ -86,31 +106,36 @@ class PostgresStore:
         upgrade: bool = True,
         ef_search: int = 100,
         *,
+        defer_index_min: int = DEFER_INDEX_MIN,
         location: str | None = None,
         reopen: Callable[[], str] | None = None,
     ):
         """`location` names where the data lives (the embedded server's folder); `reopen`
-        gives the URL again after the server went away (the embedded one restarts it)."""
+        gives the URL again after the server went away (the embedded one restarts it);
+        `defer_index_min`: the smallest bulk load that builds its index afterwards (0: never)."""
         self.url = url
         self.location = location or describe_url(url)
         self.ef_search = ef_search  # HNSW candidates per query: recall against latency
+        self.defer_index_min = defer_index_min
         if upgrade:
             migrate(url, self.location)
         self._db = Connection(url, self.location, reopen)
-        self._dimensions: dict[str, int] = {}
+        self._collections: dict[str, _Collection] = {}
+        self._session: tuple[psycopg.Connection | None, int] = (None, 0)  # settings made, ef
+        self._staging: psycopg.Connection | None = None  # the connection with a staging table
 
-    def _dimension(self, name: str) -> int:
-        """The collection's dimension, without counting its rows (hot path: every search)."""
-        if name not in self._dimensions:
+    def _collection(self, name: str) -> _Collection:
+        """The collection's table and dimension, without counting its rows (every search)."""
+        if name not in self._collections:
             row = self._query(
                 f"reading collection {name!r}",
-                "SELECT dimension FROM imgembed_collections WHERE name = %s",
+                "SELECT items_table, dimension FROM imgembed_collections WHERE name = %s",
                 (checked_text(name, "collection name"),),
             )
             if not row:
                 raise CollectionNotFoundError(f"no collection {name!r}")
-            self._dimensions[name] = row[0][0]
-        return self._dimensions[name]
+            self._collections[name] = _Collection(*row[0])
+        return self._collections[name]
 
     # -- collections -------------------------------------------------------------------------
 
@@ -119,23 +144,23 @@ class PostgresStore:
 
         def create(connection: psycopg.Connection) -> None:
             with connection.transaction():
+                # one creator at a time: concurrent CREATE TABLE IF NOT EXISTS can collide
+                connection.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (name,))
                 connection.execute(
                     "INSERT INTO imgembed_collections"
-                    " (name, model, pretrained, dimension, preprocess)"
-                    " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (name) DO NOTHING",
+                    " (name, model, pretrained, dimension, preprocess, items_table)"
+                    " VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (name) DO NOTHING",
                     (name, provenance.model, provenance.pretrained, provenance.dimension,
-                     provenance.preprocess),
+                     provenance.preprocess, items_table(name)),
                 )  # fmt: skip
-                connection.execute(
-                    sql.SQL(
-                        "CREATE INDEX IF NOT EXISTS {index} ON imgembed_items USING hnsw "
-                        "((embedding::vector({dim})) vector_cosine_ops) WHERE collection = {name}"
-                    ).format(
-                        index=sql.Identifier(_index_name(name)),
-                        dim=sql.Literal(provenance.dimension),
-                        name=sql.Literal(name),
-                    )
-                )
+                table, dimension = connection.execute(
+                    "SELECT items_table, dimension FROM imgembed_collections WHERE name = %s",
+                    (name,),
+                ).fetchone()
+                for statement in _table_ddl(table, dimension):
+                    connection.execute(statement)
+                if dimension <= HNSW_MAX_DIMENSION:
+                    connection.execute(_index_ddl(table, dimension))
 
         self._db.run(f"creating collection {name!r}", create)
         info = self.get_collection(name)
@@ -147,16 +172,11 @@ class PostgresStore:
         return info
 
     def get_collection(self, name: str) -> CollectionInfo:
-        row = self._query(
-            f"reading collection {name!r}",
-            "SELECT c.name, c.model, c.pretrained, c.dimension, c.preprocess,"
-            " (SELECT count(*) FROM imgembed_items i WHERE i.collection = c.name)"
-            " FROM imgembed_collections c WHERE c.name = %s",
-            (checked_text(name, "collection name"),),
-        )
-        if not row:
+        checked_text(name, "collection name")
+        infos = self._infos(f"reading collection {name!r}", "WHERE name = %s", (name,))
+        if not infos:
             raise CollectionNotFoundError(f"no collection {name!r}")
-        return _info(row[0])
+        return infos[0]
 
     def provenance(self, name: str) -> Provenance:
         row = self._query(
@@ -170,88 +190,99 @@ class PostgresStore:
         return Provenance(*row[0])
 
     def collections(self) -> list[CollectionInfo]:
-        rows = self._query(
-            "listing collections",
-            "SELECT c.name, c.model, c.pretrained, c.dimension, c.preprocess,"
-            " (SELECT count(*) FROM imgembed_items i WHERE i.collection = c.name)"
-            " FROM imgembed_collections c ORDER BY c.name",
-        )
-        return [_info(row) for row in rows]
+        return self._infos("listing collections", "", ())
+
+    def _infos(self, action: str, where: str, params: tuple[Any, ...]) -> list[CollectionInfo]:
+        def read(connection: psycopg.Connection) -> list[CollectionInfo]:
+            rows = connection.execute(
+                "SELECT name, model, pretrained, dimension, preprocess, items_table"
+                f" FROM imgembed_collections {where} ORDER BY name",
+                params,
+            ).fetchall()
+            return [
+                CollectionInfo(name, "postgres", Provenance(*provenance), _count(connection, table))
+                for name, *provenance, table in rows
+            ]
+
+        return self._db.run(action, read)
 
     def drop_collection(self, name: str) -> None:
-        self.get_collection(name)
-        self._dimensions.pop(name, None)
+        table = self._collection(name).table
+        self._collections.pop(name, None)
 
         def drop(connection: psycopg.Connection) -> None:
             with connection.transaction():
                 connection.execute("DELETE FROM imgembed_collections WHERE name = %s", (name,))
-                connection.execute(
-                    sql.SQL("DROP INDEX IF EXISTS {}").format(sql.Identifier(_index_name(name)))
-                )
+                connection.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(table)))
 
         self._db.run(f"dropping collection {name!r}", drop)
 
     # -- items -------------------------------------------------------------------------------
 
     def upsert(self, name: str, records: Sequence[Record]) -> None:
+        """One transaction: COPY (binary) into a staging table, then one INSERT ... ON
+        CONFLICT into the collection (rows in id order, so that concurrent writers of
+        overlapping batches lock in the same order and cannot deadlock)."""
         if not records:
             return
-        dimension = self._dimension(name)
-        rows = []
-        for record in records:
+        table, dimension = self._collection(name)
+        rows = {}
+        for record in records:  # of equal ids, the last wins
             vector, metadata = checked_record(record, dimension)
-            rows.append((name, record.id, vector, record.content_hash, record.source, metadata))
+            rows[record.id] = (record.id, vector, record.content_hash, record.source, metadata)
+        insert = sql.SQL(
+            "INSERT INTO {table} (id, embedding, content_hash, source, metadata)"
+            " SELECT id, embedding, content_hash, source, metadata::jsonb"
+            " FROM imgembed_staging ORDER BY id"
+            " ON CONFLICT (id) DO UPDATE SET embedding = EXCLUDED.embedding,"
+            " content_hash = EXCLUDED.content_hash, source = EXCLUDED.source,"
+            " metadata = EXCLUDED.metadata, updated_at = now()"
+        ).format(table=sql.Identifier(table))
 
         def write(connection: psycopg.Connection) -> None:
-            with connection.transaction(), connection.cursor() as cursor:
-                cursor.executemany(
-                    "INSERT INTO imgembed_items"
-                    " (collection, id, embedding, content_hash, source, metadata)"
-                    " VALUES (%s, %s, %s, %s, %s, %s)"
-                    " ON CONFLICT (collection, id) DO UPDATE SET embedding = EXCLUDED.embedding,"
-                    " content_hash = EXCLUDED.content_hash, source = EXCLUDED.source,"
-                    " metadata = EXCLUDED.metadata, updated_at = now()",
-                    rows,
+            if self._staging is not connection:  # made outside the transaction: a failed one
+                connection.execute(  # would take it along
+                    "CREATE TEMP TABLE IF NOT EXISTS imgembed_staging (id text, embedding vector,"
+                    " content_hash text, source text, metadata text) ON COMMIT DELETE ROWS"
                 )
+                self._staging = connection
+            with connection.transaction(), connection.cursor() as cursor:
+                with cursor.copy("COPY imgembed_staging FROM STDIN (FORMAT BINARY)") as copy:
+                    copy.set_types(["text", "vector", "text", "text", "text"])
+                    for row in rows.values():
+                        copy.write_row(row)
+                cursor.execute(insert)
 
         self._db.run(f"storing {len(rows)} items in {name!r}", write)
 
     def get(self, name: str, ids: Iterable[str]) -> list[Record]:
-        rows = self._query(
-            f"reading items of {name!r}",
-            "SELECT id, embedding, content_hash, source, metadata FROM imgembed_items"
-            " WHERE collection = %s AND id = ANY(%s) ORDER BY id",
-            (name, list(ids)),
-        )
+        rows = self._items(
+            name, "reading items of",
+            "SELECT id, embedding, content_hash, source, metadata FROM {table}"
+            " WHERE id = ANY(%s) ORDER BY id",
+            (list(ids),),
+        )  # fmt: skip
         return [Record(r[0], _array(r[1]), r[2], r[3], r[4]) for r in rows]
 
     def hashes(self, name: str) -> dict[str, str]:
-        rows = self._query(
-            f"reading the content hashes of {name!r}",
-            "SELECT id, content_hash FROM imgembed_items WHERE collection = %s",
-            (name,),
+        rows = self._items(
+            name, "reading the content hashes of", "SELECT id, content_hash FROM {table}"
         )
         return dict(rows)
 
     def delete(self, name: str, ids: Iterable[str]) -> int:
         ids = list(ids)
+        statement = sql.SQL("DELETE FROM {} WHERE id = ANY(%s)").format(
+            sql.Identifier(self._collection(name).table)
+        )
         return self._db.run(
             f"deleting {len(ids)} items from {name!r}",
-            lambda connection: (
-                connection.execute(
-                    "DELETE FROM imgembed_items WHERE collection = %s AND id = ANY(%s)", (name, ids)
-                ).rowcount
-            ),
+            lambda connection: connection.execute(statement, (ids,)).rowcount,
         )
 
     def count(self, name: str) -> int:
-        self._dimension(name)  # raises for an unknown collection
-        row = self._query(
-            f"counting {name!r}",
-            "SELECT count(*) FROM imgembed_items WHERE collection = %s",
-            (name,),
-        )
-        return row[0][0]
+        table = self._collection(name).table
+        return self._db.run(f"counting {name!r}", lambda c: _count(c, table))
 
     def search(
         self,
@@ -261,41 +292,87 @@ class PostgresStore:
         filters: Mapping[str, Any] | None = None,
         exact: bool = False,
     ) -> list[Hit]:
-        dimension = self._dimension(name)
+        """One statement, prepared after its first use. The approximate order is that of
+        the half-precision index; scores are the full-precision cosine."""
+        table, dimension = self._collection(name)
         query = checked_vector(vector, dimension, "query")
-        distance = sql.SQL("embedding::vector({dim}) <=> %(q)s::vector({dim})").format(
-            dim=sql.Literal(dimension)
-        )
-        where = sql.SQL("collection = {}").format(sql.Literal(name))
-        params: dict[str, Any] = {"q": query, "k": top_k}
+        params: dict[str, Any] = {"q": query}
+        where = sql.SQL("")
         if filters:
-            where = sql.SQL("{} AND metadata @> %(filters)s::jsonb").format(where)
+            where = sql.SQL(" WHERE metadata @> %(filters)s::jsonb")
             params["filters"] = checked_metadata(dict(filters), "the search filter")
+        order = sql.SQL("embedding <=> %(q)s")  # no index serves it: every row is compared
+        if not exact and dimension <= HNSW_MAX_DIMENSION:
+            order = sql.SQL("embedding::halfvec({d}) <=> %(q)s::halfvec({d})").format(
+                d=sql.Literal(dimension)
+            )
         statement = sql.SQL(
-            "SELECT id, 1 - ({distance}) AS score, source, content_hash, metadata"
-            " FROM imgembed_items WHERE {where} ORDER BY {distance} LIMIT %(k)s"
-        ).format(distance=distance, where=where)
+            "SELECT id, 1 - (embedding <=> %(q)s), source, content_hash, metadata"
+            " FROM {table}{where} ORDER BY {order} LIMIT {k}"  # k literal: a plan per k
+        ).format(table=sql.Identifier(table), where=where, order=order, k=sql.Literal(top_k))
+        ef = max(self.ef_search, 2 * top_k)  # enough candidates for k
 
         def find(connection: psycopg.Connection) -> list[tuple[Any, ...]]:
-            with connection.transaction():
-                if exact:
-                    connection.execute("SET LOCAL enable_indexscan = off")
-                else:  # enough candidates for k, and keep scanning when filters drop some
-                    ef = max(self.ef_search, 2 * top_k)
-                    connection.execute(
-                        sql.SQL("SET LOCAL hnsw.ef_search = {}").format(sql.Literal(ef))
-                    )
-                    connection.execute("SET LOCAL hnsw.iterative_scan = relaxed_order")
-                return connection.execute(statement, params).fetchall()
+            self._settings(connection, ef)
+            return connection.execute(statement, params, prepare=True).fetchall()
 
         rows = self._db.run(f"searching {name!r}", find)
         hits = [Hit(r[0], float(r[1]), r[2], r[3], r[4]) for r in rows]
         return sorted(hits, key=lambda hit: -hit.score)  # relaxed order: re-sort the k rows
 
-    def analyze(self) -> None:
-        # Right after a bulk load the planner has no statistics and scans everything
-        # instead of using the HNSW index (measured: 21 ms -> 3.5 ms at 5k vectors).
-        self._db.run("analyzing the items", lambda c: c.execute("ANALYZE imgembed_items"))
+    def _settings(self, connection: psycopg.Connection, ef: int) -> None:
+        """The search settings, made once per connection (not per query: a round trip each)."""
+        made_on, made_ef = self._session
+        if made_on is not connection:
+            connection.execute("SET jit = off")  # compiling a plan costs more than a search
+            # filters drop candidates: keep scanning the graph until k rows match
+            connection.execute("SET hnsw.iterative_scan = relaxed_order")
+            made_ef = 0
+        if made_ef != ef:
+            connection.execute(sql.SQL("SET hnsw.ef_search = {}").format(sql.Literal(ef)))
+        self._session = (connection, ef)
+
+    # -- bulk loads --------------------------------------------------------------------------
+
+    def bulk_load(self, name: str, incoming: int) -> bool:
+        """Before storing `incoming` new items. A bulk load (at least `defer_index_min` items,
+        and at least half again what the collection holds) sets the HNSW index aside: one
+        build after the load is several times cheaper than keeping the graph up to date
+        insert by insert. Searches meanwhile compare every row (exact, slower). `refresh`
+        builds it again; a run stopped before that leaves it to the next `refresh`."""
+        table, dimension = self._collection(name)
+        if not self.defer_index_min or incoming < self.defer_index_min:
+            return False
+        if dimension > HNSW_MAX_DIMENSION or 2 * incoming < self.count(name):
+            return False
+        index = sql.Identifier(f"{table}_hnsw")
+        self._db.run(
+            f"setting the search index of {name!r} aside for a bulk load",
+            lambda c: c.execute(sql.SQL("DROP INDEX IF EXISTS {}").format(index)),
+        )
+        log.info("bulk load of %d items into %r: its HNSW index is built afterwards", incoming,
+                 name)  # fmt: skip
+        return True
+
+    def refresh(self, name: str) -> None:
+        """After bulk changes: build the HNSW index if a bulk load set it aside, and refresh
+        the planner's statistics (without them it scans instead of using the index)."""
+        table, dimension = self._collection(name)
+
+        def work(connection: psycopg.Connection) -> None:
+            exists = connection.execute("SELECT to_regclass(%s)", (f"{table}_hnsw",)).fetchone()
+            if dimension <= HNSW_MAX_DIMENSION and exists[0] is None:
+                with connection.transaction():
+                    memory = _build_memory(_count(connection, table), dimension)
+                    connection.execute(
+                        sql.SQL("SET LOCAL maintenance_work_mem = {}").format(
+                            sql.Literal(f"{memory}MB")
+                        )
+                    )
+                    connection.execute(_index_ddl(table, dimension))
+            connection.execute(sql.SQL("ANALYZE {}").format(sql.Identifier(table)))
+
+        self._db.run(f"building the search index of {name!r}", work)
 
     def close(self) -> None:
         self._db.close()
@@ -303,19 +380,63 @@ class PostgresStore:
     def _query(self, action: str, statement: str, params: Any = None) -> list[tuple[Any, ...]]:
         return self._db.run(action, lambda c: c.execute(statement, params).fetchall())
 
+    def _items(
+        self, name: str, action: str, statement: str, params: Any = None
+    ) -> list[tuple[Any, ...]]:
+        query = sql.SQL(statement).format(table=sql.Identifier(self._collection(name).table))
+        return self._db.run(f"{action} {name!r}", lambda c: c.execute(query, params).fetchall())
+
+
+def items_table(collection: str) -> str:
+    """Each collection has a table of its own, its vectors in a column of its dimension."""
+    return "imgembed_items_" + hashlib.sha256(collection.encode()).hexdigest()[:16]
+
+
+def _table_ddl(table: str, dimension: int) -> list[sql.Composed]:
+    """The vectors stay in the row (no TOAST: a 512-d vector is just over its 2 KB
+    threshold, and fetching it from the TOAST table costs an index lookup per row)."""
+    names = {"t": sql.Identifier(table), "d": sql.Literal(dimension),
+             "metadata": sql.Identifier(f"{table}_metadata")}  # fmt: skip
+    return [
+        sql.SQL(
+            "CREATE TABLE IF NOT EXISTS {t} (id text PRIMARY KEY,"
+            " embedding vector({d}) NOT NULL, content_hash text NOT NULL, source text NOT NULL,"
+            " metadata jsonb NOT NULL DEFAULT '{{}}', updated_at timestamptz NOT NULL"
+            " DEFAULT now()) WITH (toast_tuple_target = 8160)"
+        ).format(**names),
+        sql.SQL("ALTER TABLE {t} ALTER COLUMN embedding SET STORAGE EXTERNAL").format(**names),
+        sql.SQL(
+            "CREATE INDEX IF NOT EXISTS {metadata} ON {t} USING gin (metadata jsonb_path_ops)"
+        ).format(**names),
+    ]
+
+
+def _index_ddl(table: str, dimension: int) -> sql.Composed:
+    """HNSW over the vectors in half precision: half the size of a full-precision graph,
+    so more of it stays in memory and each comparison reads half the bytes (measured
+    100k x 512: the same recall, about twice as fast); the order among the k found is
+    set by the full-precision scores."""
+    return sql.SQL(
+        "CREATE INDEX IF NOT EXISTS {index} ON {t} USING hnsw"
+        " ((embedding::halfvec({d})) halfvec_cosine_ops)"
+    ).format(
+        index=sql.Identifier(f"{table}_hnsw"), t=sql.Identifier(table), d=sql.Literal(dimension)
+    )
+
+
+def _build_memory(rows: int, dimension: int) -> int:
+    """maintenance_work_mem (MB) for an HNSW build to stay in memory (it slows down sharply
+    once the graph spills), at most a quarter of this machine's memory."""
+    need = rows * (2 * dimension + 400) * 1.3 / 2**20
+    ceiling = psutil.virtual_memory().total / 4 / 2**20
+    return int(max(64, min(need, ceiling)))
+
+
+def _count(connection: psycopg.Connection, table: str) -> int:
+    statement = sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(table))
+    return connection.execute(statement).fetchone()[0]
+
 
 def _array(value: Any) -> np.ndarray:
-    # The column has no fixed dimension, so pgvector hands back its Vector type.
     raw = value.to_numpy() if hasattr(value, "to_numpy") else value
     return np.asarray(raw, dtype=np.float32)
-
-
-def _index_name(collection: str) -> str:
-    return "imgembed_hnsw_" + hashlib.sha256(collection.encode()).hexdigest()[:16]
-
-
-def _info(row: tuple[Any, ...]) -> CollectionInfo:
-    name, model, pretrained, dimension, preprocess, count = row
-    return CollectionInfo(
-        name, "postgres", Provenance(model, pretrained, dimension, preprocess), count
-    )

@@ -294,8 +294,13 @@ class QdrantStore:
             for p in points
         ]
 
-    def analyze(self) -> None:
-        """Qdrant keeps its own statistics."""
+    def bulk_load(self, name: str, incoming: int) -> bool:
+        """Qdrant indexes segments in the background as they fill: nothing to set aside."""
+        self._dimension(name)  # raises for an unknown collection
+        return False
+
+    def refresh(self, name: str) -> None:
+        """Qdrant keeps its own statistics and index."""
 
     def close(self) -> None:
         with store_errors("closing Qdrant", self.location):
