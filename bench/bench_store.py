@@ -16,7 +16,7 @@
 Vectors lie near a 32-dimensional subspace (plus noise), as real image embeddings do (their
 intrinsic dimension is low). Uniformly random 512-d vectors, or tight clusters of equidistant
 points, make "the" top 10 nearly arbitrary and are worst cases that real data does not pose.
-Run: .venv/bin/python bench/bench_store.py [--vectors 100000] [--qdrant-vectors 3000]
+Run: .venv/bin/python bench/bench_store.py [--vectors 100000] [--qdrant-vectors 2000]
 """
 
 from __future__ import annotations
@@ -79,7 +79,11 @@ def latency(seconds: list[float], found, truth: np.ndarray) -> dict:
             "recall_at_10": float(recall)}  # fmt: skip
 
 
-def bench_postgres(store, vectors, probes, truth, grow: int) -> dict:
+def true_top10(probes: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+    return np.argsort(-(probes @ vectors.T), axis=1)[:, :10]
+
+
+def bench_postgres(store, vectors, probes, grow: int) -> dict:
     from imgembed.store import Provenance
 
     n, dim = vectors.shape
@@ -94,6 +98,7 @@ def bench_postgres(store, vectors, probes, truth, grow: int) -> dict:
     extra = embeddings_like(grow, dim, seed=3)
     maintained = upsert_all(store, "bench", extra, n, batch=500)  # index kept up to date
     store.refresh("bench")
+    truth = true_top10(probes, np.concatenate([vectors, extra]))  # ids v0.. in this order
     rows = []
     for ef in (40, 64, 100, 200):  # the default IMGEMBED_HNSW_EF_SEARCH is 100
         store.ef_search = ef
@@ -160,7 +165,7 @@ def bench_indexing(data_dir: Path, url: str) -> dict:
             "index_vs_naive": naive / ours, "index_vs_embed_images": embed / ours}  # fmt: skip
 
 
-def bench_cli(data_dir: Path, runs: int = 7) -> dict:
+def bench_cli(data_dir: Path, runs: int = 5) -> dict:
     """`imgembed search` by text as a new process, ONNX runtime, tiny model, warm server."""
     env = {**os.environ, "IMGEMBED_DATA_DIR": str(data_dir), "IMGEMBED_RUNTIME": "onnx",
            "IMGEMBED_MODEL": "imgembed-tiny", "IMGEMBED_PRETRAINED": "seed:0",
@@ -198,8 +203,8 @@ def main() -> None:
     parser.add_argument("--vectors", type=int, default=100_000)
     parser.add_argument("--dimension", type=int, default=512)
     parser.add_argument("--queries", type=int, default=200)
-    parser.add_argument("--grow", type=int, default=2000, help="inserts with the index kept")
-    parser.add_argument("--qdrant-vectors", type=int, default=3000)
+    parser.add_argument("--grow", type=int, default=1000, help="inserts with the index kept")
+    parser.add_argument("--qdrant-vectors", type=int, default=2000)
     args = parser.parse_args()
 
     from imgembed.store import embedded
@@ -208,20 +213,18 @@ def main() -> None:
     began = time.perf_counter()
     vectors = embeddings_like(args.vectors, args.dimension, seed=1)
     probes = embeddings_like(args.queries, args.dimension, seed=2)
-    truth = np.argsort(-(probes @ vectors.T), axis=1)[:, :10]
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = Path(tmp)
         url = embedded.start(data_dir)
         try:
             store = PostgresStore(url)
-            postgres = bench_postgres(store, vectors, probes, truth, args.grow)
+            postgres = bench_postgres(store, vectors, probes, args.grow)
             store.close()
             indexing = bench_indexing(data_dir, url)
         finally:
             embedded.stop(data_dir)
         few = vectors[: args.qdrant_vectors]
-        few_truth = np.argsort(-(probes @ few.T), axis=1)[:, :10]
-        qdrant = bench_qdrant(data_dir / "qdrant", few, probes, few_truth)
+        qdrant = bench_qdrant(data_dir / "qdrant", few, probes, true_top10(probes, few))
         cli = bench_cli(data_dir / "cli")
     seconds = time.perf_counter() - began
     load = os.getloadavg()

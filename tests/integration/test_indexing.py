@@ -169,3 +169,45 @@ def test_index_resumes_after_kill_9(data_dir, large_jpegs, tmp_path, vitb32_chec
     assert np.isfinite(vectors).all()
     assert len({v.tobytes() for v in vectors}) == len(set(hashes.values()))
     store.close()
+
+
+def _has_index(service, collection: str) -> bool:
+    import psycopg
+
+    from imgembed.store.postgres import items_table
+
+    with psycopg.connect(service.store.url) as connection:
+        row = connection.execute("SELECT to_regclass(%s)", (f"{items_table(collection)}_hnsw",))
+        return row.fetchone()[0] is not None
+
+
+def test_a_bulk_run_builds_the_index_at_its_end_and_a_stopped_one_at_the_next(
+    data_dir, large_jpegs, tmp_path
+):
+    paths = _crops(large_jpegs, tmp_path / "tiles", 12)
+    with ImageEmbeddingService(**TINY, defer_index_min=4, batch_size=4) as service:
+        # a run that dies after its first batch: the index stays set aside
+        store = service.store
+        upsert = store.upsert
+
+        def die_after_one(name, records):
+            upsert(name, records)
+            raise KeyboardInterrupt
+
+        store.upsert = die_after_one
+        with pytest.raises(KeyboardInterrupt):
+            service.index(_items(paths[:8]), "bulk")
+        store.upsert = upsert
+        assert store.count("bulk") == 4 and not _has_index(service, "bulk")
+        # the next run stores the rest and builds it; searches find each image first
+        stats = service.index(_items(paths[:8]), "bulk")
+        assert (stats.successful, stats.skipped) == (4, 4) and _has_index(service, "bulk")
+        # 4 new into 8: below half again, the index is maintained (never set aside)
+        dropped = []
+        store.bulk_load = lambda name, incoming: dropped.append(incoming) or False
+        assert service.index(_items(paths), "bulk").successful == 4
+        assert dropped == [4] and _has_index(service, "bulk")
+        for record in store.get("bulk", [str(p) for p in paths[::3]]):  # as exact search
+            found = [hit.score for hit in store.search("bulk", record.vector, top_k=3)]
+            exact = [hit.score for hit in store.search("bulk", record.vector, 3, exact=True)]
+            assert found == pytest.approx(exact, abs=1e-6) and found[0] > 0.9999

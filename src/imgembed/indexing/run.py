@@ -146,14 +146,15 @@ def finish(
 class Writer:
     """Stores batches on a thread of its own, so that the model embeds the next batch
     while the database stores this one. At most two batches wait (memory stays bounded).
-    Leaving the `with` block stores what waits; a StoreError stops the writer and is raised
-    by the next `put` or on leaving, after the counts are in `stats`."""
+    Leaving the `with` block stores what waits; an error stops the writer (what waits then is
+    not stored) and is raised by the next `put` or on leaving, after the counts are in
+    `stats`."""
 
     def __init__(self, store: VectorStore, collection: str, stats: IndexStats):
         self._store, self._collection, self._stats = store, collection, stats
         self._own = IndexStats()  # this thread's counts, added to `stats` on leaving
         self._queue: queue.Queue[list[Record] | None] = queue.Queue(maxsize=2)
-        self._error: StoreError | None = None
+        self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="imgembed-writer", daemon=True)
         self._thread.start()
 
@@ -165,10 +166,10 @@ class Writer:
 
     def _run(self) -> None:
         while (batch := self._queue.get()) is not None:
-            if self._error is None:
+            if self._error is None:  # after an error: only drain, so `put` never blocks
                 try:
                     store_batch(self._store, self._collection, batch, self._own)
-                except StoreError as exc:
+                except BaseException as exc:  # raised again in the run's thread
                     self._error = exc
 
     def __enter__(self) -> Writer:

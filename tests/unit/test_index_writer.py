@@ -1,0 +1,47 @@
+"""The indexing run's writer thread: batches stored in order while the caller goes on; an
+error in the thread reaches the caller (never a silent loss, never a blocked put)."""
+
+import threading
+
+import numpy as np
+import pytest
+
+from imgembed.errors import StoreUnavailableError
+from imgembed.indexing.run import IndexStats, Writer
+from imgembed.store.base import Record
+
+
+class Store:
+    def __init__(self, fail_at: int | None = None, error: BaseException | None = None):
+        self.batches: list[list[str]] = []
+        self.threads: set[str] = set()
+        self.fail_at, self.error = fail_at, error
+
+    def upsert(self, name, records):
+        self.threads.add(threading.current_thread().name)
+        if len(self.batches) == self.fail_at:
+            raise self.error
+        self.batches.append([r.id for r in records])
+
+
+def _batch(start: int, size: int = 2) -> list[Record]:
+    return [Record(f"{i}", np.ones(4, np.float32), "h", "s") for i in range(start, start + size)]
+
+
+def test_batches_are_stored_in_order_on_the_writer_thread():
+    store, stats = Store(), IndexStats()
+    with Writer(store, "c", stats) as writer:
+        for start in range(0, 20, 2):
+            writer.put(_batch(start))
+        writer.put([])  # nothing to store: no call
+    assert store.batches == [[f"{i}", f"{i + 1}"] for i in range(0, 20, 2)]
+    assert store.threads == {"imgembed-writer"} and stats.successful == 20
+
+
+@pytest.mark.parametrize("error", [StoreUnavailableError("gone"), TypeError("a bug")])
+def test_an_error_in_the_writer_reaches_the_caller_with_the_counts(error):
+    store, stats = Store(fail_at=1, error=error), IndexStats()
+    with pytest.raises(type(error)), Writer(store, "c", stats) as writer:
+        for start in range(0, 40, 2):  # far more than the queue holds: put must not block
+            writer.put(_batch(start))
+    assert store.batches == [["0", "1"]] and stats.successful == 2
