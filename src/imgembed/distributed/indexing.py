@@ -24,15 +24,13 @@ from imgembed.distributed import cluster, stages
 from imgembed.engine.pipeline import Progress
 from imgembed.errors import (
     CollectionNotFoundError,
-    InvalidRecordError,
     ProvenanceMismatchError,
     StoreError,
 )
 from imgembed.indexing import IndexItem, IndexStats
-from imgembed.indexing.run import begin, finish, interrupted, record_for, store_batch
+from imgembed.indexing.run import begin, finish, interrupted, storable, store_batch
 from imgembed.intake.names import printable
 from imgembed.store import Provenance, open_store
-from imgembed.store.base import checked_record
 
 
 class IndexWriter:
@@ -59,13 +57,8 @@ class IndexWriter:
             if result.error is not None:
                 stats.fail(item.id, item.source, result.error)
                 continue
-            record = record_for(item, result)
-            try:
-                checked_record(record, self.dimension)
-            except InvalidRecordError as exc:  # e.g. a NaN vector: this item only
-                stats.fail(item.id, item.source, exc)
-                continue
-            records.append(record)
+            if record := storable(item, result, self.dimension, stats):
+                records.append(record)
         store_batch(self.store, self.collection, records, stats)
         failures = {failure["id"]: failure for failure in stats.failures}
         outcome = [

@@ -94,13 +94,7 @@ def index(
                     stats.fail(item.id, item.source, result.error)
                 elif stored.get(printable(item.id)) == result.image_id:
                     stats.skipped += 1
-                else:
-                    record = record_for(item, result)
-                    try:
-                        checked_record(record, provenance.dimension)
-                    except InvalidRecordError as exc:  # e.g. a NaN vector: this item only
-                        stats.fail(item.id, item.source, exc)
-                        continue
+                elif record := storable(item, result, provenance.dimension, stats):
                     batch.append(record)
                     if len(batch) >= service.settings.batch_size:
                         writer.put(batch)
@@ -223,6 +217,20 @@ def _shifted(
             p, total=p.total + already, done=p.done + already, failed=p.failed + already
         )
     )
+
+
+def storable(
+    item: IndexItem, result: ImageEmbeddingResult, dimension: int, stats: IndexStats
+) -> Record | None:
+    """The record of an embedded item, or None when the store could not hold it (e.g. a NaN
+    vector): then it fails alone."""
+    record = record_for(item, result)
+    try:
+        checked_record(record, dimension)
+    except InvalidRecordError as exc:
+        stats.fail(item.id, item.source, exc)
+        return None
+    return record
 
 
 def record_for(item: IndexItem, result: ImageEmbeddingResult) -> Record:
