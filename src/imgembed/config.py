@@ -42,8 +42,9 @@ class Settings(BaseSettings):
     pretrained: str = Field("openai", validation_alias=_env("pretrained"))
     dimension: int | None = Field(None, validation_alias=_env("dimension", "CLIP_DIMENSION"))
     device: str = Field("auto", validation_alias=_env("device"))
-    runtime: Literal["torch", "onnx"] = Field("torch", validation_alias=_env("runtime"))
-    precision: Literal["fp32", "fp16", "bf16", "int8"] = Field(
+    # "auto": chosen per CPU class when the encoder is made (models/auto.py).
+    runtime: Literal["torch", "onnx", "auto"] = Field("torch", validation_alias=_env("runtime"))
+    precision: Literal["fp32", "fp16", "bf16", "int8", "auto"] = Field(
         "fp32", validation_alias=_env("precision")
     )
     batch_size: int = Field(32, gt=0, validation_alias=_env("batch_size"))

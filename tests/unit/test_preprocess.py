@@ -51,3 +51,18 @@ def test_draft_decoding_keeps_short_side_above_the_floor(large_jpegs):
     assert min(drafted.image.size) >= 448
     assert drafted.image.size[0] < full.image.size[0] / 2  # really decoded smaller
     assert drafted.metadata["width"] == full.metadata["width"]  # metadata is of the file
+
+
+def test_to_array_gives_the_formula_s_float32_numbers_for_every_level():
+    """The table lookup equals (x / 255 - mean) / std in float32, bit for bit."""
+    ours = Preprocessor.from_config(
+        {"size": 16, "mean": [0.48, 0.45, 0.4], "std": [0.27, 0.26, 0.28]}
+    )
+    levels = np.arange(256, dtype=np.uint8)
+    pixels = np.stack([levels, levels[::-1], np.roll(levels, 7)], axis=-1).reshape(16, 16, 3)
+    expected = np.asarray(pixels, dtype=np.float32) / np.float32(255)
+    expected -= np.asarray(ours.mean, dtype=np.float32)
+    expected /= np.asarray(ours.std, dtype=np.float32)
+    actual = ours.to_array(Image.fromarray(pixels))
+    assert actual.dtype == np.float32 and actual.flags.c_contiguous
+    np.testing.assert_array_equal(actual, expected.transpose(2, 0, 1))

@@ -26,10 +26,12 @@ PretrainedOpt = Annotated[
 ]
 DeviceOpt = Annotated[str | None, typer.Option(help="cpu | cuda | cuda:N | auto.")]
 RuntimeOpt = Annotated[
-    str | None, typer.Option(help="torch | onnx (exported once, then runs without torch).")
+    str | None,
+    typer.Option(help="torch | onnx (exported once, then runs without torch) | auto (per CPU)."),
 ]
 PrecisionOpt = Annotated[
-    str | None, typer.Option(help="fp32 | int8 (onnx) | bf16 (torch) | fp16 (torch, CUDA).")
+    str | None,
+    typer.Option(help="fp32 | int8 (onnx) | bf16 (torch) | fp16 (torch, CUDA) | auto (per CPU)."),
 ]
 BatchOpt = Annotated[int | None, typer.Option(help="Images or texts per encoder batch.")]
 CollectionOpt = Annotated[

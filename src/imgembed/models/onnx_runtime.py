@@ -27,7 +27,7 @@ from imgembed.models.tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
 
-EXPORT_FORMAT = 2  # bump when the export changes what a model computes or how it is stored
+EXPORT_FORMAT = 3  # bump when the export changes what a model computes or how it is stored
 ONNX_PRECISIONS = ("fp32", "int8")
 MANIFEST = "imgembed-export.json"
 

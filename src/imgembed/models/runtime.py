@@ -11,7 +11,7 @@ import numpy as np
 
 from imgembed.config import Settings
 from imgembed.errors import EncodeError
-from imgembed.models import registry
+from imgembed.models import auto, registry
 from imgembed.models.preprocess import Preprocessor
 from imgembed.models.registry import ModelRef
 
@@ -69,6 +69,7 @@ class TorchEncoder:
 
 
 def create_encoder(ref: ModelRef, settings: Settings) -> Encoder:
+    settings = auto.resolve(settings, ref)
     if settings.runtime == "onnx":
         from imgembed.models.onnx_runtime import OnnxEncoder
 

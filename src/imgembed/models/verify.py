@@ -17,6 +17,7 @@ from imgembed.config import Settings
 from imgembed.engine.similarity import l2_normalize
 from imgembed.errors import ImgEmbedError
 from imgembed.intake.image_input import Intake
+from imgembed.models import auto
 from imgembed.models.registry import ModelRef
 from imgembed.models.runtime import Encoder, create_encoder
 
@@ -63,6 +64,7 @@ def reference_settings(settings: Settings) -> Settings:
 
 
 def verify(ref: ModelRef, settings: Settings, images: Sequence[Path | bytes]) -> VerifyReport:
+    settings = auto.resolve(settings, ref)  # the report names what ran
     reference = create_encoder(ref, reference_settings(settings))
     candidate = create_encoder(ref, settings)
     intake = Intake(settings)
