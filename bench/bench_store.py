@@ -189,13 +189,11 @@ def bench_cli(data_dir: Path, runs: int = 5) -> dict:
 
 
 def cpu_flags() -> str:
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
-                     if line.startswith("flags")).split()  # fmt: skip
-    except (OSError, StopIteration):
-        return "unknown"
-    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile")
-    return " ".join(flag for flag in wanted if flag in flags)
+    from imgembed.models.auto import cpu_flags
+
+    flags = cpu_flags()
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile")
+    return " ".join(flag for flag in wanted if flag in flags) or "unknown"
 
 
 def main() -> None:

@@ -5,7 +5,7 @@ directory (unix socket only, no TCP port), and stops when the last of them exits
 A new data directory is made by `initdb` (seconds), or, with IMGEMBED_PGDATA_TEMPLATE naming
 a stopped data folder of the same PostgreSQL (a pre-provisioned image, the test suite), as a
 copy of it (a fraction of a second). Its settings (`imgembed.conf` in the folder, see
-`SETTINGS`) give the search index room in memory; the first start restarts the server once
+`settings`) give the search index room in memory; the first start restarts the server once
 to apply them."""
 
 from __future__ import annotations
