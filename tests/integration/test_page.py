@@ -2,9 +2,12 @@
 search by text, see scored results with thumbnails, "more like this", search by an
 uploaded image, and the near-duplicates view."""
 
+import contextlib
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,6 +24,24 @@ CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--disable-sync", "--no-first-run"]  # fmt: skip
 TIMEOUT = 60_000  # ms; the machine is shared
+
+
+@contextlib.contextmanager
+def browser_on(settings) -> Iterator[tuple[Any, list[str]]]:
+    """Headless Chromium on the page of a real server (on loopback) made from `settings`:
+    the page, and the script errors it raised."""
+    playwright = pytest.importorskip("playwright.sync_api")
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: scripts/setup.sh installs Debian's chromium")
+    with serve_in_thread(create_app(settings)) as base, playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        page = browser.new_page()
+        page.set_default_timeout(TIMEOUT)
+        errors: list[str] = []
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.goto(f"{base}/")
+        yield page, errors
+        browser.close()
 
 
 @pytest.fixture
@@ -44,20 +65,8 @@ def indexed(data_dir, photos, tmp_path) -> Path:
 
 
 def test_the_search_page_in_a_real_browser(indexed):
-    playwright = pytest.importorskip("playwright.sync_api")
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"{CHROMIUM} is missing: scripts/setup.sh installs Debian's chromium")
     settings = load_settings(**TINY, allowed_roots=[indexed])
-    with (
-        serve_in_thread(create_app(settings)) as base,
-        playwright.sync_playwright() as p,
-    ):
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        page = browser.new_page()
-        page.set_default_timeout(TIMEOUT)
-        errors: list[str] = []
-        page.on("pageerror", lambda error: errors.append(str(error)))
-        page.goto(f"{base}/")
+    with browser_on(settings) as (page, errors):
         page.wait_for_selector("#collection option", state="attached")
         assert page.locator("#collection").input_value() == "photos"
         assert "imgembed-tiny" in page.locator("#collection-info").inner_text()
@@ -99,20 +108,11 @@ def test_the_search_page_in_a_real_browser(indexed):
         groups = page.locator("#results .group").all_inner_texts()
         assert any("rocket.jpg" in g and "rocket-copy.jpg" in g for g in groups)
         assert errors == []
-        browser.close()
 
 
 def test_the_page_asks_for_an_api_key_when_the_server_wants_one(indexed):
-    playwright = pytest.importorskip("playwright.sync_api")
     settings = load_settings(**TINY, allowed_roots=[indexed], api_keys="page-key")
-    with (
-        serve_in_thread(create_app(settings)) as base,
-        playwright.sync_playwright() as p,
-    ):
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        page = browser.new_page()
-        page.set_default_timeout(TIMEOUT)
-        page.goto(f"{base}/")
+    with browser_on(settings) as (page, _):
         page.wait_for_function("document.querySelector('#status').textContent.includes('401')")
         page.click("#key-box summary")
         page.fill("#api-key", "page-key")
@@ -125,12 +125,10 @@ def test_the_page_asks_for_an_api_key_when_the_server_wants_one(indexed):
             "[...document.querySelectorAll('#results .card img')]"
             ".every(img => img.complete && img.naturalWidth > 0)"
         )  # thumbnails fetched with the key
-        browser.close()
 
 
 def test_the_product_view_in_a_real_browser(data_dir, photos, tmp_path):
     """Products of a store: text search with per-part scores, a photo plus text, thumbnails."""
-    playwright = pytest.importorskip("playwright.sync_api")
     root = tmp_path / "root"
     root.mkdir()
     rows = []
@@ -143,16 +141,7 @@ def test_the_product_view_in_a_real_browser(data_dir, photos, tmp_path):
         catalog.upsert_products("demo", rows)
         assert catalog.embed("demo").successful == len(rows)
     settings = load_settings(**TINY, allowed_roots=[root])
-    with (
-        serve_in_thread(create_app(settings)) as base,
-        playwright.sync_playwright() as p,
-    ):
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        page = browser.new_page()
-        page.set_default_timeout(TIMEOUT)
-        errors: list[str] = []
-        page.on("pageerror", lambda error: errors.append(str(error)))
-        page.goto(f"{base}/")
+    with browser_on(settings) as (page, errors):
         page.click("#view-products")
         page.wait_for_selector("#store option", state="attached")
         assert page.locator("#store").input_value() == "demo"
@@ -179,4 +168,3 @@ def test_the_product_view_in_a_real_browser(data_dir, photos, tmp_path):
         assert page.locator("#results .product").first.get_attribute("data-id") == "chelsea"
         assert "ranked by combined" in page.locator("#status").inner_text()
         assert errors == []
-        browser.close()

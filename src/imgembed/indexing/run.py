@@ -134,7 +134,7 @@ def finish(
     elif prune:
         gone = set(stored) - {printable(item.id) for item in items}
         stats.pruned = store.delete(collection, gone) if gone else 0
-    store.refresh(collection)
+    store.refresh(collection, changed=bool(stats.successful or stats.pruned))
 
 
 class Writer:

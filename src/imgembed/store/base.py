@@ -169,9 +169,9 @@ class VectorStore(Protocol):
         (its approximate index built afterwards, by `refresh`)."""
         ...
 
-    def refresh(self, name: str) -> None:
-        """After bulk changes: build what a bulk load set aside, refresh the statistics
-        searches depend on. Safe to call any time, and again after a stopped run."""
+    def refresh(self, name: str, changed: bool = True) -> None:
+        """After a run: build what a bulk load set aside (also after a stopped run), and
+        refresh the statistics searches depend on if rows `changed`. Safe to call any time."""
         ...
 
     def close(self) -> None: ...

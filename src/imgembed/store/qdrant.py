@@ -299,7 +299,7 @@ class QdrantStore:
         self._dimension(name)  # raises for an unknown collection
         return False
 
-    def refresh(self, name: str) -> None:
+    def refresh(self, name: str, changed: bool = True) -> None:
         """Qdrant keeps its own statistics and index."""
 
     def close(self) -> None:

@@ -1,11 +1,11 @@
 """Each collection gets a table of its own, its vectors in a `vector(dimension)` column.
 
 Before, one table held every collection, each with a partial HNSW index over
-`embedding::vector(dim)`: searches paid the cast and the partial-index match, vectors of 512
-dimensions (just over 2 KB) went to TOAST, and a bulk load could not set one collection's
-index aside. Now: a table per collection (vectors kept in the row, not in TOAST), its HNSW
-index over the vectors in half precision, a GIN index on the metadata. Existing items move
-over; the registry names each collection's table.
+`embedding::vector(dim)`: vectors of 512 dimensions (just over 2 KB) went to TOAST (an index
+lookup more per row read), and a bulk load could not set one collection's index aside.
+Now: a table per collection (vectors kept in the row, not in TOAST), its HNSW index over the
+vectors in half precision, a GIN index on the metadata. Existing items move over; the
+registry names each collection's table.
 
 The DDL is written out here, as it stood at this revision (the store's own may change later,
 in a migration of its own).
