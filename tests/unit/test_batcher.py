@@ -34,26 +34,43 @@ def _cosines(a, b):
     return np.sum(a * b, axis=-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
 
 
+async def _behind_a_held_batch(fake, batcher, sources):
+    """Results for `sources`, queued while the encoder holds a first batch: they go in
+    together, however busy the machine (a timing-free way to make batches share)."""
+    fake.gate = threading.Event()
+    first = asyncio.create_task(batcher.embed_image(sources[0]))
+    while not fake.image_batches:
+        await asyncio.sleep(0.01)
+    rest = asyncio.gather(*(batcher.embed_image(s) for s in sources[1:]))
+    while batcher.queue_depth < len(sources) - 1:
+        await asyncio.sleep(0.01)
+    fake.gate.set()
+    return [await first, *await rest]
+
+
 async def test_concurrent_requests_share_batches_and_equal_the_library(service, photos):
     expected = {str(r.image_path): r.embedding for r in service.embed_images(photos)}
     fake, batcher = _batcher(service, delay=0.05)
     sources = [str(p) for p in photos] * 4
     results = await asyncio.gather(*(batcher.embed_image(s) for s in sources))
-    await batcher.close()
     assert sum(fake.image_batches) == len(sources)
-    assert len(fake.image_batches) < len(sources) and max(fake.image_batches) > 1
-    for source, result in zip(sources, results, strict=True):
+    assert len(fake.image_batches) < len(sources)
+    fake.image_batches.clear()
+    held = await _behind_a_held_batch(fake, batcher, sources)
+    await batcher.close()
+    assert fake.image_batches == [1, len(sources) - 1]
+    for source, result in zip(sources * 2, results + held, strict=True):
         assert result.ok and result.image_path == source
         assert _cosines(result.embedding, expected[source]) >= 0.99999
 
 
 async def test_a_poisoned_item_fails_only_its_own_request(service, photos):
     expected = {str(r.image_path): r.embedding for r in service.embed_images(photos)}
-    fake, batcher = _batcher(service, delay=0.2, max_wait=0.05)
+    fake, batcher = _batcher(service)
     sources = [*map(str, photos), solid_png(), *map(str, photos)]
-    results = await asyncio.gather(*(batcher.embed_image(s) for s in sources))
+    results = await _behind_a_held_batch(fake, batcher, sources)
     await batcher.close()
-    assert max(fake.failed_batches) > 1  # the poison shared a batch with good images
+    assert fake.failed_batches[0] == len(sources) - 1  # the poison shared a batch
     for source, result in zip(sources, results, strict=True):
         if isinstance(source, bytes):
             assert isinstance(result.error, EncodeError) and "refused" in str(result.error)
@@ -94,7 +111,7 @@ async def test_a_dying_worker_fails_every_waiter_and_the_next_request_works(serv
     started = time.perf_counter()
     fake.gate.set()  # now the worker dies
     results = await running
-    assert time.perf_counter() - started < 1  # every waiter failed at once
+    assert time.perf_counter() - started < 5  # every waiter failed at once, not after a hang
     assert len(fake.image_batches) == 1  # not one batch after another
     assert all(isinstance(r.error, EncodeError) for r in results)
     assert all("worker died" in str(r.error) for r in results)

@@ -71,7 +71,7 @@ def test_bomb_is_refused_before_decoding(tiny_service, bad_inputs):
     (result,) = tiny_service.embed_images([bomb])
     assert isinstance(result.error, ImageTooLargeError)
     assert "1600000000 pixels" in str(result.error)  # Pillow's own bomb guard fires first
-    assert time.perf_counter() - started < 2
+    assert time.perf_counter() - started < 10  # decoding 1.6 Gpx would take minutes
 
 
 def test_file_size_and_pixel_limits(photos):
