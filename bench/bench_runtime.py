@@ -1,4 +1,5 @@
-"""Runtimes compared in one run: torch fp32 (open_clip, the reference) vs ONNX fp32 vs ONNX int8.
+"""Runtimes compared in one run: torch fp32 (open_clip, the reference) vs ONNX fp32 vs ONNX int8,
+and torch bf16 where the CPU has bf16 instructions (avx512_bf16 / amx_bf16).
 
 All on the full ViT-B-32 architecture with seeded random weights (speed does not depend on
 the values; real weights cannot be fetched offline) over real photos of mixed sizes
@@ -36,6 +37,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 RUNTIMES = (("torch", "fp32"), ("onnx", "fp32"), ("onnx", "int8"))
+BF16_FLAGS = {"avx512_bf16", "amx_bf16"}  # where torch's bf16 runs natively (oneDNN)
 PROMPTS = ["a photo of a dog", "a red dress", "ein Fahrrad", "twee katten op een bank"]
 
 
@@ -130,11 +132,16 @@ def main() -> None:
     from bench_pipeline import naive_loop, timed
 
     from imgembed import ImageEmbeddingService
+    from imgembed.models.auto import cpu_class, cpu_flags
 
+    flags = cpu_flags()
+    runtimes = RUNTIMES + ((("torch", "bf16"),) if flags & BF16_FLAGS else ())
     files = photos()
     paths = (files * (args.images // len(files) + 1))[: args.images]
     report: dict = {
         "machine": f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}",
+        "cpu_class": cpu_class(flags),
+        "cpu_flags": sorted(f for f in flags if f.startswith(("avx", "amx", "fma", "f16c"))),
         "torch": torch.__version__,
         "onnxruntime": __import__("onnxruntime").__version__,
         "images": len(paths),
@@ -153,7 +160,7 @@ def main() -> None:
             "batch_size": args.batch_size,
         }
         services = {
-            (rt, p): ImageEmbeddingService(**common, runtime=rt, precision=p) for rt, p in RUNTIMES
+            (rt, p): ImageEmbeddingService(**common, runtime=rt, precision=p) for rt, p in runtimes
         }
         for key, service in services.items():
             started = time.perf_counter()
@@ -183,7 +190,7 @@ def main() -> None:
             row["text_cos_min"] = cosine_min(encoder.encode_texts(PROMPTS), ref_texts)
             row["text_p50_ms"] = text_p50(encoder)
 
-        for rt, p in RUNTIMES:
+        for rt, p in runtimes:
             proc = subprocess.run(
                 [sys.executable, __file__, "--child", rt, p, str(checkpoint), tmp, str(files[0])],
                 capture_output=True,
@@ -229,6 +236,7 @@ def print_table(report: dict) -> None:
         f"ViT-B-32 (random weights), {report['images']} real photos of mixed sizes, "
         f"{report['machine']}, torch {report['torch']}, onnxruntime {report['onnxruntime']}"
     )
+    print(f"CPU class {report['cpu_class']}: {' '.join(report['cpu_flags'])}")
     columns = [
         ("model img/s b1", "model_img_s_b1", "{:.1f}"),
         ("x torch", "model_ratio_b1", "{:.2f}"),
