@@ -15,7 +15,7 @@ from pgvector.psycopg import register_vector
 
 from imgembed.catalog import Catalog, findly_table, load_weights
 from imgembed.catalog.jobs import NoEvents
-from imgembed.catalog.repository import ProductRepository
+from imgembed.catalog.repository import PARTS, ProductRepository, _index_name
 from imgembed.catalog.text_api import OpenAIEmbedder
 from imgembed.errors import CollectionNotFoundError, ProvenanceMismatchError, StoreUnavailableError
 from imgembed.store import embedded, pgconn
@@ -253,6 +253,64 @@ def test_incremental_runs_failures_weights_and_provenance(data_dir, photos, tmp_
         assert other.stats("s").provenance["image_pretrained"] == "seed:1"
         with pytest.raises(CollectionNotFoundError, match="no products"):
             other.embed("empty")
+
+
+class _IndexWatch(NoEvents):
+    """Records after each batch whether the store's HNSW indexes exist; can stop the run."""
+
+    def __init__(self, url, store_id, stop_after=None):
+        self.url, self.store_id, self.stop_after = url, store_id, stop_after
+        self.seen: list[int] = []
+
+    def batch_done(self, stats):
+        self.seen.append(_indexes(self.url, self.store_id))
+        if self.stop_after is not None and len(self.seen) >= self.stop_after:
+            raise KeyboardInterrupt("stopped by the test")
+
+
+def _indexes(url, store_id) -> int:
+    names = [_index_name(store_id, part) for part in PARTS]
+    with psycopg.connect(url) as connection:
+        statement = "SELECT count(to_regclass(n)) FROM unnest(%s::text[]) n"
+        return connection.execute(statement, (names,)).fetchone()[0]
+
+
+def test_a_bulk_run_builds_the_indexes_afterwards_and_a_stopped_one_leaves_them_to_the_next(
+    data_dir, photos
+):
+    products = _products(photos)[:8]
+    query = "a cup of coffee"
+    with Catalog(**TINY, defer_index_min=5) as catalog:
+        url = catalog.repository.url
+        catalog.upsert_products("bulk", products)
+        stopped = _IndexWatch(url, "bulk", stop_after=2)
+        with pytest.raises(KeyboardInterrupt):
+            catalog.embed("bulk", batch_size=3, events=stopped)
+        assert stopped.seen == [0, 0]  # 8 new products: set aside for the bulk load
+        stored = {k: v for k, v in _vectors(catalog, "bulk").items() if v[2] is not None}
+        assert len(stored) == 6
+        q_image = catalog.service.embed_text(query)
+        q_text = catalog.text_embedder.embed([query])[0]
+        _check_scores(catalog.search("bulk", query, top_k=6), stored, q_image, q_text)  # exact
+
+        resumed = _IndexWatch(url, "bulk")  # 2 to go: too few for a bulk load
+        assert catalog.embed("bulk", batch_size=3, events=resumed).successful == 2
+        assert resumed.seen == [0] and _indexes(url, "bulk") == 3  # built by this run's end
+        everything = _vectors(catalog, "bulk")
+        _check_scores(catalog.search("bulk", query, top_k=8), everything, q_image, q_text)
+
+    for product in products[:3]:
+        product["title"] += " (new)"
+    with Catalog(**TINY, defer_index_min=2) as catalog:
+        catalog.upsert_products("bulk", products)
+        kept = _IndexWatch(url, "bulk")  # 3 changed of 8 embedded: kept up to date instead
+        assert catalog.embed("bulk", batch_size=3, events=kept).successful == 3
+        assert kept.seen == [3]
+
+    with Catalog(**TINY, defer_index_min=0) as catalog:  # 0: never set aside
+        never = _IndexWatch(url, "bulk")
+        assert catalog.embed("bulk", batch_size=5, mode="force", events=never).successful == 8
+        assert never.seen == [3, 3]
 
 
 def test_seed_functions_lengths_and_fusion(data_dir, photos, monkeypatch):

@@ -164,6 +164,7 @@ class EmbedRun:
         events = events or NoEvents()
         started = time.perf_counter()
         tasks, stats = self.plan(mode, batch_size, product_ids)
+        self.begin(tasks)
         events.started(stats)
         batches = [tasks[i : i + batch_size] for i in range(0, len(tasks), batch_size)]
         sources = [task.row.image_url for task in tasks if task.embed_image]
@@ -195,10 +196,16 @@ class EmbedRun:
         )
         return tasks, stats
 
+    def begin(self, tasks: Sequence[Task]) -> None:
+        """Before the first batch: a bulk load sets the store's indexes aside (`finish`, or
+        the next run's, builds them again)."""
+        minimum = self.service.settings.defer_index_min
+        self.repository.bulk_load(self.store_id, len(tasks), minimum)
+
     def finish(self, stats: EmbedStats, started: float) -> None:
-        """After the last batch: planner statistics, the weights table used, the duration."""
-        if stats.successful:
-            self.repository.analyze()
+        """After the last batch: the indexes (if set aside) and the planner's statistics,
+        the weights table used, the duration."""
+        self.repository.refresh(self.store_id, self.provenance, changed=stats.successful > 0)
         self.repository.set_weights_version(self.store_id, self.table.version)
         stats.duration = time.perf_counter() - started
 

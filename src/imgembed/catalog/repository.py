@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
@@ -30,10 +31,11 @@ from imgembed.config import Settings
 from imgembed.errors import StoreError
 from imgembed.store import postgres_target
 from imgembed.store.pgconn import Connection
-from imgembed.store.postgres import describe_url, migrate
+from imgembed.store.postgres import build_memory, describe_url, migrate
 
 VECTOR_LIMIT = 2000  # pgvector's HNSW limit for `vector`
 HALFVEC_LIMIT = 4000  # and for `halfvec`
+log = logging.getLogger(__name__)
 PARTS = ("combined", "image", "text")
 _PRODUCT_FIELDS = (
     "title",
@@ -138,6 +140,33 @@ def _ranked(column: str, dimension: int) -> sql.Composable:
     return sql.SQL("({col}::{kind}({dim})) <#> (%(q)s::vector({dim}))::{kind}({dim})").format(
         col=sql.Identifier(column), kind=sql.SQL(kind), dim=sql.Literal(dimension)
     )
+
+
+def _index_ddl(store_id: str, provenance: StoreProvenance) -> dict[str, sql.Composed]:
+    """The store's HNSW index per part (a part wider than pgvector indexes has none: it is
+    searched exactly). Partial, on the column cast to the store's dimension."""
+    dimensions = {
+        "combined": provenance.combined_dimension,
+        "image": provenance.image_dimension,
+        "text": provenance.text_dimension,
+    }
+    statements = {}
+    for part in PARTS:
+        kind = index_type(dimensions[part])
+        if kind is None:
+            continue
+        statements[part] = sql.SQL(
+            "CREATE INDEX IF NOT EXISTS {index} ON imgembed_products USING hnsw"
+            " (({column}::{kind}({dim})) {ops}) WHERE store_id = {store}"
+        ).format(
+            index=sql.Identifier(_index_name(store_id, part)),
+            column=sql.Identifier(f"{part}_embedding"),
+            kind=sql.SQL(kind),
+            dim=sql.Literal(dimensions[part]),
+            ops=sql.SQL(f"{kind}_ip_ops"),
+            store=sql.Literal(store_id),
+        )
+    return statements
 
 
 class ProductRepository:
@@ -303,28 +332,8 @@ class ProductRepository:
                 " EXCLUDED.weights_version), updated_at = now()",
                 values,
             )
-            dimensions = {
-                "combined": provenance.combined_dimension,
-                "image": provenance.image_dimension,
-                "text": provenance.text_dimension,
-            }
-            for part, dimension in dimensions.items():
-                kind = index_type(dimension)
-                if kind is None:
-                    continue  # wider than pgvector can index: searched exactly
-                cursor.execute(
-                    sql.SQL(
-                        "CREATE INDEX IF NOT EXISTS {index} ON imgembed_products USING hnsw"
-                        " (({column}::{kind}({dim})) {ops}) WHERE store_id = {store}"
-                    ).format(
-                        index=sql.Identifier(_index_name(store_id, part)),
-                        column=sql.Identifier(f"{part}_embedding"),
-                        kind=sql.SQL(kind),
-                        dim=sql.Literal(dimension),
-                        ops=sql.SQL(f"{kind}_ip_ops"),
-                        store=sql.Literal(store_id),
-                    )
-                )
+            for statement in _index_ddl(store_id, provenance).values():
+                cursor.execute(statement)
 
     def set_weights_version(self, store_id: str, version: str) -> None:
         with self._cursor("recording the weights version") as cursor:
@@ -440,10 +449,61 @@ class ProductRepository:
         # Repeatable (updates by id), so a lost connection is made again and the batch retried.
         self._db.run("storing a batch of embeddings", write)
 
-    def analyze(self) -> None:
-        # After a bulk load the planner has no statistics and may skip the HNSW indexes.
-        with self._cursor("analysing the products table") as cursor:
-            cursor.execute("ANALYZE imgembed_products")
+    def bulk_load(self, store_id: str, incoming: int, defer_index_min: int) -> bool:
+        """Before embedding `incoming` products: a bulk load (at least `defer_index_min`, and
+        at least half again what the store holds embedded) drops the store's HNSW indexes,
+        as the item store does: three graphs kept up to date row by row cost ~10 ms a product,
+        one build each afterwards a fraction of that. Searches meanwhile scan (exact, slower);
+        `refresh` builds them again, also after a run that was stopped."""
+        if not defer_index_min or incoming < defer_index_min:
+            return False
+        with self._cursor("counting embedded products") as cursor:
+            cursor.execute(
+                "SELECT count(*) FROM imgembed_products WHERE store_id = %s"
+                " AND combined_embedding IS NOT NULL",
+                (store_id,),
+            )
+            if 2 * incoming < cursor.fetchone()[0]:
+                return False
+        with self._cursor("setting the store's indexes aside for a bulk load") as cursor:
+            for part in PARTS:
+                index = sql.Identifier(_index_name(store_id, part))
+                cursor.execute(sql.SQL("DROP INDEX IF EXISTS {}").format(index))
+        log.info("bulk load of %d products into %r: its indexes are built afterwards",
+                 incoming, store_id)  # fmt: skip
+        return True
+
+    def refresh(self, store_id: str, provenance: StoreProvenance, changed: bool = True) -> None:
+        """After a run: build the indexes a bulk load set aside (with the memory to build in
+        RAM), and refresh the planner's statistics (without them it may skip the indexes)
+        when rows `changed` or an index was built."""
+
+        def work(connection: psycopg.Connection[Any]) -> None:
+            missing = [
+                statement
+                for part, statement in _index_ddl(store_id, provenance).items()
+                if connection.execute(
+                    "SELECT to_regclass(%s)", (_index_name(store_id, part),)
+                ).fetchone()[0]
+                is None
+            ]
+            if missing:
+                rows = connection.execute(
+                    "SELECT count(*) FROM imgembed_products WHERE store_id = %s", (store_id,)
+                ).fetchone()[0]
+                memory = build_memory(rows, provenance.combined_dimension)
+                with connection.transaction():
+                    connection.execute(
+                        sql.SQL("SET LOCAL maintenance_work_mem = {}").format(
+                            sql.Literal(f"{memory}MB")
+                        )
+                    )
+                    for statement in missing:
+                        connection.execute(statement)
+            if missing or changed:
+                connection.execute("ANALYZE imgembed_products")
+
+        self._db.run("building the store's indexes", work)
 
     # -- search and statistics --------------------------------------------------------------
 
@@ -469,7 +529,7 @@ class ProductRepository:
             sql.SQL("store_id = {}").format(sql.Literal(store_id)),
             sql.SQL("{} IS NOT NULL").format(sql.Identifier(column)),
         ]
-        params: dict[str, Any] = {"q": query, "qi": image_query, "qt": text_query, "k": top_k}
+        params: dict[str, Any] = {"q": query, "qi": image_query, "qt": text_query}
         if category is not None:
             conditions.append(
                 sql.SQL("(weight_category = %(key)s OR lower(category) = lower(%(category)s))")
@@ -484,20 +544,22 @@ class ProductRepository:
             " -(text_embedding <#> %(qt)s::vector) AS text_score,"
             " -({column} <#> %(q)s::vector) AS score,"
             " image_embedding IS NULL AS text_only"
-            " FROM imgembed_products WHERE {where} ORDER BY {ranked} LIMIT %(k)s"
+            " FROM imgembed_products WHERE {where} ORDER BY {ranked} LIMIT {k}"  # a plan per k
         ).format(
+            k=sql.Literal(top_k),
             column=sql.Identifier(column),
             where=sql.SQL(" AND ").join(conditions),
             ranked=_ranked(column, dimension),
         )
-        with self._cursor("searching products", transaction=True) as cursor:
-            # enough candidates for k, and keep scanning when filters drop some
-            ef = max(ef_search, 2 * top_k)
-            cursor.execute(sql.SQL("SET LOCAL hnsw.ef_search = {}").format(sql.Literal(ef)))
-            cursor.execute("SET LOCAL hnsw.iterative_scan = relaxed_order")
-            cursor.execute(statement, params)
+        ef = max(ef_search, 2 * top_k)  # enough candidates for k
+
+        def find(connection: psycopg.Connection[Any]) -> list[dict[str, Any]]:
+            self._db.search_settings(connection, ef)
+            cursor = connection.execute(statement, params, prepare=True)
             names = [c.name for c in cursor.description or []]
-            rows = [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+            return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
+        rows = self._db.run("searching products", find)
         # relaxed order and halfvec ranking: re-sort the k rows by their exact score
         return sorted(rows, key=lambda row: -row["score"])
 

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 import psycopg
 from pgvector.psycopg import register_vector
+from psycopg import sql
 
 from imgembed.errors import StoreUnavailableError
 from imgembed.store.faults import store_errors
@@ -38,6 +39,7 @@ class Connection:
         self.location = location
         self._lock = threading.RLock()
         self._lost: StoreUnavailableError | None = None
+        self._search: tuple[psycopg.Connection | None, int] = (None, 0)  # settings made, ef
         try:
             self._connection = _connect(url)
         except psycopg.OperationalError as exc:
@@ -71,6 +73,19 @@ class Connection:
             except StoreUnavailableError as lost:
                 self._lost = lost
                 raise
+
+    def search_settings(self, connection: psycopg.Connection, ef: int) -> None:
+        """HNSW search settings, made once per connection (not per query: a round trip
+        each; a transaction with SET LOCALs cost ~1 ms a search)."""
+        made_on, made_ef = self._search
+        if made_on is not connection:
+            connection.execute("SET jit = off")  # compiling a plan costs more than a search
+            # filters drop candidates: keep scanning the graph until k rows match
+            connection.execute("SET hnsw.iterative_scan = relaxed_order")
+            made_ef = 0
+        if made_ef != ef:
+            connection.execute(sql.SQL("SET hnsw.ef_search = {}").format(sql.Literal(ef)))
+        self._search = (connection, ef)
 
     def _check(self, action: str) -> None:
         """Reconnect first if the last call lost the connection, or if the server has closed

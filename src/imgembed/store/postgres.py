@@ -121,7 +121,6 @@ class PostgresStore:
             migrate(url, self.location)
         self._db = Connection(url, self.location, reopen)
         self._collections: dict[str, _Collection] = {}
-        self._session: tuple[psycopg.Connection | None, int] = (None, 0)  # settings made, ef
         self._staging: psycopg.Connection | None = None  # the connection with a staging table
 
     def _collection(self, name: str) -> _Collection:
@@ -313,24 +312,12 @@ class PostgresStore:
         ef = max(self.ef_search, 2 * top_k)  # enough candidates for k
 
         def find(connection: psycopg.Connection) -> list[tuple[Any, ...]]:
-            self._settings(connection, ef)
+            self._db.search_settings(connection, ef)
             return connection.execute(statement, params, prepare=True).fetchall()
 
         rows = self._db.run(f"searching {name!r}", find)
         hits = [Hit(r[0], float(r[1]), r[2], r[3], r[4]) for r in rows]
         return sorted(hits, key=lambda hit: -hit.score)  # relaxed order: re-sort the k rows
-
-    def _settings(self, connection: psycopg.Connection, ef: int) -> None:
-        """The search settings, made once per connection (not per query: a round trip each)."""
-        made_on, made_ef = self._session
-        if made_on is not connection:
-            connection.execute("SET jit = off")  # compiling a plan costs more than a search
-            # filters drop candidates: keep scanning the graph until k rows match
-            connection.execute("SET hnsw.iterative_scan = relaxed_order")
-            made_ef = 0
-        if made_ef != ef:
-            connection.execute(sql.SQL("SET hnsw.ef_search = {}").format(sql.Literal(ef)))
-        self._session = (connection, ef)
 
     # -- bulk loads --------------------------------------------------------------------------
 
@@ -365,7 +352,7 @@ class PostgresStore:
             build = dimension <= HNSW_MAX_DIMENSION and exists[0] is None
             if build:
                 with connection.transaction():
-                    memory = _build_memory(_count(connection, table), dimension)
+                    memory = build_memory(_count(connection, table), dimension)
                     connection.execute(
                         sql.SQL("SET LOCAL maintenance_work_mem = {}").format(
                             sql.Literal(f"{memory}MB")
@@ -427,7 +414,7 @@ def _index_ddl(table: str, dimension: int) -> sql.Composed:
     )
 
 
-def _build_memory(rows: int, dimension: int) -> int:
+def build_memory(rows: int, dimension: int) -> int:
     """maintenance_work_mem (MB) for an HNSW build to stay in memory (it slows down sharply
     once the graph spills), at most a quarter of this machine's memory."""
     need = rows * (2 * dimension + 400) * 1.3 / 2**20
