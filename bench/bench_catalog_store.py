@@ -37,10 +37,16 @@ def vectors(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return image, text, combined.astype(np.float32)
 
 
+def product(i: int, text, image, combined):
+    from imgembed.catalog.repository import EmbeddedProduct
+
+    weights = (CATEGORIES[i % 4], IMAGE_WEIGHT, 1 - IMAGE_WEIGHT)
+    return EmbeddedProduct(f"p{i}", text, image, combined, *weights, "t", "i", None)
+
+
 def write(repo, provenance, first: int, image, text, combined, batch: int = 50) -> float:
     """As `catalog embed` does: products imported, then their vectors one batch at a time."""
     from imgembed.catalog.products import ProductInput
-    from imgembed.catalog.repository import EmbeddedProduct
 
     started = time.perf_counter()
     for start in range(0, len(image), batch):
@@ -53,11 +59,7 @@ def write(repo, provenance, first: int, image, text, combined, batch: int = 50) 
             "bench",
             provenance,
             "v1",
-            [
-                EmbeddedProduct(f"p{i}", text[i - first], image[i - first], combined[i - first],
-                                CATEGORIES[i % 4], IMAGE_WEIGHT, 1 - IMAGE_WEIGHT, "t", "i", None)
-                for i in ids
-            ],  # fmt: skip
+            [product(i, text[i - first], image[i - first], combined[i - first]) for i in ids],
             [],
         )
     return time.perf_counter() - started
