@@ -1,5 +1,5 @@
 """The catalogue on the embedded Postgres: scores of a real search equal the fusion formula
-computed from the separate vectors (also over 2,000 dimensions, indexed as halfvec);
+computed from the separate vectors (also over 2,000 dimensions; indexes in half precision);
 incremental and resumable embedding; failures recorded and retried; provenance."""
 
 import logging
@@ -136,9 +136,9 @@ def test_search_scores_equal_the_formula_from_the_separate_vectors(data_dir, pho
         assert {h.product_id for h in cheap} == {"p0", "p1", "p2", "book"}
 
 
-def test_combined_vectors_over_2000_dimensions_use_halfvec_indexes(data_dir, photos):
+def test_combined_vectors_over_2000_dimensions_are_indexed_in_half_precision(data_dir, photos):
     """EfficientNet-Lite0 1280 + a 1536-d OpenAI-compatible model = 2816 dimensions: more than
-    pgvector indexes as `vector`, so the store's combined index is on halfvec."""
+    pgvector indexes as `vector`; every index is on halfvec, scores in full precision."""
     server = EmbeddingServer(dimension=1536)
     settings = {
         "model": "efficientnet-lite0",
@@ -158,7 +158,7 @@ def test_combined_vectors_over_2000_dimensions_use_halfvec_indexes(data_dir, pho
                     ).fetchall()
                 )
             kinds = sorted(d.split("::")[1].split(")")[0] for d in indexes.values())
-            assert kinds == ["halfvec(2816", "vector(1280", "vector(1536"]
+            assert kinds == ["halfvec(1280", "halfvec(1536", "halfvec(2816"]
             stored = _vectors(catalog, "wide")
             hits = catalog.search("wide", "coffee print", image=photos[2], top_k=len(stored))
             assert hits[0].product_id == "p2"
@@ -358,8 +358,40 @@ def test_alembic_upgrade_head_from_the_repository(data_dir):
     )
     assert proc.returncode == 0, proc.stderr
     assert "Running upgrade 0001 -> 0002" in proc.stderr
-    assert "Running upgrade 0002 -> 0003" in proc.stderr
-    assert revisions(embedded.start(data_dir)) == ("0003", "0003")
+    assert "Running upgrade 0003 -> 0004" in proc.stderr
+    assert revisions(embedded.start(data_dir)) == ("0004", "0004")
+
+
+def _index_kinds(url, store_id) -> list[str]:
+    with psycopg.connect(url) as connection:
+        rows = connection.execute(
+            "SELECT indexdef FROM pg_indexes WHERE indexdef LIKE %s",
+            (f"%store_id = '{store_id}'%",),
+        ).fetchall()
+    return sorted(row[0].split("::")[1].split(")")[0] for row in rows)
+
+
+def test_migration_0004_rebuilds_the_indexes_in_half_precision_and_back(data_dir, photos):
+    from alembic import command
+
+    from imgembed.store.postgres import _alembic_config
+
+    with Catalog(**TINY) as catalog:  # tiny CLIP 64 + MiniLM 384 = 448
+        url = catalog.repository.url
+        catalog.upsert_products("old", _products(photos))
+        catalog.embed("old")
+        stored = _vectors(catalog, "old")
+        q_image = catalog.service.embed_text("coffee")
+        q_text = catalog.text_embedder.embed(["coffee"])[0]
+        assert _index_kinds(url, "old") == ["halfvec(384", "halfvec(448", "halfvec(64"]
+
+        command.downgrade(_alembic_config(url), "0003")  # the indexes of the last release
+        assert revisions(url)[0] == "0003"
+        assert _index_kinds(url, "old") == ["vector(384", "vector(448", "vector(64"]
+        command.upgrade(_alembic_config(url), "head")
+        assert _index_kinds(url, "old") == ["halfvec(384", "halfvec(448", "halfvec(64"]
+        hits = catalog.search("old", "coffee", top_k=len(stored))
+        _check_scores(hits, stored, q_image, q_text)
 
 
 def test_openai_embedder_in_a_catalogue_keeps_its_dimension(data_dir, photos):

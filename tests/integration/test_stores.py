@@ -265,7 +265,7 @@ def test_migration_0003_moves_items_into_a_table_per_collection_and_back(tmp_pat
             )
 
         store = PostgresStore(url)  # upgrades to the head
-        assert revisions(url)[0] == "0003"
+        assert revisions(url)[0] == SCHEMA
         assert {c.name: c.count for c in store.collections()} == {"photos": 30, "wide": 1}
         assert store.hashes("photos") == {r.id: r.content_hash for r in records}
         (got,) = store.get("photos", ["item-3"])
