@@ -143,6 +143,31 @@ def test_hnsw_index_serves_the_search_and_exact_search_scans(postgres_url):
     store.close()
 
 
+def test_a_filtered_search_walks_the_graph_until_k_rows_match(postgres_url):
+    """Unfiltered searches run without iterative scans (faster); a filter that drops two
+    candidates in three still gets its k rows from the index, then unfiltered ones again."""
+    from imgembed.store.postgres import items_table
+
+    store = PostgresStore(postgres_url)
+    name = _name()
+    store.create_collection(name, PROV)
+    store.upsert(name, _records(n=10_000))  # enough rows for the planner to use the index
+    store.refresh(name)
+    table, probe = items_table(name), "'[1,0,0,0,0,0,0,0]'"
+    plan = _plan(postgres_url, f"SELECT id FROM {table} WHERE metadata @> "
+                 f"""'{{"color": "red"}}' ORDER BY embedding::halfvec(8) <=> """
+                 f"{probe}::halfvec(8) LIMIT 80")  # fmt: skip
+    assert f"Index Scan using {table}_hnsw" in plan
+    query = _unit([1, 0, 0, 0, 0, 0, 0, 0])
+    before = [hit.id for hit in store.search(name, query, top_k=5)]
+    red = store.search(name, query, top_k=80, filters={"color": "red"})  # ef_search 160
+    exact = store.search(name, query, top_k=80, filters={"color": "red"}, exact=True)
+    assert len(red) == 80 and {hit.metadata["color"] for hit in red} == {"red"}
+    assert len({hit.id for hit in red} & {hit.id for hit in exact}) >= 72
+    assert [hit.id for hit in store.search(name, query, top_k=5)] == before
+    store.close()
+
+
 def _index_exists(url: str, name: str) -> bool:
     import psycopg
 

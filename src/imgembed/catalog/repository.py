@@ -550,9 +550,10 @@ class ProductRepository:
             ranked=_ranked(column, dimension),
         )
         ef = max(ef_search, 2 * top_k)  # enough candidates for k
+        filtered = category is not None or max_price is not None  # store_id: a partial index
 
         def find(connection: psycopg.Connection[Any]) -> list[dict[str, Any]]:
-            self._db.search_settings(connection, ef)
+            self._db.search_settings(connection, ef, filtered=filtered)
             cursor = connection.execute(statement, params, prepare=True)
             names = [c.name for c in cursor.description or []]
             return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]

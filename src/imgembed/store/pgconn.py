@@ -39,7 +39,7 @@ class Connection:
         self.location = location
         self._lock = threading.RLock()
         self._lost: StoreUnavailableError | None = None
-        self._search: tuple[psycopg.Connection | None, int] = (None, 0)  # settings made, ef
+        self._search: tuple[psycopg.Connection | None, int, str] = (None, 0, "")  # as made
         try:
             self._connection = _connect(url)
         except psycopg.OperationalError as exc:
@@ -74,18 +74,21 @@ class Connection:
                 self._lost = lost
                 raise
 
-    def search_settings(self, connection: psycopg.Connection, ef: int) -> None:
-        """HNSW search settings, made once per connection (not per query: a round trip
-        each; a transaction with SET LOCALs cost ~1 ms a search)."""
-        made_on, made_ef = self._search
+    def search_settings(self, connection: psycopg.Connection, ef: int, filtered: bool) -> None:
+        """HNSW search settings, made on a connection when they change (not per query: a
+        round trip each; a transaction with SET LOCALs cost ~1 ms a search). A `filtered`
+        search keeps walking the graph until k rows match (iterative scan); an unfiltered one
+        does not need that, and is 8-10% faster without (100k x 512, ef_search 100)."""
+        made_on, made_ef, made_scan = self._search
         if made_on is not connection:
             connection.execute("SET jit = off")  # compiling a plan costs more than a search
-            # filters drop candidates: keep scanning the graph until k rows match
-            connection.execute("SET hnsw.iterative_scan = relaxed_order")
-            made_ef = 0
+            made_ef, made_scan = 0, ""
         if made_ef != ef:
             connection.execute(sql.SQL("SET hnsw.ef_search = {}").format(sql.Literal(ef)))
-        self._search = (connection, ef)
+        scan = "relaxed_order" if filtered else "off"
+        if made_scan != scan:
+            connection.execute(sql.SQL("SET hnsw.iterative_scan = {}").format(sql.SQL(scan)))
+        self._search = (connection, ef, scan)
 
     def _check(self, action: str) -> None:
         """Reconnect first if the last call lost the connection, or if the server has closed

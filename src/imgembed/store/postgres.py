@@ -312,7 +312,7 @@ class PostgresStore:
         ef = max(self.ef_search, 2 * top_k)  # enough candidates for k
 
         def find(connection: psycopg.Connection) -> list[tuple[Any, ...]]:
-            self._db.search_settings(connection, ef)
+            self._db.search_settings(connection, ef, filtered=bool(filters))
             return connection.execute(statement, params, prepare=True).fetchall()
 
         rows = self._db.run(f"searching {name!r}", find)
