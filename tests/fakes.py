@@ -1,8 +1,10 @@
 """A fake encoder for batching and fault tests: it wraps a real encoder (so vectors stay the
-library's own), records every batch, and can be slowed down, poisoned, failed or killed."""
+library's own), records every batch, and can be slowed down, poisoned, failed or killed; and
+`until`, the poll with a deadline that tests waiting on it use."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import threading
 import time
@@ -67,3 +69,11 @@ class FakeEncoder:
         if self.fail or any(text == "poison" for text in texts):
             raise RuntimeError(f"fake encoder: refused {len(texts)} texts")
         return self.inner.encode_texts(texts)
+
+
+async def until(condition, what: str, seconds: float = 60) -> None:
+    """Polls; the limit only stops a broken run from hanging (not a timing assert)."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"still waiting for {what}"
+        await asyncio.sleep(0.01)

@@ -17,7 +17,7 @@ from imgembed import ImageEmbeddingService
 from imgembed.api import create_app
 from imgembed.config import load_settings
 from tests.conftest import TINY
-from tests.fakes import FakeEncoder, solid_png
+from tests.fakes import FakeEncoder, solid_png, until
 from tests.serving import serve_in_thread
 
 IMAGE = "/api/v1/embeddings/image"
@@ -73,14 +73,6 @@ def _queued(base) -> float:
     raise AssertionError("/metrics has no imgembed_queue_depth")
 
 
-async def _until(condition, what: str, seconds: float = 60) -> None:
-    """Polls; the limit only stops a broken run from hanging (not a timing assert)."""
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, f"still waiting for {what}"
-        await asyncio.sleep(0.02)
-
-
 async def test_concurrent_requests_share_batches_and_a_poisoned_one_fails_alone(
     fake, photos, reference
 ):
@@ -95,9 +87,9 @@ async def test_concurrent_requests_share_batches_and_a_poisoned_one_fails_alone(
         # and must then go in together, whatever the machine's timing.
         encoder.gate = threading.Event()
         first = asyncio.create_task(_post_all(base, bodies[:1]))
-        await _until(lambda: encoder.image_batches, "the first batch")
+        await until(lambda: encoder.image_batches, "the first batch")
         rest = asyncio.create_task(_post_all(base, bodies[1:]))
-        await _until(lambda: _queued(base) == len(bodies) - 1, "the queue to fill")
+        await until(lambda: _queued(base) == len(bodies) - 1, "the queue to fill")
         encoder.gate.set()
         answers = await first + await rest
         metrics = httpx.get(f"{base}/metrics").text

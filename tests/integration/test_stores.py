@@ -165,6 +165,8 @@ def test_a_filtered_search_walks_the_graph_until_k_rows_match(postgres_url):
     assert len(red) == 80 and {hit.metadata["color"] for hit in red} == {"red"}
     assert len({hit.id for hit in red} & {hit.id for hit in exact}) >= 72
     assert [hit.id for hit in store.search(name, query, top_k=5)] == before
+    many = store.search(name, query, top_k=1500)  # more than pgvector's ef_search limit
+    assert len(many) == 1500 and len({hit.id for hit in many}) == 1500
     store.close()
 
 

@@ -14,7 +14,7 @@ from imgembed.engine.batcher import Batcher
 from imgembed.engine.pipeline import ImagePipeline
 from imgembed.errors import OverloadedError, UnavailableError
 from tests.conftest import TINY
-from tests.fakes import FakeEncoder, solid_png
+from tests.fakes import FakeEncoder, solid_png, until
 
 
 @pytest.fixture
@@ -39,11 +39,9 @@ async def _behind_a_held_batch(fake, batcher, sources):
     together, however busy the machine (a timing-free way to make batches share)."""
     fake.gate = threading.Event()
     first = asyncio.create_task(batcher.embed_image(sources[0]))
-    while not fake.image_batches:
-        await asyncio.sleep(0.01)
+    await until(lambda: fake.image_batches, "the first batch")
     rest = asyncio.gather(*(batcher.embed_image(s) for s in sources[1:]))
-    while batcher.queue_depth < len(sources) - 1:
-        await asyncio.sleep(0.01)
+    await until(lambda: batcher.queue_depth == len(sources) - 1, "the queue to fill")
     fake.gate.set()
     return [await first, *await rest]
 

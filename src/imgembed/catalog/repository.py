@@ -140,7 +140,9 @@ def _ranked(column: str, dimension: int) -> sql.Composable:
     )
 
 
-def _index_ddl(store_id: str, provenance: StoreProvenance) -> dict[str, sql.Composed]:
+def _index_ddl(
+    store_id: str, provenance: StoreProvenance, concurrently: bool = False
+) -> dict[str, sql.Composed]:
     """The store's HNSW index per part (a part wider than pgvector indexes has none: it is
     searched exactly). Partial, on the column cast to the store's dimension."""
     dimensions = {
@@ -154,9 +156,10 @@ def _index_ddl(store_id: str, provenance: StoreProvenance) -> dict[str, sql.Comp
         if kind is None:
             continue
         statements[part] = sql.SQL(
-            "CREATE INDEX IF NOT EXISTS {index} ON imgembed_products USING hnsw"
+            "CREATE INDEX {concurrently} IF NOT EXISTS {index} ON imgembed_products USING hnsw"
             " (({column}::{kind}({dim})) {ops}) WHERE store_id = {store}"
         ).format(
+            concurrently=sql.SQL("CONCURRENTLY" if concurrently else ""),
             index=sql.Identifier(_index_name(store_id, part)),
             column=sql.Identifier(f"{part}_embedding"),
             kind=sql.SQL(kind),
@@ -449,10 +452,12 @@ class ProductRepository:
 
     def bulk_load(self, store_id: str, incoming: int, defer_index_min: int) -> bool:
         """Before embedding `incoming` products: a bulk load (at least `defer_index_min`, and
-        at least half again what the store holds embedded) drops the store's HNSW indexes,
+        at least half as many as the store holds embedded) drops the store's HNSW indexes,
         as the item store does: three graphs kept up to date row by row cost ~10 ms a product,
         one build each afterwards a fraction of that. Searches meanwhile scan (exact, slower);
-        `refresh` builds them again, also after a run that was stopped."""
+        `refresh` builds them again, also after a run that was stopped. Every store shares the
+        products table, so indexes are dropped and built CONCURRENTLY: other stores' imports,
+        writes and searches go on meanwhile."""
         if not defer_index_min or incoming < defer_index_min:
             return False
         with self._cursor("counting embedded products") as cursor:
@@ -466,38 +471,46 @@ class ProductRepository:
         with self._cursor("setting the store's indexes aside for a bulk load") as cursor:
             for part in PARTS:
                 index = sql.Identifier(_index_name(store_id, part))
-                cursor.execute(sql.SQL("DROP INDEX IF EXISTS {}").format(index))
+                cursor.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(index))
         log.info("bulk load of %d products into %r: its indexes are built afterwards",
                  incoming, store_id)  # fmt: skip
         return True
 
     def refresh(self, store_id: str, provenance: StoreProvenance, changed: bool = True) -> None:
-        """After a run: build the indexes a bulk load set aside (with the memory to build in
-        RAM), and refresh the planner's statistics (without them it may skip the indexes)
-        when rows `changed` or an index was built."""
+        """After a run: build the indexes a bulk load set aside, or that a stopped build left
+        invalid (with the memory to build in RAM), and refresh the planner's statistics
+        (without them it may skip the indexes) when rows `changed` or an index was built."""
+        statements = _index_ddl(store_id, provenance, concurrently=True)
+        names = {part: _index_name(store_id, part) for part in statements}
 
         def work(connection: psycopg.Connection[Any]) -> None:
-            missing = [
-                statement
-                for part, statement in _index_ddl(store_id, provenance).items()
-                if connection.execute(
-                    "SELECT to_regclass(%s)", (_index_name(store_id, part),)
-                ).fetchone()[0]
-                is None
-            ]
+            valid = {
+                row[0]
+                for row in connection.execute(
+                    "SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid"
+                    " WHERE c.relname = ANY(%s) AND i.indisvalid",
+                    (list(names.values()),),
+                )
+            }
+            missing = [part for part, name in names.items() if name not in valid]
             if missing:
                 rows = connection.execute(
                     "SELECT count(*) FROM imgembed_products WHERE store_id = %s", (store_id,)
                 ).fetchone()[0]
                 memory = build_memory(rows, provenance.combined_dimension)
-                with connection.transaction():
-                    connection.execute(
-                        sql.SQL("SET LOCAL maintenance_work_mem = {}").format(
-                            sql.Literal(f"{memory}MB")
+                connection.execute(
+                    sql.SQL("SET maintenance_work_mem = {}").format(sql.Literal(f"{memory}MB"))
+                )
+                try:
+                    for part in missing:
+                        index = sql.Identifier(names[part])
+                        connection.execute(
+                            sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(index)
                         )
-                    )
-                    for statement in missing:
-                        connection.execute(statement)
+                        connection.execute(statements[part])
+                finally:
+                    with contextlib.suppress(psycopg.Error):  # a lost session resets itself
+                        connection.execute("RESET maintenance_work_mem")
             if missing or changed:
                 connection.execute("ANALYZE imgembed_products")
 

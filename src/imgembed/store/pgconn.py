@@ -29,6 +29,7 @@ T = TypeVar("T")
 RECONNECT_SECONDS = 30.0  # how long to wait for a server that went away to come back
 CONNECT_TIMEOUT = 10  # seconds, per attempt
 APPLICATION = "imgembed"  # pg_stat_activity.application_name of our connections
+HNSW_MAX_EF_SEARCH = 1000  # pgvector's limit for hnsw.ef_search
 
 
 class Connection:
@@ -78,17 +79,19 @@ class Connection:
         """HNSW search settings, made on a connection when they change (not per query: a
         round trip each; a transaction with SET LOCALs cost ~1 ms a search). A `filtered`
         search keeps walking the graph until k rows match (iterative scan); an unfiltered one
-        does not need that, and is 8-10% faster without (100k x 512, ef_search 100)."""
-        made_on, made_ef, made_scan = self._search
-        if made_on is not connection:
+        does not need that, and is 8-10% faster without (100k x 512, ef_search 100). The
+        connection is in autocommit: a SET made stays made."""
+        scan = "relaxed_order" if filtered or ef > HNSW_MAX_EF_SEARCH else "off"
+        ef = min(ef, HNSW_MAX_EF_SEARCH)  # beyond it, the iterative scan finds the k rows
+        if self._search[0] is not connection:
             connection.execute("SET jit = off")  # compiling a plan costs more than a search
-            made_ef, made_scan = 0, ""
-        if made_ef != ef:
+            self._search = (connection, 0, "")
+        if self._search[1] != ef:
             connection.execute(sql.SQL("SET hnsw.ef_search = {}").format(sql.Literal(ef)))
-        scan = "relaxed_order" if filtered else "off"
-        if made_scan != scan:
+            self._search = (connection, ef, self._search[2])
+        if self._search[2] != scan:
             connection.execute(sql.SQL("SET hnsw.iterative_scan = {}").format(sql.SQL(scan)))
-        self._search = (connection, ef, scan)
+            self._search = (connection, ef, scan)
 
     def _check(self, action: str) -> None:
         """Reconnect first if the last call lost the connection, or if the server has closed

@@ -323,7 +323,7 @@ class PostgresStore:
 
     def bulk_load(self, name: str, incoming: int) -> bool:
         """Before storing `incoming` new items. A bulk load (at least `defer_index_min` items,
-        and at least half again what the collection holds) sets the HNSW index aside: one
+        and at least half as many as the collection holds) sets the HNSW index aside: one
         build after the load is several times cheaper than keeping the graph up to date
         insert by insert. Searches meanwhile compare every row (exact, slower). `refresh`
         builds it again; a run stopped before that leaves it to the next `refresh`."""
