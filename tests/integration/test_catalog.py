@@ -20,6 +20,7 @@ from imgembed.catalog.text_api import OpenAIEmbedder
 from imgembed.errors import CollectionNotFoundError, ProvenanceMismatchError, StoreUnavailableError
 from imgembed.store import embedded, pgconn
 from imgembed.store.postgres import revisions
+from tests.cli import run
 from tests.conftest import TINY
 from tests.integration.embedding_server import EmbeddingServer
 from tests.integration.test_faults_store import _drop_imgembed_connections
@@ -287,6 +288,9 @@ def test_a_bulk_run_builds_the_indexes_afterwards_and_a_stopped_one_leaves_them_
         with pytest.raises(KeyboardInterrupt):
             catalog.embed("bulk", batch_size=3, events=stopped)
         assert stopped.seen == [0, 0]  # 8 new products: set aside for the bulk load
+        assert catalog.stats("bulk").indexes_missing == ["combined", "image", "text"]
+        shown = run("catalog", "stats", "--store-id", "bulk").stdout
+        assert "search indexes missing" in shown and "combined, image, text" in shown
         stored = {k: v for k, v in _vectors(catalog, "bulk").items() if v[2] is not None}
         assert len(stored) == 6
         q_image = catalog.service.embed_text(query)
@@ -296,6 +300,7 @@ def test_a_bulk_run_builds_the_indexes_afterwards_and_a_stopped_one_leaves_them_
         resumed = _IndexWatch(url, "bulk")  # 2 to go: too few for a bulk load
         assert catalog.embed("bulk", batch_size=3, events=resumed).successful == 2
         assert resumed.seen == [0] and _indexes(url, "bulk") == 3  # built by this run's end
+        assert catalog.stats("bulk").indexes_missing == []
         everything = _vectors(catalog, "bulk")
         _check_scores(catalog.search("bulk", query, top_k=8), everything, q_image, q_text)
 

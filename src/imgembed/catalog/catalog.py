@@ -63,6 +63,9 @@ class StoreStats:
     provenance: dict[str, Any] | None
     weights_version: str | None  # the table the store's last run used
     current_weights_version: str
+    # parts searched exactly until the next embed run's end builds their index (a stopped
+    # bulk run dropped it)
+    indexes_missing: list[str]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -340,6 +343,7 @@ class Catalog:
             provenance=asdict(recorded[0]) if recorded else None,
             weights_version=recorded[1] if recorded else None,
             current_weights_version=self.weights.version,
+            indexes_missing=repository.missing_indexes(store_id, recorded[0]) if recorded else [],
         )
 
     def close(self) -> None:

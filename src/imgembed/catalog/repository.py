@@ -170,6 +170,19 @@ def _index_ddl(
     return statements
 
 
+def _missing(connection: psycopg.Connection[Any], names: dict[str, str]) -> list[str]:
+    """The parts (of `names`: part -> index name) without a valid index."""
+    valid = {
+        row[0]
+        for row in connection.execute(
+            "SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid"
+            " WHERE c.relname = ANY(%s) AND i.indisvalid",
+            (list(names.values()),),
+        )
+    }
+    return [part for part, name in names.items() if name not in valid]
+
+
 class ProductRepository:
     def __init__(
         self,
@@ -484,15 +497,7 @@ class ProductRepository:
         names = {part: _index_name(store_id, part) for part in statements}
 
         def work(connection: psycopg.Connection[Any]) -> None:
-            valid = {
-                row[0]
-                for row in connection.execute(
-                    "SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid"
-                    " WHERE c.relname = ANY(%s) AND i.indisvalid",
-                    (list(names.values()),),
-                )
-            }
-            missing = [part for part, name in names.items() if name not in valid]
+            missing = _missing(connection, names)
             if missing:
                 rows = connection.execute(
                     "SELECT count(*) FROM imgembed_products WHERE store_id = %s", (store_id,)
@@ -515,6 +520,12 @@ class ProductRepository:
                 connection.execute("ANALYZE imgembed_products")
 
         self._db.run("building the store's indexes", work)
+
+    def missing_indexes(self, store_id: str, provenance: StoreProvenance) -> list[str]:
+        """The parts whose HNSW index is absent or invalid (a bulk run stopped before its
+        end): searched exactly until the next run's end builds them."""
+        names = {part: _index_name(store_id, part) for part in _index_ddl(store_id, provenance)}
+        return self._db.run("reading the store's indexes", lambda c: _missing(c, names))
 
     # -- search and statistics --------------------------------------------------------------
 

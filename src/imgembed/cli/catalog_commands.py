@@ -327,4 +327,10 @@ def stats(store_id: StoreOpt, as_json: JsonOpt = False) -> None:
         f"{result.current_weights_version}"
         + (f" (store embedded with {result.weights_version})" if stale else ""),
     )
+    if result.indexes_missing:
+        table.add_row(
+            "search indexes missing",
+            f"{', '.join(result.indexes_missing)}: searched exactly until the next "
+            "`imgembed catalog embed` builds them",
+        )
     Console().print(table)
