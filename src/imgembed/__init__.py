@@ -1,7 +1,14 @@
-"""imgembed: exact CLIP image and text embeddings, cached, batched and searchable."""
+"""imgembed: exact CLIP image and text embeddings, cached, batched and searchable.
 
-from imgembed.config import Settings
-from imgembed.engine.pipeline import Progress
+The service, its settings and result types are imported on first use: a command that only
+asks the resident search process (`imgembed search` after `imgembed db start`) does not pay
+for NumPy, Pillow, the model runtimes and the database driver."""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from imgembed.errors import (
     CollectionNotFoundError,
     ConfigurationError,
@@ -27,8 +34,29 @@ from imgembed.errors import (
     UnavailableError,
     UnsupportedFormatError,
 )
-from imgembed.results import ImageEmbeddingResult, SimilarityResult
-from imgembed.service import ImageEmbeddingService
+
+if TYPE_CHECKING:
+    from imgembed.config import Settings
+    from imgembed.engine.pipeline import Progress
+    from imgembed.results import ImageEmbeddingResult, SimilarityResult
+    from imgembed.service import ImageEmbeddingService
+
+_LAZY = {
+    "ImageEmbeddingResult": "imgembed.results",
+    "ImageEmbeddingService": "imgembed.service",
+    "Progress": "imgembed.engine.pipeline",
+    "Settings": "imgembed.config",
+    "SimilarityResult": "imgembed.results",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'imgembed' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value  # once
+    return value
+
 
 __all__ = [
     "CollectionNotFoundError",

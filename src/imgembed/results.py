@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from imgembed.errors import ImgEmbedError, error_dict
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 @dataclass

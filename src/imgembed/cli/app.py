@@ -9,10 +9,9 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
@@ -31,11 +30,12 @@ from imgembed.cli.common import (
     progress_bar,
 )
 from imgembed.cli.output import Writer
-from imgembed.engine.pipeline import Progress
 from imgembed.errors import ImageError, ImgEmbedError, error_dict
 from imgembed.intake.names import printable
-from imgembed.intake.sources import expand_paths
-from imgembed.results import ImageEmbeddingResult
+
+if TYPE_CHECKING:  # imported where used: a search need not load NumPy or Pillow
+    from imgembed.engine.pipeline import Progress
+    from imgembed.results import ImageEmbeddingResult
 
 app = typer.Typer(help="Exact CLIP image and text embeddings.", no_args_is_help=True)
 OutputOpt = Annotated[
@@ -62,6 +62,9 @@ def embed(
     ] = None,
 ) -> None:
     """Embed images; exit 1 if any input failed (each failure is named on stderr)."""
+    from imgembed.engine.pipeline import Progress
+    from imgembed.intake.sources import expand_paths
+
     try:
         writer = Writer(output)  # an unwritable -o fails now, not after the work
         service = make_service(
@@ -174,6 +177,7 @@ def metadata(
     as_json: Annotated[bool, typer.Option("--json", help="JSON lines instead of a table.")] = False,
 ) -> None:
     """Image metadata and the quality signal; exit 1 if any input failed."""
+    from imgembed.intake.sources import expand_paths
     from imgembed.service import ImageEmbeddingService
 
     try:
@@ -231,7 +235,6 @@ def main() -> None:
 
     # Decoders warn about oddities in files (skipped tags, huge images); every file already
     # ends embedded or with a typed error, so on a terminal these are noise.
-    warnings.filterwarnings("ignore", module=r"PIL\.")
-    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+    warnings.filterwarnings("ignore", module=r"PIL\.")  # DecompressionBombWarning too
     sys.argv[1:] = optional_value(sys.argv[1:], "--ray", "local")
     app()

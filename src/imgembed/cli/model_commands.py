@@ -14,7 +14,6 @@ from rich.table import Table
 from imgembed.cli.app import app
 from imgembed.cli.common import PrecisionOpt, PretrainedOpt, RuntimeOpt, err, fail, make_service
 from imgembed.errors import ImgEmbedError
-from imgembed.intake.sources import expand_paths
 
 models_app = typer.Typer(help="Known models; ONNX export and verification.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
@@ -124,6 +123,7 @@ def models_verify(
 ) -> None:
     """Compare a runtime + precision with open_clip on torch fp32: cosine (min / mean) over
     your images and prompts, and the speed ratio at the same batch size."""
+    from imgembed.intake.sources import expand_paths
     from imgembed.models.verify import default_min_cosine, synthetic_images, verify
 
     try:

@@ -15,8 +15,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-import numpy as np
-
 from imgembed.errors import ConfigurationError, OutputError
 from imgembed.intake.names import printable
 
@@ -96,6 +94,8 @@ class Writer:
             raise OutputError(f"cannot write {where}: {exc.strerror or exc}") from exc
 
     def _write_npy(self) -> None:
+        import numpy as np
+
         assert self.path is not None
         done = [row for row in self._rows if row.get("embedding") is not None]
         dim = done[0]["embedding"].shape[0] if done else 0
@@ -105,6 +105,7 @@ class Writer:
         sources.write_text("".join(f"{row['source']}\n" for row in done), encoding="utf-8")
 
     def _write_parquet(self) -> None:
+        import numpy as np
         import pyarrow as pa
         import pyarrow.parquet as pq
 
