@@ -168,7 +168,8 @@ def bench_indexing(data_dir: Path, url: str) -> dict:
 
 
 def bench_cli(data_dir: Path, runs: int = 4) -> dict:
-    """`imgembed search` by text as a new process, ONNX runtime, tiny model, warm server."""
+    """`imgembed search` by text as a new process, ONNX runtime, tiny model, warm server
+    (`imgembed db start`: its resident process answers; the first search loads the model)."""
     env = {**os.environ, "IMGEMBED_DATA_DIR": str(data_dir), "IMGEMBED_RUNTIME": "onnx",
            "IMGEMBED_MODEL": "imgembed-tiny", "IMGEMBED_PRETRAINED": "seed:0",
            "IMGEMBED_COLLECTION": "cli"}  # fmt: skip

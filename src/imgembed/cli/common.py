@@ -80,6 +80,13 @@ def make_service(**options: Any):
     return ImageEmbeddingService(**{k: v for k, v in options.items() if v is not None})
 
 
+def make_settings(**options: Any):
+    """The settings alone: no model, store or NumPy is loaded."""
+    from imgembed.config import load_settings
+
+    return load_settings(**{k: v for k, v in options.items() if v is not None})
+
+
 def fail(exc: ImgEmbedError) -> typer.Exit:
     code = next(code for kind, code in EXIT_CODES if isinstance(exc, kind))
     err.print(f"error: {exc}", markup=False, highlight=False)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -24,12 +24,15 @@ from imgembed.cli.common import (
     err,
     fail,
     make_service,
+    make_settings,
     progress_bar,
 )
 from imgembed.cli.output import check_writable
-from imgembed.engine.pipeline import Progress
 from imgembed.errors import ConfigurationError, ImgEmbedError, OutputError
 from imgembed.intake.names import printable
+
+if TYPE_CHECKING:
+    from imgembed.engine.pipeline import Progress
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="JSON instead of a table.")]
 collections_app = typer.Typer(help="Collections in the store.", invoke_without_command=True)
@@ -157,18 +160,16 @@ def search(
     if (text is None) == (image is None):
         err.print("error: give a text or --image (one of them)")
         raise typer.Exit(2)
+    from imgembed import resident
+
     try:
-        filters = _filters(filter_ or [])
-        service = make_service(
+        query = resident.SearchQuery(
+            text, image, collection, top_k, _filters(filter_ or []), own_model=model is None
+        )
+        settings = make_settings(
             model=model, pretrained=pretrained, device=device, runtime=runtime, precision=precision
         )
-        name = collection or service.settings.collection
-        if model is None:  # the collection's own model
-            service = service.for_collection(name)
-        if image is not None:
-            hits = service.search_image(image, name, top_k, filters)
-        else:
-            hits = service.search_text(text or "", name, top_k, filters)
+        hits = resident.search(settings, query)  # after `imgembed db start`: its process
     except ImgEmbedError as exc:
         raise fail(exc) from exc
     rows = [
@@ -266,7 +267,7 @@ def db_upgrade() -> None:
     from imgembed.store.postgres import migrate, revisions
 
     try:
-        url = postgres_target(make_service().settings).url
+        url = postgres_target(make_settings()).url
         migrate(url)
         current, head = revisions(url)
     except ImgEmbedError as exc:
@@ -290,10 +291,10 @@ def db_start(
 
     seconds = _duration(keep)
     try:
-        until = embedded.keep(make_service().settings.data_dir, seconds)
+        until = embedded.keep(make_settings().data_dir, seconds, runner="imgembed.resident")
     except ImgEmbedError as exc:
         raise fail(exc) from exc
-    typer.echo(f"running; kept up until {_clock(until)}")
+    typer.echo(f"running; kept up until {_clock(until)}, searches answered by its process")
 
 
 def _duration(text: str) -> float:
@@ -316,10 +317,11 @@ def _clock(epoch: float) -> str:
 @db_app.command("status")
 def db_status() -> None:
     """The embedded server's state, or the external database's schema revision."""
+    from imgembed import resident
     from imgembed.store import embedded
 
     try:
-        settings = make_service().settings
+        settings = make_settings()
         if settings.database_url:
             from imgembed.store.postgres import revisions
 
@@ -332,6 +334,8 @@ def db_status() -> None:
     running = f"running (pid {state.pid}, socket {state.socket})" if state.running else "stopped"
     if state.kept_until:
         running += f", kept up until {_clock(state.kept_until)} (imgembed db start)"
+        if pid := resident.status(settings.data_dir):
+            running += f", searches answered by pid {pid}"
     typer.echo(f"embedded PostgreSQL in {state.pgdata}: "
                f"{running if state.initialised else 'not created yet'}")  # fmt: skip
 
@@ -342,7 +346,7 @@ def db_stop() -> None:
     from imgembed.store import embedded
 
     try:
-        stopped = embedded.stop(make_service().settings.data_dir)
+        stopped = embedded.stop(make_settings().data_dir)
     except ImgEmbedError as exc:
         raise fail(exc) from exc
     typer.echo("stopped" if stopped else "not running")

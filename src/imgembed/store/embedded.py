@@ -227,15 +227,17 @@ def _running(pid: int) -> bool:
     return True
 
 
-def keep(data_dir: Path, seconds: float) -> float:
+def keep(data_dir: Path, seconds: float, runner: str = "imgembed.store.keeper") -> float:
     """Start the server and keep it up for `seconds` from now, used or not (a keeper process
-    holds it; an earlier keeper is replaced). Returns the end as epoch seconds."""
+    holds it; an earlier keeper is replaced). Returns the end as epoch seconds. `runner` is
+    the keeper's module, run as `python -m runner DATA_DIR UNTIL` (the CLI's also answers
+    searches: imgembed.resident)."""
     folder = pgdata(data_dir)
     start(data_dir)
     release(data_dir)
     until = time.time() + seconds
     keeper = subprocess.Popen(
-        [sys.executable, "-m", "imgembed.store.keeper", str(data_dir), repr(until)],
+        [sys.executable, "-m", runner, str(Path(data_dir).expanduser().resolve()), repr(until)],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True,  # outlives this command and its terminal
     )  # fmt: skip
