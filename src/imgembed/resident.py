@@ -31,6 +31,8 @@ from multiprocessing.connection import Client, Connection, Listener
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import psutil
+
 from imgembed.errors import ImgEmbedError
 
 if TYPE_CHECKING:
@@ -140,15 +142,7 @@ def _read_record(data_dir: Path) -> dict[str, Any] | None:
 
 
 def _running(pid: Any) -> bool:
-    if not isinstance(pid, int):
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return isinstance(pid, int) and pid > 0 and psutil.pid_exists(pid)
 
 
 def status(data_dir: Path) -> int | None:

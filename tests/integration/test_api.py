@@ -5,7 +5,6 @@ import base64
 import contextlib
 import json
 import logging
-import os
 import shutil
 import threading
 import time
@@ -22,7 +21,6 @@ from imgembed import ImageEmbeddingService
 from imgembed.api import create_app
 from imgembed.config import load_settings
 from imgembed.indexing import IndexItem
-from imgembed.store import embedded
 from tests.conftest import TESTDATA, TINY
 from tests.serving import FileServer
 
@@ -434,13 +432,6 @@ def test_a_bug_is_a_500_with_the_request_id(client, monkeypatch):
     assert response.status_code == 500 and response.json()["error_type"] == "InternalError"
     assert response.json()["request_id"] == response.headers["x-request-id"]
     assert "a bug" not in response.text  # details go to the log, not to the client
-
-
-@pytest.fixture
-def data_dir():
-    folder = Path(os.environ["IMGEMBED_DATA_DIR"])
-    yield folder
-    embedded.stop(folder)
 
 
 def _job(client, response):

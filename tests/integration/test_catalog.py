@@ -29,13 +29,6 @@ REPO = Path(__file__).resolve().parents[2]
 TABLE = findly_table()
 
 
-@pytest.fixture
-def data_dir():
-    folder = Path(os.environ["IMGEMBED_DATA_DIR"])
-    yield folder
-    embedded.stop(folder)
-
-
 def _products(photos):
     """One product per photo, categories spread over the table, and two without an image."""
     categories = ["fashion", "kleding", "interieur", "tech", "sieraden", None]

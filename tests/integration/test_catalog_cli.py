@@ -12,20 +12,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import psycopg
-import pytest
 from PIL import Image
 
 from imgembed.store import embedded
 from tests.cli import IMGEMBED, run
 
 TINY = ["--model", "imgembed-tiny", "--pretrained", "seed:0"]
-
-
-@pytest.fixture
-def data_dir():
-    folder = Path(os.environ["IMGEMBED_DATA_DIR"])
-    yield folder
-    embedded.stop(folder)
 
 
 def _catalogue(photos, folder: Path) -> Path:

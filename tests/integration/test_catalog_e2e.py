@@ -4,7 +4,6 @@ are served over loopback HTTP. A paraphrase of a product's title finds it first;
 copy of its photo finds it first; both together rank by the fused score."""
 
 import io
-import os
 import threading
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -14,7 +13,6 @@ import pytest
 from PIL import Image
 
 from imgembed.catalog import Catalog
-from imgembed.store import embedded
 from tests.conftest import TESTDATA
 
 # (file under .testdata, title, description, category, a paraphrase of the title)
@@ -96,13 +94,6 @@ def _edited(path: Path) -> bytes:
     buffer = io.BytesIO()
     image.crop((w // 10, h // 10, w - w // 10, h - h // 10)).save(buffer, "JPEG", quality=80)
     return buffer.getvalue()
-
-
-@pytest.fixture
-def data_dir():
-    folder = Path(os.environ["IMGEMBED_DATA_DIR"])
-    yield folder
-    embedded.stop(folder)
 
 
 def test_paraphrases_and_edited_photos_find_their_product(data_dir, tmp_path):

@@ -1,9 +1,7 @@
 """The store commands end to end: index, search, duplicates, collections, db."""
 
 import json
-import os
 import time
-from pathlib import Path
 
 import pytest
 
@@ -12,13 +10,6 @@ from imgembed.store.postgres import SCHEMA
 from tests.cli import run, run_process
 
 TINY = ["--model", "imgembed-tiny", "--pretrained", "seed:0"]
-
-
-@pytest.fixture
-def data_dir():
-    folder = Path(os.environ["IMGEMBED_DATA_DIR"])
-    yield folder
-    embedded.stop(folder)
 
 
 def test_index_search_collections_and_db(data_dir, photos, tmp_path):

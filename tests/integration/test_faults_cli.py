@@ -14,7 +14,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from imgembed.intake.names import restore
-from imgembed.store import embedded
 from tests import cli
 from tests.cli import IMGEMBED
 
@@ -31,13 +30,6 @@ def run(*args, env=None, prefix=()):
         [*prefix, IMGEMBED, *args], capture_output=True, text=True, timeout=300,
         env={**os.environ, **env},
     )  # fmt: skip
-
-
-@pytest.fixture
-def data_dir():
-    folder = Path(os.environ["IMGEMBED_DATA_DIR"])
-    yield folder
-    embedded.stop(folder)
 
 
 @pytest.fixture

@@ -55,13 +55,6 @@ def tiles(tmp_path_factory, large_jpegs) -> list[Path]:
     return paths
 
 
-@pytest.fixture
-def data_dir():
-    folder = Path(os.environ["IMGEMBED_DATA_DIR"])
-    yield folder
-    embedded.stop(folder)
-
-
 def _expected(paths) -> dict[str, str]:
     return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in paths}
 

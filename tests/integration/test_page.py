@@ -3,7 +3,6 @@ search by text, see scored results with thumbnails, "more like this", search by 
 uploaded image, and the near-duplicates view."""
 
 import contextlib
-import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +15,6 @@ from imgembed.api import create_app
 from imgembed.catalog import Catalog
 from imgembed.config import load_settings
 from imgembed.indexing import IndexItem
-from imgembed.store import embedded
 from tests.conftest import TINY
 from tests.serving import serve_in_thread
 
@@ -42,13 +40,6 @@ def browser_on(settings) -> Iterator[tuple[Any, list[str]]]:
         page.goto(f"{base}/")
         yield page, errors
         browser.close()
-
-
-@pytest.fixture
-def data_dir():
-    folder = Path(os.environ["IMGEMBED_DATA_DIR"])
-    yield folder
-    embedded.stop(folder)
 
 
 @pytest.fixture

@@ -44,13 +44,6 @@ def ray_address(tmp_path_factory):
     del os.environ[KILL_SWITCH]
 
 
-@pytest.fixture
-def data_dir():
-    folder = Path(os.environ["IMGEMBED_DATA_DIR"])
-    yield folder
-    embedded.stop(folder)
-
-
 def _folder(photos, root: Path) -> Path:
     """The real photos, a text file named like a JPEG and a truncated PNG."""
     root.mkdir()

@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -15,7 +14,6 @@ from imgembed.config import load_settings
 from imgembed.errors import CollectionNotFoundError
 from imgembed.indexing import IndexItem
 from imgembed.resident import SearchQuery
-from imgembed.store import embedded
 from tests.cli import run_process
 
 TINY = {"model": "imgembed-tiny", "pretrained": "seed:0"}
@@ -32,13 +30,6 @@ finally:
     loaded = {name.split(".")[0] for name in sys.modules} & set(os.environ["HEAVY"].split(","))
     print("loaded:" + ",".join(sorted(loaded)), file=sys.stderr)
 """
-
-
-@pytest.fixture
-def data_dir():
-    folder = Path(os.environ["IMGEMBED_DATA_DIR"])
-    yield folder
-    embedded.stop(folder)
 
 
 @pytest.fixture

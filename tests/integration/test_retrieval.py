@@ -2,15 +2,12 @@
 of real photos (crops, rescales, re-encodes) find their original in the embedded Postgres."""
 
 import io
-import os
 from pathlib import Path
 
-import pytest
 from PIL import Image
 
 from imgembed import ImageEmbeddingService
 from imgembed.indexing import IndexItem
-from imgembed.store import embedded
 from tests.conftest import TESTDATA
 
 MODEL = {"model": "efficientnet-lite0"}
@@ -53,13 +50,6 @@ def _variants(path: Path) -> list[bytes]:
         jpeg(image, 25),
         jpeg(shifted.resize((w // 2, h // 2)), 50),
     ]
-
-
-@pytest.fixture
-def data_dir():
-    folder = Path(os.environ["IMGEMBED_DATA_DIR"])
-    yield folder
-    embedded.stop(folder)
 
 
 def test_near_duplicates_recall_at_1(data_dir, photos, large_jpegs, tmp_path):

@@ -17,19 +17,11 @@ import numpy as np
 import psutil
 import pytest
 
-from imgembed.store import embedded
 from tests.conftest import TESTDATA
 from tests.serving import IMGEMBED, TINY_ENV, FileServer, serve_process
 
 KEY = "test-key-7f3a9c"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-
-
-@pytest.fixture
-def data_dir():
-    folder = Path(os.environ["IMGEMBED_DATA_DIR"])
-    yield folder
-    embedded.stop(folder)
 
 
 @pytest.fixture

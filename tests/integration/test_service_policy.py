@@ -2,7 +2,6 @@
 with its own model, duplicate thresholds come from the model's facts, and a search reads
 the collection's provenance without counting its rows."""
 
-import os
 from pathlib import Path
 
 import pytest
@@ -10,16 +9,9 @@ import pytest
 from imgembed import CollectionNotFoundError, ImageEmbeddingService
 from imgembed.indexing import IndexItem
 from imgembed.models.registry import CLIP_DUPLICATE_THRESHOLD
-from imgembed.store import Provenance, embedded
+from imgembed.store import Provenance
 from imgembed.store.qdrant import QdrantStore
 from tests.conftest import TINY
-
-
-@pytest.fixture
-def data_dir():
-    folder = Path(os.environ["IMGEMBED_DATA_DIR"])
-    yield folder
-    embedded.stop(folder)
 
 
 def _index(service, photos, name="shop"):

