@@ -221,6 +221,26 @@ def test_equal_ids_in_one_batch_the_last_wins(postgres_url):
     store.close()
 
 
+def test_a_collection_made_again_elsewhere_with_another_dimension_is_followed(postgres_url):
+    """A long-lived store (the HTTP service, the resident search process) keeps each
+    collection's table and dimension; another process may drop and make it again with
+    another model meanwhile."""
+    kept, other = PostgresStore(postgres_url), PostgresStore(postgres_url)
+    name = _name()
+    kept.create_collection(name, PROV)
+    kept.upsert(name, _records(n=5))
+    assert len(kept.search(name, _records(n=1)[0].vector, 3)) == 3
+    other.drop_collection(name)
+    other.create_collection(name, Provenance("m2", "w", 4, "p"))
+    four = [Record(f"x{i}", _unit(np.eye(4)[i] + 0.1), f"h{i}", f"/x/{i}.jpg") for i in range(4)]
+    other.upsert(name, four[:2])
+    kept.upsert(name, four[2:])  # with the new dimension, not "the collection has 8"
+    hits = kept.search(name, four[3].vector, 4)
+    assert hits[0].id == "x3" and len(hits) == 4
+    kept.close()
+    other.close()
+
+
 def test_the_embedded_server_runs_with_its_settings(postgres_url):
     import psycopg
 

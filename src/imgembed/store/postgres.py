@@ -123,9 +123,13 @@ class PostgresStore:
         self._collections: dict[str, _Collection] = {}
         self._staging: psycopg.Connection | None = None  # the connection with a staging table
 
-    def _collection(self, name: str) -> _Collection:
-        """The collection's table and dimension, without counting its rows (every search)."""
-        if name not in self._collections:
+    def _collection(self, name: str, size: int | None = None) -> _Collection:
+        """The collection's table and dimension, without counting its rows (every search).
+        Read again when a vector of another `size` comes: another process may have made the
+        collection again with another model since (a long-lived service, the resident search
+        process)."""
+        known = self._collections.get(name)
+        if known is None or (size is not None and size != known.dimension):
             row = self._query(
                 f"reading collection {name!r}",
                 "SELECT items_table, dimension FROM imgembed_collections WHERE name = %s",
@@ -224,7 +228,7 @@ class PostgresStore:
         overlapping batches lock in the same order and cannot deadlock)."""
         if not records:
             return
-        table, dimension = self._collection(name)
+        table, dimension = self._collection(name, np.size(records[0].vector))
         rows = {}
         for record in records:  # of equal ids, the last wins
             vector, metadata = checked_record(record, dimension)
@@ -293,7 +297,7 @@ class PostgresStore:
     ) -> list[Hit]:
         """One statement, prepared after its first use. The approximate order is that of
         the half-precision index; scores are the full-precision cosine."""
-        table, dimension = self._collection(name)
+        table, dimension = self._collection(name, np.size(vector))
         query = checked_vector(vector, dimension, "query")
         params: dict[str, Any] = {"q": query}
         where = sql.SQL("")
