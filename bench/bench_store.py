@@ -180,6 +180,9 @@ def bench_cli(data_dir: Path, runs: int = 4) -> dict:
         return time.perf_counter() - started
 
     imgembed("db", "start", "--for", "10m")
+    from imgembed import resident
+
+    assert resident.status(data_dir) is not None, "no resident search process"
     try:
         photos = ROOT / ".testdata" / "photos"
         imgembed("index", str(photos))  # exports the ONNX model once

@@ -1,15 +1,18 @@
-"""The resident search process of `imgembed db start`: it holds the embedded server like the bare
-keeper (store/keeper.py) and, until it lets go, answers searches with its models and
-database connection already loaded. A new `imgembed search` process then only parses its
-arguments, asks and prints (~0.3 s against ~0.7 s importing NumPy, the runtime, the
-tokenizer and the driver and loading them itself).
+"""The resident search process of `imgembed db start`: it holds the embedded server like any
+user (until the time is up, or SIGTERM from `db stop`) and meanwhile answers searches with its
+models and database connection already loaded. A new `imgembed search` process then only
+parses its arguments, asks and prints (~0.3 s against ~0.7 s importing NumPy, the runtime,
+the tokenizer and the driver and loading them itself).
 
-It listens on a loopback port; `resident.json` in the data directory (readable by its owner
-only) holds the address and a random key, which both sides prove with an HMAC challenge
-before anything is unpickled (multiprocessing.connection). Whatever goes wrong on the way
-(no process, a stale record, another version, a crash) the search runs in the asking
-process instead; typed errors (no such collection, an unreadable image) come back as they
-are.
+It listens on a loopback port; `resident.json` in the data directory (the owner's, readable by
+the owner only) holds the address and a random key, which both sides prove with an HMAC
+challenge before anything is unpickled (multiprocessing.connection), each step under a
+deadline. It answers only askers whose model-loading environment (Hugging Face cache, proxies,
+thread counts) equals its own, and only stores it can share (not Qdrant's local mode, which
+locks its folder). Whatever goes wrong on the way (no process, a stale record, another
+version, a crash, a refusal) the search runs in the asking process instead; typed errors (no
+such collection, an unreadable image) come back as they are. Failures inside it are logged
+to `resident.log` in the data directory.
 
     python -m imgembed.resident DATA_DIR UNTIL_EPOCH_SECONDS"""
 
@@ -22,12 +25,21 @@ import logging
 import os
 import secrets
 import signal
+import socket
+import stat
+import struct
 import sys
+import tempfile
 import threading
 import time
-from collections import OrderedDict
-from importlib.metadata import version
-from multiprocessing.connection import Client, Connection, Listener
+from importlib.metadata import PackageNotFoundError, version
+from multiprocessing.connection import (
+    Client,
+    Connection,
+    Listener,
+    answer_challenge,
+    deliver_challenge,
+)
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -42,14 +54,20 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 RECORD = "resident.json"
-PROTOCOL = 1
-SERVICES = 4  # settings kept loaded at once (each its models and connection)
+PROTOCOL = 2
+SERVICES = 4  # settings served at once (each keeps its models and connection)
+HANDSHAKE_SECONDS = 10.0  # for each read before the question is in
+# What decides which model files, downloads and threads a process uses, beyond Settings.
+ENVIRONMENT = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_", "TORCH_", "XDG_CACHE_HOME", "OMP_",
+               "MKL_", "OPENBLAS_", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy",
+               "https_proxy", "no_proxy", "SSL_CERT_", "REQUESTS_CA_BUNDLE")  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
 class SearchQuery:
     """What `imgembed search` asks: a text or an image (path or URL) against a collection;
-    `own_model` searches with the collection's model whatever the settings name."""
+    `own_model` searches with the collection's model whatever the settings name; `cwd`
+    anchors a relative image path (set when the query is sent elsewhere)."""
 
     text: str | None = None
     image: str | None = None
@@ -57,13 +75,12 @@ class SearchQuery:
     top_k: int = 10
     filters: dict[str, Any] | None = None
     own_model: bool = True
-    cwd: str = dataclasses.field(default_factory=os.getcwd)  # for a relative image path
+    cwd: str | None = None
 
 
 def search(settings: Settings, query: SearchQuery) -> list[SimilarityResult]:
     """The hits, from the resident process for this data directory when one answers, else
     found in this process."""
-    settings = absolute(settings)
     hits = ask(settings, query)
     if hits is not None:
         return hits
@@ -83,23 +100,32 @@ def run(service: ImageEmbeddingService, query: SearchQuery) -> list[SimilarityRe
     return service.search_text(query.text or "", name, query.top_k, query.filters)
 
 
-def _locate(image: str, cwd: str) -> str:
+def _locate(image: str, cwd: str | None) -> str:
     from imgembed.intake.sources import is_data_uri, is_url
 
-    if is_url(image) or is_data_uri(image) or os.path.isabs(image):
+    if cwd is None or is_url(image) or is_data_uri(image) or os.path.isabs(image):
         return image
     return os.path.join(cwd, image)
 
 
 def absolute(settings: Settings) -> Settings:
-    """The settings with relative paths made absolute here (the resident process runs
-    elsewhere)."""
-    update: dict[str, Any] = {}
-    for name, value in settings:
-        if isinstance(value, Path) and not value.is_absolute():
-            update[name] = value.absolute()
-        elif isinstance(value, list) and any(isinstance(v, Path) for v in value):
-            update[name] = [v.absolute() if isinstance(v, Path) else v for v in value]
+    """The settings with relative paths made absolute here (the resident process has its own
+    working directory): path settings, a checkpoint file, a `local-dir:` model."""
+
+    def here(value: Any) -> Any:
+        if isinstance(value, Path):
+            return value.expanduser().absolute()
+        if isinstance(value, list):
+            return [here(v) for v in value]
+        return value
+
+    update = {name: here(value) for name, value in settings if here(value) != value}
+    pretrained = settings.pretrained
+    if pretrained and not os.path.isabs(pretrained) and os.path.isfile(pretrained):
+        update["pretrained"] = os.path.abspath(pretrained)
+    folder = settings.model.removeprefix("local-dir:")
+    if folder != settings.model and not os.path.isabs(folder):
+        update["model"] = "local-dir:" + os.path.abspath(folder)
     return settings.model_copy(update=update) if update else settings
 
 
@@ -108,46 +134,81 @@ def absolute(settings: Settings) -> Settings:
 
 def ask(settings: Settings, query: SearchQuery) -> list[SimilarityResult] | None:
     """The resident process's answer, or None if none answers (then search here)."""
+    if settings.store == "qdrant" and not settings.qdrant_url:
+        return None  # local mode: the folder is locked by whoever opens it
     record = _read_record(Path(settings.data_dir))
     if record is None:
         return None
     try:
-        with Client(tuple(record["address"]), authkey=bytes.fromhex(record["key"])) as conn:
-            conn.send((PROTOCOL, settings, query))
+        if query.image is not None and query.cwd is None:
+            query = dataclasses.replace(query, cwd=os.getcwd())
+        with Client(tuple(record["address"])) as conn:
+            _deadline(conn, HANDSHAKE_SECONDS)
+            key = bytes.fromhex(record["key"])
+            answer_challenge(conn, key)
+            deliver_challenge(conn, key)
+            conn.send((PROTOCOL, absolute(settings), query, _environment()))
             while not conn.poll(1.0):  # a first search may load (or export) a model
                 if not _running(record["pid"]):
                     raise EOFError("the resident search process exited")
             status, payload = conn.recv()
-    except (OSError, EOFError, ValueError, KeyError, TypeError) as exc:
-        log.info("resident search process unavailable (%s): searching here", exc)
+    except Exception as exc:  # refused, reset, stale, ...: search here
+        log.info("no answer from the resident search process (%r): searching here", exc)
         return None
-    except Exception as exc:  # e.g. AuthenticationError: a stale record
-        log.info("resident search process refused (%r): searching here", exc)
-        return None
-    if status == "error":
+    if status == "error" and isinstance(payload, ImgEmbedError):
         raise payload
     if status != "ok":
-        log.warning("the resident search process failed (%s); searching here", payload)
+        log.info("the resident search process did not answer (%s): searching here", payload)
         return None
     return payload
 
 
 def _read_record(data_dir: Path) -> dict[str, Any] | None:
+    """The record, if this user wrote it, nobody else can read it, and its process runs."""
+    path = data_dir.expanduser().resolve() / RECORD
     try:
-        record = json.loads((data_dir / RECORD).read_text())
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        with os.fdopen(fd) as file:
+            info = os.fstat(file.fileno())
+            if info.st_uid != os.getuid() or stat.S_IMODE(info.st_mode) & 0o077:
+                log.warning("ignoring %s: not this user's, or readable by others", path)
+                return None
+            record = json.load(file)
     except (OSError, ValueError):
         return None
-    same = record.get("protocol") == PROTOCOL and record.get("version") == version("imgembed")
+    same = record.get("protocol") == PROTOCOL and record.get("version") == _version()
     return record if same and _running(record.get("pid")) else None
 
 
+def _deadline(conn: Connection, seconds: float) -> None:
+    """Reads on this connection fail after `seconds` instead of waiting for ever."""
+    with socket.socket(fileno=os.dup(conn.fileno())) as sock:  # the same socket, its own fd
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", int(seconds), 0))
+
+
+def _environment() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k.startswith(ENVIRONMENT)}
+
+
+def _version() -> str:
+    try:
+        return version("imgembed")
+    except PackageNotFoundError:  # run from a source tree
+        return "unknown"
+
+
 def _running(pid: Any) -> bool:
-    return isinstance(pid, int) and pid > 0 and psutil.pid_exists(pid)
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def status(data_dir: Path) -> int | None:
     """The pid of the resident search process for this data directory, if one runs."""
-    record = _read_record(Path(data_dir).expanduser().resolve())
+    record = _read_record(Path(data_dir))
     return record["pid"] if record else None
 
 
@@ -155,37 +216,39 @@ def status(data_dir: Path) -> int | None:
 
 
 class Resident:
-    """Answers queries with services kept per settings (the last few used)."""
+    """Answers queries with a service per settings (up to SERVICES of them)."""
 
     def __init__(self) -> None:
-        self._services: OrderedDict[str, ImageEmbeddingService] = OrderedDict()
+        self._services: dict[str, ImageEmbeddingService] = {}
         self._lock = threading.Lock()
 
     def answer(self, request: Any) -> tuple[str, Any]:
         try:
-            protocol, settings, query = request
+            protocol, settings, query, environment = request
             if protocol != PROTOCOL:
                 return "refused", f"protocol {protocol!r}, not {PROTOCOL}"
-            return "ok", run(self._service(settings), query)
+            if environment != _environment():
+                return "refused", "another environment (model cache, proxies or threads)"
+            service = self._service(settings)
+            if service is None:
+                return "refused", f"already serving {SERVICES} other settings"
+            return "ok", run(service, query)
         except ImgEmbedError as exc:
             return "error", exc
         except Exception as exc:  # the asker searches itself instead
             log.exception("search failed")
             return "failed", repr(exc)
 
-    def _service(self, settings: Settings) -> ImageEmbeddingService:
+    def _service(self, settings: Settings) -> ImageEmbeddingService | None:
         from imgembed.service import ImageEmbeddingService
 
         key = _key(settings)
         with self._lock:
-            if key in self._services:
-                self._services.move_to_end(key)
-                return self._services[key]
-            service = self._services[key] = ImageEmbeddingService(settings)
-            if len(self._services) > SERVICES:
-                _, oldest = self._services.popitem(last=False)
-                oldest.close()  # a search still running on it reconnects
-            return service
+            if key not in self._services:
+                if len(self._services) >= SERVICES:
+                    return None
+                self._services[key] = ImageEmbeddingService(settings)
+            return self._services[key]
 
     def close(self) -> None:
         with self._lock:
@@ -195,7 +258,7 @@ class Resident:
 
 
 def _key(settings: Settings) -> str:
-    # The dump hides secrets (a database password, API keys): they are part of the key.
+    # The dump hides secrets (API keys): they are part of the key.
     from pydantic import SecretStr
 
     def reveal(value: Any) -> Any:
@@ -208,27 +271,28 @@ def _key(settings: Settings) -> str:
     return json.dumps([fields, explicit], sort_keys=True, default=str)
 
 
-def _serve(listener: Listener, resident: Resident) -> None:
-    while True:
+def _serve(listener: Listener, key: bytes, resident: Resident, closing: threading.Event) -> None:
+    while not closing.is_set():
         try:
-            conn = listener.accept()
-        except OSError:  # closed: the process is ending
-            return
-        except Exception:  # a caller without the key
+            conn = listener.accept()  # no handshake here: a silent caller blocks only its own
+        except OSError:  # closed (the process is ending), or a caller gone at once
             continue
-        threading.Thread(target=_reply, args=(conn, resident), daemon=True).start()
+        threading.Thread(target=_reply, args=(conn, key, resident), daemon=True).start()
 
 
-def _reply(conn: Connection, resident: Resident) -> None:
-    with conn, contextlib.suppress(OSError, EOFError):  # the asker may have given up
-        conn.send(resident.answer(conn.recv()))
+def _reply(conn: Connection, key: bytes, resident: Resident) -> None:
+    with conn, contextlib.suppress(Exception):  # a caller without the key, or gone
+        _deadline(conn, HANDSHAKE_SECONDS)
+        deliver_challenge(conn, key)
+        answer_challenge(conn, key)
+        request = conn.recv()
+        conn.send(resident.answer(request))
 
 
 def _write_record(data_dir: Path, address: tuple[str, int], key: bytes) -> None:
     record = {"pid": os.getpid(), "address": list(address), "key": key.hex(),
-              "protocol": PROTOCOL, "version": version("imgembed")}  # fmt: skip
-    temporary = data_dir / f".{RECORD}.{os.getpid()}"
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+              "protocol": PROTOCOL, "version": _version()}  # fmt: skip
+    fd, temporary = tempfile.mkstemp(dir=data_dir, prefix=f".{RECORD}.")  # new, mode 0600
     with os.fdopen(fd, "w") as file:
         json.dump(record, file)
     os.replace(temporary, data_dir / RECORD)
@@ -247,18 +311,21 @@ def main(argv: list[str]) -> None:
     # SIGTERM (`db stop`, a new `db start`) ends the wait through SystemExit: the record is
     # removed and this process leaves the server's list of users (at exit) like any other.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    key = secrets.token_bytes(32)
-    resident = Resident()
-    with Listener(("127.0.0.1", 0), authkey=key) as listener:
-        data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(filename=data_dir / "resident.log", level=logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(message)s")  # fmt: skip
+    key, closing, resident = secrets.token_bytes(32), threading.Event(), Resident()
+    with Listener(("127.0.0.1", 0)) as listener:
         _write_record(data_dir, listener.address, key)
         try:
             embedded.start(data_dir)  # `db start` returns once this process holds the server
-            threading.Thread(target=_serve, args=(listener, resident), daemon=True).start()
+            serving = (listener, key, resident, closing)
+            threading.Thread(target=_serve, args=serving, daemon=True).start()
             import imgembed.service  # noqa: F401 - loaded before the first search asks
 
             time.sleep(max(0.0, until - time.time()))
         finally:
+            closing.set()
             _remove_record(data_dir)
             resident.close()
 

@@ -7,7 +7,12 @@ import uuid
 import numpy as np
 import pytest
 
-from imgembed.errors import CollectionNotFoundError, ProvenanceMismatchError, StoreError
+from imgembed.errors import (
+    CollectionNotFoundError,
+    InvalidRecordError,
+    ProvenanceMismatchError,
+    StoreError,
+)
 from imgembed.store import Provenance, Record
 from imgembed.store.postgres import SCHEMA, PostgresStore, revisions
 from imgembed.store.qdrant import QdrantStore
@@ -239,6 +244,30 @@ def test_a_collection_made_again_elsewhere_with_another_dimension_is_followed(po
     assert hits[0].id == "x3" and len(hits) == 4
     kept.close()
     other.close()
+
+
+def test_a_ragged_query_or_record_is_an_invalid_record(store):
+    name = _name()
+    store.create_collection(name, PROV)
+    ragged = [[1.0, 2.0], [3.0]]
+    with pytest.raises(InvalidRecordError, match="not a vector of numbers"):
+        store.search(name, ragged, 3)
+    with pytest.raises(InvalidRecordError, match="not a vector of numbers"):
+        store.upsert(name, [Record("r", ragged, "h", "/r.jpg")])
+
+
+def test_a_qdrant_dimension_that_no_longer_holds_is_read_again(tmp_path):
+    """What a Qdrant server shared by several processes can leave in one of them (a local
+    folder has one user at a time): a cached dimension from before the collection was made
+    again."""
+    store = QdrantStore(path=tmp_path / "q")
+    name = _name()
+    store.create_collection(name, Provenance("m2", "w", 4, "p"))
+    store._dimensions[name] = 8  # as it was before another process made it again
+    four = [Record(f"x{i}", _unit(np.eye(4)[i] + 0.1), f"h{i}", f"/x/{i}.jpg") for i in range(4)]
+    store.upsert(name, four)
+    assert store.search(name, four[3].vector, 4)[0].id == "x3"
+    store.close()
 
 
 def test_the_embedded_server_runs_with_its_settings(postgres_url):

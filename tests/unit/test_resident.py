@@ -1,8 +1,10 @@
-"""The resident search process's guards, without a server: whatever is wrong with the record
-or the process, `ask` says so with None (the asker then searches itself)."""
+"""The resident search process's guards, without a server: whatever is wrong with the record,
+the connection or the process, `ask` says so with None (the asker then searches itself)."""
 
 import json
 import os
+import socket
+import struct
 import threading
 from multiprocessing.connection import Listener
 from pathlib import Path
@@ -11,7 +13,7 @@ import pytest
 
 from imgembed import resident
 from imgembed.config import load_settings
-from imgembed.resident import PROTOCOL, Resident, SearchQuery
+from imgembed.resident import PROTOCOL, SERVICES, Resident, SearchQuery
 
 
 @pytest.fixture
@@ -19,26 +21,31 @@ def settings(tmp_path):
     return load_settings(data_dir=tmp_path)
 
 
-def listening(key: bytes, answers: list) -> Listener:
-    """A listener that replies once with the next of `answers` (a stand-in resident)."""
-    listener = Listener(("127.0.0.1", 0), authkey=key)
+class Answers:
+    """A stand-in for Resident: the same answer to every question."""
 
-    def serve():
-        try:
-            with listener.accept() as conn:
-                conn.recv()
-                conn.send(answers.pop(0))
-        except Exception:  # a client with the wrong key
-            pass
-
-    threading.Thread(target=serve, daemon=True).start()
-    return listener
+    def __init__(self, answer):
+        self.answer = lambda request: answer
 
 
-def write_record(folder: Path, listener: Listener, secret: bytes, **changes) -> None:
-    record = {"pid": os.getpid(), "address": list(listener.address), "key": secret.hex(),
-              "protocol": PROTOCOL, "version": resident.version("imgembed"), **changes}  # fmt: skip
-    (folder / resident.RECORD).write_text(json.dumps(record))
+@pytest.fixture
+def serving(tmp_path):
+    """The resident's own accept loop with a stand-in answer; its record written."""
+    key, closing = os.urandom(32), threading.Event()
+    with Listener(("127.0.0.1", 0)) as listener:
+        args = (listener, key, Answers(("ok", ["hit"])), closing)
+        threading.Thread(target=resident._serve, args=args, daemon=True).start()
+        resident._write_record(tmp_path, listener.address, key)
+        yield listener.address
+        closing.set()
+
+
+def write_record(folder: Path, address, secret: bytes, mode: int = 0o600, **changes) -> None:
+    record = {"pid": os.getpid(), "address": list(address), "key": secret.hex(),
+              "protocol": PROTOCOL, "version": resident._version(), **changes}  # fmt: skip
+    path = folder / resident.RECORD
+    path.write_text(json.dumps(record))
+    path.chmod(mode)
 
 
 def test_no_record_no_answer(settings):
@@ -46,12 +53,26 @@ def test_no_record_no_answer(settings):
     assert resident.status(settings.data_dir) is None
 
 
-def test_an_answer_from_the_recorded_process_is_returned(settings, tmp_path):
-    key = os.urandom(32)
-    with listening(key, [("ok", ["hit"])]) as listener:
-        write_record(tmp_path, listener, key)
-        assert resident.status(tmp_path) == os.getpid()
-        assert resident.ask(settings, SearchQuery(text="x")) == ["hit"]
+def test_the_recorded_process_answers(settings, serving, tmp_path):
+    assert oct((tmp_path / resident.RECORD).stat().st_mode & 0o777) == "0o600"
+    assert resident.status(tmp_path) == os.getpid()
+    assert resident.ask(settings, SearchQuery(text="x")) == ["hit"]
+
+
+def test_a_silent_or_vanished_caller_does_not_stop_it_answering(settings, serving):
+    silent = socket.create_connection(serving)  # connects, never says a word
+    reset = socket.create_connection(serving)
+    reset.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    reset.close()  # gone with a reset, mid-handshake
+    assert resident.ask(settings, SearchQuery(text="x")) == ["hit"]
+    silent.close()
+
+
+def test_a_silent_resident_is_given_up(settings, tmp_path, monkeypatch):
+    monkeypatch.setattr(resident, "HANDSHAKE_SECONDS", 1.0)
+    with socket.create_server(("127.0.0.1", 0)) as mute:  # accepts, never answers
+        write_record(tmp_path, mute.getsockname(), os.urandom(32))
+        assert resident.ask(settings, SearchQuery(text="x")) is None
 
 
 @pytest.mark.parametrize(
@@ -61,39 +82,75 @@ def test_an_answer_from_the_recorded_process_is_returned(settings, tmp_path):
         {"version": "0.0.0"},
         {"protocol": PROTOCOL + 1},
         {"pid": 2**22 + 1},
-        {"address": ["127.0.0.1", 1]},
+        {"mode": 0o644},
     ],
-    ids=["another key", "another version", "another protocol", "dead process", "no listener"],
+    ids=["another key", "another version", "another protocol", "dead process", "readable"],
 )
-def test_a_stale_or_foreign_record_is_not_asked(settings, tmp_path, change):
-    key = os.urandom(32)
-    with listening(key, [("ok", ["hit"])]) as listener:
-        write_record(tmp_path, listener, key, **change)
+def test_a_stale_or_foreign_record_is_not_asked(settings, serving, tmp_path, change):
+    key = bytes.fromhex(json.loads((tmp_path / resident.RECORD).read_text())["key"])
+    write_record(tmp_path, serving, key, **change)
+    assert resident.ask(settings, SearchQuery(text="x")) is None
+
+
+def test_nothing_listening_is_not_asked(settings, tmp_path):
+    with socket.create_server(("127.0.0.1", 0)) as closed:
+        address = closed.getsockname()
+    write_record(tmp_path, address, os.urandom(32))
+    assert resident.ask(settings, SearchQuery(text="x")) is None
+
+
+def test_qdrant_local_mode_is_never_sent(tmp_path, serving):
+    local = load_settings(data_dir=tmp_path, store="qdrant")
+    assert resident.ask(local, SearchQuery(text="x")) is None
+
+
+def test_a_failure_inside_it_leaves_the_search_to_the_asker(settings, tmp_path):
+    key, closing = os.urandom(32), threading.Event()
+    with Listener(("127.0.0.1", 0)) as listener:
+        args = (listener, key, Answers(("failed", "RuntimeError('boom')")), closing)
+        threading.Thread(target=resident._serve, args=args, daemon=True).start()
+        resident._write_record(tmp_path, listener.address, key)
         assert resident.ask(settings, SearchQuery(text="x")) is None
+        closing.set()
 
 
-def test_a_failure_inside_the_process_leaves_the_search_to_the_asker(settings, tmp_path):
-    key = os.urandom(32)
-    with listening(key, [("failed", "RuntimeError('boom')")]) as listener:
-        write_record(tmp_path, listener, key)
-        assert resident.ask(settings, SearchQuery(text="x")) is None
-
-
-def test_the_process_refuses_another_protocol_and_reports_bugs_as_failures(settings):
+def test_it_refuses_another_protocol_another_environment_and_too_many_settings(
+    settings, monkeypatch
+):
     process = Resident()
-    assert process.answer((PROTOCOL + 1, settings, SearchQuery()))[0] == "refused"
+    query = SearchQuery(text="x")
+    assert process.answer((PROTOCOL + 1, settings, query, {}))[0] == "refused"
+    monkeypatch.setenv("HF_HOME", "/models/here")
+    refused = process.answer((PROTOCOL, settings, query, {"HF_HOME": "/models/elsewhere"}))
+    assert refused[0] == "refused" and "environment" in refused[1]
     assert process.answer("not a request")[0] == "failed"
+    for size in range(1, SERVICES + 1):
+        assert process._service(settings.model_copy(update={"batch_size": size})) is not None
+    assert process._service(settings) is None  # one more: the asker searches itself
+    process.close()
 
 
 def test_settings_differing_only_in_a_secret_get_their_own_service(tmp_path):
-    one = load_settings(data_dir=tmp_path, database_url="postgresql://u:one@h/db")
-    two = load_settings(data_dir=tmp_path, database_url="postgresql://u:two@h/db")
+    one = load_settings(data_dir=tmp_path, openai_api_key="sk-one")
+    two = load_settings(data_dir=tmp_path, openai_api_key="sk-two")
     assert resident._key(one) != resident._key(two)
     assert resident._key(one) == resident._key(load_settings(one))
 
 
 def test_relative_paths_are_made_absolute_for_the_other_process(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
-    settings = resident.absolute(load_settings(data_dir="data", allowed_roots="pics"))
-    assert settings.data_dir == tmp_path / "data"
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "w.pt").write_bytes(b"")
+    settings = resident.absolute(
+        load_settings(
+            data_dir="~/data",
+            allowed_roots="pics",
+            pretrained="w.pt",
+            model="local-dir:models/tiny",
+        )
+    )
+    assert settings.data_dir == tmp_path / "home" / "data"
     assert settings.allowed_roots == [tmp_path / "pics"]
+    assert settings.pretrained == str(tmp_path / "w.pt")
+    assert settings.model == f"local-dir:{tmp_path}/models/tiny"
+    assert resident.absolute(load_settings(pretrained="openai")).pretrained == "openai"

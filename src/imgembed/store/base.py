@@ -27,6 +27,14 @@ class Provenance:
         return f"{self.model} ({self.pretrained}), {self.dimension}-d, preprocess {self.preprocess}"
 
 
+def vector_size(vector: Any) -> int | None:
+    """How many numbers, if it can tell (a ragged one is for checked_vector to refuse)."""
+    try:
+        return int(np.size(vector))
+    except (TypeError, ValueError):
+        return None
+
+
 def checked_vector(vector: Any, dimension: int, what: str) -> np.ndarray:
     """A finite float32 vector of the collection's dimension, or an InvalidRecordError."""
     try:

@@ -217,11 +217,11 @@ def _forget_dead_handles(folder: Path) -> None:
         log.warning("ignoring unreadable %s", handles)
 
 
-def keep(data_dir: Path, seconds: float, runner: str = "imgembed.store.keeper") -> float:
-    """Start the server and keep it up for `seconds` from now, used or not (a keeper process
-    holds it; an earlier keeper is replaced). Returns the end as epoch seconds. `runner` is
-    the keeper's module, run as `python -m runner DATA_DIR UNTIL` (the CLI's also answers
-    searches: imgembed.resident)."""
+def keep(data_dir: Path, seconds: float, runner: str) -> float:
+    """Start the server and keep it up for `seconds` from now, used or not: a keeper process,
+    `python -m RUNNER DATA_DIR UNTIL_EPOCH_SECONDS`, holds it (calls `start` and lets go at
+    the end or on SIGTERM; the CLI's is imgembed.resident, which also answers searches). An
+    earlier keeper is replaced. Returns the end as epoch seconds."""
     folder = pgdata(data_dir)
     start(data_dir)
     release(data_dir)

@@ -29,6 +29,7 @@ from imgembed.store.base import (
     checked_record,
     checked_text,
     checked_vector,
+    vector_size,
 )
 from imgembed.store.faults import store_errors
 from imgembed.store.pgconn import Connection
@@ -228,7 +229,7 @@ class PostgresStore:
         overlapping batches lock in the same order and cannot deadlock)."""
         if not records:
             return
-        table, dimension = self._collection(name, np.size(records[0].vector))
+        table, dimension = self._collection(name, vector_size(records[0].vector))
         rows = {}
         for record in records:  # of equal ids, the last wins
             vector, metadata = checked_record(record, dimension)
@@ -297,7 +298,7 @@ class PostgresStore:
     ) -> list[Hit]:
         """One statement, prepared after its first use. The approximate order is that of
         the half-precision index; scores are the full-precision cosine."""
-        table, dimension = self._collection(name, np.size(vector))
+        table, dimension = self._collection(name, vector_size(vector))
         query = checked_vector(vector, dimension, "query")
         params: dict[str, Any] = {"q": query}
         where = sql.SQL("")

@@ -28,6 +28,7 @@ from imgembed.store.base import (
     checked_record,
     checked_text,
     checked_vector,
+    vector_size,
 )
 from imgembed.store.faults import store_errors
 
@@ -124,9 +125,10 @@ class QdrantStore:
         payload.pop("name", None)
         return Provenance(**payload)
 
-    def _dimension(self, name: str) -> int:
-        """Without counting points (the hot path: every search and upsert)."""
-        if name not in self._dimensions:
+    def _dimension(self, name: str, size: int | None = None) -> int:
+        """Without counting points (the hot path: every search and upsert); read again for a
+        vector of another `size` (the collection may have been made again elsewhere)."""
+        if name not in self._dimensions or size not in (None, self._dimensions[name]):
             checked_text(name, "collection name")
             provenance = self._call(f"reading collection {name!r}", lambda: self._provenance(name))
             if provenance is None:
@@ -181,7 +183,7 @@ class QdrantStore:
     def upsert(self, name: str, records: Sequence[Record]) -> None:
         if not records:
             return
-        dimension = self._dimension(name)
+        dimension = self._dimension(name, vector_size(records[0].vector))
         points = []
         for record in records:
             vector, _ = checked_record(record, dimension)
@@ -256,7 +258,7 @@ class QdrantStore:
         exact: bool = False,
     ) -> list[Hit]:
         models = self._models
-        dimension = self._dimension(name)
+        dimension = self._dimension(name, vector_size(vector))
         query = checked_vector(vector, dimension, "query")
         condition = None
         if filters:
