@@ -314,7 +314,9 @@ class ProductRepository:
     ) -> None:
         """Record the store's provenance and build its indexes. With `reset`, first forget
         every vector of the store (another model's vectors must never be mixed in), all in
-        one transaction."""
+        one transaction; the indexes are then left to the run's end (`refresh`): until this
+        commits the old vectors' row versions are still there, of another dimension perhaps,
+        and a build here would read them."""
         values = (
             store_id,
             provenance.image_model,
@@ -351,8 +353,9 @@ class ProductRepository:
                 " EXCLUDED.weights_version), updated_at = now()",
                 values,
             )
-            for statement in _index_ddl(store_id, provenance).values():
-                cursor.execute(statement)
+            if not reset:
+                for statement in _index_ddl(store_id, provenance).values():
+                    cursor.execute(statement)
 
     def set_weights_version(self, store_id: str, version: str) -> None:
         with self._cursor("recording the weights version") as cursor:
