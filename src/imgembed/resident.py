@@ -1,8 +1,9 @@
 """The resident search process of `imgembed db start`: it holds the embedded server like any
 user (until the time is up, or SIGTERM from `db stop`) and meanwhile answers searches with its
 models and database connection already loaded. A new `imgembed search` process then only
-parses its arguments, asks and prints (~0.3 s against ~0.7 s importing NumPy, the runtime,
-the tokenizer and the driver and loading them itself).
+parses its arguments, asks and prints: `imgembed search` ~0.3 s against ~0.7 s importing
+NumPy, the runtime, the tokenizer and the driver and loading them itself; `imgembed catalog
+search` likewise against ~6.5 s (two models, one of them on torch).
 
 It listens on a loopback port; `resident.json` in the data directory (the owner's, readable by
 the owner only) holds the address and a random key, which both sides prove with an HMAC
@@ -48,6 +49,7 @@ import psutil
 from imgembed.errors import ImgEmbedError
 
 if TYPE_CHECKING:
+    from imgembed.catalog import Catalog
     from imgembed.config import Settings
     from imgembed.results import SimilarityResult
     from imgembed.service import ImageEmbeddingService
@@ -57,6 +59,7 @@ RECORD = "resident.json"
 PROTOCOL = 2
 SERVICES = 4  # settings served at once (each keeps its models and connection)
 HANDSHAKE_SECONDS = 10.0  # for each read before the question is in
+REFUSED = ("refused", f"already serving {SERVICES} other settings or stores")
 # What decides which model files, downloads and threads a process uses, beyond Settings.
 ENVIRONMENT = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_", "TORCH_", "XDG_CACHE_HOME", "OMP_",
                "MKL_", "OPENBLAS_", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy",
@@ -78,6 +81,20 @@ class SearchQuery:
     cwd: str | None = None
 
 
+@dataclasses.dataclass(frozen=True)
+class ProductQuery:
+    """What `imgembed catalog search` asks: a text, an image or both against a store's
+    products, with the store's own models for whatever the settings do not name."""
+
+    store_id: str
+    text: str | None = None
+    image: str | None = None
+    top_k: int = 10
+    category: str | None = None
+    max_price: float | None = None
+    cwd: str | None = None
+
+
 def search(settings: Settings, query: SearchQuery) -> list[SimilarityResult]:
     """The hits, from the resident process for this data directory when one answers, else
     found in this process."""
@@ -90,6 +107,18 @@ def search(settings: Settings, query: SearchQuery) -> list[SimilarityResult]:
         return run(service, query)
 
 
+def search_products(settings: Settings, query: ProductQuery) -> list[dict[str, Any]]:
+    """The products found (as `ProductHit.to_dict()`), from the resident process when one
+    answers, else found in this process."""
+    hits = ask(settings, query)
+    if hits is not None:
+        return hits
+    from imgembed.catalog import Catalog
+
+    with Catalog.for_store(query.store_id, settings) as catalog:
+        return run_products(catalog, query)
+
+
 def run(service: ImageEmbeddingService, query: SearchQuery) -> list[SimilarityResult]:
     name = query.collection or service.settings.collection
     if query.own_model:
@@ -98,6 +127,13 @@ def run(service: ImageEmbeddingService, query: SearchQuery) -> list[SimilarityRe
         image = _locate(query.image, query.cwd)
         return service.search_image(image, name, query.top_k, query.filters)
     return service.search_text(query.text or "", name, query.top_k, query.filters)
+
+
+def run_products(catalog: Catalog, query: ProductQuery) -> list[dict[str, Any]]:
+    image = None if query.image is None else _locate(query.image, query.cwd)
+    hits = catalog.search(query.store_id, query.text, image=image, top_k=query.top_k,
+                          category=query.category, max_price=query.max_price)  # fmt: skip
+    return [hit.to_dict() for hit in hits]
 
 
 def _locate(image: str, cwd: str | None) -> str:
@@ -132,7 +168,7 @@ def absolute(settings: Settings) -> Settings:
 # -- the asking side ---------------------------------------------------------------------
 
 
-def ask(settings: Settings, query: SearchQuery) -> list[SimilarityResult] | None:
+def ask(settings: Settings, query: SearchQuery | ProductQuery) -> list[Any] | None:
     """The resident process's answer, or None if none answers (then search here)."""
     if settings.store == "qdrant" and not settings.qdrant_url:
         return None  # local mode: the folder is locked by whoever opens it
@@ -140,7 +176,7 @@ def ask(settings: Settings, query: SearchQuery) -> list[SimilarityResult] | None
     if record is None:
         return None
     try:
-        if query.image is not None and query.cwd is None:
+        if query.image is not None and query.cwd is None:  # a path is the asker's
             query = dataclasses.replace(query, cwd=os.getcwd())
         with Client(tuple(record["address"])) as conn:
             _deadline(conn, HANDSHAKE_SECONDS)
@@ -216,10 +252,11 @@ def status(data_dir: Path) -> int | None:
 
 
 class Resident:
-    """Answers queries with a service per settings (up to SERVICES of them)."""
+    """Answers queries with a service per settings, and a catalogue per settings and store
+    (up to SERVICES of them in all)."""
 
     def __init__(self) -> None:
-        self._services: dict[str, ImageEmbeddingService] = {}
+        self._kept: dict[str, ImageEmbeddingService | Catalog] = {}
         self._lock = threading.Lock()
 
     def answer(self, request: Any) -> tuple[str, Any]:
@@ -229,32 +266,63 @@ class Resident:
                 return "refused", f"protocol {protocol!r}, not {PROTOCOL}"
             if environment != _environment():
                 return "refused", "another environment (model cache, proxies or threads)"
+            if isinstance(query, ProductQuery):
+                return self._products(settings, query)
             service = self._service(settings)
-            if service is None:
-                return "refused", f"already serving {SERVICES} other settings"
-            return "ok", run(service, query)
+            return REFUSED if service is None else ("ok", run(service, query))
         except ImgEmbedError as exc:
             return "error", exc
         except Exception as exc:  # the asker searches itself instead
             log.exception("search failed")
             return "failed", repr(exc)
 
+    def _products(self, settings: Settings, query: ProductQuery) -> tuple[str, Any]:
+        from imgembed.errors import ProvenanceMismatchError
+
+        catalog = self._catalog(settings, query.store_id)
+        try:
+            return REFUSED if catalog is None else ("ok", run_products(catalog, query))
+        except ProvenanceMismatchError:  # embedded again with other models since: start over
+            self._forget(catalog)
+            catalog = self._catalog(settings, query.store_id)
+            return REFUSED if catalog is None else ("ok", run_products(catalog, query))
+
     def _service(self, settings: Settings) -> ImageEmbeddingService | None:
         from imgembed.service import ImageEmbeddingService
 
-        key = _key(settings)
+        return self._keep(_key(settings), lambda: ImageEmbeddingService(settings))
+
+    def _catalog(self, settings: Settings, store_id: str) -> Catalog | None:
+        """The store's catalogue (with the store's models as they were when it was made),
+        made again when the weights file has changed (its aliases map categories)."""
+        from imgembed.catalog import Catalog
+
+        weights = settings.category_weights
+        try:
+            version = weights and [str(weights), weights.stat().st_mtime_ns, weights.stat().st_size]
+        except OSError:
+            version = str(weights)
+        key = json.dumps([_key(settings), store_id, version])
+        return self._keep(key, lambda: Catalog.for_store(store_id, settings))
+
+    def _keep(self, key: str, make: Any) -> Any:
         with self._lock:
-            if key not in self._services:
-                if len(self._services) >= SERVICES:
+            if key not in self._kept:
+                if len(self._kept) >= SERVICES:
                     return None
-                self._services[key] = ImageEmbeddingService(settings)
-            return self._services[key]
+                self._kept[key] = make()
+            return self._kept[key]
+
+    def _forget(self, kept: Any) -> None:
+        with self._lock:
+            self._kept = {k: v for k, v in self._kept.items() if v is not kept}
+        kept.close()
 
     def close(self) -> None:
         with self._lock:
-            for service in self._services.values():
-                service.close()
-            self._services.clear()
+            for kept in self._kept.values():
+                kept.close()
+            self._kept.clear()
 
 
 def _key(settings: Settings) -> str:
@@ -331,4 +399,7 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    # Run as imgembed.resident, not __main__: the queries unpickled here are of its classes.
+    from imgembed import resident
+
+    resident.main(sys.argv[1:])

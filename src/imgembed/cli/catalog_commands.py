@@ -23,6 +23,7 @@ from imgembed.cli.common import (
     RuntimeOpt,
     err,
     fail,
+    make_settings,
 )
 from imgembed.errors import (
     CollectionNotFoundError,
@@ -237,23 +238,23 @@ def search(
     if text is None and image is None:
         _say("error: give a text, --image, or both")
         raise typer.Exit(2)
+    from imgembed import resident
+
     try:
-        with _catalog(
-            store_id,
+        settings = make_settings(
             model=model,
             pretrained=pretrained,
             text_model=text_model,
             device=device,
             runtime=runtime,
             precision=precision,
-        ) as catalog:
-            hits = catalog.search(
-                store_id, text, image=image, top_k=top_k, category=category, max_price=max_price
-            )
+        )
+        query = resident.ProductQuery(store_id, text, image, top_k, category, max_price)
+        rows = resident.search_products(settings, query)  # after `db start`: its process
     except ImgEmbedError as exc:
         raise fail(exc) from exc
     if as_json:
-        typer.echo(json.dumps([hit.to_dict() for hit in hits], indent=2, ensure_ascii=False))
+        typer.echo(json.dumps(rows, indent=2, ensure_ascii=False))
         return
     table = Table(
         "#",
@@ -265,20 +266,21 @@ def search(
         "title",
         "category",
         "price",
-        title=f"ranked by the {hits[0].ranked_by} part" if hits else None,
+        title=f"ranked by the {rows[0]['ranked_by']} part" if rows else None,
     )
-    for hit in hits:
-        weights = f"{hit.image_weight:.2f}/{hit.text_weight:.2f}"
+    for hit in rows:
+        weights = f"{hit['image_weight']:.2f}/{hit['text_weight']:.2f}"
+        price = hit["price"]
         table.add_row(
-            str(hit.rank),
-            f"{hit.score:.4f}",
-            _cell(hit.image_score, "no image" if hit.text_only else "—"),
-            _cell(hit.text_score, "—"),
-            weights if hit.ranked_by == "combined" else "—",
-            hit.product_id,
-            hit.title,
-            f"{hit.category or ''} ({hit.weight_category})",
-            "" if hit.price is None else f"{hit.price:.2f} {hit.currency or ''}".strip(),
+            str(hit["rank"]),
+            f"{hit['score']:.4f}",
+            _cell(hit["image_score"], "no image" if hit["text_only"] else "—"),
+            _cell(hit["text_score"], "—"),
+            weights if hit["ranked_by"] == "combined" else "—",
+            hit["product_id"],
+            hit["title"],
+            f"{hit['category'] or ''} ({hit['weight_category']})",
+            "" if price is None else f"{price:.2f} {hit['currency'] or ''}".strip(),
         )
     Console().print(table)
 
