@@ -8,9 +8,9 @@ search` likewise against ~6.5 s (two models, one of them on torch).
 It listens on a loopback port; `resident.json` in the data directory (the owner's, readable by
 the owner only) holds the address and a random key, which both sides prove with an HMAC
 challenge before anything is unpickled (multiprocessing.connection), each step under a
-deadline. It answers only askers whose model-loading environment (Hugging Face cache, proxies,
-thread counts) equals its own, and only stores it can share (not Qdrant's local mode, which
-locks its folder). Whatever goes wrong on the way (no process, a stale record, another
+deadline. It answers only askers whose environment (IMGEMBED_* settings, Hugging Face cache,
+proxies, thread counts) equals its own, and only stores it can share (not Qdrant's local
+mode, which locks its folder). Whatever goes wrong on the way (no process, a stale record, another
 version, a crash, a refusal) the search runs in the asking process instead; typed errors (no
 such collection, an unreadable image) come back as they are. Failures inside it are logged
 to `resident.log` in the data directory.
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -56,14 +57,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 RECORD = "resident.json"
-PROTOCOL = 2
+PROTOCOL = 3
 SERVICES = 4  # settings served at once (each keeps its models and connection)
 HANDSHAKE_SECONDS = 10.0  # for each read before the question is in
-REFUSED = ("refused", f"already serving {SERVICES} other settings or stores")
-# What decides which model files, downloads and threads a process uses, beyond Settings.
-ENVIRONMENT = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_", "TORCH_", "XDG_CACHE_HOME", "OMP_",
-               "MKL_", "OPENBLAS_", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy",
-               "https_proxy", "no_proxy", "SSL_CERT_", "REQUESTS_CA_BUNDLE")  # fmt: skip
+REFUSED = ("refused", f"already serving {SERVICES} other settings")
+# What decides the settings (a catalogue reads them again for a store), model files,
+# downloads and threads of a process.
+ENVIRONMENT = ("IMGEMBED_", "CLIP_", "HF_", "HUGGINGFACE_", "TRANSFORMERS_", "TORCH_",
+               "XDG_CACHE_HOME", "OMP_", "MKL_", "OPENBLAS_", "HTTP_PROXY", "HTTPS_PROXY",
+               "NO_PROXY", "http_proxy", "https_proxy", "no_proxy", "SSL_CERT_",
+               "REQUESTS_CA_BUNDLE")  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,10 +256,11 @@ def status(data_dir: Path) -> int | None:
 
 class Resident:
     """Answers queries with a service per settings, and a catalogue per settings and store
-    (up to SERVICES of them in all)."""
+    (up to SERVICES of them in all; beyond, a catalogue serves one query and is closed)."""
 
     def __init__(self) -> None:
-        self._kept: dict[str, ImageEmbeddingService | Catalog] = {}
+        self._services: dict[str, ImageEmbeddingService] = {}
+        self._catalogs: dict[str, tuple[Catalog, str | None]] = {}  # with its weights' hash
         self._lock = threading.Lock()
 
     def answer(self, request: Any) -> tuple[str, Any]:
@@ -265,9 +269,9 @@ class Resident:
             if protocol != PROTOCOL:
                 return "refused", f"protocol {protocol!r}, not {PROTOCOL}"
             if environment != _environment():
-                return "refused", "another environment (model cache, proxies or threads)"
+                return "refused", "another environment (settings, model cache, proxies, threads)"
             if isinstance(query, ProductQuery):
-                return self._products(settings, query)
+                return "ok", self._products(settings, query)
             service = self._service(settings)
             return REFUSED if service is None else ("ok", run(service, query))
         except ImgEmbedError as exc:
@@ -276,53 +280,66 @@ class Resident:
             log.exception("search failed")
             return "failed", repr(exc)
 
-    def _products(self, settings: Settings, query: ProductQuery) -> tuple[str, Any]:
-        from imgembed.errors import ProvenanceMismatchError
-
-        catalog = self._catalog(settings, query.store_id)
-        try:
-            return REFUSED if catalog is None else ("ok", run_products(catalog, query))
-        except ProvenanceMismatchError:  # embedded again with other models since: start over
-            self._forget(catalog)
-            catalog = self._catalog(settings, query.store_id)
-            return REFUSED if catalog is None else ("ok", run_products(catalog, query))
-
     def _service(self, settings: Settings) -> ImageEmbeddingService | None:
         from imgembed.service import ImageEmbeddingService
 
-        return self._keep(_key(settings), lambda: ImageEmbeddingService(settings))
-
-    def _catalog(self, settings: Settings, store_id: str) -> Catalog | None:
-        """The store's catalogue (with the store's models as they were when it was made),
-        made again when the weights file has changed (its aliases map categories)."""
-        from imgembed.catalog import Catalog
-
-        weights = settings.category_weights
-        try:
-            version = weights and [str(weights), weights.stat().st_mtime_ns, weights.stat().st_size]
-        except OSError:
-            version = str(weights)
-        key = json.dumps([_key(settings), store_id, version])
-        return self._keep(key, lambda: Catalog.for_store(store_id, settings))
-
-    def _keep(self, key: str, make: Any) -> Any:
+        key = _key(settings)
         with self._lock:
-            if key not in self._kept:
-                if len(self._kept) >= SERVICES:
+            if key not in self._services:
+                if self._full():
                     return None
-                self._kept[key] = make()
-            return self._kept[key]
+                self._services[key] = ImageEmbeddingService(settings)  # loads nothing yet
+            return self._services[key]
 
-    def _forget(self, kept: Any) -> None:
+    def _products(self, settings: Settings, query: ProductQuery) -> list[dict[str, Any]]:
+        """With the kept catalogue if it still fits (same weights file, the store's models
+        unchanged), else with a new one, kept if it found the store."""
+        from imgembed.catalog import Catalog
+        from imgembed.errors import ProvenanceMismatchError
+
+        key, weights = json.dumps([_key(settings), query.store_id]), _hash(settings)
         with self._lock:
-            self._kept = {k: v for k, v in self._kept.items() if v is not kept}
-        kept.close()
+            catalog, kept_weights = self._catalogs.get(key, (None, None))
+        if catalog is not None and kept_weights == weights:
+            try:
+                return run_products(catalog, query)
+            except ProvenanceMismatchError:  # embedded again with other models since
+                pass
+        fresh = Catalog.for_store(query.store_id, settings)
+        try:
+            hits = run_products(fresh, query)
+        except BaseException:
+            fresh.close()
+            raise
+        with self._lock:
+            old = self._catalogs.pop(key, (None, None))[0]
+            keep = not self._full()
+            if keep:
+                self._catalogs[key] = (fresh, weights)
+        for done in (old, None if keep else fresh):
+            if done is not None:
+                done.close()  # a search still running on it fails over to its asker
+        return hits
+
+    def _full(self) -> bool:
+        return len(self._services) + len(self._catalogs) >= SERVICES
 
     def close(self) -> None:
         with self._lock:
-            for kept in self._kept.values():
+            for kept in [*self._services.values(), *(c for c, _ in self._catalogs.values())]:
                 kept.close()
-            self._kept.clear()
+            self._services.clear()
+            self._catalogs.clear()
+
+
+def _hash(settings: Settings) -> str | None:
+    """The weights file's content hash (its aliases map categories), None without one."""
+    if settings.category_weights is None:
+        return None
+    try:
+        return hashlib.sha256(Path(settings.category_weights).read_bytes()).hexdigest()
+    except OSError:
+        return "unreadable"
 
 
 def _key(settings: Settings) -> str:

@@ -8,12 +8,14 @@ import struct
 import threading
 from multiprocessing.connection import Listener
 from pathlib import Path
+from types import SimpleNamespace
+from typing import ClassVar
 
 import pytest
 
 from imgembed import resident
 from imgembed.config import load_settings
-from imgembed.resident import PROTOCOL, SERVICES, Resident, SearchQuery
+from imgembed.resident import PROTOCOL, SERVICES, ProductQuery, Resident, SearchQuery
 
 
 @pytest.fixture
@@ -154,3 +156,60 @@ def test_relative_paths_are_made_absolute_for_the_other_process(monkeypatch, tmp
     assert settings.pretrained == str(tmp_path / "w.pt")
     assert settings.model == f"local-dir:{tmp_path}/models/tiny"
     assert resident.absolute(load_settings(pretrained="openai")).pretrained == "openai"
+
+
+class FakeCatalog:
+    """Catalog.for_store's stand-in: counts what is made and closed."""
+
+    made: ClassVar[list["FakeCatalog"]] = []
+    mismatch: ClassVar[set[str]] = set()  # stores "embedded again with other models"
+
+    def __init__(self, store_id: str):
+        self.store_id, self.closed = store_id, False
+        FakeCatalog.made.append(self)
+
+    @classmethod
+    def for_store(cls, store_id, settings):
+        return cls(store_id)
+
+    def search(self, store_id, text, **options):
+        from imgembed.errors import CollectionNotFoundError, ProvenanceMismatchError
+
+        if store_id == "nope":
+            raise CollectionNotFoundError("store 'nope' has no embeddings")
+        if store_id in FakeCatalog.mismatch:
+            FakeCatalog.mismatch.discard(store_id)
+            raise ProvenanceMismatchError("embedded with other models")
+        return [SimpleNamespace(to_dict=lambda: {"product_id": "p1", "store": store_id})]
+
+    def close(self):
+        self.closed = True
+
+
+def test_catalogues_are_kept_per_store_and_weights_and_never_pile_up(monkeypatch, tmp_path):
+    import imgembed.catalog
+
+    monkeypatch.setattr(imgembed.catalog, "Catalog", FakeCatalog)
+    FakeCatalog.made = []
+    weights = tmp_path / "weights.yaml"
+    weights.write_text("a: 1\n")
+    settings = load_settings(data_dir=tmp_path, category_weights=weights)
+    process = Resident()
+
+    def ask(store):
+        return process.answer(
+            (PROTOCOL, settings, ProductQuery(store, "x"), resident._environment())
+        )
+
+    assert ask("nope")[0] == "error" and FakeCatalog.made[0].closed  # not kept
+    assert ask("a") == ("ok", [{"product_id": "p1", "store": "a"}])
+    assert ask("a")[0] == "ok" and len(FakeCatalog.made) == 2  # the kept one answered
+    weights.write_text("a: 2\n")  # edited: its aliases may map categories otherwise
+    assert ask("a")[0] == "ok" and len(FakeCatalog.made) == 3 and FakeCatalog.made[1].closed
+    FakeCatalog.mismatch.add("a")  # the store embedded again with other models
+    assert ask("a")[0] == "ok" and len(FakeCatalog.made) == 4 and FakeCatalog.made[2].closed
+    for store in "bcde":  # more stores than SERVICES: answered all the same, not all kept
+        assert ask(store)[0] == "ok"
+    assert len(process._catalogs) == SERVICES and FakeCatalog.made[-1].closed
+    process.close()
+    assert all(catalog.closed for catalog in FakeCatalog.made)
