@@ -58,7 +58,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 RECORD = "resident.json"
 PROTOCOL = 3
-SERVICES = 4  # settings served at once (each keeps its models and connection)
+SERVICES = 4  # services and catalogues kept at once (each its models and connection)
 HANDSHAKE_SECONDS = 10.0  # for each read before the question is in
 REFUSED = ("refused", f"already serving {SERVICES} other settings")
 # What decides the settings (a catalogue reads them again for a store), model files,
