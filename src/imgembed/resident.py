@@ -158,7 +158,8 @@ def absolute(settings: Settings) -> Settings:
             return [here(v) for v in value]
         return value
 
-    update = {name: here(value) for name, value in settings if here(value) != value}
+    made = {name: (value, here(value)) for name, value in settings}
+    update = {name: new for name, (old, new) in made.items() if new != old}
     pretrained = settings.pretrained
     if pretrained and not os.path.isabs(pretrained) and os.path.isfile(pretrained):
         update["pretrained"] = os.path.abspath(pretrained)
