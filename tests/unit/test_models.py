@@ -158,7 +158,18 @@ def test_unreachable_hub_fails_fast_without_retries(monkeypatch):
     assert constants.HF_HUB_OFFLINE is False  # restored after the load
 
 
+@pytest.fixture
+def unshared_models():
+    """Models loaded in the test leave the process-wide cache afterwards: a later test in this
+    process expects the default ViT-B-32 (openai) weights to be unavailable offline."""
+    before = dict(loader._LOADED)
+    yield
+    loader._LOADED.clear()
+    loader._LOADED.update(before)
+
+
 @pytest.mark.slow
+@pytest.mark.usefixtures("unshared_models")
 def test_weights_in_the_hugging_face_cache_load_offline(vitb32_checkpoint, tmp_path, photos):
     """What a first download leaves behind is used without the network, with the tag's
     QuickGELU, exactly as open_clip computes it from the same file."""
