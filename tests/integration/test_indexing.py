@@ -72,6 +72,13 @@ def test_incremental_index_skip_change_and_prune(data_dir, photos, tmp_path):
         assert len(stored) == 5
         assert stored[str(changed)] == hashlib.sha256(changed.read_bytes()).hexdigest()
 
+        for typo in (tmp_path / "shpo", tmp_path / "shop.csv"):  # a missing folder or list
+            missed = read_index_sources([str(typo)], service.settings.supported_formats)
+            stats = service.index(missed, "shop", prune=True)
+            assert (stats.failed, stats.pruned, stats.prune_skipped) == (1, 0, True)
+            assert stats.failures[0]["error_type"] == "ImageNotFoundError"
+        assert len(service.store.hashes("shop")) == 5
+
 
 def test_ids_do_not_depend_on_the_working_directory(tmp_path, photos, monkeypatch):
     folder = tmp_path / "pics"

@@ -4,7 +4,9 @@ columns as metadata. Relative paths in list files are relative to the list file.
 
 A source that cannot be used becomes an item with its typed `error` (reported as failed,
 never stopping the rest): a row without an image or a line that is not JSON (named by its
-line in the file), a folder that cannot be listed, a list file that cannot be read.
+line in the file), a folder that cannot be listed, a list file that cannot be read, a path
+that does not exist (--prune stops when a source could not be read: a mistyped folder must
+not look like an emptied one).
 CSV/JSONL files must be UTF-8: ids and metadata decoded with a guessed encoding would be
 stored wrong without anyone noticing, so such a file fails as a whole, naming the line and
 byte. `.txt` lists hold file names, which on Linux are bytes: they are decoded as the
@@ -46,8 +48,13 @@ def read_index_sources(entries: Iterable[str], extensions: Iterable[str]) -> lis
     items: list[IndexItem] = []
     for entry in entries:
         path = Path(entry)
-        if not is_url(entry) and path.suffix.lower() in LIST_SUFFIXES and path.is_file():
+        remote = is_url(entry) or is_data_uri(entry)
+        if not remote and path.suffix.lower() in LIST_SUFFIXES and path.is_file():
             items += _read_list(path)
+            continue
+        if not remote and not os.path.lexists(path):
+            missing = _stable(entry)
+            items.append(_failed(missing, ImageNotFoundError("no such file", missing)))
             continue
         failures: list[ImageError] = []
         found = expand_paths([entry], extensions, failures)
