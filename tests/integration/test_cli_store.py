@@ -59,6 +59,31 @@ def test_store_errors_and_image_only_text(data_dir, photos):
     assert dupes == []
 
 
+def test_filters_match_text_and_json_values(data_dir, photos, tmp_path):
+    """`key=value` matches text (as CSV lists store it), `key:=JSON` numbers and booleans
+    (as JSONL lists and the HTTP API store them)."""
+    rows = [
+        {"id": "a", "image": str(photos[0]), "year": 2020, "in_stock": True, "tag": "2020"},
+        {"id": "b", "image": str(photos[1]), "year": 2021, "in_stock": False, "tag": "x"},
+    ]
+    listing = tmp_path / "items.jsonl"
+    listing.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert run("index", str(listing), "-c", "typed", *TINY).returncode == 0
+
+    def ids(*filters: str) -> list[str]:
+        args = [a for f in filters for a in ("--filter", f)]
+        proc = run("search", "x", "-c", "typed", "--json", *args)
+        assert proc.returncode == 0, proc.stderr
+        return [hit["id"] for hit in json.loads(proc.stdout)]
+
+    assert ids("year:=2020") == ["a"]
+    assert ids("in_stock:=false") == ["b"]
+    assert ids("tag=2020") == ["a"] and ids("tag:=2020") == []  # text is not the number
+    assert ids("year:=2021", "in_stock:=false") == ["b"]
+    bad = run("search", "x", "-c", "typed", "--filter", "year:=20x")
+    assert bad.returncode == 3 and "not JSON" in bad.stderr
+
+
 def test_db_start_keeps_the_server_up_between_commands_until_stopped(data_dir, photos):
     """Commands as processes of their own: without `db start` the last one out stops the
     server; with it the server stays up, used or not, until `db stop` or the time is up."""

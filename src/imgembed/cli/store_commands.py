@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -128,13 +128,20 @@ def index(
         raise typer.Exit(1)
 
 
-def _filters(pairs: list[str]) -> dict[str, str]:
-    out = {}
+def _filters(pairs: list[str]) -> dict[str, Any]:
+    """`key=value` matches a text value; `key:=value` a JSON one (2020, true, ["a"]), as
+    metadata from JSONL lists or the HTTP API holds numbers and booleans."""
+    out: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
+        typed = key.endswith(":")
+        key = key.removesuffix(":")
         if not sep or not key:
-            raise ConfigurationError(f"--filter takes key=value, not {pair!r}")
-        out[key] = value
+            raise ConfigurationError(f"--filter takes key=value or key:=JSON, not {pair!r}")
+        try:
+            out[key] = json.loads(value) if typed else value
+        except json.JSONDecodeError as exc:
+            raise ConfigurationError(f"--filter {pair!r}: not JSON after ':=' ({exc})") from exc
     return out
 
 
@@ -147,7 +154,12 @@ def search(
     collection: CollectionOpt = None,
     top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="How many hits.")] = 10,
     filter_: Annotated[
-        list[str] | None, typer.Option("--filter", help="Metadata key=value (repeatable).")
+        list[str] | None,
+        typer.Option(
+            "--filter",
+            help="Metadata key=value (text), or key:=JSON for numbers, booleans, lists "
+            "(year:=2020, in_stock:=true); repeatable.",
+        ),
     ] = None,
     as_json: JsonOpt = False,
     model: ModelOpt = None,
