@@ -307,12 +307,14 @@ def test_search_among_candidates(client, root, library):
               "include_embeddings": True},
     ).json()  # fmt: skip
     assert len(by_text["results"]) == 4 and len(by_text["results"][0]["embedding"]) == 64
-    upload = client.post(
-        "/api/v1/search/image",
-        files={"file": ("q.png", (root / "chelsea.png").read_bytes())},
-        data={"candidate_image_paths": "unused"},
-    )
-    assert upload.status_code == 422  # lists are JSON-only; a form field is a string
+    query = {"file": ("q.png", (root / "chelsea.png").read_bytes())}
+    paths = [str(root / n) for n in names[:2]]
+    for form in ({"candidate_image_paths": paths}, {"candidate_image_paths": json.dumps(paths)}):
+        upload = client.post("/api/v1/search/image", files=query, data=form)  # repeated / JSON
+        assert upload.status_code == 200, upload.text
+        assert sorted(r["image_path"] for r in upload.json()["results"]) == sorted(paths)
+    filters = client.post("/api/v1/search/image", files=query, data={"filters": "kind=cup"})
+    assert filters.status_code == 422 and "JSON object" in filters.text
     no_query = client.post("/api/v1/search/image", json={"candidate_image_paths": []})
     assert no_query.status_code == 422
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_args, get_origin
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
@@ -161,13 +161,13 @@ async def parse_body(
     uploads: list[UploadFile] = []
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
         form = await request.form(max_files=settings.max_batch_inputs + 1)
-        data: Any = {}
+        fields: dict[str, list[str]] = {}
         for key, value in form.multi_items():
             if isinstance(value, UploadFile):
                 uploads.append(value)
             else:
-                data[key] = value
-        return _validate(model, data), uploads
+                fields.setdefault(key, []).append(value)
+        return _validate(model, _form_data(model, fields)), uploads
     raw = await request.body()
     if len(raw) > LARGE_BODY:
         return await asyncio.to_thread(_parse_json, model, raw), uploads
@@ -175,6 +175,49 @@ async def parse_body(
 
 
 LARGE_BODY = 256 * 1024
+
+
+def _form_data(model: type[BaseModel], fields: dict[str, list[str]]) -> dict[str, Any]:
+    """Form fields as the model's values: a list field takes the field repeated or one JSON
+    array (items that are objects as JSON), a dict field a JSON object, any other the last
+    value given."""
+    data: dict[str, Any] = {}
+    for key, values in fields.items():
+        info = model.model_fields.get(key)
+        shape = _shape(info.annotation) if info else None
+        if shape is list:
+            whole = _json(values[0], "[") if len(values) == 1 else None
+            data[key] = whole if isinstance(whole, list) else [_json(v, "{") for v in values]
+        elif shape is dict:
+            parsed = _json(values[-1], "{")
+            if not isinstance(parsed, dict):
+                raise RequestValidationError([{
+                    "loc": ("body", key), "type": "dict_type",
+                    "msg": 'a JSON object in a form field, e.g. {"category": "fashion"}',
+                }])  # fmt: skip
+            data[key] = parsed
+        else:
+            data[key] = values[-1]
+    return data
+
+
+def _shape(annotation: Any) -> type | None:
+    """list or dict if the annotation is one (or one of a union's members)."""
+    for candidate in (annotation, *get_args(annotation)):
+        origin = get_origin(candidate) or candidate
+        if origin in (list, dict):
+            return origin
+    return None
+
+
+def _json(text: str, opener: str) -> Any:
+    """`text` parsed when it is JSON that starts with `opener`, otherwise itself."""
+    if not text.lstrip().startswith(opener):
+        return text
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 def _parse_json(model: type[M], raw: bytes) -> M:
