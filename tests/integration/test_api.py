@@ -451,6 +451,8 @@ def test_collections_index_search_duplicates_thumbnails(data_dir, root, library,
     with _client(allowed_roots=[root]) as client:
         created = client.post("/api/v1/collections", json={"name": "shop"})
         assert created.status_code == 201
+        slashed = client.post("/api/v1/collections", json={"name": "a/b"})  # unreachable
+        assert slashed.status_code == 422 and "'/'" in slashed.json()["error"]
         assert created.json() == {"name": "shop", "backend": "postgres", "model": "imgembed-tiny",
                                   "pretrained": "seed:0", "dimension": 64, "count": 0,
                                   "has_text_tower": True}  # fmt: skip

@@ -63,6 +63,9 @@ def test_collections_and_provenance(store):
     info = store.create_collection(name, PROV)
     assert (info.name, info.backend, info.provenance, info.count) == (name, store.backend, PROV, 0)
     assert store.create_collection(name, PROV).name == name  # idempotent
+    for bad in ("a/b", " ", "tab\there", ""):
+        with pytest.raises(InvalidRecordError, match="collection name"):
+            store.create_collection(bad, PROV)
     with pytest.raises(ProvenanceMismatchError, match="cannot be mixed"):
         store.create_collection(name, Provenance("ViT-B-32", "openai", 8, "abc123"))
     assert name in [c.name for c in store.collections()]

@@ -21,6 +21,7 @@ from imgembed.errors import (
     ImageNotFoundError,
     ImageTooLargeError,
     ImgEmbedError,
+    InvalidRecordError,
     ModelUnavailableError,
     ProvenanceMismatchError,
     RequestTooLargeError,
@@ -52,6 +53,7 @@ STATUS: list[tuple[type[ImgEmbedError], int]] = [
     (ImageError, 400),  # invalid, truncated, too small
     (ProvenanceMismatchError, 409),
     (ConfigurationError, 422),  # the request cannot work with this model or these settings
+    (InvalidRecordError, 422),  # a name, id, vector or metadata the store cannot hold
     (UnavailableError, 503),  # overloaded, loading, shutting down
     (ModelUnavailableError, 503),
     (TextEmbeddingError, 502),  # the catalogue's text embedder (an API) failed

@@ -56,6 +56,17 @@ def checked_vector(vector: Any, dimension: int, what: str) -> np.ndarray:
     return array
 
 
+def checked_name(name: Any) -> str:
+    """A new collection's name: text, not blank, without "/" (it names the collection in
+    HTTP paths, where an encoded slash is decoded before routing) or control characters."""
+    checked_text(name, "collection name")
+    if not name.strip() or "/" in name or any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise InvalidRecordError(
+            f"collection name {printable(name)!r}: not blank, without '/' or control characters"
+        )
+    return name
+
+
 def checked_text(value: Any, what: str) -> str:
     """Text the store can hold: valid UTF-8 (no lone surrogates), no NUL characters."""
     if not isinstance(value, str):

@@ -26,6 +26,7 @@ from imgembed.store.base import (
     Provenance,
     Record,
     checked_metadata,
+    checked_name,
     checked_record,
     checked_text,
     checked_vector,
@@ -144,7 +145,7 @@ class PostgresStore:
     # -- collections -------------------------------------------------------------------------
 
     def create_collection(self, name: str, provenance: Provenance) -> CollectionInfo:
-        checked_text(name, "collection name")
+        checked_name(name)
 
         def create(connection: psycopg.Connection) -> None:
             with connection.transaction():

@@ -25,6 +25,7 @@ from imgembed.store.base import (
     Provenance,
     Record,
     checked_metadata,
+    checked_name,
     checked_record,
     checked_text,
     checked_vector,
@@ -89,7 +90,7 @@ class QdrantStore:
             return work()
 
     def create_collection(self, name: str, provenance: Provenance) -> CollectionInfo:
-        checked_text(name, "collection name")
+        checked_name(name)
         if name == REGISTRY:
             raise StoreError(f"{REGISTRY!r} is reserved")
         self._call(f"creating collection {name!r}", lambda: self._create(name, provenance))
