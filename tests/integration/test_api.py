@@ -317,6 +317,8 @@ def test_search_among_candidates(client, root, library):
     assert filters.status_code == 422 and "JSON object" in filters.text
     no_query = client.post("/api/v1/search/image", json={"candidate_image_paths": []})
     assert no_query.status_code == 422
+    blank = client.post("/api/v1/search/image", json={"query_text": " ", "collection": "c"})
+    assert blank.status_code == 422 and "search text is empty" in blank.json()["error"]
 
 
 def test_openapi_docs_and_metrics(client, root):

@@ -52,6 +52,8 @@ def test_store_errors_and_image_only_text(data_dir, photos):
     assert run("search", "x", "-c", "nothing").returncode == 6  # no such collection
     assert run("search").returncode == 2  # neither text nor --image
     assert run("search", "x", "--filter", "novalue", "-c", "c").returncode == 3
+    blank = run("search", "  ", "-c", "c", *TINY)
+    assert blank.returncode == 3 and "search text is empty" in blank.stderr
     run("index", str(photos[0]), "-c", "pictures", "--model", "efficientnet-lite0")
     proc = run("search", "a cat", "-c", "pictures")
     assert proc.returncode == 3 and "image-only" in proc.stderr

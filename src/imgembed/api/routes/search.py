@@ -24,7 +24,7 @@ from imgembed.api.state import AppState, State
 from imgembed.engine.batcher import Batcher
 from imgembed.errors import ConfigurationError, error_dict
 from imgembed.results import SimilarityResult
-from imgembed.service import ImageEmbeddingService
+from imgembed.service import ImageEmbeddingService, search_text
 
 router = APIRouter(prefix="/api/v1/search", tags=["search"])
 
@@ -45,6 +45,8 @@ async def search_image(request: Request, state: State) -> dict[str, Any]:
             "give exactly one query: query_image_path, query_image_url, query_image_base64, "
             "query_text, query_id or a file upload"
         )
+    if body.query_text is not None:
+        search_text(body.query_text)  # before any lookup: the request itself is wrong
     failed: list[dict[str, str]] = []
     collection = None
     if body.searches_candidates:
