@@ -39,3 +39,13 @@ def test_dimension_mismatch_is_a_clear_error():
 
 def test_zero_vectors_do_not_produce_nan():
     assert np.isfinite(similarity.cosine_similarities([0, 0], [[1, 0], [0, 0]])).all()
+
+
+def test_empty_and_non_finite_embeddings_are_clear_errors():
+    with pytest.raises(ConfigurationError, match="empty"):
+        similarity.cosine_similarity([], [])
+    with pytest.raises(ConfigurationError, match="finite"):
+        similarity.cosine_similarity([1.0, float("nan")], [1.0, 0.0])
+    with pytest.raises(ConfigurationError, match="finite"):
+        similarity.cosine_similarities([1.0, 0.0], [[0.0, float("inf")]])
+    assert similarity.cosine_similarities([1.0, 0.0], []).shape == (0,)  # no candidates: none

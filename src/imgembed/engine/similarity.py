@@ -33,7 +33,11 @@ def cosine_similarities(
 ) -> np.ndarray:
     """Cosine of `query` with each candidate row."""
     q = np.asarray(query, dtype=np.float32).ravel()
+    if q.size == 0:
+        raise ConfigurationError("the query embedding is empty")
     matrix = _matrix(candidates, q.shape[0])
+    if not (np.isfinite(q).all() and np.isfinite(matrix).all()):
+        raise ConfigurationError("embeddings must be finite numbers (NaN or infinity given)")
     return l2_normalize(matrix) @ l2_normalize(q[None, :])[0]
 
 
