@@ -17,7 +17,12 @@ from imgembed.catalog import Catalog, findly_table, load_weights
 from imgembed.catalog.jobs import NoEvents
 from imgembed.catalog.repository import PARTS, ProductRepository, _index_name
 from imgembed.catalog.text_api import OpenAIEmbedder
-from imgembed.errors import CollectionNotFoundError, ProvenanceMismatchError, StoreUnavailableError
+from imgembed.errors import (
+    CollectionNotFoundError,
+    ConfigurationError,
+    ProvenanceMismatchError,
+    StoreUnavailableError,
+)
 from imgembed.store import embedded, pgconn
 from imgembed.store.postgres import revisions
 from tests.cli import run
@@ -339,6 +344,9 @@ def test_seed_functions_lengths_and_fusion(data_dir, photos, monkeypatch):
         np.testing.assert_allclose(manual[:64], 0.75 * np.asarray(image), atol=1e-6)
         text_only = catalog_module.combine_embeddings(text_emb=text, image_emb=None)
         assert not any(text_only[:64]) and len(text_only) == 448
+        # an image vector given as the text part would shift every score: refused
+        with pytest.raises(ConfigurationError, match="text embedding has 64 dimensions, exp"):
+            catalog_module.combine_embeddings(text_emb=image, image_emb=image)
     finally:
         catalog_module.default_catalog().close()
         catalog_module.default_catalog.cache_clear()

@@ -33,12 +33,12 @@ def test_inner_product_is_the_weighted_sum_of_cosines_for_every_category(
     query = fusion.query(query_image, query_text)
     assert query.shape == (image_dim + text_dim,)  # concatenated: never averaged or padded
     for category, weights in TABLE.categories.items():
-        combined = fusion.fuse(image, text, weights, image_dim)
+        combined = fusion.fuse(image, text, weights, image_dim, text_dim)
         expected = weights.image * cos_image + weights.text * cos_text
         assert float(combined @ query) == pytest.approx(expected, abs=1e-6), category
         assert fusion.score(weights, cos_image, cos_text) == pytest.approx(expected, abs=1e-12)
         # without an image the image part is zero: cos_img counts as 0
-        text_only = fusion.fuse(None, text, weights, image_dim)
+        text_only = fusion.fuse(None, text, weights, image_dim, text_dim)
         assert not text_only[:image_dim].any()
         assert float(text_only @ query) == pytest.approx(weights.text * cos_text, abs=1e-6)
 
@@ -108,11 +108,15 @@ def test_missing_weights_file():
 def test_fuse_refuses_vectors_it_cannot_normalise_or_place():
     weights = Weights(0.6, 0.4)
     with pytest.raises(ConfigurationError, match="zero"):
-        fusion.fuse(np.zeros(4), np.ones(3), weights, 4)
+        fusion.fuse(np.zeros(4), np.ones(3), weights, 4, 3)
     with pytest.raises(ConfigurationError, match="non-finite"):
-        fusion.fuse(np.ones(4), [1.0, np.nan, 0.0], weights, 4)
-    with pytest.raises(ConfigurationError, match="5 dimensions, expected 4"):
-        fusion.fuse(np.ones(5), np.ones(3), weights, 4)
+        fusion.fuse(np.ones(4), [1.0, np.nan, 0.0], weights, 4, 3)
+    with pytest.raises(ConfigurationError, match="image embedding has 5 dimensions, expected 4"):
+        fusion.fuse(np.ones(5), np.ones(3), weights, 4, 3)
+    with pytest.raises(ConfigurationError, match="text embedding has 2 dimensions, expected 3"):
+        fusion.fuse(np.ones(4), np.ones(2), weights, 4, 3)
+    with pytest.raises(ConfigurationError, match="text embedding has 4 dimensions, expected 3"):
+        fusion.fuse(None, np.ones(4), weights, 4, 3)
 
 
 def test_a_table_is_checked_when_built():

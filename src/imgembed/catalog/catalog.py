@@ -178,7 +178,9 @@ class Catalog:
         category (or its alias); without an image, a zero image part."""
         log.debug("[COMBINED] Combining text and image embeddings")
         key, weights = self.weights.weights(category)
-        combined = fusion.fuse(image_emb, text_emb, weights, self.service.dimension)
+        combined = fusion.fuse(
+            image_emb, text_emb, weights, self.service.dimension, self.text_embedder.dimension()
+        )
         log.debug(
             "[COMBINED] Successfully generated combined embedding (length: %d, %s "
             "weights %.2f/%.2f)",

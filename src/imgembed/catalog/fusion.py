@@ -28,18 +28,30 @@ def unit(vector: object, what: str) -> np.ndarray:
     return array / norm
 
 
-def fuse(image: object | None, text: object, weights: Weights, image_dimension: int) -> np.ndarray:
+def fuse(
+    image: object | None,
+    text: object,
+    weights: Weights,
+    image_dimension: int,
+    text_dimension: int,
+) -> np.ndarray:
     """The combined vector `[w_img * img ; w_txt * txt]`; no image gives a zero image part."""
     if image is None:
         image_part = np.zeros(image_dimension)
     else:
-        image_part = weights.image * unit(image, "image embedding")
-        if image_part.shape != (image_dimension,):
-            raise ConfigurationError(
-                f"image embedding has {image_part.shape[0]} dimensions, expected {image_dimension}"
-            )
-    text_part = weights.text * unit(text, "text embedding")
+        image_part = weights.image * _sized(image, image_dimension, "image")
+    text_part = weights.text * _sized(text, text_dimension, "text")
     return np.concatenate([image_part, text_part]).astype(np.float32)
+
+
+def _sized(part: object, dimension: int, what: str) -> np.ndarray:
+    # a part of the wrong width would shift the other part and score against the wrong model
+    vector = unit(part, f"{what} embedding")
+    if vector.shape != (dimension,):
+        raise ConfigurationError(
+            f"{what} embedding has {vector.shape[0]} dimensions, expected {dimension}"
+        )
+    return vector
 
 
 def query(image_part: object, text_part: object) -> np.ndarray:

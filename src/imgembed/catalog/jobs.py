@@ -278,7 +278,13 @@ class EmbedRun:
             return FailedProduct(
                 task.product_id, "stored vectors changed during the run", "StoreError"
             )
-        combined = fuse(image, text, task.weights, self.provenance.image_dimension)
+        combined = fuse(
+            image,
+            text,
+            task.weights,
+            self.provenance.image_dimension,
+            self.provenance.text_dimension,
+        )
         log.debug(
             "[COMBINED] Product %s: %s weights %.2f/%.2f (length: %d)",
             task.product_id,
