@@ -51,6 +51,8 @@ class ImageEmbeddingService(SeedAsyncMethods):
         self.model_facts = registry.facts(self.model_ref.name)
         if self.model_facts.dimension is not None:  # else known only once loaded
             self._check_dimension(self.model_facts.dimension)
+        if self.model_facts.image_size is not None:  # now, not on the first image
+            self._check_image_size(self.model_facts.image_size)
         self.intake = Intake(self.settings)
         self._lock = threading.Lock()
         self._store_lock = threading.Lock()  # opening the store never waits on a model load

@@ -141,9 +141,14 @@ def test_image_size_is_honoured_or_refused(photos):
     tiny = {"model": "imgembed-tiny", "pretrained": "seed:0", "cache_embeddings": False}
     same = ImageEmbeddingService({**tiny, "image_size": 224})
     assert same.embed_image(photos[0]).shape == (64,)
-    other = ImageEmbeddingService({**tiny, "image_size": 256})
+    # refused when the service is made (from the model's config, no weights loaded), not
+    # on the first image an hour into a server's life
     with pytest.raises(ConfigurationError, match=r"image_size 256 cannot be honoured.*224x224"):
-        other.embed_image(photos[0])
+        ImageEmbeddingService({**tiny, "image_size": 256})
+    with pytest.raises(ConfigurationError, match=r"ViT-B-32.*takes 224x224"):
+        ImageEmbeddingService({"model_name": "clip-vit-base-patch32", "image_size": 336})
+    with pytest.raises(ConfigurationError, match=r"efficientnet-lite0.*takes 224x224"):
+        ImageEmbeddingService(model="efficientnet-lite0", image_size=300)
 
 
 @pytest.mark.parametrize(

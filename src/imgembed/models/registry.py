@@ -132,6 +132,7 @@ class ModelFacts:
     has_text_tower: bool
     # Cosine at which two images count as near-duplicates.
     duplicate_threshold: float
+    image_size: tuple[int, int] | None = None  # (height, width) of its input; None: once loaded
 
 
 # CLIP spaces are anisotropic (unrelated photos often score 0.5-0.7): a high bar.
@@ -139,7 +140,7 @@ CLIP_DUPLICATE_THRESHOLD = 0.92
 # Models that are not open_clip architectures, one entry each. EfficientNet-Lite0's
 # threshold is measured on edited copies of real photos: copies >= 0.78, others <= 0.32.
 _FACTS = {
-    "efficientnet-lite0": ModelFacts("efficientnet", 1280, False, 0.6),
+    "efficientnet-lite0": ModelFacts("efficientnet", 1280, False, 0.6, (224, 224)),
 }
 
 
@@ -155,7 +156,11 @@ def facts(name: str) -> ModelFacts:
             f"unknown model architecture {name!r}; `imgembed models list --all` shows the "
             "known ones"
         )
-    return ModelFacts("open_clip", int(config["embed_dim"]), True, CLIP_DUPLICATE_THRESHOLD)
+    size = config.get("vision_cfg", {}).get("image_size")
+    image_size = (size, size) if isinstance(size, int) else tuple(size) if size else None
+    return ModelFacts(
+        "open_clip", int(config["embed_dim"]), True, CLIP_DUPLICATE_THRESHOLD, image_size
+    )
 
 
 def model_config(name: str) -> dict[str, Any] | None:
