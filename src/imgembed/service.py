@@ -21,6 +21,7 @@ from imgembed.engine import similarity
 from imgembed.engine.cache import EmbeddingCache
 from imgembed.engine.pipeline import ImagePipeline, ProgressCallback, finite_rows
 from imgembed.errors import (
+    CollectionNotFoundError,
     ConfigurationError,
     EncodeError,
     ProvenanceMismatchError,
@@ -223,6 +224,14 @@ class ImageEmbeddingService(SeedAsyncMethods):
         made them, else one with the collection's model (see `with_model`)."""
         stored = self.store.provenance(collection or self.settings.collection)
         return self.with_model(stored.model, stored.pretrained)
+
+    def for_indexing(self, collection: str | None = None) -> ImageEmbeddingService:
+        """The service that indexes into a collection: an existing one with its own model
+        (re-runs need not repeat --model), a new one with this service's."""
+        try:
+            return self.for_collection(collection)
+        except CollectionNotFoundError:
+            return self
 
     def with_model(self, model: str, pretrained: str) -> ImageEmbeddingService:
         """This service if it has that model, else one with that model and otherwise the

@@ -57,6 +57,19 @@ def test_outputs_npy_parquet_and_cache(folder, photos, tmp_path):
     np.testing.assert_allclose(np.array(table["embedding"]), matrix, atol=1e-6)
 
 
+def test_nothing_to_embed_is_a_failure_not_an_empty_success(tmp_path, photos):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("not an image")
+    proc = run("embed", str(empty), *TINY_ARGS)
+    assert proc.returncode == 1, proc.stderr
+    assert f"failed: {empty}: folder holds no images (.avif, .bmp," in proc.stderr
+    # every input failed: the .npy still has the model's width, so it stacks with others
+    npy = tmp_path / "none.npy"
+    assert run("embed", str(tmp_path / "missing.jpg"), "-o", str(npy), *TINY_ARGS).returncode == 1
+    assert np.load(npy).shape == (0, 64)
+
+
 def test_embed_text(tmp_path):
     proc = run("embed-text", "a red bicycle", "a cat", *TINY_ARGS)
     assert proc.returncode == 0, proc.stderr

@@ -48,10 +48,15 @@ def test_index_search_collections_and_db(data_dir, photos, tmp_path):
     assert json.loads(run("collections", "--json").stdout) == []
 
 
-def test_store_errors_and_image_only_text(data_dir, photos):
+def test_store_errors_and_image_only_text(data_dir, photos, tmp_path):
     assert run("search", "x", "-c", "nothing").returncode == 6  # no such collection
     assert run("search").returncode == 2  # neither text nor --image
     assert run("search", "x", "--filter", "novalue", "-c", "c").returncode == 3
+    not_an_image = tmp_path / "text.jpg"
+    not_an_image.write_text("not an image")
+    bad = run("search", "--image", str(not_an_image), "-c", "c", *TINY)
+    assert bad.returncode == 1, bad.stderr  # the input failed: not a usage or internal error
+    assert f"error: {not_an_image}: not a recognised image" in bad.stderr
     blank = run("search", "  ", "-c", "c", *TINY)
     assert blank.returncode == 3 and "search text is empty" in blank.stderr
     run("index", str(photos[0]), "-c", "pictures", "--model", "efficientnet-lite0")
@@ -59,6 +64,15 @@ def test_store_errors_and_image_only_text(data_dir, photos):
     assert proc.returncode == 3 and "image-only" in proc.stderr
     dupes = json.loads(run("duplicates", "-c", "pictures", "--json").stdout)
     assert dupes == []
+    # a re-run without --model goes on with the collection's model (the default has no weights)
+    again = run("index", str(photos[0]), "-c", "pictures")
+    assert again.returncode == 0 and "Skipped: 1 (unchanged)" in again.stderr, again.stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    emptied = run("index", str(empty), "-c", "pictures", "--prune")
+    assert emptied.returncode == 1 and "Failed: 1" in emptied.stderr, emptied.stderr
+    assert "folder holds no images" in emptied.stderr
+    assert json.loads(run("collections", "--json").stdout)[0]["count"] == 1  # nothing pruned
 
 
 def test_filters_match_text_and_json_values(data_dir, photos, tmp_path):

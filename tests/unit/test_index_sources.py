@@ -196,11 +196,11 @@ def test_a_write_that_fails_after_the_work_is_a_typed_error(tmp_path):
     with pytest.raises(OutputError, match=r"cannot write .*full\.jsonl: No space left on device"):
         for _ in range(2000):  # past the stream's buffer
             writer.write({"source": "a.png", "embedding": np.zeros(64, np.float32)})
-        writer.close()
+        writer.close(64)
     gone = tmp_path / "gone"
     gone.mkdir()
     writer = Writer(gone / "v.npy")
     writer.write({"source": "a.png", "embedding": np.zeros(4, np.float32)})
     gone.rmdir()  # the folder removed while the work ran
     with pytest.raises(OutputError, match="No such file or directory"):
-        writer.close()
+        writer.close(4)

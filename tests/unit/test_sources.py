@@ -87,3 +87,23 @@ def test_folder_walk_survives_symlink_loops(tree, tmp_path):
     found = expand_paths([root], [".png"])
     names = sorted(os.path.relpath(p, root) for p in found)
     assert names == ["escape.png", "inner.png", "ok.png"]
+
+
+def test_an_empty_path_is_not_the_current_folder():
+    with ImageEmbeddingService(**TINY) as service:
+        results = service.embed_images(["", " "])
+    assert [type(r.error) for r in results] == [ImageNotFoundError, ImageNotFoundError]
+    assert str(results[0].error) == "'': empty path: give a file, a URL or image data"
+
+
+def test_a_folder_without_images_is_a_failure_not_nothing(tmp_path):
+    empty = tmp_path / "empty"
+    (empty / "sub").mkdir(parents=True)
+    (empty / "sub" / "notes.txt").write_text("not an image")
+    failures: list = []
+    assert expand_paths([empty], [".png", ".jpg"], failures) == []
+    (failure,) = failures
+    assert isinstance(failure, ImageNotFoundError) and failure.source == str(empty)
+    assert str(failure) == f"{empty}: folder holds no images (.jpg, .png)"
+    # without a failures list the folder stays an entry, so reading it fails as that entry
+    assert expand_paths([empty], [".png"]) == [empty]

@@ -98,7 +98,7 @@ def embed(
         for error in unlisted:
             failures.append(error)
             writer.write({"source": error.source, **error_dict(error), "embedding": None})
-        writer.close()
+        writer.close(service.dimension)
     except ImgEmbedError as exc:
         raise fail(exc) from exc
     counts = dataclasses.replace(counts, failed=counts.failed + len(unlisted))
@@ -161,7 +161,7 @@ def embed_text(
         vectors = service.embed_texts(texts)
         for text, vector in zip(texts, vectors, strict=True):
             writer.write({"source": text, "model": str(service.model_ref), "embedding": vector})
-        writer.close()
+        writer.close(service.dimension)
     except ImgEmbedError as exc:
         raise fail(exc) from exc
     seconds = time.perf_counter() - started

@@ -8,12 +8,19 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from imgembed.errors import ConfigurationError, ImgEmbedError, ModelUnavailableError, StoreError
+from imgembed.errors import (
+    ConfigurationError,
+    ImageError,
+    ImgEmbedError,
+    ModelUnavailableError,
+    StoreError,
+)
 
 err = Console(stderr=True, soft_wrap=True)
 
 # Exit codes, in one place: 1 = some inputs failed, 2 = usage (Typer's own).
 EXIT_CODES: list[tuple[type[ImgEmbedError], int]] = [
+    (ImageError, 1),  # the one input of a command (search --image) failed
     (ConfigurationError, 3),
     (ModelUnavailableError, 4),
     (StoreError, 6),

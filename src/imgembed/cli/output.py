@@ -69,7 +69,8 @@ class Writer:
         else:
             self._rows.append(row)
 
-    def close(self) -> None:
+    def close(self, dimension: int) -> None:
+        """Write what is kept; `dimension` shapes an .npy with no embedded row (0, dimension)."""
         with self._errors():
             if self.suffix == ".jsonl":
                 if self._stream is not None:
@@ -77,7 +78,7 @@ class Writer:
                     if self._stream is not sys.stdout:
                         self._stream.close()
             elif self.suffix == ".npy":
-                self._write_npy()
+                self._write_npy(dimension)
             else:
                 self._write_parquet()
 
@@ -93,13 +94,12 @@ class Writer:
             where = printable(str(self.path)) if self.path else "stdout"
             raise OutputError(f"cannot write {where}: {exc.strerror or exc}") from exc
 
-    def _write_npy(self) -> None:
+    def _write_npy(self, dimension: int) -> None:
         import numpy as np
 
         assert self.path is not None
         done = [row for row in self._rows if row.get("embedding") is not None]
-        dim = done[0]["embedding"].shape[0] if done else 0
-        matrix = np.stack([row["embedding"] for row in done]) if done else np.empty((0, dim))
+        matrix = np.stack([row["embedding"] for row in done]) if done else np.empty((0, dimension))
         np.save(self.path, matrix.astype(np.float32))
         sources = self.path.with_name(self.path.name + ".sources.txt")
         sources.write_text("".join(f"{row['source']}\n" for row in done), encoding="utf-8")

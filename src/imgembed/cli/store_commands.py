@@ -63,7 +63,8 @@ def index(
     ray: RayOpt = None,
 ) -> None:
     """Embed and store images; re-runs add only what is new or changed (exit 1 on failures).
-    A store failure (exit 6) keeps what was stored: run the same command again to go on."""
+    An existing collection keeps its own model unless --model is given. A store failure
+    (exit 6) keeps what was stored: run the same command again to go on."""
     from imgembed.indexing import read_index_sources
 
     try:
@@ -83,7 +84,9 @@ def index(
         )
         name = collection or service.settings.collection
         items = read_index_sources(sources, service.settings.supported_formats)
-        with err.status(f"loading {service.model_ref} and the {service.settings.store} store"):
+        with err.status(f"loading the {service.settings.store} store and the model"):
+            if model is None:  # an existing collection goes on with its own model
+                service = service.for_indexing(name)
             service.encoder  # noqa: B018 - fail on the model before showing progress
             store = service.store
         where = "" if ray is None else f", on Ray ({ray})"

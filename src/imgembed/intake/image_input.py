@@ -23,6 +23,7 @@ from imgembed.intake.metadata import extended_metadata
 from imgembed.intake.quality import assess
 from imgembed.intake.sources import (
     Source,
+    as_path,
     check_size,
     decode_base64,
     describe,
@@ -108,7 +109,7 @@ class Intake:
             data = decode_base64(str(source), max_size, label)
         else:
             deadline = self.settings.fetch_deadline or self.settings.fetch_timeout
-            data = read_file(Path(source), max_size, self.roots, deadline)
+            data = read_file(as_path(source), max_size, self.roots, deadline)
         return ImageInput(label, content_hash(data), data=data)
 
     def quality(self, decoded: Decoded) -> dict[str, Any]:

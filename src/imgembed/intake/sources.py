@@ -47,6 +47,13 @@ def describe(source: Source | Image.Image) -> str:
     return os.fspath(source)
 
 
+def as_path(source: str | os.PathLike[str]) -> Path:
+    """A path from a name; an empty name is refused (Path("") would be the current folder)."""
+    if isinstance(source, str) and not source.strip():
+        raise ImageNotFoundError("empty path: give a file, a URL or image data", repr(source))
+    return Path(source)
+
+
 def check_size(data: bytes, max_file_size: int, label: str) -> bytes:
     if len(data) > max_file_size:
         raise ImageTooLargeError(_too_large(len(data), max_file_size), label)
@@ -159,7 +166,8 @@ def expand_paths(
     symlinked folders are not followed, so link loops cannot recur) for files with one of
     the extensions. A folder that cannot be listed (permissions, I/O errors) does not stop
     the walk: it goes to `failures` as an ImageNotFoundError if a list is given, otherwise
-    it stays in the result, so that reading it fails as that entry's typed error."""
+    it stays in the result, so that reading it fails as that entry's typed error. So does a
+    folder with no such file in it."""
     wanted = {ext.lower() for ext in extensions}
     found: list[Path | str] = []
 
@@ -179,9 +187,17 @@ def expand_paths(
         if not path.is_dir():
             found.append(path)
             continue
+        before = len(found), len(failures or ())
         for root, dirs, files in os.walk(path, onerror=unreadable):
             dirs.sort()
             found.extend(
                 Path(root, name) for name in sorted(files) if Path(name).suffix.lower() in wanted
             )
+        if (len(found), len(failures or ())) == before:
+            # an empty or mistyped folder must not pass as a job with nothing to do
+            empty = f"folder holds no images ({', '.join(sorted(wanted))})"
+            if failures is None:
+                found.append(path)
+            else:
+                failures.append(ImageNotFoundError(empty, str(path)))
     return found
