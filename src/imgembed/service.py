@@ -283,7 +283,8 @@ class ImageEmbeddingService(SeedAsyncMethods):
         self, text: str, collection: str | None = None, top_k: int = 10, filters: Filters = None
     ) -> list[SimilarityResult]:
         """Images of a collection most similar to a text (needs a CLIP model)."""
-        return self.search_vector(self.embed_text(search_text(text)), collection, top_k, filters)
+        vector = self.embed_text(checked_search_text(text))
+        return self.search_vector(vector, collection, top_k, filters)
 
     def search_image(
         self, source: Input, collection: str | None = None, top_k: int = 10, filters: Filters = None
@@ -328,7 +329,7 @@ class ImageEmbeddingService(SeedAsyncMethods):
         self.close()
 
 
-def search_text(text: str) -> str:
+def checked_search_text(text: str) -> str:
     """A search's text: an empty or blank one would rank by a vector that means nothing."""
     if not isinstance(text, str) or not text.strip():
         raise ConfigurationError("the search text is empty: give a text, or search by an image")

@@ -153,8 +153,8 @@ def test_every_error_status_from_real_bad_inputs(client, root, photos):
     assert status({"image_base64": "%%% not base64"})[:2] == (400, "InvalidImageError")
     assert status({"image_base64": _b64(b"not an image")})[:2] == (400, "InvalidImageError")
     two = status({"image_path": str(root / "rocket.jpg"), "image_url": "http://x.example/a"})
-    assert two[:2] == (422, "ConfigurationError")
-    assert status({})[:2] == (422, "ConfigurationError")
+    assert two[:2] == (422, "ValidationError") and "exactly one image" in two[2].json()["error"]
+    assert status({})[:2] == (422, "ValidationError")
     assert status({"image_path": 5})[:2] == (422, "ValidationError")
     assert status({"image_path": "a", "typo": 1})[:2] == (422, "ValidationError")
     json_type = {"content-type": "application/json"}
@@ -216,6 +216,11 @@ def test_a_batch_with_broken_files_answers_every_item_in_order(client, root, lib
         ("coffee.png", None),
         ("broken.png", "InvalidImageError"),
     ]
+    empty = client.post("/api/v1/embeddings/image/batch", json={})  # nothing is not a success
+    assert empty.status_code == 422 and "at least one image" in empty.json()["error"]
+    blank = client.post("/api/v1/embeddings/image/batch", json={"image_paths": [""]}).json()
+    (result,) = blank["results"]  # an empty name, not the server's current folder
+    assert result["error_type"] == "ImageNotFoundError" and "empty path" in result["error"]
 
 
 def test_size_and_count_limits_are_413(root):
@@ -266,12 +271,17 @@ def test_texts_and_openai_compatible_embeddings(client, root, library):
     plain = {"input": [_b64(photo)], "model": "imgembed-tiny", "modality": "image"}
     forced = client.post("/v1/embeddings", json=plain)
     assert _cos(forced.json()["data"][0]["embedding"], library.embed_image(photo)) >= 0.99999
+    by_name = {**plain, "input": [str(root / "rocket.jpg")]}  # a file name, not bad base64
+    named = client.post("/v1/embeddings", json=by_name).json()
+    assert _cos(named["data"][0]["embedding"], library.embed_image(photo)) >= 0.99999
+    outside = client.post("/v1/embeddings", json={**plain, "input": ["/etc/x.jpg"]})
+    assert outside.status_code == 403 and "allowed roots" in outside.json()["error"]["message"]
     wrong = client.post("/v1/embeddings", json={**body, "dimensions": 32})
     assert wrong.status_code == 422 and "64 dimensions" in wrong.json()["error"]["message"]
     other = client.post("/v1/embeddings", json={**body, "model": "text-embedding-3-small"})
     assert other.status_code == 422 and other.json()["error"]["type"] == "ConfigurationError"
     tokens = client.post("/v1/embeddings", json={"input": [1, 2, 3], "model": "imgembed-tiny"})
-    assert tokens.status_code == 422
+    assert tokens.status_code == 422 and tokens.json()["error"]["type"] == "ValidationError"
     bad_image = client.post(
         "/v1/embeddings", json={"input": "data:image/png;base64," + _b64(b"junk"), "model": "x"}
     )
@@ -458,6 +468,14 @@ def test_collections_index_search_duplicates_thumbnails(data_dir, root, library,
         assert created.json() == {"name": "shop", "backend": "postgres", "model": "imgembed-tiny",
                                   "pretrained": "seed:0", "dimension": 64, "count": 0,
                                   "has_text_tower": True}  # fmt: skip
+        nothing = client.post("/api/v1/collections/shop/index", json={})
+        assert nothing.status_code == 422 and "what to index" in nothing.json()["error"]
+        empty_folder = root / "empty"
+        empty_folder.mkdir()
+        emptied = _job(client, client.post("/api/v1/collections/shop/index", json={
+            "sources": [str(empty_folder)], "prune": True}))  # fmt: skip
+        assert emptied["stats"]["failed"] == 1 and emptied["stats"]["prune_skipped"], emptied
+        assert "folder holds no images" in emptied["stats"]["failures"][0]["error"]
         copy = root / "copy-of-rocket.jpg"
         copy.write_bytes((root / "rocket.jpg").read_bytes())
         job = _job(client, client.post("/api/v1/collections/shop/index", json={

@@ -124,7 +124,7 @@ def test_products_embed_search_and_stats_over_http(root, photos):
         assert error(client.post("/api/v1/stores/none/search", json={"query": "x"})) == (
             404, "CollectionNotFoundError")  # fmt: skip
         assert error(client.post("/api/v1/stores/shop/search", json={})) == (
-            422, "ConfigurationError")  # fmt: skip
+            422, "ValidationError")  # fmt: skip
         outside = {"image_path": str(photos[0])}
         assert error(client.post("/api/v1/stores/shop/search", json=outside)) == (
             403, "SourceNotAllowedError")  # fmt: skip
@@ -132,6 +132,10 @@ def test_products_embed_search_and_stats_over_http(root, photos):
         assert error(client.get("/api/v1/stores/shop/products/77/thumbnail")) == (
             404, "NotFoundError")  # fmt: skip
         assert error(client.get("/api/v1/stores/none/stats")) == (404, "CollectionNotFoundError")
+        # a mistyped store is not a finished job of nothing: 404 before any job starts
+        assert error(client.post("/api/v1/stores/none/embed", json={})) == (
+            404, "CollectionNotFoundError")  # fmt: skip
+        assert client.post("/api/v1/stores/shop/embed", json={"product_ids": []}).status_code == 422
         assert (
             client.post("/api/v1/stores/shop/products", json={"products": "x"}).status_code == 422
         )

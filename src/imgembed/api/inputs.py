@@ -30,7 +30,7 @@ from imgembed.errors import (
     SourceNotAllowedError,
 )
 from imgembed.intake.image_input import Input
-from imgembed.intake.sources import check_allowed, decode_base64, is_url
+from imgembed.intake.sources import as_path, check_allowed, decode_base64, is_url
 from imgembed.results import ImageEmbeddingResult
 
 M = TypeVar("M", bound=BaseModel)
@@ -52,7 +52,7 @@ def local_path(path: str, settings: Settings) -> Path:
             path,
         )
     roots = [Path(root).resolve() for root in settings.allowed_roots]
-    return check_allowed(Path(path), roots)
+    return check_allowed(as_path(path), roots)
 
 
 def path_source(path: str, settings: Settings) -> Input:
@@ -132,6 +132,12 @@ async def embed_inputs(
     for n, result in zip(todo, embedded, strict=True):
         results[n] = result
     return results  # type: ignore[return-value]
+
+
+def invalid_body(message: str) -> RequestValidationError:
+    """Fields that are each valid but do not fit together: a ValidationError (422) like
+    pydantic's own refusals; ConfigurationError is kept for models and settings."""
+    return RequestValidationError([{"loc": ("body",), "msg": message, "type": "value_error"}])
 
 
 def check_count(count: int, settings: Settings) -> None:

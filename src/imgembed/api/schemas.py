@@ -248,7 +248,9 @@ class ProductsRequest(_Body):
 class StoreEmbedRequest(_Body):
     mode: Literal["changed", "missing", "force"] = "changed"
     batch_size: int = Field(50, ge=1, le=1000)
-    product_ids: list[str] | None = Field(None, description="Only these; default: the store.")
+    product_ids: list[str] | None = Field(
+        None, min_length=1, description="Only these; default: the store."
+    )
 
 
 class ProductSearchRequest(_Body):

@@ -263,15 +263,10 @@ class Catalog:
         if batch_size < 1:
             raise ConfigurationError("batch_size must be at least 1")
         store_id = _store(store_id)
-        shared = self.repository
-        if product_ids is None and not shared.count(store_id):
-            raise CollectionNotFoundError(
-                f"store {store_id!r} has no products: import some first "
-                f"(imgembed catalog import FILE --store-id {store_id})"
-            )
+        self.embed_total(store_id, product_ids)
         current = self.provenance()
         # The job's own session: its store lock is held by this connection alone.
-        repository = shared.session()
+        repository = self.repository.session()
         try:
             with repository.store_lock(store_id):
                 recorded = repository.provenance(store_id)
@@ -287,6 +282,19 @@ class Catalog:
                 return (runner or jobs.EmbedRun.run)(run, mode, batch_size, product_ids, events)
         finally:
             repository.close()
+
+    def embed_total(self, store_id: str, product_ids: Sequence[str] | None = None) -> int:
+        """How many products an embed run looks at. A store without products is a
+        CollectionNotFoundError: a mistyped store id must not pass as a finished job."""
+        if product_ids is not None:
+            return len(product_ids)
+        count = self.repository.count(_store(store_id))
+        if not count:
+            raise CollectionNotFoundError(
+                f"store {store_id!r} has no products: import some first "
+                f"(imgembed catalog import FILE --store-id {store_id})"
+            )
+        return count
 
     # -- search and statistics ---------------------------------------------------------------
 

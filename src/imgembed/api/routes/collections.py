@@ -10,11 +10,11 @@ from fastapi import APIRouter, Query
 from fastapi.responses import Response
 
 from imgembed.api.errors import NotFoundError
-from imgembed.api.inputs import local_path
+from imgembed.api.inputs import invalid_body, local_path
 from imgembed.api.schemas import CollectionCreate, CollectionOut, DeleteItems, IndexRequest
 from imgembed.api.state import State
 from imgembed.api.thumbnails import thumbnail_response
-from imgembed.errors import CollectionNotFoundError, ModelUnavailableError
+from imgembed.errors import ModelUnavailableError
 from imgembed.indexing import IndexItem, read_index_sources
 from imgembed.intake.sources import is_data_uri, is_url
 from imgembed.models import registry
@@ -65,15 +65,14 @@ def drop_collection(name: str, state: State) -> dict[str, str]:
 )
 def index(name: str, body: IndexRequest, state: State) -> dict[str, Any]:
     settings = state.settings
+    if not body.sources and not body.items:
+        raise invalid_body("give what to index: sources (folders, files, URLs) or items")
     for source in body.sources:  # before anything reads a folder or a list file
         if not is_url(source):
             local_path(source, settings)
     items = read_index_sources(body.sources, settings.supported_formats)
     items += [IndexItem(i.id or i.source, i.source, i.metadata) for i in body.items]
-    try:  # an existing collection is indexed with its own model
-        service = state.service.for_collection(name)
-    except CollectionNotFoundError:
-        service = state.service
+    service = state.service.for_indexing(name)
     job = state.jobs.submit(
         "index",
         name,

@@ -12,6 +12,7 @@ from imgembed.api.inputs import (
     body_spec,
     check_count,
     embed_inputs,
+    invalid_body,
     one_image,
     parse_body,
     read_upload,
@@ -26,7 +27,7 @@ from imgembed.api.schemas import (
     TextResponse,
 )
 from imgembed.api.state import State
-from imgembed.errors import ConfigurationError, ImgEmbedError
+from imgembed.errors import ImgEmbedError
 from imgembed.results import ImageEmbeddingResult
 
 router = APIRouter(prefix="/api/v1/embeddings", tags=["embeddings"])
@@ -49,7 +50,7 @@ async def embed_image(request: Request, state: State) -> dict[str, Any]:
     body, uploads = await parse_body(request, ImageRequest, state.settings)
     given = (body.image_path, body.image_url, body.image_base64)
     if sum(value is not None for value in given) + len(uploads) != 1:
-        raise ConfigurationError(
+        raise invalid_body(
             "give exactly one image: image_path, image_url, image_base64 or a file upload"
         )
     batcher = state.batcher()
@@ -71,7 +72,10 @@ async def embed_image(request: Request, state: State) -> dict[str, Any]:
 async def embed_batch(request: Request, state: State) -> dict[str, Any]:
     started = time.perf_counter()
     body, uploads = await parse_body(request, BatchRequest, state.settings)
-    check_count(len(body.image_paths) + len(body.images) + len(uploads), state.settings)
+    count = len(body.image_paths) + len(body.images) + len(uploads)
+    if not count:
+        raise invalid_body("give at least one image: image_paths, images or file uploads")
+    check_count(count, state.settings)
     batcher = state.batcher()
     sources, labels = await asyncio.to_thread(
         sources_or_errors, state.settings, body.image_paths, body.images

@@ -1,21 +1,23 @@
 """OpenAI-compatible embeddings (POST /v1/embeddings, GET /v1/models), so OpenAI SDK clients
 work unchanged. As in infinity, an input that is an http(s) URL or a `data:image/...` URI is
-an image; everything else is a text (or set the extra field `modality`)."""
+an image; everything else is a text (or set the extra field `modality`; with "image", plain
+base64, or a file name inside the server's allowed roots)."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from fastapi import APIRouter
 
-from imgembed.api.inputs import base64_source, check_count, url_source
+from imgembed.api.inputs import base64_source, check_count, invalid_body, path_source, url_source
 from imgembed.api.schemas import OpenAIEmbeddingRequest, OpenAIEmbeddingResponse, OpenAIModelList
 from imgembed.api.state import AppState, State
-from imgembed.errors import ConfigurationError
+from imgembed.errors import ConfigurationError, InvalidImageError
 from imgembed.intake.image_input import Input
 from imgembed.intake.sources import is_data_uri, is_url
 from imgembed.models import registry
@@ -37,7 +39,7 @@ async def models(state: State) -> dict[str, Any]:
 async def embeddings(body: OpenAIEmbeddingRequest, state: State) -> dict[str, Any]:
     inputs = [body.input] if isinstance(body.input, str) else body.input
     if not inputs or not all(isinstance(item, str) for item in inputs):
-        raise ConfigurationError("input must be a string or a list of strings (no token arrays)")
+        raise invalid_body("input must be a string or a list of strings (no token arrays)")
     check_count(len(inputs), state.settings)
     service = state.service
     ref = service.model_ref
@@ -86,7 +88,13 @@ def _image(item: str, state: AppState) -> Input:
         return url_source(item)
     if is_data_uri(item):
         return item  # decoded by the intake, in a worker thread
-    return base64_source(item, state.settings)  # modality "image" with plain base64
+    try:
+        return base64_source(item, state.settings)  # modality "image" with plain base64
+    except InvalidImageError:
+        # '.' is not base64: a name with an image suffix is a file, as on the other routes
+        if Path(item).suffix.lower() not in state.settings.supported_formats:
+            raise
+        return path_source(item, state.settings)
 
 
 def _encode(vector: Any, encoding_format: str) -> list[float] | str:

@@ -13,14 +13,13 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
 from imgembed.api.errors import NotFoundError
-from imgembed.api.inputs import body_spec, one_image, parse_body
+from imgembed.api.inputs import body_spec, invalid_body, one_image, parse_body
 from imgembed.api.schemas import ProductSearchRequest, ProductsRequest, StoreEmbedRequest
 from imgembed.api.state import AppState, State
 from imgembed.api.thumbnails import thumbnail_response
 from imgembed.catalog import Catalog
 from imgembed.catalog.jobs import EmbedStats, NoEvents
 from imgembed.engine.pipeline import Progress, ProgressCallback
-from imgembed.errors import ConfigurationError
 
 router = APIRouter(prefix="/api/v1/stores", tags=["products"])
 
@@ -67,11 +66,7 @@ def _embed_job(
             events=_JobEvents(progress),
         )
 
-    total = (
-        len(body.product_ids)
-        if body.product_ids is not None
-        else catalog.repository.count(store_id)
-    )
+    total = catalog.embed_total(store_id, body.product_ids)  # 404 before a job starts
     job = state.jobs.submit("catalog-embed", store_id, total, run)
     return {"job_id": job.id, "status": job.status, "total": total,
             "url": f"/api/v1/jobs/{job.id}"}  # fmt: skip
@@ -103,14 +98,14 @@ async def search(store_id: str, request: Request, state: State) -> dict[str, Any
     started = time.perf_counter()
     body, uploads = await parse_body(request, ProductSearchRequest, state.settings)
     if len(uploads) > 1 or (uploads and body.image_given):
-        raise ConfigurationError("give at most one image: a path, a URL, base64 or a file")
+        raise invalid_body("give at most one image: a path, a URL, base64 or a file")
     image = None
     if uploads or body.image_given:
         given = (body.image_path, body.image_url, body.image_base64)
         image = (await one_image(uploads, given, state.settings))[0]
     text = (body.query or "").strip() or None
     if image is None and text is None:
-        raise ConfigurationError("give a query text, an image, or both")
+        raise invalid_body("give a query text, an image, or both")
     catalog = await asyncio.to_thread(state.catalog, store_id)
     hits = await asyncio.to_thread(
         catalog.search,

@@ -15,6 +15,7 @@ from imgembed.api.inputs import (
     body_spec,
     check_count,
     embed_inputs,
+    invalid_body,
     one_image,
     parse_body,
     sources_or_errors,
@@ -22,9 +23,9 @@ from imgembed.api.inputs import (
 from imgembed.api.schemas import SearchRequest, SearchResponse
 from imgembed.api.state import AppState, State
 from imgembed.engine.batcher import Batcher
-from imgembed.errors import ConfigurationError, error_dict
+from imgembed.errors import error_dict
 from imgembed.results import SimilarityResult
-from imgembed.service import ImageEmbeddingService, search_text
+from imgembed.service import ImageEmbeddingService, checked_search_text
 
 router = APIRouter(prefix="/api/v1/search", tags=["search"])
 
@@ -41,17 +42,17 @@ async def search_image(request: Request, state: State) -> dict[str, Any]:
     queries = [body.query_image_path, body.query_image_url, body.query_image_base64,
                body.query_text, body.query_id]  # fmt: skip
     if sum(query is not None for query in queries) + len(uploads) != 1:
-        raise ConfigurationError(
+        raise invalid_body(
             "give exactly one query: query_image_path, query_image_url, query_image_base64, "
             "query_text, query_id or a file upload"
         )
     if body.query_text is not None:
-        search_text(body.query_text)  # before any lookup: the request itself is wrong
+        checked_search_text(body.query_text)  # before any lookup: the request itself is wrong
     failed: list[dict[str, str]] = []
     collection = None
     if body.searches_candidates:
         if body.filters or body.query_id is not None:
-            raise ConfigurationError("filters and query_id apply to a collection")
+            raise invalid_body("filters and query_id apply to a collection")
         batcher = state.batcher()
         hits, failed = await _among_candidates(batcher, body, uploads, state)
         model = batcher.pipeline.encoder.ref
