@@ -347,6 +347,12 @@ def test_seed_functions_lengths_and_fusion(data_dir, photos, monkeypatch):
         # an image vector given as the text part would shift every score: refused
         with pytest.raises(ConfigurationError, match="text embedding has 64 dimensions, exp"):
             catalog_module.combine_embeddings(text_emb=image, image_emb=image)
+        with pytest.raises(ConfigurationError, match="price 'abc' is not a number"):
+            catalog_module.generate_embedding(title="x", price="abc")
+        with pytest.raises(ConfigurationError, match="price -3 must be 0 or more"):
+            catalog_module.generate_embedding(title="x", price=-3)
+        priced = catalog_module.generate_embedding(title="Rode T-shirt", price="€ 29,99")
+        assert priced == catalog_module.generate_embedding(title="Rode T-shirt", price=29.99)
     finally:
         catalog_module.default_catalog().close()
         catalog_module.default_catalog.cache_clear()

@@ -7,7 +7,7 @@ from decimal import Decimal
 import pytest
 
 from imgembed.catalog.importer import read_catalogue
-from imgembed.catalog.products import product_text, strip_html
+from imgembed.catalog.products import ProductRowError, parse_price, product_text, strip_html
 from imgembed.errors import ConfigurationError
 
 
@@ -182,6 +182,60 @@ def test_rows_that_are_not_utf8_are_reported(tmp_path):
     parsed = read_catalogue(path)
     assert _lines(parsed) == {2: "product 1: text that is not valid UTF-8"}
     assert [p.title for _, p in parsed.products] == ["Tea"]
+
+
+@pytest.mark.parametrize(
+    ("given", "price"),
+    [
+        (29.99, "29.99"), (1e-06, "0.000001"), (1e20, "1E+20"), (7, "7"), ("29,99", "29.99"),
+        ("€ 1.299,00", "1299.00"), ("1,299.00", "1299.00"), ("$1,299,000", "1299000"),
+        ("1.299.000", "1299000"), ("CHF 1'299.50", "1299.50"), ("12 EUR", "12"),
+        ("25,-", "25"), ("29.99 €", "29.99"), ("€\u00a01\u202f299,00", "1299.00"),
+        ("1e308", "1E+308"), (".5", "0.5"),
+    ],
+)  # fmt: skip
+def test_prices_are_read_exactly(given, price):
+    assert parse_price(given, "p") == Decimal(price)
+
+
+@pytest.mark.parametrize(
+    ("given", "problem"),
+    [
+        ("3 for 2", "is not a number"), ("abc1", "is not a number"), ("1e", "is not a number"),
+        ("nan", "is not a number"), (float("nan"), "is not a number"), ("-3", "must be 0 or"),
+        (True, "is not a number"), ([1], "is not a number"), ("Infinity", "is not a number"),
+    ],
+)  # fmt: skip
+def test_prices_that_are_not_one_number_are_refused(given, problem):
+    # the old reader deleted every other character: "3 for 2" was 32, "1e20" was 120
+    with pytest.raises(ProductRowError, match=f"product p: price .* {problem}"):
+        parse_price(given, "p")
+
+
+def test_nul_characters_lists_and_repeated_ids_are_bad_rows_not_lost_imports(tmp_path):
+    path = tmp_path / "products.jsonl"
+    rows = [
+        {"id": "N1", "title": "good", "price": 1},
+        {"id": "N2", "title": "bad \x00 nul", "price": 2},  # PostgreSQL text cannot hold it
+        {"id": ["a"], "title": "list id"},
+        {"id": "N4", "title": {"nl": "x"}},
+        {"id": "N5", "title": "t", "image_url": 5},  # a number is a name like any other
+        {"id": "N1", "title": "again"},
+        {"id": "N7", "title": "t", "extra_image_urls": {"a": 1}},
+    ]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    parsed = read_catalogue(path)
+    assert _lines(parsed) == {
+        2: "product N2: text with a NUL character",
+        3: "product id must be text or a number, not a list",
+        4: "product N4: title must be text or a number, not a dict",
+        6: "product N1: the same id as line 1, which is kept",
+        7: "product N7: extra_image_urls must be a list",
+    }
+    assert [(line, p.title) for line, p in parsed.products] == [(1, "good"), (5, "t")]
+    assert parsed.products[1][1].image_url == str(tmp_path / "5")
+    with pytest.raises(ConfigurationError, match="unknown catalogue format 'xml': use csv"):
+        read_catalogue(path, "xml")
 
 
 def test_unknown_format_and_missing_file(tmp_path):

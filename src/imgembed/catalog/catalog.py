@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from imgembed.catalog import fusion, importer, jobs, search
-from imgembed.catalog.products import ProductInput, ProductRowError, product_text
+from imgembed.catalog.products import ProductInput, ProductRowError, parse_price, product_text
 from imgembed.catalog.repository import ProductRepository, StoreProvenance
 from imgembed.catalog.text import TextEmbedder, create_text_embedder, spec_for
 from imgembed.catalog.weights import WeightsTable, load_weights
@@ -163,6 +163,10 @@ class Catalog:
     ) -> list[float]:
         """The product's combined vector `[w_img * img ; w_txt * txt]` with its category's
         weights: image dimension + text dimension long (without an image, a zero image part)."""
+        try:  # as an import reads it: "€ 29,99" is 29.99, "abc" or -3 is refused
+            price = parse_price(price)
+        except ProductRowError as exc:
+            raise ConfigurationError(str(exc)) from None
         text = product_text(title, description, category, price, currency)
         text_vector = self.generate_text_embedding(text)
         image_vector = self.generate_image_embedding(image_url) if image_url else None
@@ -218,13 +222,16 @@ class Catalog:
         objects) or ProductInputs; a bad one is reported by its position (1-based)."""
         started = time.perf_counter()
         report = ImportReport(_store(store_id), "request", "objects")
-        good: list[ProductInput] = []
+        numbered: list[tuple[int, ProductInput]] = []
         for number, item in enumerate(products, 1):
             report.rows += 1
             try:
-                good.append(item if isinstance(item, ProductInput) else importer.product(item))
+                product = item if isinstance(item, ProductInput) else importer.product(item)
+                numbered.append((number, product))
             except (ProductRowError, TypeError, AttributeError) as exc:
                 report.bad_rows.append(importer.BadRow(number, str(exc)))
+        good = [product for _, product in importer.first_of_each(numbered, report.bad_rows)]
+        report.bad_rows.sort(key=lambda row: row.line)
         self._upsert(report, good)
         report.product_ids = [product.product_id for product in good]
         report.duration = time.perf_counter() - started

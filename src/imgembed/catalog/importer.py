@@ -51,6 +51,8 @@ class ParsedCatalogue:
 def read_catalogue(path: Path, format: str | None = None) -> ParsedCatalogue:
     path = Path(path)
     kind = format or FORMATS.get(path.suffix.lower())
+    if format is not None and format not in FORMATS.values():
+        raise ConfigurationError(f"unknown catalogue format {format!r}: use csv, jsonl or shopify")
     if kind not in FORMATS.values():
         raise ConfigurationError(
             f"{path}: unknown catalogue format; use .csv, .jsonl or .json (Shopify), "
@@ -74,7 +76,26 @@ def read_catalogue(path: Path, format: str | None = None) -> ParsedCatalogue:
             parsed.bad_rows.append(BadRow(line, str(exc)))
         except Exception as exc:  # untrusted input: whatever a row breaks is that row's
             parsed.bad_rows.append(BadRow(line, f"cannot read this product: {exc!r}"))
+    parsed.products = first_of_each(parsed.products, parsed.bad_rows)
+    parsed.bad_rows.sort(key=lambda row: row.line)
     return parsed
+
+
+def first_of_each(
+    products: list[tuple[int, ProductInput]], bad_rows: list[BadRow]
+) -> list[tuple[int, ProductInput]]:
+    """The first row of each product id; a later one becomes a bad row naming the first
+    (both would count as imported, the last silently winning)."""
+    first: dict[str, int] = {}
+    kept = []
+    for line, item in products:
+        if item.product_id in first:
+            message = f"product {item.product_id}: the same id as line {first[item.product_id]}"
+            bad_rows.append(BadRow(line, message + ", which is kept"))
+        else:
+            first[item.product_id] = line
+            kept.append((line, item))
+    return kept
 
 
 def product(row: Mapping[str, Any], base: Path | None = None) -> ProductInput:

@@ -8,6 +8,7 @@ import hashlib
 import html.parser
 import os
 import re
+import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
@@ -123,51 +124,85 @@ def checked(
     base: Path | None = None,
 ) -> ProductInput:
     """A ProductInput from loose values, or ProductRowError naming the first problem."""
-    product_id = _text(product_id)
+    product_id = _scalar(product_id, "product id", "")
     if not product_id:
         raise ProductRowError("no product id (a column product_id, id, sku or handle)")
-    title = _text(title)
+    title = _scalar(title, "title", product_id)
     if not title:
         raise ProductRowError(f"product {product_id}: no title")
     if not isinstance(attributes or {}, Mapping):
         raise ProductRowError(f"product {product_id}: attributes must be an object")
-    description = strip_html(_text(description))
-    values = [product_id, title, description, _text(category), _text(currency)]
+    if isinstance(extra_image_urls, str | Mapping):
+        raise ProductRowError(f"product {product_id}: extra_image_urls must be a list")
+    description = strip_html(_scalar(description, "description", product_id))
+    category = _scalar(category, "category", product_id)
+    currency = _scalar(currency, "currency", product_id)
+    urls = [_scalar(u, "image_url", product_id) for u in [image_url, *extra_image_urls]]
+    values = [product_id, title, description, category, currency, *urls]
     values += [str(v) for v in (attributes or {}).values()]
     if any(_has_surrogates(v) for v in values if v):
         raise ProductRowError(f"product {product_id}: text that is not valid UTF-8")
-    images = [_image(u, base) for u in [image_url, *extra_image_urls] if _present(u)]
+    if any("\x00" in v for v in values):  # PostgreSQL text cannot hold it
+        raise ProductRowError(f"product {product_id}: text with a NUL character")
+    images = [_image(u, base) for u in urls if u]
     return ProductInput(
         product_id=product_id,
         title=title,
         description=description,
-        category=_text(category) or None,
+        category=category or None,
         price=parse_price(price, product_id),
-        currency=_text(currency).upper() or None,
-        image_url=images[0] if _present(image_url) else None,
-        extra_image_urls=tuple(images[1:] if _present(image_url) else images),
+        currency=currency.upper() or None,
+        image_url=images[0] if urls[0] else None,
+        extra_image_urls=tuple(images[1:] if urls[0] else images),
         attributes=dict(attributes or {}),
     )
 
 
 def parse_price(value: Any, product_id: str = "") -> Decimal | None:
-    """29.99, "29,99", "€ 1.299,00", "1,299.00" -> Decimal; empty -> None; else an error."""
+    """29.99, "29,99", "€ 1.299,00", "1,299.00", "25,-", "EUR 12", 1e-06 -> Decimal (exactly
+    the value given); empty -> None; anything else, e.g. "3 for 2", -> ProductRowError."""
     if not _present(value):
         return None
-    if isinstance(value, bool):
-        raise ProductRowError(f"product {product_id}: price {value!r} is not a number")
-    text = re.sub(r"[^\d.,\-]", "", str(value))
-    if "," in text and "." in text:  # the last separator is the decimal one
-        thousands = "." if text.rfind(",") > text.rfind(".") else ","
-        text = text.replace(thousands, "")
-    text = text.replace(",", ".")
-    try:
-        price = Decimal(text)
-    except InvalidOperation:
-        raise ProductRowError(f"product {product_id}: price {value!r} is not a number") from None
-    if not price.is_finite() or price < 0:
-        raise ProductRowError(f"product {product_id}: price {value!r} must be 0 or more")
+    if isinstance(value, int | float | Decimal) and not isinstance(value, bool):
+        price = Decimal(repr(value)) if isinstance(value, float) else Decimal(value)
+    elif isinstance(value, str):
+        price = _price_text(value, product_id)
+    else:
+        raise ProductRowError(f"{_who(product_id)}price {value!r} is not a number")
+    if not price.is_finite():
+        raise ProductRowError(f"{_who(product_id)}price {value!r} is not a number")
+    if price < 0:
+        raise ProductRowError(f"{_who(product_id)}price {value!r} must be 0 or more")
     return price
+
+
+_AMOUNT = re.compile(r"[+-]?(?:\d[\d.,]*|[.,]\d+)")
+_SCIENTIFIC = re.compile(r"[+-]?\d+(?:\.\d+)?[eE][+-]?\d+")
+
+
+def _price_text(value: str, product_id: str) -> Decimal:
+    """A price as shops write it: a currency symbol or code before or after, spaces or
+    apostrophes between thousands, the last of '.' and ',' the decimal separator."""
+    text = re.sub(r"^[A-Z]{3}\s*|\s*[A-Z]{3}$", "", value.strip())  # EUR 12, 12 EUR
+    text = "".join(ch for ch in text if unicodedata.category(ch) not in ("Sc", "Zs"))
+    text = text.replace("'", "").removesuffix(",-").removesuffix(".-")  # 1'299, 25,-
+    if _SCIENTIFIC.fullmatch(text):
+        return Decimal(text)
+    if not _AMOUNT.fullmatch(text):
+        raise ProductRowError(f"{_who(product_id)}price {value!r} is not a number")
+    marks = [ch for ch in text if ch in ".,"]
+    if len(set(marks)) == 2:  # 1.299,00 or 1,299.00: the last one is the decimal separator
+        text = text.replace("." if marks[-1] == "," else ",", "")
+    elif len(marks) > 1:  # 1.299.000: thousands only
+        text = text.replace(marks[0], "")
+    try:
+        return Decimal(text.replace(",", "."))
+    except InvalidOperation:
+        raise ProductRowError(f"{_who(product_id)}price {value!r} is not a number") from None
+
+
+def _who(product_id: str) -> str:
+    return f"product {product_id}: " if product_id else ""
 
 
 def split_tags(tags: str) -> list[str]:
@@ -241,6 +276,14 @@ def _image(value: Any, base: Path | None) -> str:
 
 def _text(value: Any) -> str:
     return "" if value is None else str(value).strip()
+
+
+def _scalar(value: Any, what: str, product_id: str) -> str:
+    """A field's text: a JSON list or object would otherwise be stored as its Python repr."""
+    if isinstance(value, bool) or not isinstance(value, str | int | float | Decimal | None):
+        kind = type(value).__name__
+        raise ProductRowError(f"{_who(product_id)}{what} must be text or a number, not a {kind}")
+    return _text(value)
 
 
 def _present(value: Any) -> bool:
