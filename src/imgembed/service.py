@@ -29,6 +29,7 @@ from imgembed.errors import (
 from imgembed.indexing import IndexItem, IndexStats
 from imgembed.indexing.duplicates import find_duplicates
 from imgembed.intake.image_input import Input, Intake
+from imgembed.intake.sources import checked_sources
 from imgembed.models import registry
 from imgembed.models.runtime import Encoder, create_encoder
 from imgembed.results import Duplicates, ImageEmbeddingResult, SimilarityResult
@@ -124,7 +125,7 @@ class ImageEmbeddingService(SeedAsyncMethods):
         self, sources: Sequence[Input], progress: ProgressCallback | None = None
     ) -> Iterator[ImageEmbeddingResult]:
         """Like `embed_images`, streamed batch by batch (for long runs)."""
-        return self._ensure()[1].iter_results(list(sources), progress)
+        return self._ensure()[1].iter_results(checked_sources(sources), progress)
 
     def embed_image(self, source: Input) -> np.ndarray:
         """The embedding of one image; raises its typed error if it cannot be embedded."""

@@ -17,9 +17,9 @@ import numpy as np
 from PIL import Image
 
 from imgembed.engine import similarity
-from imgembed.errors import ImgEmbedError
+from imgembed.errors import ImgEmbedError, SourceNotAllowedError
 from imgembed.intake.image_input import Input
-from imgembed.intake.sources import decode_base64
+from imgembed.intake.sources import checked_sources, decode_base64, is_url
 from imgembed.results import ImageEmbeddingResult
 
 if TYPE_CHECKING:
@@ -53,8 +53,10 @@ class SeedAsyncMethods:
     async def generate_embedding_from_url(
         self: ImageEmbeddingService, url: str, include_metadata: bool = False
     ) -> Embedding | dict[str, Any]:
-        """The Findly seed's `generate_image_embedding(image_url)`: download (with retries)
-        and embed."""
+        """Download (with retries) and embed an http(s) URL; a path or another scheme is a
+        SourceNotAllowedError (generate_embedding_from_image_path reads files)."""
+        if not is_url(url):
+            raise SourceNotAllowedError("only http(s) URLs are fetched", str(url)[:200])
         return await self._generate(url, include_metadata)
 
     async def generate_embedding_from_base64(
@@ -115,6 +117,7 @@ class SeedAsyncMethods:
         self: ImageEmbeddingService, image_paths: Sequence[Input]
     ) -> list[Image.Image | None]:
         """In input order; an image that cannot be read is None (and logged)."""
+        image_paths = checked_sources(image_paths)
 
         def run() -> list[Image.Image | None]:
             out: list[Image.Image | None] = []

@@ -7,7 +7,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imgembed import ImageEmbeddingService, ImageNotFoundError
+from imgembed import (
+    ConfigurationError,
+    ImageEmbeddingService,
+    ImageNotFoundError,
+    SourceNotAllowedError,
+)
 from tests.conftest import TINY
 
 
@@ -46,6 +51,18 @@ async def test_batch_keeps_order_and_marks_failures(tiny_service, photos):
     detailed = await tiny_service.batch_generate_embeddings(paths, include_metadata=True)
     assert detailed[1]["error_type"] == "ImageNotFoundError" and detailed[1]["embedding"] is None
     np.testing.assert_allclose(detailed[2]["embedding"], plain[2], atol=1e-7)
+
+
+async def test_one_image_where_a_list_is_needed_and_urls_that_are_not_http(tiny_service):
+    # a string is iterable: it used to be embedded character by character (26 Nones)
+    with pytest.raises(ConfigurationError, match="a list of images is needed, not one str"):
+        await tiny_service.batch_generate_embeddings("image1.jpg")
+    with pytest.raises(ConfigurationError, match="a list of images is needed"):
+        await tiny_service.batch_preprocess_images("image1.jpg")
+    with pytest.raises(SourceNotAllowedError, match=r"ftp://x/y\.jpg: only http"):
+        await tiny_service.generate_embedding_from_url("ftp://x/y.jpg")
+    with pytest.raises(SourceNotAllowedError):  # a path is not a URL
+        await tiny_service.generate_embedding_from_url("/etc/hostname")
 
 
 async def test_similarity_methods(tiny_service, photos):

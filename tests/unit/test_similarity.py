@@ -49,3 +49,14 @@ def test_empty_and_non_finite_embeddings_are_clear_errors():
     with pytest.raises(ConfigurationError, match="finite"):
         similarity.cosine_similarities([1.0, 0.0], [[0.0, float("inf")]])
     assert similarity.cosine_similarities([1.0, 0.0], []).shape == (0,)  # no candidates: none
+
+
+def test_failed_items_and_ragged_candidates_are_clear_errors():
+    # batch_generate_embeddings gives None for an image that failed; the seed's example feeds
+    # its list straight in
+    with pytest.raises(ConfigurationError, match=r"candidate 1 is None .*leave failed items out"):
+        similarity.cosine_similarities([1.0, 0.0], [[1.0, 0.0], None])
+    with pytest.raises(ConfigurationError, match=r"one length \(lengths given: \[2, 3\]\)"):
+        similarity.cosine_similarities([1.0, 0.0], [[1.0, 0.0], [1.0, 0.0, 0.0]])
+    with pytest.raises(ConfigurationError, match="differ in length: 2 and 3"):
+        similarity.cosine_similarity([1.0, 2.0], [1.0, 2.0, 3.0])

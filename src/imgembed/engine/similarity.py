@@ -18,7 +18,20 @@ def l2_normalize(vectors: np.ndarray) -> np.ndarray:
 
 
 def _matrix(candidates: Sequence[ArrayLike] | np.ndarray, dim: int) -> np.ndarray:
-    matrix = np.asarray(candidates, dtype=np.float32)
+    if not isinstance(candidates, np.ndarray):
+        missing = [n for n, row in enumerate(candidates) if row is None]
+        if missing:  # batch_generate_embeddings gives None for an image that failed
+            raise ConfigurationError(
+                f"candidate {missing[0]} is None (an image that failed to embed): leave "
+                "failed items out"
+            )
+    try:
+        matrix = np.asarray(candidates, dtype=np.float32)
+    except (TypeError, ValueError):  # ragged rows, text
+        lengths = sorted({len(row) for row in candidates if hasattr(row, "__len__")})
+        raise ConfigurationError(
+            f"candidate embeddings must be numbers of one length (lengths given: {lengths})"
+        ) from None
     if matrix.size == 0:
         return matrix.reshape(0, dim)
     if matrix.ndim != 2 or matrix.shape[1] != dim:
@@ -42,6 +55,8 @@ def cosine_similarities(
 
 
 def cosine_similarity(a: ArrayLike, b: ArrayLike) -> float:
+    if len(a) != len(b):
+        raise ConfigurationError(f"the two embeddings differ in length: {len(a)} and {len(b)}")
     return float(cosine_similarities(a, [b])[0])
 
 

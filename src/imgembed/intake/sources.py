@@ -14,6 +14,7 @@ from pathlib import Path
 from PIL import Image
 
 from imgembed.errors import (
+    ConfigurationError,
     ImageError,
     ImageNotFoundError,
     ImageTooLargeError,
@@ -45,6 +46,17 @@ def describe(source: Source | Image.Image) -> str:
     if is_data_uri(source):
         return f"<data URI, {len(source)} characters>"
     return os.fspath(source)
+
+
+def checked_sources(sources: Iterable[object]) -> list:
+    """The inputs of a batch as a list; one image given where a list is asked for is refused
+    (a string would be embedded character by character)."""
+    if isinstance(sources, str | bytes | bytearray | memoryview | os.PathLike | Image.Image):
+        raise ConfigurationError(
+            f"a list of images is needed, not one {type(sources).__name__} "
+            "(for one image: embed_image / generate_embedding_from_image_path)"
+        )
+    return list(sources)
 
 
 def as_path(source: str | os.PathLike[str]) -> Path:
