@@ -122,6 +122,10 @@ class CollectionNotFoundError(StoreError):
     """No collection of that name."""
 
 
+class ProductNotFoundError(StoreError):
+    """No product with that id in the store."""
+
+
 class ProvenanceMismatchError(StoreError):
     """The collection was built with another model or preprocessing than asked for."""
 

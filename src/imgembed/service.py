@@ -234,10 +234,12 @@ class ImageEmbeddingService(SeedAsyncMethods):
         except CollectionNotFoundError:
             return self
 
-    def with_model(self, model: str, pretrained: str) -> ImageEmbeddingService:
+    def with_model(self, model: str, pretrained: str | None = None) -> ImageEmbeddingService:
         """This service if it has that model, else one with that model and otherwise the
-        same settings and store (kept, so asking again costs nothing)."""
-        ref = registry.resolve(model, pretrained)
+        same settings and store (kept, so asking again costs nothing). Without `pretrained`,
+        the model's own tag (efficientnet-lite0: imagenet), else this service's."""
+        explicit = pretrained is not None
+        ref = registry.resolve(model, pretrained or self.settings.pretrained, explicit)
         if ref == self.model_ref:
             return self
         key = (ref.name, ref.pretrained)

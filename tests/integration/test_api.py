@@ -468,6 +468,12 @@ def test_collections_index_search_duplicates_thumbnails(data_dir, root, library,
         assert created.json() == {"name": "shop", "backend": "postgres", "model": "imgembed-tiny",
                                   "pretrained": "seed:0", "dimension": 64, "count": 0,
                                   "has_text_tower": True}  # fmt: skip
+        # another model without a tag gets that model's own (not this server's seed:0)
+        other = client.post(
+            "/api/v1/collections", json={"name": "m2", "model": "efficientnet-lite0"}
+        )
+        assert (other.status_code, other.json()["pretrained"]) == (201, "imagenet"), other.text
+        assert client.delete("/api/v1/collections/m2").status_code == 200
         nothing = client.post("/api/v1/collections/shop/index", json={})
         assert nothing.status_code == 422 and "what to index" in nothing.json()["error"]
         empty_folder = root / "empty"

@@ -136,6 +136,9 @@ def test_products_embed_search_and_stats_over_http(root, photos):
         assert error(client.post("/api/v1/stores/none/embed", json={})) == (
             404, "CollectionNotFoundError")  # fmt: skip
         assert client.post("/api/v1/stores/shop/embed", json={"product_ids": []}).status_code == 422
+        typo = client.post("/api/v1/stores/shop/embed", json={"product_ids": ["p1", "nope"]})
+        assert error(typo) == (404, "ProductNotFoundError") and "'nope'" in typo.json()["error"]
+
         assert (
             client.post("/api/v1/stores/shop/products", json={"products": "x"}).status_code == 422
         )
@@ -148,3 +151,16 @@ def test_products_embed_search_and_stats_over_http(root, photos):
         assert forced.status_code == 202
         redone = _finished(client, forced.json())["stats"]
         assert (redone["processed"], redone["successful"]) == (count, count - 1)
+
+        # An id with "/" is stored and read back, its thumbnail too (the page encodes it).
+        # The same id twice in one request is one product: the second is a bad row.
+        slashed = {"id": "a/b", "title": "Slash", "image_url": str(root / "rocket.jpg")}
+        added = client.post("/api/v1/stores/shop/products", json={
+            "products": [slashed, {**slashed, "title": "again"}]}).json()  # fmt: skip
+        assert (added["import"]["inserted"], added["import"]["product_ids"]) == (1, ["a/b"])
+        (repeat,) = added["import"]["bad_rows"]
+        assert repeat["message"].endswith("same id as line 1, which is kept")
+        assert _finished(client, added["job"])["stats"]["successful"] == 1
+        assert client.get("/api/v1/stores/shop/products/a%2Fb").json()["title"] == "Slash"
+        slash_thumb = client.get("/api/v1/stores/shop/products/a%2Fb/thumbnail?size=32")
+        assert slash_thumb.headers["content-type"] == "image/jpeg", slash_thumb.text

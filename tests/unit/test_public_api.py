@@ -27,6 +27,7 @@ PUBLIC = {
     "ImgEmbedError",
     "InvalidImageError",
     "ModelUnavailableError",
+    "ProductNotFoundError",
     "Progress",
     "ProvenanceMismatchError",
     "Settings",

@@ -23,6 +23,7 @@ from imgembed.errors import (
     ImgEmbedError,
     InvalidRecordError,
     ModelUnavailableError,
+    ProductNotFoundError,
     ProvenanceMismatchError,
     RequestTooLargeError,
     SourceNotAllowedError,
@@ -44,6 +45,7 @@ class NotFoundError(ImgEmbedError):
 STATUS: list[tuple[type[ImgEmbedError], int]] = [
     (ImageNotFoundError, 404),
     (CollectionNotFoundError, 404),
+    (ProductNotFoundError, 404),
     (NotFoundError, 404),
     (SourceNotAllowedError, 403),
     (ImageTooLargeError, 413),

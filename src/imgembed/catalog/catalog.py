@@ -18,7 +18,12 @@ from imgembed.catalog.repository import ProductRepository, StoreProvenance
 from imgembed.catalog.text import TextEmbedder, create_text_embedder, spec_for
 from imgembed.catalog.weights import WeightsTable, load_weights
 from imgembed.config import Settings, load_settings
-from imgembed.errors import CollectionNotFoundError, ConfigurationError, ProvenanceMismatchError
+from imgembed.errors import (
+    CollectionNotFoundError,
+    ConfigurationError,
+    ProductNotFoundError,
+    ProvenanceMismatchError,
+)
 from imgembed.intake.image_input import Input
 from imgembed.service import ImageEmbeddingService
 
@@ -292,10 +297,17 @@ class Catalog:
 
     def embed_total(self, store_id: str, product_ids: Sequence[str] | None = None) -> int:
         """How many products an embed run looks at. A store without products is a
-        CollectionNotFoundError: a mistyped store id must not pass as a finished job."""
+        CollectionNotFoundError, an id without a product a ProductNotFoundError: a mistyped
+        store or id must not pass as a finished job."""
+        store_id = _store(store_id)
         if product_ids is not None:
-            return len(product_ids)
-        count = self.repository.count(_store(store_id))
+            ids = list(dict.fromkeys(product_ids))
+            unknown = self.repository.unknown(store_id, ids)
+            if unknown:
+                named = ", ".join(repr(i) for i in unknown[:5]) + (" ..." if unknown[5:] else "")
+                raise ProductNotFoundError(f"no product {named} in store {store_id!r}")
+            return len(ids)
+        count = self.repository.count(store_id)
         if not count:
             raise CollectionNotFoundError(
                 f"store {store_id!r} has no products: import some first "

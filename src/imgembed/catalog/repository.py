@@ -288,6 +288,17 @@ class ProductRepository:
             names = [c.name for c in cursor.description or []]
         return dict(zip(names, row, strict=True)) if row else None
 
+    def unknown(self, store_id: str, product_ids: Sequence[str]) -> list[str]:
+        """Those of the ids that name no product in the store, in the order given."""
+        with self._cursor("looking up products") as cursor:
+            cursor.execute(
+                "SELECT product_id FROM imgembed_products"
+                " WHERE store_id = %s AND product_id = ANY(%s)",
+                (store_id, list(product_ids)),
+            )
+            known = {row[0] for row in cursor.fetchall()}
+        return [product_id for product_id in product_ids if product_id not in known]
+
     def count(self, store_id: str) -> int:
         with self._cursor("counting products") as cursor:
             cursor.execute(

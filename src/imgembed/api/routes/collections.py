@@ -48,7 +48,7 @@ def list_collections(state: State) -> list[dict[str, Any]]:
 def create_collection(body: CollectionCreate, state: State) -> dict[str, Any]:
     service = state.service
     if body.model is not None:
-        service = service.with_model(body.model, body.pretrained or state.settings.pretrained)
+        service = service.with_model(body.model, body.pretrained)
     return _info(service.store.create_collection(body.name, service.provenance))
 
 

@@ -129,16 +129,9 @@ def stats(store_id: str, state: State) -> dict[str, Any]:
     return state.catalog().stats(store_id).to_dict()
 
 
-@router.get("/{store_id}/products/{product_id}", summary="One product and its embedding state")
-def product(store_id: str, product_id: str, state: State) -> dict[str, Any]:
-    found = state.catalog().product(store_id, product_id)
-    if found is None:
-        raise NotFoundError(f"no product {product_id!r} in store {store_id!r}")
-    return found
-
-
+# Ids may hold "/": this route comes first, so ".../a/b/thumbnail" is a/b's thumbnail.
 @router.get(
-    "/{store_id}/products/{product_id}/thumbnail",
+    "/{store_id}/products/{product_id:path}/thumbnail",
     response_class=Response,
     responses={200: {"content": {"image/jpeg": {}}}},
     summary="A JPEG thumbnail of the product's image (its URL, or a file inside the roots)",
@@ -155,3 +148,11 @@ def thumbnail(
     if not found["image_url"]:
         raise NotFoundError(f"product {product_id!r} has no image")
     return thumbnail_response(state.service, found["image_url"], size)
+
+
+@router.get("/{store_id}/products/{product_id:path}", summary="One product and its embedding state")
+def product(store_id: str, product_id: str, state: State) -> dict[str, Any]:
+    found = state.catalog().product(store_id, product_id)
+    if found is None:
+        raise NotFoundError(f"no product {product_id!r} in store {store_id!r}")
+    return found
