@@ -238,6 +238,26 @@ def test_nul_characters_lists_and_repeated_ids_are_bad_rows_not_lost_imports(tmp
         read_catalogue(path, "xml")
 
 
+def test_semicolon_and_tab_separated_files_and_files_without_products(tmp_path):
+    dutch = tmp_path / "excel.csv"  # Excel in a Dutch locale: ';' and decimal commas
+    dutch.write_bytes(
+        '\ufeffproduct_id;title;price\nA1;Stoel;1.299,00\nA2;Tafel;"12,50"\n'.encode()
+    )
+    parsed = read_catalogue(dutch)
+    assert [(p.product_id, p.price) for _, p in parsed.products] == [
+        ("A1", Decimal("1299.00")),
+        ("A2", Decimal("12.50")),
+    ]
+    tabs = tmp_path / "export.csv"
+    tabs.write_text("id\ttitle\nT1\tLamp, wit\n")
+    assert read_catalogue(tabs).products[0][1].title == "Lamp, wit"
+    header_only = tmp_path / "header.csv"
+    header_only.write_text("id,title,price\n")
+    assert _lines(read_catalogue(header_only)) == {
+        1: "no products in this file (empty, or a header only)"
+    }
+
+
 def test_unknown_format_and_missing_file(tmp_path):
     with pytest.raises(ConfigurationError, match="unknown catalogue format"):
         read_catalogue(tmp_path / "products.xml")

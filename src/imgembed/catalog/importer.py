@@ -78,6 +78,8 @@ def read_catalogue(path: Path, format: str | None = None) -> ParsedCatalogue:
             parsed.bad_rows.append(BadRow(line, f"cannot read this product: {exc!r}"))
     parsed.products = first_of_each(parsed.products, parsed.bad_rows)
     parsed.bad_rows.sort(key=lambda row: row.line)
+    if not parsed.rows:  # an export that failed half-way must not pass as "imported"
+        parsed.bad_rows.append(BadRow(1, "no products in this file (empty, or a header only)"))
     return parsed
 
 
@@ -157,7 +159,7 @@ Row = tuple[int, Mapping[str, Any] | BadRow]
 
 
 def _csv_rows(text: str) -> Iterator[Row]:
-    reader = csv.reader(io.StringIO(text, newline=""))
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=_delimiter(text))
     header: list[str] | None = None
     while True:
         line = reader.line_num + 1  # where the next record starts
@@ -177,6 +179,13 @@ def _csv_rows(text: str) -> Iterator[Row]:
             yield line, BadRow(line, f"{len(fields)} fields, but the header has {len(header)}")
             continue
         yield line, dict(zip(header, fields, strict=False))
+
+
+def _delimiter(text: str) -> str:
+    """',' or what the header line is separated by: Excel in Dutch or German locales
+    writes ';' (the comma is their decimal mark), some exports a tab."""
+    header = next((line for line in text.splitlines() if line.strip()), "")
+    return max((",", ";", "\t"), key=header.count) if header else ","
 
 
 def _jsonl_rows(text: str) -> Iterator[Row]:
