@@ -115,6 +115,16 @@ def test_products_embed_search_and_stats_over_http(root, photos):
         assert {h["weight_category"] for h in fashion["results"]} == {"fashion"}
         assert len(fashion["results"]) == 2  # "fashion" and its alias "kleding"
 
+        def found(category):
+            body = {"query": "poster", "category": category, "top_k": 20}
+            return {h["product_id"] for h in client.post(
+                "/api/v1/stores/shop/search", json=body).json()["results"]}  # fmt: skip
+
+        # a name the table does not know is not the default category every such name
+        # falls into; an empty field is no filter
+        assert found("xyzzy") == set() and found("general")
+        assert found("") == found(None) and len(found("")) == count - 1
+
         thumb = client.get("/api/v1/stores/shop/products/p1/thumbnail?size=64")
         assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
 

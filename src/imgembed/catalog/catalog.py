@@ -330,6 +330,7 @@ class Catalog:
         """Products for a text, an image, or both, best first, with the score of each part."""
         if top_k < 1:
             raise ConfigurationError("top_k must be at least 1")
+        category = (category or "").strip() or None  # an empty form field: no filter
         recorded = self.repository.provenance(store_id)
         if recorded is None:
             raise CollectionNotFoundError(
@@ -349,7 +350,9 @@ class Catalog:
             text_query=query.text,
             top_k=top_k,
             ef_search=self.settings.hnsw_ef_search,
-            category_key=self.weights.key(category) if category else None,
+            # a name the table does not know matches products of that name only, not the
+            # default category every unknown name falls into
+            category_key=self.weights.category_of(category),
             category=category,
             max_price=None if max_price is None else Decimal(str(max_price)),
         )

@@ -80,23 +80,24 @@ class WeightsTable:
             raise ConfigurationError(f"default category {self.default!r} is not in the table")
 
     def key(self, category: str | None) -> str:
-        """The table's category for a product's category: its name or alias (any case), else
-        the first word of it that is one ("Dames kleding" -> fashion), else the default."""
+        """The table's category for a product's category (see `category_of`), else the default."""
+        return self.category_of(category) or self.default
+
+    def category_of(self, category: str | None) -> str | None:
+        """The table's category a name stands for: its name or alias (any case), else the
+        first word of it that is one ("Dames kleding" -> fashion); None if none is."""
         if not category or not category.strip():
-            return self.default
+            return None
         name = _normal(category)
         found = self._lookup(name)
         if found is None:
             found = next(filter(None, map(self._lookup, re.split(r"[\W_]+", name))), None)
-        return found or self.default
+        return found
 
     def _lookup(self, name: str) -> str | None:
         if name in self.categories:
             return name
         return self.aliases.get(name)
-
-    def known(self, category: str) -> bool:
-        return self._lookup(_normal(category)) is not None
 
     def weights(self, category: str | None) -> tuple[str, Weights]:
         key = self.key(category)
