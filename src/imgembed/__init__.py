@@ -33,6 +33,7 @@ from imgembed.errors import (
     StoreFullError,
     StoreUnavailableError,
     UnavailableError,
+    UnknownModelError,
     UnsupportedFormatError,
 )
 
@@ -88,5 +89,6 @@ __all__ = [
     "StoreFullError",
     "StoreUnavailableError",
     "UnavailableError",
+    "UnknownModelError",
     "UnsupportedFormatError",
 ]

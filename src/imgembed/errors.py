@@ -46,6 +46,10 @@ class ModelUnavailableError(ImgEmbedError):
     """The model's weights or architecture cannot be loaded."""
 
 
+class UnknownModelError(ModelUnavailableError):
+    """No such model architecture: a wrong name, not weights that could not be had."""
+
+
 class ImageError(ImgEmbedError):
     """One input image cannot be embedded; `source` says which."""
 

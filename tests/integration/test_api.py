@@ -474,6 +474,8 @@ def test_collections_index_search_duplicates_thumbnails(data_dir, root, library,
         )
         assert (other.status_code, other.json()["pretrained"]) == (201, "imagenet"), other.text
         assert client.delete("/api/v1/collections/m2").status_code == 200
+        unknown = client.post("/api/v1/collections", json={"name": "m3", "model": "ViT-Q-99"})
+        assert (unknown.status_code, unknown.json()["error_type"]) == (422, "UnknownModelError")
         nothing = client.post("/api/v1/collections/shop/index", json={})
         assert nothing.status_code == 422 and "what to index" in nothing.json()["error"]
         empty_folder = root / "empty"

@@ -33,6 +33,7 @@ PUBLIC = {
     "Settings",
     "SimilarityResult",
     "SourceNotAllowedError",
+    "UnknownModelError",
     "StoreError",
     "UnsupportedFormatError",
 }

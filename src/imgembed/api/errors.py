@@ -30,6 +30,7 @@ from imgembed.errors import (
     StoreError,
     TextEmbeddingError,
     UnavailableError,
+    UnknownModelError,
     UnsupportedFormatError,
     error_dict,
 )
@@ -55,6 +56,7 @@ STATUS: list[tuple[type[ImgEmbedError], int]] = [
     (ImageError, 400),  # invalid, truncated, too small
     (ProvenanceMismatchError, 409),
     (ConfigurationError, 422),  # the request cannot work with this model or these settings
+    (UnknownModelError, 422),  # no such model: retrying will not help
     (InvalidRecordError, 422),  # a name, id, vector or metadata the store cannot hold
     (UnavailableError, 503),  # overloaded, loading, shutting down
     (ModelUnavailableError, 503),

@@ -12,7 +12,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Literal
 
-from imgembed.errors import ModelUnavailableError
+from imgembed.errors import UnknownModelError
 
 # Nothing here imports open_clip (and so torch) until a torch model is needed: the ONNX
 # runtime names models, reads their configs and checks their weights without it.
@@ -152,7 +152,7 @@ def facts(name: str) -> ModelFacts:
         return ModelFacts("open_clip", None, True, CLIP_DUPLICATE_THRESHOLD)
     config = model_config(name)
     if config is None:
-        raise ModelUnavailableError(
+        raise UnknownModelError(
             f"unknown model architecture {name!r}; `imgembed models list --all` shows the "
             "known ones"
         )
