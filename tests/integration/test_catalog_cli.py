@@ -83,6 +83,12 @@ def test_import_embed_search_and_stats(data_dir, photos, tmp_path):
     assert (
         run("catalog", "embed", "--store-id", "demo", "--only-missing", "--force").returncode == 2
     )
+    # another run holds the store: nothing was written, so nothing is said to be kept
+    with psycopg.connect(embedded.start(data_dir)) as holder:
+        holder.execute("SELECT pg_advisory_lock(hashtextextended('imgembed-catalog:demo', 0))")
+        busy = run("catalog", "embed", "--store-id", "demo")
+    assert busy.returncode == 6 and "another `catalog embed` is running" in busy.stderr
+    assert "kept" not in busy.stderr, busy.stderr
 
     hits = json.loads(run("catalog", "search", "coffee", "--store-id", "demo", "--json").stdout)
     assert hits[0]["product_id"] == "p2" and hits[0]["ranked_by"] == "combined"

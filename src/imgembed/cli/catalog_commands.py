@@ -26,11 +26,7 @@ from imgembed.cli.common import (
     make_settings,
 )
 from imgembed.errors import (
-    CollectionNotFoundError,
-    EncodeError,
     ImgEmbedError,
-    ProvenanceMismatchError,
-    StoreError,
 )
 
 catalog_app = typer.Typer(
@@ -97,31 +93,38 @@ def import_(
 
 
 class _Lines:
-    """The Findly document's progress lines."""
+    """The Findly document's progress lines (none with --json), and what was written."""
 
-    def __init__(self, verbose: bool):
+    def __init__(self, verbose: bool, quiet: bool = False):
         self.verbose = verbose
+        self.quiet = quiet
+        self.written = 0  # batches stored
+
+    def say(self, text: str) -> None:
+        if not self.quiet:
+            _say(text)
 
     def started(self, stats: Any) -> None:
-        _say(f"🚀 Starting embedding generation for store: {stats.store_id}")
-        _say(f"📊 Total products to process: {stats.to_process}")
+        self.say(f"🚀 Starting embedding generation for store: {stats.store_id}")
+        self.say(f"📊 Total products to process: {stats.to_process}")
         if stats.skipped:
-            _say(f"   ({stats.skipped} of {stats.total} products are up to date)")
+            self.say(f"   ({stats.skipped} of {stats.total} products are up to date)")
 
     def batch(self, number: int, stats: Any, size: int) -> None:
-        _say(f"\n[BATCH] Processing batch {number}/{stats.batches} ({size} products)")
-        _say(f"📈 Progress: {stats.processed}/{stats.to_process} products processed")
+        self.say(f"\n[BATCH] Processing batch {number}/{stats.batches} ({size} products)")
+        self.say(f"📈 Progress: {stats.processed}/{stats.to_process} products processed")
 
     def product(self, product_id: str, error: str | None) -> None:
         if not self.verbose:
             return
         if error is None:
-            _say(f"✅ Successfully generated embeddings for product {product_id}")
+            self.say(f"✅ Successfully generated embeddings for product {product_id}")
         else:
-            _say(f"❌ Failed to generate embeddings for product {product_id}: {error}")
+            self.say(f"❌ Failed to generate embeddings for product {product_id}: {error}")
 
     def batch_done(self, stats: Any) -> None:
-        _say(f"📊 Progress: {100 * stats.processed / stats.to_process:.1f}% complete")
+        self.written += 1
+        self.say(f"📊 Progress: {100 * stats.processed / stats.to_process:.1f}% complete")
 
 
 def _debug_log() -> None:
@@ -168,6 +171,7 @@ def embed(
     if verbose:
         _debug_log()
     mode = "force" if force else "missing" if only_missing else "changed"
+    events = _Lines(verbose, quiet=as_json)
     try:
         if ray is not None:
             from imgembed import distributed  # ray: only for --ray
@@ -182,16 +186,17 @@ def embed(
             runtime=runtime,
             precision=precision,
         ) as catalog:
-            events = None if as_json else _Lines(verbose)
             options = {"batch_size": batch_size, "mode": mode, "events": events}
             if ray is None:
                 stats = catalog.embed(store_id, **options)
             else:
                 stats = distributed.embed_store(catalog, store_id, address=ray, **options)
     except ImgEmbedError as exc:
-        stopped = isinstance(exc, EncodeError | StoreError)  # a dependency broke mid-run
-        if stopped and not isinstance(exc, ProvenanceMismatchError | CollectionNotFoundError):
-            _say("Batches already written are kept: run the same command again to resume.")
+        if events.written:  # a dependency broke mid-run
+            _say(
+                f"The {events.written} batches already written are kept: run the same command "
+                "again to resume."
+            )
         raise fail(exc) from exc
     if as_json:
         typer.echo(json.dumps(stats.to_dict(), indent=2, ensure_ascii=False))
