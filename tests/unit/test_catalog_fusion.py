@@ -2,6 +2,7 @@
 query is exactly w_img * cos_img + w_txt * cos_txt with the product's own category weights."""
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -91,6 +92,11 @@ def test_weights_file_adds_and_replaces_categories(tmp_path):
         ("categorys = 1\n", "expected keys"),
         ("[categories.x]\nimage = 0.5\ntext = 0.5\naliases = ['fashion']\n", "also a category"),
         ("not toml at all [", "cannot read category weights"),
+        (
+            "[categories.a]\nimage = 0.5\ntext = 0.5\naliases = ['x']\n"
+            "[categories.b]\nimage = 0.5\ntext = 0.5\naliases = ['X']\n",
+            "alias 'x' is given to both 'a' and 'b'",
+        ),
     ],
 )
 def test_bad_weights_files_are_clear_errors(tmp_path, content, message):
@@ -98,6 +104,18 @@ def test_bad_weights_files_are_clear_errors(tmp_path, content, message):
     path.write_text(content)
     with pytest.raises(ConfigurationError, match=message):
         load_weights(path)
+
+
+def test_an_alias_taken_from_a_built_in_category_is_said(tmp_path, caplog):
+    path = tmp_path / "w.toml"
+    path.write_text("[categories.dames]\nimage = 0.8\ntext = 0.2\naliases = ['kleding']\n")
+    logger = logging.getLogger("imgembed.catalog")  # the CLI's --verbose stops propagation
+    logger.addHandler(caplog.handler)
+    try:
+        assert load_weights(path).key("kleding") == "dames"  # the file decides
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert "alias 'kleding' now names 'dames', not 'fashion'" in caplog.text
 
 
 def test_missing_weights_file():

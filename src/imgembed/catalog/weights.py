@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import tomllib
 from collections.abc import Mapping
@@ -23,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from imgembed.errors import ConfigurationError
+
+log = logging.getLogger("imgembed.catalog")
 
 
 @dataclass(frozen=True)
@@ -150,6 +153,7 @@ def _merge(table: WeightsTable, data: Any, path: Path) -> WeightsTable:
     entries = data.get("categories", {})
     if not isinstance(entries, dict):
         raise ConfigurationError(f"{path}: 'categories' must be a table of categories")
+    claimed: dict[str, set[str]] = {}  # aliases the file gives, to which categories
     for raw_name, entry in entries.items():
         name = _normal(raw_name)
         if not isinstance(entry, dict) or set(entry) - {"image", "text", "aliases"}:
@@ -163,7 +167,15 @@ def _merge(table: WeightsTable, data: Any, path: Path) -> WeightsTable:
                 f"{path}: category {raw_name!r} needs numeric 'image' and 'text' weights"
             ) from exc
         aliases.pop(name, None)  # a category of its own now
-        for alias in entry.get("aliases", []):
-            aliases[_normal(str(alias))] = name
+        for alias in map(_normal, map(str, entry.get("aliases", []))):
+            before = aliases.get(alias)
+            if before != name and before in claimed.get(alias, ()):
+                raise ConfigurationError(
+                    f"{path}: alias {alias!r} is given to both {before!r} and {name!r}"
+                )
+            if before is not None and before != name:  # intended, perhaps: say it
+                log.warning("%s: alias %r now names %r, not %r", path, alias, name, before)
+            aliases[alias] = name
+            claimed.setdefault(alias, set()).add(name)
     default = _normal(str(data.get("default", table.default)))
     return WeightsTable(categories, aliases, default)
