@@ -278,7 +278,7 @@ class ImageEmbeddingService(SeedAsyncMethods):
             )
         hits = self.store.search(name, np.asarray(vector, dtype=np.float32), top_k, filters)
         return [
-            SimilarityResult(h.source, h.score, rank, None, {**h.metadata, "id": h.id})
+            SimilarityResult(h.source, _cosine(h.score), rank, None, {**h.metadata, "id": h.id})
             for rank, h in enumerate(hits, start=1)
         ]
 
@@ -330,6 +330,10 @@ class ImageEmbeddingService(SeedAsyncMethods):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _cosine(score: float) -> float:
+    return min(1.0, max(-1.0, score))  # a store's float rounding, as in similarity
 
 
 def checked_search_text(text: str) -> str:

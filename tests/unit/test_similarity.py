@@ -60,3 +60,11 @@ def test_failed_items_and_ragged_candidates_are_clear_errors():
         similarity.cosine_similarities([1.0, 0.0], [[1.0, 0.0], [1.0, 0.0, 0.0]])
     with pytest.raises(ConfigurationError, match="differ in length: 2 and 3"):
         similarity.cosine_similarity([1.0, 2.0], [1.0, 2.0, 3.0])
+
+
+def test_scores_stay_within_minus_one_and_one():
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((200, 512)).astype(np.float32)
+    scores = [similarity.cosine_similarities(v, [v, -v]) for v in vectors]
+    assert all(s[0] <= 1.0 and s[1] >= -1.0 for s in scores)
+    assert min(s[0] for s in scores) == pytest.approx(1.0, abs=1e-6)

@@ -51,7 +51,8 @@ def cosine_similarities(
     matrix = _matrix(candidates, q.shape[0])
     if not (np.isfinite(q).all() and np.isfinite(matrix).all()):
         raise ConfigurationError("embeddings must be finite numbers (NaN or infinity given)")
-    return l2_normalize(matrix) @ l2_normalize(q[None, :])[0]
+    # float32 rounding can land a hair outside [-1, 1] (1.0000001 for the same image)
+    return np.clip(l2_normalize(matrix) @ l2_normalize(q[None, :])[0], -1.0, 1.0)
 
 
 def cosine_similarity(a: ArrayLike, b: ArrayLike) -> float:
