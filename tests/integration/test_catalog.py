@@ -246,7 +246,15 @@ def test_incremental_runs_failures_weights_and_provenance(data_dir, photos, tmp_
     assert same.service.model_ref.pretrained == "seed:0"  # the store's models by default
     same.close()
     with Catalog(model="imgembed-tiny", pretrained="seed:1") as other:
-        reset = other.embed("s", mode="force")  # another model: the store starts over
+        # another model: the store starts over; stopped after one batch, the products not
+        # yet done count as not embedded, not under their old categories
+        stop = _IndexWatch(other.repository.url, "s", stop_after=1)
+        with pytest.raises(KeyboardInterrupt):
+            other.embed("s", mode="force", batch_size=3, events=stop)
+        halfway = other.stats("s")
+        assert (halfway.embedded, halfway.categories["(not embedded)"]) == (3, 4), halfway
+        assert sum(halfway.categories.values()) == 7
+        reset = other.embed("s", mode="force")
         assert reset.successful == 7
         assert other.search("s", "cat", top_k=1)[0].score is not None
         assert other.stats("s").provenance["image_pretrained"] == "seed:1"

@@ -622,7 +622,10 @@ class ProductRepository:
             names = [c.name for c in cursor.description or []]
             totals = dict(zip(names, cursor.fetchone(), strict=True))
             cursor.execute(
-                "SELECT coalesce(weight_category, '(not embedded)'), count(*)"
+                # a product whose vectors were forgotten (--force with other models) keeps
+                # its old weight_category until it is embedded again
+                "SELECT CASE WHEN combined_embedding IS NULL THEN '(not embedded)'"
+                " ELSE weight_category END, count(*)"
                 " FROM imgembed_products WHERE store_id = %s GROUP BY 1 ORDER BY 1",
                 (store_id,),
             )
