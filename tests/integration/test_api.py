@@ -476,6 +476,8 @@ def test_collections_index_search_duplicates_thumbnails(data_dir, root, library,
         assert client.delete("/api/v1/collections/m2").status_code == 200
         unknown = client.post("/api/v1/collections", json={"name": "m3", "model": "ViT-Q-99"})
         assert (unknown.status_code, unknown.json()["error_type"]) == (422, "UnknownModelError")
+        existing = client.post("/api/v1/collections", json={"name": "shop"})
+        assert existing.status_code == 200 and existing.json()["name"] == "shop"
         nothing = client.post("/api/v1/collections/shop/index", json={})
         assert nothing.status_code == 422 and "what to index" in nothing.json()["error"]
         empty_folder = root / "empty"

@@ -43,13 +43,16 @@ def list_collections(state: State) -> list[dict[str, Any]]:
     "/collections",
     response_model=CollectionOut,
     status_code=201,
-    summary="Create a collection for a model (or return it if it exists with that model)",
+    summary="Create a collection for a model (201), or return it if it exists with it (200)",
 )
-def create_collection(body: CollectionCreate, state: State) -> dict[str, Any]:
+def create_collection(body: CollectionCreate, state: State, response: Response) -> dict[str, Any]:
     service = state.service
     if body.model is not None:
         service = service.with_model(body.model, body.pretrained)
-    return _info(service.store.create_collection(body.name, service.provenance))
+    store = service.store
+    if any(info.name == body.name for info in store.collections()):
+        response.status_code = 200
+    return _info(store.create_collection(body.name, service.provenance))
 
 
 @router.delete("/collections/{name}", summary="Drop a collection and everything in it")
