@@ -6,6 +6,7 @@ the store cannot hold (NaN, undecodable ids) through both backends."""
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import re
@@ -102,6 +103,28 @@ def test_server_killed_once_is_restarted_and_the_batch_retried(data_dir, tiles, 
     assert f"Successful: {TILES}" in out and "Failed: 0" in out
     assert store.hashes("tiles") == _expected(tiles)  # every image, each once
     store.close()
+
+
+def test_sigterm_stops_index_as_ctrl_c_does_and_lets_the_server_go(data_dir, tiles, tmp_path):
+    log = tmp_path / "stderr.txt"
+    with log.open("w") as stderr:
+        proc = subprocess.Popen(_index_command(tiles), stdout=subprocess.DEVNULL, stderr=stderr)
+        store = _wait_for_rows(proc, data_dir, 16)
+        handles = data_dir / "postgres" / ".handle_pids.json"
+        assert proc.pid in json.loads(handles.read_text())
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    out = log.read_text()
+    assert proc.returncode == 130, out
+    assert re.search(rf"Interrupted after \d+ of {TILES} images: the batches stored are kept", out)
+    assert "Traceback" not in out
+    # it left the server's list of users at exit (killed by default it stayed on it)
+    assert proc.pid not in json.loads(handles.read_text())
+    kept = store.count("tiles")
+    assert 16 <= kept < TILES
+    store.close()
+    again = subprocess.run(_index_command(tiles), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and f"Skipped: {kept} (unchanged)" in again.stderr, again.stderr
 
 
 def test_server_killed_for_good_exits_6_keeps_what_was_stored_and_resumes(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Annotated
 
@@ -54,14 +55,17 @@ def serve(
         make_service()  # settings and model name checked before the server starts
     except ImgEmbedError as exc:
         raise fail(exc) from exc
-    uvicorn.run(
-        "imgembed.api:app_from_env",
-        factory=True,
-        host=host,
-        port=port,
-        workers=workers,
-        log_config=logging_config(log_level),
-        log_level=log_level,
-        access_log=False,  # our middleware logs each request as JSON, with its id
-        timeout_graceful_shutdown=30,
-    )
+    # uvicorn re-raises SIGTERM/SIGINT once it has shut down: a stop asked for and done is
+    # exit 0, and at exit this process lets the embedded server go
+    with contextlib.suppress(KeyboardInterrupt):
+        uvicorn.run(
+            "imgembed.api:app_from_env",
+            factory=True,
+            host=host,
+            port=port,
+            workers=workers,
+            log_config=logging_config(log_level),
+            log_level=log_level,
+            access_log=False,  # our middleware logs each request as JSON, with its id
+            timeout_graceful_shutdown=30,
+        )

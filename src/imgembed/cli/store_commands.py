@@ -67,6 +67,7 @@ def index(
     (exit 6) keeps what was stored: run the same command again to go on."""
     from imgembed.indexing import read_index_sources
 
+    done, items = 0, []
     try:
         if ray is not None:
             from imgembed import distributed  # ray: only for --ray
@@ -99,6 +100,8 @@ def index(
             task = bar.add_task("indexing", total=len(items))
 
             def update(progress: Progress) -> None:
+                nonlocal done
+                done = progress.done
                 bar.update(task, completed=progress.done)
 
             if ray is None:
@@ -109,6 +112,13 @@ def index(
                 )
     except ImgEmbedError as exc:
         raise fail(exc) from exc
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM
+        err.print(
+            f"Interrupted after {done} of {len(items)} images: the batches stored are kept; "
+            "run the same command again to go on (what is stored is skipped).",
+            highlight=False,
+        )
+        raise typer.Exit(130) from None
     unpruned = " (not pruned: some sources could not be read)" if stats.prune_skipped else ""
     err.print(
         "Indexing completed. Final statistics:\n"
