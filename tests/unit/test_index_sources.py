@@ -90,6 +90,18 @@ def test_a_utf8_bom_is_not_part_of_the_first_column(tmp_path):
     assert item.id == "sku-1" and item.error is None
 
 
+def test_csv_lists_separated_by_semicolons_or_tabs(tmp_path):
+    semi = tmp_path / "semi.csv"  # Excel in a German or Dutch locale
+    semi.write_text("id;image;category\ns1;a.jpg;space, far\n")
+    tabs = tmp_path / "tabs.csv"
+    tabs.write_text("id\timage\ns2\tb.jpg\n")
+    items = read_index_sources([str(semi), str(tabs)], [".jpg"])
+    assert [(i.id, Path(i.source).name, i.metadata) for i in items] == [
+        ("s1", "a.jpg", {"category": "space, far"}),
+        ("s2", "b.jpg", {}),
+    ]
+
+
 def test_txt_lists_keep_names_that_are_not_utf8(tmp_path):
     name = os.fsdecode(b"caf\xe9.png")
     listing = tmp_path / "files.txt"

@@ -23,6 +23,7 @@ from imgembed.catalog.products import (
     split_tags,
 )
 from imgembed.errors import ConfigurationError
+from imgembed.indexing.sources import csv_delimiter
 
 FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "shopify"}
 
@@ -159,7 +160,7 @@ Row = tuple[int, Mapping[str, Any] | BadRow]
 
 
 def _csv_rows(text: str) -> Iterator[Row]:
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=_delimiter(text))
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=csv_delimiter(text))
     header: list[str] | None = None
     while True:
         line = reader.line_num + 1  # where the next record starts
@@ -179,13 +180,6 @@ def _csv_rows(text: str) -> Iterator[Row]:
             yield line, BadRow(line, f"{len(fields)} fields, but the header has {len(header)}")
             continue
         yield line, dict(zip(header, fields, strict=False))
-
-
-def _delimiter(text: str) -> str:
-    """',' or what the header line is separated by: Excel in Dutch or German locales
-    writes ';' (the comma is their decimal mark), some exports a tab."""
-    header = next((line for line in text.splitlines() if line.strip()), "")
-    return max((",", ";", "\t"), key=header.count) if header else ","
 
 
 def _jsonl_rows(text: str) -> Iterator[Row]:

@@ -100,7 +100,7 @@ def _position(data: bytes, offset: int) -> tuple[int, int]:
 
 def _csv_rows(text: str) -> Iterator[tuple[int, dict[str, Any] | SourceListError]]:
     """(the file line a row starts on, the row by header name); blank lines skipped."""
-    reader = csv.reader(io.StringIO(text, newline=""))
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=csv_delimiter(text))
     header: list[str] | None = None
     while True:
         line = reader.line_num + 1  # a quoted field may span lines: the row starts here
@@ -117,6 +117,13 @@ def _csv_rows(text: str) -> Iterator[tuple[int, dict[str, Any] | SourceListError
             header = [name.strip() for name in row]
         else:
             yield line, dict(zip(header, row, strict=False))
+
+
+def csv_delimiter(text: str) -> str:
+    """',' or what the header line is separated by: Excel in Dutch or German locales
+    writes ';' (the comma is their decimal mark), some exports a tab."""
+    header = next((line for line in text.splitlines() if line.strip()), "")
+    return max((",", ";", "\t"), key=header.count) if header else ","
 
 
 def _json_rows(text: str) -> Iterator[tuple[int, dict[str, Any] | SourceListError]]:
