@@ -2,13 +2,15 @@
 runner; in a real process where the process matters)."""
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from tests.cli import run
+from tests.cli import run, run_process
 
 TINY_ARGS = ["--model", "imgembed-tiny", "--pretrained", "seed:0"]
 
@@ -142,6 +144,16 @@ def test_exit_codes_for_unavailable_model_and_bad_config(photos):
     proc = run("embed", str(photos[0]), "-o", "x.csv", *TINY_ARGS)
     assert proc.returncode == 3 and "unknown output format" in proc.stderr
     assert run("embed").returncode == 2  # usage
+    # option values that cannot be are usage errors (2), named, not a settings dump (3)
+    for option, value in [("--batch-size", "0"), ("--runtime", "banana"), ("--precision", "x")]:
+        wrong = run("embed", str(photos[0]), option, value, *TINY_ARGS)
+        assert wrong.returncode == 2 and "Invalid value for" in wrong.stderr, (option, wrong)
+    unnamed = run("index", str(photos[0]), "-c", "", *TINY_ARGS)  # not the default collection
+    assert unnamed.returncode == 2 and "cannot be empty" in unnamed.stderr
+    nothing = run("embed-text", "-", *TINY_ARGS, stdin="\n  \n")
+    assert nothing.returncode == 1 and "no text to embed" in nothing.stderr
+    ftp = run("embed", "ftp://example.org/a.jpg", *TINY_ARGS)  # was read as the path ftp:/...
+    assert ftp.returncode == 1 and "ftp://example.org/a.jpg: ftp:// is not fetched" in ftp.stderr
 
 
 def test_metadata_command(tmp_path):
@@ -157,6 +169,10 @@ def test_metadata_command(tmp_path):
     assert "broken.png" in proc.stderr and "InvalidImageError" in proc.stderr
     table = run("metadata", str(pillow / "flower.jpg"))
     assert table.returncode == 0 and "480x360" in table.stdout
+    odd = tmp_path / os.fsdecode(b"caf\xe9.jpg")  # a name that is not UTF-8
+    shutil.copy(pillow / "flower.jpg", odd)
+    named = run_process("metadata", str(odd), "--json")  # a real process: real stdout bytes
+    assert named.returncode == 0 and json.loads(named.stdout)["path"].endswith("caf\\xe9.jpg")
 
 
 def test_embed_url_from_the_command_line(photos, monkeypatch):

@@ -148,6 +148,9 @@ def embed_text(
     """Embed texts into the same space as images."""
     if texts == ["-"]:
         texts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if not texts:  # nothing read is not "embedded: 0 texts"
+        err.print("error: no text to embed (standard input held none)", highlight=False)
+        raise typer.Exit(1)
     try:
         writer = Writer(output)  # an unwritable -o fails now, not after the work
         service = make_service(
@@ -200,7 +203,7 @@ def metadata(
             err.print(f"failed: {exc} ({type(exc).__name__})", markup=False, highlight=False)
             continue
         if as_json:
-            typer.echo(json.dumps({"path": str(path), **data}, ensure_ascii=False))
+            typer.echo(json.dumps({"path": printable(str(path)), **data}, ensure_ascii=False))
         else:
             table.add_row(*_metadata_cells(path, data))
     if not as_json and table.row_count:

@@ -34,15 +34,36 @@ PretrainedOpt = Annotated[
 DeviceOpt = Annotated[str | None, typer.Option(help="cpu | cuda | cuda:N | auto.")]
 RuntimeOpt = Annotated[
     str | None,
-    typer.Option(help="torch | onnx (exported once, then runs without torch) | auto (per CPU)."),
+    typer.Option(
+        callback=lambda value: _one_of(value, "torch", "onnx", "auto"),
+        help="torch | onnx (exported once, then runs without torch) | auto (per CPU).",
+    ),
 ]
 PrecisionOpt = Annotated[
     str | None,
-    typer.Option(help="fp32 | int8 (onnx) | bf16 (torch) | fp16 (torch, CUDA) | auto (per CPU)."),
+    typer.Option(
+        callback=lambda value: _one_of(value, "fp32", "int8", "bf16", "fp16", "auto"),
+        help="fp32 | int8 (onnx) | bf16 (torch) | fp16 (torch, CUDA) | auto (per CPU).",
+    ),
 ]
-BatchOpt = Annotated[int | None, typer.Option(help="Images or texts per encoder batch.")]
+BatchOpt = Annotated[int | None, typer.Option(min=1, help="Images or texts per encoder batch.")]
+
+
+def _one_of(value: str | None, *choices: str) -> str | None:
+    if value is not None and value not in choices:  # a usage error (2), not settings (3)
+        raise typer.BadParameter(f"{value!r} is not one of {', '.join(choices)}")
+    return value
+
+
+def _named(value: str | None) -> str | None:
+    if value is not None and not value.strip():  # '' would fall back to the default one
+        raise typer.BadParameter("a collection name cannot be empty")
+    return value
+
+
 CollectionOpt = Annotated[
-    str | None, typer.Option("--collection", "-c", help="Collection name (default: images).")
+    str | None,
+    typer.Option("--collection", "-c", callback=_named, help="Collection name (default: images)."),
 ]
 RayOpt = Annotated[
     str | None,

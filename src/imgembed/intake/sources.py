@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import binascii
 import os
+import re
 import stat
 import time
 from collections.abc import Iterable
@@ -60,9 +61,15 @@ def checked_sources(sources: Iterable[object]) -> list:
 
 
 def as_path(source: str | os.PathLike[str]) -> Path:
-    """A path from a name; an empty name is refused (Path("") would be the current folder)."""
+    """A path from a name; an empty name is refused (Path("") would be the current folder),
+    and so is a URL of another scheme than http(s) (Path would read ftp://x as ftp:/x)."""
     if isinstance(source, str) and not source.strip():
         raise ImageNotFoundError("empty path: give a file, a URL or image data", repr(source))
+    scheme = re.match(r"([a-zA-Z][a-zA-Z0-9+.-]*)://", source) if isinstance(source, str) else None
+    if scheme:
+        raise SourceNotAllowedError(
+            f"{scheme[1]}:// is not fetched: only http(s) URLs are", source[:200]
+        )
     return Path(source)
 
 
@@ -192,7 +199,7 @@ def expand_paths(
             failures.append(ImageNotFoundError(f"cannot list folder: {reason}", str(folder)))
 
     for entry in paths:
-        if is_url(entry) or is_data_uri(entry):
+        if is_url(entry) or is_data_uri(entry) or "://" in str(entry):  # others fail on read
             found.append(str(entry))
             continue
         path = Path(entry)
