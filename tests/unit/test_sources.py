@@ -96,6 +96,15 @@ def test_an_empty_path_is_not_the_current_folder():
     assert str(results[0].error) == "'': empty path: give a file, a URL or image data"
 
 
+def test_a_name_as_printed_with_xnn_opens_the_file_again(tmp_path, photos):
+    raw = tmp_path / os.fsdecode(b"caf\xe9 \xff.png")  # not UTF-8
+    raw.write_bytes(photos[0].read_bytes())
+    shown = str(tmp_path / "caf\\xe9 \\xff.png")  # what outputs and ids say
+    with ImageEmbeddingService(**TINY) as service:
+        by_text, by_name = service.embed_images([shown, raw])
+    assert by_text.ok and by_text.image_id == by_name.image_id
+
+
 def test_a_folder_without_images_is_a_failure_not_nothing(tmp_path):
     empty = tmp_path / "empty"
     (empty / "sub").mkdir(parents=True)

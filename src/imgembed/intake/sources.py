@@ -22,6 +22,7 @@ from imgembed.errors import (
     InvalidImageError,
     SourceNotAllowedError,
 )
+from imgembed.intake.names import restore
 
 Source = str | os.PathLike[str] | bytes
 READ_CHUNK = 1 << 20
@@ -62,7 +63,8 @@ def checked_sources(sources: Iterable[object]) -> list:
 
 def as_path(source: str | os.PathLike[str]) -> Path:
     """A path from a name; an empty name is refused (Path("") would be the current folder),
-    and so is a URL of another scheme than http(s) (Path would read ftp://x as ftp:/x)."""
+    and so is a URL of another scheme than http(s) (Path would read ftp://x as ftp:/x). A
+    name as we print it (`caf\\xe9.jpg`, not UTF-8) opens the file it stands for."""
     if isinstance(source, str) and not source.strip():
         raise ImageNotFoundError("empty path: give a file, a URL or image data", repr(source))
     scheme = re.match(r"([a-zA-Z][a-zA-Z0-9+.-]*)://", source) if isinstance(source, str) else None
@@ -70,6 +72,12 @@ def as_path(source: str | os.PathLike[str]) -> Path:
         raise SourceNotAllowedError(
             f"{scheme[1]}:// is not fetched: only http(s) URLs are", source[:200]
         )
+    name = os.fspath(source)
+    if isinstance(name, str) and "\\x" in name and not os.path.lexists(name):
+        # a name we printed as `\xNN` (not UTF-8) opens the file it came from
+        restored = restore(name)
+        if os.path.lexists(restored):
+            return Path(restored)
     return Path(source)
 
 
