@@ -26,6 +26,7 @@ def test_index_search_collections_and_db(data_dir, photos, tmp_path):
 
     again = run("index", str(photos[0].parent), "-c", "shop", *TINY)
     assert again.returncode == 0 and "Skipped: 6 (unchanged)" in again.stderr
+    assert "Images/s: 0.0" in again.stderr  # skipped images are not work done
 
     # search uses the collection's own model without being told
     hits = json.loads(run("search", "--image", str(photos[2]), "-c", "shop", "--json").stdout)

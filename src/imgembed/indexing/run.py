@@ -52,7 +52,8 @@ class IndexStats:
 
     @property
     def images_per_second(self) -> float:
-        return self.processed / self.duration if self.duration > 0 else 0.0
+        """Images embedded and stored per second (skipped and failed ones are not work done)."""
+        return self.successful / self.duration if self.duration > 0 else 0.0
 
     def fail(self, item_id: str, source: str, error: ImgEmbedError) -> None:
         self.failed += 1
