@@ -109,6 +109,8 @@ def test_the_page_asks_for_an_api_key_when_the_server_wants_one(indexed):
         page.fill("#api-key", "page-key")
         page.press("#api-key", "Enter")
         page.wait_for_selector("#collection option", state="attached")
+        # the 401 of before the key is not left on the status line
+        page.wait_for_function("!document.querySelector('#status').textContent.includes('401')")
         page.fill("#query", "a rocket")
         page.click("#search")
         page.wait_for_function("document.querySelectorAll('#results .card').length === 7")

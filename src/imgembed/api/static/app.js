@@ -31,17 +31,20 @@ function collection() {
 }
 
 async function loadCollections() {
+  let failure = null;
   try {
     state.collections = await api("/api/v1/collections");
   } catch (error) {
-    status(`Cannot list collections: ${error.message}`, true);
-    return;
+    state.collections = []; // a list the key no longer opens is not offered
+    failure = `Cannot list collections: ${error.message}`;
   }
   const select = $("#collection");
   select.replaceChildren(
     ...state.collections.map((c) => new Option(`${c.name} (${c.count ?? "?"})`, c.name)),
   );
-  if (!state.collections.length) status("No collections yet: index some images first.");
+  if (failure) status(failure, true);
+  else if (!state.collections.length) status("No collections yet: index some images first.");
+  else status(""); // an earlier failure (e.g. before the key was given) is over
   describeCollection();
 }
 
