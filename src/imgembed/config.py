@@ -268,8 +268,8 @@ def warn_unknown_environment(environ: Mapping[str, str] = os.environ) -> list[st
     known = _known_environment_names()
     unknown = sorted(k for k in environ if k.startswith("IMGEMBED_") and k not in known)
     for name in unknown:
-        close = difflib.get_close_matches(name, known, n=1)
-        hint = f" (did you mean {close[0]}?)" if close else ""
+        close = difflib.get_close_matches(name, known, n=2)
+        hint = f" (did you mean {' or '.join(close)}?)" if close else ""
         warnings.warn(
             f"{name} is not an imgembed setting{hint}; it is ignored", UserWarning, stacklevel=2
         )

@@ -156,6 +156,16 @@ def test_exit_codes_for_unavailable_model_and_bad_config(photos):
     assert ftp.returncode == 1 and "ftp://example.org/a.jpg: ftp:// is not fetched" in ftp.stderr
 
 
+def test_a_misspelt_variable_is_one_warning_line(monkeypatch):
+    monkeypatch.setenv("IMGEMBED_BATCHSIZE", "3")
+    proc = run_process("embed-text", "a cat", *TINY_ARGS)  # warnings print only in a process
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.startswith(
+        "warning: IMGEMBED_BATCHSIZE is not an imgembed setting (did you mean"
+    )
+    assert "UserWarning" not in proc.stderr and "warnings.warn" not in proc.stderr
+
+
 def test_metadata_command(tmp_path):
     pillow = Path(__file__).resolve().parents[2] / ".testdata" / "pillow"
     proc = run(

@@ -240,11 +240,16 @@ def main() -> None:
     # Decoders warn about oddities in files (skipped tags, huge images); every file already
     # ends embedded or with a typed error, so on a terminal these are noise.
     warnings.filterwarnings("ignore", module=r"PIL\.")  # DecompressionBombWarning too
+    warnings.formatwarning = _warning  # ours are for users: the message, not our source line
     # SIGTERM (systemd, docker stop, kill) stops a command as Ctrl-C does: what was stored is
     # kept and the embedded PostgreSQL is let go at exit (by default nothing would clean up).
     signal.signal(signal.SIGTERM, _interrupt)
     sys.argv[1:] = optional_value(sys.argv[1:], "--ray", "local")
     app()
+
+
+def _warning(message: Warning | str, *args: object, **kwargs: object) -> str:
+    return f"warning: {message}\n"
 
 
 def _interrupt(signum: int, frame: object) -> None:
