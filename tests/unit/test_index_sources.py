@@ -169,6 +169,8 @@ def test_output_paths_are_checked_before_any_work(tmp_path):
         Writer(tmp_path / "missing" / "out.npy")
     with pytest.raises(ConfigurationError, match="it is a folder"):
         check_writable(tmp_path)
+    with pytest.raises(ConfigurationError, match=r"conftest\.py is a file, not a folder"):
+        check_writable(Path(__file__).parent.parent / "conftest.py" / "v.npy")
     existing = tmp_path / "keep.jsonl"
     existing.write_text("old\n")
     check_writable(existing)

@@ -89,6 +89,15 @@ def test_folder_walk_survives_symlink_loops(tree, tmp_path):
     assert names == ["escape.png", "inner.png", "ok.png"]
 
 
+def test_a_dangling_link_says_where_it_points(tmp_path):
+    link = tmp_path / "photo.jpg"
+    link.symlink_to(tmp_path / "gone.jpg")
+    with ImageEmbeddingService(**TINY) as service:
+        (result,) = service.embed_images([link])
+    assert isinstance(result.error, ImageNotFoundError)
+    assert str(result.error) == f"{link}: a link to {tmp_path / 'gone.jpg'}, which does not exist"
+
+
 def test_an_empty_path_is_not_the_current_folder():
     with ImageEmbeddingService(**TINY) as service:
         results = service.embed_images(["", " "])

@@ -27,6 +27,10 @@ def check_writable(path: Path, what: str = "output") -> None:
     folder = path.parent
     if path.is_dir():
         raise ConfigurationError(f"cannot write the {what} {shown}: it is a folder")
+    if folder.exists() and not folder.is_dir():
+        raise ConfigurationError(
+            f"cannot write the {what} {shown}: {printable(str(folder))} is a file, not a folder"
+        )
     if not folder.is_dir():
         raise ConfigurationError(
             f"cannot write the {what} {shown}: the folder {printable(str(folder))} does not "

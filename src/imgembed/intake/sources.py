@@ -22,7 +22,7 @@ from imgembed.errors import (
     InvalidImageError,
     SourceNotAllowedError,
 )
-from imgembed.intake.names import restore
+from imgembed.intake.names import printable, restore
 
 Source = str | os.PathLike[str] | bytes
 READ_CHUNK = 1 << 20
@@ -146,6 +146,9 @@ def read_file(
         finally:
             os.close(fd)
     except FileNotFoundError as exc:
+        if os.path.islink(path):
+            target = printable(os.readlink(path))
+            raise ImageNotFoundError(f"a link to {target}, which does not exist", label) from exc
         raise ImageNotFoundError("no such file", label) from exc
     except PermissionError as exc:
         raise ImageNotFoundError("permission denied", label) from exc
