@@ -25,9 +25,7 @@ from imgembed.cli.common import (
     fail,
     make_settings,
 )
-from imgembed.errors import (
-    ImgEmbedError,
-)
+from imgembed.errors import ImgEmbedError
 
 catalog_app = typer.Typer(
     help="Products per store: text + image embeddings fused by category, and product search.",
