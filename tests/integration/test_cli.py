@@ -156,6 +156,13 @@ def test_exit_codes_for_unavailable_model_and_bad_config(photos):
     assert ftp.returncode == 1 and "ftp://example.org/a.jpg: ftp:// is not fetched" in ftp.stderr
 
 
+def test_verify_says_why_no_image_could_be_read():
+    broken = Path(__file__).resolve().parents[2] / ".testdata" / "pillow" / "broken.png"
+    proc = run("models", "verify", "imgembed-tiny", "--pretrained", "seed:0", "--images", broken)
+    assert proc.returncode == 5
+    assert f"no image could be read to verify with: {broken}: not a recognised" in proc.stderr
+
+
 def test_a_misspelt_variable_is_one_warning_line(monkeypatch):
     monkeypatch.setenv("IMGEMBED_BATCHSIZE", "3")
     proc = run_process("embed-text", "a cat", *TINY_ARGS)  # warnings print only in a process

@@ -78,7 +78,8 @@ def verify(ref: ModelRef, settings: Settings, images: Sequence[Path | bytes]) ->
         except Exception as exc:  # untrusted files: as in the pipeline, skip and name them
             failed.append(f"{source if isinstance(source, Path | str) else 'bytes'}: {exc!r}")
     if not pixels:
-        raise ImgEmbedError("no image could be read to verify with")
+        why = f": {'; '.join(failed[:3])}" if failed else " (none given)"
+        raise ImgEmbedError(f"no image could be read to verify with{why}")
     batch = np.stack(pixels)
     size = settings.batch_size
     ours, ours_rate = _encode_timed(candidate, batch, size)
