@@ -71,6 +71,7 @@ def test_products_embed_search_and_stats_over_http(root, photos):
         card = client.get("/api/v1/stores/shop/products/77").json()
         assert (card["status"], card["weight_category"], card["text_only"]) == (
             "embedded", "tech", True)  # fmt: skip
+        assert card["price"] == 25 and card["currency"] is None  # a number, not "25.00"
         summary = client.get("/api/v1/stores/shop/stats").json()
         assert (summary["embedded"], summary["failed"], summary["to_embed"]) == (count - 1, 1, 1)
 

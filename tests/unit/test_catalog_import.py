@@ -268,6 +268,24 @@ def test_unknown_format_and_missing_file(tmp_path):
     assert read_catalogue(odd, "jsonl").products[0][1].title == "x"
 
 
+def test_a_file_in_another_format_than_named_is_refused_whole(tmp_path):
+    table = tmp_path / "products.csv"
+    table.write_text("id,title\nA1,Stoel\nA2,Tafel\n")
+    with pytest.raises(ConfigurationError, match="not JSON lines; use --format csv"):
+        read_catalogue(table, "jsonl")
+    with pytest.raises(ConfigurationError, match=r"not a JSON document .*'id,title"):
+        read_catalogue(table, "shopify")
+    lines = tmp_path / "products.jsonl"
+    lines.write_text('{"id": "A1", "title": "Stoel"}\n')
+    with pytest.raises(ConfigurationError, match="holds JSON, not CSV: use --format jsonl"):
+        read_catalogue(lines, "csv")
+    # one broken line among JSON lines is that line's error, not the file's
+    lines.write_text('"id": "A0"\n{"id": "A1", "title": "Stoel"}\n')
+    parsed = read_catalogue(lines)
+    assert [p.product_id for _, p in parsed.products] == ["A1"]
+    assert "not valid JSON" in _lines(parsed)[1]
+
+
 def test_product_text_template_and_html():
     assert product_text("Rode jurk", "Katoen", "kleding", Decimal("29.9"), "EUR") == (
         "Rode jurk\nKatoen\nCategory: kleding\nPrice: 29.90 EUR"

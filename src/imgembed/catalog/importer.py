@@ -65,6 +65,7 @@ def read_catalogue(path: Path, format: str | None = None) -> ParsedCatalogue:
         raise ConfigurationError(f"cannot read {path}: {exc.strerror or exc}") from exc
     # Bytes that are not UTF-8 survive as surrogates; the rows holding them are reported.
     text = raw.decode("utf-8", errors="surrogateescape").removeprefix("\ufeff")
+    _check_kind(path, kind, text)
     parsed = ParsedCatalogue(path, kind)
     rows = {"csv": _csv_rows, "jsonl": _jsonl_rows, "shopify": _json_rows}[kind](text)
     for line, row in rows:
@@ -82,6 +83,29 @@ def read_catalogue(path: Path, format: str | None = None) -> ParsedCatalogue:
     if not parsed.rows:  # an export that failed half-way must not pass as "imported"
         parsed.bad_rows.append(BadRow(1, "no products in this file (empty, or a header only)"))
     return parsed
+
+
+def _check_kind(path: Path, kind: str, text: str) -> None:
+    """A file in another format than the one named is refused as a whole: read as the wrong
+    one, every row would be reported bad and the cause would go unsaid."""
+    starts = [line.lstrip()[:1] for line in text.splitlines() if line.strip()]
+    if not starts:
+        return  # empty: reported as a file with no products
+    if kind == "csv" and starts[0] in "{[":
+        raise ConfigurationError(
+            f"{path} holds JSON, not CSV: use --format jsonl (one product per line) "
+            "or --format shopify (products.json)"
+        )
+    if kind == "jsonl" and "{" not in starts:
+        raise ConfigurationError(
+            f"{path}: no line is a JSON object, so it is not JSON lines; "
+            "use --format csv, or --format shopify for one JSON document"
+        )
+    if kind == "shopify" and starts[0] not in "{[":
+        raise ConfigurationError(
+            f"{path} is not a JSON document (it starts with {text.lstrip()[:20]!r}); "
+            "use --format csv or --format jsonl"
+        )
 
 
 def first_of_each(
