@@ -1,13 +1,16 @@
 """The store commands end to end: index, search, duplicates, collections, db."""
 
 import json
+import subprocess
+import sys
 import time
 
+import psutil
 import pytest
 
 from imgembed.store import embedded
 from imgembed.store.postgres import SCHEMA
-from tests.cli import run, run_process
+from tests.cli import IMGEMBED, run, run_process
 
 TINY = ["--model", "imgembed-tiny", "--pretrained", "seed:0"]
 
@@ -122,3 +125,37 @@ def test_db_start_keeps_the_server_up_between_commands_until_stopped(data_dir, p
         time.sleep(0.2)
     assert not embedded.status(data_dir).running
     assert run_process("db", "start", "--for", "soon").returncode == 2
+
+
+USER = "import sys, time; from imgembed.store import embedded; embedded.start(sys.argv[1]); "
+USER += "print('up', flush=True); time.sleep(600)"
+
+
+def test_db_start_twice_at_once_and_db_stop_while_the_server_is_used(data_dir):
+    """Two `db start` at the same moment both succeed, the later keeper replacing the
+    earlier; `db stop` leaves a server another process uses to it, unless --force."""
+    both = [subprocess.Popen([IMGEMBED, "db", "start", "--for", "10m"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for _ in range(2)]  # fmt: skip
+    for started in both:
+        out, errors = started.communicate(timeout=300)
+        assert started.returncode == 0 and "kept up until" in out, errors
+    assert embedded.kept_until(data_dir) is not None
+    keepers = [p for p in psutil.process_iter(["cmdline"])
+               if "imgembed.resident" in (p.info["cmdline"] or [])]  # fmt: skip
+    assert len(keepers) == 1  # the earlier one was ended, not left running as well
+
+    user = subprocess.Popen([sys.executable, "-c", USER, str(data_dir)], stdout=subprocess.PIPE,
+                            text=True)  # fmt: skip
+    try:
+        assert user.stdout is not None and user.stdout.readline().strip() == "up"
+        refused = run_process("db", "stop")
+        assert refused.returncode == 6, refused.stderr
+        assert f"still used by pid {user.pid} (-c import" in refused.stderr
+        assert "--force" in refused.stderr
+        assert embedded.status(data_dir).running  # left to its user
+        assert embedded.kept_until(data_dir) is None  # the keeper let go
+        assert run_process("db", "stop", "--force").stdout.strip() == "stopped"
+        assert not embedded.status(data_dir).running
+    finally:
+        user.kill()
+        user.wait()

