@@ -251,8 +251,12 @@ class Catalog:
             report.unchanged += unchanged
 
     def product(self, store_id: str, product_id: str) -> dict[str, Any] | None:
-        """One product with its embedding status and provenance (no vectors), or None."""
-        return self.repository.product(store_id, product_id)
+        """One product with its embedding status and provenance (no vectors), or None. The
+        price is a float as in search hits (a Decimal would reach JSON as a string)."""
+        found = self.repository.product(store_id, product_id)
+        if found is not None and found["price"] is not None:
+            found["price"] = float(found["price"])
+        return found
 
     # -- embedding ---------------------------------------------------------------------------
 
