@@ -32,6 +32,19 @@ def test_cache_persists_across_services_and_is_keyed_by_content(photos, tmp_path
     assert [r.cached for r in results] == [True, True, False]
 
 
+def test_a_cached_image_is_refused_by_limits_as_an_uncached_one(photos):
+    with ImageEmbeddingService(**TINY) as service:
+        assert all(r.ok for r in service.embed_images(photos[:2]))
+    for limit, error in (
+        ({"supported_formats": [".gif"]}, "UnsupportedFormatError"),
+        ({"max_image_size": 64, "min_image_size": 16}, "ImageTooLargeError"),
+    ):
+        with ImageEmbeddingService(**TINY, **limit) as service:
+            results = service.embed_images(photos[:2])
+        assert [type(r.error).__name__ for r in results] == [error, error], limit
+        assert not any(r.cached or r.embedding is not None for r in results)
+
+
 def test_cache_is_separate_per_model_and_preprocessing(photos):
     with ImageEmbeddingService(**TINY) as service:
         service.embed_images(photos)

@@ -137,10 +137,11 @@ class ImagePipeline:
                 hit = self.cache.get(item.digest, self.encoder.dimension)
                 item.note("cache hit: the stored embedding is used" if hit else "cache miss")
             if hit is not None:
+                metadata = image_input.metadata(limits=self.intake.limits)
                 item.vector, scores = hit
                 item.cached = True
                 quality = self.intake.flag(scores)  # the threshold may differ from then
-                item.metadata = {**image_input.metadata(), "quality": quality}
+                item.metadata = {**metadata, "quality": quality}
             else:
                 with self._decode_slots:
                     decoded = image_input.decode(self.intake.limits, self.draft_min_side)

@@ -49,9 +49,13 @@ class ImageInput:
     data: bytes | None = None
     image: Image.Image | None = None
 
-    def metadata(self, extended: bool = False) -> dict[str, Any]:
-        """Header metadata (no pixels decoded); with `extended`, EXIF camera/exposure/GPS too."""
+    def metadata(self, extended: bool = False, limits: Limits | None = None) -> dict[str, Any]:
+        """Header metadata (no pixels decoded); with `extended`, EXIF camera/exposure/GPS too.
+        With `limits`, an image they refuse raises as its decode would (a cache hit is
+        refused like a miss: the settings may have changed since it was stored)."""
         image = self.image if self.image is not None else open_image(self.data, self.label)
+        if limits is not None:
+            limits.check(image, self.label)
         size = None if self.data is None else len(self.data)
         metadata = {**image_metadata(image, size), "content_hash": self.digest}
         return {**metadata, **extended_metadata(image)} if extended else metadata
