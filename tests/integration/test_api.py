@@ -120,6 +120,8 @@ def test_one_image_from_every_source_equals_the_library(client, root, library):
     assert {"camera_info", "gps_info", "creation_date"} <= out["metadata"].keys()
     assert abs(np.linalg.norm(out["embedding"]) - 1) > 1e-3
     assert _cos(out["embedding"], expected) >= 0.99999
+    misnamed = client.post("/api/v1/embeddings/image", files={"image": ("m.jpg", data)})
+    assert misnamed.status_code == 422 and "upload it as 'file'" in misnamed.text
 
 
 def test_request_ids_are_echoed(client, root):
@@ -279,7 +281,7 @@ def test_texts_and_openai_compatible_embeddings(client, root, library):
     wrong = client.post("/v1/embeddings", json={**body, "dimensions": 32})
     assert wrong.status_code == 422 and "64 dimensions" in wrong.json()["error"]["message"]
     other = client.post("/v1/embeddings", json={**body, "model": "text-embedding-3-small"})
-    assert other.status_code == 422 and other.json()["error"]["type"] == "ConfigurationError"
+    assert other.status_code == 422 and other.json()["error"]["type"] == "UnknownModelError"
     tokens = client.post("/v1/embeddings", json={"input": [1, 2, 3], "model": "imgembed-tiny"})
     assert tokens.status_code == 422 and tokens.json()["error"]["type"] == "ValidationError"
     bad_image = client.post(
@@ -329,6 +331,16 @@ def test_search_among_candidates(client, root, library):
     assert no_query.status_code == 422
     blank = client.post("/api/v1/search/image", json={"query_text": " ", "collection": "c"})
     assert blank.status_code == 422 and "search text is empty" in blank.json()["error"]
+    # nothing to search among, or a name that is empty: malformed, not "no results"
+    for empty in ({"query_text": "a cup", "candidate_image_paths": []},
+                  {"query_text": "a cup", "candidate_images": []},
+                  {"query_text": "a cup", "collection": ""},
+                  {"query_image_path": "", "collection": "c"}):  # fmt: skip
+        refused = client.post("/api/v1/search/image", json=empty)
+        assert refused.status_code == 422, empty
+        assert refused.json()["error_type"] == "ValidationError", empty
+    no_path = client.post("/api/v1/embeddings/image", json={"image_path": ""})
+    assert (no_path.status_code, no_path.json()["error_type"]) == (422, "ValidationError")
 
 
 def test_openapi_docs_and_metrics(client, root):
@@ -427,12 +439,30 @@ def test_not_ready_while_the_model_loads(root, monkeypatch):
         assert client.get("/health").status_code == 200
         ready = client.get("/ready")
         assert ready.status_code == 503 and ready.json()["model"] == "loading"
+        assert int(ready.headers["retry-after"]) >= 1
         busy = client.post("/api/v1/embeddings/text", json={"texts": ["x"]})
         assert busy.status_code == 503 and busy.json()["error_type"] == "UnavailableError"
         assert int(busy.headers["retry-after"]) >= 1
         release.set()
         _wait_for_model(client)
         assert client.get("/ready").json() == {"status": "ready", "model": True, "store": True}
+
+
+def test_not_ready_for_good_when_the_model_cannot_load(root, monkeypatch):
+    import imgembed.service
+    from imgembed.errors import ModelUnavailableError
+
+    def missing(ref, settings):
+        raise ModelUnavailableError("no weights for this model here")
+
+    monkeypatch.setattr(imgembed.service, "create_encoder", missing)
+    with _client(False, allowed_roots=[root]) as client:
+        deadline = time.monotonic() + 60
+        while (ready := client.get("/ready")).json()["model"] == "loading":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert ready.status_code == 503 and "no weights" in ready.json()["model"]
+        assert "retry-after" not in ready.headers  # asking again will not help
 
 
 def test_a_bug_is_a_500_with_the_request_id(client, monkeypatch):

@@ -160,15 +160,21 @@ async def read_upload(upload: UploadFile, settings: Settings) -> tuple[bytes, st
 
 
 async def parse_body(
-    request: Request, model: type[M], settings: Settings
+    request: Request, model: type[M], settings: Settings, uploads_as: str
 ) -> tuple[M, list[UploadFile]]:
-    """The body as `model`, from JSON or from multipart form fields, plus any uploads.
-    Large JSON bodies (base64 images) are parsed in a thread, off the event loop."""
+    """The body as `model`, from JSON or from multipart form fields, plus the files uploaded
+    as the form field `uploads_as` (a file under another name is refused, as an unknown
+    field is). Large JSON bodies (base64 images) are parsed in a thread, off the event loop."""
     uploads: list[UploadFile] = []
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
         form = await request.form(max_files=settings.max_batch_inputs + 1)
         fields: dict[str, list[str]] = {}
         for key, value in form.multi_items():
+            if isinstance(value, UploadFile) and key != uploads_as:
+                raise RequestValidationError([{
+                    "loc": ("body", key), "type": "extra_forbidden",
+                    "msg": f"a file under an unknown name: upload it as {uploads_as!r}",
+                }])  # fmt: skip
             if isinstance(value, UploadFile):
                 uploads.append(value)
             else:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Scalar = str | int | float | bool
+# A field that names one thing: "" is a malformed request (422), not a file or collection
+# that cannot be found.
+Named = Annotated[str, Field(min_length=1)]
 
 
 def _exactly_one(model: BaseModel, fields: tuple[str, ...], what: str) -> None:
@@ -43,9 +46,9 @@ class _ImageOptions(_Body):
 class ImageRequest(_ImageOptions):
     """JSON, or multipart/form-data with the image as `file` and these fields as form fields."""
 
-    image_path: str | None = None
-    image_url: str | None = None
-    image_base64: str | None = None
+    image_path: Named | None = None
+    image_url: Named | None = None
+    image_base64: Named | None = None
 
 
 class BatchRequest(_ImageOptions):
@@ -96,14 +99,14 @@ class SearchRequest(_Body):
     """A query (an image by path/url/base64 or upload, a text, or an indexed item's id) and
     either candidate images or a collection (with metadata filters)."""
 
-    query_image_path: str | None = None
-    query_image_url: str | None = None
-    query_image_base64: str | None = None
+    query_image_path: Named | None = None
+    query_image_url: Named | None = None
+    query_image_base64: Named | None = None
     query_text: str | None = None
-    query_id: str | None = Field(None, description="An item of the collection: more like this.")
+    query_id: Named | None = Field(None, description="An item of the collection: more like this.")
     candidate_image_paths: list[str] | None = None
     candidate_images: list[ImageSource] | None = None
-    collection: str | None = None
+    collection: Named | None = None
     top_k: int = Field(5, ge=1, le=1000)
     filters: dict[str, Scalar] | None = None
     include_embeddings: bool = False
@@ -118,6 +121,8 @@ class SearchRequest(_Body):
         candidates = self.candidate_image_paths is not None or self.candidate_images is not None
         if candidates and self.collection is not None:
             raise ValueError("give candidate images or a collection, not both")
+        if candidates and not (self.candidate_image_paths or self.candidate_images):
+            raise ValueError("no candidate images: give at least one, or a collection")
         if self.query_id is not None and candidates:
             raise ValueError("query_id names an item of a collection")
         return self

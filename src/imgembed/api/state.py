@@ -23,6 +23,9 @@ from imgembed.service import ImageEmbeddingService
 log = logging.getLogger("imgembed.api")
 
 
+LOADING_RETRY_SECONDS = 2.0  # what a 503 asks a client to wait while the model loads
+
+
 class AppState:
     def __init__(self, settings: Settings, service: ImageEmbeddingService):
         self.settings = settings
@@ -65,7 +68,9 @@ class AppState:
     def _ready_batcher(self, service: ImageEmbeddingService) -> Batcher:
         task = self._load(service)
         if not task.done():
-            raise UnavailableError(f"the model {service.model_ref} is still loading", 2.0)
+            raise UnavailableError(
+                f"the model {service.model_ref} is still loading", LOADING_RETRY_SECONDS
+            )
         return task.result()  # raises the load error: ModelUnavailableError -> 503
 
     async def batcher_for(self, service: ImageEmbeddingService) -> Batcher:

@@ -47,7 +47,7 @@ def result_dict(result: ImageEmbeddingResult, include_metadata: bool) -> dict[st
     summary="Embed one image (path, URL, base64 or an uploaded file)",
 )
 async def embed_image(request: Request, state: State) -> dict[str, Any]:
-    body, uploads = await parse_body(request, ImageRequest, state.settings)
+    body, uploads = await parse_body(request, ImageRequest, state.settings, "file")
     given = (body.image_path, body.image_url, body.image_base64)
     if sum(value is not None for value in given) + len(uploads) != 1:
         raise invalid_body(
@@ -71,7 +71,7 @@ async def embed_image(request: Request, state: State) -> dict[str, Any]:
 )
 async def embed_batch(request: Request, state: State) -> dict[str, Any]:
     started = time.perf_counter()
-    body, uploads = await parse_body(request, BatchRequest, state.settings)
+    body, uploads = await parse_body(request, BatchRequest, state.settings, "files")
     count = len(body.image_paths) + len(body.images) + len(uploads)
     if not count:
         raise invalid_body("give at least one image: image_paths, images or file uploads")

@@ -17,7 +17,7 @@ from fastapi import APIRouter
 from imgembed.api.inputs import base64_source, check_count, invalid_body, path_source, url_source
 from imgembed.api.schemas import OpenAIEmbeddingRequest, OpenAIEmbeddingResponse, OpenAIModelList
 from imgembed.api.state import AppState, State
-from imgembed.errors import ConfigurationError, InvalidImageError
+from imgembed.errors import ConfigurationError, InvalidImageError, UnknownModelError
 from imgembed.intake.image_input import Input
 from imgembed.intake.sources import is_data_uri, is_url
 from imgembed.models import registry
@@ -44,7 +44,7 @@ async def embeddings(body: OpenAIEmbeddingRequest, state: State) -> dict[str, An
     service = state.service
     ref = service.model_ref
     if body.model != str(ref) and registry.resolve(body.model, ref.pretrained) != ref:
-        raise ConfigurationError(
+        raise UnknownModelError(
             f"model {body.model!r} is not served here; GET /v1/models lists {ref.name!r}"
         )
     if body.dimensions is not None and body.dimensions != service.dimension:

@@ -9,7 +9,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from imgembed.api.state import State
+from imgembed.api.state import LOADING_RETRY_SECONDS, State
 
 router = APIRouter(tags=["operations"])
 
@@ -23,7 +23,14 @@ async def health() -> dict[str, str]:
 async def ready(state: State) -> JSONResponse:
     checks: dict[str, Any] = await asyncio.to_thread(state.readiness)
     ok = all(value is True for value in checks.values())
-    return JSONResponse({"status": "ready" if ok else "not ready", **checks}, 200 if ok else 503)
+    body = {"status": "ready" if ok else "not ready", **checks}
+    if ok:
+        return JSONResponse(body)
+    # worth asking again soon while the model loads or the store restarts; a model that
+    # failed to load stays failed
+    failed = str(checks["model"]).startswith("failed")
+    wait = {} if failed else {"Retry-After": str(round(LOADING_RETRY_SECONDS))}
+    return JSONResponse(body, 503, headers=wait)
 
 
 @router.get("/metrics", summary="Prometheus metrics")

@@ -96,7 +96,7 @@ class _JobEvents(NoEvents):
 )
 async def search(store_id: str, request: Request, state: State) -> dict[str, Any]:
     started = time.perf_counter()
-    body, uploads = await parse_body(request, ProductSearchRequest, state.settings)
+    body, uploads = await parse_body(request, ProductSearchRequest, state.settings, "file")
     if len(uploads) > 1 or (uploads and body.image_given):
         raise invalid_body("give at most one image: a path, a URL, base64 or a file")
     image = None

@@ -38,7 +38,7 @@ router = APIRouter(prefix="/api/v1/search", tags=["search"])
 )
 async def search_image(request: Request, state: State) -> dict[str, Any]:
     started = time.perf_counter()
-    body, uploads = await parse_body(request, SearchRequest, state.settings)
+    body, uploads = await parse_body(request, SearchRequest, state.settings, "file")
     queries = [body.query_image_path, body.query_image_url, body.query_image_base64,
                body.query_text, body.query_id]  # fmt: skip
     if sum(query is not None for query in queries) + len(uploads) != 1:
