@@ -168,6 +168,7 @@ class ImageEmbeddingService(SeedAsyncMethods):
     ) -> list[SimilarityResult]:
         """The top_k most similar candidates, best first (rank 1). Candidates are a mapping
         (key -> embedding) or a matrix, whose keys are then the row numbers."""
+        similarity.check_top_k(top_k)
         if isinstance(image_embeddings, Mapping):
             keys = list(image_embeddings)
             matrix = [image_embeddings[key] for key in keys]
@@ -268,6 +269,7 @@ class ImageEmbeddingService(SeedAsyncMethods):
         top_k: int = 10,
         filters: Filters = None,
     ) -> list[SimilarityResult]:
+        similarity.check_top_k(top_k)
         name = collection or self.settings.collection
         stored = self.store.provenance(name)
         if stored != self.provenance:

@@ -79,6 +79,11 @@ async def test_similarity_methods(tiny_service, photos):
     assert hits[0][1] >= hits[1][1]
     by_row = await tiny_service.find_similar_images(query, np.array(embeddings), top_k=1)
     assert by_row[0][0] == 2
+    for nothing in (0, -1, 2.5, True):  # an empty answer would read as "no match"
+        with pytest.raises(ConfigurationError, match="top_k must be a whole number"):
+            await tiny_service.find_similar_images(query, mapping, top_k=nothing)
+        with pytest.raises(ConfigurationError, match="top_k must be a whole number"):
+            tiny_service.search_vector(query, "any", top_k=nothing)
 
 
 def test_similar_images_returns_ranked_results(tiny_service):
@@ -102,6 +107,9 @@ async def test_preprocess_image(tiny_service, photos):
 async def test_extract_image_metadata(tiny_service, photos):
     metadata = await tiny_service.extract_image_metadata(str(photos[0]))
     assert metadata["width"] > 0 and metadata["format"] in ("PNG", "JPEG")
+    # the seed's Tuple[int, int]: a PNG's 11,811 pixels per metre are 300 dpi, not 299.999
+    astronaut = next(p for p in photos if p.name == "astronaut.png")
+    assert (await tiny_service.extract_image_metadata(astronaut))["dpi"] == [300, 300]
 
 
 async def test_async_methods_do_not_block_the_event_loop(all_photos, monkeypatch):

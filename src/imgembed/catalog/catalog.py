@@ -18,6 +18,7 @@ from imgembed.catalog.repository import ProductRepository, StoreProvenance
 from imgembed.catalog.text import TextEmbedder, create_text_embedder, spec_for
 from imgembed.catalog.weights import WeightsTable, load_weights
 from imgembed.config import Settings, load_settings
+from imgembed.engine import similarity
 from imgembed.errors import (
     CollectionNotFoundError,
     ConfigurationError,
@@ -332,8 +333,7 @@ class Catalog:
         max_price: float | Decimal | None = None,
     ) -> list[search.ProductHit]:
         """Products for a text, an image, or both, best first, with the score of each part."""
-        if top_k < 1:
-            raise ConfigurationError("top_k must be at least 1")
+        similarity.check_top_k(top_k)
         category = (category or "").strip() or None  # an empty form field: no filter
         recorded = self.repository.provenance(store_id)
         if recorded is None:

@@ -61,6 +61,12 @@ def cosine_similarity(a: ArrayLike, b: ArrayLike) -> float:
     return float(cosine_similarities(a, [b])[0])
 
 
+def check_top_k(k: int) -> None:
+    """Refuse a top_k that asks for nothing (0, -1: an empty answer would look like no match)."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ConfigurationError(f"top_k must be a whole number of at least 1, not {k!r}")
+
+
 def top_k(scores: np.ndarray, k: int) -> np.ndarray:
     """Indices of the k highest scores, best first (ties keep input order)."""
     k = max(0, min(k, scores.shape[0]))

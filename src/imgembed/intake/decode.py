@@ -272,8 +272,10 @@ def _frames(image: Image.Image) -> int | None:
             image.seek(0)
 
 
-def _dpi(value: Any) -> list[float] | None:
+def _dpi(value: Any) -> list[int] | None:
+    """Whole dots per inch, as the seed's ImageMetadata has them (a PNG's pixels per metre
+    come back as 299.999 for 300)."""
     try:
-        return [round(float(v), 3) for v in value] if value else None
-    except (TypeError, ValueError, ZeroDivisionError):
+        return [round(float(v)) for v in value] if value else None
+    except (TypeError, ValueError, ZeroDivisionError, OverflowError):
         return None

@@ -69,6 +69,6 @@ class EfficientNetEncoder:
 
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
         raise ConfigurationError(
-            f"{self.ref} is an image-only model: it cannot embed text. Search by image "
-            "(--image), or use a CLIP model such as ViT-B-32 for text queries."
+            f"{self.ref} is an image-only model: it cannot embed text. Search by an "
+            "image instead, or use a CLIP model such as ViT-B-32 for text queries."
         )
