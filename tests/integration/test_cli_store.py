@@ -140,8 +140,9 @@ def test_db_start_twice_at_once_and_db_stop_while_the_server_is_used(data_dir):
         out, errors = started.communicate(timeout=300)
         assert started.returncode == 0 and "kept up until" in out, errors
     assert embedded.kept_until(data_dir) is not None
+    mine = ["imgembed.resident", str(data_dir.resolve())]  # other data folders' keepers aside
     keepers = [p for p in psutil.process_iter(["cmdline"])
-               if "imgembed.resident" in (p.info["cmdline"] or [])]  # fmt: skip
+               if (p.info["cmdline"] or [])[2:4] == mine]  # fmt: skip
     assert len(keepers) == 1  # the earlier one was ended, not left running as well
 
     user = subprocess.Popen([sys.executable, "-c", USER, str(data_dir)], stdout=subprocess.PIPE,
