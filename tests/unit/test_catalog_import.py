@@ -268,6 +268,41 @@ def test_unknown_format_and_missing_file(tmp_path):
     assert read_catalogue(odd, "jsonl").products[0][1].title == "x"
 
 
+def test_flat_rows_with_shopify_column_names_keep_their_own_columns(tmp_path):
+    table = tmp_path / "export.csv"
+    table.write_text(
+        "id,title,body_html,category,price,image_url\n"
+        "h1,Rode jurk,<p>Mooie jurk</p>,kleding,49.95,https://x/h1.jpg\n"
+    )
+    (row,) = [p for _, p in read_catalogue(table).products]
+    assert (row.description, row.category, row.price, row.image_url) == (
+        "Mooie jurk", "kleding", Decimal("49.95"), "https://x/h1.jpg")  # fmt: skip
+    lines = tmp_path / "images.jsonl"  # no main image named: the first of the others is it
+    lines.write_text('{"id": "g1", "title": "t", "images": ["https://x/1.jpg", "https://x/2.jpg"]}')
+    (gallery,) = [p for _, p in read_catalogue(lines).products]
+    assert (gallery.image_url, gallery.extra_image_urls) == (
+        "https://x/1.jpg",
+        ("https://x/2.jpg",),
+    )
+
+
+def test_one_shopify_product_joined_jsonl_files_and_an_empty_file(tmp_path):
+    single = tmp_path / "product.json"  # Shopify's GET /products/{id}.json
+    single.write_text('{\n  "product": {"id": 7, "title": "Lamp", "variants": [{"price": "9"}]}\n}')
+    ((line, lamp),) = read_catalogue(single).products
+    assert (line, lamp.product_id, lamp.price) == (2, "7", Decimal("9"))
+    joined = tmp_path / "joined.jsonl"  # two exports joined with `cat`, each with a BOM
+    joined.write_bytes(
+        '\ufeff{"id": "a", "title": "A"}\n\ufeff{"id": "b", "title": "B"}\n'.encode()
+    )
+    parsed = read_catalogue(joined)
+    assert [p.product_id for _, p in parsed.products] == ["a", "b"] and not parsed.bad_rows
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    parsed = read_catalogue(empty)
+    assert parsed.rows == 0 and len(parsed.bad_rows) == 1  # not "1 row read, 1 bad"
+
+
 def test_a_file_in_another_format_than_named_is_refused_whole(tmp_path):
     table = tmp_path / "products.csv"
     table.write_text("id,title\nA1,Stoel\nA2,Tafel\n")

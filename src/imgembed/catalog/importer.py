@@ -43,10 +43,7 @@ class ParsedCatalogue:
     format: str
     products: list[tuple[int, ProductInput]] = field(default_factory=list)  # (line, product)
     bad_rows: list[BadRow] = field(default_factory=list)
-
-    @property
-    def rows(self) -> int:
-        return len(self.products) + len(self.bad_rows)
+    rows: int = 0  # rows read: good and bad (an empty file has none, and one bad row)
 
 
 def read_catalogue(path: Path, format: str | None = None) -> ParsedCatalogue:
@@ -78,6 +75,7 @@ def read_catalogue(path: Path, format: str | None = None) -> ParsedCatalogue:
             parsed.bad_rows.append(BadRow(line, str(exc)))
         except Exception as exc:  # untrusted input: whatever a row breaks is that row's
             parsed.bad_rows.append(BadRow(line, f"cannot read this product: {exc!r}"))
+    parsed.rows = len(parsed.products) + len(parsed.bad_rows)
     parsed.products = first_of_each(parsed.products, parsed.bad_rows)
     parsed.bad_rows.sort(key=lambda row: row.line)
     if not parsed.rows:  # an export that failed half-way must not pass as "imported"
@@ -133,10 +131,12 @@ def product(row: Mapping[str, Any], base: Path | None = None) -> ProductInput:
 
 
 def _is_shopify(row: Mapping[str, Any]) -> bool:
+    """Shopify's own structures: variants, image objects. A `body_html` column alone is a
+    flat row's description (its category, price and image columns would be lost)."""
     images = row.get("images")
     return (
-        "body_html" in row
-        or isinstance(row.get("variants"), list)
+        isinstance(row.get("variants"), list)
+        or isinstance(row.get("image"), Mapping)
         or (isinstance(images, list) and any(isinstance(i, Mapping) for i in images))
     )
 
@@ -208,6 +208,7 @@ def _csv_rows(text: str) -> Iterator[Row]:
 
 def _jsonl_rows(text: str) -> Iterator[Row]:
     for line, content in enumerate(text.splitlines(), 1):
+        content = content.removeprefix("\ufeff")  # files joined with `cat`: each had one
         if not content.strip():
             continue
         try:
@@ -230,8 +231,8 @@ def _json_rows(text: str) -> Iterator[Row]:
 
 
 class _Walker:
-    """Walks `{"products": [...]}` or `[...]` element by element with json's raw_decode,
-    so each product's line number is known (json.loads gives none)."""
+    """Walks `{"products": [...]}`, `[...]` or `{"product": {...}}` element by element with
+    json's raw_decode, so each product's line number is known (json.loads gives none)."""
 
     def __init__(self, text: str):
         self.text = text
@@ -255,7 +256,10 @@ class _Walker:
     def items(self) -> Iterator[tuple[int, Any]]:
         pos = self.skip(0)
         if self.text.startswith("{", pos):
-            pos = self._products_array(pos)
+            key, pos = self._products(pos)
+            if key == "product":  # Shopify's GET /products/{id}.json: one product
+                yield self.line_at(pos), self.decoder.raw_decode(self.text, pos)[0]
+                return
         if not self.text.startswith("[", pos):
             raise self.fail('expected {"products": [...]} or a list of products', pos)
         pos = self.skip(pos + 1)
@@ -272,7 +276,8 @@ class _Walker:
                 raise self.fail("expected ',' or ']' after a product", pos)
             pos = self.skip(pos + 1)
 
-    def _products_array(self, pos: int) -> int:
+    def _products(self, pos: int) -> tuple[str, int]:
+        """Where the value of "products" (a list) or "product" (one) starts."""
         pos = self.skip(pos + 1)
         while not self.text.startswith("}", pos):
             key, pos = self.decoder.raw_decode(self.text, pos)
@@ -280,10 +285,10 @@ class _Walker:
             if not isinstance(key, str) or not self.text.startswith(":", pos):
                 raise self.fail("expected a key and ':'", pos)
             pos = self.skip(pos + 1)
-            if key == "products":
-                return pos
+            if key in ("products", "product"):
+                return key, pos
             _, pos = self.decoder.raw_decode(self.text, pos)
             pos = self.skip(pos)
             if self.text.startswith(",", pos):
                 pos = self.skip(pos + 1)
-        raise self.fail('no "products" list in the object', pos)
+        raise self.fail('no "products" list (or one "product") in the object', pos)

@@ -152,8 +152,9 @@ def checked(
         category=category or None,
         price=parse_price(price, product_id),
         currency=currency.upper() or None,
-        image_url=images[0] if urls[0] else None,
-        extra_image_urls=tuple(images[1:] if urls[0] else images),
+        # no main image named: the first of the others is it (as Shopify's first image)
+        image_url=images[0] if images else None,
+        extra_image_urls=tuple(images[1:]),
         attributes=dict(attributes or {}),
     )
 
