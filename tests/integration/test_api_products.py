@@ -153,6 +153,11 @@ def test_products_embed_search_and_stats_over_http(root, photos):
         assert (
             client.post("/api/v1/stores/shop/products", json={"products": "x"}).status_code == 422
         )
+        empty = client.post("/api/v1/stores/shop/products", json={"products": []})
+        assert empty.status_code == 422  # nothing to do is not a success
+        retry = client.post("/api/v1/stores/shop/embed", json={})  # only the failed one is due
+        assert retry.status_code == 202 and retry.json()["total"] == 1
+        _finished(client, retry.json())
 
         # Nothing changed: a second upsert starts no job; a forced re-embed redoes all.
         again = client.post("/api/v1/stores/shop/products", json={
@@ -175,3 +180,26 @@ def test_products_embed_search_and_stats_over_http(root, photos):
         assert client.get("/api/v1/stores/shop/products/a%2Fb").json()["title"] == "Slash"
         slash_thumb = client.get("/api/v1/stores/shop/products/a%2Fb/thumbnail?size=32")
         assert slash_thumb.headers["content-type"] == "image/jpeg", slash_thumb.text
+
+
+def test_a_store_of_other_models_is_refused_before_a_job_starts(root, photos):
+    """A server whose settings name other models than the store's answers 409 to an embed,
+    and stores an upsert's products but says why they were not embedded."""
+    products = _products(root, photos)[:2]
+    with TestClient(create_app(load_settings(**TINY, allowed_roots=[root]))) as client:
+        _wait_for_model(client)
+        job = client.post("/api/v1/stores/own/products", json={"products": products}).json()
+        assert _finished(client, job["job"])["status"] == "done"
+    other = {**TINY, "pretrained": "seed:1"}
+    with TestClient(create_app(load_settings(**other, allowed_roots=[root]))) as client:
+        _wait_for_model(client)
+        refused = client.post("/api/v1/stores/own/embed", json={})
+        assert refused.status_code == 409, refused.text
+        assert refused.json()["error_type"] == "ProvenanceMismatchError"
+        changed = [{**products[0], "title": "renamed"}]
+        stored = client.post("/api/v1/stores/own/products", json={"products": changed}).json()
+        assert stored["import"]["updated"] == 1 and stored["job"] is None
+        assert stored["embed_error"]["error_type"] == "ProvenanceMismatchError"
+        forced = client.post("/api/v1/stores/own/embed", json={"mode": "force"})
+        assert forced.status_code == 202 and forced.json()["total"] == 2
+        assert _finished(client, forced.json())["stats"]["successful"] == 2

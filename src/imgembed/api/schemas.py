@@ -243,9 +243,10 @@ class DeleteItems(_Body):
 
 class ProductsRequest(_Body):
     products: list[dict[str, Any]] = Field(
+        min_length=1,
         description="Flat objects (id, title, description, category, price, currency, "
         "image_url, extra_image_urls, attributes; the import's column names) or Shopify "
-        "product objects; a bad one is reported by its position and skipped."
+        "product objects; a bad one is reported by its position and skipped.",
     )
     embed: bool = Field(True, description="Then embed those that changed (a background job).")
 

@@ -279,8 +279,7 @@ class Catalog:
             raise ConfigurationError(f"mode must be one of {', '.join(jobs.MODES)}, not {mode!r}")
         if batch_size < 1:
             raise ConfigurationError("batch_size must be at least 1")
-        store_id = _store(store_id)
-        self.embed_total(store_id, product_ids)
+        store_id = self._embed_target(store_id, product_ids)
         current = self.provenance()
         # The job's own session: its store lock is held by this connection alone.
         repository = self.repository.session()
@@ -300,10 +299,22 @@ class Catalog:
         finally:
             repository.close()
 
-    def embed_total(self, store_id: str, product_ids: Sequence[str] | None = None) -> int:
-        """How many products an embed run looks at. A store without products is a
-        CollectionNotFoundError, an id without a product a ProductNotFoundError: a mistyped
-        store or id must not pass as a finished job."""
+    def embed_total(
+        self, store_id: str, product_ids: Sequence[str] | None = None, mode: str = "changed"
+    ) -> int:
+        """How many products an embed run would process now (0: all are up to date), with
+        the refusals it would meet first: a store without products (CollectionNotFoundError),
+        an id without a product (ProductNotFoundError), a store embedded with other models
+        (ProvenanceMismatchError, unless `force`). For a job that starts later (HTTP)."""
+        store_id = self._embed_target(store_id, product_ids)
+        recorded = self.repository.provenance(store_id)
+        if recorded is not None and mode != "force" and recorded[0] != self.provenance():
+            raise _mismatch(store_id, recorded[0], self.provenance())
+        rows = self.repository.plan_rows(store_id, product_ids)
+        return len(jobs.plan(rows, self.weights, mode))
+
+    def _embed_target(self, store_id: str, product_ids: Sequence[str] | None) -> str:
+        """The store's id, checked: a mistyped store or id must not pass as a finished job."""
         store_id = _store(store_id)
         if product_ids is not None:
             ids = list(dict.fromkeys(product_ids))
@@ -311,14 +322,12 @@ class Catalog:
             if unknown:
                 named = ", ".join(repr(i) for i in unknown[:5]) + (" ..." if unknown[5:] else "")
                 raise ProductNotFoundError(f"no product {named} in store {store_id!r}")
-            return len(ids)
-        count = self.repository.count(store_id)
-        if not count:
+        elif not self.repository.count(store_id):
             raise CollectionNotFoundError(
                 f"store {store_id!r} has no products: import some first "
                 f"(imgembed catalog import FILE --store-id {store_id})"
             )
-        return count
+        return store_id
 
     # -- search and statistics ---------------------------------------------------------------
 

@@ -20,6 +20,7 @@ from imgembed.api.thumbnails import thumbnail_response
 from imgembed.catalog import Catalog
 from imgembed.catalog.jobs import EmbedStats, NoEvents
 from imgembed.engine.pipeline import Progress, ProgressCallback
+from imgembed.errors import ProvenanceMismatchError, error_dict
 
 router = APIRouter(prefix="/api/v1/stores", tags=["products"])
 
@@ -41,7 +42,10 @@ def upsert_products(store_id: str, body: ProductsRequest, state: State) -> dict[
     changed = report.inserted + report.updated
     if body.embed and changed:
         only = StoreEmbedRequest(product_ids=report.product_ids)
-        answer["job"] = _embed_job(state, catalog, store_id, only)
+        try:
+            answer["job"] = _embed_job(state, catalog, store_id, only)
+        except ProvenanceMismatchError as exc:  # the products are stored: say so, and why not
+            answer["embed_error"] = error_dict(exc)  # embedded (POST .../embed mode=force)
     return answer
 
 
@@ -66,7 +70,8 @@ def _embed_job(
             events=_JobEvents(progress),
         )
 
-    total = catalog.embed_total(store_id, body.product_ids)  # 404 before a job starts
+    # 404 (no such store or product) or 409 (other models) before a job starts
+    total = catalog.embed_total(store_id, body.product_ids, body.mode)
     job = state.jobs.submit("catalog-embed", store_id, total, run)
     return {"job_id": job.id, "status": job.status, "total": total,
             "url": f"/api/v1/jobs/{job.id}"}  # fmt: skip
