@@ -19,7 +19,7 @@ def vector(text: str, dimension: int) -> np.ndarray:
 
 
 class EmbeddingServer:
-    """`script` holds what the next requests get, in order: ("status", code, headers),
+    """`script` holds what the next requests get, in order: ("status", code, headers[, error]),
     ("sleep", seconds) or ("dimension", n); when it is empty, embeddings of `dimension`."""
 
     def __init__(self, dimension: int = 16):
@@ -61,9 +61,10 @@ class EmbeddingServer:
             if action[0] == "sleep":
                 time.sleep(action[1])
                 action = ("dimension", self.dimension)
-            if action[0] == "status":
-                _, code, headers = action
-                self._send(request, code, {"error": {"message": f"scripted {code}"}}, headers)
+            if action[0] == "status":  # ("status", code, headers[, more fields of the error])
+                _, code, headers, *more = action
+                error = {"message": f"scripted {code}", **(more[0] if more else {})}
+                self._send(request, code, {"error": error}, headers)
             elif request.path == "/v1/embeddings":
                 data = [
                     {

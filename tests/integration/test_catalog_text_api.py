@@ -85,6 +85,11 @@ def test_401_is_a_configuration_error_without_retries(server):
     server.script = [("status", 404, {})]
     with pytest.raises(ModelUnavailableError, match="does not serve the model 'test-embed'"):
         embedder.embed(["a"])
+    # an unknown model as OpenAI (400, code) and imgembed serve (422, type) say it
+    for status, error in ((400, {"code": "model_not_found"}), (422, {"type": "UnknownModelError"})):
+        server.script = [("status", status, {}, error)]
+        with pytest.raises(ModelUnavailableError, match="does not serve the model"):
+            embedder.embed(["a"])
     embedder.close()
 
 

@@ -61,8 +61,9 @@ class HttpTextEmbedder:
     def vectors(self, body: Any) -> list[Any]:
         raise NotImplementedError
 
-    def refused(self, status: int, detail: str) -> Exception | None:
-        """A typed error for a status that retrying cannot fix, else None."""
+    def refused(self, status: int, detail: str, kind: str = "") -> Exception | None:
+        """A typed error for a status that retrying cannot fix, else None (`kind`: the
+        error's type or code in an OpenAI-style body)."""
         if status in (401, 403):
             return ConfigurationError(
                 f"{self.name}: {self.url} refused the API key ({status}: "
@@ -146,7 +147,7 @@ class HttpTextEmbedder:
             raise _Retryable(error, _retry_after(response.headers.get("Retry-After")))
         if status >= 400:
             detail = _detail(response)
-            raise self.refused(status, detail) or TextEmbeddingError(
+            raise self.refused(status, detail, _error_kind(response)) or TextEmbeddingError(
                 f"{self.name}: {self.url} answered {status}: {detail}", status
             )
         try:
@@ -192,8 +193,9 @@ class OpenAIEmbedder(HttpTextEmbedder):
         data = sorted(body["data"], key=lambda item: item["index"])
         return [item["embedding"] for item in data]
 
-    def refused(self, status: int, detail: str) -> Exception | None:
-        if status == 404:
+    def refused(self, status: int, detail: str, kind: str = "") -> Exception | None:
+        # OpenAI: 404 or code model_not_found; imgembed serve: 422 UnknownModelError
+        if status == 404 or kind in ("model_not_found", "UnknownModelError"):
             return ModelUnavailableError(
                 f"{self.name}: {self.url} does not serve the model {self.model!r} ({detail})"
             )
@@ -213,7 +215,7 @@ class OllamaEmbedder(HttpTextEmbedder):
     def vectors(self, body: Any) -> list[Any]:
         return body["embeddings"]
 
-    def refused(self, status: int, detail: str) -> Exception | None:
+    def refused(self, status: int, detail: str, kind: str = "") -> Exception | None:
         if status == 404:
             return ModelUnavailableError(
                 f"{self.name}: Ollama has no model {self.model!r} ({detail}); "
@@ -241,6 +243,17 @@ def _detail(response: httpx.Response) -> str:
     if isinstance(error, dict):
         error = error.get("message", error)
     return str(error)[:200]
+
+
+def _error_kind(response: httpx.Response) -> str:
+    """`code`, else `type`, of an OpenAI-style {"error": {...}} body ("" without one)."""
+    try:
+        error = response.json().get("error")
+    except (ValueError, AttributeError):
+        return ""
+    if not isinstance(error, dict):
+        return ""
+    return str(error.get("code") or error.get("type") or "")
 
 
 def _retry_after(value: str | None) -> float | None:
