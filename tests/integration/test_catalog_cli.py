@@ -4,6 +4,7 @@ codes, the store's own models by default, and a run killed with -9 that resumes 
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -208,9 +209,24 @@ def test_embed_killed_with_9_resumes_and_embeds_every_product_once(
         assert first.poll() is None, "the first run ended before it could be killed"
         os.kill(first.pid, signal.SIGKILL)
         first.wait()
+        killed = _embedded(url)
+        assert 16 <= len(killed) < count and len(killed) % 8 == 0  # whole batches only
+        assert all(attempts == 1 for attempts, _ in killed.values())
+
+        # SIGTERM (or Ctrl-C): the run says how far it got and how to go on, exit 130
+        stopped = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                   text=True)  # fmt: skip
+        while time.time() < deadline and stopped.poll() is None and len(done) < len(killed) + 8:
+            time.sleep(0.2)
+            done = _embedded(url)
+        assert stopped.poll() is None, "the second run ended before it could be stopped"
+        stopped.send_signal(signal.SIGTERM)
+        _, said = stopped.communicate(timeout=120)
+        assert stopped.returncode == 130, said
+        told = rf"Interrupted after \d+ of {count - len(killed)} products: the \d+ batches"
+        assert re.search(told + " written are kept; run the same command again", said), said
         before = _embedded(url)
-        assert 16 <= len(before) < count and len(before) % 8 == 0  # whole batches only
-        assert all(attempts == 1 for attempts, _ in before.values())
+        assert len(before) % 8 == 0 and all(attempts == 1 for attempts, _ in before.values())
 
         second = run(*command[1:])  # the rerun may as well run in this process
         assert second.returncode == 0, second.stderr

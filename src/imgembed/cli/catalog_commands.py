@@ -97,12 +97,14 @@ class _Lines:
         self.verbose = verbose
         self.quiet = quiet
         self.written = 0  # batches stored
+        self.processed = self.to_process = 0
 
     def say(self, text: str) -> None:
         if not self.quiet:
             _say(text)
 
     def started(self, stats: Any) -> None:
+        self.to_process = stats.to_process
         self.say(f"🚀 Starting embedding generation for store: {stats.store_id}")
         self.say(f"📊 Total products to process: {stats.to_process}")
         if stats.skipped:
@@ -122,6 +124,7 @@ class _Lines:
 
     def batch_done(self, stats: Any) -> None:
         self.written += 1
+        self.processed = stats.processed
         self.say(f"📊 Progress: {100 * stats.processed / stats.to_process:.1f}% complete")
 
 
@@ -196,6 +199,13 @@ def embed(
                 "again to resume."
             )
         raise fail(exc) from exc
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: between batches, or inside one
+        _say(
+            f"Interrupted after {events.processed} of {events.to_process} products: the "
+            f"{events.written} batches written are kept; run the same command again to go on "
+            "(what is stored is skipped)."
+        )
+        raise typer.Exit(130) from None
     if as_json:
         typer.echo(json.dumps(stats.to_dict(), indent=2, ensure_ascii=False))
     else:
