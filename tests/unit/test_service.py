@@ -77,7 +77,7 @@ async def test_similarity_methods(tiny_service, photos):
     hits = await tiny_service.find_similar_images(query, mapping, top_k=2)
     assert len(hits) == 2 and hits[0] == (photos[2].name, pytest.approx(1, abs=1e-5))
     assert hits[0][1] >= hits[1][1]
-    by_row = await tiny_service.find_similar_images(query, np.array(embeddings), top_k=1)
+    by_row = await tiny_service.find_similar_images(query, np.array(embeddings), top_k=np.int64(1))
     assert by_row[0][0] == 2
     for nothing in (0, -1, 2.5, True):  # an empty answer would read as "no match"
         with pytest.raises(ConfigurationError, match="top_k must be a whole number"):

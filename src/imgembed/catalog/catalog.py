@@ -308,8 +308,8 @@ class Catalog:
         (ProvenanceMismatchError, unless `force`). For a job that starts later (HTTP)."""
         store_id = self._embed_target(store_id, product_ids)
         recorded = self.repository.provenance(store_id)
-        if recorded is not None and mode != "force" and recorded[0] != self.provenance():
-            raise _mismatch(store_id, recorded[0], self.provenance())
+        if recorded is not None and mode != "force" and recorded[0] != (now := self.provenance()):
+            raise _mismatch(store_id, recorded[0], now)
         rows = self.repository.plan_rows(store_id, product_ids)
         return len(jobs.plan(rows, self.weights, mode))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import numpy as np
@@ -63,7 +64,7 @@ def cosine_similarity(a: ArrayLike, b: ArrayLike) -> float:
 
 def check_top_k(k: int) -> None:
     """Refuse a top_k that asks for nothing (0, -1: an empty answer would look like no match)."""
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:  # np.int64 too
         raise ConfigurationError(f"top_k must be a whole number of at least 1, not {k!r}")
 
 
