@@ -56,6 +56,9 @@ def indexed(data_dir, photos, tmp_path) -> Path:
 
 
 def test_the_search_page_in_a_real_browser(indexed):
+    with ImageEmbeddingService(**TINY) as service:
+        rocket = str(indexed / "rocket.jpg")
+        service.index([IndexItem(rocket, rocket, {})], "photos2")
     settings = load_settings(**TINY, allowed_roots=[indexed])
     with browser_on(settings) as (page, errors):
         page.wait_for_selector("#collection option", state="attached")
@@ -93,6 +96,17 @@ def test_the_search_page_in_a_real_browser(indexed):
         assert page.locator("#results .card").first.get_attribute("data-id") == str(
             indexed / "chelsea.png"
         )
+        # the same photo again, chosen from the keyboard: a new search, not silence
+        with page.expect_file_chooser() as chooser:
+            page.focus("#drop")
+            page.keyboard.press("Enter")
+        with page.expect_response(lambda r: r.url.endswith("/api/v1/search/image")) as again:
+            chooser.value.set_files(str(indexed / "chelsea.png"))
+        assert again.value.status == 200
+        # another collection: the results shown were the other one's, so they go
+        page.select_option("#collection", "photos2")
+        assert page.locator("#results .card").count() == 0
+        page.select_option("#collection", "photos")
 
         page.click("#duplicates")
         page.wait_for_selector("#results .group")

@@ -170,9 +170,21 @@ async function duplicates() {
   }
 }
 
-// A file chosen in `input` or dropped on `zone` goes to `onFile`.
+// A file chosen in `input` or dropped on `zone` goes to `onFile`. The zone opens the file
+// chooser from the keyboard too (Enter or Space).
 function dropZone(zone, input, onFile) {
-  input.addEventListener("change", (event) => onFile(event.target.files[0]));
+  input.addEventListener("change", () => {
+    const file = input.files[0];
+    input.value = ""; // else choosing the same file again sends nothing
+    if (file) onFile(file);
+  });
+  zone.tabIndex = 0;
+  zone.setAttribute("role", "button");
+  zone.addEventListener("keydown", (event) => {
+    if (event.key !== "Enter" && event.key !== " ") return;
+    event.preventDefault();
+    input.click();
+  });
   zone.addEventListener("dragover", (event) => {
     event.preventDefault();
     zone.classList.add("over");
@@ -181,7 +193,9 @@ function dropZone(zone, input, onFile) {
   zone.addEventListener("drop", (event) => {
     event.preventDefault();
     zone.classList.remove("over");
-    onFile(event.dataTransfer.files[0]);
+    const file = event.dataTransfer.files[0];
+    if (file) onFile(file);
+    else status("Drop an image file (not text or a link).", true);
   });
 }
 
@@ -192,7 +206,14 @@ function setUp() {
     loadCollections();
     if (typeof loadStores === "function") loadStores();
   });
-  $("#collection").addEventListener("change", describeCollection);
+  $("#collection").addEventListener("change", () => {
+    // another collection's results would read as this one's, and "More like this" on them
+    // would ask this collection for items it does not hold
+    releaseThumbnails();
+    $("#results").replaceChildren();
+    status("");
+    describeCollection();
+  });
   $("#text-form").addEventListener("submit", (event) => {
     event.preventDefault();
     const text = $("#query").value.trim();
