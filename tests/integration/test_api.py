@@ -122,6 +122,8 @@ def test_one_image_from_every_source_equals_the_library(client, root, library):
     assert _cos(out["embedding"], expected) >= 0.99999
     misnamed = client.post("/api/v1/embeddings/image", files={"image": ("m.jpg", data)})
     assert misnamed.status_code == 422 and "upload it as 'file'" in misnamed.text
+    broken = client.post("/api/v1/embeddings/image", files={"file": ("cut.jpg", data[:300])})
+    assert broken.status_code == 400 and broken.json()["error"].startswith("cut.jpg: "), broken.text
 
 
 def test_request_ids_are_echoed(client, root):

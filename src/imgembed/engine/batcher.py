@@ -36,6 +36,7 @@ from imgembed.engine.pipeline import ImagePipeline
 from imgembed.engine.similarity import l2_normalize
 from imgembed.errors import (
     EncodeError,
+    ImageError,
     ImgEmbedError,
     OverloadedError,
     UnavailableError,
@@ -269,6 +270,8 @@ class Batcher:
                 self._preparing -= 1
                 self._images.changed()
             item.label = label
+            if isinstance(item.error, ImageError) and item.error.source == describe(source):
+                item.error.source = label  # "photo.jpg: cannot decode", not "<110 bytes>: ..."
             if item.pixels is not None:
                 await self._images.submit(item)  # the encoder sets its vector or error
             item.metadata.update(extra)
