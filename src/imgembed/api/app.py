@@ -49,7 +49,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         yield
         await state.close()  # after the server has finished the requests in flight
 
-    app = FastAPI(title="imgembed", description=DESCRIPTION, version="0.1.0", lifespan=lifespan)
+    # /docs (Swagger UI) stays; ReDoc would be a second page loading its scripts from a CDN
+    app = FastAPI(title="imgembed", description=DESCRIPTION, version="0.1.0", lifespan=lifespan,
+                  redoc_url=None)  # fmt: skip
     app.state.imgembed = state
     errors.install(app)
     for router in routers():
