@@ -55,7 +55,7 @@ def test_index_search_collections_and_db(data_dir, photos, tmp_path):
 def test_store_errors_and_image_only_text(data_dir, photos, tmp_path):
     assert run("search", "x", "-c", "nothing").returncode == 6  # no such collection
     assert run("search").returncode == 2  # neither text nor --image
-    assert run("search", "x", "--filter", "novalue", "-c", "c").returncode == 3
+    assert run("search", "x", "--filter", "novalue", "-c", "c").returncode == 2  # usage
     not_an_image = tmp_path / "text.jpg"
     not_an_image.write_text("not an image")
     bad = run("search", "--image", str(not_an_image), "-c", "c", *TINY)
@@ -101,7 +101,7 @@ def test_filters_match_text_and_json_values(data_dir, photos, tmp_path):
     assert ids("tag=2020") == ["a"] and ids("tag:=2020") == []  # text is not the number
     assert ids("year:=2021", "in_stock:=false") == ["b"]
     bad = run("search", "x", "-c", "typed", "--filter", "year:=20x")
-    assert bad.returncode == 3 and "not JSON" in bad.stderr
+    assert bad.returncode == 2 and "not JSON" in bad.stderr
 
 
 def test_db_start_keeps_the_server_up_between_commands_until_stopped(data_dir, photos):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -28,7 +28,7 @@ from imgembed.cli.common import (
     progress_bar,
 )
 from imgembed.cli.output import check_writable
-from imgembed.errors import ConfigurationError, ImgEmbedError, OutputError
+from imgembed.errors import ImgEmbedError, OutputError
 from imgembed.intake.names import printable
 
 if TYPE_CHECKING:
@@ -143,19 +143,25 @@ def index(
 
 def _filters(pairs: list[str]) -> dict[str, Any]:
     """`key=value` matches a text value; `key:=value` a JSON one (2020, true, ["a"]), as
-    metadata from JSONL lists or the HTTP API holds numbers and booleans."""
+    metadata from JSONL lists or the HTTP API holds numbers and booleans. A malformed one is
+    a usage error (exit 2)."""
     out: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         typed = key.endswith(":")
         key = key.removesuffix(":")
         if not sep or not key:
-            raise ConfigurationError(f"--filter takes key=value or key:=JSON, not {pair!r}")
+            _usage(f"--filter takes key=value or key:=JSON, not {pair!r}")
         try:
             out[key] = json.loads(value) if typed else value
         except json.JSONDecodeError as exc:
-            raise ConfigurationError(f"--filter {pair!r}: not JSON after ':=' ({exc})") from exc
+            _usage(f"--filter {pair!r}: not JSON after ':=' ({exc})")
     return out
+
+
+def _usage(message: str) -> NoReturn:
+    err.print(f"error: {message}", markup=False, highlight=False)
+    raise typer.Exit(2)
 
 
 @app.command()
