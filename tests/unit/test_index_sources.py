@@ -112,6 +112,18 @@ def test_txt_lists_keep_names_that_are_not_utf8(tmp_path):
     assert plain.id == plain.source == str(tmp_path / "plain.png")
 
 
+def test_two_files_whose_names_print_alike_are_not_one_silently(tmp_path, photos):
+    folder = tmp_path / "collide"
+    folder.mkdir()
+    (folder / "a_\\xff.png").write_bytes(photos[0].read_bytes())  # backslash, x, f, f
+    (folder / os.fsdecode(b"a_\xff.png")).write_bytes(photos[1].read_bytes())  # byte 0xFF
+    items = read_index_sources([str(folder)], [".png", ".jpg"])
+    kept, clash = items
+    assert kept.error is None and clash.error is not None
+    assert kept.id == clash.id == f"{folder}/a_\\xff.png"
+    assert "the same id as" in str(clash.error) and "rename one" in str(clash.error)
+
+
 def _without_file_permissions_bypass(code: str) -> subprocess.CompletedProcess:
     """Runs Python as this user, but as root without the capabilities that ignore file
     permissions (so a chmod 000 folder is unreadable, as for any other user)."""

@@ -61,9 +61,15 @@ def read_index_sources(entries: Iterable[str], extensions: Iterable[str]) -> lis
         items += [IndexItem(printable(_stable(s)), _stable(s)) for s in found]
         items += [_failed(error.source or str(path), error) for error in failures]
     unique: dict[str, IndexItem] = {}
+    clashes: list[IndexItem] = []
     for item in items:
-        unique.setdefault(item.id, item)
-    return list(unique.values())
+        first = unique.setdefault(item.id, item)
+        if first.source != item.source and item.error is None:
+            # a name with bytes that are not UTF-8 is written with \xNN, as a name holding
+            # those four characters is: the second file would be dropped without a word
+            clash = ImageError(f"the same id as {first.source!r}, which is kept; rename one")
+            clashes.append(_failed(item.source, clash))
+    return [*unique.values(), *clashes]
 
 
 def _read_list(path: Path) -> list[IndexItem]:
