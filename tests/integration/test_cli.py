@@ -58,6 +58,14 @@ def test_outputs_npy_parquet_and_cache(folder, photos, tmp_path):
     assert table["source"] == sources
     np.testing.assert_allclose(np.array(table["embedding"]), matrix, atol=1e-6)
 
+    odd = tmp_path / "odd"  # a line break in a name must not shift the rows after it
+    odd.mkdir()
+    shutil.copy(photos[0], odd / "a\nb.png")
+    shutil.copy(photos[1], odd / "c.png")
+    assert run("embed", str(odd), "-o", str(tmp_path / "odd.npy"), *TINY_ARGS).returncode == 0
+    listed = (tmp_path / "odd.npy.sources.txt").read_text().splitlines()
+    assert listed == [f"{odd}/a\\nb.png", f"{odd}/c.png"]
+
 
 def test_nothing_to_embed_is_a_failure_not_an_empty_success(tmp_path, photos):
     empty = tmp_path / "empty"

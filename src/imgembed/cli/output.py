@@ -106,7 +106,9 @@ class Writer:
         matrix = np.stack([row["embedding"] for row in done]) if done else np.empty((0, dimension))
         np.save(self.path, matrix.astype(np.float32))
         sources = self.path.with_name(self.path.name + ".sources.txt")
-        sources.write_text("".join(f"{row['source']}\n" for row in done), encoding="utf-8")
+        # one line per row: a line break inside a name would shift every later row
+        lines = (row["source"].replace("\n", "\\n").replace("\r", "\\r") for row in done)
+        sources.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
 
     def _write_parquet(self) -> None:
         import numpy as np
