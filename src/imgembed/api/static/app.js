@@ -10,8 +10,20 @@ function headers(extra = {}) {
   return key ? { ...extra, Authorization: `Bearer ${key}` } : extra;
 }
 
+// fetch's own errors ("Failed to fetch", a header it cannot send) said plainly.
+async function send(path, options) {
+  try {
+    return await fetch(path, options);
+  } catch (error) {
+    if (String(error.message).includes("ISO-8859-1")) {
+      throw new Error("the API key holds characters an HTTP header cannot carry: check it");
+    }
+    throw new Error("cannot reach the server: is imgembed serve still running?");
+  }
+}
+
 async function api(path, options = {}) {
-  const response = await fetch(path, { ...options, headers: headers(options.headers) });
+  const response = await send(path, { ...options, headers: headers(options.headers) });
   const body = response.headers.get("content-type")?.includes("json") ? await response.json() : null;
   if (!response.ok) {
     const message = body?.error?.message ?? body?.error ?? response.statusText;
@@ -69,7 +81,8 @@ function releaseThumbnails() {
 // Images come through the API (with the key, if any), as blobs.
 async function loadImage(img, path, missing) {
   try {
-    const response = await fetch(path, { headers: headers() });
+    const response = await send(path, { headers: headers() });
+    if (response.status === 404) missing = "no thumbnail: the image was not found";
     if (!response.ok) throw new Error(String(response.status));
     const url = URL.createObjectURL(await response.blob());
     state.thumbnails.push(url);
