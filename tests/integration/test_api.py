@@ -333,6 +333,7 @@ def test_search_among_candidates(client, root, library):
     assert no_query.status_code == 422
     blank = client.post("/api/v1/search/image", json={"query_text": " ", "collection": "c"})
     assert blank.status_code == 422 and "search text is empty" in blank.json()["error"]
+    assert blank.json()["error_type"] == "ValidationError"  # like any malformed body
     # nothing to search among, or a name that is empty: malformed, not "no results"
     for empty in ({"query_text": "a cup", "candidate_image_paths": []},
                   {"query_text": "a cup", "candidate_images": []},

@@ -23,7 +23,7 @@ from imgembed.api.inputs import (
 from imgembed.api.schemas import SearchRequest, SearchResponse
 from imgembed.api.state import AppState, State
 from imgembed.engine.batcher import Batcher
-from imgembed.errors import error_dict
+from imgembed.errors import ConfigurationError, error_dict
 from imgembed.results import SimilarityResult
 from imgembed.service import ImageEmbeddingService, checked_search_text
 
@@ -47,7 +47,10 @@ async def search_image(request: Request, state: State) -> dict[str, Any]:
             "query_text, query_id or a file upload"
         )
     if body.query_text is not None:
-        checked_search_text(body.query_text)  # before any lookup: the request itself is wrong
+        try:  # before any lookup: the request itself is wrong, like a missing field
+            checked_search_text(body.query_text)
+        except ConfigurationError as exc:
+            raise invalid_body(str(exc)) from exc
     failed: list[dict[str, str]] = []
     collection = None
     if body.searches_candidates:
