@@ -134,6 +134,10 @@ class ProvenanceMismatchError(StoreError):
     """The collection was built with another model or preprocessing than asked for."""
 
 
+class StoreBusyError(StoreError):
+    """Another bulk job (another process or server) is embedding the store right now."""
+
+
 class StoreUnavailableError(StoreError):
     """The database cannot be reached, or went away during a call (server stopped or
     killed, connection lost); a retry after reconnecting also failed."""

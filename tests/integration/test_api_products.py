@@ -203,3 +203,42 @@ def test_a_store_of_other_models_is_refused_before_a_job_starts(root, photos):
         forced = client.post("/api/v1/stores/own/embed", json={"mode": "force"})
         assert forced.status_code == 202 and forced.json()["total"] == 2
         assert _finished(client, forced.json())["stats"]["successful"] == 2
+
+
+def test_a_store_another_process_embeds_is_refused_before_a_job_starts(root, photos, tmp_path):
+    """While another process (a CLI run) holds a store, an embed answers 409 up front instead
+    of a job that fails later; an upsert stores its products and says why they wait. While
+    a job of this server's own holds it, the next request queues behind that job."""
+    import threading
+
+    import psycopg
+
+    from imgembed.store import embedded
+
+    products = _products(root, photos)[:2]
+    with TestClient(create_app(load_settings(**TINY, allowed_roots=[root]))) as client:
+        _wait_for_model(client)
+        job = client.post("/api/v1/stores/busy/products", json={"products": products}).json()
+        assert _finished(client, job["job"])["status"] == "done"
+        changed = [{**products[0], "title": "renamed"}]
+        with psycopg.connect(embedded.start(tmp_path / "data")) as holder:
+            holder.execute("SELECT pg_advisory_lock(hashtextextended('imgembed-catalog:busy', 0))")
+            refused = client.post("/api/v1/stores/busy/embed", json={"mode": "force"})
+            assert refused.status_code == 409, refused.text
+            assert refused.json()["error_type"] == "StoreBusyError"
+            assert "another `catalog embed` is running" in refused.json()["error"]
+            stored = client.post("/api/v1/stores/busy/products", json={"products": changed})
+            assert stored.json()["import"]["updated"] == 1 and stored.json()["job"] is None
+            assert stored.json()["embed_error"]["error_type"] == "StoreBusyError"
+            # the same lock, held for a job of this server's (here: one that waits)
+            release = threading.Event()
+            own = client.app.state.imgembed.jobs.submit(
+                "catalog-embed", "busy", 0, lambda progress: release.wait(60) and None
+            )
+            queued = client.post("/api/v1/stores/busy/embed", json={})
+            assert queued.status_code == 202, queued.text
+            assert client.get(queued.json()["url"]).json()["status"] == "queued"
+        release.set()  # the holder is gone, then the own job ends: the queued one runs
+        assert client.get(f"/api/v1/jobs/{own.id}").json()["status"] in ("running", "done")
+        done = _finished(client, queued.json())
+        assert (done["status"], done["stats"]["successful"]) == ("done", 1), done

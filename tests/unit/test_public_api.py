@@ -9,6 +9,7 @@ PUBLIC = {
     "UnavailableError",
     "StoreUnavailableError",
     "StoreFullError",
+    "StoreBusyError",
     "SourceListError",
     "RequestTooLargeError",
     "OverloadedError",

@@ -27,6 +27,7 @@ from imgembed.errors import (
     ProvenanceMismatchError,
     RequestTooLargeError,
     SourceNotAllowedError,
+    StoreBusyError,
     StoreError,
     TextEmbeddingError,
     UnavailableError,
@@ -55,6 +56,7 @@ STATUS: list[tuple[type[ImgEmbedError], int]] = [
     (FetchError, 502),
     (ImageError, 400),  # invalid, truncated, too small
     (ProvenanceMismatchError, 409),
+    (StoreBusyError, 409),  # another process embeds the store: retry when it is done
     (ConfigurationError, 422),  # the request cannot work with this model or these settings
     (UnknownModelError, 422),  # no such model: retrying will not help
     (InvalidRecordError, 422),  # a name, id, vector or metadata the store cannot hold

@@ -76,6 +76,14 @@ class Jobs:
         self._pool.submit(self._run, job, run)
         return job
 
+    def active(self, kind: str, target: str) -> bool:
+        """Whether a job of this kind for this target is queued or running here."""
+        with self._lock:
+            return any(
+                job.kind == kind and job.target == target and job.finished is None
+                for job in self._jobs.values()
+            )
+
     def get(self, job_id: str) -> Job:
         with self._lock:
             job = self._jobs.get(job_id)

@@ -300,13 +300,22 @@ class Catalog:
             repository.close()
 
     def embed_total(
-        self, store_id: str, product_ids: Sequence[str] | None = None, mode: str = "changed"
+        self,
+        store_id: str,
+        product_ids: Sequence[str] | None = None,
+        mode: str = "changed",
+        *,
+        check_busy: bool = True,
     ) -> int:
         """How many products an embed run would process now (0: all are up to date), with
         the refusals it would meet first: a store without products (CollectionNotFoundError),
         an id without a product (ProductNotFoundError), a store embedded with other models
-        (ProvenanceMismatchError, unless `force`). For a job that starts later (HTTP)."""
+        (ProvenanceMismatchError, unless `force`), a store another job embeds now
+        (StoreBusyError; `check_busy=False` when the run will queue behind that job). For a
+        job that starts later (HTTP)."""
         store_id = self._embed_target(store_id, product_ids)
+        if check_busy:
+            self.repository.check_not_busy(store_id)
         recorded = self.repository.provenance(store_id)
         if recorded is not None and mode != "force" and recorded[0] != (now := self.provenance()):
             raise _mismatch(store_id, recorded[0], now)

@@ -27,7 +27,7 @@ from psycopg.types.json import Jsonb
 
 from imgembed.catalog.products import ProductInput
 from imgembed.config import Settings
-from imgembed.errors import StoreError
+from imgembed.errors import StoreBusyError
 from imgembed.store import postgres_target
 from imgembed.store.pgconn import Connection
 from imgembed.store.postgres import build_memory, describe_url, migrate
@@ -379,19 +379,27 @@ class ProductRepository:
     @contextlib.contextmanager
     def store_lock(self, store_id: str) -> Iterator[None]:
         """One bulk job per store at a time (a session lock: a killed job's ends with it)."""
-        key = f"imgembed-catalog:{store_id}"
+        key = _lock_key(store_id)
         with self._cursor("locking the store") as cursor:
             cursor.execute("SELECT pg_try_advisory_lock(hashtextextended(%s, 0))", (key,))
             if not cursor.fetchone()[0]:
-                raise StoreError(
-                    f"another `catalog embed` is running for store {store_id!r}; "
-                    "wait for it to finish"
-                )
+                raise _busy(store_id)
         try:
             yield
         finally:
             with self._cursor("unlocking the store") as cursor:
                 cursor.execute("SELECT pg_advisory_unlock(hashtextextended(%s, 0))", (key,))
+
+    def check_not_busy(self, store_id: str) -> None:
+        """StoreBusyError if a bulk job holds the store now (taken and let go at once)."""
+        with self._cursor("checking the store lock") as cursor:
+            cursor.execute(
+                "SELECT CASE WHEN pg_try_advisory_lock(hashtextextended(%(k)s, 0))"
+                " THEN pg_advisory_unlock(hashtextextended(%(k)s, 0)) ELSE false END",
+                {"k": _lock_key(store_id)},
+            )
+            if not cursor.fetchone()[0]:
+                raise _busy(store_id)
 
     # -- the bulk job -----------------------------------------------------------------------
 
@@ -649,3 +657,13 @@ def _array(value: Any) -> np.ndarray | None:
         return None
     raw = value.to_numpy() if hasattr(value, "to_numpy") else value
     return np.asarray(raw, dtype=np.float32)
+
+
+def _lock_key(store_id: str) -> str:
+    return f"imgembed-catalog:{store_id}"
+
+
+def _busy(store_id: str) -> StoreBusyError:
+    return StoreBusyError(
+        f"another `catalog embed` is running for store {store_id!r}; wait for it to finish"
+    )

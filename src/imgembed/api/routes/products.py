@@ -20,7 +20,7 @@ from imgembed.api.thumbnails import thumbnail_response
 from imgembed.catalog import Catalog
 from imgembed.catalog.jobs import EmbedStats, NoEvents
 from imgembed.engine.pipeline import Progress, ProgressCallback
-from imgembed.errors import ProvenanceMismatchError, error_dict
+from imgembed.errors import ProvenanceMismatchError, StoreBusyError, error_dict
 
 router = APIRouter(prefix="/api/v1/stores", tags=["products"])
 
@@ -44,8 +44,10 @@ def upsert_products(store_id: str, body: ProductsRequest, state: State) -> dict[
         only = StoreEmbedRequest(product_ids=report.product_ids)
         try:
             answer["job"] = _embed_job(state, catalog, store_id, only)
-        except ProvenanceMismatchError as exc:  # the products are stored: say so, and why not
-            answer["embed_error"] = error_dict(exc)  # embedded (POST .../embed mode=force)
+        except (ProvenanceMismatchError, StoreBusyError) as exc:
+            # the products are stored; why they are not embedded now (other models: POST
+            # .../embed with mode force; another process's job: POST .../embed after it)
+            answer["embed_error"] = error_dict(exc)
     return answer
 
 
@@ -70,8 +72,10 @@ def _embed_job(
             events=_JobEvents(progress),
         )
 
-    # 404 (no such store or product) or 409 (other models) before a job starts
-    total = catalog.embed_total(store_id, body.product_ids, body.mode)
+    # 404 (no such store or product) or 409 (other models; another process embeds the
+    # store) before a job starts; behind a job of this server's the new one just queues
+    own = state.jobs.active("catalog-embed", store_id)
+    total = catalog.embed_total(store_id, body.product_ids, body.mode, check_busy=not own)
     job = state.jobs.submit("catalog-embed", store_id, total, run)
     return {"job_id": job.id, "status": job.status, "total": total,
             "url": f"/api/v1/jobs/{job.id}"}  # fmt: skip
