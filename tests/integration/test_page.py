@@ -116,6 +116,9 @@ def test_the_search_page_in_a_real_browser(indexed):
 
 
 def test_the_page_asks_for_an_api_key_when_the_server_wants_one(indexed):
+    with ImageEmbeddingService(**TINY) as service:
+        rocket = str(indexed / "rocket.jpg")
+        service.index([IndexItem(rocket, rocket, {})], "photos2")
     settings = load_settings(**TINY, allowed_roots=[indexed], api_keys="page-key")
     with browser_on(settings) as (page, _):
         page.wait_for_function("document.querySelector('#status').textContent.includes('401')")
@@ -137,6 +140,16 @@ def test_the_page_asks_for_an_api_key_when_the_server_wants_one(indexed):
             "[...document.querySelectorAll('#results .card img')]"
             ".every(img => img.complete && img.naturalWidth > 0)"
         )  # thumbnails fetched with the key
+        # the key given again (e.g. pasted anew): the chosen collection and its results stay
+        page.select_option("#collection", "photos2")
+        page.click("#search")
+        page.wait_for_function("document.querySelectorAll('#results .card').length === 1")
+        with page.expect_response(lambda r: r.url.endswith("/api/v1/collections")):
+            page.fill("#api-key", " page-key")
+            page.press("#api-key", "Enter")
+        page.wait_for_function("document.querySelector('#collection').options.length === 2")
+        assert page.locator("#collection").input_value() == "photos2"
+        assert page.locator("#results .card").count() == 1
 
 
 def test_the_product_view_in_a_real_browser(data_dir, photos, tmp_path):

@@ -51,13 +51,25 @@ async function loadCollections() {
     failure = `Cannot list collections: ${error.message}`;
   }
   const select = $("#collection");
+  const chosen = select.value;
   select.replaceChildren(
     ...state.collections.map((c) => new Option(`${c.name} (${c.count ?? "?"})`, c.name)),
   );
+  keepChoice(select, chosen, "images");
   if (failure) status(failure, true);
   else if (!state.collections.length) status("No collections yet: index some images first.");
   else status(""); // an earlier failure (e.g. before the key was given) is over
   describeCollection();
+}
+
+// A list reloaded (e.g. a new API key) keeps the user's choice while it is still there;
+// otherwise the results shown in its view were the gone choice's, so they go.
+function keepChoice(select, chosen, view) {
+  if ([...select.options].some((option) => option.value === chosen)) select.value = chosen;
+  else if (chosen && !document.querySelector(`div[data-view=${view}]`).hidden) {
+    releaseThumbnails();
+    $("#results").replaceChildren();
+  }
 }
 
 function describeCollection() {

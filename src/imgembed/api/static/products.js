@@ -15,9 +15,11 @@ async function loadStores() {
     if (!$("[data-view=products]").hidden) status(`Cannot list stores: ${error.message}`, true);
     return;
   }
+  const chosen = store();
   $("#store").replaceChildren(
     ...products.stores.map((s) => new Option(`${s.store_id} (${s.products})`, s.store_id)),
   );
+  keepChoice($("#store"), chosen, "products");
   $("#store-info").textContent = products.stores.length ? "" : "no stores: import products first";
 }
 
