@@ -1,6 +1,6 @@
 """The search page in a real headless Chromium (Playwright, Debian's chromium): load it,
 search by text, see scored results with thumbnails, "more like this", search by an
-uploaded image, and the near-duplicates view."""
+uploaded image, the near-duplicates view, the product view and the API docs."""
 
 import contextlib
 import shutil
@@ -193,3 +193,28 @@ def test_the_product_view_in_a_real_browser(data_dir, photos, tmp_path):
         assert page.locator("#results .product").first.get_attribute("data-id") == "chelsea"
         assert "ranked by combined" in page.locator("#status").inner_text()
         assert errors == []
+
+
+def test_the_api_docs_render_offline_in_a_real_browser(tmp_path):
+    """/docs draws every route with scripts and styles from the server itself (no CDN), and
+    opens without the API key the rest of the API asks for."""
+    settings = load_settings(**TINY, allowed_roots=[tmp_path], api_keys="docs-key")
+    with browser_on(settings) as (page, errors):
+        base = page.url.rstrip("/")
+        outside: list[str] = []
+
+        def only_the_server(route: Any) -> None:
+            if route.request.url.startswith(base):
+                route.continue_()
+            else:
+                outside.append(route.request.url)
+                route.abort()
+
+        page.route("**/*", only_the_server)
+        page.goto(f"{base}/docs")
+        page.wait_for_selector(".opblock-summary-path", state="attached")
+        paths = set(page.locator(".opblock-summary-path").all_inner_texts())
+        assert {"/api/v1/search/image", "/v1/embeddings", "/api/v1/stores/{store_id}/search"} <= {
+            path.replace("\u200b", "") for path in paths
+        }
+        assert outside == [] and errors == []

@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi_offline import FastAPIOffline
 
 from imgembed.api import errors, routes
 from imgembed.api.inputs import server_settings
@@ -25,6 +26,9 @@ DESCRIPTION = """Exact CLIP image and text embeddings, dynamic batching, similar
 
 Local paths are accepted only inside `IMGEMBED_ALLOWED_ROOTS`; with `IMGEMBED_API_KEYS` set,
 send `Authorization: Bearer <key>`. Errors are `{"error", "error_type", "request_id"}`."""
+
+
+DOCS_STATIC = "/docs-static"
 
 
 def routers() -> list[APIRouter]:
@@ -49,9 +53,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         yield
         await state.close()  # after the server has finished the requests in flight
 
-    # /docs (Swagger UI) stays; ReDoc would be a second page loading its scripts from a CDN
-    app = FastAPI(title="imgembed", description=DESCRIPTION, version="0.1.0", lifespan=lifespan,
-                  redoc_url=None)  # fmt: skip
+    # /docs: Swagger UI with its script and styles served from the wheel, not a CDN (one
+    # docs page is enough: no ReDoc)
+    app = FastAPIOffline(title="imgembed", description=DESCRIPTION, version="0.1.0",
+                         lifespan=lifespan, redoc_url=None, static_url=DOCS_STATIC)  # fmt: skip
     app.state.imgembed = state
     errors.install(app)
     for router in routers():

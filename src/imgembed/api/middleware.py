@@ -25,7 +25,7 @@ log = logging.getLogger("imgembed.api")
 
 # Open without an API key: liveness/readiness, and the page and docs (no data in them).
 OPEN_PATHS = ("/health", "/ready", "/", "/docs", "/docs/oauth2-redirect", "/openapi.json")
-OPEN_PREFIXES = ("/static/",)
+OPEN_PREFIXES = ("/static/", "/docs-static/")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
