@@ -196,8 +196,8 @@ def test_the_product_view_in_a_real_browser(data_dir, photos, tmp_path):
 
 
 def test_the_api_docs_render_offline_in_a_real_browser(tmp_path):
-    """/docs draws every route with scripts and styles from the server itself (no CDN), and
-    opens without the API key the rest of the API asks for."""
+    """/docs draws every route with scripts and styles from the server itself (no CDN), opens
+    without the API key the rest of the API asks for, and takes the key for "Try it out"."""
     settings = load_settings(**TINY, allowed_roots=[tmp_path], api_keys="docs-key")
     with browser_on(settings) as (page, errors):
         base = page.url.rstrip("/")
@@ -217,4 +217,16 @@ def test_the_api_docs_render_offline_in_a_real_browser(tmp_path):
         assert {"/api/v1/search/image", "/v1/embeddings", "/api/v1/stores/{store_id}/search"} <= {
             path.replace("\u200b", "") for path in paths
         }
+        # "Authorize" with the key, then "Try it out": the call carries the key
+        page.click("button.authorize")
+        page.fill(".auth-container input", "docs-key")
+        page.click(".auth-btn-wrapper button.authorize")
+        page.click(".auth-btn-wrapper button.btn-done")
+        collections = page.locator(".opblock-get", has_text="/api/v1/collections").first
+        collections.locator(".opblock-summary").click()
+        collections.locator("button.try-out__btn").click()
+        collections.locator("button.execute").click()
+        status = collections.locator(".live-responses-table tr.response .response-col_status").first
+        status.wait_for()
+        assert status.inner_text().strip() == "200"
         assert outside == [] and errors == []

@@ -10,6 +10,7 @@ import importlib
 import pkgutil
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import APIRouter, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -17,7 +18,7 @@ from fastapi_offline import FastAPIOffline
 
 from imgembed.api import errors, routes
 from imgembed.api.inputs import server_settings
-from imgembed.api.middleware import RequestContext
+from imgembed.api.middleware import OPEN_PATHS, RequestContext
 from imgembed.api.state import AppState
 from imgembed.config import Settings, load_settings
 from imgembed.service import ImageEmbeddingService
@@ -58,6 +59,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPIOffline(title="imgembed", description=DESCRIPTION, version="0.1.0",
                          lifespan=lifespan, redoc_url=None, static_url=DOCS_STATIC)  # fmt: skip
     app.state.imgembed = state
+    if settings.api_keys:
+        _declare_bearer(app)
     errors.install(app)
     for router in routers():
         app.include_router(router)
@@ -71,6 +74,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             expose_headers=["X-Request-ID", "Retry-After"],
         )
     return app
+
+
+def _declare_bearer(app: FastAPI) -> None:
+    """The schema says what the middleware asks for: a bearer key on every route but the
+    open ones, so clients and /docs ("Authorize") know to send it."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = build()
+            scheme = {"type": "http", "scheme": "bearer", "description": "one of IMGEMBED_API_KEYS"}
+            schema.setdefault("components", {})["securitySchemes"] = {"APIKey": scheme}
+            schema["security"] = [{"APIKey": []}]
+            for path in OPEN_PATHS:
+                for operation in schema["paths"].get(path, {}).values():
+                    operation["security"] = []
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def app_from_env() -> FastAPI:
