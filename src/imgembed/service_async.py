@@ -73,7 +73,7 @@ class SeedAsyncMethods:
         results = await asyncio.to_thread(self.embed_images, image_paths)
         for result in results:
             if result.error is not None:
-                log.warning("skipped %s", result.error)
+                log.warning("failed %s", result.error)
         if include_metadata or self.settings.debug:
             return [result.to_dict() for result in results]
         return [_as_list(result) if result.ok else None for result in results]
@@ -125,7 +125,7 @@ class SeedAsyncMethods:
                 try:
                     out.append(self.preprocess(path))
                 except ImgEmbedError as exc:
-                    log.warning("skipped %s", exc)
+                    log.warning("failed %s", exc)
                     out.append(None)
             return out
 

@@ -139,7 +139,9 @@ def test_products_embed_search_and_stats_over_http(root, photos):
         outside = {"image_path": str(photos[0])}
         assert error(client.post("/api/v1/stores/shop/search", json=outside)) == (
             403, "SourceNotAllowedError")  # fmt: skip
-        assert error(client.get("/api/v1/stores/shop/products/nope")) == (404, "NotFoundError")
+        for unknown in ("/products/nope", "/products/nope/thumbnail"):  # the library's type
+            assert error(client.get(f"/api/v1/stores/shop{unknown}")) == (
+                404, "ProductNotFoundError")  # fmt: skip
         assert error(client.get("/api/v1/stores/shop/products/77/thumbnail")) == (
             404, "NotFoundError")  # fmt: skip
         assert error(client.get("/api/v1/stores/none/stats")) == (404, "CollectionNotFoundError")

@@ -10,6 +10,7 @@ PUBLIC = {
     "StoreUnavailableError",
     "StoreFullError",
     "StoreBusyError",
+    "TextEmbeddingError",
     "SourceListError",
     "RequestTooLargeError",
     "OverloadedError",

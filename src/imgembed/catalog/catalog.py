@@ -155,6 +155,7 @@ class Catalog:
 
     def generate_text_embedding(self, text: str) -> list[float]:
         vector = self.text_embedder.embed([text])[0]
+        # the document's own debug lines, word for word (users grep for them)
         log.debug("[TEXT] Generated text-only embedding (length: %d)", vector.shape[0])
         return vector.tolist()
 

@@ -20,7 +20,12 @@ from imgembed.api.thumbnails import thumbnail_response
 from imgembed.catalog import Catalog
 from imgembed.catalog.jobs import EmbedStats, NoEvents
 from imgembed.engine.pipeline import Progress, ProgressCallback
-from imgembed.errors import ProvenanceMismatchError, StoreBusyError, error_dict
+from imgembed.errors import (
+    ProductNotFoundError,
+    ProvenanceMismatchError,
+    StoreBusyError,
+    error_dict,
+)
 
 router = APIRouter(prefix="/api/v1/stores", tags=["products"])
 
@@ -151,9 +156,7 @@ def thumbnail(
     state: State,
     size: Annotated[int, Query(ge=16, le=1024)] = 256,
 ) -> Response:
-    found = state.catalog().product(store_id, product_id)
-    if found is None:
-        raise NotFoundError(f"no product {product_id!r} in store {store_id!r}")
+    found = _product(state, store_id, product_id)
     if not found["image_url"]:
         raise NotFoundError(f"product {product_id!r} has no image")
     return thumbnail_response(state.service, found["image_url"], size)
@@ -161,7 +164,11 @@ def thumbnail(
 
 @router.get("/{store_id}/products/{product_id:path}", summary="One product and its embedding state")
 def product(store_id: str, product_id: str, state: State) -> dict[str, Any]:
+    return _product(state, store_id, product_id)
+
+
+def _product(state: AppState, store_id: str, product_id: str) -> dict[str, Any]:
     found = state.catalog().product(store_id, product_id)
-    if found is None:
-        raise NotFoundError(f"no product {product_id!r} in store {store_id!r}")
+    if found is None:  # the library's own type, as an embed of an unknown id raises
+        raise ProductNotFoundError(f"no product {product_id!r} in store {store_id!r}")
     return found
