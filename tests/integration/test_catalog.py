@@ -355,6 +355,11 @@ def test_seed_functions_lengths_and_fusion(data_dir, photos, monkeypatch):
         # an image vector given as the text part would shift every score: refused
         with pytest.raises(ConfigurationError, match="text embedding has 64 dimensions, exp"):
             catalog_module.combine_embeddings(text_emb=image, image_emb=image)
+        # OpenAI's 1536-d vectors with MiniLM configured: the message names the setting
+        with pytest.raises(ConfigurationError, match=r"expected 384: .*minilm.*TEXT_MODEL"):
+            catalog_module.combine_embeddings(text_emb=np.ones(1536), image_emb=image)
+        with pytest.raises(ConfigurationError, match=r"image embedding .* \(IMGEMBED_MODEL\)"):
+            catalog_module.combine_embeddings(text_emb=text, image_emb=np.ones(512))
         with pytest.raises(ConfigurationError, match="price 'abc' is not a number"):
             catalog_module.generate_embedding(title="x", price="abc")
         with pytest.raises(ConfigurationError, match="price -3 must be 0 or more"):

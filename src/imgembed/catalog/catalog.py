@@ -189,9 +189,17 @@ class Catalog:
         category (or its alias); without an image, a zero image part."""
         log.debug("[COMBINED] Combining text and image embeddings")
         key, weights = self.weights.weights(category)
-        combined = fusion.fuse(
-            image_emb, text_emb, weights, self.service.dimension, self.text_embedder.dimension()
-        )
+        try:
+            combined = fusion.fuse(
+                image_emb, text_emb, weights, self.service.dimension, self.text_embedder.dimension()
+            )
+        except fusion.WidthError as exc:  # e.g. OpenAI's 1536-d text vectors, MiniLM's 384
+            models = {"image": f"{self.service.model_ref} (IMGEMBED_MODEL)",
+                      "text": f"{self.text_embedder.name} (IMGEMBED_TEXT_MODEL)"}  # fmt: skip
+            raise ConfigurationError(
+                f"{exc}: the width of this catalogue's {exc.part} model, {models[exc.part]}; "
+                "give vectors of these models, or set the one that made them"
+            ) from None
         log.debug(
             "[COMBINED] Successfully generated combined embedding (length: %d, %s "
             "weights %.2f/%.2f)",

@@ -28,6 +28,14 @@ def unit(vector: object, what: str) -> np.ndarray:
     return array / norm
 
 
+class WidthError(ConfigurationError):
+    """A part of another width than its model's (`part`: image or text)."""
+
+    def __init__(self, message: str, part: str):
+        super().__init__(message)
+        self.part = part
+
+
 def fuse(
     image: object | None,
     text: object,
@@ -48,8 +56,8 @@ def _sized(part: object, dimension: int, what: str) -> np.ndarray:
     # a part of the wrong width would shift the other part and score against the wrong model
     vector = unit(part, f"{what} embedding")
     if vector.shape != (dimension,):
-        raise ConfigurationError(
-            f"{what} embedding has {vector.shape[0]} dimensions, expected {dimension}"
+        raise WidthError(
+            f"{what} embedding has {vector.shape[0]} dimensions, expected {dimension}", what
         )
     return vector
 
