@@ -12,6 +12,7 @@ from PIL import ExifTags, Image, ImageFilter
 
 from imgembed import (
     ImageEmbeddingService,
+    ImageTooLargeError,
     ImageTooSmallError,
     ImgEmbedError,
     UnsupportedFormatError,
@@ -239,3 +240,12 @@ def test_quality_signal(rocket):
         assert again.cached and again.confidence == soft.confidence
     with ImageEmbeddingService(**TINY, quality_threshold=0.01) as service:
         assert not service.embed_images([blurred])[0].metadata["quality"]["low_quality"]
+
+
+def test_a_side_over_max_image_size_is_refused_by_name_not_scaled():
+    """The seed's `max_image_size: 1333` copied as is: a limit (no vector changes by a
+    resize the model would not make), and the error says which key to change."""
+    data = _encoded(Image.new("RGB", (1400, 300)), "PNG")
+    with pytest.raises(ImageTooLargeError, match=r"1400x300 .*over 1333 \(max_image_size"):
+        decode(data, "x", Limits(max_side=1333))
+    assert decode(data, "x", Limits()).image.size == (1400, 300)

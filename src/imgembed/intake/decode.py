@@ -98,7 +98,9 @@ class Limits:
             )
         if max(width, height) > self.max_side:
             raise ImageTooLargeError(
-                f"{width}x{height} pixels, a side over {self.max_side} (max_image_size)", source
+                f"{width}x{height} pixels, a side over {self.max_side} (max_image_size: a limit,"
+                " not a size to scale to; raise it or leave it out)",
+                source,
             )
         if min(width, height) < self.min_side:
             raise ImageTooSmallError(
