@@ -98,7 +98,15 @@ def test_import_embed_search_and_stats(data_dir, photos, tmp_path):
     assert json.loads(by_image.stdout)[0]["product_id"] == "p4"
     filters = ["--max_price", "10", "--category", "fashion", "--top_k", "5"]
     cheap = run("catalog", "search", "a photo", "--store-id", "demo", *filters)
-    assert cheap.returncode == 0 and "ranked by the combined part" in cheap.stdout
+    assert cheap.returncode == 0 and "ranked by the combined score" in cheap.stdout
+    # an 80-column terminal: the numbers one checks by hand stay whole, words wrap
+    narrow = run("catalog", "search", "a photo", "--store-id", "demo", env={"COLUMNS": "80"})
+    hit = json.loads(run("catalog", "search", "a photo", "--store-id", "demo", "--json").stdout)[0]
+    assert max(len(line) for line in narrow.stdout.splitlines()) <= 80
+    for number in (hit["score"], hit["image_score"], hit["text_score"]):
+        assert f"{number:.4f}" in narrow.stdout
+    assert f"{hit['image_weight']:.2f}/{hit['text_weight']:.2f}" in narrow.stdout
+    assert "…" not in narrow.stdout
     assert "p0" in cheap.stdout and not {"p1", "p2", "p3"} & set(cheap.stdout.split())
 
     summary = json.loads(run("catalog", "stats", "--store-id", "demo", "--json").stdout)

@@ -153,7 +153,7 @@ def test_catalogue_searches_through_the_resident_process_equal_those_made_here(
     assert ran.returncode == 0 and ran.stderr.rstrip().endswith("loaded:"), ran.stderr
     assert same(json.loads(ran.stdout), mine)
     table = client("catalog", "search", "a cat", "--store-id", "demo", "--category", "tech")
-    assert table.returncode == 0 and "ranked by the combined part" in table.stdout, table.stderr
+    assert table.returncode == 0 and "ranked by the combined score" in table.stdout, table.stderr
     assert "(tech)" in table.stdout and "(kleding)" not in table.stdout  # the filter held
 
     # embedded again with another image model: the process follows the store

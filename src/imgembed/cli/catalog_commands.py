@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 
 from imgembed.cli.app import app
 from imgembed.cli.common import (
@@ -269,17 +269,19 @@ def search(
     if as_json:
         typer.echo(json.dumps(rows, indent=2, ensure_ascii=False))
         return
+    # numbers stay whole in a narrow terminal (they are what one checks by hand); words wrap
+    numbers = {"no_wrap": True, "justify": "right"}
     table = Table(
-        "#",
-        "score",
-        "image",
-        "text",
-        "w img/txt",
-        "product",
-        "title",
-        "category",
-        "price",
-        title=f"ranked by the {rows[0]['ranked_by']} part" if rows else None,
+        Column("#", **numbers),
+        Column("score", min_width=6, **numbers),
+        Column("image", min_width=8, **numbers),
+        Column("text", min_width=6, **numbers),
+        Column("w img/txt", min_width=9, **numbers),
+        Column("product", overflow="fold"),
+        Column("title", overflow="fold"),
+        Column("category", overflow="fold"),
+        Column("price", overflow="fold"),
+        title=f"ranked by the {rows[0]['ranked_by']} score" if rows else None,
     )
     for hit in rows:
         weights = f"{hit['image_weight']:.2f}/{hit['text_weight']:.2f}"
