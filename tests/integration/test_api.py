@@ -344,6 +344,18 @@ def test_search_among_candidates(client, root, library):
         assert refused.json()["error_type"] == "ValidationError", empty
     no_path = client.post("/api/v1/embeddings/image", json={"image_path": ""})
     assert (no_path.status_code, no_path.json()["error_type"]) == (422, "ValidationError")
+    deep = "[" * 100_000 + "]" * 100_000  # json's recursion limit: malformed, not a 500
+    for route in ("/api/v1/embeddings/image", "/api/v1/search/image"):
+        refused = client.post(route, content=deep, headers={"Content-Type": "application/json"})
+        assert (refused.status_code, refused.json()["error_type"]) == (422, "ValidationError")
+        assert "nested too deeply" in refused.json()["error"]
+    # a NUL character in one path fails that item, typed; the good one is embedded
+    good = str(root / names[0])
+    batch = client.post("/api/v1/embeddings/image/batch",
+                        json={"image_paths": [good, good + "\u0000x"]})  # fmt: skip
+    assert batch.status_code == 200, batch.text
+    items = batch.json()["results"]
+    assert items[0]["embedding"] and items[1]["error_type"] == "InvalidImageError"
 
 
 def test_openapi_docs_and_metrics(client, root):

@@ -176,6 +176,22 @@ def test_a_broken_json_document_keeps_what_came_before(tmp_path):
     assert 'no "products" list' in read_catalogue(other).bad_rows[0].message
 
 
+def test_json_nested_too_deeply_is_a_bad_row_not_a_crash(tmp_path):
+    deep = "[" * 100_000 + "]" * 100_000
+    document = tmp_path / "products.json"
+    document.write_text('[{"id": "a", "title": "A"},\n' + deep + "]")
+    parsed = read_catalogue(document)
+    assert [p.product_id for _, p in parsed.products] == ["a"]
+    assert (parsed.bad_rows[0].line, parsed.bad_rows[0].message) == (
+        2, "not valid JSON (nested too deeply to read); the rest is skipped")  # fmt: skip
+    lines = tmp_path / "products.jsonl"
+    lines.write_text('{"id": "a", "title": "A"}\n' + deep + '\n{"id": "b", "title": "B"}\n')
+    parsed = read_catalogue(lines)
+    assert [p.product_id for _, p in parsed.products] == ["a", "b"]
+    assert [(r.line, r.message) for r in parsed.bad_rows] == [
+        (2, "not valid JSON: nested too deeply to read")]  # fmt: skip
+
+
 def test_rows_that_are_not_utf8_are_reported(tmp_path):
     path = tmp_path / "latin1.csv"
     path.write_bytes(b"id,title\n1,Caf\xe9 au lait\n2,Tea\n")

@@ -235,10 +235,11 @@ def _json(text: str, opener: str) -> Any:
 def _parse_json(model: type[M], raw: bytes) -> M:
     try:
         data = json.loads(raw) if raw else {}
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested too deeply
+        reason = exc if isinstance(exc, ValueError) else "nested too deeply"
         raise RequestValidationError(
-            [{"loc": ("body",), "msg": f"invalid JSON: {exc}", "type": "json_invalid"}]
-        ) from exc
+            [{"loc": ("body",), "msg": f"invalid JSON: {reason}", "type": "json_invalid"}]
+        ) from None
     return _validate(model, data)
 
 

@@ -25,6 +25,7 @@ from imgembed.catalog.products import (
 from imgembed.errors import ConfigurationError
 from imgembed.indexing.sources import csv_delimiter
 
+TOO_DEEP = "nested too deeply to read"  # json's recursion limit: no product is like that
 FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "shopify"}
 
 
@@ -216,6 +217,9 @@ def _jsonl_rows(text: str) -> Iterator[Row]:
         except json.JSONDecodeError as exc:
             yield line, BadRow(line, f"not valid JSON: {exc.msg}")
             continue
+        except RecursionError:
+            yield line, BadRow(line, f"not valid JSON: {TOO_DEEP}")
+            continue
         yield line, row if isinstance(row, dict) else BadRow(line, "not a JSON object")
 
 
@@ -228,6 +232,9 @@ def _json_rows(text: str) -> Iterator[Row]:
             yield line, row if isinstance(row, dict) else BadRow(line, "not a JSON object")
     except json.JSONDecodeError as exc:
         yield exc.lineno, BadRow(exc.lineno, f"not valid JSON ({exc.msg}); the rest is skipped")
+    except RecursionError:
+        line = walker.line  # where the last product that was read started
+        yield line, BadRow(line, f"not valid JSON ({TOO_DEEP}); the rest is skipped")
 
 
 class _Walker:
@@ -239,6 +246,10 @@ class _Walker:
         self.decoder = json.JSONDecoder()
         self._pos = 0  # line counting is incremental: files can be large
         self._line = 1
+
+    @property
+    def line(self) -> int:
+        return self._line
 
     def line_at(self, pos: int) -> int:
         self._line += self.text.count("\n", self._pos, pos)

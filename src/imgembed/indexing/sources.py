@@ -141,6 +141,9 @@ def _json_rows(text: str) -> Iterator[tuple[int, dict[str, Any] | SourceListErro
         except json.JSONDecodeError as exc:
             yield number, SourceListError(f"not JSON: {exc}")
             continue
+        except RecursionError:
+            yield number, SourceListError("not JSON: nested too deeply to read")
+            continue
         if not isinstance(row, dict):
             yield number, SourceListError(f"expected a JSON object, not {type(row).__name__}")
             continue

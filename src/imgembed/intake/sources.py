@@ -115,7 +115,10 @@ def check_allowed(path: Path, roots: list[Path] | None) -> Path:
     """The real path, if it lies inside one of the roots (symlinks and `..` resolved)."""
     if roots is None:
         return path
-    real = path.resolve()
+    try:
+        real = path.resolve()
+    except (OSError, ValueError) as exc:  # ValueError: a NUL character in the path
+        raise InvalidImageError(f"not a usable path: {exc}", str(path)) from None
     if not any(real.is_relative_to(root) for root in roots):
         raise SourceNotAllowedError(
             f"outside the allowed roots ({', '.join(map(str, roots))})", str(path)
