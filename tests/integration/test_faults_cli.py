@@ -218,3 +218,13 @@ def test_db_commands_report_an_unreachable_database_as_a_store_error():
         proc = run(*command, env=env)
         assert proc.returncode == 6, (command, proc.stderr)
         assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
+@pytest.mark.parametrize("args", [("models", "list"), ("models", "list", "--json"), ("--help",)])
+def test_a_full_stdout_is_a_typed_output_error_not_a_traceback(args):
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run([IMGEMBED, *args], stdout=full, stderr=subprocess.PIPE,
+                              text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 5, proc.stderr
+    assert proc.stderr.strip() == "error: cannot write the output: No space left on device"

@@ -4,7 +4,9 @@ Progress and summaries go to stderr, data to stdout or --output."""
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
+import os
 import signal
 import sys
 import time
@@ -31,7 +33,7 @@ from imgembed.cli.common import (
     progress_bar,
 )
 from imgembed.cli.output import Writer
-from imgembed.errors import ImageError, ImgEmbedError, error_dict
+from imgembed.errors import ImageError, ImgEmbedError, OutputError, error_dict
 from imgembed.intake.names import printable
 
 if TYPE_CHECKING:  # imported where used: a search need not load NumPy or Pillow
@@ -245,7 +247,17 @@ def main() -> None:
     # kept and the embedded PostgreSQL is let go at exit (by default nothing would clean up).
     signal.signal(signal.SIGTERM, _interrupt)
     sys.argv[1:] = optional_value(sys.argv[1:], "--ray", "local")
-    app()
+    try:
+        try:
+            app()
+        finally:
+            sys.stdout.flush()  # a full disk or closed pipe shows here, not at interpreter exit
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EPIPE, errno.EIO, errno.EDQUOT):
+            raise
+        # what was stored is kept; only what this command prints was lost
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(fail(OutputError(f"cannot write the output: {exc.strerror or exc}")).exit_code)
 
 
 def _warning(message: Warning | str, *args: object, **kwargs: object) -> str:
