@@ -343,3 +343,17 @@ def test_product_text_template_and_html():
     )
     assert product_text("Lamp", "", None, None, None) == "Lamp"
     assert strip_html("<div>a<br>b</div><style>p{}</style>  c &gt; d") == "a\nb\nc > d"
+
+
+def test_a_quote_never_closed_is_a_bad_row_and_the_rows_after_it_are_read(tmp_path):
+    """A stray quote would make the rest of the file one field of its row, silently. (Where a
+    later quote pairs with it, CSV itself cannot tell: the rows between become that text.)"""
+    path = tmp_path / "quote.csv"
+    path.write_text('id,title,price\nq1,"One\nover two lines",1\nq2,"Two unterminated,2\n'
+                    'q3,Three,3\nq4,Four,4\n')  # fmt: skip
+    parsed = read_catalogue(path)
+    assert [(n, p.product_id) for n, p in parsed.products] == [(2, "q1"), (5, "q3"), (6, "q4")]
+    assert parsed.products[0][1].title == "One\nover two lines"  # a quote that closes
+    assert [(r.line, r.message) for r in parsed.bad_rows] == [
+        (4, "a quote opened in this row is never closed")]  # fmt: skip
+    assert parsed.rows == 4

@@ -185,26 +185,50 @@ Row = tuple[int, Mapping[str, Any] | BadRow]
 
 
 def _csv_rows(text: str) -> Iterator[Row]:
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=csv_delimiter(text))
+    lines = io.StringIO(text, newline="").readlines()  # the lines csv counts in line_num
+    delimiter = csv_delimiter(text)
     header: list[str] | None = None
-    while True:
-        line = reader.line_num + 1  # where the next record starts
-        try:
-            fields = next(reader)
-        except StopIteration:
+    first = 0  # the line (0-based) the current reader starts on
+    while first < len(lines):
+        reader = csv.reader(iter(lines[first:]), delimiter=delimiter)
+        restart = None
+        while True:
+            line = first + reader.line_num + 1  # where the next record starts
+            try:
+                fields = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as exc:
+                yield line, BadRow(line, f"not valid CSV: {exc}")
+                continue
+            end = first + reader.line_num
+            if end == len(lines) and _unclosed(lines[line - 1 :], delimiter):
+                # a stray quote: the rest of the file would be one field of this row
+                yield line, BadRow(line, "a quote opened in this row is never closed")
+                restart = line  # the rows after it are read on their own
+                break
+            if not any(f.strip() for f in fields):
+                continue
+            if header is None:
+                header = [name.strip() for name in fields]
+                continue
+            if len(fields) > len(header):
+                yield line, BadRow(line, f"{len(fields)} fields, but the header has {len(header)}")
+                continue
+            yield line, dict(zip(header, fields, strict=False))
+        if restart is None:
             return
-        except csv.Error as exc:
-            yield line, BadRow(line, f"not valid CSV: {exc}")
-            continue
-        if not any(f.strip() for f in fields):
-            continue
-        if header is None:
-            header = [name.strip() for name in fields]
-            continue
-        if len(fields) > len(header):
-            yield line, BadRow(line, f"{len(fields)} fields, but the header has {len(header)}")
-            continue
-        yield line, dict(zip(header, fields, strict=False))
+        first = restart
+
+
+def _unclosed(record: list[str], delimiter: str) -> bool:
+    """Whether this last record runs to the end of the file inside quotes."""
+    try:
+        for _ in csv.reader(iter(record), delimiter=delimiter, strict=True):
+            pass
+    except csv.Error as exc:
+        return "unexpected end of data" in str(exc)
+    return False
 
 
 def _jsonl_rows(text: str) -> Iterator[Row]:
