@@ -286,6 +286,9 @@ def test_texts_and_openai_compatible_embeddings(client, root, library):
     assert other.status_code == 422 and other.json()["error"]["type"] == "UnknownModelError"
     tokens = client.post("/v1/embeddings", json={"input": [1, 2, 3], "model": "imgembed-tiny"})
     assert tokens.status_code == 422 and tokens.json()["error"]["type"] == "ValidationError"
+    assert "token arrays" in tokens.json()["error"]["message"]
+    empty = client.post("/v1/embeddings", json={"input": [], "model": "imgembed-tiny"})
+    assert empty.status_code == 422 and "input is empty" in empty.json()["error"]["message"]
     bad_image = client.post(
         "/v1/embeddings", json={"input": "data:image/png;base64," + _b64(b"junk"), "model": "x"}
     )

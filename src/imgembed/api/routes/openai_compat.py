@@ -38,7 +38,9 @@ async def models(state: State) -> dict[str, Any]:
 @router.post("/embeddings", response_model=OpenAIEmbeddingResponse, summary="OpenAI embeddings")
 async def embeddings(body: OpenAIEmbeddingRequest, state: State) -> dict[str, Any]:
     inputs = [body.input] if isinstance(body.input, str) else body.input
-    if not inputs or not all(isinstance(item, str) for item in inputs):
+    if not inputs:
+        raise invalid_body("input is empty: give a string or a list of strings")
+    if not all(isinstance(item, str) for item in inputs):
         raise invalid_body("input must be a string or a list of strings (no token arrays)")
     check_count(len(inputs), state.settings)
     service = state.service
