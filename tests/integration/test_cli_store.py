@@ -160,3 +160,10 @@ def test_db_start_twice_at_once_and_db_stop_while_the_server_is_used(data_dir):
     finally:
         user.kill()
         user.wait()
+
+
+def test_a_collection_name_no_store_takes_is_refused_before_the_run(data_dir, photos):
+    for name in ("../x", "a/b", "tab\there"):
+        proc = run("index", str(photos[0]), "-c", name, *TINY)
+        assert proc.returncode == 6 and "collection name" in proc.stderr, proc.stderr
+        assert "run again" not in proc.stderr.lower() and "Indexing stopped" not in proc.stderr

@@ -249,6 +249,8 @@ def test_a_retry_that_fails_too_stops_the_run_with_what_was_stored_kept(
     # the writer stores while the next batches are embedded: how far embedding got varies
     assert re.search(r"Indexing stopped after [4-6] of 6 items\. The 2 items this run stored "
                      "are kept", message)  # fmt: skip
+    assert message.endswith("and the embedding cache spares embedding again what was "
+                            "embedded but not stored.")  # fmt: skip
     check = PostgresStore(url)
     assert check.hashes("photos") == _expected(photos[:2])
     check.close()

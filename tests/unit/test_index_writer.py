@@ -45,3 +45,15 @@ def test_an_error_in_the_writer_reaches_the_caller_with_the_counts(error):
         for start in range(0, 40, 2):  # far more than the queue holds: put must not block
             writer.put(_batch(start))
     assert store.batches == [["0", "1"]] and stats.successful == 2
+
+
+def test_the_resume_advice_names_the_cache_only_when_it_is_on():
+    from imgembed.errors import StoreUnavailableError
+    from imgembed.indexing import IndexStats
+    from imgembed.indexing.run import interrupted
+
+    stats = IndexStats(total=6, processed=4, successful=2)
+    on = str(interrupted(StoreUnavailableError("gone"), stats, cached=True))
+    off = str(interrupted(StoreUnavailableError("gone"), stats, cached=False))
+    assert "embedding cache" in on and "embedding cache" not in off
+    assert off.endswith("stored items are skipped by content hash.")

@@ -31,6 +31,7 @@ from imgembed.indexing import IndexItem, IndexStats
 from imgembed.indexing.run import begin, finish, interrupted, storable, store_batch
 from imgembed.intake.names import printable
 from imgembed.store import Provenance, open_store
+from imgembed.store.base import checked_name
 
 
 class IndexWriter:
@@ -101,6 +102,7 @@ def _index(
     progress: Callable[[Progress], None] | None,
 ) -> IndexStats:
     started = time.perf_counter()
+    checked_name(name)  # before the run: a name no store takes is not "run again"
     workers = cluster.worker_settings(service.settings)
     stats = IndexStats(total=len(items))
     unusable = [item for item in items if item.error is not None]
@@ -139,7 +141,7 @@ def _index(
     except (ProvenanceMismatchError, CollectionNotFoundError):
         raise
     except StoreError as exc:
-        raise interrupted(exc, stats) from exc
+        raise interrupted(exc, stats, service.settings.cache_embeddings) from exc
     stats.duration = time.perf_counter() - started
     return stats
 

@@ -33,7 +33,7 @@ from imgembed.errors import (
 from imgembed.indexing.sources import IndexItem
 from imgembed.intake.names import printable
 from imgembed.results import ImageEmbeddingResult
-from imgembed.store.base import Record, VectorStore, checked_record
+from imgembed.store.base import Record, VectorStore, checked_name, checked_record
 
 _IMAGE_FIELDS = ("width", "height", "format")
 
@@ -73,6 +73,7 @@ def index(
     progress: Callable[[Progress], None] | None = None,
 ) -> IndexStats:
     started = time.perf_counter()
+    checked_name(collection)  # before the run: a name no store takes is not "run again"
     stats = IndexStats(total=len(items))
     unusable = [item for item in items if item.error is not None]
     todo = [item for item in items if item.error is None]
@@ -105,7 +106,7 @@ def index(
     except (ProvenanceMismatchError, CollectionNotFoundError):
         raise
     except StoreError as exc:
-        raise interrupted(exc, stats) from exc
+        raise interrupted(exc, stats, service.settings.cache_embeddings) from exc
     stats.duration = time.perf_counter() - started
     return stats
 
@@ -196,14 +197,19 @@ def store_batch(
         store_batch(store, collection, [record], stats)
 
 
-def interrupted(exc: StoreError, stats: IndexStats) -> StoreError:
-    """The store error that stopped a run, saying what was kept and how to go on."""
+def interrupted(exc: StoreError, stats: IndexStats, cached: bool) -> StoreError:
+    """The store error that stopped a run, saying what was kept and how to go on (`cached`:
+    the embedding cache is on)."""
+    cache = (
+        ", and the embedding cache spares embedding again what was embedded but not stored"
+        if cached
+        else ""
+    )
     return type(exc)(
         f"{exc}\nIndexing stopped after {stats.processed} of {stats.total} items. The "
         f"{stats.successful} items this run stored are kept, as is everything stored before. "
         "To continue, index the same sources again (the same `imgembed index` command): "
-        "stored items are skipped by content hash, and the embedding cache spares "
-        "embedding again what was embedded but not stored."
+        f"stored items are skipped by content hash{cache}."
     )
 
 
