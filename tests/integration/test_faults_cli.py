@@ -228,3 +228,11 @@ def test_a_full_stdout_is_a_typed_output_error_not_a_traceback(args):
                               text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 5, proc.stderr
     assert proc.stderr.strip() == "error: cannot write the output: No space left on device"
+
+
+def test_a_reader_that_stops_early_ends_the_command_quietly():
+    proc = subprocess.Popen([IMGEMBED, "models", "list"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc.stdout.close()  # as `| head` does, before the command writes
+    assert proc.wait(timeout=300) == 1
+    assert proc.stderr.read() == ""  # no traceback, no "Exception ignored"

@@ -257,6 +257,8 @@ def main() -> None:
             raise
         # what was stored is kept; only what this command prints was lost
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        if exc.errno == errno.EPIPE:  # the reader stopped (`| head`): quietly, as Click does
+            sys.exit(1)
         sys.exit(fail(OutputError(f"cannot write the output: {exc.strerror or exc}")).exit_code)
 
 
