@@ -612,7 +612,7 @@ def test_collections_index_search_duplicates_thumbnails(data_dir, root, library,
 
 
 def test_shutdown_stops_an_index_job_at_a_stored_batch_and_a_rerun_resumes(
-    data_dir, root, monkeypatch
+    data_dir, root, monkeypatch, caplog
 ):
     import imgembed.service
     from tests.fakes import FakeEncoder
@@ -632,6 +632,9 @@ def test_shutdown_stops_an_index_job_at_a_stored_batch_and_a_rerun_resumes(
         while job.progress is None or job.progress.done == 0:
             time.sleep(0.05)
     assert job.status == "cancelled" and "shutting down" in job.error["error"]
+    said = [r.getMessage() for r in caplog.records if r.name == "imgembed.api"]
+    assert any(f"index job {job.id} for 'crops' cancelled after" in m and "of 24 items" in m
+               and "resumes" in m for m in said), said  # fmt: skip
     with _client(allowed_roots=[root], batch_size=4) as client:
         stored = client.get("/api/v1/collections").json()[0]["count"]
         assert 0 < stored < 24

@@ -103,6 +103,13 @@ class Jobs:
             job.status = "done"
         except UnavailableError as exc:
             job.status, job.error = "cancelled", error_dict(exc)
+            done = job.progress.done if job.progress else 0
+            # jobs live in memory: the log is what is left of this one after the restart
+            log.warning(
+                "%s job %s for %r cancelled after %d of %d items (%s); the same request "
+                "resumes after the stored batches",
+                job.kind, job.id, job.target, done, job.total, exc,
+            )  # fmt: skip
         except ImgEmbedError as exc:
             job.status, job.error = "failed", error_dict(exc)
         except Exception as exc:  # a bug: the job says so instead of hanging as "running"
