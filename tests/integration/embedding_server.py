@@ -14,6 +14,8 @@ import numpy as np
 
 
 def vector(text: str, dimension: int) -> np.ndarray:
+    if "ZERO-VECTOR" in text:  # what a broken model answers for an odd text
+        return np.zeros(dimension)
     seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
     return np.random.default_rng(seed).standard_normal(dimension) * 3
 

@@ -135,6 +135,25 @@ def test_search_scores_equal_the_formula_from_the_separate_vectors(data_dir, pho
         assert {h.product_id for h in cheap} == {"p0", "p1", "p2", "book"}
 
 
+def test_a_text_the_text_model_cannot_embed_fails_its_product_not_the_run(data_dir, photos):
+    server = EmbeddingServer(dimension=16)
+    settings = {**TINY, "text_model": "openai:test-embed", "openai_api_key": "sk-test",
+                "text_api_base": f"{server.url}/v1"}  # fmt: skip
+    products = _products(photos)
+    products[1]["title"] = "ZERO-VECTOR print"
+    try:
+        with Catalog(**settings) as catalog:
+            catalog.upsert_products("odd", products)
+            stats = catalog.embed("odd")
+            assert (stats.successful, stats.failed) == (len(products) - 1, 1)
+            failure = stats.failures[0]
+            assert (failure["product_id"], failure["error_type"]) == ("p1", "TextEmbeddingError")
+            assert "non-finite or zero vector for this text" in failure["error"]
+            assert catalog.product("odd", "p1")["status"] == "failed"
+    finally:
+        server.close()
+
+
 def test_combined_vectors_over_2000_dimensions_are_indexed_in_half_precision(data_dir, photos):
     """EfficientNet-Lite0 1280 + a 1536-d OpenAI-compatible model = 2816 dimensions: more than
     pgvector indexes as `vector`; every index is on halfvec, scores in full precision."""

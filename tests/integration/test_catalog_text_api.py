@@ -52,6 +52,21 @@ def test_batches_order_and_normalisation(server):
     embedder.close()
 
 
+def test_an_unusable_vector_names_its_text_and_keeps_the_others(server):
+    from imgembed.catalog.text import UnusableRowsError
+
+    embedder = _openai(server)  # two texts per request: the odd one is in the second
+    texts = ["rode jurk", "blauwe lamp", "ZERO-VECTOR lamp", "zwarte tas", "witte vaas"]
+    with pytest.raises(UnusableRowsError) as caught:
+        embedder.embed(texts)
+    assert caught.value.bad == [2] and "for 1 of 5 texts" in str(caught.value)
+    good = [0, 1, 3, 4]
+    expected = np.stack([_unit(vector(texts[i], 16)) for i in good])
+    np.testing.assert_allclose(caught.value.vectors[good], expected, atol=1e-6)
+    assert len(server.requests) == 3  # no request was made again
+    embedder.close()
+
+
 def test_429_then_success_respects_retry_after(server):
     server.script = [("status", 429, {"Retry-After": "0.5"})]
     embedder = _openai(server)

@@ -31,7 +31,7 @@ from imgembed.catalog.repository import (
     ProductRepository,
     StoreProvenance,
 )
-from imgembed.catalog.text import TextEmbedder
+from imgembed.catalog.text import TextEmbedder, UnusableRowsError
 from imgembed.catalog.weights import Weights, WeightsTable
 from imgembed.results import ImageEmbeddingResult
 
@@ -224,7 +224,12 @@ class EmbedRun:
                 log.debug("[IMAGE] Generating image embedding for: %s", task.row.image_url)
                 results[task.product_id] = next(images)
         text_tasks = [task for task in batch if task.embed_text]
-        vectors = self.text_embedder.embed([task.text for task in text_tasks])
+        unusable: dict[str, str] = {}
+        try:
+            vectors = self.text_embedder.embed([task.text for task in text_tasks])
+        except UnusableRowsError as exc:  # an odd text fails its product, not the run
+            vectors = exc.vectors
+            unusable = {text_tasks[i].product_id: exc.row_error() for i in exc.bad}
         texts = dict(zip((task.product_id for task in text_tasks), vectors, strict=True))
         if text_tasks:
             log.debug(
@@ -237,7 +242,12 @@ class EmbedRun:
         embedded: list[EmbeddedProduct] = []
         failed: list[FailedProduct] = []
         for task in batch:
-            outcome = self._product(task, results.get(task.product_id), texts, stored)
+            if task.product_id in unusable:
+                outcome: EmbeddedProduct | FailedProduct = FailedProduct(
+                    task.product_id, unusable[task.product_id], "TextEmbeddingError"
+                )
+            else:
+                outcome = self._product(task, results.get(task.product_id), texts, stored)
             (failed if isinstance(outcome, FailedProduct) else embedded).append(outcome)
         self.repository.save_batch(
             self.store_id, self.provenance, self.table.version, embedded, failed

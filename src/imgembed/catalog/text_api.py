@@ -19,7 +19,7 @@ import httpx
 import numpy as np
 import tenacity
 
-from imgembed.catalog.text import checked_rows
+from imgembed.catalog.text import UnusableRowsError, checked_rows
 from imgembed.config import Settings
 from imgembed.errors import ConfigurationError, ModelUnavailableError, TextEmbeddingError
 
@@ -82,9 +82,17 @@ class HttpTextEmbedder:
         if not texts:
             return np.empty((0, self.dimension()), dtype=np.float32)
         size = self._batch_size
-        return np.concatenate(
-            [self._embed_batch(texts[i : i + size]) for i in range(0, len(texts), size)]
-        )
+        parts, bad = [], []
+        for start in range(0, len(texts), size):
+            try:
+                parts.append(self._embed_batch(texts[start : start + size]))
+            except UnusableRowsError as exc:  # the other requests' vectors are kept
+                parts.append(exc.vectors)
+                bad += [start + i for i in exc.bad]
+        vectors = np.concatenate(parts)
+        if bad:
+            raise UnusableRowsError(self.name, vectors, bad)
+        return vectors
 
     def close(self) -> None:
         self._client.close()
