@@ -357,3 +357,12 @@ def test_a_quote_never_closed_is_a_bad_row_and_the_rows_after_it_are_read(tmp_pa
     assert [(r.line, r.message) for r in parsed.bad_rows] == [
         (4, "a quote opened in this row is never closed")]  # fmt: skip
     assert parsed.rows == 4
+
+
+def test_a_header_that_names_a_column_twice_is_refused(tmp_path):
+    path = tmp_path / "twice.csv"
+    path.write_text("id,title,Title,price\np1,One,Other,1\n")
+    parsed = read_catalogue(path)
+    assert parsed.products == []
+    assert [(r.line, r.message) for r in parsed.bad_rows] == [
+        (1, "the header names title more than once; rename or remove one")]  # fmt: skip

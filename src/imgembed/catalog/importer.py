@@ -211,6 +211,12 @@ def _csv_rows(text: str) -> Iterator[Row]:
                 continue
             if header is None:
                 header = [name.strip() for name in fields]
+                named = [name.casefold() for name in header if name]
+                if twice := sorted({n for n in named if named.count(n) > 1}):
+                    # one value would silently win over the other: the file is not read
+                    yield line, BadRow(line, f"the header names {', '.join(twice)} more than "
+                                             "once; rename or remove one")  # fmt: skip
+                    return
                 continue
             if len(fields) > len(header):
                 yield line, BadRow(line, f"{len(fields)} fields, but the header has {len(header)}")
