@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from imgembed import ImageEmbeddingService
-from imgembed.errors import ProvenanceMismatchError
+from imgembed.errors import CollectionNotFoundError, ProvenanceMismatchError
 from imgembed.indexing import IndexItem, read_index_sources
 from imgembed.store import embedded
 from imgembed.store.postgres import PostgresStore
@@ -218,3 +218,28 @@ def test_a_bulk_run_builds_the_index_at_its_end_and_a_stopped_one_at_the_next(
             found = [hit.score for hit in store.search("bulk", record.vector, top_k=3)]
             exact = [hit.score for hit in store.search("bulk", record.vector, 3, exact=True)]
             assert found == pytest.approx(exact, abs=1e-6) and found[0] > 0.9999
+
+
+def test_a_collection_dropped_during_a_run_stops_it_saying_so(data_dir, large_jpegs, tmp_path):
+    """Another process drops the collection while a run stores into it: the run stops with
+    CollectionNotFoundError and does not claim that what it stored is kept."""
+    paths = _crops(large_jpegs, tmp_path / "tiles", 12)
+    with ImageEmbeddingService(**TINY, batch_size=4) as service:
+        store = service.store
+        other = PostgresStore(store.url)
+        upsert = store.upsert
+
+        def dropped_after_one(name, records):
+            upsert(name, records)
+            store.upsert = upsert
+            other.drop_collection(name)
+
+        store.upsert = dropped_after_one
+        with pytest.raises(CollectionNotFoundError) as caught:
+            service.index(_items(paths), "gone")
+        message = str(caught.value)
+        assert "it was dropped" in message and "Indexing stopped after" in message
+        assert "are kept" not in message and "UndefinedTable" not in message
+        # the same command makes it again
+        assert service.index(_items(paths), "gone").successful == 12
+        other.close()

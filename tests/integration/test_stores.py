@@ -249,6 +249,51 @@ def test_a_collection_made_again_elsewhere_with_another_dimension_is_followed(po
     other.close()
 
 
+def test_a_collection_that_is_not_there_is_collection_not_found(store):
+    """Every call on an unknown collection says so (Qdrant's client used to surface as a
+    plain StoreError "ValueError: Collection ... not found")."""
+    vector = _records(n=1)[0].vector
+    for call in (
+        lambda: store.upsert("nope", _records(n=2)),
+        lambda: store.get("nope", ["item-0"]),
+        lambda: store.hashes("nope"),
+        lambda: store.delete("nope", ["item-0"]),
+        lambda: store.count("nope"),
+        lambda: store.search("nope", vector, 3),
+    ):
+        with pytest.raises(CollectionNotFoundError, match="no collection 'nope'"):
+            call()
+
+
+def test_a_collection_dropped_by_another_process_meanwhile_is_collection_not_found(
+    postgres_url,
+):
+    """A long-lived store knows the collection's table; another process drops it during a
+    job: the next call says the collection is gone (it was a raw "UndefinedTable")."""
+    working, other = PostgresStore(postgres_url), PostgresStore(postgres_url)
+    vector = _records(n=1)[0].vector
+    for call in (
+        lambda name: working.upsert(name, _records(n=2)),
+        lambda name: working.get(name, ["item-0"]),
+        lambda name: working.hashes(name),
+        lambda name: working.delete(name, ["item-0"]),
+        lambda name: working.count(name),
+        lambda name: working.search(name, vector, 3),
+        lambda name: working.refresh(name),
+    ):
+        name = _name()
+        working.create_collection(name, PROV)
+        working.upsert(name, _records(n=5))
+        other.drop_collection(name)
+        with pytest.raises(CollectionNotFoundError, match="it was dropped") as caught:
+            call(name)
+        assert "UndefinedTable" not in str(caught.value)
+        with pytest.raises(CollectionNotFoundError, match="no collection"):
+            call(name)  # read again: not there
+    working.close()
+    other.close()
+
+
 def test_a_ragged_query_or_record_is_an_invalid_record(store):
     name = _name()
     store.create_collection(name, PROV)

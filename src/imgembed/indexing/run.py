@@ -103,8 +103,13 @@ def index(
                         batch = []
             writer.put(batch)
         finish(store, collection, items, stored, prune, bool(unusable), stats)
-    except (ProvenanceMismatchError, CollectionNotFoundError):
+    except ProvenanceMismatchError:
         raise
+    except CollectionNotFoundError as exc:  # dropped by someone else during the run
+        raise CollectionNotFoundError(
+            f"{exc}\nIndexing stopped after {stats.processed} of {stats.total} items. To make "
+            "the collection again, index the sources again (the same `imgembed index` command)."
+        ) from exc
     except StoreError as exc:
         raise interrupted(exc, stats, service.settings.cache_embeddings) from exc
     stats.duration = time.perf_counter() - started

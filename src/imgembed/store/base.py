@@ -10,7 +10,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from imgembed.errors import InvalidRecordError
+from imgembed.errors import CollectionNotFoundError, InvalidRecordError
 from imgembed.intake.names import printable
 
 
@@ -54,6 +54,15 @@ def checked_vector(vector: Any, dimension: int, what: str) -> np.ndarray:
             f"{dimension} positions, first {bad[0]}); it cannot be stored or searched"
         )
     return array
+
+
+def dropped(name: str, action: str) -> CollectionNotFoundError:
+    """A collection found gone in the middle of work on it (another request or process
+    dropped it): what was stored in it went with it."""
+    return CollectionNotFoundError(
+        f"no collection {name!r}: it was dropped (before or during {action}); what was "
+        "stored in it is gone too"
+    )
 
 
 def checked_name(name: Any) -> str:

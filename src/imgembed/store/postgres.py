@@ -11,7 +11,7 @@ import hashlib
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 import psutil
@@ -19,7 +19,7 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
-from imgembed.errors import CollectionNotFoundError, ProvenanceMismatchError
+from imgembed.errors import CollectionNotFoundError, ProvenanceMismatchError, StoreError
 from imgembed.store.base import (
     CollectionInfo,
     Hit,
@@ -30,12 +30,14 @@ from imgembed.store.base import (
     checked_record,
     checked_text,
     checked_vector,
+    dropped,
     vector_size,
 )
 from imgembed.store.faults import store_errors
 from imgembed.store.pgconn import Connection
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 MIGRATIONS = Path(__file__).parent / "migrations"
 SCHEMA = "0004"  # the newest migration (a test holds it equal to Alembic's head)
 HNSW_MAX_DIMENSION = 4000  # pgvector's limit for an index over halfvec; above it: exact search
@@ -141,6 +143,17 @@ class PostgresStore:
                 raise CollectionNotFoundError(f"no collection {name!r}")
             self._collections[name] = _Collection(*row[0])
         return self._collections[name]
+
+    def _on(self, name: str, action: str, work: Callable[[psycopg.Connection], T]) -> T:
+        """Work on the collection's table: a table another process dropped meanwhile is
+        CollectionNotFoundError, not a driver error."""
+        try:
+            return self._db.run(action, work)
+        except StoreError as exc:
+            if not isinstance(exc.__cause__, psycopg.errors.UndefinedTable):
+                raise
+            self._collections.pop(name, None)
+            raise dropped(name, action) from exc
 
     # -- collections -------------------------------------------------------------------------
 
@@ -258,7 +271,7 @@ class PostgresStore:
                         copy.write_row(row)
                 cursor.execute(insert)
 
-        self._db.run(f"storing {len(rows)} items in {name!r}", write)
+        self._on(name, f"storing {len(rows)} items in {name!r}", write)
 
     def get(self, name: str, ids: Iterable[str]) -> list[Record]:
         rows = self._items(
@@ -280,14 +293,15 @@ class PostgresStore:
         statement = sql.SQL("DELETE FROM {} WHERE id = ANY(%s)").format(
             sql.Identifier(self._collection(name).table)
         )
-        return self._db.run(
+        return self._on(
+            name,
             f"deleting {len(ids)} items from {name!r}",
             lambda connection: connection.execute(statement, (ids,)).rowcount,
         )
 
     def count(self, name: str) -> int:
         table = self._collection(name).table
-        return self._db.run(f"counting {name!r}", lambda c: _count(c, table))
+        return self._on(name, f"counting {name!r}", lambda c: _count(c, table))
 
     def search(
         self,
@@ -321,7 +335,7 @@ class PostgresStore:
             self._db.search_settings(connection, ef, filtered=bool(filters))
             return connection.execute(statement, params, prepare=True).fetchall()
 
-        rows = self._db.run(f"searching {name!r}", find)
+        rows = self._on(name, f"searching {name!r}", find)
         hits = [Hit(r[0], float(r[1]), r[2], r[3], r[4]) for r in rows]
         return sorted(hits, key=lambda hit: -hit.score)  # relaxed order: re-sort the k rows
 
@@ -368,7 +382,7 @@ class PostgresStore:
             if build or changed:
                 connection.execute(sql.SQL("ANALYZE {}").format(sql.Identifier(table)))
 
-        self._db.run(f"building the search index of {name!r}", work)
+        self._on(name, f"building the search index of {name!r}", work)
 
     def close(self) -> None:
         self._db.close()
@@ -380,7 +394,7 @@ class PostgresStore:
         self, name: str, action: str, statement: str, params: Any = None
     ) -> list[tuple[Any, ...]]:
         query = sql.SQL(statement).format(table=sql.Identifier(self._collection(name).table))
-        return self._db.run(f"{action} {name!r}", lambda c: c.execute(query, params).fetchall())
+        return self._on(name, f"{action} {name!r}", lambda c: c.execute(query, params).fetchall())
 
 
 def items_table(collection: str) -> str:

@@ -29,6 +29,7 @@ from imgembed.store.base import (
     checked_record,
     checked_text,
     checked_vector,
+    dropped,
     vector_size,
 )
 from imgembed.store.faults import store_errors
@@ -88,6 +89,17 @@ class QdrantStore:
             time.sleep(1.0)
         with store_errors(action, self.location):
             return work()
+
+    def _on(self, name: str, action: str, work: Callable[[], T]) -> T:
+        """Work on a collection: one another request dropped (or never made) is
+        CollectionNotFoundError, not a client error."""
+        try:
+            return self._call(action, work)
+        except StoreError as exc:
+            if not _no_collection(exc.__cause__):
+                raise
+            self._dimensions.pop(name, None)
+            raise dropped(name, action) from exc
 
     def create_collection(self, name: str, provenance: Provenance) -> CollectionInfo:
         checked_name(name)
@@ -195,14 +207,16 @@ class QdrantStore:
                     id=_point_id(record.id), vector=vector.tolist(), payload=payload
                 )
             )
-        self._call(
+        self._on(
+            name,
             f"storing {len(points)} items in {name!r}",
             lambda: self._client.upsert(name, points=points, wait=True),
         )
 
     def get(self, name: str, ids: Iterable[str]) -> list[Record]:
         ids = list(ids)
-        points = self._call(
+        points = self._on(
+            name,
             f"reading items of {name!r}",
             lambda: self._client.retrieve(
                 name, ids=[_point_id(i) for i in ids], with_payload=True, with_vectors=True
@@ -221,7 +235,7 @@ class QdrantStore:
         return sorted(records, key=lambda r: r.id)
 
     def hashes(self, name: str) -> dict[str, str]:
-        return self._call(f"reading the content hashes of {name!r}", lambda: self._hashes(name))
+        return self._on(name, f"reading the content hashes of {name!r}", lambda: self._hashes(name))
 
     def _hashes(self, name: str) -> dict[str, str]:
         out: dict[str, str] = {}
@@ -245,10 +259,12 @@ class QdrantStore:
                 self._client.delete(name, points_selector=selector)
             return present
 
-        return self._call(f"deleting {len(ids)} items from {name!r}", delete)
+        return self._on(name, f"deleting {len(ids)} items from {name!r}", delete)
 
     def count(self, name: str) -> int:
-        return self._call(f"counting {name!r}", lambda: self._client.count(name, exact=True).count)
+        return self._on(
+            name, f"counting {name!r}", lambda: self._client.count(name, exact=True).count
+        )
 
     def search(
         self,
@@ -273,7 +289,8 @@ class QdrantStore:
                 ]
             )
         params = models.SearchParams(exact=True) if exact and not self._local else None
-        points = self._call(
+        points = self._on(
+            name,
             f"searching {name!r}",
             lambda: (
                 self._client.query_points(
@@ -308,3 +325,18 @@ class QdrantStore:
     def close(self) -> None:
         with store_errors("closing Qdrant", self.location):
             self._client.close()
+
+
+def _no_collection(exc: BaseException | None) -> bool:
+    """Whether the client said the collection does not exist (local mode: a ValueError;
+    a server: 404)."""
+    from qdrant_client.http.exceptions import UnexpectedResponse
+
+    if isinstance(exc, UnexpectedResponse):
+        return exc.status_code == 404
+    text = str(exc)
+    return (
+        isinstance(exc, ValueError)
+        and text.startswith("Collection ")
+        and text.endswith("not found")
+    )
