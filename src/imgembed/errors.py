@@ -135,7 +135,8 @@ class ProvenanceMismatchError(StoreError):
 
 
 class StoreBusyError(StoreError):
-    """Another bulk job (another process or server) is embedding the store right now."""
+    """Another bulk job (another process or server) is embedding the store, or indexing
+    into the collection, right now."""
 
 
 class StoreUnavailableError(StoreError):

@@ -611,6 +611,39 @@ def test_collections_index_search_duplicates_thumbnails(data_dir, root, library,
         assert gone.status_code == 404 and gone.json()["error_type"] == "CollectionNotFoundError"
 
 
+def test_a_collection_another_process_indexes_is_refused_before_a_job_starts(data_dir, root):
+    """While a CLI `index` in another process holds the collection: 409 up front, not a job
+    that embeds everything again. Behind this server's own run it queues."""
+    import psycopg
+
+    from imgembed.store import embedded
+
+    body = {"sources": [str(root / "rocket.jpg"), str(root / "coffee.png")]}
+    with _client(allowed_roots=[root]) as client:
+        with psycopg.connect(embedded.start(data_dir)) as holder:
+            holder.execute("SELECT pg_advisory_lock(hashtextextended('imgembed-index:shop', 0))")
+            refused = client.post("/api/v1/collections/shop/index", json=body)
+            assert refused.status_code == 409, refused.text
+            assert refused.json()["error_type"] == "StoreBusyError"
+            assert "another indexing run" in refused.json()["error"]
+            assert client.post("/api/v1/collections/other/index", json=body).status_code == 202
+        release = threading.Event()
+        service = client.app.state.imgembed.service
+
+        def own_run(progress):
+            with service.store.writing("shop"):
+                release.wait(60)
+
+        own = client.app.state.imgembed.jobs.submit("index", "shop", 0, own_run)
+        while client.get(f"/api/v1/jobs/{own.id}").json()["status"] == "queued":
+            time.sleep(0.05)
+        queued = client.post("/api/v1/collections/shop/index", json=body)
+        assert queued.status_code == 202, queued.text
+        release.set()
+        done = _job(client, queued)
+        assert (done["status"], done["stats"]["successful"]) == ("done", 2), done
+
+
 def test_shutdown_stops_an_index_job_at_a_stored_batch_and_a_rerun_resumes(
     data_dir, root, monkeypatch, caplog
 ):

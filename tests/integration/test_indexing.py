@@ -15,7 +15,12 @@ import pytest
 from PIL import Image
 
 from imgembed import ImageEmbeddingService
-from imgembed.errors import CollectionNotFoundError, ProvenanceMismatchError
+from imgembed.errors import (
+    CollectionNotFoundError,
+    ProvenanceMismatchError,
+    StoreBusyError,
+    StoreError,
+)
 from imgembed.indexing import IndexItem, read_index_sources
 from imgembed.store import embedded
 from imgembed.store.postgres import PostgresStore
@@ -242,4 +247,34 @@ def test_a_collection_dropped_during_a_run_stops_it_saying_so(data_dir, large_jp
         assert "are kept" not in message and "UndefinedTable" not in message
         # the same command makes it again
         assert service.index(_items(paths), "gone").successful == 12
+        other.close()
+
+
+def test_one_indexing_run_per_collection_at_a_time(data_dir, large_jpegs, tmp_path):
+    """A run another process holds the collection for (a CLI `index` beside a server's job)
+    is refused at once instead of both embedding everything; the lock goes when a run ends,
+    also when it fails."""
+    paths = _crops(large_jpegs, tmp_path / "tiles", 4)
+    with ImageEmbeddingService(**TINY, batch_size=2) as service:
+        store, other = service.store, PostgresStore(service.store.url)
+        with other.writing("shop"):
+            with pytest.raises(StoreBusyError, match="another indexing run") as caught:
+                service.index(_items(paths), "shop")
+            assert "are kept" not in str(caught.value)  # nothing ran: no resume advice
+            with pytest.raises(StoreBusyError):
+                store.check_not_busy("shop")
+            other.check_not_busy("shop")  # its own lock does not stop its holder
+            store.check_not_busy("other")  # nor anyone on another collection
+        upsert = store.upsert
+
+        def broken(name, records):
+            raise StoreError("the disk broke")
+
+        store.upsert = broken
+        with pytest.raises(StoreError, match="the disk broke"):
+            service.index(_items(paths), "shop")
+        store.upsert = upsert
+        other.check_not_busy("shop")  # the failed run let go
+        assert service.index(_items(paths), "shop").successful == 4
+        other.check_not_busy("shop")
         other.close()

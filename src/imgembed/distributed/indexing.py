@@ -22,13 +22,8 @@ import ray
 from imgembed.config import Settings
 from imgembed.distributed import cluster, stages
 from imgembed.engine.pipeline import Progress
-from imgembed.errors import (
-    CollectionNotFoundError,
-    ProvenanceMismatchError,
-    StoreError,
-)
 from imgembed.indexing import IndexItem, IndexStats
-from imgembed.indexing.run import begin, finish, interrupted, storable, store_batch
+from imgembed.indexing.run import begin, finish, guarded, storable, store_batch
 from imgembed.intake.names import printable
 from imgembed.store import Provenance, open_store
 from imgembed.store.base import checked_name
@@ -108,7 +103,7 @@ def _index(
     unusable = [item for item in items if item.error is not None]
     todo = [item for item in items if item.error is None]
     state = Progress(total=len(items))
-    try:
+    with guarded(service.store, name, stats, service.settings.cache_embeddings):
         provenance = service.provenance
         store = service.store
         store.create_collection(name, provenance)
@@ -138,10 +133,6 @@ def _index(
                 if progress:
                     progress(Progress(**vars(state)))
         finish(store, name, items, stored, prune, bool(unusable), stats)
-    except (ProvenanceMismatchError, CollectionNotFoundError):
-        raise
-    except StoreError as exc:
-        raise interrupted(exc, stats, service.settings.cache_embeddings) from exc
     stats.duration = time.perf_counter() - started
     return stats
 

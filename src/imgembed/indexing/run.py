@@ -14,11 +14,12 @@ message saying what was kept and how to go on."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import queue
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +29,7 @@ from imgembed.errors import (
     ImgEmbedError,
     InvalidRecordError,
     ProvenanceMismatchError,
+    StoreBusyError,
     StoreError,
 )
 from imgembed.indexing.sources import IndexItem
@@ -75,35 +77,57 @@ def index(
     started = time.perf_counter()
     checked_name(collection)  # before the run: a name no store takes is not "run again"
     stats = IndexStats(total=len(items))
+    with guarded(store, collection, stats, service.settings.cache_embeddings):
+        _run(service, store, collection, items, prune, progress, stats)
+    stats.duration = time.perf_counter() - started
+    return stats
+
+
+def _run(
+    service: Any,
+    store: VectorStore,
+    collection: str,
+    items: list[IndexItem],
+    prune: bool,
+    progress: Callable[[Progress], None] | None,
+    stats: IndexStats,
+) -> None:
     unusable = [item for item in items if item.error is not None]
     todo = [item for item in items if item.error is None]
-    try:
-        provenance = service.provenance
-        store.create_collection(collection, provenance)
-        stored = store.hashes(collection)
-        begin(store, collection, todo, stored)
-        for item in unusable:
+    provenance = service.provenance
+    store.create_collection(collection, provenance)
+    stored = store.hashes(collection)
+    begin(store, collection, todo, stored)
+    for item in unusable:
+        stats.processed += 1
+        stats.fail(item.id, item.source, item.error)  # type: ignore[arg-type]
+    batch: list[Record] = []
+    results = service.iter_images([item.source for item in todo], _shifted(progress, len(unusable)))
+    with Writer(store, collection, stats) as writer:
+        for item, result in zip(todo, results, strict=True):
             stats.processed += 1
-            stats.fail(item.id, item.source, item.error)  # type: ignore[arg-type]
-        batch: list[Record] = []
-        results = service.iter_images(
-            [item.source for item in todo], _shifted(progress, len(unusable))
-        )
-        with Writer(store, collection, stats) as writer:
-            for item, result in zip(todo, results, strict=True):
-                stats.processed += 1
-                if result.error is not None:
-                    stats.fail(item.id, item.source, result.error)
-                elif stored.get(printable(item.id)) == result.image_id:
-                    stats.skipped += 1
-                elif record := storable(item, result, provenance.dimension, stats):
-                    batch.append(record)
-                    if len(batch) >= service.settings.batch_size:
-                        writer.put(batch)
-                        batch = []
-            writer.put(batch)
-        finish(store, collection, items, stored, prune, bool(unusable), stats)
-    except ProvenanceMismatchError:
+            if result.error is not None:
+                stats.fail(item.id, item.source, result.error)
+            elif stored.get(printable(item.id)) == result.image_id:
+                stats.skipped += 1
+            elif record := storable(item, result, provenance.dimension, stats):
+                batch.append(record)
+                if len(batch) >= service.settings.batch_size:
+                    writer.put(batch)
+                    batch = []
+        writer.put(batch)
+    finish(store, collection, items, stored, prune, bool(unusable), stats)
+
+
+@contextlib.contextmanager
+def guarded(store: VectorStore, collection: str, stats: IndexStats, cached: bool) -> Iterator[None]:
+    """A run holding the collection (one run per collection at a time: StoreBusyError for
+    the second), its store errors saying what was kept and how to go on (`cached`: the
+    embedding cache is on)."""
+    try:
+        with store.writing(collection):
+            yield
+    except (ProvenanceMismatchError, StoreBusyError):
         raise
     except CollectionNotFoundError as exc:  # dropped by someone else during the run
         raise CollectionNotFoundError(
@@ -111,9 +135,7 @@ def index(
             "the collection again, index the sources again (the same `imgembed index` command)."
         ) from exc
     except StoreError as exc:
-        raise interrupted(exc, stats, service.settings.cache_embeddings) from exc
-    stats.duration = time.perf_counter() - started
-    return stats
+        raise interrupted(exc, stats, cached) from exc
 
 
 def begin(

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 
-from imgembed.errors import CollectionNotFoundError, InvalidRecordError
+from imgembed.errors import CollectionNotFoundError, InvalidRecordError, StoreBusyError
 from imgembed.intake.names import printable
 
 
@@ -62,6 +63,13 @@ def dropped(name: str, action: str) -> CollectionNotFoundError:
     return CollectionNotFoundError(
         f"no collection {name!r}: it was dropped (before or during {action}); what was "
         "stored in it is gone too"
+    )
+
+
+def busy(name: str) -> StoreBusyError:
+    return StoreBusyError(
+        f"another indexing run (another process or server) is writing into collection "
+        f"{name!r}; wait for it to finish, then run again: what it stored is skipped"
     )
 
 
@@ -200,6 +208,15 @@ class VectorStore(Protocol):
     def refresh(self, name: str, changed: bool = True) -> None:
         """After a run: build what a bulk load set aside (also after a stopped run), and
         refresh the statistics searches depend on if rows `changed`. Safe to call any time."""
+        ...
+
+    def writing(self, name: str) -> AbstractContextManager[None]:
+        """Held by an indexing run: one run per collection at a time, across processes
+        where the store can tell (StoreBusyError for the second)."""
+        ...
+
+    def check_not_busy(self, name: str) -> None:
+        """StoreBusyError if another process's run holds `writing(name)` now."""
         ...
 
     def close(self) -> None: ...

@@ -7,9 +7,10 @@ retry after a lost connection."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
@@ -25,6 +26,7 @@ from imgembed.store.base import (
     Hit,
     Provenance,
     Record,
+    busy,
     checked_metadata,
     checked_name,
     checked_record,
@@ -235,6 +237,43 @@ class PostgresStore:
 
         self._db.run(f"dropping collection {name!r}", drop)
 
+    @contextlib.contextmanager
+    def writing(self, name: str) -> Iterator[None]:
+        """A session advisory lock: a killed run's goes with its connection (so does a
+        run's whose connection was lost and made again: the lock spares double work, the
+        data does not depend on it)."""
+        key = _lock_key(name)
+        taken = self._db.run(
+            f"locking collection {name!r}",
+            lambda c: c.execute(
+                "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))", (key,)
+            ).fetchone()[0],
+        )
+        if not taken:
+            raise busy(name)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(StoreError):  # a server gone took the lock with it
+                self._db.run(
+                    f"unlocking collection {name!r}",
+                    lambda c: c.execute(
+                        "SELECT pg_advisory_unlock(hashtextextended(%s, 0))", (key,)
+                    ),
+                )
+
+    def check_not_busy(self, name: str) -> None:
+        free = self._db.run(
+            f"checking the lock of collection {name!r}",
+            lambda c: c.execute(
+                "SELECT CASE WHEN pg_try_advisory_lock(hashtextextended(%(k)s, 0))"
+                " THEN pg_advisory_unlock(hashtextextended(%(k)s, 0)) ELSE false END",
+                {"k": _lock_key(name)},
+            ).fetchone()[0],
+        )
+        if not free:
+            raise busy(name)
+
     # -- items -------------------------------------------------------------------------------
 
     def upsert(self, name: str, records: Sequence[Record]) -> None:
@@ -395,6 +434,10 @@ class PostgresStore:
     ) -> list[tuple[Any, ...]]:
         query = sql.SQL(statement).format(table=sql.Identifier(self._collection(name).table))
         return self._on(name, f"{action} {name!r}", lambda c: c.execute(query, params).fetchall())
+
+
+def _lock_key(collection: str) -> str:
+    return f"imgembed-index:{collection}"
 
 
 def items_table(collection: str) -> str:

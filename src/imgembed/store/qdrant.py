@@ -4,6 +4,7 @@ collection; point ids are UUIDs derived from our ids, which are kept in the payl
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import uuid
@@ -313,6 +314,14 @@ class QdrantStore:
             )
             for p in points
         ]
+
+    def writing(self, name: str) -> contextlib.AbstractContextManager[None]:
+        """No lock: local mode has one process anyway; two runs against a server both do the
+        work (by id: nothing is stored twice)."""
+        return contextlib.nullcontext()
+
+    def check_not_busy(self, name: str) -> None:
+        """Qdrant cannot tell (see `writing`)."""
 
     def bulk_load(self, name: str, incoming: int) -> bool:
         """Qdrant indexes segments in the background as they fill: nothing to set aside."""

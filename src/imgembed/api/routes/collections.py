@@ -78,6 +78,8 @@ def index(name: str, body: IndexRequest, state: State) -> dict[str, Any]:
     items = read_index_sources(body.sources, settings.supported_formats)
     items += [IndexItem(i.id or i.source, i.source, i.metadata) for i in body.items]
     service = state.service.for_indexing(name)
+    # a CLI run in another process now: 409 at once (behind this server's own run it queues)
+    service.store.check_not_busy(name)
     job = state.jobs.submit(
         "index",
         name,
