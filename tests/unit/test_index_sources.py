@@ -58,16 +58,26 @@ def test_jsonl_lines_that_cannot_be_used_fail_alone(tmp_path):
         "[1, 2]\n"
         '{"id": "j5", "title": "no image"}\n'
         '{"image_url": "https://shop.example/b.png", "title": "caf\u00e9"}\n'
+        '{"image": "c.png", "id": {"sku": 1}}\n'
+        '{"image": ["d.png"], "id": "j8"}\n'
+        '{"image": "e.png", "id": true}\n'
+        '{"image": "f.png", "id": 42}\n'
     )
     items = read_index_sources([str(listing)], PNG)
     assert [(i.id, i.source) for i in items if not i.error] == [
         ("j1", str(tmp_path / "a.png")),
         ("https://shop.example/b.png", "https://shop.example/b.png"),
+        ("42", str(tmp_path / "f.png")),
     ]
     errors = _errors(items)
     assert errors[f"{listing}:3"][1].startswith(f"{listing}:3: not JSON: Expecting value")
     assert errors[f"{listing}:4"][1] == f"{listing}:4: expected a JSON object, not list"
-    assert errors[f"{listing}:5"][0] == "SourceListError" and len(errors) == 3
+    assert errors[f"{listing}:5"][0] == "SourceListError"
+    # an object, array or true/false is no id or image name (it was str()-ed into one)
+    assert errors[f"{listing}:7"][1] == f"{listing}:7: 'id' must be text or a number, not an object"
+    assert errors[f"{listing}:8"][1].endswith("'image' must be text or a number, not an array")
+    assert errors[f"{listing}:9"][1].endswith("'id' must be text or a number, not true/false")
+    assert len(errors) == 6
 
 
 def test_a_list_that_is_not_utf8_fails_naming_line_and_byte_and_the_rest_goes_on(tmp_path, photos):

@@ -132,6 +132,9 @@ def csv_delimiter(text: str) -> str:
     return max((",", ";", "\t"), key=header.count) if header else ","
 
 
+_JSON_TYPES = {dict: "an object", list: "an array", bool: "true/false"}
+
+
 def _json_rows(text: str) -> Iterator[tuple[int, dict[str, Any] | SourceListError]]:
     for number, line in enumerate(text.split("\n"), 1):
         if not line.strip():
@@ -174,6 +177,15 @@ def _item(row: dict[str, Any] | SourceListError, path: Path, line: int) -> Index
     if isinstance(row, SourceListError):
         row.source = label
         return _failed(label, row)
+    for key in ("id", *IMAGE_COLUMNS):  # a JSON row's object or array is no name
+        value = row.get(key)
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, str | int | float)
+        ):
+            kind = _JSON_TYPES.get(type(value), type(value).__name__)
+            return _failed(
+                label, SourceListError(f"{key!r} must be text or a number, not {kind}", label)
+            )
     row_id = str(row.get("id") or "").strip()
     column = next((c for c in IMAGE_COLUMNS if str(row.get(c) or "").strip()), None)
     if column is None:
