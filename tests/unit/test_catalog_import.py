@@ -366,3 +366,14 @@ def test_a_header_that_names_a_column_twice_is_refused(tmp_path):
     assert parsed.products == []
     assert [(r.line, r.message) for r in parsed.bad_rows] == [
         (1, "the header names title more than once; rename or remove one")]  # fmt: skip
+
+
+def test_fields_longer_than_pythons_default_csv_limit_are_read(tmp_path):
+    """Python's csv refuses fields over 128 KiB; a long description is a product."""
+    long = "lang " * 60_000  # 300 KB
+    path = tmp_path / "long.csv"
+    path.write_text(f'id,title,description,price\np1,One,"{long}",1\np2,Two,short,2\n')
+    parsed = read_catalogue(path)
+    assert parsed.bad_rows == []
+    assert [p.product_id for _, p in parsed.products] == ["p1", "p2"]
+    assert parsed.products[0][1].description == long.strip()

@@ -240,3 +240,21 @@ def test_a_write_that_fails_after_the_work_is_a_typed_error(tmp_path):
     gone.rmdir()  # the folder removed while the work ran
     with pytest.raises(OutputError, match="No such file or directory"):
         writer.close(4)
+
+
+def test_a_data_uri_longer_than_pythons_default_csv_limit_is_an_item(tmp_path, photos):
+    """An image given inline in a CSV list: its data: URI is a field over 128 KiB."""
+    import base64
+
+    photo = max(photos, key=lambda p: p.stat().st_size)
+    assert photo.stat().st_size > 100_000
+    uri = "data:image/png;base64," + base64.b64encode(photo.read_bytes()).decode()
+    listing = tmp_path / "inline.csv"
+    listing.write_text(f'id,image,colour\nbig,"{uri}",red\n')
+    (item,) = read_index_sources([str(listing)], PNG)
+    assert (item.error, item.id, item.source, item.metadata) == (
+        None,
+        "big",
+        uri,
+        {"colour": "red"},
+    )

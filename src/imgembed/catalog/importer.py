@@ -23,7 +23,7 @@ from imgembed.catalog.products import (
     split_tags,
 )
 from imgembed.errors import ConfigurationError
-from imgembed.indexing.sources import csv_delimiter
+from imgembed.indexing.sources import csv_delimiter, csv_reader
 
 TOO_DEEP = "nested too deeply to read"  # json's recursion limit: no product is like that
 FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "shopify"}
@@ -190,7 +190,7 @@ def _csv_rows(text: str) -> Iterator[Row]:
     header: list[str] | None = None
     first = 0  # the line (0-based) the current reader starts on
     while first < len(lines):
-        reader = csv.reader(iter(lines[first:]), delimiter=delimiter)
+        reader = csv_reader(iter(lines[first:]), delimiter)
         restart = None
         while True:
             line = first + reader.line_num + 1  # where the next record starts
@@ -230,7 +230,7 @@ def _csv_rows(text: str) -> Iterator[Row]:
 def _unclosed(record: list[str], delimiter: str) -> bool:
     """Whether this last record runs to the end of the file inside quotes."""
     try:
-        for _ in csv.reader(iter(record), delimiter=delimiter, strict=True):
+        for _ in csv_reader(iter(record), delimiter, strict=True):
             pass
     except csv.Error as exc:
         return "unexpected end of data" in str(exc)

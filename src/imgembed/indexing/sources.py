@@ -106,7 +106,7 @@ def _position(data: bytes, offset: int) -> tuple[int, int]:
 
 def _csv_rows(text: str) -> Iterator[tuple[int, dict[str, Any] | SourceListError]]:
     """(the file line a row starts on, the row by header name); blank lines skipped."""
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=csv_delimiter(text))
+    reader = csv_reader(io.StringIO(text, newline=""), csv_delimiter(text))
     header: list[str] | None = None
     while True:
         line = reader.line_num + 1  # a quoted field may span lines: the row starts here
@@ -123,6 +123,17 @@ def _csv_rows(text: str) -> Iterator[tuple[int, dict[str, Any] | SourceListError
             header = [name.strip() for name in row]
         else:
             yield line, dict(zip(header, row, strict=False))
+
+
+# Python's csv refuses a field over 128 KiB; a data: URI of an image is easily longer (one of
+# max_file_size, 10 MB: 13.4 MB), a product description may be. The limit is process-wide.
+CSV_FIELD_LIMIT = 64 * 1024 * 1024
+
+
+def csv_reader(lines: Iterator[str], delimiter: str, strict: bool = False) -> Any:
+    """csv.reader with fields up to CSV_FIELD_LIMIT (a limit set higher elsewhere stays)."""
+    csv.field_size_limit(max(csv.field_size_limit(), CSV_FIELD_LIMIT))
+    return csv.reader(lines, delimiter=delimiter, strict=strict)
 
 
 def csv_delimiter(text: str) -> str:
