@@ -258,3 +258,17 @@ def test_a_data_uri_longer_than_pythons_default_csv_limit_is_an_item(tmp_path, p
         uri,
         {"colour": "red"},
     )
+
+
+def test_urls_of_other_schemes_are_kept_as_written_and_refused_as_urls(tmp_path, tiny_service):
+    """`ftp://host/a.jpg` in a list (or given directly) is not a file `ftp:/host/a.jpg` beside
+    the list: intake refuses it as a URL it does not fetch."""
+    listing = tmp_path / "list.txt"
+    listing.write_text("ftp://example.com/a.png\ns3://bucket/b.png\nfile:///etc/c.png\n")
+    items = read_index_sources([str(listing), "ftp://example.com/d.png"], PNG)
+    written = ["ftp://example.com/a.png", "s3://bucket/b.png", "file:///etc/c.png",
+               "ftp://example.com/d.png"]  # fmt: skip
+    assert [(i.id, i.source, i.error) for i in items] == [(s, s, None) for s in written]
+    results = tiny_service.embed_images([i.source for i in items])
+    assert [type(r.error).__name__ for r in results] == ["SourceNotAllowedError"] * 4
+    assert "ftp:// is not fetched: only http(s) URLs are" in str(results[0].error)

@@ -27,7 +27,7 @@ from typing import Any
 
 from imgembed.errors import ImageError, ImageNotFoundError, SourceListError
 from imgembed.intake.names import printable
-from imgembed.intake.sources import expand_paths, is_data_uri, is_url
+from imgembed.intake.sources import expand_paths, is_data_uri, url_scheme
 
 IMAGE_COLUMNS = ("image", "image_url", "image_path", "url", "path", "source", "file")
 LIST_SUFFIXES = {".txt", ".lst", ".csv", ".jsonl", ".ndjson"}
@@ -48,7 +48,7 @@ def read_index_sources(entries: Iterable[str], extensions: Iterable[str]) -> lis
     items: list[IndexItem] = []
     for entry in entries:
         path = Path(entry)
-        remote = is_url(entry) or is_data_uri(entry)
+        remote = url_scheme(entry) or is_data_uri(entry)
         if not remote and path.suffix.lower() in LIST_SUFFIXES and path.is_file():
             items += _read_list(path)
             continue
@@ -167,13 +167,13 @@ def _json_rows(text: str) -> Iterator[tuple[int, dict[str, Any] | SourceListErro
 def _stable(source: str | Path) -> str:
     """Ids of local files are absolute paths (symlinks kept), so they do not depend on the
     directory a run started in: re-runs match and --prune never drops a file by accident."""
-    if is_url(source) or is_data_uri(source):
+    if url_scheme(source) or is_data_uri(source):  # ftp://: refused as written, not a file
         return str(source)
     return os.path.abspath(source)
 
 
 def _path_item(source: str, list_file: Path) -> IndexItem:
-    if not (is_url(source) or is_data_uri(source)):
+    if not (url_scheme(source) or is_data_uri(source)):
         source = _stable(list_file.parent / source)  # relative to the list file
     return IndexItem(printable(source), source)
 

@@ -35,6 +35,12 @@ def is_url(source: object) -> bool:
     return isinstance(source, str) and source[:8].lower().startswith(("http://", "https://"))
 
 
+def url_scheme(source: object) -> str | None:
+    """The scheme of a name written as a URL (`ftp`, `s3`, `file`, also http(s))."""
+    found = re.match(r"([a-zA-Z][a-zA-Z0-9+.-]*)://", source) if isinstance(source, str) else None
+    return found[1] if found else None
+
+
 def is_data_uri(source: object) -> bool:
     return isinstance(source, str) and source[:5].lower() == "data:"
 
@@ -67,10 +73,10 @@ def as_path(source: str | os.PathLike[str]) -> Path:
     name as we print it (`caf\\xe9.jpg`, not UTF-8) opens the file it stands for."""
     if isinstance(source, str) and not source.strip():
         raise ImageNotFoundError("empty path: give a file, a URL or image data", repr(source))
-    scheme = re.match(r"([a-zA-Z][a-zA-Z0-9+.-]*)://", source) if isinstance(source, str) else None
+    scheme = url_scheme(source)
     if scheme:
         raise SourceNotAllowedError(
-            f"{scheme[1]}:// is not fetched: only http(s) URLs are", source[:200]
+            f"{scheme}:// is not fetched: only http(s) URLs are", source[:200]
         )
     name = os.fspath(source)
     if isinstance(name, str) and "\\x" in name and not os.path.lexists(name):
