@@ -502,6 +502,6 @@ def test_an_unreachable_qdrant_server_is_a_typed_error_after_one_retry(caplog):
     ):
         QdrantStore(url=f"http://127.0.0.1:{port}")
     assert str(caught.value).startswith(
-        f"the database went away during opening Qdrant (Qdrant at http://127.0.0.1:{port})"
+        f"the database cannot be reached (Qdrant at http://127.0.0.1:{port}) for opening Qdrant"
     )
     assert [r.getMessage().endswith("trying once more") for r in caplog.records] == [True]

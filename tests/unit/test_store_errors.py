@@ -52,13 +52,30 @@ def test_disk_full_names_the_place(exc):
         pg.AdminShutdown("terminating connection due to administrator command"),
         pg.CannotConnectNow("the database system is starting up"),
         psycopg.InterfaceError("the connection is closed"),
-        ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused"),
     ],
 )
 def test_lost_connections_are_unavailable(exc):
     error = _raise_in(exc)
     assert type(error) is StoreUnavailableError
     assert str(error).startswith("the database went away during storing 8 items")
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        psycopg.OperationalError(
+            'connection failed: connection to server at "127.0.0.1", port 1 failed: '
+            "Connection refused"
+        ),
+        psycopg.OperationalError("connection timeout expired"),
+        ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused"),
+    ],
+)
+def test_connections_never_made_are_unavailable_but_not_gone(exc):
+    """A server never reached did not "go away" (a wrong URL, a server not started)."""
+    error = _raise_in(exc)
+    assert type(error) is StoreUnavailableError
+    assert str(error).startswith("the database cannot be reached (/data/postgres) for storing")
 
 
 def test_qdrant_without_answer_is_unavailable():

@@ -2,7 +2,8 @@
 any other table code): wrap each call in `with store_errors("storing 32 items", location)`.
 
     disk full (Postgres 53100, ENOSPC, SQLite "disk is full")  -> StoreFullError
-    connection lost or refused, server shut down or starting   -> StoreUnavailableError
+    connection refused or not made in time ("cannot be reached"),
+    connection lost, server shut down or starting ("went away") -> StoreUnavailableError
     text that is not UTF-8, NaN, values the database refuses   -> InvalidRecordError
     anything else the driver raises                            -> StoreError
 
@@ -46,6 +47,10 @@ def translate(exc: BaseException, action: str, location: str) -> StoreError:
         return StoreFullError(
             f"disk full at {location}: {action} failed ({detail}); free some space there"
         )
+    if _not_reached(exc):
+        return StoreUnavailableError(
+            f"the database cannot be reached ({location}) for {action}: {detail}"
+        )
     if _connection_lost(exc):
         return StoreUnavailableError(
             f"the database went away during {action} ({location}): {detail}"
@@ -73,6 +78,26 @@ def disk_full(exc: BaseException) -> bool:
         return True
     text = str(exc).lower()
     return any(marker in text for marker in _NO_SPACE)
+
+
+def _not_reached(exc: BaseException) -> bool:
+    """A connection that could not be made (refused, timed out): the server is down or
+    elsewhere, which need not mean it went away during the work."""
+    import psycopg
+
+    if isinstance(exc, psycopg.OperationalError) and getattr(exc, "sqlstate", None) is None:
+        return str(exc).startswith(("connection failed", "connection timeout expired"))
+    if isinstance(exc, ConnectionRefusedError):
+        return True
+    try:
+        import httpx
+        from qdrant_client.http.exceptions import ResponseHandlingException
+    except ImportError:  # pragma: no cover - qdrant-client (and httpx) are dependencies
+        return False
+    source = getattr(exc, "source", None)
+    return isinstance(exc, ResponseHandlingException) and isinstance(
+        source, httpx.ConnectError | httpx.ConnectTimeout | ConnectionRefusedError
+    )
 
 
 def _connection_lost(exc: BaseException) -> bool:
