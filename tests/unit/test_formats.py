@@ -2,6 +2,7 @@
 transparency, animation, EXIF in every container, limits, quality."""
 
 import io
+import re
 import time
 from collections import Counter
 
@@ -249,3 +250,16 @@ def test_a_side_over_max_image_size_is_refused_by_name_not_scaled():
     with pytest.raises(ImageTooLargeError, match=r"1400x300 .*over 1333 \(max_image_size"):
         decode(data, "x", Limits(max_side=1333))
     assert decode(data, "x", Limits()).image.size == (1400, 300)
+
+
+@pytest.mark.parametrize("name", ["decompression_bomb.gif", "decompression_bomb.ico"])
+def test_a_decompression_bomb_is_refused_in_our_words(name):
+    """Pillow refuses these in Image.open already ("could be decompression bomb DOS attack"):
+    the error says what the header claims and that nothing was decoded."""
+    from imgembed.errors import ImageTooLargeError
+
+    with pytest.raises(ImageTooLargeError) as caught:
+        decode((PILLOW / name).read_bytes(), name, Limits())
+    message = str(caught.value)
+    assert re.search(r"[\d,]{13} pixels in its header", message), message
+    assert "refused before decoding" in message and "DOS" not in message

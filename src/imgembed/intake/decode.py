@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -163,8 +164,14 @@ def _reduction(size: tuple[int, int], min_side: int | None) -> int:
 
 def _decode_error(exc: Exception, source: str) -> ImgEmbedError:
     # Decoders of untrusted data throw all kinds of exceptions; each becomes a typed error.
-    if isinstance(exc, Image.DecompressionBombError):
-        return ImageTooLargeError(f"{exc} (refused before decoding)", source)
+    if isinstance(exc, Image.DecompressionBombError):  # Pillow's own limit, 2 x its default
+        claimed = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f"{int(claimed[1]):,} pixels" if claimed else str(exc)
+        return ImageTooLargeError(
+            f"{size} in its header, more than Pillow opens (a decompression bomb?): refused "
+            "before decoding",
+            source,
+        )
     if isinstance(exc, UnidentifiedImageError):
         return InvalidImageError("not a recognised image (unknown format or corrupt)", source)
     return InvalidImageError(f"cannot decode image: {exc}", source)
