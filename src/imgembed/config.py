@@ -95,6 +95,8 @@ class Settings(BaseSettings):
     queue_size: int = Field(1024, gt=0, validation_alias=_env("queue_size"))
     max_body_size: int = Field(25 * 1024 * 1024, gt=0, validation_alias=_env("max_body_size"))
     max_batch_inputs: int = Field(256, gt=0, validation_alias=_env("max_batch_inputs"))
+    # On SIGTERM the server waits this long for requests in flight, then answers them 503.
+    shutdown_timeout: float = Field(30.0, ge=0, validation_alias=_env("shutdown_timeout"))
     api_keys: Annotated[list[SecretStr] | None, NoDecode] = Field(
         None, validation_alias=_env("api_keys")
     )

@@ -224,6 +224,30 @@ def test_deadline_stops_a_trickling_download(server, path):
     fetcher.close()
 
 
+def test_close_ends_a_download_in_progress(server):
+    """A server stopping must not wait on a slow download: the thread waiting on it gets a
+    FetchError at once (else the process hangs at exit joining that thread)."""
+    fetcher = Fetcher(max_bytes=10**7, address_allowed=allow_all, timeout=60)
+    outcome = []
+
+    def download():
+        try:
+            fetcher.fetch(server.url("/trickle.jpg"))
+        except FetchError as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=download)
+    thread.start()
+    while not server.hits.get("/trickle.jpg"):
+        time.sleep(0.01)
+    fetcher.close()
+    thread.join(timeout=20)
+    assert not thread.is_alive()  # the trickle would last a minute
+    assert "the service stopped meanwhile" in str(outcome[0])
+    with pytest.raises(FetchError, match="the service is stopping"):
+        fetcher.fetch(server.url("/photo.jpg"))
+
+
 def test_retries_stay_within_the_deadline(server):
     """Back-off never sleeps past the deadline: without it, 10 attempts would take minutes."""
     fetcher = Fetcher(

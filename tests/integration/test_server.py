@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -168,6 +169,41 @@ def _exited_after_sigterm(process: subprocess.Popen) -> None:
     """uvicorn finishes its graceful shutdown, then re-raises SIGTERM on itself: a stop
     asked for and done is exit 0 (the process's exit handlers let the store go)."""
     assert process.wait(timeout=60) == 0
+
+
+def test_a_request_still_running_after_the_shutdown_grace_gets_a_503(data_dir, tmp_path):
+    """SIGTERM with a download that never ends in flight: after IMGEMBED_SHUTDOWN_TIMEOUT the
+    request is answered 503 + Retry-After (JSON, no traceback), and the process exits 0 and
+    lets the embedded server go (the download's thread used to keep it alive for good)."""
+    silent = socket.socket()  # accepts connections (backlog) and never answers
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    url = f"http://127.0.0.1:{silent.getsockname()[1]}/photo.jpg"
+    env = {"IMGEMBED_ALLOW_PRIVATE_URLS": "true", "IMGEMBED_FETCH_TIMEOUT": "300",
+           "IMGEMBED_SHUTDOWN_TIMEOUT": "1"}  # fmt: skip
+    log = tmp_path / "server.log"
+    with serve_process(env, log) as (base, process):
+        assert httpx.get(f"{base}/ready").json()["store"] is True  # the store is in use
+        outcome = {}
+
+        def stuck_request():
+            outcome["response"] = httpx.post(
+                f"{base}/api/v1/embeddings/image", json={"image_url": url}, timeout=120
+            )
+
+        thread = threading.Thread(target=stuck_request)
+        thread.start()
+        while "imgembed_inputs_in_flight 1.0" not in httpx.get(f"{base}/metrics").text:
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        thread.join(timeout=120)
+        response = outcome["response"]
+        assert response.status_code == 503 and response.headers["retry-after"] == "1"
+        assert response.json()["error"].startswith("the server shut down before this request")
+        _exited_after_sigterm(process)
+        assert not embedded.status(data_dir).running
+    silent.close()
+    assert "Traceback" not in log.read_text()
 
 
 def test_serve_with_two_workers(data_dir, root, tmp_path):

@@ -4,6 +4,7 @@ the request id for anything that is a bug."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import re
@@ -61,6 +62,14 @@ class RequestContext:
                 await self.app(scope, self._limited(receive), send_with_id)
             else:
                 await _answer(scope, send_with_id, request_id, *refusal)
+        except asyncio.CancelledError:
+            # uvicorn cancels what still runs when its shutdown grace (IMGEMBED_SHUTDOWN_TIMEOUT)
+            # is over: the client learns to retry elsewhere, not a bare 500 and a traceback
+            log.warning("request cut off by the shutdown", extra={"fields": {"id": request_id}})
+            if not response_started:
+                error = {"error": "the server shut down before this request was done; retry it",
+                         "error_type": "UnavailableError"}  # fmt: skip
+                await _answer(scope, send_with_id, request_id, 503, error)
         except Exception:
             log.exception("bug while serving a request", extra={"fields": {"id": request_id}})
             if not response_started:
@@ -136,6 +145,8 @@ async def _answer(
     scope: Scope, send: Send, request_id: str, status: int, error: dict[str, Any]
 ) -> None:
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    if status == 503:
+        headers = {"Retry-After": "1"}
     response = JSONResponse(error_body(scope["path"], error, request_id), status, headers)
     await response(scope, _no_receive, send)
 

@@ -41,7 +41,8 @@ def serve(
     precision: PrecisionOpt = None,
 ) -> None:
     """Serve the HTTP API and the search page (every other setting from IMGEMBED_* variables).
-    SIGTERM stops accepting, finishes the requests in flight, then exits."""
+    SIGTERM stops accepting, finishes the requests in flight (those still running after
+    IMGEMBED_SHUTDOWN_TIMEOUT seconds are answered 503), then exits."""
     import uvicorn
 
     from imgembed.api.logs import logging_config
@@ -52,7 +53,8 @@ def serve(
         if value is not None:
             os.environ[f"IMGEMBED_{name.upper()}"] = value
     try:
-        make_service()  # settings and model name checked before the server starts
+        with make_service() as service:  # settings and model name checked before serving
+            settings = service.settings
     except ImgEmbedError as exc:
         raise fail(exc) from exc
     # uvicorn re-raises SIGTERM/SIGINT once it has shut down: a stop asked for and done is
@@ -67,5 +69,5 @@ def serve(
             log_config=logging_config(log_level),
             log_level=log_level,
             access_log=False,  # our middleware logs each request as JSON, with its id
-            timeout_graceful_shutdown=30,
+            timeout_graceful_shutdown=settings.shutdown_timeout,
         )
