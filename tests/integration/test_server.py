@@ -211,6 +211,7 @@ def test_serve_with_two_workers(data_dir, root, tmp_path):
     with serve_process(env, tmp_path / "log", "--workers", "2") as (base, process):
         workers = [p for p in psutil.Process(process.pid).children() if "python" in p.name()]
         assert len(workers) >= 2
+        assert embedded.status(data_dir).running  # /ready asked the store
         statuses = []
         deadline = time.monotonic() + 120
         while statuses[-10:] != [200] * 10 and time.monotonic() < deadline:
@@ -224,6 +225,8 @@ def test_serve_with_two_workers(data_dir, root, tmp_path):
         _exited_after_sigterm(process)
         psutil.wait_procs(workers, timeout=30)
         assert not any(worker.is_running() for worker in workers)
+        # the workers (ended by uvicorn's re-raised SIGTERM, no exit handlers) let it go
+        assert embedded.status(data_dir).running is False
 
 
 def test_serve_refuses_settings_that_cannot_work(tmp_path):

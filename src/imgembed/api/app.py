@@ -6,8 +6,10 @@ endpoints (e.g. /api/v1/stores/{id}/products) is one new file there."""
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import pkgutil
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -22,6 +24,7 @@ from imgembed.api.middleware import OPEN_PATHS, RequestContext
 from imgembed.api.state import AppState
 from imgembed.config import Settings, load_settings
 from imgembed.service import ImageEmbeddingService
+from imgembed.store import embedded
 
 DESCRIPTION = """Exact CLIP image and text embeddings, dynamic batching, similarity search.
 
@@ -53,6 +56,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await state.start()
         yield
         await state.close()  # after the server has finished the requests in flight
+        if threading.current_thread() is threading.main_thread():  # a server process (not a
+            # test's server thread), which uvicorn ends by re-raising SIGTERM: no exit handlers
+            await asyncio.to_thread(embedded.let_go)
 
     # /docs: Swagger UI with its script and styles served from the wheel, not a CDN (one
     # docs page is enough: no ReDoc)

