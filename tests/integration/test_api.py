@@ -1,6 +1,7 @@
 """The HTTP API in process (FastAPI's TestClient): every endpoint, the seed's bodies and
 fields, every error status from real bad inputs, and the security defaults."""
 
+import asyncio
 import base64
 import contextlib
 import json
@@ -245,6 +246,27 @@ def test_size_and_count_limits_are_413(root):
         texts = client.post("/api/v1/embeddings/text", json={"texts": ["a"] * 4})
         assert texts.status_code == 413
         assert client.post("/api/v1/embeddings/text", json={"texts": ["a"] * 3}).status_code == 200
+        # bodies FastAPI reads itself: over the limit while streaming is 413 there too, not
+        # its 400 "error parsing the body"; so are uploads and form fields over the counts
+        for path in ("/api/v1/embeddings/text", "/v1/embeddings", "/api/v1/collections"):
+            streamed = client.post(path, content=chunks(), headers=json_type)
+            assert streamed.status_code == 413, (path, streamed.text)
+            assert "IMGEMBED_MAX_BODY_SIZE" in streamed.text
+        upload = ("files", ("a.png", b"x"))
+        five = client.post("/api/v1/embeddings/image/batch", files=[upload] * 5)
+        assert five.status_code == 413, five.text
+        assert five.json()["error"] == (
+            "more than 4 files in one request, over the limit of 3 inputs "
+            "(IMGEMBED_MAX_BATCH_INPUTS)"
+        )
+        fields = {f"field{i}": "x" for i in range(1_100)}
+        crowded = client.post("/api/v1/embeddings/image/batch", data=fields, files=[upload])
+        assert crowded.status_code == 413, crowded.text
+        assert "more than 1,000 form fields" in crowded.json()["error"]
+        text = client.get("/metrics").text  # refused before routing, counted by route
+        assert 'route="/api/v1/embeddings/image",status="413"} 2.0' in text
+        assert 'route="/v1/embeddings",status="413"} 1.0' in text
+        assert "<unmatched>" not in text
     with _client(allowed_roots=[root], max_file_size=50_000) as small:
         upload = small.post(IMAGE, files={"file": ("r.jpg", (root / "rocket.jpg").read_bytes())})
         assert upload.status_code == 413 and upload.json()["error_type"] == "ImageTooLargeError"
@@ -482,6 +504,49 @@ def test_not_ready_for_good_when_the_model_cannot_load(root, monkeypatch):
             time.sleep(0.05)
         assert ready.status_code == 503 and "no weights" in ready.json()["model"]
         assert "retry-after" not in ready.headers  # asking again will not help
+
+
+def test_a_body_that_is_not_utf8_is_a_422_on_every_json_route(client):
+    bad = b'{"texts": ["\xff\xfe"]}'
+    for path in ("/api/v1/embeddings/text", "/v1/embeddings", "/api/v1/collections", IMAGE):
+        response = client.post(path, content=bad, headers={"content-type": "application/json"})
+        assert response.status_code == 422, (path, response.text)
+        assert "can't decode byte 0xff" in response.text
+
+
+def test_a_client_gone_mid_body_is_a_499_in_metrics_not_a_bug(root, caplog):
+    """The client hangs up while sending its body: no answer is possible, and it is no bug
+    (a 500 in metrics would page someone)."""
+    app = create_app(load_settings(**TINY, allowed_roots=[root]))
+
+    async def post_and_hang_up(path: str) -> list[dict]:
+        arriving = [
+            {"type": "http.request", "body": b'{"texts": ["a', "more_body": True},
+            {"type": "http.disconnect"},
+        ]
+        sent = []
+
+        async def receive():
+            return arriving.pop(0) if arriving else {"type": "http.disconnect"}
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": path, "raw_path": path.encode(),
+                 "root_path": "", "scheme": "http", "query_string": b"", "server": ("t", 80),
+                 "headers": [(b"content-type", b"application/json")], "client": ("c", 1),
+                 "http_version": "1.1", "app": app}  # fmt: skip
+        await app(scope, receive, send)
+        return sent
+
+    with caplog.at_level(logging.INFO, logger="imgembed"):
+        for path in ("/api/v1/embeddings/text", IMAGE):
+            assert asyncio.run(post_and_hang_up(path)) == []  # nothing sent to no one
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    text = TestClient(app).get("/metrics").text
+    assert 'route="/api/v1/embeddings/text",status="499"} 1.0' in text
+    assert 'route="/api/v1/embeddings/image",status="499"} 1.0' in text
+    assert 'status="500"' not in text
 
 
 def test_a_bug_is_a_500_with_the_request_id(client, monkeypatch):

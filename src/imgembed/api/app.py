@@ -68,9 +68,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings.api_keys:
         _declare_bearer(app)
     errors.install(app)
-    for router in routers():
+    ours = routers()
+    for router in ours:
         app.include_router(router)
-    app.add_middleware(RequestContext, settings=settings, metrics=state.metrics)
+    routes = [route for router in ours for route in router.routes]  # full paths, flat
+    app.add_middleware(RequestContext, settings=settings, metrics=state.metrics, routes=routes)
     if settings.cors_origins:  # off unless asked for; outermost, so preflights need no key
         app.add_middleware(
             CORSMiddleware,

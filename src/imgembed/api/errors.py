@@ -11,6 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from imgembed.errors import (
     CollectionNotFoundError,
@@ -111,6 +112,16 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
+    # FastAPI turns any failure while it reads a JSON body into a 400 "error parsing the
+    # body"; what caused it says more: a body over our limit, or bytes that are not UTF-8
+    cause = exc.__cause__
+    if isinstance(cause, ClientDisconnect):
+        raise cause  # no one to answer: the middleware logs it as a client gone
+    if isinstance(cause, ImgEmbedError):
+        return await _imgembed_error(request, cause)
+    if isinstance(cause, UnicodeDecodeError):
+        body = {"error": f"body: invalid JSON: {cause}", "error_type": "ValidationError"}
+        return error_response(request, 422, body)
     body = {"error": str(exc.detail), "error_type": "HTTPError"}
     return error_response(request, exc.status_code, body, exc.headers)
 

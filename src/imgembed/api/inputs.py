@@ -18,7 +18,8 @@ from typing import Any, TypeVar, get_args, get_origin
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
-from starlette.datastructures import UploadFile
+from starlette.datastructures import FormData, UploadFile
+from starlette.exceptions import HTTPException
 
 from imgembed.api.schemas import ImageSource
 from imgembed.config import Settings
@@ -167,7 +168,7 @@ async def parse_body(
     field is). Large JSON bodies (base64 images) are parsed in a thread, off the event loop."""
     uploads: list[UploadFile] = []
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
-        form = await request.form(max_files=settings.max_batch_inputs + 1)
+        form = await _form(request, settings)
         fields: dict[str, list[str]] = {}
         for key, value in form.multi_items():
             if isinstance(value, UploadFile) and key != uploads_as:
@@ -187,6 +188,25 @@ async def parse_body(
 
 
 LARGE_BODY = 256 * 1024
+MAX_FORM_FIELDS = 1000  # Starlette's default: form fields other than files
+
+
+async def _form(request: Request, settings: Settings) -> FormData:
+    limit = settings.max_batch_inputs
+    try:  # one file more than allowed, so that the route names the count it refuses
+        return await request.form(max_files=limit + 1, max_fields=MAX_FORM_FIELDS)
+    except HTTPException as exc:  # Starlette's words for a form over its limits: a 400
+        detail = str(exc.detail)
+        if detail.startswith("Too many files"):
+            raise RequestTooLargeError(
+                f"more than {limit + 1:,} files in one request, over the limit of {limit:,} "
+                "inputs (IMGEMBED_MAX_BATCH_INPUTS)"
+            ) from None
+        if detail.startswith("Too many fields"):
+            raise RequestTooLargeError(
+                f"more than {MAX_FORM_FIELDS:,} form fields in one request"
+            ) from None
+        raise
 
 
 def _form_data(model: type[BaseModel], fields: dict[str, list[str]]) -> dict[str, Any]:

@@ -13,7 +13,9 @@ import uuid
 from typing import Any
 
 from starlette.datastructures import Headers, MutableHeaders
+from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from imgembed.api.errors import error_body
@@ -28,11 +30,13 @@ log = logging.getLogger("imgembed.api")
 OPEN_PATHS = ("/health", "/ready", "/", "/docs", "/docs/oauth2-redirect", "/openapi.json")
 OPEN_PREFIXES = ("/static/", "/docs-static/")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+CLIENT_GONE = 499  # nginx's status for a client that closed the connection first
 
 
 class RequestContext:
-    def __init__(self, app: ASGIApp, settings: Settings, metrics: Metrics):
+    def __init__(self, app: ASGIApp, settings: Settings, metrics: Metrics, routes: list[BaseRoute]):
         self.app = app
+        self.routes = routes
         self.max_body = settings.max_body_size
         self.keys = [key.get_secret_value().encode() for key in settings.api_keys or []]
         self.metrics = metrics
@@ -62,6 +66,8 @@ class RequestContext:
                 await self.app(scope, self._limited(receive), send_with_id)
             else:
                 await _answer(scope, send_with_id, request_id, *refusal)
+        except ClientDisconnect:  # gone before its body arrived: no one to answer, no bug
+            status = CLIENT_GONE
         except asyncio.CancelledError:
             # uvicorn cancels what still runs when its shutdown grace (IMGEMBED_SHUTDOWN_TIMEOUT)
             # is over: the client learns to retry elsewhere, not a bare 500 and a traceback
@@ -78,7 +84,7 @@ class RequestContext:
                 await _answer(scope, send_with_id, request_id, 500, error)
         finally:
             seconds = time.perf_counter() - started
-            route = scope.get("route")
+            route = scope.get("route") or self._route(scope)
             template = getattr(route, "path", None) or "<unmatched>"
             self.metrics.request(template, scope["method"], status, seconds)
             client = scope.get("client")
@@ -96,6 +102,10 @@ class RequestContext:
                     }
                 },
             )
+
+    def _route(self, scope: Scope) -> BaseRoute | None:
+        """The route a request refused before routing (413, 401) was meant for."""
+        return next((r for r in self.routes if r.matches(scope)[0] is Match.FULL), None)
 
     def _refusal(self, scope: Scope, headers: Headers) -> tuple[int, dict[str, Any]] | None:
         length = headers.get("content-length")
