@@ -235,3 +235,8 @@ def test_serve_refuses_settings_that_cannot_work(tmp_path):
         [IMGEMBED, "serve", "--port", "0"], env=env, capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 4 and "unknown model architecture" in proc.stderr
+    env = {**os.environ, **TINY_ENV, "IMGEMBED_QUEUE_SIZE": "100"}
+    proc = subprocess.run(
+        [IMGEMBED, "serve", "--port", "0"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode != 0 and "IMGEMBED_QUEUE_SIZE=100 is under" in proc.stderr

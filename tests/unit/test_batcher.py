@@ -12,7 +12,7 @@ import pytest
 from imgembed import EncodeError, ImageEmbeddingService, ImageNotFoundError, InvalidImageError
 from imgembed.engine.batcher import Batcher
 from imgembed.engine.pipeline import ImagePipeline
-from imgembed.errors import OverloadedError, UnavailableError
+from imgembed.errors import OverloadedError, RequestTooLargeError, UnavailableError
 from tests.conftest import TINY
 from tests.fakes import FakeEncoder, solid_png, until
 
@@ -129,6 +129,12 @@ async def test_the_queue_is_bounded(service, photos):
     assert refused.value.retry_after > 0 and "IMGEMBED_QUEUE_SIZE" in str(refused.value)
     assert all(r.ok for r in await asyncio.gather(*running))
     assert (await batcher.embed_image(str(photos[4]))).ok  # room again
+    # more than the queue holds at all: no retry would admit it, so no 503 but a 413
+    with pytest.raises(RequestTooLargeError, match="5 inputs at once, more than the 4"):
+        await batcher.embed_images([str(p) for p in photos[:5]])
+    with pytest.raises(RequestTooLargeError):
+        await batcher.embed_texts(["a"] * 5)
+    assert batcher.in_flight == 0
     await batcher.close()
     with pytest.raises(UnavailableError, match="shutting down"):
         await batcher.embed_image(str(photos[0]))

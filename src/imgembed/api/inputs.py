@@ -25,6 +25,7 @@ from imgembed.api.schemas import ImageSource
 from imgembed.config import Settings
 from imgembed.engine.batcher import Batcher
 from imgembed.errors import (
+    ConfigurationError,
     ImageTooLargeError,
     ImgEmbedError,
     RequestTooLargeError,
@@ -38,7 +39,14 @@ M = TypeVar("M", bound=BaseModel)
 
 
 def server_settings(settings: Settings) -> Settings:
-    """The service's settings behind a server: no allowed roots means no local paths."""
+    """The service's settings behind a server: no allowed roots means no local paths; ones
+    that cannot work together are a ConfigurationError."""
+    if settings.queue_size < settings.max_batch_inputs:
+        raise ConfigurationError(
+            f"IMGEMBED_QUEUE_SIZE={settings.queue_size} is under IMGEMBED_MAX_BATCH_INPUTS="
+            f"{settings.max_batch_inputs}: a request of as many inputs as allowed would never "
+            "be admitted"
+        )
     if settings.allowed_roots is None:
         return settings.model_copy(update={"allowed_roots": []})
     return settings

@@ -45,6 +45,7 @@ def serve(
     IMGEMBED_SHUTDOWN_TIMEOUT seconds are answered 503), then exits."""
     import uvicorn
 
+    from imgembed.api.inputs import server_settings
     from imgembed.api.logs import logging_config
 
     options = {"model": model, "pretrained": pretrained, "device": device, "runtime": runtime,
@@ -54,7 +55,7 @@ def serve(
             os.environ[f"IMGEMBED_{name.upper()}"] = value
     try:
         with make_service() as service:  # settings and model name checked before serving
-            settings = service.settings
+            settings = server_settings(service.settings)
     except ImgEmbedError as exc:
         raise fail(exc) from exc
     # uvicorn re-raises SIGTERM/SIGINT once it has shut down: a stop asked for and done is

@@ -15,7 +15,8 @@ Failures stay with the requests they belong to:
 - if an encoder task dies, every request waiting on it fails at once with EncodeError (no
   hang, unlike infinity #609) and the next request starts a new task;
 - at most `max_queue` inputs are admitted at a time; beyond that, OverloadedError (the HTTP
-  layer answers 503 with Retry-After) instead of unbounded memory.
+  layer answers 503 with Retry-After) instead of unbounded memory; a request larger than
+  `max_queue` on its own is RequestTooLargeError (413), as no retry would admit it.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from imgembed.errors import (
     ImageError,
     ImgEmbedError,
     OverloadedError,
+    RequestTooLargeError,
     UnavailableError,
 )
 from imgembed.intake.image_input import Input
@@ -214,6 +216,11 @@ class Batcher:
     def _admit(self, count: int) -> None:
         if self._closed:
             raise UnavailableError("the service is shutting down")
+        if count > self.max_queue:  # would never fit: retrying cannot help
+            raise RequestTooLargeError(
+                f"{count} inputs at once, more than the {self.max_queue} this service holds in "
+                "progress (IMGEMBED_QUEUE_SIZE); send them in smaller requests"
+            )
         if self._admitted + count > self.max_queue:
             raise OverloadedError(
                 f"{self._admitted} inputs are in progress and {count} more would exceed the "
