@@ -122,10 +122,16 @@ class ImageEmbeddingService(SeedAsyncMethods):
         return list(self.iter_images(sources, progress))
 
     def iter_images(
-        self, sources: Sequence[Input], progress: ProgressCallback | None = None
+        self,
+        sources: Sequence[Input],
+        progress: ProgressCallback | None = None,
+        *,
+        known: Sequence[str | None] | None = None,
     ) -> Iterator[ImageEmbeddingResult]:
-        """Like `embed_images`, streamed batch by batch (for long runs)."""
-        return self._ensure()[1].iter_results(checked_sources(sources), progress)
+        """Like `embed_images`, streamed batch by batch (for long runs). `known`: per source,
+        the image id (content hash) already stored for it; a source still that image is not
+        embedded again (its result has no embedding, and counts as skipped in progress)."""
+        return self._ensure()[1].iter_results(checked_sources(sources), progress, known)
 
     def embed_image(self, source: Input) -> np.ndarray:
         """The embedding of one image; raises its typed error if it cannot be embedded."""

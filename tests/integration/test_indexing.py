@@ -55,17 +55,27 @@ def _items(paths) -> list[IndexItem]:
     return [IndexItem(str(p), str(p)) for p in paths]
 
 
-def test_incremental_index_skip_change_and_prune(data_dir, photos, tmp_path):
+def test_incremental_index_skip_change_and_prune(data_dir, photos, tmp_path, monkeypatch):
     folder = tmp_path / "shop"
     folder.mkdir()
     for photo in photos:
         (folder / photo.name).write_bytes(photo.read_bytes())
-    with ImageEmbeddingService(**TINY) as service:
+    with ImageEmbeddingService(**TINY, cache_embeddings=False) as service:
         items = read_index_sources([str(folder)], service.settings.supported_formats)
         first = service.index(items, "shop")
         assert (first.total, first.successful, first.skipped, first.failed) == (6, 6, 0, 0)
-        again = service.index(items, "shop")
+        # unchanged items are neither decoded nor encoded again (no cache needed for that),
+        # and progress calls them skipped, as the stats do
+        encoded = []
+        encode = service.encoder.encode_images
+        monkeypatch.setattr(
+            service.encoder, "encode_images", lambda x: encoded.append(x) or encode(x)
+        )
+        seen = []
+        again = service.index(items, "shop", progress=seen.append)
         assert (again.successful, again.skipped) == (0, 6)
+        assert encoded == []
+        assert (seen[-1].done, seen[-1].skipped, seen[-1].embedded, seen[-1].cached) == (6, 6, 0, 0)
 
         changed = folder / photos[0].name
         Image.open(photos[1]).save(changed, format=Image.open(photos[0]).format)

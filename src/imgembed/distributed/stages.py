@@ -86,14 +86,17 @@ def prepare(
     threads = 1 + (settings.max_concurrent_fetches if urls else 0)  # downloads wait, not work
     try:
         with ThreadPoolExecutor(threads, thread_name_prefix="imgembed-prepare") as pool:
-            items = list(pool.map(lambda s: None if s is None else pipeline.prepare(s), sources))
+            # an item still what is stored is read and hashed, not decoded
+            items = list(pool.map(
+                lambda s, known: None if s is None else pipeline.prepare(s, known), sources, stored
+            ))  # fmt: skip
     finally:
         intake.close()
         if cache is not None:
             cache.close()
     blobs, hashes, status = [], [], []
-    for item, stored_hash in zip(items, stored, strict=True):
-        unchanged = item is not None and item.error is None and item.digest == stored_hash
+    for item in items:
+        unchanged = item is not None and item.skipped
         blobs.append(None if item is None or unchanged else pickle.dumps(item, protocol=5))
         hashes.append(None if item is None else item.digest)
         status.append("skipped" if item is None or unchanged else None)

@@ -24,7 +24,7 @@ from imgembed.config import Settings
 from imgembed.engine.cache import EmbeddingCache
 from imgembed.engine.similarity import l2_normalize
 from imgembed.errors import EncodeError, ImgEmbedError, InvalidImageError
-from imgembed.intake.image_input import Input, Intake
+from imgembed.intake.image_input import ImageInput, Input, Intake
 from imgembed.intake.sources import describe, is_url
 from imgembed.models.runtime import Encoder
 from imgembed.results import ImageEmbeddingResult
@@ -44,6 +44,7 @@ class Progress:
     embedded: int = 0
     cached: int = 0
     failed: int = 0
+    skipped: int = 0  # unchanged since stored (`known`): read and hashed, not embedded
 
 
 ProgressCallback = Callable[[Progress], None]
@@ -59,6 +60,7 @@ class _Prepared:
     metadata: dict[str, Any] = field(default_factory=dict)
     error: ImgEmbedError | None = None
     cached: bool = False
+    skipped: bool = False  # its hash is the one already stored: no vector needed
     seconds: float = 0.0
     log: list[dict[str, str]] | None = None  # debug mode: the steps, timestamped
 
@@ -95,12 +97,21 @@ class ImagePipeline:
         return f"{encoder.fingerprint}|{preprocess}|pp{PREPROCESS_VERSION}|{draft}"
 
     def iter_results(
-        self, sources: Sequence[Input], progress: ProgressCallback | None = None
+        self,
+        sources: Sequence[Input],
+        progress: ProgressCallback | None = None,
+        known: Sequence[str | None] | None = None,
     ) -> Iterator[ImageEmbeddingResult]:
-        """Results in input order, streamed chunk by chunk."""
+        """Results in input order, streamed chunk by chunk. `known`: per source, the content
+        hash already stored for it; a source whose bytes still hash to it is not decoded or
+        encoded (its result has no embedding and no error; a resumed run costs reads only)."""
         state = Progress(total=len(sources))
         size = self.settings.batch_size
-        chunks = [sources[i : i + size] for i in range(0, len(sources), size)]
+        hashes = list(known) if known is not None else [None] * len(sources)
+        chunks = [
+            list(zip(sources[i : i + size], hashes[i : i + size], strict=True))
+            for i in range(0, len(sources), size)
+        ]
         threads = self.settings.workers
         if any(is_url(source) for source in sources):  # downloads wait on the network
             threads += self.settings.max_concurrent_fetches
@@ -109,7 +120,7 @@ class ImagePipeline:
             for k in range(len(chunks)):
                 while len(pending) <= PREFETCH_CHUNKS and k + len(pending) < len(chunks):
                     pending.append(
-                        [pool.submit(self._prepare, s) for s in chunks[k + len(pending)]]
+                        [pool.submit(self._prepare, *pair) for pair in chunks[k + len(pending)]]
                     )
                 prepared = [future.result() for future in pending.pop(0)]
                 self._encode(prepared)
@@ -117,13 +128,14 @@ class ImagePipeline:
                     result = self._result(item)
                     state.done += 1
                     state.failed += not result.ok
+                    state.skipped += item.skipped
                     state.cached += result.cached
-                    state.embedded += result.ok and not result.cached
+                    state.embedded += result.ok and not (result.cached or item.skipped)
                     yield result
                 if progress:
                     progress(dataclasses.replace(state))  # a snapshot the callee may keep
 
-    def _prepare(self, source: Input) -> _Prepared:
+    def _prepare(self, source: Input, known: str | None = None) -> _Prepared:
         item = _Prepared(label=describe(source), started=time.perf_counter())
         if self.settings.debug:
             item.log = []
@@ -132,24 +144,11 @@ class ImagePipeline:
             item.digest = image_input.digest
             size = "" if image_input.data is None else f"{len(image_input.data):,} bytes, "
             item.note(f"read {item.label} ({size}sha256 {item.digest[:16]})")
-            hit = None
-            if self.cache is not None:  # never raises: a cache problem is not the image's
-                hit = self.cache.get(item.digest, self.encoder.dimension)
-                item.note("cache hit: the stored embedding is used" if hit else "cache miss")
-            if hit is not None:
-                metadata = image_input.metadata(limits=self.intake.limits)
-                item.vector, scores = hit
-                item.cached = True
-                quality = self.intake.flag(scores)  # the threshold may differ from then
-                item.metadata = {**metadata, "quality": quality}
+            if item.digest == known:
+                item.skipped = True
+                item.note("unchanged since it was stored: not embedded again")
             else:
-                with self._decode_slots:
-                    decoded = image_input.decode(self.intake.limits, self.draft_min_side)
-                    item.note(_decoded_note(decoded.metadata, decoded.image.size))
-                    item.pixels = self.encoder.preprocessor(decoded.image)
-                    item.note(f"preprocessed to {_preprocess_note(self.encoder.preprocessor)}")
-                    quality = self.intake.quality(decoded)
-                item.metadata = {**decoded.metadata, "quality": quality}
+                self._vector_or_pixels(item, image_input)
         except ImgEmbedError as exc:
             item.error = exc
         except Exception as exc:  # untrusted input: whatever a reader throws is this item's
@@ -158,6 +157,27 @@ class ImagePipeline:
             item.note(f"failed: {type(item.error).__name__}: {item.error}")
         item.seconds = time.perf_counter() - item.started
         return item
+
+    def _vector_or_pixels(self, item: _Prepared, image_input: ImageInput) -> None:
+        """The cached vector, or the decoded and preprocessed pixels for the encoder."""
+        hit = None
+        if self.cache is not None:  # never raises: a cache problem is not the image's
+            hit = self.cache.get(item.digest, self.encoder.dimension)  # type: ignore[arg-type]
+            item.note("cache hit: the stored embedding is used" if hit else "cache miss")
+        if hit is not None:
+            metadata = image_input.metadata(limits=self.intake.limits)
+            item.vector, scores = hit
+            item.cached = True
+            quality = self.intake.flag(scores)  # the threshold may differ from then
+            item.metadata = {**metadata, "quality": quality}
+            return
+        with self._decode_slots:
+            decoded = image_input.decode(self.intake.limits, self.draft_min_side)
+            item.note(_decoded_note(decoded.metadata, decoded.image.size))
+            item.pixels = self.encoder.preprocessor(decoded.image)
+            item.note(f"preprocessed to {_preprocess_note(self.encoder.preprocessor)}")
+            quality = self.intake.quality(decoded)
+        item.metadata = {**decoded.metadata, "quality": quality}
 
     def _encode(self, prepared: list[_Prepared]) -> None:
         todo = [item for item in prepared if item.pixels is not None]

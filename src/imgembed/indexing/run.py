@@ -102,7 +102,11 @@ def _run(
         stats.processed += 1
         stats.fail(item.id, item.source, item.error)  # type: ignore[arg-type]
     batch: list[Record] = []
-    results = service.iter_images([item.source for item in todo], _shifted(progress, len(unusable)))
+    results = service.iter_images(
+        [item.source for item in todo],
+        _shifted(progress, len(unusable)),
+        known=[stored.get(printable(item.id)) for item in todo],  # resumed: not embedded again
+    )
     with Writer(store, collection, stats) as writer:
         for item, result in zip(todo, results, strict=True):
             stats.processed += 1
