@@ -86,6 +86,11 @@ class SourceNotAllowedError(ImageError):
     """A path outside the allowed roots, or a URL that resolves to a private address."""
 
 
+class InvalidSourceError(ImageError):
+    """The input names no image that could be read: a malformed URL (no host, a port out of
+    range). Unlike FetchError, the request is at fault, not the remote server."""
+
+
 class FetchError(ImageError):
     """A URL could not be downloaded (status, timeout, content type, connection)."""
 

@@ -16,6 +16,7 @@ from imgembed import (
     FetchError,
     ImageEmbeddingService,
     ImageTooLargeError,
+    InvalidSourceError,
     SourceNotAllowedError,
 )
 from imgembed.intake.fetch import Fetcher, allow_all
@@ -98,6 +99,8 @@ class ImageServer:
             self._send(request, 302, headers={"Location": "/photo.jpg"})
         elif path == "/loop":
             self._send(request, 302, headers={"Location": "/loop"})
+        elif path == "/to-nowhere":
+            self._send(request, 302, headers={"Location": "http://127.0.0.1:99999/x.jpg"})
         elif path.startswith("/to/"):
             target = f"http://{path.removeprefix('/to/')}:{self.port}/photo.jpg"
             self._send(request, 302, headers={"Location": target})
@@ -289,6 +292,15 @@ def test_redirects_are_followed_and_bounded(server, service):
     assert isinstance(loop.error, FetchError) and "redirects" in str(loop.error)
 
 
+def test_a_malformed_url_is_the_callers_error_a_bad_redirect_the_servers(server, service):
+    port, host, redirect = service.embed_images(
+        ["http://127.0.0.1:99999/x.png", "http:///x.png", server.url("/to-nowhere")]
+    )
+    assert isinstance(port.error, InvalidSourceError) and "Port out of range" in str(port.error)
+    assert isinstance(host.error, InvalidSourceError) and "with a host" in str(host.error)
+    assert type(redirect.error) is FetchError  # the server sent it there: a 502, not a 422
+
+
 def test_oversize_bodies_are_refused_without_retry(server):
     settings = {**TINY, "allow_private_urls": True, **FAST_RETRY, "max_file_size": 1_000_000}
     with ImageEmbeddingService(**settings) as service:
@@ -360,12 +372,6 @@ def test_many_urls_use_bounded_connections(server):
     assert all(r.ok for r in results), [str(r.error) for r in results if r.error]
     assert server.peak == server.GATE
     assert server.hits["/gate.jpg"] == len(urls)
-
-
-def test_malformed_urls_are_fetch_errors(service):
-    bad = service.embed_images(["http://127.0.0.1:99999/x.jpg", "http://exa mple.com/x.jpg"])
-    for result in bad:
-        assert isinstance(result.error, FetchError), result.error
 
 
 def test_batches_mix_paths_bytes_urls_and_data_uris(server, service, photos):

@@ -28,6 +28,7 @@ PUBLIC = {
     "ImageTooSmallError",
     "ImgEmbedError",
     "InvalidImageError",
+    "InvalidSourceError",
     "ModelUnavailableError",
     "ProductNotFoundError",
     "Progress",

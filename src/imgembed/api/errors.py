@@ -23,6 +23,7 @@ from imgembed.errors import (
     ImageTooLargeError,
     ImgEmbedError,
     InvalidRecordError,
+    InvalidSourceError,
     ModelUnavailableError,
     ProductNotFoundError,
     ProvenanceMismatchError,
@@ -54,6 +55,7 @@ STATUS: list[tuple[type[ImgEmbedError], int]] = [
     (ImageTooLargeError, 413),
     (RequestTooLargeError, 413),
     (UnsupportedFormatError, 415),
+    (InvalidSourceError, 422),  # a malformed URL: the request, not the remote, is wrong
     (FetchError, 502),
     (ImageError, 400),  # invalid, truncated, too small
     (ProvenanceMismatchError, 409),

@@ -29,7 +29,12 @@ from urllib.parse import urljoin, urlsplit, urlunsplit
 import httpx
 import tenacity
 
-from imgembed.errors import FetchError, ImageTooLargeError, SourceNotAllowedError
+from imgembed.errors import (
+    FetchError,
+    ImageTooLargeError,
+    InvalidSourceError,
+    SourceNotAllowedError,
+)
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 AddressPolicy = Callable[[IPAddress], bool]
@@ -203,13 +208,15 @@ class Fetcher:
 
     async def _pinned(self, current: str, original: str) -> tuple[str, str]:
         """The URL with its host replaced by a checked address, and the Host header."""
+        # the URL given is the caller's mistake; one a server redirected to is the server's
+        invalid = InvalidSourceError if current == original else FetchError
         try:
             parts = urlsplit(current)
             port = parts.port or (443 if parts.scheme == "https" else 80)
         except ValueError as exc:  # e.g. a port out of range
-            raise FetchError(f"invalid URL {current}: {exc}", original) from exc
+            raise invalid(f"invalid URL {current}: {exc}", original) from exc
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise FetchError(f"not an http(s) URL: {current}", original)
+            raise invalid(f"not an http(s) URL with a host: {current}", original)
         try:
             # In a worker thread: the deadline can abandon a lookup that hangs.
             resolved = await asyncio.to_thread(self._resolve, parts.hostname, port)
