@@ -240,3 +240,14 @@ def test_serve_refuses_settings_that_cannot_work(tmp_path):
         [IMGEMBED, "serve", "--port", "0"], env=env, capture_output=True, text=True, timeout=120
     )
     assert proc.returncode != 0 and "IMGEMBED_QUEUE_SIZE=100 is under" in proc.stderr
+    with socket.socket() as taken:  # a port in use: said at once, before the model loads
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = str(taken.getsockname()[1])
+        proc = subprocess.run(
+            [IMGEMBED, "serve", "--port", port], env={**os.environ, **TINY_ENV},
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    assert proc.returncode == 3, proc.stderr
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in proc.stderr
+    assert "loading imgembed-tiny" not in proc.stderr

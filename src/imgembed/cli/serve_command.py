@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import socket
 from typing import Annotated
 
 import typer
@@ -18,7 +20,7 @@ from imgembed.cli.common import (
     fail,
     make_service,
 )
-from imgembed.errors import ImgEmbedError
+from imgembed.errors import ConfigurationError, ImgEmbedError
 
 
 @app.command()
@@ -54,6 +56,7 @@ def serve(
         if value is not None:
             os.environ[f"IMGEMBED_{name.upper()}"] = value
     try:
+        _check_free(host, port)  # before the model loads: seconds, for a busy port
         with make_service() as service:  # settings and model name checked before serving
             settings = server_settings(service.settings)
     except ImgEmbedError as exc:
@@ -72,3 +75,21 @@ def serve(
             access_log=False,  # our middleware logs each request as JSON, with its id
             timeout_graceful_shutdown=settings.shutdown_timeout,
         )
+
+
+def _check_free(host: str, port: int) -> None:
+    """ConfigurationError if nothing can listen on host:port (bound as uvicorn binds it)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            hint = (
+                " (another server there? choose another --port)"
+                if exc.errno == errno.EADDRINUSE
+                else ""
+            )
+            raise ConfigurationError(
+                f"cannot listen on {host}:{port}: {exc.strerror}{hint}"
+            ) from exc
