@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.cli import run, run_process
+from tests.conftest import TESTDATA
 
 TINY_ARGS = ["--model", "imgembed-tiny", "--pretrained", "seed:0"]
 
@@ -198,6 +199,15 @@ def test_metadata_command(tmp_path):
     shutil.copy(pillow / "flower.jpg", odd)
     named = run_process("metadata", str(odd), "--json")  # a real process: real stdout bytes
     assert named.returncode == 0 and json.loads(named.stdout)["path"].endswith("caf\\xe9.jpg")
+
+
+def test_pillows_log_lines_stay_out_of_the_output():
+    """A TIFF Pillow logs about (on the root handler open_clip's logging sets up) fails with
+    its typed error in the summary, and no 'ERROR:PIL...' line in between."""
+    tiff = TESTDATA / "pillow" / "oom-225817ca0f8c663be7ab4b9e717b02c661e66834.tif"
+    proc = run_process("embed", str(tiff), *TINY_ARGS)
+    assert proc.returncode == 1 and f"failed: {tiff}" in proc.stderr
+    assert "PIL" not in proc.stderr and "samples per pixel" not in proc.stderr
 
 
 def test_embed_url_from_the_command_line(photos, monkeypatch):

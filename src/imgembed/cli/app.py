@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import json
+import logging
 import os
 import signal
 import sys
@@ -242,6 +243,9 @@ def main() -> None:
     # Decoders warn about oddities in files (skipped tags, huge images); every file already
     # ends embedded or with a typed error, so on a terminal these are noise.
     warnings.filterwarnings("ignore", module=r"PIL\.")  # DecompressionBombWarning too
+    # and log about them (TIFF samples, EXIF); open_clip's root logging.info() call puts a
+    # stderr handler on the root logger that would print those lines into the progress
+    logging.getLogger("PIL").setLevel(logging.CRITICAL)
     warnings.formatwarning = _warning  # ours are for users: the message, not our source line
     # SIGTERM (systemd, docker stop, kill) stops a command as Ctrl-C does: what was stored is
     # kept and the embedded PostgreSQL is let go at exit (by default nothing would clean up).
