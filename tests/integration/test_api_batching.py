@@ -148,7 +148,7 @@ async def test_a_dying_worker_fails_every_waiter_and_the_next_request_works(fake
 
 async def test_a_full_queue_answers_503_with_retry_after(fake, photos):
     bodies = [{"image_path": str(p)} for p in photos] * 2
-    with _server(photos, queue_size=2) as base:
+    with _server(photos, queue_size=2, max_batch_inputs=2) as base:
         encoder = fake[-1]  # the app's (the reference library may have made one too)
         encoder.delay = 0.5
         answers = await _post_all(base, bodies)

@@ -240,7 +240,9 @@ def test_a_store_another_process_embeds_is_refused_before_a_job_starts(root, pho
             queued = client.post("/api/v1/stores/busy/embed", json={})
             assert queued.status_code == 202, queued.text
             assert client.get(queued.json()["url"]).json()["status"] == "queued"
+            # at once: a closed connection's server process may let go a moment later
+            holder.execute("SELECT pg_advisory_unlock_all()")
         release.set()  # the holder is gone, then the own job ends: the queued one runs
         assert client.get(f"/api/v1/jobs/{own.id}").json()["status"] in ("running", "done")
         done = _finished(client, queued.json())
-        assert (done["status"], done["stats"]["successful"]) == ("done", 1), done
+        assert done["status"] == "done" and done["stats"]["successful"] == 1, done

@@ -455,8 +455,8 @@ def test_an_item_with_a_nan_embedding_fails_alone(data_dir, photos):
     with ImageEmbeddingService(**TINY, batch_size=2) as service:
         real = service.iter_images
 
-        def one_broken(sources, progress=None):
-            for n, result in enumerate(real(sources, progress)):
+        def one_broken(sources, progress=None, **options):
+            for n, result in enumerate(real(sources, progress, **options)):
                 if n == 3:  # what a damaged model file can produce
                     result.embedding = np.full_like(result.embedding, np.nan)
                 yield result
