@@ -152,6 +152,32 @@ async def test_search_by_text_image_and_collection_name(data_dir, photos):
 
 
 @pytest.mark.slow
+def test_a_changed_price_or_category_in_a_list_is_stored_again(data_dir, photos, tmp_path):
+    """Same images, other metadata: the changed rows are stored again (their vectors from
+    the embedding cache), the rest skipped; a row as it was stays skipped."""
+    listing = tmp_path / "catalog.csv"
+    rows = [f"sku-{i},{photo},space,{10 + i}" for i, photo in enumerate(photos[:3])]
+    listing.write_text("id,image,category,price\n" + "\n".join(rows) + "\n")
+    with ImageEmbeddingService(**TINY) as service:
+        formats = service.settings.supported_formats
+        first = service.index(read_index_sources([str(listing)], formats), "shop")
+        assert (first.successful, first.skipped) == (3, 0)
+        same = service.index(read_index_sources([str(listing)], formats), "shop")
+        assert (same.successful, same.skipped) == (0, 3)
+        rows[1] = f"sku-1,{photos[1]},rockets,12"
+        listing.write_text("id,image,category,price\n" + "\n".join(rows) + "\n")
+        changed = service.index(read_index_sources([str(listing)], formats), "shop")
+        assert (changed.successful, changed.skipped) == (1, 2)
+        stored = service.store.stored_items("shop")
+        assert (stored["sku-1"].metadata["category"], stored["sku-1"].metadata["price"]) == (
+            "rockets",
+            "12",
+        )
+        assert stored["sku-1"].metadata["width"] > 0  # what the image gives is kept
+        hits = service.search_text("x", collection="shop", top_k=3, filters={"category": "rockets"})
+        assert [(hit.image_path, hit.metadata["price"]) for hit in hits] == [(str(photos[1]), "12")]
+
+
 def test_index_resumes_after_kill_9(data_dir, large_jpegs, tmp_path, vitb32_checkpoint):
     """Killed mid-run, the next run stores every image exactly once and embeds none twice."""
     images = _crops(large_jpegs, tmp_path / "tiles", 80)

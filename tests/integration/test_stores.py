@@ -14,6 +14,7 @@ from imgembed.errors import (
     StoreError,
 )
 from imgembed.store import Provenance, Record
+from imgembed.store.base import StoredItem
 from imgembed.store.postgres import SCHEMA, PostgresStore, revisions
 from imgembed.store.qdrant import QdrantStore
 
@@ -88,6 +89,9 @@ def test_upsert_get_hashes_delete(store):
     changed = Record("item-7", records[8].vector, "new-hash", "/images/7b.jpg", {"color": "x"})
     store.upsert(name, [changed])
     assert store.hashes(name)["item-7"] == "new-hash" and store.count(name) == 50
+    stored = store.stored_items(name)  # what a rerun of `index` compares, without vectors
+    assert stored["item-7"] == StoredItem("new-hash", "/images/7b.jpg", {"color": "x"})
+    assert stored["item-8"].metadata == {"color": "blue", "shop": "a"} and len(stored) == 50
     assert store.delete(name, ["item-1", "item-2", "missing"]) == 2
     assert store.count(name) == 48
     with pytest.raises(StoreError, match="shape"):
@@ -257,6 +261,7 @@ def test_a_collection_that_is_not_there_is_collection_not_found(store):
         lambda: store.upsert("nope", _records(n=2)),
         lambda: store.get("nope", ["item-0"]),
         lambda: store.hashes("nope"),
+        lambda: store.stored_items("nope"),
         lambda: store.delete("nope", ["item-0"]),
         lambda: store.count("nope"),
         lambda: store.search("nope", vector, 3),

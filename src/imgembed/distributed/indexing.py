@@ -23,10 +23,10 @@ from imgembed.config import Settings
 from imgembed.distributed import cluster, stages
 from imgembed.engine.pipeline import Progress
 from imgembed.indexing import IndexItem, IndexStats
-from imgembed.indexing.run import begin, finish, guarded, storable, store_batch
+from imgembed.indexing.run import begin, finish, guarded, storable, store_batch, unchanged_hash
 from imgembed.intake.names import printable
 from imgembed.store import Provenance, open_store
-from imgembed.store.base import checked_name
+from imgembed.store.base import StoredItem, checked_name
 
 
 class IndexWriter:
@@ -107,7 +107,7 @@ def _index(
         provenance = service.provenance
         store = service.store
         store.create_collection(name, provenance)
-        stored = store.hashes(name)
+        stored = store.stored_items(name)
         begin(store, name, todo, stored)
         for item in unusable:
             stats.processed += 1
@@ -137,12 +137,12 @@ def _index(
     return stats
 
 
-def _row(item: IndexItem, stored: dict[str, str]) -> dict[str, Any]:
+def _row(item: IndexItem, stored: dict[str, StoredItem]) -> dict[str, Any]:
     return {
         "id": printable(item.id),
         "source": printable(item.source),
         "metadata": json.dumps(item.metadata, default=str, ensure_ascii=False),
-        stages.STORED_HASH: stored.get(printable(item.id)),
+        stages.STORED_HASH: unchanged_hash(item, stored),
     }
 
 

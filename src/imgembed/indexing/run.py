@@ -1,5 +1,5 @@
 """Indexing run: embed what is new or changed, store it in atomic batches, skip what is
-stored with the same content hash, optionally prune what is gone.
+stored as it is now (same content hash, source and metadata), optionally prune what is gone.
 
 Batches are stored on a thread of their own while the next ones are embedded. A run killed
 at any moment (even kill -9) loses at most the batches not yet stored; the next run skips
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import queue
 import threading
 import time
@@ -35,9 +36,16 @@ from imgembed.errors import (
 from imgembed.indexing.sources import IndexItem
 from imgembed.intake.names import printable
 from imgembed.results import ImageEmbeddingResult
-from imgembed.store.base import Record, VectorStore, checked_name, checked_record
+from imgembed.store.base import (
+    Record,
+    StoredItem,
+    VectorStore,
+    checked_name,
+    checked_record,
+)
 
 _IMAGE_FIELDS = ("width", "height", "format")
+_DERIVED = (*_IMAGE_FIELDS, "confidence")  # stored metadata that comes from the image
 
 
 @dataclass
@@ -96,23 +104,22 @@ def _run(
     todo = [item for item in items if item.error is None]
     provenance = service.provenance
     store.create_collection(collection, provenance)
-    stored = store.hashes(collection)
+    stored = store.stored_items(collection)
     begin(store, collection, todo, stored)
     for item in unusable:
         stats.processed += 1
         stats.fail(item.id, item.source, item.error)  # type: ignore[arg-type]
     batch: list[Record] = []
+    known = [unchanged_hash(item, stored) for item in todo]
     results = service.iter_images(
-        [item.source for item in todo],
-        _shifted(progress, len(unusable)),
-        known=[stored.get(printable(item.id)) for item in todo],  # resumed: not embedded again
-    )
+        [item.source for item in todo], _shifted(progress, len(unusable)), known=known
+    )  # an image still of its known hash is not embedded again
     with Writer(store, collection, stats) as writer:
-        for item, result in zip(todo, results, strict=True):
+        for item, stored_hash, result in zip(todo, known, results, strict=True):
             stats.processed += 1
             if result.error is not None:
                 stats.fail(item.id, item.source, result.error)
-            elif stored.get(printable(item.id)) == result.image_id:
+            elif stored_hash == result.image_id:
                 stats.skipped += 1
             elif record := storable(item, result, provenance.dimension, stats):
                 batch.append(record)
@@ -142,8 +149,20 @@ def guarded(store: VectorStore, collection: str, stats: IndexStats, cached: bool
         raise interrupted(exc, stats, cached) from exc
 
 
+def unchanged_hash(item: IndexItem, stored: Mapping[str, StoredItem]) -> str | None:
+    """The content hash stored for the item when its source and metadata are stored as they
+    are now: an image that still has it needs no new record. A changed price or category in
+    a list is stored again (the embedding cache spares the model)."""
+    entry = stored.get(printable(item.id))
+    if entry is None or entry.source != printable(item.source):
+        return None
+    own = json.loads(json.dumps(item.metadata, default=str))  # as the store gives it back
+    derived = {k: v for k, v in entry.metadata.items() if k in _DERIVED and k not in own}
+    return entry.content_hash if {**derived, **own} == entry.metadata else None
+
+
 def begin(
-    store: VectorStore, collection: str, todo: Sequence[IndexItem], stored: Mapping[str, str]
+    store: VectorStore, collection: str, todo: Sequence[IndexItem], stored: Mapping[str, Any]
 ) -> bool:
     """Before a run's first batch: tell the store how many new items come (a bulk load into
     a new or much-grown collection builds its index afterwards)."""
@@ -154,7 +173,7 @@ def finish(
     store: VectorStore,
     collection: str,
     items: Sequence[IndexItem],
-    stored: Mapping[str, str],
+    stored: Mapping[str, Any],
     prune: bool,
     unreadable: bool,
     stats: IndexStats,

@@ -141,6 +141,15 @@ class Record:
 
 
 @dataclass(frozen=True)
+class StoredItem:
+    """What incremental indexing compares with an item: is it stored as it is now?"""
+
+    content_hash: str
+    source: str
+    metadata: dict[str, Any]
+
+
+@dataclass(frozen=True)
 class Hit:
     id: str
     score: float  # cosine similarity
@@ -181,7 +190,11 @@ class VectorStore(Protocol):
     def get(self, name: str, ids: Iterable[str]) -> list[Record]: ...
 
     def hashes(self, name: str) -> dict[str, str]:
-        """id -> content hash of everything stored: what incremental indexing compares."""
+        """id -> content hash of everything stored."""
+        ...
+
+    def stored_items(self, name: str) -> dict[str, StoredItem]:
+        """id -> hash, source and metadata of everything stored (no vectors)."""
         ...
 
     def delete(self, name: str, ids: Iterable[str]) -> int: ...

@@ -26,6 +26,7 @@ from imgembed.store.base import (
     Hit,
     Provenance,
     Record,
+    StoredItem,
     busy,
     checked_metadata,
     checked_name,
@@ -326,6 +327,14 @@ class PostgresStore:
             name, "reading the content hashes of", "SELECT id, content_hash FROM {table}"
         )
         return dict(rows)
+
+    def stored_items(self, name: str) -> dict[str, StoredItem]:
+        rows = self._items(
+            name,
+            "reading what is stored in",
+            "SELECT id, content_hash, source, metadata FROM {table}",
+        )
+        return {row[0]: StoredItem(row[1], row[2], row[3] or {}) for row in rows}
 
     def delete(self, name: str, ids: Iterable[str]) -> int:
         ids = list(ids)

@@ -25,6 +25,7 @@ from imgembed.store.base import (
     Hit,
     Provenance,
     Record,
+    StoredItem,
     checked_metadata,
     checked_name,
     checked_record,
@@ -246,6 +247,25 @@ class QdrantStore:
                 name, limit=_PAGE, offset=offset, with_payload=["id", "content_hash"]
             )
             out.update({p.payload["id"]: p.payload["content_hash"] for p in points})
+            if offset is None:
+                return out
+
+    def stored_items(self, name: str) -> dict[str, StoredItem]:
+        return self._on(name, f"reading what is stored in {name!r}", lambda: self._stored(name))
+
+    def _stored(self, name: str) -> dict[str, StoredItem]:
+        out: dict[str, StoredItem] = {}
+        offset = None
+        fields = ["id", "content_hash", "source", "metadata"]
+        while True:
+            points, offset = self._client.scroll(
+                name, limit=_PAGE, offset=offset, with_payload=fields
+            )
+            for p in points:
+                payload = p.payload or {}
+                out[payload["id"]] = StoredItem(
+                    payload["content_hash"], payload["source"], payload.get("metadata") or {}
+                )
             if offset is None:
                 return out
 
