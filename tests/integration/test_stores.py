@@ -2,6 +2,7 @@
 local mode. Same contract: collections and provenance, upsert, search order, filters."""
 
 import multiprocessing
+import time
 import uuid
 
 import numpy as np
@@ -11,6 +12,7 @@ from imgembed.errors import (
     CollectionNotFoundError,
     InvalidRecordError,
     ProvenanceMismatchError,
+    StoreBusyError,
     StoreError,
 )
 from imgembed.store import Provenance, Record
@@ -297,6 +299,43 @@ def test_a_collection_dropped_by_another_process_meanwhile_is_collection_not_fou
             call(name)  # read again: not there
     working.close()
     other.close()
+
+
+def test_a_run_whose_connection_was_lost_takes_its_lock_again_or_stops(postgres_url):
+    """One run per collection holds a session lock. Its connection lost and made again, it
+    takes the lock again (a second run is still refused); if a second run took it while it
+    was gone, the first stops with StoreBusyError instead of both writing."""
+    import psycopg
+
+    first, second = PostgresStore(postgres_url), PostgresStore(postgres_url)
+    name = _name()
+    first.create_collection(name, PROV)
+
+    def cut(store):  # as a restart or a network blip would
+        pid = store._db._connection.info.backend_pid
+        with psycopg.connect(postgres_url, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+
+    with first.writing(name):
+        cut(first)
+        first.upsert(name, _records(n=3))  # reconnects, takes the lock again, stores
+        with pytest.raises(StoreBusyError, match="another indexing run"):
+            second.check_not_busy(name)
+        cut(first)
+        deadline = time.monotonic() + 30
+        while True:  # the lost session's lock goes with it, once its server process exits
+            try:
+                second.check_not_busy(name)
+                break
+            except StoreBusyError:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        with second.writing(name):
+            with pytest.raises(StoreBusyError, match="went with its lost database connection"):
+                first.upsert(name, _records(n=5))
+            assert first.count(name) == 3  # nothing of the refused batch was stored
+    first.close()
+    second.close()
 
 
 def test_a_ragged_query_or_record_is_an_invalid_record(store):

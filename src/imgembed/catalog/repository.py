@@ -379,16 +379,10 @@ class ProductRepository:
     @contextlib.contextmanager
     def store_lock(self, store_id: str) -> Iterator[None]:
         """One bulk job per store at a time (a session lock: a killed job's ends with it)."""
-        key = _lock_key(store_id)
-        with self._cursor("locking the store") as cursor:
-            cursor.execute("SELECT pg_try_advisory_lock(hashtextextended(%s, 0))", (key,))
-            if not cursor.fetchone()[0]:
-                raise _busy(store_id)
-        try:
+        with self._db.session_lock(
+            _lock_key(store_id), "locking the store", lambda: _busy(store_id)
+        ):
             yield
-        finally:
-            with self._cursor("unlocking the store") as cursor:
-                cursor.execute("SELECT pg_advisory_unlock(hashtextextended(%s, 0))", (key,))
 
     def check_not_busy(self, store_id: str) -> None:
         """StoreBusyError if a bulk job holds the store now (taken and let go at once)."""

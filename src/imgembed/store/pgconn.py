@@ -21,7 +21,7 @@ import psycopg
 from pgvector.psycopg import register_vector
 from psycopg import sql
 
-from imgembed.errors import StoreUnavailableError
+from imgembed.errors import StoreBusyError, StoreError, StoreUnavailableError
 from imgembed.store.faults import store_errors
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,7 @@ class Connection:
         self._lock = threading.RLock()
         self._lost: StoreUnavailableError | None = None
         self._search: tuple[psycopg.Connection | None, int, str] = (None, 0, "")  # as made
+        self._held: dict[str, Callable[[], StoreBusyError]] = {}  # session locks: key -> busy
         try:
             self._connection = _connect(url)
         except psycopg.OperationalError as exc:
@@ -74,6 +75,29 @@ class Connection:
             except StoreUnavailableError as lost:
                 self._lost = lost
                 raise
+
+    @contextlib.contextmanager
+    def session_lock(
+        self, key: str, action: str, busy: Callable[[], StoreBusyError]
+    ) -> Iterator[None]:
+        """A session advisory lock for the block (`busy()` if another session holds it). A
+        killed process's goes with its connection; so does one whose connection is lost:
+        the connection made again takes it again before any other call, and if another
+        run took it meanwhile, this one stops with StoreBusyError instead of both working."""
+        if not self.run(action, lambda c: _try_lock(c, key)):
+            raise busy()
+        self._held[key] = busy
+        try:
+            yield
+        finally:
+            del self._held[key]
+            with contextlib.suppress(StoreError):  # a server gone took the lock with it
+                self.run(
+                    action.replace("locking", "unlocking", 1),
+                    lambda c: c.execute(
+                        "SELECT pg_advisory_unlock(hashtextextended(%s, 0))", (key,)
+                    ),
+                )
 
     def search_settings(self, connection: psycopg.Connection, ef: int, filtered: bool) -> None:
         """HNSW search settings, made on a connection when they change (not per query: a
@@ -115,7 +139,8 @@ class Connection:
             try:
                 with store_errors("reconnecting", self.location):
                     self._connection = _connect(self._reopen())
-                return
+                    taken = {key: _try_lock(self._connection, key) for key in self._held}
+                break
             except StoreUnavailableError as exc:
                 if time.monotonic() > deadline:
                     raise StoreUnavailableError(
@@ -123,10 +148,22 @@ class Connection:
                         f"{RECONNECT_SECONDS:.0f} s: {exc}"
                     ) from exc
             time.sleep(1.0)
+        for key, free in taken.items():
+            if not free:
+                raise StoreBusyError(
+                    f"{self._held[key]()}; this run's hold on it went with its lost database "
+                    "connection and the other run took it meanwhile, so this run stopped "
+                    "(what it stored is kept)"
+                )
 
     def close(self) -> None:
         with self._lock:
             self._connection.close()
+
+
+def _try_lock(connection: psycopg.Connection, key: str) -> bool:
+    query = "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))"
+    return bool(connection.execute(query, (key,)).fetchone()[0])  # type: ignore[index]
 
 
 def _closed_by_server(connection: psycopg.Connection) -> bool:

@@ -240,28 +240,11 @@ class PostgresStore:
 
     @contextlib.contextmanager
     def writing(self, name: str) -> Iterator[None]:
-        """A session advisory lock: a killed run's goes with its connection (so does a
-        run's whose connection was lost and made again: the lock spares double work, the
-        data does not depend on it)."""
-        key = _lock_key(name)
-        taken = self._db.run(
-            f"locking collection {name!r}",
-            lambda c: c.execute(
-                "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))", (key,)
-            ).fetchone()[0],
-        )
-        if not taken:
-            raise busy(name)
-        try:
+        """One run per collection: a session advisory lock (store/pgconn.py)."""
+        with self._db.session_lock(
+            _lock_key(name), f"locking collection {name!r}", lambda: busy(name)
+        ):
             yield
-        finally:
-            with contextlib.suppress(StoreError):  # a server gone took the lock with it
-                self._db.run(
-                    f"unlocking collection {name!r}",
-                    lambda c: c.execute(
-                        "SELECT pg_advisory_unlock(hashtextextended(%s, 0))", (key,)
-                    ),
-                )
 
     def check_not_busy(self, name: str) -> None:
         free = self._db.run(
