@@ -4,13 +4,14 @@ runner; in a real process where the process matters)."""
 import json
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from tests.cli import run, run_process
+from tests.cli import IMGEMBED, run, run_process
 from tests.conftest import TESTDATA
 
 TINY_ARGS = ["--model", "imgembed-tiny", "--pretrained", "seed:0"]
@@ -208,6 +209,22 @@ def test_pillows_log_lines_stay_out_of_the_output():
     proc = run_process("embed", str(tiff), *TINY_ARGS)
     assert proc.returncode == 1 and f"failed: {tiff}" in proc.stderr
     assert "PIL" not in proc.stderr and "samples per pixel" not in proc.stderr
+
+
+def test_a_reader_that_stops_early_ends_the_command_quietly_with_1():
+    """`imgembed embed-text - | head -c 100`: the output is larger than the pipe holds, the
+    reader goes away; as documented, exit 1 and no error (it was exit 5, 'Broken pipe')."""
+    texts = "".join(f"a photo of {n} apples\n" for n in range(3000))  # ~2 MB of JSON lines
+    process = subprocess.Popen(
+        [IMGEMBED, "embed-text", "-", *TINY_ARGS], stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    process.stdin.write(texts)
+    process.stdin.close()
+    assert process.stdout.read(100).startswith("{")
+    process.stdout.close()
+    assert process.wait(timeout=300) == 1
+    assert "error" not in process.stderr.read()
 
 
 def test_embed_url_from_the_command_line(photos, monkeypatch):

@@ -7,6 +7,7 @@ gives the name back)."""
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
 import tempfile
@@ -95,6 +96,8 @@ class Writer:
         try:
             yield
         except OSError as exc:
+            if self.path is None and exc.errno == errno.EPIPE:
+                raise  # the reader stopped (`| head`): the CLI ends quietly with 1
             where = printable(str(self.path)) if self.path else "stdout"
             raise OutputError(f"cannot write {where}: {exc.strerror or exc}") from exc
 
