@@ -14,6 +14,7 @@ from imgembed import (
     ImageNotFoundError,
     ImageTooLargeError,
     InvalidImageError,
+    InvalidSourceError,
 )
 from tests.conftest import TINY
 
@@ -62,6 +63,16 @@ def test_order_and_per_item_errors(photos, bad_inputs):
             assert isinstance(result.error, error), (source, result.error)
             assert result.embedding is None
             assert str(result.error)  # a message a person can act on
+
+
+def test_a_value_that_is_no_image_source_fails_alone(tiny_service, photos):
+    """A list with gaps ([row.get("image") ...]): None or a number fails with its typed
+    error; the batch goes on (it raised a TypeError and lost every result)."""
+    results = tiny_service.embed_images([photos[0], None, 123, photos[1]])
+    assert [r.ok for r in results] == [True, False, False, True]
+    assert isinstance(results[1].error, InvalidSourceError)
+    assert str(results[1].error).startswith("<NoneType>: not an image source: None")
+    assert results[2].image_path == "<int>" and "123" in str(results[2].error)
 
 
 def test_bomb_is_refused_before_decoding(tiny_service, bad_inputs):

@@ -4,6 +4,7 @@ an http(s) URL, or a PIL image already in memory."""
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
+from imgembed.errors import InvalidSourceError
 from imgembed.intake.decode import (
     Decoded,
     Limits,
@@ -111,6 +113,12 @@ class Intake:
             data = self.fetcher.fetch(str(source))
         elif is_data_uri(source):
             data = decode_base64(str(source), max_size, label)
+        elif not isinstance(source, str | os.PathLike):
+            raise InvalidSourceError(
+                f"not an image source: {source!r:.40} (a path, URL, "
+                "data URI, bytes or PIL image is)",
+                label,
+            )
         else:
             deadline = self.settings.fetch_deadline or self.settings.fetch_timeout
             data = read_file(as_path(source), max_size, self.roots, deadline)

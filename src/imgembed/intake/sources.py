@@ -53,6 +53,8 @@ def describe(source: Source | Image.Image) -> str:
         return f"<PIL image {source.width}x{source.height} {source.mode}>"
     if is_data_uri(source):
         return f"<data URI, {len(source)} characters>"
+    if not isinstance(source, str | os.PathLike):  # e.g. None from a list with gaps
+        return f"<{type(source).__name__}>"
     return os.fspath(source)
 
 
