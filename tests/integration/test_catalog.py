@@ -135,6 +135,36 @@ def test_search_scores_equal_the_formula_from_the_separate_vectors(data_dir, pho
         assert {h.product_id for h in cheap} == {"p0", "p1", "p2", "book"}
 
 
+def test_two_imports_of_the_same_products_at_once_neither_deadlock_nor_miscount(data_dir):
+    """A webhook upsert beside a CLI backfill, in opposite orders: each waits for the other
+    (rows are written in key order); together they insert every product once."""
+    import threading
+
+    ids = [f"d{n:05d}" for n in range(3000)]
+    orders = [ids, ids[::-1]]
+    reports, errors = [], []
+    start = threading.Barrier(2)
+
+    def load(order):
+        try:
+            with Catalog(**TINY) as catalog:
+                start.wait()
+                reports.append(catalog.upsert_products("both", [
+                    {"id": product_id, "title": f"product {product_id}"} for product_id in order
+                ]))  # fmt: skip
+        except Exception as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=load, args=(order,)) for order in orders]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert errors == []
+    assert sum(r.inserted for r in reports) == len(ids)
+    assert all(r.inserted + r.updated + r.unchanged == len(ids) for r in reports)
+
+
 def test_a_text_the_text_model_cannot_embed_fails_its_product_not_the_run(data_dir, photos):
     server = EmbeddingServer(dimension=16)
     settings = {**TINY, "text_model": "openai:test-embed", "openai_api_key": "sk-test",

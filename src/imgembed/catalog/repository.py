@@ -259,7 +259,9 @@ class ProductRepository:
                 list(p.extra_image_urls),
                 Jsonb(p.attributes),
             )
-            for p in products
+            # in key order: two imports of overlapping products lock their rows in the same
+            # order, so one waits for the other instead of both deadlocking
+            for p in sorted(products, key=lambda p: p.product_id)  # stable: the last one wins
         ]
         inserted = updated = 0
         if not params:

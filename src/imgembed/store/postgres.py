@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
@@ -58,6 +59,9 @@ def _alembic_config(url: str) -> Any:
     return config
 
 
+_migrating = threading.Lock()
+
+
 def migrate(url: str, location: str | None = None) -> None:
     """Bring the schema to the newest revision (safe to run from many processes at once).
     A schema already there is told by one query: importing Alembic and SQLAlchemy alone
@@ -68,7 +72,9 @@ def migrate(url: str, location: str | None = None) -> None:
             return
     from alembic import command
 
-    with store_errors("migrating the schema", where):
+    # Alembic's `context` is one per process: two threads migrating at once ran each other's
+    # statements and hung (other processes wait on the migration lock in env.py instead)
+    with _migrating, store_errors("migrating the schema", where):
         command.upgrade(_alembic_config(url), "head")
 
 
