@@ -165,6 +165,18 @@ def test_two_imports_of_the_same_products_at_once_neither_deadlock_nor_miscount(
     assert all(r.inserted + r.updated + r.unchanged == len(ids) for r in reports)
 
 
+def test_a_store_id_is_the_same_store_in_every_call(data_dir, photos):
+    """Import and embed strip the id's blanks; stats, search and product did not, and said
+    the store " ws " had nothing."""
+    with Catalog(**TINY) as catalog:
+        catalog.upsert_products(" ws ", _products(photos)[:2])
+        assert catalog.embed(" ws ").successful == 2
+        assert catalog.stats(" ws ").total == catalog.stats("ws").total == 2
+        assert len(catalog.search(" ws ", "a rocket", top_k=2)) == 2
+        first = _products(photos)[0]["id"]
+        assert catalog.product(" ws ", first)["product_id"] == first
+
+
 def test_a_text_the_text_model_cannot_embed_fails_its_product_not_the_run(data_dir, photos):
     server = EmbeddingServer(dimension=16)
     settings = {**TINY, "text_model": "openai:test-embed", "openai_api_key": "sk-test",

@@ -111,7 +111,7 @@ class Catalog:
         settings = load_settings(config, **overrides)
         repository = ProductRepository.for_settings(settings)
         try:
-            recorded = repository.provenance(store_id)
+            recorded = repository.provenance(_store(store_id))
         finally:
             repository.close()
         return cls(store_settings(settings, recorded[0] if recorded else None))
@@ -263,7 +263,7 @@ class Catalog:
     def product(self, store_id: str, product_id: str) -> dict[str, Any] | None:
         """One product with its embedding status and provenance (no vectors), or None. The
         price is a float as in search hits (a Decimal would reach JSON as a string)."""
-        found = self.repository.product(store_id, product_id)
+        found = self.repository.product(_store(store_id), product_id)
         if found is not None and found["price"] is not None:
             found["price"] = float(found["price"])
         return found
@@ -361,6 +361,7 @@ class Catalog:
     ) -> list[search.ProductHit]:
         """Products for a text, an image, or both, best first, with the score of each part."""
         similarity.check_top_k(top_k)
+        store_id = _store(store_id)  # " ws " is the store "ws" here too, as in import
         category = (category or "").strip() or None  # an empty form field: no filter
         recorded = self.repository.provenance(store_id)
         if recorded is None:
@@ -392,6 +393,7 @@ class Catalog:
     def stats(self, store_id: str) -> StoreStats:
         """Counts of the store's products by state and category, without loading a model."""
         repository = self.repository
+        store_id = _store(store_id)
         counts = repository.stats(store_id)
         if not counts["total"]:
             raise CollectionNotFoundError(f"store {store_id!r} has no products")
