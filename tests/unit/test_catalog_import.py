@@ -29,7 +29,7 @@ def test_csv_with_aliases_html_prices_relative_images_and_bad_rows(tmp_path):
         'A5,"Multi\nline title",x,,abc,,,,\n'  # a record over two lines: reported at its start
         "A6,Too many,x,,1,,,,,extra\n"
         "A7,Negative,x,,-3,,,,\n"
-        "A8,Vaas,x,,1299.5,,,,\n".encode()
+        "A8,Vaas,x,,1299.5,,ftp://shop.example/a8.jpg,,\n".encode()
     )
     parsed = read_catalogue(path)
     assert parsed.format == "csv" and parsed.rows == 8
@@ -48,6 +48,7 @@ def test_csv_with_aliases_html_prices_relative_images_and_bad_rows(tmp_path):
     assert jurk.image_url == str(tmp_path / "img" / "a1.jpg")  # relative to the file
     assert jurk.attributes == {"tags": ["zomer", "rood"], "colour": "rood"}
     assert lamp.price == Decimal("1299.00") and lamp.image_url == "https://shop.example/a2.jpg"
+    assert vaas.image_url == "ftp://shop.example/a8.jpg"  # as written: intake refuses it
     assert vaas.price == Decimal("1299.5") and vaas.image_url is None
 
 

@@ -15,7 +15,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
-from imgembed.intake.sources import is_data_uri, is_url
+from imgembed.intake.sources import is_data_uri, url_scheme
 
 # Column names accepted for each field (case-insensitive); anything else is an attribute.
 COLUMNS = {
@@ -270,7 +270,7 @@ def strip_html(text: str) -> str:
 
 def _image(value: Any, base: Path | None) -> str:
     source = _text(value)
-    if is_url(source) or is_data_uri(source) or base is None:
+    if url_scheme(source) or is_data_uri(source) or base is None:  # ftp://: refused as written
         return source
     return os.path.abspath(base / source)  # relative to the catalogue file
 
