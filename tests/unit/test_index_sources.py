@@ -62,12 +62,14 @@ def test_jsonl_lines_that_cannot_be_used_fail_alone(tmp_path):
         '{"image": ["d.png"], "id": "j8"}\n'
         '{"image": "e.png", "id": true}\n'
         '{"image": "f.png", "id": 42}\n'
+        '{"image": "g.png", "id": 0}\n'
     )
     items = read_index_sources([str(listing)], PNG)
     assert [(i.id, i.source) for i in items if not i.error] == [
         ("j1", str(tmp_path / "a.png")),
         ("https://shop.example/b.png", "https://shop.example/b.png"),
         ("42", str(tmp_path / "f.png")),
+        ("0", str(tmp_path / "g.png")),  # 0 is an id (it fell back to the path)
     ]
     errors = _errors(items)
     assert errors[f"{listing}:3"][1].startswith(f"{listing}:3: not JSON: Expecting value")

@@ -183,6 +183,11 @@ def _failed(label: str, error: ImageError, item_id: str | None = None) -> IndexI
     return IndexItem(item_id or label, label, error=error)
 
 
+def _field(row: dict[str, Any], key: str) -> str:
+    value = row.get(key)
+    return "" if value is None else str(value).strip()
+
+
 def _item(row: dict[str, Any] | SourceListError, path: Path, line: int) -> IndexItem:
     label = f"{printable(str(path))}:{line}"
     if isinstance(row, SourceListError):
@@ -197,8 +202,8 @@ def _item(row: dict[str, Any] | SourceListError, path: Path, line: int) -> Index
             return _failed(
                 label, SourceListError(f"{key!r} must be text or a number, not {kind}", label)
             )
-    row_id = str(row.get("id") or "").strip()
-    column = next((c for c in IMAGE_COLUMNS if str(row.get(c) or "").strip()), None)
+    row_id = _field(row, "id")  # 0 is an id
+    column = next((c for c in IMAGE_COLUMNS if _field(row, c)), None)
     if column is None:
         error = SourceListError(f"no image: none of {', '.join(IMAGE_COLUMNS)} has a value", label)
         return _failed(label, error, row_id)  # a catalogue's own id names it best
