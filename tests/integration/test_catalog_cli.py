@@ -251,5 +251,28 @@ def test_embed_killed_with_9_resumes_and_embeds_every_product_once(
         assert all(attempts == 1 for attempts, _ in after.values())  # each embedded once
         for n, tile in enumerate(tiles):
             assert after[f"t{n:03d}"][1] == hashlib.sha256(tile.read_bytes()).hexdigest()
+
+        # a --force run to other weights, stopped: it has cleared the old vectors, so the way
+        # on is a run without --force (with it, everything would be done again)
+        moved = [*command[:-1], "seed:1"]
+        forced = subprocess.Popen([*moved, "--force"], stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE, text=True)  # fmt: skip
+        done, reset = after, False
+        while (
+            time.time() < deadline + 120
+            and forced.poll() is None
+            and not (reset and len(done) >= 16)
+        ):
+            time.sleep(0.2)
+            done = _embedded(url)
+            reset = reset or len(done) < count  # the old vectors cleared, then new ones
+        assert forced.poll() is None, "the --force run ended before it could be stopped"
+        forced.send_signal(signal.SIGTERM)
+        _, said = forced.communicate(timeout=120)
+        assert forced.returncode == 130 and "run it again without --force to go on" in said, said
+        kept = _embedded(url)
+        rest = run(*moved[1:])
+        assert rest.returncode == 0, rest.stderr
+        assert f"   Processed: {count - len(kept)}\n" in rest.stderr, rest.stderr
     finally:
         server.close()

@@ -128,6 +128,15 @@ class _Lines:
         self.say(f"📊 Progress: {100 * stats.processed / stats.to_process:.1f}% complete")
 
 
+def _resume(force: bool) -> str:
+    """How to go on after a stopped run. A --force run has already moved the store to this
+    run's models (another model's vectors were cleared): without --force the rerun does what
+    is left; with it, everything again."""
+    if force:
+        return "run it again without --force to go on (what is stored is skipped)"
+    return "run the same command again to go on (what is stored is skipped)"
+
+
 def _debug_log() -> None:
     """--verbose: the library's [TEXT] / [IMAGE] / [COMBINED] debug lines on stderr."""
     handler = logging.StreamHandler()
@@ -194,16 +203,12 @@ def embed(
                 stats = distributed.embed_store(catalog, store_id, address=ray, **options)
     except ImgEmbedError as exc:
         if events.written:  # a dependency broke mid-run
-            _say(
-                f"The {events.written} batches already written are kept: run the same command "
-                "again to resume."
-            )
+            _say(f"The {events.written} batches already written are kept: {_resume(force)}.")
         raise fail(exc) from exc
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: between batches, or inside one
         _say(
             f"Interrupted after {events.processed} of {events.to_process} products: the "
-            f"{events.written} batches written are kept; run the same command again to go on "
-            "(what is stored is skipped)."
+            f"{events.written} batches written are kept; {_resume(force)}."
         )
         raise typer.Exit(130) from None
     if as_json:
