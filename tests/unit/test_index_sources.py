@@ -136,6 +136,17 @@ def test_two_files_whose_names_print_alike_are_not_one_silently(tmp_path, photos
     assert "the same id as" in str(clash.error) and "rename one" in str(clash.error)
 
 
+def test_a_list_row_whose_id_is_taken_fails_under_its_own_id_and_source(tmp_path, photos):
+    listing = tmp_path / "h.csv"
+    listing.write_text(f"id,image\na3,{photos[0]}\na3,{photos[1]}\n")
+    kept, clash = read_index_sources([str(listing)], [".png", ".jpg"])
+    assert (kept.id, kept.source, kept.error) == ("a3", str(photos[0]), None)
+    assert (clash.id, clash.source) == ("a3", str(photos[1]))  # not another item's id
+    assert str(clash.error) == (
+        f"{photos[1]}: the same id ('a3') as {str(photos[0])!r}, which is kept; rename one"
+    )
+
+
 def _without_file_permissions_bypass(code: str) -> subprocess.CompletedProcess:
     """Runs Python as this user, but as root without the capabilities that ignore file
     permissions (so a chmod 000 folder is unreadable, as for any other user)."""

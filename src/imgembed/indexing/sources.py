@@ -67,8 +67,12 @@ def read_index_sources(entries: Iterable[str], extensions: Iterable[str]) -> lis
         if first.source != item.source and item.error is None:
             # a name with bytes that are not UTF-8 is written with \xNN, as a name holding
             # those four characters is: the second file would be dropped without a word
-            clash = ImageError(f"the same id as {first.source!r}, which is kept; rename one")
-            clashes.append(_failed(item.source, clash))
+            named = "" if item.id == printable(item.source) else f" ({item.id!r})"  # a row's
+            clash = ImageError(
+                f"the same id{named} as {first.source!r}, which is kept; rename one",
+                printable(item.source),
+            )
+            clashes.append(_failed(item.source, clash, item.id))
     return [*unique.values(), *clashes]
 
 
