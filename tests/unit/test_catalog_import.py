@@ -378,3 +378,15 @@ def test_fields_longer_than_pythons_default_csv_limit_are_read(tmp_path):
     assert parsed.bad_rows == []
     assert [p.product_id for _, p in parsed.products] == ["p1", "p2"]
     assert parsed.products[0][1].description == long.strip()
+
+
+def test_utf16_with_its_bom_as_excel_saves_unicode_text(tmp_path):
+    """Excel's "Unicode text": UTF-16 with a BOM, tab-separated (it gave 6 rows, all bad)."""
+    path = tmp_path / "excel.csv"
+    path.write_bytes("id\ttitle\tprice\r\n1\tRode jurk\t49,95\r\n2\tMok\t12\r\n".encode("utf-16"))
+    parsed = read_catalogue(path)
+    assert (parsed.rows, parsed.bad_rows) == (2, [])
+    assert [(p.product_id, p.title, p.price) for _, p in parsed.products] == [
+        ("1", "Rode jurk", Decimal("49.95")),
+        ("2", "Mok", Decimal("12")),
+    ]

@@ -6,6 +6,7 @@ images[].src by position -> image_url + extra_image_urls, vendor/handle/tags -> 
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
@@ -61,8 +62,7 @@ def read_catalogue(path: Path, format: str | None = None) -> ParsedCatalogue:
         raw = path.read_bytes()
     except OSError as exc:
         raise ConfigurationError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    # Bytes that are not UTF-8 survive as surrogates; the rows holding them are reported.
-    text = raw.decode("utf-8", errors="surrogateescape").removeprefix("\ufeff")
+    text = _text(path, raw)
     _check_kind(path, kind, text)
     parsed = ParsedCatalogue(path, kind)
     rows = {"csv": _csv_rows, "jsonl": _jsonl_rows, "shopify": _json_rows}[kind](text)
@@ -82,6 +82,17 @@ def read_catalogue(path: Path, format: str | None = None) -> ParsedCatalogue:
     if not parsed.rows:  # an export that failed half-way must not pass as "imported"
         parsed.bad_rows.append(BadRow(1, "no products in this file (empty, or a header only)"))
     return parsed
+
+
+def _text(path: Path, raw: bytes) -> str:
+    """UTF-8 (a BOM dropped), or UTF-16 with its BOM (Excel's "Unicode text" export). Bytes
+    that are not UTF-8 survive as surrogates; the rows holding them are reported."""
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        try:
+            return raw.decode("utf-16")
+        except UnicodeDecodeError as exc:
+            raise ConfigurationError(f"{path}: starts as UTF-16 but is not: {exc}") from exc
+    return raw.decode("utf-8", errors="surrogateescape").removeprefix("\ufeff")
 
 
 def _check_kind(path: Path, kind: str, text: str) -> None:
