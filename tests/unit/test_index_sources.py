@@ -240,12 +240,23 @@ def test_a_write_that_fails_after_the_work_is_a_typed_error(tmp_path):
     from imgembed.errors import OutputError
 
     full = tmp_path / "full.jsonl"
-    full.symlink_to("/dev/full")  # every write: ENOSPC, as on a full disk
+    full.write_text("the last good output\n")
+    # the file is written under a temporary name first: there, every write is ENOSPC
+    (tmp_path / f".full.jsonl.{os.getpid()}.part").symlink_to("/dev/full")
     writer = Writer(full)
     with pytest.raises(OutputError, match=r"cannot write .*full\.jsonl: No space left on device"):
         for _ in range(2000):  # past the stream's buffer
             writer.write({"source": "a.png", "embedding": np.zeros(64, np.float32)})
         writer.close(64)
+    assert full.read_text() == "the last good output\n"  # not replaced by half a file
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["full.jsonl"]  # nothing left over
+    npy = tmp_path / "v.npy"
+    (tmp_path / f".v.npy.sources.txt.{os.getpid()}.part").symlink_to("/dev/full")
+    writer = Writer(npy)
+    writer.write({"source": "a.png", "embedding": np.zeros(4, np.float32)})
+    with pytest.raises(OutputError, match=r"cannot write .*v\.npy\.sources\.txt: No space"):
+        writer.close(4)
+    assert not npy.exists()  # the matrix is not put in place without its names
     gone = tmp_path / "gone"
     gone.mkdir()
     writer = Writer(gone / "v.npy")

@@ -70,39 +70,39 @@ def embed(
     from imgembed.intake.sources import expand_paths
 
     try:
-        writer = Writer(output)  # an unwritable -o fails now, not after the work
-        service = make_service(
-            model=model,
-            pretrained=pretrained,
-            device=device,
-            runtime=runtime,
-            precision=precision,
-            batch_size=batch_size,
-            exact=exact,
-            cache_embeddings=cache,
-        )
-        unlisted: list[ImageError] = []  # folders that cannot be listed
-        files = expand_paths(paths, service.settings.supported_formats, unlisted)
-        with err.status(f"loading {service.model_ref} ..."):
-            service.encoder  # noqa: B018 - load before the clock starts
-        started = time.perf_counter()
-        failures, counts = [], Progress(total=len(files))
-        with progress_bar() as bar:
-            task = bar.add_task("embedding", total=len(files))
+        with Writer(output) as writer:  # an unwritable -o fails now, not after the work
+            service = make_service(
+                model=model,
+                pretrained=pretrained,
+                device=device,
+                runtime=runtime,
+                precision=precision,
+                batch_size=batch_size,
+                exact=exact,
+                cache_embeddings=cache,
+            )
+            unlisted: list[ImageError] = []  # folders that cannot be listed
+            files = expand_paths(paths, service.settings.supported_formats, unlisted)
+            with err.status(f"loading {service.model_ref} ..."):
+                service.encoder  # noqa: B018 - load before the clock starts
+            started = time.perf_counter()
+            failures, counts = [], Progress(total=len(files))
+            with progress_bar() as bar:
+                task = bar.add_task("embedding", total=len(files))
 
-            def update(progress: Progress) -> None:
-                nonlocal counts
-                counts = progress
-                bar.update(task, completed=progress.done)
+                def update(progress: Progress) -> None:
+                    nonlocal counts
+                    counts = progress
+                    bar.update(task, completed=progress.done)
 
-            for result in service.iter_images(files, update):
-                if result.error:
-                    failures.append(result.error)
-                writer.write(_row(result))
-        for error in unlisted:
-            failures.append(error)
-            writer.write({"source": error.source, **error_dict(error), "embedding": None})
-        writer.close(service.dimension)
+                for result in service.iter_images(files, update):
+                    if result.error:
+                        failures.append(result.error)
+                    writer.write(_row(result))
+            for error in unlisted:
+                failures.append(error)
+                writer.write({"source": error.source, **error_dict(error), "embedding": None})
+            writer.close(service.dimension)
     except ImgEmbedError as exc:
         raise fail(exc) from exc
     counts = dataclasses.replace(counts, failed=counts.failed + len(unlisted))
@@ -155,20 +155,20 @@ def embed_text(
         err.print("error: no text to embed (standard input held none)", highlight=False)
         raise typer.Exit(1)
     try:
-        writer = Writer(output)  # an unwritable -o fails now, not after the work
-        service = make_service(
-            model=model,
-            pretrained=pretrained,
-            device=device,
-            runtime=runtime,
-            precision=precision,
-            batch_size=batch_size,
-        )
-        started = time.perf_counter()
-        vectors = service.embed_texts(texts)
-        for text, vector in zip(texts, vectors, strict=True):
-            writer.write({"source": text, "model": str(service.model_ref), "embedding": vector})
-        writer.close(service.dimension)
+        with Writer(output) as writer:  # an unwritable -o fails now, not after the work
+            service = make_service(
+                model=model,
+                pretrained=pretrained,
+                device=device,
+                runtime=runtime,
+                precision=precision,
+                batch_size=batch_size,
+            )
+            started = time.perf_counter()
+            vectors = service.embed_texts(texts)
+            for text, vector in zip(texts, vectors, strict=True):
+                writer.write({"source": text, "model": str(service.model_ref), "embedding": vector})
+            writer.close(service.dimension)
     except ImgEmbedError as exc:
         raise fail(exc) from exc
     seconds = time.perf_counter() - started

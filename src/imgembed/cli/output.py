@@ -1,7 +1,9 @@
 """Writing embeddings to stdout (JSON lines) or a file: .jsonl, .npy (+ .sources.txt), .parquet.
 
 The file is checked before any work (a missing or read-only folder is a ConfigurationError
-at once, not after an hour of embedding). Text is written as UTF-8: a file name that is not
+at once, not after an hour of embedding), written beside its place under a temporary name and
+put in place when complete: a failed or stopped run leaves no half file and keeps the last
+good one. Text is written as UTF-8: a file name that is not
 valid UTF-8 is written with `\\xNN` for each undecodable byte (intake/names.py; `restore`
 gives the name back)."""
 
@@ -9,10 +11,11 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import sys
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO, Any
 
@@ -37,12 +40,9 @@ def check_writable(path: Path, what: str = "output") -> None:
             f"cannot write the {what} {shown}: the folder {printable(str(folder))} does not "
             "exist (create it first)"
         )
-    try:
-        if path.exists():
-            path.open("ab").close()  # appends nothing: the file stays as it is
-        else:
-            with tempfile.TemporaryFile(dir=folder):
-                pass
+    try:  # where the file is made under a temporary name, then renamed into place
+        with tempfile.TemporaryFile(dir=folder):
+            pass
     except OSError as exc:
         raise ConfigurationError(f"cannot write the {what} {shown}: {exc.strerror or exc}") from exc
 
@@ -61,13 +61,21 @@ class Writer:
             check_writable(path)
         self._rows: list[dict[str, Any]] = []
         self._stream: IO[str] | None = None
+        self._staged: dict[Path, Path] = {}  # final name -> the temporary one written
+
+    def __enter__(self) -> Writer:
+        return self
+
+    def __exit__(self, kind: object, *_: object) -> None:
+        if kind is not None:  # failed or stopped: the files as they were
+            self.discard()
 
     def write(self, row: dict[str, Any]) -> None:
         row = {key: printable(v) if isinstance(v, str) else v for key, v in row.items()}
         if self.suffix == ".jsonl":
             vector = row.get("embedding")
             out = {**row, "embedding": None if vector is None else vector.tolist()}
-            with self._errors():
+            with self._errors(self.path):
                 if self._stream is None:  # opened on first use: a failed start leaves no file
                     self._stream = self._open()
                 self._stream.write(json.dumps(out, ensure_ascii=False) + "\n")
@@ -75,30 +83,51 @@ class Writer:
             self._rows.append(row)
 
     def close(self, dimension: int) -> None:
-        """Write what is kept; `dimension` shapes an .npy with no embedded row (0, dimension)."""
-        with self._errors():
-            if self.suffix == ".jsonl":
+        """Write what is kept and put it in place; `dimension` shapes an .npy with no embedded
+        row (0, dimension)."""
+        if self.suffix == ".jsonl":
+            with self._errors(self.path):
                 if self._stream is not None:
                     self._stream.flush()
                     if self._stream is not sys.stdout:
                         self._stream.close()
-            elif self.suffix == ".npy":
-                self._write_npy(dimension)
-            else:
-                self._write_parquet()
+        elif self.suffix == ".npy":
+            self._write_npy(dimension)
+        else:
+            self._write_parquet()
+        for final, temp in self._staged.items():
+            with self._errors(final):
+                temp.replace(final)
+        self._staged.clear()
+
+    def discard(self) -> None:
+        """Drop what was written so far (the files stay as they were)."""
+        if self._stream is not None and self._stream is not sys.stdout:
+            with suppress(OSError):
+                self._stream.close()
+        for temp in self._staged.values():
+            with suppress(OSError):
+                temp.unlink(missing_ok=True)
+        self._staged.clear()
 
     def _open(self) -> IO[str]:
-        return self.path.open("w", encoding="utf-8") if self.path else sys.stdout
+        return self._temp(self.path).open("w", encoding="utf-8") if self.path else sys.stdout
+
+    def _temp(self, final: Path) -> Path:
+        self._staged[final] = final.with_name(f".{final.name}.{os.getpid()}.part")
+        return self._staged[final]
 
     @contextmanager
-    def _errors(self) -> Iterator[None]:
-        """OSError while writing (disk full, folder removed meanwhile) -> OutputError."""
+    def _errors(self, path: Path | None) -> Iterator[None]:
+        """OSError while writing `path` (disk full, folder removed meanwhile) -> OutputError
+        naming it; nothing half written is left."""
         try:
             yield
         except OSError as exc:
-            if self.path is None and exc.errno == errno.EPIPE:
+            if path is None and exc.errno == errno.EPIPE:
                 raise  # the reader stopped (`| head`): the CLI ends quietly with 1
-            where = printable(str(self.path)) if self.path else "stdout"
+            self.discard()
+            where = printable(str(path)) if path else "stdout"
             raise OutputError(f"cannot write {where}: {exc.strerror or exc}") from exc
 
     def _write_npy(self, dimension: int) -> None:
@@ -107,11 +136,13 @@ class Writer:
         assert self.path is not None
         done = [row for row in self._rows if row.get("embedding") is not None]
         matrix = np.stack([row["embedding"] for row in done]) if done else np.empty((0, dimension))
-        np.save(self.path, matrix.astype(np.float32))
+        with self._errors(self.path), self._temp(self.path).open("wb") as file:
+            np.save(file, matrix.astype(np.float32))
         sources = self.path.with_name(self.path.name + ".sources.txt")
         # one line per row: a line break inside a name would shift every later row
         lines = (row["source"].replace("\n", "\\n").replace("\r", "\\r") for row in done)
-        sources.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
+        with self._errors(sources):
+            self._temp(sources).write_text("".join(f"{line}\n" for line in lines), "utf-8")
 
     def _write_parquet(self) -> None:
         import numpy as np
@@ -130,4 +161,5 @@ class Writer:
                 for key, values in columns.items()
             }
         )
-        pq.write_table(table, self.path)
+        with self._errors(self.path):
+            pq.write_table(table, self._temp(self.path))
