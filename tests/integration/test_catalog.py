@@ -177,6 +177,23 @@ def test_a_store_id_is_the_same_store_in_every_call(data_dir, photos):
         assert catalog.product(" ws ", first)["product_id"] == first
 
 
+def test_models_recorded_by_a_run_that_stored_no_vector_do_not_bind_the_store(data_dir, photos):
+    """A first run with other models stored nothing (its text API was down): the store is
+    not "embedded with" them, and a run with the usual models needs no --force."""
+    with Catalog(model="imgembed-tiny", pretrained="seed:1") as other:
+        other.upsert_products("fresh", _products(photos)[:2])
+        other.repository.set_provenance("fresh", other.provenance(), "v0", reset=False)
+    with Catalog(**TINY) as catalog:
+        assert catalog.embed_total("fresh") == 2  # no ProvenanceMismatchError up front
+        assert catalog.embed("fresh").successful == 2
+        assert catalog.repository.provenance("fresh")[0] == catalog.provenance()
+        with (
+            Catalog(model="imgembed-tiny", pretrained="seed:1") as other,
+            pytest.raises(ProvenanceMismatchError),  # now it has vectors: bound
+        ):
+            other.embed("fresh")
+
+
 def test_a_text_the_text_model_cannot_embed_fails_its_product_not_the_run(data_dir, photos):
     server = EmbeddingServer(dimension=16)
     settings = {**TINY, "text_model": "openai:test-embed", "openai_api_key": "sk-test",

@@ -296,7 +296,7 @@ class Catalog:
             with repository.store_lock(store_id):
                 recorded = repository.provenance(store_id)
                 if recorded is None or recorded[0] != current:
-                    if recorded is not None and mode != "force":
+                    if _binds(repository, store_id, recorded) and mode != "force":
                         raise _mismatch(store_id, recorded[0], current)
                     repository.set_provenance(
                         store_id, current, self.weights.version, reset=recorded is not None
@@ -326,7 +326,9 @@ class Catalog:
         if check_busy:
             self.repository.check_not_busy(store_id)
         recorded = self.repository.provenance(store_id)
-        if recorded is not None and mode != "force" and recorded[0] != (now := self.provenance()):
+        now = self.provenance()
+        other = recorded is not None and recorded[0] != now
+        if other and mode != "force" and _binds(self.repository, store_id, recorded):
             raise _mismatch(store_id, recorded[0], now)
         rows = self.repository.plan_rows(store_id, product_ids)
         return len(jobs.plan(rows, self.weights, mode))
@@ -437,6 +439,12 @@ def store_settings(settings: Settings, recorded: StoreProvenance | None) -> Sett
     if "text_model" not in explicit:
         defaults["text_model"] = spec_for(recorded.text_model)
     return load_settings(settings, **defaults) if defaults else settings
+
+
+def _binds(repository: ProductRepository, store_id: str, recorded: Any) -> bool:
+    """Whether the store's recorded models bind a run to them: not while no run has stored
+    a vector with them (its text API was down, say); then any models are taken, no --force."""
+    return recorded is not None and repository.has_vectors(store_id)
 
 
 def _store(store_id: str) -> str:

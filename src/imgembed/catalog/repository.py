@@ -609,6 +609,17 @@ class ProductRepository:
         # relaxed order and halfvec ranking: re-sort the k rows by their exact score
         return sorted(rows, key=lambda row: -row["score"])
 
+    def has_vectors(self, store_id: str) -> bool:
+        """Whether any product of the store holds a vector (of the recorded models)."""
+        with self._cursor("looking for vectors") as cursor:
+            cursor.execute(
+                "SELECT EXISTS (SELECT 1 FROM imgembed_products WHERE store_id = %s AND"
+                " (text_embedding IS NOT NULL OR image_embedding IS NOT NULL"
+                " OR combined_embedding IS NOT NULL))",
+                (store_id,),
+            )
+            return bool(cursor.fetchone()[0])
+
     def stats(self, store_id: str) -> dict[str, Any]:
         with self._cursor("counting products") as cursor:
             cursor.execute(
