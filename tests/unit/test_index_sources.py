@@ -114,6 +114,18 @@ def test_csv_lists_separated_by_semicolons_or_tabs(tmp_path):
     ]
 
 
+def test_txt_lists_keep_blanks_a_name_on_disk_has(tmp_path):
+    """Blanks around a line are dropped, unless a file is named with them."""
+    (tmp_path / " lead.png").write_bytes(b"x")
+    (tmp_path / "trail.png ").write_bytes(b"x")
+    (tmp_path / "plain.png").write_bytes(b"x")
+    listing = tmp_path / "files.txt"
+    listing.write_text(" lead.png\ntrail.png \n  plain.png  \n")
+    items = read_index_sources([str(listing)], PNG)
+    assert [Path(i.source).name for i in items] == [" lead.png", "trail.png ", "plain.png"]
+    assert all(Path(i.source).exists() for i in items)
+
+
 def test_txt_lists_keep_names_that_are_not_utf8(tmp_path):
     name = os.fsdecode(b"caf\xe9.png")
     listing = tmp_path / "files.txt"

@@ -15,6 +15,7 @@ Ids are printable (intake/names.py): a name that is not UTF-8 is stored with `\\
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -83,7 +84,8 @@ def _read_list(path: Path) -> list[IndexItem]:
         return [_failed(str(path), ImageNotFoundError(f"cannot read: {exc.strerror}", str(path)))]
     if path.suffix.lower() in (".txt", ".lst"):
         text = data.removeprefix(b"\xef\xbb\xbf").decode("utf-8", "surrogateescape")
-        return [_path_item(line.strip(), path) for line in _LINE_BREAK.split(text) if line.strip()]
+        lines = [line for line in _LINE_BREAK.split(text) if line.strip()]
+        return [_path_item(_name(line, path), path) for line in lines]
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -174,6 +176,17 @@ def _stable(source: str | Path) -> str:
     if url_scheme(source) or is_data_uri(source):  # ftp://: refused as written, not a file
         return str(source)
     return os.path.abspath(source)
+
+
+def _name(line: str, list_file: Path) -> str:
+    """A list line's name: without the blanks around it, unless a file is named with them
+    (" lead.jpg" on disk is listed as it is)."""
+    name = line.strip()
+    if name != line and not (url_scheme(name) or is_data_uri(name)):
+        with contextlib.suppress(OSError, ValueError):
+            if (list_file.parent / line).exists():
+                return line
+    return name
 
 
 def _path_item(source: str, list_file: Path) -> IndexItem:
