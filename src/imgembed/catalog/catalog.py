@@ -326,9 +326,8 @@ class Catalog:
         if check_busy:
             self.repository.check_not_busy(store_id)
         recorded = self.repository.provenance(store_id)
-        now = self.provenance()
-        other = recorded is not None and recorded[0] != now
-        if other and mode != "force" and _binds(self.repository, store_id, recorded):
+        bound = mode != "force" and _binds(self.repository, store_id, recorded)
+        if bound and recorded and recorded[0] != (now := self.provenance()):  # loads models
             raise _mismatch(store_id, recorded[0], now)
         rows = self.repository.plan_rows(store_id, product_ids)
         return len(jobs.plan(rows, self.weights, mode))
@@ -441,7 +440,9 @@ def store_settings(settings: Settings, recorded: StoreProvenance | None) -> Sett
     return load_settings(settings, **defaults) if defaults else settings
 
 
-def _binds(repository: ProductRepository, store_id: str, recorded: Any) -> bool:
+def _binds(
+    repository: ProductRepository, store_id: str, recorded: tuple[StoreProvenance, str] | None
+) -> bool:
     """Whether the store's recorded models bind a run to them: not while no run has stored
     a vector with them (its text API was down, say); then any models are taken, no --force."""
     return recorded is not None and repository.has_vectors(store_id)

@@ -8,7 +8,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -237,37 +237,33 @@ class QdrantStore:
         return sorted(records, key=lambda r: r.id)
 
     def hashes(self, name: str) -> dict[str, str]:
-        return self._on(name, f"reading the content hashes of {name!r}", lambda: self._hashes(name))
-
-    def _hashes(self, name: str) -> dict[str, str]:
-        out: dict[str, str] = {}
-        offset = None
-        while True:
-            points, offset = self._client.scroll(
-                name, limit=_PAGE, offset=offset, with_payload=["id", "content_hash"]
-            )
-            out.update({p.payload["id"]: p.payload["content_hash"] for p in points})
-            if offset is None:
-                return out
+        return self._on(
+            name,
+            f"reading the content hashes of {name!r}",
+            lambda: {p["id"]: p["content_hash"] for p in self._payloads(name, ["content_hash"])},
+        )
 
     def stored_items(self, name: str) -> dict[str, StoredItem]:
-        return self._on(name, f"reading what is stored in {name!r}", lambda: self._stored(name))
+        fields = ["content_hash", "source", "metadata"]
+        return self._on(
+            name,
+            f"reading what is stored in {name!r}",
+            lambda: {
+                p["id"]: StoredItem(p["content_hash"], p["source"], p.get("metadata") or {})
+                for p in self._payloads(name, fields)
+            },
+        )
 
-    def _stored(self, name: str) -> dict[str, StoredItem]:
-        out: dict[str, StoredItem] = {}
+    def _payloads(self, name: str, fields: list[str]) -> Iterator[dict[str, Any]]:
+        """The id and these payload fields of every point, page by page."""
         offset = None
-        fields = ["id", "content_hash", "source", "metadata"]
         while True:
             points, offset = self._client.scroll(
-                name, limit=_PAGE, offset=offset, with_payload=fields
+                name, limit=_PAGE, offset=offset, with_payload=["id", *fields]
             )
-            for p in points:
-                payload = p.payload or {}
-                out[payload["id"]] = StoredItem(
-                    payload["content_hash"], payload["source"], payload.get("metadata") or {}
-                )
+            yield from (p.payload or {} for p in points)
             if offset is None:
-                return out
+                return
 
     def delete(self, name: str, ids: Iterable[str]) -> int:
         ids = list(ids)
