@@ -38,24 +38,24 @@ def _best(run) -> float:
 def measure(ref, settings, precision: str) -> dict:
     import onnxruntime as ort
 
-    from imgembed.models import onnx_runtime
+    from imgembed.models import onnx_manifest
     from imgembed.models.onnx_export import export
 
     folder = export(ref, precision, settings)
 
     def cold() -> None:
-        onnx_runtime._DIGESTS.clear()  # as a fresh process
-        assert onnx_runtime.check_export(folder, ref)[1] is None
+        onnx_manifest._DIGESTS.clear()  # as a fresh process
+        assert onnx_manifest.check_export(folder, ref)[1] is None
 
     def warm() -> None:
-        assert onnx_runtime.check_export(folder, ref)[1] is None
+        assert onnx_manifest.check_export(folder, ref)[1] is None
 
     def sessions() -> None:
-        manifest = onnx_runtime.read_manifest(folder)
+        manifest = onnx_manifest.read_manifest(folder)
         for name in manifest["towers"].values():
             ort.InferenceSession(str(folder / name), providers=["CPUExecutionProvider"])
 
-    manifest = onnx_runtime.read_manifest(folder)
+    manifest = onnx_manifest.read_manifest(folder)
     size = sum(record["bytes"] for record in manifest["files"].values())
     verify, again, load = _best(cold), _best(warm), _best(sessions)
     return {

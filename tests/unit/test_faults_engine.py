@@ -22,7 +22,7 @@ from imgembed import EncodeError, ImageEmbeddingService, ModelUnavailableError
 from imgembed.engine.cache import EmbeddingCache
 from imgembed.engine.pipeline import ImagePipeline
 from imgembed.intake.image_input import Intake
-from imgembed.models import onnx_runtime
+from imgembed.models import onnx_manifest
 from tests.conftest import TINY
 from tests.reference import rowwise_cosine
 
@@ -399,11 +399,11 @@ def _flip_bytes(path: Path, at: float = 0.5, count: int = 64) -> None:
 
 
 def _manifest(folder: Path) -> dict:
-    return json.loads((folder / onnx_runtime.MANIFEST).read_text())
+    return json.loads((folder / onnx_manifest.MANIFEST).read_text())
 
 
 def _set_manifest(folder: Path, text: str) -> None:
-    (folder / onnx_runtime.MANIFEST).write_text(text)
+    (folder / onnx_manifest.MANIFEST).write_text(text)
 
 
 def _without_torch(monkeypatch):
@@ -524,13 +524,13 @@ def test_an_unlisted_damaged_tokenizer_is_model_unavailable(export, monkeypatch)
 def test_files_are_hashed_once_per_process(export, monkeypatch, photos):
     models, folder = export
     hashed = []
-    real = onnx_runtime.hashlib.file_digest
+    real = onnx_manifest.hashlib.file_digest
 
     def counting(f, name):
         hashed.append(Path(f.name).name)
         return real(f, name)
 
-    monkeypatch.setattr(onnx_runtime.hashlib, "file_digest", counting)
+    monkeypatch.setattr(onnx_manifest.hashlib, "file_digest", counting)
     for _ in range(2):  # a second service in the process pays only a stat per file
         with ImageEmbeddingService(**ONNX, model_cache_dir=models) as service:
             service.embed_images(photos[:1])

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from imgembed import ConfigurationError, ImageEmbeddingService, ModelUnavailableError
-from imgembed.models import onnx_runtime, registry
+from imgembed.models import onnx_manifest, onnx_runtime, registry
 from imgembed.models.tokenizer import TextTokenizer
 from tests.conftest import TINY
 from tests.reference import (
@@ -141,7 +141,7 @@ def test_export_is_reused_and_redone_when_the_source_changes(tiny_checkpoint, ph
 
     before, folder = first_vector()
     assert len(_exports(caplog)) == 1 and "not exported yet" in _exports(caplog)[0]
-    manifest = json.loads((folder / onnx_runtime.MANIFEST).read_text())
+    manifest = json.loads((folder / onnx_manifest.MANIFEST).read_text())
     assert manifest["weights"] == registry.weights_id(
         registry.ModelRef("imgembed-tiny", str(tiny_checkpoint))
     )
@@ -164,8 +164,8 @@ def test_export_is_reused_and_redone_when_the_source_changes(tiny_checkpoint, ph
     first_vector()
     assert len(_exports(caplog)) == 3 and "visual.onnx is missing or damaged" in _exports(caplog)[2]
 
-    manifest = json.loads((folder / onnx_runtime.MANIFEST).read_text())
-    (folder / onnx_runtime.MANIFEST).write_text(json.dumps({**manifest, "format": 0}))
+    manifest = json.loads((folder / onnx_manifest.MANIFEST).read_text())
+    (folder / onnx_manifest.MANIFEST).write_text(json.dumps({**manifest, "format": 0}))
     first_vector()
     assert "another version of imgembed" in _exports(caplog)[3]
 

@@ -77,15 +77,15 @@ def models_export(
 ) -> None:
     """Export a model's image and text towers to ONNX (needs torch; running them does not).
     The export is reused on later starts and redone when the weights change."""
-    from imgembed.models import onnx_runtime
+    from imgembed.models import onnx_manifest
 
     try:
         service = make_service(
             model=model, pretrained=pretrained, runtime="onnx", precision=precision
         )
         ref, settings = service.model_ref, service.settings
-        folder = onnx_runtime.export_dir(settings, ref, precision)
-        reason = "--force" if force else onnx_runtime.stale_reason(folder, ref)
+        folder = onnx_manifest.export_dir(settings, ref, precision)
+        reason = "--force" if force else onnx_manifest.stale_reason(folder, ref)
         if reason is None:
             err.print(f"up to date: {folder}", highlight=False)
         else:
@@ -95,7 +95,7 @@ def models_export(
                 export(ref, precision, settings)
     except ImgEmbedError as exc:
         raise fail(exc) from exc
-    manifest = onnx_runtime.read_manifest(folder) or {}
+    manifest = onnx_manifest.read_manifest(folder) or {}
     for name, record in manifest.get("files", {}).items():
         err.print(
             f"  {name}  {record['bytes'] / 1e6:.1f} MB  sha256 {record['sha256'][:16]}",

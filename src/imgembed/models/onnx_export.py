@@ -19,7 +19,7 @@ from imgembed.config import Settings
 from imgembed.errors import ConfigurationError, ImgEmbedError
 from imgembed.models import registry
 from imgembed.models.loader import load_model, quiet_root_logger
-from imgembed.models.onnx_runtime import (
+from imgembed.models.onnx_manifest import (
     EXPORT_FORMAT,
     ONNX_PRECISIONS,
     export_dir,
