@@ -53,7 +53,7 @@ def test_batches_order_and_normalisation(server):
 
 
 def test_an_unusable_vector_names_its_text_and_keeps_the_others(server):
-    from imgembed.catalog.text import UnusableRowsError
+    from imgembed.catalog.text_vectors import UnusableRowsError
 
     embedder = _openai(server)  # two texts per request: the odd one is in the second
     texts = ["rode jurk", "blauwe lamp", "ZERO-VECTOR lamp", "zwarte tas", "witte vaas"]

@@ -31,7 +31,7 @@ from imgembed.catalog.repository import (
     ProductRepository,
     StoreProvenance,
 )
-from imgembed.catalog.text import TextEmbedder, UnusableRowsError
+from imgembed.catalog.text_vectors import TextEmbedder, UnusableRowsError
 from imgembed.catalog.weights import Weights, WeightsTable
 from imgembed.results import ImageEmbeddingResult
 

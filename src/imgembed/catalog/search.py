@@ -17,7 +17,7 @@ import numpy as np
 
 from imgembed.catalog import fusion
 from imgembed.catalog.repository import StoreProvenance
-from imgembed.catalog.text import TextEmbedder
+from imgembed.catalog.text_vectors import TextEmbedder
 from imgembed.errors import ConfigurationError
 from imgembed.intake.image_input import Input
 from imgembed.models import registry

@@ -19,7 +19,7 @@ import httpx
 import numpy as np
 import tenacity
 
-from imgembed.catalog.text import UnusableRowsError, checked_rows
+from imgembed.catalog.text_vectors import UnusableRowsError, checked_rows
 from imgembed.config import Settings
 from imgembed.errors import ConfigurationError, ModelUnavailableError, TextEmbeddingError
 
