@@ -27,6 +27,7 @@ from imgembed.cli.common import (
     PretrainedOpt,
     RuntimeOpt,
     SourcesArg,
+    app,
     err,
     fail,
     make_service,
@@ -41,7 +42,6 @@ if TYPE_CHECKING:  # imported where used: a search need not load NumPy or Pillow
     from imgembed.engine.pipeline import Progress
     from imgembed.results import ImageEmbeddingResult
 
-app = typer.Typer(help="Exact CLIP image and text embeddings.", no_args_is_help=True)
 OutputOpt = Annotated[
     Path | None,
     typer.Option(

@@ -17,6 +17,8 @@ from imgembed.errors import (
 )
 
 err = Console(stderr=True, soft_wrap=True)
+# The command group; app.py and the *_command(s).py modules add their commands to it.
+app = typer.Typer(help="Exact CLIP image and text embeddings.", no_args_is_help=True)
 
 # Exit codes, in one place: 1 = some inputs failed, 2 = usage (Typer's own).
 EXIT_CODES: list[tuple[type[ImgEmbedError], int]] = [

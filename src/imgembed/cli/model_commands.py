@@ -11,8 +11,15 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from imgembed.cli.app import app
-from imgembed.cli.common import PrecisionOpt, PretrainedOpt, RuntimeOpt, err, fail, make_service
+from imgembed.cli.common import (
+    PrecisionOpt,
+    PretrainedOpt,
+    RuntimeOpt,
+    app,
+    err,
+    fail,
+    make_service,
+)
 from imgembed.errors import ImgEmbedError
 
 models_app = typer.Typer(help="Known models; ONNX export and verification.", no_args_is_help=True)

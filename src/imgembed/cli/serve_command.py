@@ -10,13 +10,13 @@ from typing import Annotated
 
 import typer
 
-from imgembed.cli.app import app
 from imgembed.cli.common import (
     DeviceOpt,
     ModelOpt,
     PrecisionOpt,
     PretrainedOpt,
     RuntimeOpt,
+    app,
     fail,
     make_service,
 )

@@ -11,7 +11,6 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from imgembed.cli.app import app
 from imgembed.cli.common import (
     BatchOpt,
     CollectionOpt,
@@ -21,6 +20,7 @@ from imgembed.cli.common import (
     PretrainedOpt,
     RayOpt,
     RuntimeOpt,
+    app,
     err,
     fail,
     make_service,
