@@ -202,6 +202,17 @@ def test_a_store_of_other_models_is_refused_before_a_job_starts(root, photos):
         stored = client.post("/api/v1/stores/own/products", json={"products": changed}).json()
         assert stored["import"]["updated"] == 1 and stored["job"] is None
         assert stored["embed_error"]["error_type"] == "ProvenanceMismatchError"
+    with TestClient(create_app(load_settings(**TINY, allowed_roots=[root]))) as client:
+        _wait_for_model(client)
+        # the same upsert again, on a server of the store's models: the refused product
+        # is still to embed, though nothing in it changed
+        again = client.post("/api/v1/stores/own/products", json={"products": changed}).json()
+        assert again["import"]["unchanged"] == 1 and "embed_error" not in again, again
+        assert _finished(client, again["job"])["stats"]["successful"] == 1
+        done = client.post("/api/v1/stores/own/products", json={"products": changed}).json()
+        assert done["job"] is None and "embed_error" not in done, done  # nothing left to do
+    with TestClient(create_app(load_settings(**other, allowed_roots=[root]))) as client:
+        _wait_for_model(client)
         forced = client.post("/api/v1/stores/own/embed", json={"mode": "force"})
         assert forced.status_code == 202 and forced.json()["total"] == 2
         assert _finished(client, forced.json())["stats"]["successful"] == 2

@@ -38,17 +38,18 @@ def stores(state: State) -> list[dict[str, Any]]:
 
 @router.post(
     "/{store_id}/products",
-    summary="Upsert products (flat or Shopify objects); then embed those that changed",
+    summary="Upsert products (flat or Shopify objects); then embed those of them that need it",
 )
 def upsert_products(store_id: str, body: ProductsRequest, state: State) -> dict[str, Any]:
+    """A product needs embedding when it is new or changed, and also when an earlier embed
+    failed or never ran (refused, stopped): sending the same products again embeds those."""
     catalog = state.catalog(store_id)
     report = catalog.upsert_products(store_id, body.products)
     answer: dict[str, Any] = {"import": report.to_dict(), "job": None}
-    changed = report.inserted + report.updated
-    if body.embed and changed:
+    if body.embed and report.product_ids:
         only = StoreEmbedRequest(product_ids=report.product_ids)
         try:
-            answer["job"] = _embed_job(state, catalog, store_id, only)
+            answer["job"] = _embed_job(state, catalog, store_id, only, none_if_done=True)
         except (ProvenanceMismatchError, StoreBusyError) as exc:
             # the products are stored; why they are not embedded now (other models: POST
             # .../embed with mode force; another process's job: POST .../embed after it)
@@ -66,8 +67,12 @@ def embed(store_id: str, body: StoreEmbedRequest, state: State) -> dict[str, Any
 
 
 def _embed_job(
-    state: AppState, catalog: Catalog, store_id: str, body: StoreEmbedRequest
-) -> dict[str, Any]:
+    state: AppState,
+    catalog: Catalog,
+    store_id: str,
+    body: StoreEmbedRequest,
+    none_if_done: bool = False,
+) -> dict[str, Any] | None:
     def run(progress: ProgressCallback) -> EmbedStats:
         return catalog.embed(
             store_id,
@@ -81,6 +86,8 @@ def _embed_job(
     # store) before a job starts; behind a job of this server's the new one just queues
     own = state.jobs.active("catalog-embed", store_id)
     total = catalog.embed_total(store_id, body.product_ids, body.mode, check_busy=not own)
+    if none_if_done and not total:
+        return None
     job = state.jobs.submit("catalog-embed", store_id, total, run)
     return {"job_id": job.id, "status": job.status, "total": total,
             "url": f"/api/v1/jobs/{job.id}"}  # fmt: skip
