@@ -274,7 +274,11 @@ class ImageEmbeddingService(SeedAsyncMethods):
         collection: str | None = None,
         top_k: int = 10,
         filters: Filters = None,
+        *,
+        include_embeddings: bool = False,
     ) -> list[SimilarityResult]:
+        """Items of a collection nearest to a vector; `include_embeddings` adds each hit's
+        stored vector (one more read)."""
         similarity.check_top_k(top_k)
         name = collection or self.settings.collection
         stored = self.store.provenance(name)
@@ -285,23 +289,46 @@ class ImageEmbeddingService(SeedAsyncMethods):
                 f"--model {stored.model} --pretrained {stored.pretrained}"
             )
         hits = self.store.search(name, np.asarray(vector, dtype=np.float32), top_k, filters)
+        vectors: dict[str, list[float]] = {}
+        if include_embeddings and hits:
+            records = self.store.get(name, [h.id for h in hits])
+            vectors = {r.id: np.asarray(r.vector, dtype=np.float32).tolist() for r in records}
         return [
-            SimilarityResult(h.source, _cosine(h.score), rank, None, {**h.metadata, "id": h.id})
+            SimilarityResult(
+                h.source, _cosine(h.score), rank, vectors.get(h.id), {**h.metadata, "id": h.id}
+            )
             for rank, h in enumerate(hits, start=1)
         ]
 
     def search_text(
-        self, text: str, collection: str | None = None, top_k: int = 10, filters: Filters = None
+        self,
+        text: str,
+        collection: str | None = None,
+        top_k: int = 10,
+        filters: Filters = None,
+        *,
+        include_embeddings: bool = False,
     ) -> list[SimilarityResult]:
         """Images of a collection most similar to a text (needs a CLIP model)."""
         vector = self.embed_text(checked_search_text(text))
-        return self.search_vector(vector, collection, top_k, filters)
+        return self.search_vector(
+            vector, collection, top_k, filters, include_embeddings=include_embeddings
+        )
 
     def search_image(
-        self, source: Input, collection: str | None = None, top_k: int = 10, filters: Filters = None
+        self,
+        source: Input,
+        collection: str | None = None,
+        top_k: int = 10,
+        filters: Filters = None,
+        *,
+        include_embeddings: bool = False,
     ) -> list[SimilarityResult]:
         """Images of a collection most similar to an image (path, bytes, URL, ...)."""
-        return self.search_vector(self.embed_image(source), collection, top_k, filters)
+        vector = self.embed_image(source)
+        return self.search_vector(
+            vector, collection, top_k, filters, include_embeddings=include_embeddings
+        )
 
     def preprocess(self, source: Input) -> Image.Image:
         """The model-sized RGB image the network sees (before normalisation)."""

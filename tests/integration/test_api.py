@@ -622,6 +622,15 @@ def test_collections_index_search_duplicates_thumbnails(data_dir, root, library,
         assert by_image["results"][0]["image_path"] == str(root / "coffee.png")
         assert by_image["results"][0]["similarity_score"] == pytest.approx(1, abs=1e-5)
         assert by_image["collection"] == "shop" and len(by_image["results"]) == 2
+        assert [r["embedding"] for r in by_image["results"]] == [None, None]
+        with_vectors = client.post("/api/v1/search/image", json={
+            "query_image_path": str(root / "coffee.png"), "collection": "shop", "top_k": 2,
+            "include_embeddings": True,
+        }).json()["results"]  # fmt: skip
+        own, second = (np.asarray(r["embedding"]) for r in with_vectors)
+        assert own.shape == (64,) and np.linalg.norm(own) == pytest.approx(1, abs=1e-5)
+        # the first hit is the query's own item: its stored vector scores the second hit
+        assert float(own @ second) == pytest.approx(with_vectors[1]["similarity_score"], abs=1e-4)
         filtered = client.post("/api/v1/search/image", json={
             "query_text": "a cat", "collection": "shop", "filters": {"category": "cats"},
         }).json()  # fmt: skip

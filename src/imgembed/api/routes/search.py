@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import time
 from typing import Any
 
@@ -67,7 +68,11 @@ async def search_image(request: Request, state: State) -> dict[str, Any]:
         else:
             vector = await _query_vector(await state.batcher_for(service), body, uploads, state)
         hits = await asyncio.to_thread(
-            service.search_vector, vector, collection, body.top_k, body.filters
+            functools.partial(service.search_vector, include_embeddings=body.include_embeddings),
+            vector,
+            collection,
+            body.top_k,
+            body.filters,
         )
         model = service.model_ref
     return {
