@@ -94,6 +94,11 @@ def test_products_embed_search_and_stats_over_http(root, photos):
             expected = weights.image * image + weights.text * hit["text_score"]
             assert hit["score"] == pytest.approx(expected, abs=1e-4)
         assert [h["rank"] for h in results] == list(range(1, count))
+        not_an_image = client.post(
+            "/api/v1/stores/shop/search", files={"file": ("notes.jpg", b"just some text")}
+        )
+        assert not_an_image.status_code == 400, not_an_image.text
+        assert not_an_image.json()["error"].startswith("notes.jpg: "), not_an_image.text
 
         # An image alone ranks by the image cosine; the same photo is first at 1.0.
         alone = client.post("/api/v1/stores/shop/search",

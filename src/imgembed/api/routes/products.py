@@ -21,6 +21,7 @@ from imgembed.catalog import Catalog
 from imgembed.catalog.jobs import EmbedStats, NoEvents
 from imgembed.engine.pipeline import Progress, ProgressCallback
 from imgembed.errors import (
+    ImageError,
     ProductNotFoundError,
     ProvenanceMismatchError,
     StoreBusyError,
@@ -120,23 +121,28 @@ async def search(store_id: str, request: Request, state: State) -> dict[str, Any
     body, uploads = await parse_body(request, ProductSearchRequest, state.settings, "file")
     if len(uploads) > 1 or (uploads and body.image_given):
         raise invalid_body("give at most one image: a path, a URL, base64 or a file")
-    image = None
+    image, label = None, None
     if uploads or body.image_given:
         given = (body.image_path, body.image_url, body.image_base64)
-        image = (await one_image(uploads, given, state.settings))[0]
+        image, label = await one_image(uploads, given, state.settings)
     text = (body.query or "").strip() or None
     if image is None and text is None:
         raise invalid_body("give a query text, an image, or both")
     catalog = await asyncio.to_thread(state.catalog, store_id)
-    hits = await asyncio.to_thread(
-        catalog.search,
-        store_id,
-        text,
-        image=image,
-        top_k=body.top_k,
-        category=body.category,
-        max_price=body.max_price,
-    )
+    try:
+        hits = await asyncio.to_thread(
+            catalog.search,
+            store_id,
+            text,
+            image=image,
+            top_k=body.top_k,
+            category=body.category,
+            max_price=body.max_price,
+        )
+    except ImageError as exc:
+        if label is not None:  # an upload: its file name, not "<20 bytes>"
+            exc.source = label
+        raise
     return {
         "store_id": store_id,
         "ranked_by": hits[0].ranked_by if hits else None,
