@@ -3,6 +3,7 @@ search by text, see scored results with thumbnails, "more like this", search by 
 uploaded image, the near-duplicates view, the product view and the API docs."""
 
 import contextlib
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -230,3 +231,74 @@ def test_the_api_docs_render_offline_in_a_real_browser(tmp_path):
         status.wait_for()
         assert status.inner_text().strip() == "200"
         assert outside == [] and errors == []
+
+
+def test_a_late_answer_never_replaces_a_newer_search(indexed):
+    """Searches are not queued on the page: a new one (or another view, collection or store)
+    aborts the one still running, so its late answer shows nowhere; a search the server does
+    not answer says that it is still waiting; each view clears when its store changes."""
+    with Catalog(**TINY) as catalog:
+        for store in ("demo", "other"):
+            mug = {"id": "mug", "title": "Coffee mug", "image_url": str(indexed / "coffee.png")}
+            catalog.upsert_products(store, [mug])
+            assert catalog.embed(store).successful == 1
+    settings = load_settings(**TINY, allowed_roots=[indexed])
+    with browser_on(settings) as (page, errors):
+        page.wait_for_selector("#collection option", state="attached")
+        held: list[Any] = []  # searches the "server" does not answer until the test says
+
+        def hold_text_searches(route: Any) -> None:
+            body = route.request.post_data or ""
+            if "query_text" in body or 'name="query"' in body:
+                held.append(route)
+            else:
+                route.continue_()
+
+        searches = re.compile(r"/api/v1/(search/image|stores/[^/]+/search)$")
+        page.route(searches, hold_text_searches)
+        page.click("#search")  # nothing typed: said so, nothing sent
+        assert "Type what to look for" in page.locator("#status").inner_text()
+
+        page.fill("#query", "a cup of coffee")
+        page.click("#search")
+        page.wait_for_function("document.querySelector('#results').ariaBusy === 'true'")
+        page.wait_for_function(
+            "document.querySelector('#status').textContent.includes('still waiting')"
+        )
+        with page.expect_event("requestfailed") as aborted:  # the text search gives way
+            page.set_input_files("#file", str(indexed / "chelsea.png"))
+        assert "query_text" in (aborted.value.post_data or "")
+        page.wait_for_function(
+            "document.querySelector('#status').textContent.includes('results like chelsea')"
+        )
+        assert len(held) == 1
+        with contextlib.suppress(Exception):  # the browser gave up on it: nothing to answer
+            held[0].continue_()
+        first = page.locator("#results .card").first
+        assert first.get_attribute("data-id") == str(indexed / "chelsea.png")
+        assert page.locator("#results").get_attribute("aria-busy") is None
+
+        # a product search left running when the view changes shows in neither view
+        page.click("#view-products")
+        page.wait_for_selector("#store option", state="attached")
+        page.fill("#product-query", "coffee")
+        page.click("#product-search")
+        page.wait_for_function("document.querySelector('#results').ariaBusy === 'true'")
+        with page.expect_event("requestfailed"):
+            page.click("#view-images")
+        assert len(held) == 2
+        with contextlib.suppress(Exception):
+            held[1].continue_()
+        assert page.locator("#results .card").count() == 0
+        assert page.locator("#status").inner_text() == ""
+
+        page.unroute(searches)
+        page.click("#view-products")
+        page.wait_for_selector("#store option", state="attached")
+        page.fill("#product-query", "coffee")
+        page.click("#product-search")
+        page.wait_for_function("document.querySelectorAll('#results .product').length === 1")
+        page.select_option("#store", "other")  # demo's results would read as other's
+        assert page.locator("#results .product").count() == 0
+        assert page.locator("#status").inner_text() == ""
+        assert errors == []

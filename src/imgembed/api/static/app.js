@@ -15,6 +15,7 @@ async function send(path, options) {
   try {
     return await fetch(path, options);
   } catch (error) {
+    if (options?.signal?.aborted) throw error; // superseded or timed out: the caller knows
     if (String(error.message).includes("ISO-8859-1")) {
       throw new Error("the API key holds characters an HTTP header cannot carry: check it");
     }
@@ -25,6 +26,8 @@ async function send(path, options) {
 async function api(path, options = {}) {
   const response = await send(path, { ...options, headers: headers(options.headers) });
   const body = response.headers.get("content-type")?.includes("json") ? await response.json() : null;
+  // aborted as the answer arrived: it is as late as one that arrives after
+  if (options.signal?.aborted) throw new DOMException("superseded", "AbortError");
   if (!response.ok) {
     const message = body?.error?.message ?? body?.error ?? response.statusText;
     throw new Error(`${response.status}: ${message}`);
@@ -36,6 +39,51 @@ function status(text, isError = false) {
   const line = $("#status");
   line.textContent = text;
   line.classList.toggle("error", isError);
+}
+
+// One request at a time shows its results: a new search (or another view, collection or
+// store) aborts the one still running, so a late answer never replaces a newer one's.
+// A server that does not answer is said so while we wait, and given up after a while.
+const WAIT_NOTICE_S = 5;
+const GIVE_UP_S = 120;
+let running = null;
+
+function begin(text) {
+  cancel();
+  const controller = new AbortController();
+  const started = Date.now();
+  const ticker = setInterval(() => {
+    const seconds = Math.round((Date.now() - started) / 1000);
+    if (seconds >= GIVE_UP_S) controller.abort("timeout");
+    else status(`${text} (no answer yet after ${seconds} s: still waiting for the server)`);
+  }, WAIT_NOTICE_S * 1000);
+  running = { controller, ticker };
+  $("#results").setAttribute("aria-busy", "true");
+  status(text);
+  return controller.signal;
+}
+
+function cancel() {
+  if (!running) return;
+  running.controller.abort("superseded");
+  end(running.controller.signal);
+}
+
+function end(signal) {
+  if (running?.controller.signal !== signal) return; // a newer request owns the page
+  clearInterval(running.ticker);
+  running = null;
+  $("#results").removeAttribute("aria-busy");
+}
+
+// The error of a request begun with `begin`: nothing for one superseded by another.
+function failed(signal, error) {
+  end(signal);
+  if (signal.reason === "timeout") {
+    status(`No answer from the server in ${GIVE_UP_S} s: it may be overloaded or stuck; try again.`, true);
+  } else if (!signal.aborted) {
+    status(error.message, true);
+  }
 }
 
 function collection() {
@@ -141,45 +189,49 @@ function topK() {
 async function search(query, what) {
   const current = collection();
   if (!current) return status("Choose a collection first.", true);
-  status(`Searching ${current.name} for ${what}…`);
+  const signal = begin(`Searching ${current.name} for ${what}…`);
   try {
     const body = JSON.stringify({ ...query, collection: current.name, top_k: topK() });
     const answer = await api("/api/v1/search/image", {
       method: "POST",
       headers: { "Content-Type": "application/json" },
       body,
+      signal,
     });
+    end(signal);
     show(answer.results);
     status(`${answer.results.length} results for ${what} (${answer.processing_time.toFixed(2)} s)`);
   } catch (error) {
-    status(error.message, true);
+    failed(signal, error);
   }
 }
 
 async function searchByFile(file) {
   const current = collection();
-  if (!current || !file) return;
-  status(`Searching ${current.name} for images like ${file.name}…`);
+  if (!current) return status("Choose a collection first.", true);
+  const signal = begin(`Searching ${current.name} for images like ${file.name}…`);
   const form = new FormData();
   form.append("file", file, file.name);
   form.append("collection", current.name);
   form.append("top_k", String(topK()));
   try {
-    const answer = await api("/api/v1/search/image", { method: "POST", body: form });
+    const answer = await api("/api/v1/search/image", { method: "POST", body: form, signal });
+    end(signal);
     show(answer.results);
     status(`${answer.results.length} results like ${file.name}`);
   } catch (error) {
-    status(error.message, true);
+    failed(signal, error);
   }
 }
 
 async function duplicates() {
   const current = collection();
   if (!current) return status("Choose a collection first.", true);
-  status(`Looking for near-duplicates in ${current.name}…`);
+  const signal = begin(`Looking for near-duplicates in ${current.name}…`);
   try {
     const name = encodeURIComponent(current.name);
-    const answer = await api(`/api/v1/collections/${name}/duplicates`);
+    const answer = await api(`/api/v1/collections/${name}/duplicates`, { signal });
+    end(signal);
     releaseThumbnails();
     const groups = answer.groups.map((members, n) => {
       const row = document.createElement("div");
@@ -191,7 +243,7 @@ async function duplicates() {
     $("#results").replaceChildren(...groups);
     status(`${groups.length} groups of near-duplicates (cosine ≥ ${answer.threshold})`);
   } catch (error) {
-    status(error.message, true);
+    failed(signal, error);
   }
 }
 
@@ -234,6 +286,7 @@ function setUp() {
   $("#collection").addEventListener("change", () => {
     // another collection's results would read as this one's, and "More like this" on them
     // would ask this collection for items it does not hold
+    cancel();
     releaseThumbnails();
     $("#results").replaceChildren();
     status("");
@@ -243,6 +296,7 @@ function setUp() {
     event.preventDefault();
     const text = $("#query").value.trim();
     if (text) search({ query_text: text }, `“${text}”`);
+    else status("Type what to look for, or drop an image below.", true);
   });
   $("#duplicates").addEventListener("click", duplicates);
   dropZone($("#drop"), $("#file"), searchByFile);

@@ -27,6 +27,7 @@ function showView(name) {
   for (const node of document.querySelectorAll("[data-view]")) node.hidden = node.dataset.view !== name;
   $("#view-images").setAttribute("aria-pressed", String(name === "images"));
   $("#view-products").setAttribute("aria-pressed", String(name === "products"));
+  cancel();
   releaseThumbnails();
   $("#results").replaceChildren();
   status("");
@@ -80,16 +81,17 @@ async function searchProducts(file) {
   if ($("#max-price").value) form.append("max_price", $("#max-price").value);
   form.append("top_k", String(productTopK()));
   const what = [text && `“${text}”`, file && file.name].filter(Boolean).join(" + ");
-  status(`Searching ${store()} for ${what}…`);
+  const signal = begin(`Searching ${store()} for ${what}…`);
   try {
     const path = `/api/v1/stores/${encodeURIComponent(store())}/search`;
-    const answer = await api(path, { method: "POST", body: form });
+    const answer = await api(path, { method: "POST", body: form, signal });
+    end(signal);
     releaseThumbnails();
     $("#results").replaceChildren(...answer.results.map(productCard));
     status(`${answer.results.length} products for ${what}, ranked by ${answer.ranked_by ?? "-"} `
       + `(${answer.processing_time.toFixed(2)} s)`);
   } catch (error) {
-    status(error.message, true);
+    failed(signal, error);
   }
 }
 
@@ -101,6 +103,13 @@ function setUpProducts() {
     searchProducts(null);
   });
   dropZone($("#product-drop"), $("#product-file"), searchProducts);
+  $("#store").addEventListener("change", () => {
+    // the results shown were the other store's (as for a collection: see app.js)
+    cancel();
+    releaseThumbnails();
+    $("#results").replaceChildren();
+    status("");
+  });
 }
 
 setUpProducts();
