@@ -175,6 +175,11 @@ def test_a_store_id_is_the_same_store_in_every_call(data_dir, photos):
         assert len(catalog.search(" ws ", "a rocket", top_k=2)) == 2
         first = _products(photos)[0]["id"]
         assert catalog.product(" ws ", first)["product_id"] == first
+        # the command a message gives works when copied: an id with a blank is quoted
+        catalog.upsert_products("my store", _products(photos)[:1])
+        with pytest.raises(CollectionNotFoundError) as caught:
+            catalog.search("my store", "a rocket")
+        assert str(caught.value).endswith("imgembed catalog embed --store-id 'my store'")
 
 
 def test_models_recorded_by_a_run_that_stored_no_vector_do_not_bind_the_store(data_dir, photos):

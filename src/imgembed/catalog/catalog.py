@@ -4,6 +4,7 @@ policy lives in its methods; the CLI and the HTTP service only translate to and 
 from __future__ import annotations
 
 import logging
+import shlex
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -344,7 +345,7 @@ class Catalog:
         elif not self.repository.count(store_id):
             raise CollectionNotFoundError(
                 f"store {store_id!r} has no products: import some first "
-                f"(imgembed catalog import FILE --store-id {store_id})"
+                f"(imgembed catalog import FILE --store-id {shlex.quote(store_id)})"
             )
         return store_id
 
@@ -368,7 +369,7 @@ class Catalog:
         if recorded is None:
             raise CollectionNotFoundError(
                 f"store {store_id!r} has no embeddings: run imgembed catalog embed "
-                f"--store-id {store_id}"
+                f"--store-id {shlex.quote(store_id)}"
             )
         query = search.build_query(self.service, self.text_embedder, text, image)
         current = self.provenance()
@@ -462,5 +463,5 @@ def _mismatch(
         f"{current.describe()}. Use the store's models (IMGEMBED_MODEL={recorded.image_model} "
         f"IMGEMBED_PRETRAINED={recorded.image_pretrained} "
         f"IMGEMBED_TEXT_MODEL={spec_for(recorded.text_model)}), or re-embed every product with "
-        f"the new ones: imgembed catalog embed --store-id {store_id} --force"
+        f"the new ones: imgembed catalog embed --store-id {shlex.quote(store_id)} --force"
     )
