@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import time
@@ -184,6 +185,34 @@ def test_a_driver_killed_mid_run_resumes_storing_each_image_once(
     hashes = store.hashes("tiles")
     assert hashes == {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in tiles}
     assert store.count("tiles") == len(tiles)
+    store.close()
+
+
+def test_sigterm_stops_a_ray_run_as_ctrl_c_does(ray_address, data_dir, large_jpegs, tmp_path):
+    """Ray's core worker puts a crash handler on SIGTERM (it aborted the driver: exit 134,
+    no word of how far it got); the CLI's own handler is put back."""
+    tiles = _tiles(large_jpegs, tmp_path / "tiles", 30)
+    command = [IMGEMBED, "index", str(tmp_path / "tiles"), "-c", "tiles", *TINY_ARGS]
+    log = tmp_path / "stderr.txt"
+    with log.open("w") as stderr:
+        run = subprocess.Popen([*command, "--batch-size", "2", "--ray", ray_address], stderr=stderr)
+        store = None
+        deadline = time.time() + 180
+        while time.time() < deadline and run.poll() is None:
+            time.sleep(0.1)
+            try:
+                store = store or PostgresStore(embedded.start(data_dir))
+                if store.count("tiles") >= 2:
+                    break
+            except Exception:  # the collection or the server is not there yet
+                continue
+        assert run.poll() is None, "the run ended before it could be stopped"
+        run.send_signal(signal.SIGTERM)
+        run.wait(timeout=120)
+    out = log.read_text()
+    assert run.returncode == 130, out
+    assert re.search(rf"Interrupted after \d+ of {len(tiles)} images", out), out
+    assert "SIGTERM received" not in out and "Traceback" not in out
     store.close()
 
 

@@ -60,3 +60,42 @@ def test_a_bad_address_is_exit_3_before_any_work(args):
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 3, result.output
     assert "--ray takes local, auto or a cluster address" in result.output
+
+
+def test_an_address_nothing_answers_on_is_refused_in_seconds():
+    """ray.init waited without end for a GCS at an address nobody listens on."""
+    import socket
+
+    from imgembed.distributed.cluster import check_reachable
+
+    with socket.socket() as probe:  # a port that was free a moment ago: nothing listens
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(
+        ConfigurationError, match=f"cannot reach the Ray cluster at 127.0.0.1:{port}"
+    ):
+        check_reachable(f"127.0.0.1:{port}")
+    with pytest.raises(ConfigurationError, match="99999 is not a port"):
+        check_reachable("bogus:99999")
+    with socket.socket() as server:  # one that answers passes
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        check_reachable(f"ray://127.0.0.1:{server.getsockname()[1]}")
+    check_reachable("auto")
+
+
+def test_a_local_qdrant_is_refused_before_ray_starts(monkeypatch, tmp_path):
+    import types
+
+    import ray
+
+    from imgembed.config import load_settings
+    from imgembed.distributed import index
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(ray, "init", no_ray)
+    service = types.SimpleNamespace(settings=load_settings(store="qdrant", data_dir=tmp_path))
+    with pytest.raises(ConfigurationError, match="Qdrant's local files serve one process"):
+        index(service, [], "x", address="local")

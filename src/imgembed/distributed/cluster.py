@@ -15,6 +15,9 @@ from __future__ import annotations
 import logging
 import os
 import re
+import signal
+import socket
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -48,19 +51,44 @@ def connect(address: str | None, settings: Settings) -> Iterator[None]:
         yield
         return
     address = check_address(address)
+    check_reachable(address)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # never report usage
     options: dict = {"log_to_driver": False, "logging_level": logging.ERROR}
     if address == "local":
         options.update(num_cpus=settings.workers, include_dashboard=False)
+    on_term = signal.getsignal(signal.SIGTERM)
     try:
         ray.init(address=address, **options)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise ConfigurationError(f"cannot connect to the Ray cluster at {address}: {exc}") from exc
+    finally:
+        # Ray's core worker puts its crash handler on SIGTERM (an abort, exit 134); the
+        # CLI's own handler stops a run as Ctrl-C does, keeping what was stored.
+        if callable(on_term) and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, on_term)
     configure_data()
     try:
         yield
     finally:
         ray.shutdown()
+
+
+def check_reachable(address: str, timeout: float = 10.0) -> None:
+    """A cluster address that nothing answers on is refused in seconds (ray.init would wait
+    for its GCS without end)."""
+    if address in ("local", "auto"):
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    host = host.strip("[]")
+    if not 0 < int(port) < 65536:
+        raise ConfigurationError(f"--ray {address}: {port} is not a port (1-65535)")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise ConfigurationError(
+            f"cannot reach the Ray cluster at {address}: {exc.strerror or exc} (is `ray start "
+            "--head` running there, and is the address its GCS or ray:// client port?)"
+        ) from exc
 
 
 def configure_data() -> None:
@@ -79,16 +107,19 @@ def all_nodes_here() -> bool:
     return all(node["NodeManagerAddress"] == here for node in ray.nodes() if node["Alive"])
 
 
+def check_shared_store(settings: Settings) -> None:
+    """Refuse, before Ray starts, a store that the workers' processes cannot share."""
+    if settings.store == "qdrant" and not settings.qdrant_url:
+        raise ConfigurationError(
+            "Qdrant's local files serve one process at a time, and a Ray run writes from "
+            "many: set IMGEMBED_QDRANT_URL to a Qdrant server or cluster"
+        )
+
+
 def worker_settings(settings: Settings) -> Settings:
     """The settings the workers run with: the driver's, with a store they can reach."""
-    if settings.store == "qdrant":
-        if not settings.qdrant_url:
-            raise ConfigurationError(
-                "Qdrant's local files serve one process at a time, and a Ray run writes from "
-                "many: set IMGEMBED_QDRANT_URL to a Qdrant server or cluster"
-            )
-        return settings
-    return postgres_settings(settings)
+    check_shared_store(settings)
+    return settings if settings.store == "qdrant" else postgres_settings(settings)
 
 
 def postgres_settings(settings: Settings) -> Settings:

@@ -85,6 +85,7 @@ def index(
     """Like `service.index(...)`, on Ray (see imgembed.distributed.cluster for `address`)."""
     settings = service.settings
     name = collection or settings.collection
+    cluster.check_shared_store(settings)  # before Ray starts: seconds, not a run
     with cluster.connect(address, settings):
         return _index(service, list(items), name, prune, progress)
 
