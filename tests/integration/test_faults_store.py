@@ -26,7 +26,12 @@ import pytest
 from PIL import Image
 
 from imgembed import ImageEmbeddingService
-from imgembed.errors import InvalidRecordError, StoreFullError, StoreUnavailableError
+from imgembed.errors import (
+    InvalidRecordError,
+    StoreBusyError,
+    StoreFullError,
+    StoreUnavailableError,
+)
 from imgembed.indexing import IndexItem, index
 from imgembed.store import Provenance, Record, embedded, pgconn
 from imgembed.store.postgres import PostgresStore
@@ -505,3 +510,15 @@ def test_an_unreachable_qdrant_server_is_a_typed_error_after_one_retry(caplog):
         f"the database cannot be reached (Qdrant at http://127.0.0.1:{port}) for opening Qdrant"
     )
     assert [r.getMessage().endswith("trying once more") for r in caplog.records] == [True]
+
+
+def test_local_qdrant_files_open_elsewhere_are_a_busy_store(tmp_path):
+    """Another process holding the folder is StoreBusyError (HTTP 409, wait and go on), not a
+    bare StoreError with qdrant-client's own words."""
+    holder = QdrantStore(path=tmp_path / "qdrant")
+    try:
+        with pytest.raises(StoreBusyError, match="open in another imgembed process"):
+            QdrantStore(path=tmp_path / "qdrant")
+    finally:
+        holder.close()
+    QdrantStore(path=tmp_path / "qdrant").close()  # let go: it opens again

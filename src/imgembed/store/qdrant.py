@@ -17,6 +17,7 @@ import numpy as np
 from imgembed.errors import (
     CollectionNotFoundError,
     ProvenanceMismatchError,
+    StoreBusyError,
     StoreError,
     StoreUnavailableError,
 )
@@ -69,7 +70,7 @@ class QdrantStore:
             else:
                 assert path is not None
                 Path(path).mkdir(parents=True, exist_ok=True)
-                self._client = QdrantClient(path=str(path))
+                self._client = _open_local(QdrantClient, Path(path))
         self._call("opening Qdrant", self._ensure_registry)
 
     def _ensure_registry(self) -> None:
@@ -365,3 +366,17 @@ def _no_collection(exc: BaseException | None) -> bool:
         and text.startswith("Collection ")
         and text.endswith("not found")
     )
+
+
+def _open_local(client: Any, path: Path) -> Any:
+    """Qdrant's local files, which one process at a time may hold (a file lock)."""
+    try:
+        return client(path=str(path))
+    except RuntimeError as exc:
+        if "already accessed by another instance" not in str(exc):
+            raise
+        raise StoreBusyError(
+            f"{path} is open in another imgembed process (Qdrant's local files serve one "
+            "process at a time, searches too): wait for it to finish and run again, or use a "
+            "Qdrant server (IMGEMBED_QDRANT_URL) for work at the same time"
+        ) from None
