@@ -53,6 +53,9 @@ def connect(address: str | None, settings: Settings) -> Iterator[None]:
     address = check_address(address)
     check_reachable(address)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # never report usage
+    # Ray's C++ parts log warnings for Ray's developers into the run's output (its files
+    # under /tmp/ray keep them); the run reports its own failures, typed
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
     options: dict = {"log_to_driver": False, "logging_level": logging.ERROR}
     if address == "local":
         options.update(num_cpus=settings.workers, include_dashboard=False)
