@@ -121,12 +121,17 @@ def test_sigterm_stops_index_as_ctrl_c_does_and_lets_the_server_go(data_dir, til
         proc.wait(timeout=120)
     out = log.read_text()
     assert proc.returncode == 130, out
-    assert re.search(rf"Interrupted after \d+ of {TILES} images: the batches stored are kept", out)
+    told = re.search(
+        rf"Interrupted after \d+ of {TILES} images \('tiles' now holds (\d+) items\): the batches "
+        "stored are kept",
+        out,
+    )
+    assert told, out
     assert "Traceback" not in out
     # it left the server's list of users at exit (killed by default it stayed on it)
     assert proc.pid not in json.loads(handles.read_text())
     kept = store.count("tiles")
-    assert 16 <= kept < TILES
+    assert 16 <= kept < TILES and int(told[1]) == kept
     store.close()
     again = subprocess.run(_index_command(tiles), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and f"Skipped: {kept} (unchanged)" in again.stderr, again.stderr

@@ -67,7 +67,7 @@ def index(
     (exit 6) keeps what was stored: run the same command again to go on."""
     from imgembed.indexing import read_index_sources
 
-    done, items = 0, []
+    done, items, store, name = 0, [], None, ""
     try:
         if ray is not None:
             from imgembed import distributed  # ray: only for --ray
@@ -114,8 +114,8 @@ def index(
         raise fail(exc) from exc
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM
         err.print(
-            f"Interrupted after {done} of {len(items)} images: the batches stored are kept; "
-            "run the same command again to go on (what is stored is skipped).",
+            f"Interrupted after {done} of {len(items)} images{_holds(store, name)}: the batches "
+            "stored are kept; run the same command again to go on (what is stored is skipped).",
             highlight=False,
         )
         raise typer.Exit(130) from None
@@ -162,6 +162,17 @@ def _filters(pairs: list[str]) -> dict[str, Any]:
 def _usage(message: str) -> NoReturn:
     err.print(f"error: {message}", markup=False, highlight=False)
     raise typer.Exit(2)
+
+
+def _holds(store: Any, name: str) -> str:
+    """What the collection holds now: on Ray, writers store batches the driver has not yet
+    heard of when it stops, so its own count falls short."""
+    if store is None:  # stopped before the store was open
+        return ""
+    try:
+        return f" ({name!r} now holds {store.count(name)} items)"
+    except (ImgEmbedError, KeyboardInterrupt):  # a store that is down, a second Ctrl-C
+        return ""
 
 
 @app.command()
