@@ -158,7 +158,8 @@ def test_server_killed_for_good_exits_6_keeps_what_was_stored_and_resumes(
     assert "could not be reached again within 30 s" in out
     assert "Traceback" not in out
     kept = int(re.search(r"The (\d+) items this run stored are kept", out)[1])
-    assert 16 <= kept < TILES
+    # on a busy machine the run may store the last batch between two kills and fail after
+    assert 16 <= kept <= TILES
     assert "index the same sources again (the same `imgembed index` command)" in out
 
     store = PostgresStore(embedded.start(data_dir))

@@ -144,6 +144,22 @@ def _tiles(large_jpegs, folder: Path, count: int, size: int = 512) -> list[Path]
     return paths
 
 
+def _once_stored(run: subprocess.Popen, data_dir: Path, count: int) -> PostgresStore:
+    """The store, once the running `index` into "tiles" has stored `count` items."""
+    store = None
+    deadline = time.time() + 180
+    while time.time() < deadline and run.poll() is None:
+        time.sleep(0.1)
+        try:
+            store = store or PostgresStore(embedded.start(data_dir))
+            if store.count("tiles") >= count:
+                break
+        except Exception:  # the collection or the server is not there yet
+            continue
+    assert run.poll() is None and store is not None, "the run ended before it could be stopped"
+    return store
+
+
 def test_a_driver_killed_mid_run_resumes_storing_each_image_once(
     ray_address, data_dir, large_jpegs, tmp_path
 ):
@@ -155,17 +171,7 @@ def test_a_driver_killed_mid_run_resumes_storing_each_image_once(
     first = subprocess.Popen(
         [*command, "--batch-size", "2", "--ray", ray_address], stderr=subprocess.DEVNULL
     )
-    store = None
-    deadline = time.time() + 180
-    while time.time() < deadline and first.poll() is None:
-        time.sleep(0.1)
-        try:
-            store = store or PostgresStore(embedded.start(data_dir))
-            if store.count("tiles") >= 2:
-                break
-        except Exception:  # the collection or the server is not there yet
-            continue
-    assert first.poll() is None, "the first run ended before it could be killed"
+    store = _once_stored(first, data_dir, 2)
     os.kill(first.pid, signal.SIGKILL)
     first.wait()
     time.sleep(1)  # writes already sent commit or roll back
@@ -196,17 +202,7 @@ def test_sigterm_stops_a_ray_run_as_ctrl_c_does(ray_address, data_dir, large_jpe
     log = tmp_path / "stderr.txt"
     with log.open("w") as stderr:
         run = subprocess.Popen([*command, "--batch-size", "2", "--ray", ray_address], stderr=stderr)
-        store = None
-        deadline = time.time() + 180
-        while time.time() < deadline and run.poll() is None:
-            time.sleep(0.1)
-            try:
-                store = store or PostgresStore(embedded.start(data_dir))
-                if store.count("tiles") >= 2:
-                    break
-            except Exception:  # the collection or the server is not there yet
-                continue
-        assert run.poll() is None, "the run ended before it could be stopped"
+        store = _once_stored(run, data_dir, 2)
         run.send_signal(signal.SIGTERM)
         run.wait(timeout=120)
     out = log.read_text()

@@ -155,3 +155,25 @@ def test_printable_names_round_trip():
     assert printable(mixed) == "déj\\xe0/\\xff\\xfe.png" and restore(printable(mixed)) == mixed
     assert printable("\ud800x") == "\\ud800x"  # a lone surrogate that is no escaped byte
     assert restore("no escapes") == "no escapes"
+
+
+def test_status_reads_a_half_written_postmaster_pid(tmp_path):
+    """A server killed while it started leaves postmaster.pid without its last lines; the
+    library reading it asserted, and `db status`, `db stop` and the tests' clean-up failed."""
+    import subprocess
+    import sys
+
+    from imgembed.store import embedded
+
+    folder = embedded.pgdata(tmp_path)
+    folder.mkdir(parents=True)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        for pid, running in ((sleeper.pid, True), (2**22 + 7, False)):  # live; no such pid
+            lines = [str(pid), str(folder), "1796544439", "5432", "", "", "  3803215   1507373"]
+            (folder / "postmaster.pid").write_text("\n".join(lines) + "\n")
+            found = embedded.status(tmp_path)
+            assert (found.running, found.pid) == (running, pid if running else None)
+    finally:
+        sleeper.kill()
+        sleeper.wait()

