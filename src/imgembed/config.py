@@ -141,6 +141,17 @@ class Settings(BaseSettings):
             return value
         return [part.strip() for part in value.split(",") if part.strip()]
 
+    @field_validator("qdrant_url")
+    @classmethod
+    def _server_not_folder(cls, value: str | None) -> str | None:
+        """A path here was taken for a host name ("Name or service not known")."""
+        if value is not None and value.strip().startswith(("/", ".", "~", "file:")):
+            raise ValueError(
+                "names a Qdrant server (http://host:6333), not a folder: Qdrant's local files "
+                "live in the data directory (IMGEMBED_DATA_DIR/qdrant) when it is not set"
+            )
+        return value
+
     @field_validator("supported_formats")
     @classmethod
     def _dotted_lowercase(cls, value: list[str]) -> list[str]:
@@ -292,4 +303,16 @@ def load_settings(config: Settings | dict[str, Any] | None = None, **overrides: 
     try:
         return Settings(**base)
     except ValidationError as exc:
-        raise ConfigurationError(f"invalid settings: {exc}") from exc
+        raise ConfigurationError(f"invalid settings: {_problems(exc)}") from exc
+
+
+def _problems(exc: ValidationError) -> str:
+    """Each bad setting by its variable's name, with pydantic's reason and the value given
+    (not pydantic's own layout, with its link to a web page)."""
+    problems = []
+    for error in exc.errors():
+        loc = [str(part) for part in error["loc"]]  # field validators only: never empty
+        reason = error["msg"].removeprefix("Value error, ")
+        name = ".".join(loc)
+        problems.append(f"IMGEMBED_{loc[0].upper()} ({name}): {reason} (given {error['input']!r})")
+    return "; ".join(problems)

@@ -211,3 +211,19 @@ def test_service_settings_from_the_environment(monkeypatch):
     assert settings.max_body_size == 1000 and settings.max_batch_inputs == 256
     assert (settings.batch_wait_ms, settings.queue_size) == (5.0, 1024)
     assert Settings().model_copy().api_keys == settings.api_keys
+
+
+def test_a_bad_setting_is_named_by_its_variable(monkeypatch):
+    """Not pydantic's own layout (with a link to a web page): the variable, why, the value."""
+    monkeypatch.setenv("IMGEMBED_BATCH_SIZE", "-3")
+    with pytest.raises(ConfigurationError) as caught:
+        load_settings()
+    assert str(caught.value) == (
+        "invalid settings: IMGEMBED_BATCH_SIZE (batch_size): Input should be greater than 0 "
+        "(given '-3')"
+    )
+    monkeypatch.delenv("IMGEMBED_BATCH_SIZE")
+    # a folder given as the Qdrant server was looked up as a host name
+    with pytest.raises(ConfigurationError, match=r"IMGEMBED_QDRANT_URL .* not a folder"):
+        load_settings(store="qdrant", qdrant_url="/srv/qdrant")
+    assert load_settings(qdrant_url="http://qdrant:6333").qdrant_url == "http://qdrant:6333"
