@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from imgembed.errors import (
     CollectionNotFoundError,
     ConfigurationError,
+    DataDirError,
     EncodeError,
     FetchError,
     ImageError,
@@ -66,6 +67,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "CollectionNotFoundError",
     "ConfigurationError",
+    "DataDirError",
     "EncodeError",
     "FetchError",
     "ImageEmbeddingResult",

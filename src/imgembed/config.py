@@ -16,7 +16,7 @@ import platformdirs
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from imgembed.errors import ConfigurationError
+from imgembed.errors import ConfigurationError, DataDirError
 
 DEFAULT_FORMATS = (
     ".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif",
@@ -316,3 +316,29 @@ def _problems(exc: ValidationError) -> str:
         name = ".".join(loc)
         problems.append(f"IMGEMBED_{loc[0].upper()} ({name}): {reason} (given {error['input']!r})")
     return "; ".join(problems)
+
+
+def make_data_dir(folder: Path) -> Path:
+    """Create the data directory. A file in the way or a folder this user cannot write is
+    a setting to fix, said as such (it read as a database that failed to start)."""
+    folder = Path(folder).expanduser().resolve()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as exc:
+        in_the_way = next(p for p in (folder, *folder.parents) if p.exists() and not p.is_dir())
+        raise DataDirError(
+            f"the data directory {folder} (IMGEMBED_DATA_DIR) cannot be made: {in_the_way} is "
+            "a file; set IMGEMBED_DATA_DIR to a folder"
+        ) from exc
+    except PermissionError as exc:
+        raise DataDirError(_unwritable(folder, exc.filename)) from exc
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise DataDirError(_unwritable(folder, folder))
+    return folder
+
+
+def _unwritable(folder: Path, where: Any) -> str:
+    return (
+        f"the data directory {folder} (IMGEMBED_DATA_DIR) cannot be written by this user "
+        f"(permission denied at {where}); set IMGEMBED_DATA_DIR to a folder you can write"
+    )

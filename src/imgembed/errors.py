@@ -149,6 +149,11 @@ class StoreUnavailableError(StoreError):
     killed, connection lost); a retry after reconnecting also failed."""
 
 
+class DataDirError(ConfigurationError, StoreUnavailableError):
+    """The data directory cannot be made or written: the operator's setting to fix (the CLI
+    says so, exit 3), while to an HTTP client the store is unavailable (503), not its request."""
+
+
 class StoreFullError(StoreError):
     """The disk under the store is full; nothing of the failed call was stored."""
 
@@ -182,6 +187,7 @@ def error_dict(error: BaseException) -> dict[str, Any]:
 __all__ = [
     "CollectionNotFoundError",
     "ConfigurationError",
+    "DataDirError",
     "EncodeError",
     "FetchError",
     "ImageError",

@@ -506,6 +506,18 @@ def test_not_ready_for_good_when_the_model_cannot_load(root, monkeypatch):
         assert "retry-after" not in ready.headers  # asking again will not help
 
 
+def test_a_data_dir_that_is_a_file_is_the_servers_fault_not_the_requests(root, tmp_path):
+    in_the_way = tmp_path / "data"
+    in_the_way.write_text("not a folder")
+    with _client(data_dir=in_the_way, allowed_roots=[root]) as client:
+        ready = client.get("/ready")
+        assert ready.status_code == 503 and "is a file" in ready.json()["store"]
+        listed = client.get("/api/v1/collections")
+        assert listed.status_code == 503, listed.text  # not 422: the request is fine
+        assert listed.json()["error_type"] == "DataDirError"
+        assert "set IMGEMBED_DATA_DIR to a folder" in listed.json()["error"]
+
+
 def test_a_body_that_is_not_utf8_is_a_422_on_every_json_route(client):
     bad = b'{"texts": ["\xff\xfe"]}'
     for path in ("/api/v1/embeddings/text", "/v1/embeddings", "/api/v1/collections", IMAGE):

