@@ -325,7 +325,8 @@ def make_data_dir(folder: Path) -> Path:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError) as exc:
-        in_the_way = next(p for p in (folder, *folder.parents) if p.exists() and not p.is_dir())
+        files = (p for p in (folder, *folder.parents) if p.exists() and not p.is_dir())
+        in_the_way = next(files, folder)  # (resolved: no links left in the path)
         raise DataDirError(
             f"the data directory {folder} (IMGEMBED_DATA_DIR) cannot be made: {in_the_way} is "
             "a file; set IMGEMBED_DATA_DIR to a folder"
