@@ -1,6 +1,9 @@
 """The store commands end to end: index, search, duplicates, collections, db."""
 
+import contextlib
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -125,6 +128,27 @@ def test_db_start_keeps_the_server_up_between_commands_until_stopped(data_dir, p
         time.sleep(0.2)
     assert not embedded.status(data_dir).running
     assert run_process("db", "start", "--for", "soon").returncode == 2
+
+
+def test_db_status_says_when_the_keeper_was_killed(data_dir):
+    """kill -9 of the keeper (OOM killer, a careless pkill): the server is no longer kept up,
+    and `db status` says so instead of "kept up until" a time that will not hold."""
+    assert run_process("db", "start", "--for", "10m").returncode == 0
+    keeper = json.loads((embedded.pgdata(data_dir) / ".kept_until.json").read_text())["pid"]
+    os.kill(keeper, signal.SIGKILL)
+    deadline = time.monotonic() + 30  # gone, or a zombie until whoever adopted it reaps it
+    while psutil.pid_exists(keeper) and time.monotonic() < deadline:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if psutil.Process(keeper).status() == psutil.STATUS_ZOMBIE:
+                break
+        time.sleep(0.05)
+    status = run_process("db", "status").stdout
+    assert ": running (pid" in status and "kept up until" not in status, status
+    assert f"its keeper (imgembed db start, pid {keeper}) was ended before its time" in status
+    assert embedded.kept_until(data_dir) is None
+    stop = run_process("db", "stop")  # no wait on the dead keeper
+    assert stop.stdout.strip() == "stopped", stop.stderr
+    assert run_process("db", "status").stdout.strip().endswith(": stopped")
 
 
 USER = "import sys, time; from imgembed.store import embedded; embedded.start(sys.argv[1]); "

@@ -378,6 +378,11 @@ def db_status() -> None:
         running += f", kept up until {_clock(state.kept_until)} (imgembed db start)"
         if pid := resident.status(settings.data_dir):
             running += f", searches answered by pid {pid}"
+    if state.keeper_lost:
+        running += (f"; its keeper (imgembed db start, pid {state.keeper_lost}) was ended "
+                    "before its time: the server stops after its last user exits "
+                    "(`imgembed db stop` stops it now, `imgembed db start` keeps it up "
+                    "again)")  # fmt: skip
     typer.echo(f"embedded PostgreSQL in {state.pgdata}: "
                f"{running if state.initialised else 'not created yet'}")  # fmt: skip
 

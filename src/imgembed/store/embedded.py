@@ -309,26 +309,28 @@ def _handles(folder: Path) -> list[int]:
 
 def kept_until(data_dir: Path) -> float | None:
     """When the keeper lets go of the server (epoch seconds), or None without one."""
+    keeper = _keeper(data_dir)
+    return keeper[1] if keeper and _alive(keeper[0]) else None
+
+
+def _keeper(data_dir: Path) -> tuple[int, float] | None:
+    """The keeper's record: its pid and its end, whether or not it still runs."""
     try:
-        keeper = json.loads((pgdata(data_dir) / _KEEPER).read_text())
-        return float(keeper["until"]) if psutil.pid_exists(int(keeper["pid"])) else None
+        record = json.loads((pgdata(data_dir) / _KEEPER).read_text())
+        return int(record["pid"]), float(record["until"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
 def release(data_dir: Path) -> bool:
     """End the keeper, if one runs (the server then stops when its last user exits)."""
-    record = pgdata(data_dir) / _KEEPER
-    try:
-        pid = int(json.loads(record.read_text())["pid"])
-    except (OSError, ValueError, KeyError, TypeError):
+    keeper = _keeper(data_dir)
+    (pgdata(data_dir) / _KEEPER).unlink(missing_ok=True)
+    if keeper is None or not _alive(keeper[0]):  # a killed one may linger as a zombie
         return False
-    record.unlink(missing_ok=True)
-    if not psutil.pid_exists(pid):
-        return False
-    os.kill(pid, signal.SIGTERM)
+    os.kill(keeper[0], signal.SIGTERM)
     with contextlib.suppress(psutil.Error):  # it leaves the list of users as it exits
-        psutil.Process(pid).wait(10)
+        psutil.Process(keeper[0]).wait(10)
     return True
 
 
@@ -340,6 +342,7 @@ class Status:
     pid: int | None
     socket: str | None
     kept_until: float | None  # epoch seconds, with `imgembed db start`
+    keeper_lost: int | None = None  # the pid of a keeper that ended before its time
 
 
 def status(data_dir: Path) -> Status:
@@ -353,13 +356,16 @@ def status(data_dir: Path) -> Status:
         # postmaster.pid half written: a server starting, or killed while it started
         pid = _first_pid(folder / "postmaster.pid")
     running = pid is not None and _alive(pid)
+    keeper = _keeper(data_dir) if running else None
+    kept = keeper is not None and _alive(keeper[0])
     return Status(
         pgdata=folder,
         initialised=(folder / "PG_VERSION").exists(),
         running=running,
         pid=pid if running else None,
         socket=str(socket) if running and socket else None,
-        kept_until=kept_until(data_dir) if running else None,
+        kept_until=keeper[1] if keeper and kept else None,
+        keeper_lost=keeper[0] if keeper and not kept and keeper[1] > time.time() else None,
     )
 
 
