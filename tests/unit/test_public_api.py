@@ -18,6 +18,7 @@ PUBLIC = {
     "InvalidRecordError",
     "CollectionNotFoundError",
     "ConfigurationError",
+    "DataDirError",
     "EncodeError",
     "FetchError",
     "ImageEmbeddingResult",
