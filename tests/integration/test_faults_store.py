@@ -528,3 +528,37 @@ def test_local_qdrant_files_open_elsewhere_are_a_busy_store(tmp_path):
     finally:
         holder.close()
     QdrantStore(path=tmp_path / "qdrant").close()  # let go: it opens again
+
+
+def test_a_damaged_local_qdrant_collection_is_set_aside_and_the_others_open(tmp_path, caplog):
+    """Qdrant's local mode loads every collection on opening: one unreadable file failed them
+    all. It is moved to damaged/ (kept) and starts empty; the registry itself is not."""
+    folder = tmp_path / "qdrant"
+    store = QdrantStore(path=folder)
+    rng = np.random.default_rng(0)
+    for name in ("kept", "hurt"):
+        store.create_collection(name, PROV)
+        store.upsert(name, [Record(f"{name}-{i}", _unit(rng), f"h{i}", "s") for i in range(5)])
+    store.close()
+    hurt = folder / "collection" / "hurt" / "storage.sqlite"
+    damaged = b"not a database" + hurt.read_bytes()[14:]
+    hurt.write_bytes(damaged)
+
+    with caplog.at_level(logging.WARNING, logger="imgembed.store.qdrant"):
+        store = QdrantStore(path=folder)
+    try:
+        assert store.count("kept") == 5 and store.count("hurt") == 0
+        assert store.search("kept", _unit(rng), top_k=10)[0].id.startswith("kept-")
+        (aside,) = (folder / "damaged").iterdir()
+        assert aside.name.startswith("hurt-") and (aside / "storage.sqlite").read_bytes() == damaged
+        assert f"'hurt' is damaged (file is not a database): moved to {aside}" in caplog.text
+        store.upsert("hurt", [Record("again", _unit(rng), "h", "s")])  # indexed into again
+        assert store.count("hurt") == 1
+    finally:
+        store.close()
+
+    registry = folder / "collection" / "imgembed_collections" / "storage.sqlite"
+    registry.write_bytes(b"\0" * registry.stat().st_size)
+    with pytest.raises(StoreUnavailableError, match=r"registry of collections .* is damaged"):
+        QdrantStore(path=folder)
+    assert registry.exists() and len(list((folder / "damaged").iterdir())) == 1

@@ -5,7 +5,9 @@ collection; point ids are UUIDs derived from our ids, which are kept in the payl
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import sqlite3
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -369,14 +371,73 @@ def _no_collection(exc: BaseException | None) -> bool:
 
 
 def _open_local(client: Any, path: Path) -> Any:
-    """Qdrant's local files, which one process at a time may hold (a file lock)."""
+    """Qdrant's local files, which one process at a time may hold (a file lock). Qdrant
+    loads every collection on opening: a damaged one is set aside, so the others open."""
     try:
         return client(path=str(path))
     except RuntimeError as exc:
         if "already accessed by another instance" not in str(exc):
             raise
-        raise StoreBusyError(
-            f"{path} is open in another imgembed process (Qdrant's local files serve one "
-            "process at a time, searches too): wait for it to finish and run again, or use a "
-            "Qdrant server (IMGEMBED_QDRANT_URL) for work at the same time"
-        ) from None
+        raise _busy(path) from None
+    except Exception:
+        if not _set_aside_damaged(path):
+            raise
+        return _open_local(client, path)
+
+
+def _busy(path: Path) -> StoreBusyError:
+    return StoreBusyError(
+        f"{path} is open in another imgembed process (Qdrant's local files serve one "
+        "process at a time, searches too): wait for it to finish and run again, or use a "
+        "Qdrant server (IMGEMBED_QDRANT_URL) for work at the same time"
+    )
+
+
+def _set_aside_damaged(path: Path) -> list[str]:
+    """Move each collection whose file SQLite cannot read to `damaged/` (kept, not deleted;
+    the collection starts empty) under Qdrant's lock; the names moved."""
+    import portalocker
+
+    try:
+        names = list(json.loads((path / "meta.json").read_text())["collections"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    moved = []
+    with open(path / ".lock", "a+") as lock:
+        try:
+            portalocker.lock(
+                lock, portalocker.LockFlags.EXCLUSIVE | portalocker.LockFlags.NON_BLOCKING
+            )
+        except portalocker.exceptions.LockException:
+            raise _busy(path) from None
+        for name in names:
+            folder = path / "collection" / name
+            if (problem := _unreadable(folder / "storage.sqlite")) is None:
+                continue
+            if name == REGISTRY:  # it names every collection's model: never started afresh
+                raise StoreUnavailableError(
+                    f"Qdrant's local registry of collections {folder} is damaged ({problem}): "
+                    f"restore it from a backup, or move {path} away and index again"
+                )
+            stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+            target = path / "damaged" / f"{name}-{stamp}"
+            target.parent.mkdir(exist_ok=True)
+            folder.rename(target)
+            log.warning(
+                "Qdrant's local collection %r is damaged (%s): moved to %s, kept there; the "
+                "collection starts empty: index into it again", name, problem, target,
+            )  # fmt: skip
+            moved.append(name)
+    return moved
+
+
+def _unreadable(storage: Path) -> str | None:
+    """Why SQLite cannot read the file, or None (also for a file not there yet)."""
+    if not storage.exists():
+        return None
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{storage}?mode=ro", uri=True)) as db:
+            (answer,) = db.execute("PRAGMA quick_check").fetchone()
+    except sqlite3.Error as exc:
+        return str(exc)
+    return None if answer == "ok" else answer
