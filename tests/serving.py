@@ -56,14 +56,16 @@ class FileServer:
         self.httpd.shutdown()
 
 
-def wait_ready(base_url: str, process: subprocess.Popen | None = None, timeout=180) -> None:
+def wait_ready(
+    base_url: str, process: subprocess.Popen | None = None, timeout=180, path="/ready"
+) -> None:
     deadline = time.monotonic() + timeout
     last = None
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
             raise AssertionError(f"the server exited with {process.returncode}")
         with contextlib.suppress(httpx.HTTPError):
-            last = httpx.get(f"{base_url}/ready", timeout=10)
+            last = httpx.get(f"{base_url}{path}", timeout=10)
             if last.status_code == 200:
                 return
         time.sleep(0.2)
@@ -71,8 +73,9 @@ def wait_ready(base_url: str, process: subprocess.Popen | None = None, timeout=1
 
 
 @contextlib.contextmanager
-def serve_in_thread(app) -> Iterator[str]:
-    """The app on a real uvicorn server, in this process (so tests can patch the encoder)."""
+def serve_in_thread(app, ready="/ready") -> Iterator[str]:
+    """The app on a real uvicorn server, in this process (so tests can patch the encoder);
+    yielded once `ready` answers 200 ("/health" for a server that will not be ready)."""
     port = free_port()
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
     server = uvicorn.Server(config)
@@ -80,7 +83,7 @@ def serve_in_thread(app) -> Iterator[str]:
     thread.start()
     base = f"http://127.0.0.1:{port}"
     try:
-        wait_ready(base)
+        wait_ready(base, path=ready)
         yield base
     finally:
         server.should_exit = True

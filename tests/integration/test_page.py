@@ -26,13 +26,13 @@ TIMEOUT = 60_000  # ms; the machine is shared
 
 
 @contextlib.contextmanager
-def browser_on(settings) -> Iterator[tuple[Any, list[str]]]:
+def browser_on(settings, ready="/ready") -> Iterator[tuple[Any, list[str]]]:
     """Headless Chromium on the page of a real server (on loopback) made from `settings`:
     the page, and the script errors it raised."""
     playwright = pytest.importorskip("playwright.sync_api")
     if not Path(CHROMIUM).exists():
         pytest.fail(f"{CHROMIUM} is missing: scripts/setup.sh installs Debian's chromium")
-    with serve_in_thread(create_app(settings)) as base, playwright.sync_playwright() as p:
+    with serve_in_thread(create_app(settings), ready) as base, playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         page = browser.new_page()
         page.set_default_timeout(TIMEOUT)
@@ -151,6 +151,26 @@ def test_the_page_asks_for_an_api_key_when_the_server_wants_one(indexed):
         page.wait_for_function("document.querySelector('#collection').options.length === 2")
         assert page.locator("#collection").input_value() == "photos2"
         assert page.locator("#results .card").count() == 1
+
+
+def test_the_page_says_at_once_when_the_model_cannot_load(indexed, monkeypatch):
+    """Not only at the first search: the collections still list, the failure is said."""
+    import imgembed.service
+    from imgembed.errors import ModelUnavailableError
+
+    def missing(ref, settings):
+        raise ModelUnavailableError("no weights for this model here")
+
+    monkeypatch.setattr(imgembed.service, "create_encoder", missing)
+    settings = load_settings(**TINY, allowed_roots=[indexed])
+    with browser_on(settings, ready="/health") as (page, errors):
+        page.wait_for_selector("#collection option", state="attached")
+        page.wait_for_function(
+            "document.querySelector('#status').textContent.includes('no weights for this model')"
+        )
+        assert "cannot load" in page.locator("#status").inner_text()
+        assert "error" in page.locator("#status").get_attribute("class")
+        assert errors == []
 
 
 def test_the_product_view_in_a_real_browser(data_dir, photos, tmp_path):

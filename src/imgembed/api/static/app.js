@@ -280,7 +280,7 @@ function setUp() {
   $("#api-key").value = localStorage.getItem("imgembed-key") ?? "";
   $("#api-key").addEventListener("change", (event) => {
     localStorage.setItem("imgembed-key", event.target.value.trim());
-    loadCollections();
+    loadCollections().then(watchModel);
     if (typeof loadStores === "function") loadStores();
   });
   $("#collection").addEventListener("change", () => {
@@ -300,7 +300,27 @@ function setUp() {
   });
   $("#duplicates").addEventListener("click", duplicates);
   dropZone($("#drop"), $("#file"), searchByFile);
-  loadCollections();
+  loadCollections().then(watchModel);
+}
+
+// A model that cannot load is said when the page opens, not at the first search. /ready
+// answers without a key; while the model loads it is asked again (one watch at a time).
+let watching = false;
+async function watchModel() {
+  if (watching) return;
+  let ready;
+  try {
+    ready = await (await send("/ready")).json();
+  } catch {
+    return; // an unreachable server is said by the collection list
+  }
+  if (ready.model === "loading") {
+    watching = true;
+    setTimeout(() => { watching = false; watchModel(); }, 2000);
+  } else if (String(ready.model).startsWith("failed")) {
+    const reason = String(ready.model).replace(/^failed:\s*/, "");
+    status(`The server's model cannot load (${reason}): searches with it fail until that is fixed.`, true);
+  }
 }
 
 setUp();
