@@ -168,6 +168,24 @@ def test_every_error_status_from_real_bad_inputs(client, root, photos):
     assert client.get("/no/such/route").status_code == 404
 
 
+@pytest.mark.parametrize("content_type", [None, "application/x-www-form-urlencoded", "text/plain"])
+def test_json_under_another_content_type_is_refused_saying_which_to_send(
+    client, root, content_type
+):
+    """curl -d sends a form's content type: every JSON route (ours and FastAPI's) says what
+    to send instead, and none reads it as JSON (another site's page could send it)."""
+    body = json.dumps({"image_path": str(root / "rocket.jpg"), "text": "a rocket"}).encode()
+    headers = {"content-type": content_type} if content_type else {}
+    for path in (IMAGE, "/api/v1/embeddings/text", "/api/v1/search/image", "/v1/embeddings"):
+        response = client.post(path, content=body, headers=headers)
+        assert response.status_code == 422, (path, response.text)
+        error = response.json()["error"]
+        message = error["message"] if isinstance(error, dict) else error
+        assert "Content-Type: application/json" in message, (path, message)
+        assert f"this request's: {content_type or 'none'}" in message
+        assert ("multipart/form-data" in message) == (path in (IMAGE, "/api/v1/search/image"))
+
+
 def test_urls_keep_the_ssrf_rules_and_fetch_failures_are_502(root, photos, library):
     files = FileServer({"photo.jpg": (root / "rocket.jpg").read_bytes()})
     try:

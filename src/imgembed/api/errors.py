@@ -107,11 +107,35 @@ async def _imgembed_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
+    if _fastapi_refused_the_content_type(request, exc):
+        exc = not_json(request)
     details = [
         f"{'.'.join(str(part) for part in error['loc'])}: {error['msg']}" for error in exc.errors()
     ]
     body = {"error": "; ".join(details), "error_type": "ValidationError"}
     return error_response(request, 422, body)
+
+
+def not_json(request: Request, multipart: bool = False) -> RequestValidationError:
+    """A body sent under another content type than JSON (or multipart where taken). Not read
+    as JSON all the same: a web page may send any site such a form without asking first."""
+    given = request.headers.get("content-type") or "none"
+    message = (
+        f"send it as JSON with Content-Type: application/json (this request's: {given}; "
+        "with curl: --json '{...}' or -H 'Content-Type: application/json')"
+    )
+    if multipart:
+        message += " or as multipart/form-data (curl -F)"
+    return RequestValidationError([{"loc": ("body",), "msg": message, "type": "content_type"}])
+
+
+def _fastapi_refused_the_content_type(request: Request, exc: RequestValidationError) -> bool:
+    """FastAPI reads a JSON body only under a JSON content type; any other arrives as bytes
+    that are "not a valid dictionary"."""
+    return "json" not in request.headers.get("content-type", "") and any(
+        tuple(error["loc"]) == ("body",) and error["type"] == "model_attributes_type"
+        for error in exc.errors()
+    )
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:

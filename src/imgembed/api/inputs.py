@@ -21,6 +21,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException
 
+from imgembed.api.errors import not_json
 from imgembed.api.schemas import ImageSource
 from imgembed.config import Settings
 from imgembed.engine.batcher import Batcher
@@ -175,7 +176,8 @@ async def parse_body(
     as the form field `uploads_as` (a file under another name is refused, as an unknown
     field is). Large JSON bodies (base64 images) are parsed in a thread, off the event loop."""
     uploads: list[UploadFile] = []
-    if request.headers.get("content-type", "").startswith("multipart/form-data"):
+    content_type = request.headers.get("content-type", "")
+    if content_type.startswith("multipart/form-data"):
         form = await _form(request, settings)
         fields: dict[str, list[str]] = {}
         for key, value in form.multi_items():
@@ -189,6 +191,8 @@ async def parse_body(
             else:
                 fields.setdefault(key, []).append(value)
         return _validate(model, _form_data(model, fields)), uploads
+    if "json" not in content_type:
+        raise not_json(request, multipart=True)
     raw = await request.body()
     if len(raw) > LARGE_BODY:
         return await asyncio.to_thread(_parse_json, model, raw), uploads
