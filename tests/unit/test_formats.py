@@ -99,6 +99,12 @@ def test_exif_orientation_is_applied(service, rocket):
     assert np.abs(np.asarray(decoded, np.int16) - np.asarray(rocket, np.int16)).mean() < 1
     upright = service.embed_image(_encoded(rocket, "PNG"))
     assert _cos(service.embed_image(data), upright) > 0.9999
+    # the size said is the upright one, as shown and embedded
+    assert rocket.width != rocket.height
+    metadata = service.image_metadata(data, extended=True)
+    assert (metadata["width"], metadata["height"], metadata["orientation"]) == (*rocket.size, 6)
+    (result,) = service.embed_images([data])
+    assert (result.metadata["width"], result.metadata["height"]) == rocket.size
 
 
 def test_transparency_is_composited_onto_white(service):

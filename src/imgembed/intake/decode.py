@@ -58,6 +58,7 @@ _UPRIGHT = {
     7: Image.Transpose.TRANSVERSE,
     8: Image.Transpose.ROTATE_90,
 }
+_QUARTER_TURNS = {_UPRIGHT[k] for k in (5, 6, 7, 8)}  # these swap width and height
 
 
 def pil_formats(extensions: Iterable[str]) -> frozenset[str]:
@@ -239,12 +240,17 @@ def _draft(image: Image.Image, min_side: int) -> None:
 
 
 def image_metadata(image: Image.Image, size: int | None) -> dict[str, Any]:
-    """Basic metadata from an opened image (its header; pixels are not decoded)."""
+    """Basic metadata from an opened image (its header; pixels are not decoded). Width and
+    height are the upright image's, as it is shown and embedded (a phone photo held upright
+    is stored sideways with an EXIF orientation)."""
     dpi = image.info.get("dpi")
     frames = _frames(image)
+    width, height = image.size
+    if _upright(image) in _QUARTER_TURNS:
+        width, height = height, width
     return {
-        "width": image.width,
-        "height": image.height,
+        "width": width,
+        "height": height,
         "format": image.format,
         "mode": image.mode,
         "size": size,
