@@ -182,6 +182,44 @@ def test_a_store_id_is_the_same_store_in_every_call(data_dir, photos):
         assert str(caught.value).endswith("imgembed catalog embed --store-id 'my store'")
 
 
+def test_an_update_sets_what_the_row_names_and_keeps_the_rest(
+    data_dir, photos, tmp_path, monkeypatch
+):
+    """A price feed (id,title,price) left the image, category, description and attributes of
+    each product empty; and an image path relative to where the library ran was stored as
+    given, so a run from another directory could not find it."""
+    photo = photos[0]
+    full = {"id": "p1", "title": "Rocket", "description": "A launch", "category": "tech",
+            "price": 10, "currency": "EUR", "image_url": str(photo), "brand": "Acme"}  # fmt: skip
+    feed = tmp_path / "prices.csv"
+    feed.write_text("id,title,price\np1,Rocket,19.95\n")
+    with Catalog(**TINY) as catalog:
+        catalog.upsert_products("shop", [full])
+        assert catalog.embed("shop").successful == 1
+        report = catalog.import_file(feed, "shop")
+        assert (report.inserted, report.updated) == (0, 1)
+        product = catalog.product("shop", "p1")
+        assert product["price"] == 19.95
+        kept = {k: product[k] for k in ("description", "category", "currency", "image_url")}
+        assert kept == {"description": "A launch", "category": "tech", "currency": "EUR",
+                        "image_url": str(photo)}  # fmt: skip
+        assert product["attributes"] == {"brand": "Acme"}
+        # a named part that is empty clears it; other columns replace the attributes
+        catalog.upsert_products("shop", [{"id": "p1", "title": "Rocket", "category": None,
+                                          "colour": "white"}])  # fmt: skip
+        product = catalog.product("shop", "p1")
+        assert product["category"] is None and product["image_url"] == str(photo)
+        assert product["attributes"] == {"colour": "white"}
+        assert catalog.upsert_products("shop", [{"id": "p1", "title": "Rocket"}]).unchanged == 1
+        assert catalog.embed("shop").successful == 1  # the text changed: embedded again
+        # a relative image path is stored absolute, as the library saw it
+        monkeypatch.chdir(photo.parent)
+        catalog.upsert_products("shop", [{"id": "p2", "title": "Two", "image": photo.name}])
+        monkeypatch.chdir(tmp_path)
+        assert catalog.product("shop", "p2")["image_url"] == str(photo)
+        assert catalog.embed("shop").successful == 1
+
+
 def test_models_recorded_by_a_run_that_stored_no_vector_do_not_bind_the_store(data_dir, photos):
     """A first run with other models stored nothing (its text API was down): the store is
     not "embedded with" them, and a run with the usual models needs no --force."""

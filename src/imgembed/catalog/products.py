@@ -30,6 +30,14 @@ COLUMNS = {
 }
 
 
+# What a row can set: a field it does not name keeps what is stored (a price-only feed
+# leaves images and categories alone). The image and the extra images are one part.
+PARTS = ("title", "description", "category", "price", "currency", "images", "attributes")
+
+
+FIELD_PART = {"image_url": "images", "extra_image_urls": "images"}  # fields to PARTS
+
+
 class ProductRowError(ValueError):
     """One input row is not a usable product; the importer reports it with its line."""
 
@@ -45,6 +53,7 @@ class ProductInput:
     image_url: str | None = None
     extra_image_urls: tuple[str, ...] = ()
     attributes: dict[str, Any] = field(default_factory=dict)
+    given: frozenset[str] = frozenset(PARTS)  # the parts the row names (empty ones clear)
 
     @property
     def text(self) -> str:
@@ -80,7 +89,8 @@ def text_hash(text: str) -> str:
 
 def from_mapping(row: Mapping[str, Any], base: Path | None = None) -> ProductInput:
     """A product from a flat mapping with the COLUMNS names (any case); other keys become
-    attributes. Relative image paths are relative to `base` (the catalogue file's folder)."""
+    attributes. Relative image paths are relative to `base` (the catalogue file's folder).
+    The parts the mapping names are `given` (a key with an empty value clears its part)."""
     lowered = {str(k).strip().casefold(): v for k, v in row.items() if k is not None}
     fields: dict[str, Any] = {}
     used: set[str] = set()
@@ -89,6 +99,11 @@ def from_mapping(row: Mapping[str, Any], base: Path | None = None) -> ProductInp
         if key is not None:
             fields[name] = lowered[key]
             used.add(key)
+    given = {FIELD_PART.get(name, name) for name, names in COLUMNS.items()
+             if name != "product_id" and any(n in lowered for n in names)}  # fmt: skip
+    aliases = {n for names in COLUMNS.values() for n in names}
+    if any(k not in used and (k not in aliases or _present(v)) for k, v in lowered.items()):
+        given.add("attributes")  # the row's other columns are all its attributes
     attributes = {k: v for k, v in lowered.items() if k not in used and _present(v)}
     attributes.update(attributes.pop("attributes", None) or {})
     if isinstance(attributes.get("tags"), str):
@@ -107,6 +122,7 @@ def from_mapping(row: Mapping[str, Any], base: Path | None = None) -> ProductInp
         extra_image_urls=extra,
         attributes=attributes,
         base=base,
+        given=frozenset(given),
     )
 
 
@@ -122,8 +138,10 @@ def checked(
     extra_image_urls: Sequence[Any] = (),
     attributes: Mapping[str, Any] | None = None,
     base: Path | None = None,
+    given: frozenset[str] = frozenset(PARTS),
 ) -> ProductInput:
-    """A ProductInput from loose values, or ProductRowError naming the first problem."""
+    """A ProductInput from loose values, or ProductRowError naming the first problem.
+    Relative image paths are made absolute against `base`, or the current directory."""
     product_id = _scalar(product_id, "product id", "")
     if not product_id:
         raise ProductRowError("no product id (a column product_id, id, sku or handle)")
@@ -156,6 +174,7 @@ def checked(
         image_url=images[0] if images else None,
         extra_image_urls=tuple(images[1:]),
         attributes=dict(attributes or {}),
+        given=given,
     )
 
 
@@ -270,9 +289,11 @@ def strip_html(text: str) -> str:
 
 def _image(value: Any, base: Path | None) -> str:
     source = _text(value)
-    if url_scheme(source) or is_data_uri(source) or base is None:  # ftp://: refused as written
+    if url_scheme(source) or is_data_uri(source):  # ftp://: refused as written
         return source
-    return os.path.abspath(base / source)  # relative to the catalogue file
+    # relative to the catalogue file, or to where the library runs: stored absolute, so
+    # that an embed run from another directory finds it
+    return os.path.abspath(source if base is None else base / source)
 
 
 def _text(value: Any) -> str:

@@ -25,7 +25,7 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from imgembed.catalog.products import ProductInput
+from imgembed.catalog.products import FIELD_PART, ProductInput
 from imgembed.config import Settings
 from imgembed.errors import StoreBusyError
 from imgembed.store import postgres_target
@@ -230,35 +230,42 @@ class ProductRepository:
     def upsert_products(
         self, store_id: str, products: Sequence[ProductInput]
     ) -> tuple[int, int, int]:
-        """Insert or update by (store_id, product_id) in one transaction; rows whose data is
-        unchanged are left alone. Returns (inserted, updated, unchanged)."""
+        """Insert or update by (store_id, product_id) in one transaction; an update sets the
+        parts each row names and keeps the others; rows whose data is unchanged are left
+        alone. Returns (inserted, updated, unchanged)."""
         columns = sql.SQL(", ").join(map(sql.Identifier, _PRODUCT_FIELDS))
-        excluded = sql.SQL(", ").join(
-            sql.SQL("EXCLUDED.{}").format(sql.Identifier(f)) for f in _PRODUCT_FIELDS
-        )
         current = sql.SQL(", ").join(
             sql.SQL("imgembed_products.{}").format(sql.Identifier(f)) for f in _PRODUCT_FIELDS
         )
-        statement = sql.SQL(
-            "INSERT INTO imgembed_products (store_id, product_id, {columns})"
-            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
-            " ON CONFLICT (store_id, product_id) DO UPDATE SET ({columns}) = ({excluded}),"
-            " updated_at = now() WHERE ({current}) IS DISTINCT FROM ({excluded})"
-            " RETURNING (xmax = 0)"
-        ).format(columns=columns, excluded=excluded, current=current)
-        params = [
-            (
-                store_id,
-                p.product_id,
-                p.title,
-                p.description,
-                p.category,
-                p.price,
-                p.currency,
-                p.image_url,
-                list(p.extra_image_urls),
-                Jsonb(p.attributes),
+        updated_to = sql.SQL(", ").join(
+            sql.SQL("CASE WHEN {given} THEN EXCLUDED.{f} ELSE imgembed_products.{f} END").format(
+                given=sql.Placeholder(f"given_{f}"), f=sql.Identifier(f)
             )
+            for f in _PRODUCT_FIELDS
+        )
+        values = sql.SQL(", ").join(
+            map(sql.Placeholder, ("store_id", "product_id", *_PRODUCT_FIELDS))
+        )
+        statement = sql.SQL(
+            "INSERT INTO imgembed_products (store_id, product_id, {columns}) VALUES ({values})"
+            " ON CONFLICT (store_id, product_id) DO UPDATE SET ({columns}) = ({updated_to}),"
+            " updated_at = now() WHERE ({current}) IS DISTINCT FROM ({updated_to})"
+            " RETURNING (xmax = 0)"
+        ).format(columns=columns, values=values, updated_to=updated_to, current=current)
+        params = [
+            {
+                "store_id": store_id,
+                "product_id": p.product_id,
+                "title": p.title,
+                "description": p.description,
+                "category": p.category,
+                "price": p.price,
+                "currency": p.currency,
+                "image_url": p.image_url,
+                "extra_image_urls": list(p.extra_image_urls),
+                "attributes": Jsonb(p.attributes),
+                **{f"given_{f}": FIELD_PART.get(f, f) in p.given for f in _PRODUCT_FIELDS},
+            }
             # in key order: two imports of overlapping products lock their rows in the same
             # order, so one waits for the other instead of both deadlocking
             for p in sorted(products, key=lambda p: p.product_id)  # stable: the last one wins
