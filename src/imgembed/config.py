@@ -141,6 +141,16 @@ class Settings(BaseSettings):
             return value
         return [part.strip() for part in value.split(",") if part.strip()]
 
+    @field_validator("api_keys")
+    @classmethod
+    def _some_key(cls, value: list[SecretStr] | None) -> list[SecretStr] | None:
+        """Set but empty (" ", ","): no key at all would leave the server open, unasked."""
+        if value is not None and not any(key.get_secret_value().strip() for key in value):
+            raise ValueError(
+                "is set but holds no key: give at least one, or unset it to serve without keys"
+            )
+        return value
+
     @field_validator("qdrant_url")
     @classmethod
     def _server_not_folder(cls, value: str | None) -> str | None:

@@ -227,3 +227,21 @@ def test_a_bad_setting_is_named_by_its_variable(monkeypatch):
     with pytest.raises(ConfigurationError, match=r"IMGEMBED_QDRANT_URL .* not a folder"):
         load_settings(store="qdrant", qdrant_url="/srv/qdrant")
     assert load_settings(qdrant_url="http://qdrant:6333").qdrant_url == "http://qdrant:6333"
+
+
+@pytest.mark.parametrize("keys", [",", " ", ""])
+def test_api_keys_set_to_no_key_are_refused_not_an_open_server(monkeypatch, keys):
+    """IMGEMBED_API_KEYS="," became an empty list, which meant: no key needed."""
+    from tests.cli import run
+
+    monkeypatch.setenv("IMGEMBED_API_KEYS", keys)
+    with pytest.raises(ConfigurationError, match=r"IMGEMBED_API_KEYS .* holds no key"):
+        load_settings()
+    served = run("serve", "--port", "0")
+    assert served.returncode == 3 and "holds no key" in served.stderr
+    monkeypatch.setenv("IMGEMBED_API_KEYS", "k1,,k2 ")
+    assert [k.get_secret_value() for k in load_settings().api_keys] == ["k1", "k2"]
+    monkeypatch.delenv("IMGEMBED_API_KEYS")
+    for port in ("99999", "-1"):  # was OverflowError's traceback from bind()
+        refused = run("serve", "--port", port)
+        assert refused.returncode == 2 and "--port" in refused.stderr

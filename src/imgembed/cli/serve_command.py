@@ -28,7 +28,9 @@ def serve(
     host: Annotated[
         str, typer.Option(envvar="IMGEMBED_HOST", help="Address to listen on (0.0.0.0: all).")
     ] = "127.0.0.1",
-    port: Annotated[int, typer.Option(envvar="IMGEMBED_PORT", help="TCP port.")] = 8000,
+    port: Annotated[
+        int, typer.Option(envvar="IMGEMBED_PORT", min=0, max=65535, help="TCP port.")
+    ] = 8000,
     workers: Annotated[
         int,
         typer.Option(
