@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from imgembed.engine import similarity
-from imgembed.errors import ImgEmbedError, SourceNotAllowedError
+from imgembed.errors import ImgEmbedError, InvalidSourceError, SourceNotAllowedError
 from imgembed.intake.image_input import Input
 from imgembed.intake.sources import checked_sources, decode_base64, is_url
 from imgembed.results import ImageEmbeddingResult
@@ -48,7 +48,14 @@ class SeedAsyncMethods:
     async def generate_embedding_from_image_bytes(
         self: ImageEmbeddingService, image_bytes: bytes, include_metadata: bool = False
     ) -> Embedding | dict[str, Any]:
-        return await self._generate(image_bytes, include_metadata)
+        """The image's bytes only: a str given here (a path, say) is not read as a file."""
+        if not isinstance(image_bytes, bytes | bytearray | memoryview):
+            raise InvalidSourceError(
+                f"the image's bytes are needed here, not a {type(image_bytes).__name__} "
+                "(generate_embedding_from_image_path reads a file)",
+                repr(image_bytes)[:200],
+            )
+        return await self._generate(bytes(image_bytes), include_metadata)
 
     async def generate_embedding_from_url(
         self: ImageEmbeddingService, url: str, include_metadata: bool = False

@@ -11,6 +11,7 @@ from imgembed import (
     ConfigurationError,
     ImageEmbeddingService,
     ImageNotFoundError,
+    InvalidSourceError,
     SourceNotAllowedError,
 )
 from tests.conftest import TINY
@@ -23,6 +24,11 @@ async def test_path_and_bytes_return_plain_lists(tiny_service, photos):
     assert all(isinstance(x, float) for x in from_path)
     assert np.linalg.norm(from_path) == pytest.approx(1, abs=1e-5)
     np.testing.assert_allclose(from_path, from_bytes, atol=1e-7)
+    view = await tiny_service.generate_embedding_from_image_bytes(bytearray(photos[0].read_bytes()))
+    np.testing.assert_allclose(view, from_bytes, atol=1e-7)
+    # a str (a user's field passed on) is not read as a file: the library has no roots
+    with pytest.raises(InvalidSourceError, match="bytes are needed here, not a str"):
+        await tiny_service.generate_embedding_from_image_bytes(str(photos[0]))
 
 
 async def test_include_metadata_returns_a_dict(tiny_service, photos):
