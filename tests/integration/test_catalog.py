@@ -220,6 +220,37 @@ def test_an_update_sets_what_the_row_names_and_keeps_the_rest(
         assert catalog.embed("shop").successful == 1
 
 
+def test_a_stopped_forced_refresh_goes_on_without_force_and_store_ids_are_routable(
+    data_dir, photos
+):
+    """A forced run with the same models, stopped after its first batch: the rerun without
+    --force said "up to date" for the rest, which were never refreshed."""
+
+    class StopAfterOne(NoEvents):
+        def batch_done(self, stats):
+            raise KeyboardInterrupt
+
+    rows = _products(photos)
+    with Catalog(**TINY) as catalog:
+        catalog.upsert_products("shop", rows)
+        assert catalog.embed("shop").successful == len(rows)
+        with pytest.raises(KeyboardInterrupt):
+            catalog.embed("shop", mode="force", batch_size=2, events=StopAfterOne())
+        attempts = [catalog.product("shop", r["id"])["attempts"] for r in rows]
+        assert sorted(attempts) == [1] * (len(rows) - 2) + [2, 2]
+        assert catalog.stats("shop").pending == len(rows) - 2
+        assert len(catalog.search("shop", "a rocket", top_k=50)) == len(rows)  # still found
+        rest = catalog.embed("shop")
+        assert (rest.processed, rest.skipped) == (len(rows) - 2, 2)
+        assert {catalog.product("shop", r["id"])["attempts"] for r in rows} == {2}
+        assert catalog.embed("shop").processed == 0
+        # a store id the HTTP routes could not name is refused where stores begin
+        with pytest.raises(ConfigurationError, match="holds a '/'"):
+            catalog.upsert_products("winkel/1", rows[:1])
+        with pytest.raises(CollectionNotFoundError, match="has no products: import some first"):
+            catalog.search("nostore", "a rocket")
+
+
 def test_models_recorded_by_a_run_that_stored_no_vector_do_not_bind_the_store(data_dir, photos):
     """A first run with other models stored nothing (its text API was down): the store is
     not "embedded with" them, and a run with the usual models needs no --force."""

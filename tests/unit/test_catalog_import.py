@@ -35,7 +35,7 @@ def test_csv_with_aliases_html_prices_relative_images_and_bad_rows(tmp_path):
     assert parsed.format == "csv" and parsed.rows == 8
     assert _lines(parsed) == {
         5: "no product id (a column product_id, id, sku or handle)",
-        6: "product A4: no title",
+        6: "product A4: no title (give a title or name)",
         7: "product A5: price 'abc' is not a number",
         9: "10 fields, but the header has 9",
         10: "product A7: price '-3' must be 0 or more",
@@ -143,7 +143,8 @@ def test_shopify_products_json_with_line_numbers(tmp_path):
     parsed = read_catalogue(path)
     assert parsed.format == "shopify"
     assert _lines(parsed) == {
-        20: "product 921728736: no title",  # the line where the product's object starts
+        # the line where the product's object starts
+        20: "product 921728736: no title (give a title or name)",
         26: "product 5: price 'gratis' is not a number",
     }
     (line, ipod), (gift_line, gift) = parsed.products

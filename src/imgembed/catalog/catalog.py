@@ -219,9 +219,10 @@ class Catalog:
         """Upsert a CSV / JSONL / Shopify products.json file's products into the store; bad
         rows are reported with their line and skipped."""
         started = time.perf_counter()
+        store_id = _new_store(store_id)
         parsed = importer.read_catalogue(Path(path), format)
         report = ImportReport(
-            _store(store_id),
+            store_id,
             str(path),
             parsed.format,
             rows=parsed.rows,
@@ -237,7 +238,7 @@ class Catalog:
         """Upsert products given as mappings (the import's column names, or Shopify product
         objects) or ProductInputs; a bad one is reported by its position (1-based)."""
         started = time.perf_counter()
-        report = ImportReport(_store(store_id), "request", "objects")
+        report = ImportReport(_new_store(store_id), "request", "objects")
         numbered: list[tuple[int, ProductInput]] = []
         for number, item in enumerate(products, 1):
             report.rows += 1
@@ -367,10 +368,7 @@ class Catalog:
         category = (category or "").strip() or None  # an empty form field: no filter
         recorded = self.repository.provenance(store_id)
         if recorded is None:
-            raise CollectionNotFoundError(
-                f"store {store_id!r} has no embeddings: run imgembed catalog embed "
-                f"--store-id {shlex.quote(store_id)}"
-            )
+            raise CollectionNotFoundError(_nothing_to_search(self.repository, store_id))
         query = search.build_query(self.service, self.text_embedder, text, image)
         current = self.provenance()
         if recorded[0] != current:
@@ -455,6 +453,27 @@ def _store(store_id: str) -> str:
     return store_id.strip()
 
 
+def _nothing_to_search(repository: ProductRepository, store_id: str) -> str:
+    quoted = shlex.quote(store_id)
+    if not repository.count(store_id):
+        return (
+            f"store {store_id!r} has no products: import some first "
+            f"(imgembed catalog import FILE --store-id {quoted}), then embed them"
+        )
+    return f"store {store_id!r} has no embeddings: run imgembed catalog embed --store-id {quoted}"
+
+
+def _new_store(store_id: str) -> str:
+    """A store id that can be named everywhere: as a path segment in the HTTP routes too."""
+    store_id = _store(store_id)
+    if "/" in store_id or any(ord(ch) < 32 for ch in store_id):
+        raise ConfigurationError(
+            f"store id {store_id!r} holds a '/' or a control character: the HTTP routes "
+            "could not name it (/api/v1/stores/<store id>/...); choose another"
+        )
+    return store_id
+
+
 def _mismatch(
     store_id: str, recorded: StoreProvenance, current: StoreProvenance
 ) -> ProvenanceMismatchError:
@@ -463,5 +482,8 @@ def _mismatch(
         f"{current.describe()}. Use the store's models (IMGEMBED_MODEL={recorded.image_model} "
         f"IMGEMBED_PRETRAINED={recorded.image_pretrained} "
         f"IMGEMBED_TEXT_MODEL={spec_for(recorded.text_model)}), or re-embed every product with "
-        f"the new ones: imgembed catalog embed --store-id {shlex.quote(store_id)} --force"
+        f"the new ones: IMGEMBED_MODEL={current.image_model} "
+        f"IMGEMBED_PRETRAINED={current.image_pretrained} "
+        f"IMGEMBED_TEXT_MODEL={spec_for(current.text_model)} "
+        f"imgembed catalog embed --store-id {shlex.quote(store_id)} --force"
     )

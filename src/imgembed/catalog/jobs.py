@@ -65,7 +65,8 @@ def plan(rows: Sequence[PlanRow], table: WeightsTable, mode: str) -> list[Task]:
         missing = retry or not row.has_combined
         if mode == "missing" and not missing:
             continue
-        redo = mode == "force" or retry
+        # pending with vectors: a forced run that stopped before it came to this product
+        redo = mode == "force" or retry or row.status == "pending"
         embed_text = redo or not row.has_text or row.text_hash != digest
         embed_image = row.image_url is not None and (
             redo or not row.has_image or row.embedded_image_url != row.image_url
@@ -164,7 +165,7 @@ class EmbedRun:
         events = events or NoEvents()
         started = time.perf_counter()
         tasks, stats = self.plan(mode, batch_size, product_ids)
-        self.begin(tasks)
+        self.begin(tasks, mode)
         events.started(stats)
         batches = [tasks[i : i + batch_size] for i in range(0, len(tasks), batch_size)]
         sources = [task.row.image_url for task in tasks if task.embed_image]
@@ -196,11 +197,14 @@ class EmbedRun:
         )
         return tasks, stats
 
-    def begin(self, tasks: Sequence[Task]) -> None:
+    def begin(self, tasks: Sequence[Task], mode: str) -> None:
         """Before the first batch: a bulk load sets the store's indexes aside (`finish`, or
-        the next run's, builds them again)."""
+        the next run's, builds them again); a forced run marks its products to be redone,
+        so that a stopped one goes on without --force (each keeps its vectors meanwhile)."""
         minimum = self.service.settings.defer_index_min
         self.repository.bulk_load(self.store_id, len(tasks), minimum)
+        if mode == "force":
+            self.repository.mark_to_redo(self.store_id, [task.product_id for task in tasks])
 
     def finish(self, stats: EmbedStats, started: float) -> None:
         """After the last batch: the indexes (if set aside) and the planner's statistics,

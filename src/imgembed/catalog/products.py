@@ -147,7 +147,7 @@ def checked(
         raise ProductRowError("no product id (a column product_id, id, sku or handle)")
     title = _scalar(title, "title", product_id)
     if not title:
-        raise ProductRowError(f"product {product_id}: no title")
+        raise ProductRowError(f"product {product_id}: no title (give a title or name)")
     if not isinstance(attributes or {}, Mapping):
         raise ProductRowError(f"product {product_id}: attributes must be an object")
     if isinstance(extra_image_urls, str | Mapping):

@@ -425,6 +425,16 @@ class ProductRepository:
             )
             return [PlanRow(*row) for row in cursor.fetchall()]
 
+    def mark_to_redo(self, store_id: str, product_ids: Sequence[str]) -> None:
+        """Embedded products a forced run will do again: pending until it has (a failed one
+        keeps its error, and is retried anyway)."""
+        with self._cursor("marking the products to embed again", transaction=True) as cursor:
+            cursor.execute(
+                "UPDATE imgembed_products SET status = 'pending' WHERE store_id = %s"
+                " AND product_id = ANY(%s) AND status = 'embedded'",
+                (store_id, list(product_ids)),
+            )
+
     def stored_vectors(self, store_id: str, product_ids: Sequence[str]) -> dict[str, Stored]:
         """What is stored for products whose text or image need not be embedded again."""
         if not product_ids:

@@ -129,11 +129,11 @@ class _Lines:
 
 
 def _resume(force: bool) -> str:
-    """How to go on after a stopped run. A --force run has already moved the store to this
-    run's models (another model's vectors were cleared): without --force the rerun does what
-    is left; with it, everything again."""
+    """How to go on after a stopped run. A --force run has moved the store to this run's
+    models and marked what it had yet to redo: without --force the rerun does what is left;
+    with it, everything again."""
     if force:
-        return "run it again without --force to go on (what is stored is skipped)"
+        return "run it again without --force to go on (what this run stored is skipped)"
     return "run the same command again to go on (what is stored is skipped)"
 
 

@@ -98,7 +98,7 @@ class RayRunner:
         events = events or jobs.NoEvents()
         started = time.perf_counter()
         tasks, stats = run.plan(mode, batch_size, product_ids)
-        run.begin(tasks)
+        run.begin(tasks, mode)
         events.started(stats)
         if tasks:
             workers = cluster.postgres_settings(self.catalog.settings)
