@@ -12,6 +12,7 @@ import pytest
 from PIL import ExifTags, Image, ImageFilter
 
 from imgembed import (
+    ConfigurationError,
     ImageEmbeddingService,
     ImageTooLargeError,
     ImageTooSmallError,
@@ -233,6 +234,11 @@ def test_supported_formats_are_configurable():
         assert service.embed_images([psd])[0].ok
         jpeg = service.embed_images([TESTDATA / "photos" / "rocket.jpg"])[0]
         assert isinstance(jpeg.error, UnsupportedFormatError)
+    # a typo or an empty list refused every image later, "(supported_formats: )"
+    for formats, said in (([".jpg", ".pgn"], ".pgn is no image format"), ([], "no format")):
+        with pytest.raises(ConfigurationError, match="IMGEMBED_SUPPORTED_FORMATS") as caught:
+            ImageEmbeddingService(**TINY, supported_formats=formats)
+        assert said in str(caught.value)
 
 
 def test_quality_signal(rocket):

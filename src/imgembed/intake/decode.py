@@ -33,7 +33,9 @@ import numpy as np
 import pillow_heif
 from PIL import ExifTags, Image, UnidentifiedImageError
 
+from imgembed.config import DEFAULT_FORMATS
 from imgembed.errors import (
+    ConfigurationError,
     ImageTooLargeError,
     ImageTooSmallError,
     ImgEmbedError,
@@ -62,9 +64,20 @@ _QUARTER_TURNS = {_UPRIGHT[k] for k in (5, 6, 7, 8)}  # these swap width and hei
 
 
 def pil_formats(extensions: Iterable[str]) -> frozenset[str]:
-    """Pillow format names for file extensions such as ".jpg" (Pillow's own registry)."""
+    """Pillow format names for file extensions such as ".jpg" (Pillow's own registry). An
+    extension no format has (".pgn"), or none at all, is a setting to fix: it would refuse
+    images later, one by one, for a reason given nowhere else."""
+    extensions = list(extensions)
     registered = Image.registered_extensions()
-    names = {registered[ext] for ext in extensions if ext in registered}
+    unknown = [ext for ext in extensions if ext not in registered]
+    if unknown or not extensions:
+        known = ", ".join(DEFAULT_FORMATS)
+        what = f"{', '.join(unknown)} is no image format" if unknown else "no format is given"
+        raise ConfigurationError(
+            f"invalid settings: IMGEMBED_SUPPORTED_FORMATS (supported_formats): {what} "
+            f"(formats are e.g. {known})"
+        )
+    names = {registered[ext] for ext in extensions}
     return frozenset(names | _JPEG_FAMILY if names & _JPEG_FAMILY else names)
 
 
