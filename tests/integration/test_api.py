@@ -318,6 +318,12 @@ def test_texts_and_openai_compatible_embeddings(client, root, library):
     by_name = {**plain, "input": [str(root / "rocket.jpg")]}  # a file name, not bad base64
     named = client.post("/v1/embeddings", json=by_name).json()
     assert _cos(named["data"][0]["embedding"], library.embed_image(photo)) >= 0.99999
+    # which input is not an image is said by its place in the list, not as "<3 bytes>"
+    texts_as_images = client.post("/v1/embeddings", json={**plain, "input": [_b64(photo), "a cat"]})
+    assert texts_as_images.status_code == 400
+    assert texts_as_images.json()["error"]["message"].startswith("input 1: not a recognised")
+    not_base64 = client.post("/v1/embeddings", json={**plain, "input": ["%%%"]})
+    assert not_base64.json()["error"]["message"].startswith("input 0: invalid base64")
     outside = client.post("/v1/embeddings", json={**plain, "input": ["/etc/x.jpg"]})
     assert outside.status_code == 403 and "allowed roots" in outside.json()["error"]["message"]
     wrong = client.post("/v1/embeddings", json={**body, "dimensions": 32})

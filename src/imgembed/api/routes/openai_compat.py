@@ -61,9 +61,11 @@ async def embeddings(body: OpenAIEmbeddingRequest, state: State) -> dict[str, An
     vectors: list[np.ndarray | None] = [None] * len(inputs)
     if images:
         sources = await asyncio.to_thread(
-            lambda: [_image(inputs[n], state) for n in images]  # type: ignore[arg-type]
+            lambda: [_image(inputs[n], n, state) for n in images]  # type: ignore[arg-type]
         )
-        for n, result in zip(images, await batcher.embed_images(sources), strict=True):
+        labels = [f"input {n}" for n in images]  # not "<3 bytes>": which of the list it was
+        results = await batcher.embed_images(sources, labels=labels)
+        for n, result in zip(images, results, strict=True):
             if result.error is not None:
                 raise result.error  # OpenAI's API has no per-item errors
             vectors[n] = result.embedding
@@ -85,16 +87,17 @@ def _is_image(item: str, modality: str | None) -> bool:
     return is_url(item) or item[:11].lower() == "data:image/"
 
 
-def _image(item: str, state: AppState) -> Input:
+def _image(item: str, n: int, state: AppState) -> Input:
     if is_url(item):
         return url_source(item)
     if is_data_uri(item):
         return item  # decoded by the intake, in a worker thread
     try:
         return base64_source(item, state.settings)  # modality "image" with plain base64
-    except InvalidImageError:
+    except InvalidImageError as exc:
         # '.' is not base64: a name with an image suffix is a file, as on the other routes
         if Path(item).suffix.lower() not in state.settings.supported_formats:
+            exc.source = f"input {n}"
             raise
         return path_source(item, state.settings)
 
