@@ -68,3 +68,24 @@ def test_scores_stay_within_minus_one_and_one():
     scores = [similarity.cosine_similarities(v, [v, -v]) for v in vectors]
     assert all(s[0] <= 1.0 and s[1] >= -1.0 for s in scores)
     assert min(s[0] for s in scores) == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("scale", [1e-25, 1e-40, 1e200])
+def test_tiny_and_huge_finite_embeddings_keep_their_direction(scale):
+    """float32 squared 1e-25 to zero (cosine 0 for the same vector) and cast 1e200 to
+    infinity ("NaN or infinity given" for finite numbers)."""
+    a, b = np.array([1.0, 2.0, 3.0]), np.array([3.0, 2.0, 1.0])
+    expected = a @ b / np.linalg.norm(a) / np.linalg.norm(b)
+    scores = similarity.cosine_similarities(scale * a, [scale * a, scale * b])
+    np.testing.assert_allclose(scores, [1.0, expected], atol=1e-6)
+    with np.errstate(over="ignore"):
+        small = (scale * a).astype(np.float32)  # an array already in float32
+    if np.isfinite(small).all() and (small != 0).all():
+        assert similarity.cosine_similarities(small, small[None, :])[0] == pytest.approx(1)
+
+
+def test_what_is_not_a_vector_is_a_clear_error():
+    with pytest.raises(ConfigurationError, match="query embedding must be a list of numbers"):
+        similarity.cosine_similarities("abc", [[1, 2, 3]])
+    with pytest.raises(ConfigurationError, match="text or None in a row"):
+        similarity.cosine_similarities([1, 2, 3], [[1, 2, "x"]])

@@ -18,6 +18,17 @@ def l2_normalize(vectors: np.ndarray) -> np.ndarray:
     return vectors / np.where(norms == 0, 1, norms)
 
 
+def _scaled(values: np.ndarray, what: str) -> np.ndarray:
+    """Finite rows divided by their largest magnitude, as float32: their direction is all a
+    cosine needs, and 1e-25 or 1e200 would under- or overflow in float32 otherwise."""
+    if not np.isfinite(values).all():
+        raise ConfigurationError(f"{what} must be finite numbers (NaN or infinity given)")
+    peak = np.abs(values).max(axis=-1, keepdims=True)
+    if values.dtype == np.float32 and ((peak == 0) | ((peak > 1e-15) & (peak < 1e15))).all():
+        return values  # an encoder's output: nothing to guard against, no copy
+    return (values / np.where(peak == 0, 1, peak)).astype(np.float32)
+
+
 def _matrix(candidates: Sequence[ArrayLike] | np.ndarray, dim: int) -> np.ndarray:
     if not isinstance(candidates, np.ndarray):
         missing = [n for n, row in enumerate(candidates) if row is None]
@@ -27,31 +38,37 @@ def _matrix(candidates: Sequence[ArrayLike] | np.ndarray, dim: int) -> np.ndarra
                 "failed items out"
             )
     try:
-        matrix = np.asarray(candidates, dtype=np.float32)
+        matrix = np.asarray(candidates)
+        matrix = matrix.astype(np.float64) if matrix.dtype != np.float32 else matrix
     except (TypeError, ValueError):  # ragged rows, text
         lengths = sorted({len(row) for row in candidates if hasattr(row, "__len__")})
+        what = f"lengths given: {lengths}" if len(lengths) > 1 else "text or None in a row"
         raise ConfigurationError(
-            f"candidate embeddings must be numbers of one length (lengths given: {lengths})"
+            f"candidate embeddings must be numbers of one length ({what})"
         ) from None
     if matrix.size == 0:
-        return matrix.reshape(0, dim)
+        return matrix.reshape(0, dim).astype(np.float32)
     if matrix.ndim != 2 or matrix.shape[1] != dim:
         raise ConfigurationError(
             f"candidate embeddings have shape {matrix.shape}, expected (n, {dim})"
         )
-    return matrix
+    return _scaled(matrix, "embeddings")
 
 
 def cosine_similarities(
     query: ArrayLike, candidates: Sequence[ArrayLike] | np.ndarray
 ) -> np.ndarray:
     """Cosine of `query` with each candidate row."""
-    q = np.asarray(query, dtype=np.float32).ravel()
+    try:
+        q = np.asarray(query, dtype=np.float64).ravel()
+    except (TypeError, ValueError):
+        raise ConfigurationError(
+            f"the query embedding must be a list of numbers, not {type(query).__name__}"
+        ) from None
     if q.size == 0:
         raise ConfigurationError("the query embedding is empty")
     matrix = _matrix(candidates, q.shape[0])
-    if not (np.isfinite(q).all() and np.isfinite(matrix).all()):
-        raise ConfigurationError("embeddings must be finite numbers (NaN or infinity given)")
+    q = _scaled(q, "embeddings")
     # float32 rounding can land a hair outside [-1, 1] (1.0000001 for the same image)
     return np.clip(l2_normalize(matrix) @ l2_normalize(q[None, :])[0], -1.0, 1.0)
 
