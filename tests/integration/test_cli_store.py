@@ -191,3 +191,12 @@ def test_a_collection_name_no_store_takes_is_refused_before_the_run(data_dir, ph
         proc = run("index", str(photos[0]), "-c", name, *TINY)
         assert proc.returncode == 6 and "collection name" in proc.stderr, proc.stderr
         assert "run again" not in proc.stderr.lower() and "Indexing stopped" not in proc.stderr
+        assert "Indexing 1 images" not in proc.stderr  # refused before the work, not after
+    # sources that all fail leave no new, empty collection behind
+    missing = run("index", str(photos[0].parent / "nope"), "-c", "fresh", *TINY)
+    assert missing.returncode == 1 and "no such file" in missing.stderr, missing.stderr
+    assert "fresh" not in run("collections", "--json").stdout
+    assert run("index", str(photos[0]), "-c", "fresh", *TINY).returncode == 0
+    assert run("index", str(photos[0].parent / "nope"), "-c", "fresh", *TINY).returncode == 1
+    listed = json.loads(run("collections", "--json").stdout)
+    assert [c["count"] for c in listed if c["name"] == "fresh"] == [1]  # an existing one stays

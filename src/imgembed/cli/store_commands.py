@@ -66,6 +66,7 @@ def index(
     An existing collection keeps its own model unless --model is given. A store failure
     (exit 6) keeps what was stored: run the same command again to go on."""
     from imgembed.indexing import read_index_sources
+    from imgembed.store.base import checked_name
 
     done, items, store, name = 0, [], None, ""
     try:
@@ -83,7 +84,7 @@ def index(
             precision=precision,
             batch_size=batch_size,
         )
-        name = collection or service.settings.collection
+        name = checked_name(collection or service.settings.collection)  # before any work
         items = read_index_sources(sources, service.settings.supported_formats)
         with err.status(f"loading the {service.settings.store} store and the model"):
             if model is None:  # an existing collection goes on with its own model

@@ -102,13 +102,15 @@ def _run(
 ) -> None:
     unusable = [item for item in items if item.error is not None]
     todo = [item for item in items if item.error is None]
+    for item in unusable:
+        stats.processed += 1
+        stats.fail(item.id, item.source, item.error)  # type: ignore[arg-type]
+    if not todo and not _exists(store, collection):
+        return  # every source unreadable: no new, empty collection to show for it
     provenance = service.provenance
     store.create_collection(collection, provenance)
     stored = store.stored_items(collection)
     begin(store, collection, todo, stored)
-    for item in unusable:
-        stats.processed += 1
-        stats.fail(item.id, item.source, item.error)  # type: ignore[arg-type]
     batch: list[Record] = []
     known = [unchanged_hash(item, stored) for item in todo]
     results = service.iter_images(
@@ -128,6 +130,14 @@ def _run(
                     batch = []
         writer.put(batch)
     finish(store, collection, items, stored, prune, bool(unusable), stats)
+
+
+def _exists(store: VectorStore, collection: str) -> bool:
+    try:
+        store.provenance(collection)
+    except CollectionNotFoundError:
+        return False
+    return True
 
 
 @contextlib.contextmanager
