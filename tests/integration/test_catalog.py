@@ -612,7 +612,7 @@ def test_objects_for_an_http_layer_and_embedding_some_products(data_dir, photos)
         )
         assert (report.rows, report.inserted) == (4, 2)
         assert [(b.line, b.message) for b in report.bad_rows] == [
-            (2, "no product id (a column product_id, id, sku or handle)"),
+            (2, "no product id (a column product_id, id, sku, handle or artikelnummer)"),
             (4, "product b: price 'many' is not a number"),
         ]
         stats = catalog.embed("api", product_ids=["42"])

@@ -34,7 +34,7 @@ def test_csv_with_aliases_html_prices_relative_images_and_bad_rows(tmp_path):
     parsed = read_catalogue(path)
     assert parsed.format == "csv" and parsed.rows == 8
     assert _lines(parsed) == {
-        5: "no product id (a column product_id, id, sku or handle)",
+        5: "no product id (a column product_id, id, sku, handle or artikelnummer)",
         6: "product A4: no title (give a title or name)",
         7: "product A5: price 'abc' is not a number",
         9: "10 fields, but the header has 9",
@@ -85,7 +85,7 @@ def test_jsonl_flat_and_shopify_objects(tmp_path):
     assert _lines(parsed) == {
         2: "not valid JSON: Expecting value",
         4: "not a JSON object",
-        6: "no product id (a column product_id, id, sku or handle)",
+        6: "no product id (a column product_id, id, sku, handle or artikelnummer)",
     }
     (line_ring, ring), (line_shirt, shirt) = parsed.products
     assert (line_ring, line_shirt) == (1, 5)
@@ -274,6 +274,34 @@ def test_semicolon_and_tab_separated_files_and_files_without_products(tmp_path):
     assert _lines(read_catalogue(header_only)) == {
         1: "no products in this file (empty, or a header only)"
     }
+
+
+def test_dutch_and_german_column_names(tmp_path):
+    """A Dutch export's ID;Titel;Prijs;Categorie;Afbeelding refused every row for "no title"
+    and kept price, category and image as attributes."""
+    (tmp_path / "img").mkdir()
+    dutch = tmp_path / "winkel.csv"
+    dutch.write_text("ID;Titel;Omschrijving;Prijs;Categorie;Afbeelding;Kleur\n"
+                     "n1;Rode jurk;Zomerjurk;39,95;kleding;img/n1.jpg;rood\n")  # fmt: skip
+    ((_, product),) = read_catalogue(dutch).products
+    assert (product.title, product.description, product.price, product.category) == (
+        "Rode jurk",
+        "Zomerjurk",
+        Decimal("39.95"),
+        "kleding",
+    )
+    assert product.image_url == str(tmp_path / "img" / "n1.jpg")
+    assert product.attributes == {"kleur": "rood"}
+    german = tmp_path / "shop.csv"
+    german.write_text("Artikelnummer;Name;Beschreibung;Preis;Kategorie;Bild\n"
+                      "d1;Lampe;Eine Lampe;12,50;interieur;img/d1.jpg\n")  # fmt: skip
+    ((_, lamp),) = read_catalogue(german).products
+    assert (lamp.product_id, lamp.title, lamp.price, lamp.category) == (
+        "d1",
+        "Lampe",
+        Decimal("12.50"),
+        "interieur",
+    )
 
 
 def test_unknown_format_and_missing_file(tmp_path):

@@ -17,16 +17,25 @@ from typing import Any
 
 from imgembed.intake.sources import is_data_uri, url_scheme
 
-# Column names accepted for each field (case-insensitive); anything else is an attribute.
+# Column names accepted for each field (case-insensitive), also as Dutch and German shops'
+# exports name them; anything else is an attribute.
 COLUMNS = {
-    "product_id": ("product_id", "id", "sku", "handle"),
-    "title": ("title", "name"),
-    "description": ("description", "body_html", "body", "body (html)"),
-    "category": ("category", "product_type", "type"),
-    "price": ("price", "variant price"),
-    "currency": ("currency",),
-    "image_url": ("image_url", "image", "image_src", "image src", "img"),
-    "extra_image_urls": ("extra_image_urls", "images", "image_urls"),
+    "product_id": ("product_id", "id", "sku", "handle", "artikelnummer"),
+    "title": ("title", "name", "titel", "naam"),
+    "description": (
+        "description",
+        "body_html",
+        "body",
+        "body (html)",
+        "beschrijving",
+        "omschrijving",
+        "beschreibung",
+    ),
+    "category": ("category", "product_type", "type", "categorie", "kategorie"),
+    "price": ("price", "variant price", "prijs", "preis"),
+    "currency": ("currency", "valuta", "währung"),
+    "image_url": ("image_url", "image", "image_src", "image src", "img", "afbeelding", "bild"),
+    "extra_image_urls": ("extra_image_urls", "images", "image_urls", "afbeeldingen", "bilder"),
 }
 
 
@@ -144,7 +153,9 @@ def checked(
     Relative image paths are made absolute against `base`, or the current directory."""
     product_id = _scalar(product_id, "product id", "")
     if not product_id:
-        raise ProductRowError("no product id (a column product_id, id, sku or handle)")
+        raise ProductRowError(
+            "no product id (a column product_id, id, sku, handle or artikelnummer)"
+        )
     title = _scalar(title, "title", product_id)
     if not title:
         raise ProductRowError(f"product {product_id}: no title (give a title or name)")
