@@ -41,10 +41,8 @@ COLUMNS = {
 
 # What a row can set: a field it does not name keeps what is stored (a price-only feed
 # leaves images and categories alone). The image and the extra images are one part.
-PARTS = ("title", "description", "category", "price", "currency", "images", "attributes")
-
-
-FIELD_PART = {"image_url": "images", "extra_image_urls": "images"}  # fields to PARTS
+ROW_PARTS = ("title", "description", "category", "price", "currency", "images", "attributes")
+FIELD_PART = {"image_url": "images", "extra_image_urls": "images"}  # fields to ROW_PARTS
 
 
 class ProductRowError(ValueError):
@@ -62,7 +60,7 @@ class ProductInput:
     image_url: str | None = None
     extra_image_urls: tuple[str, ...] = ()
     attributes: dict[str, Any] = field(default_factory=dict)
-    given: frozenset[str] = frozenset(PARTS)  # the parts the row names (empty ones clear)
+    given: frozenset[str] = frozenset(ROW_PARTS)  # the parts the row names (empty ones clear)
 
     @property
     def text(self) -> str:
@@ -147,7 +145,7 @@ def checked(
     extra_image_urls: Sequence[Any] = (),
     attributes: Mapping[str, Any] | None = None,
     base: Path | None = None,
-    given: frozenset[str] = frozenset(PARTS),
+    given: frozenset[str] = frozenset(ROW_PARTS),
 ) -> ProductInput:
     """A ProductInput from loose values, or ProductRowError naming the first problem.
     Relative image paths are made absolute against `base`, or the current directory."""
