@@ -64,6 +64,7 @@ def test_import_embed_search_and_stats(data_dir, photos, tmp_path):
         "   Failed: 1",
         "   Skipped: 0",
         "   Duration: ",
+        "   Loading before it (models, database): ",  # not in Duration: 0.2 s beside 8 s
         "[TEXT] Generated 3 text embeddings (length: 384)",
         "[IMAGE] Generating image embedding for: ",
         "[COMBINED] Product p0: fashion weights 0.75/0.25 (length: 448)",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -98,12 +99,15 @@ class _Lines:
         self.quiet = quiet
         self.written = 0  # batches stored
         self.processed = self.to_process = 0
+        self.created = time.perf_counter()
+        self.loading = 0.0  # seconds before the run began: the models, the database
 
     def say(self, text: str) -> None:
         if not self.quiet:
             _say(text)
 
     def started(self, stats: Any) -> None:
+        self.loading = time.perf_counter() - self.created
         self.to_process = stats.to_process
         self.say(f"🚀 Starting embedding generation for store: {stats.store_id}")
         self.say(f"📊 Total products to process: {stats.to_process}")
@@ -220,6 +224,7 @@ def embed(
             f"   Total products: {stats.total}\n   Processed: {stats.processed}\n"
             f"   Successful: {stats.successful}\n   Failed: {stats.failed}\n"
             f"   Skipped: {stats.skipped}\n   Duration: {stats.duration:.2f} seconds\n"
+            f"   Loading before it (models, database): {events.loading:.2f} seconds\n"
             f"   Without image (text only): {stats.text_only}\n"
             f"   Products/s: {stats.products_per_second:.1f}"
         )
