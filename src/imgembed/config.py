@@ -144,12 +144,17 @@ class Settings(BaseSettings):
     @field_validator("api_keys")
     @classmethod
     def _some_key(cls, value: list[SecretStr] | None) -> list[SecretStr] | None:
-        """Set but empty (" ", ","): no key at all would leave the server open, unasked."""
-        if value is not None and not any(key.get_secret_value().strip() for key in value):
+        """Blank keys dropped (one would let in "Authorization: Bearer " with no key); set
+        but with no key left (" ", ","): refused, not a server open to all, unasked."""
+        if value is None:
+            return None
+        keys = [SecretStr(k.get_secret_value().strip()) for k in value]
+        keys = [k for k in keys if k.get_secret_value()]
+        if not keys:
             raise ValueError(
                 "is set but holds no key: give at least one, or unset it to serve without keys"
             )
-        return value
+        return keys
 
     @field_validator("qdrant_url")
     @classmethod

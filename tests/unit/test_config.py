@@ -241,6 +241,9 @@ def test_api_keys_set_to_no_key_are_refused_not_an_open_server(monkeypatch, keys
     assert served.returncode == 3 and "holds no key" in served.stderr
     monkeypatch.setenv("IMGEMBED_API_KEYS", "k1,,k2 ")
     assert [k.get_secret_value() for k in load_settings().api_keys] == ["k1", "k2"]
+    # a blank key beside a real one matched "Authorization: Bearer " with no key at all
+    given = load_settings(api_keys=["secret", "", " k3 "]).api_keys
+    assert [k.get_secret_value() for k in given] == ["secret", "k3"]
     monkeypatch.delenv("IMGEMBED_API_KEYS")
     for port in ("99999", "-1"):  # was OverflowError's traceback from bind()
         refused = run("serve", "--port", port)
