@@ -114,7 +114,7 @@ class RequestContext:
         if self.keys and not _is_open(scope["path"]) and scope["method"] != "OPTIONS":
             scheme, _, token = headers.get("authorization", "").partition(" ")
             given = token.strip().encode()
-            valid = scheme.lower() == "bearer" and any(
+            valid = scheme.lower() == "bearer" and bool(given) and any(
                 hmac.compare_digest(given, key) for key in self.keys
             )
             if not valid:
