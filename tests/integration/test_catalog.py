@@ -212,12 +212,22 @@ def test_an_update_sets_what_the_row_names_and_keeps_the_rest(
         assert product["attributes"] == {"colour": "white"}
         assert catalog.upsert_products("shop", [{"id": "p1", "title": "Rocket"}]).unchanged == 1
         assert catalog.embed("shop").successful == 1  # the text changed: embedded again
+        # Shopify's own objects too: a price sync keeps the images, type and vendor
+        shopify = {"id": 101, "title": "Mug", "body_html": "<p>A mug</p>", "vendor": "Acme",
+                   "product_type": "Kitchen", "variants": [{"price": "9.00"}],
+                   "images": [{"src": str(photo), "position": 1}]}  # fmt: skip
+        catalog.upsert_products("shop", [shopify])
+        sync = {"id": 101, "title": "Mug", "variants": [{"price": "7.50"}]}
+        assert catalog.upsert_products("shop", [sync]).updated == 1
+        mug = catalog.product("shop", "101")
+        assert (mug["price"], mug["category"], mug["description"]) == (7.5, "Kitchen", "A mug")
+        assert mug["image_url"] == str(photo) and mug["attributes"] == {"vendor": "Acme"}
         # a relative image path is stored absolute, as the library saw it
         monkeypatch.chdir(photo.parent)
         catalog.upsert_products("shop", [{"id": "p2", "title": "Two", "image": photo.name}])
         monkeypatch.chdir(tmp_path)
         assert catalog.product("shop", "p2")["image_url"] == str(photo)
-        assert catalog.embed("shop").successful == 1
+        assert catalog.embed("shop").successful == 2  # p2 and the mug
 
 
 def test_a_stopped_forced_refresh_goes_on_without_force_and_store_ids_are_routable(

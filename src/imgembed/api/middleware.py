@@ -114,8 +114,10 @@ class RequestContext:
         if self.keys and not _is_open(scope["path"]) and scope["method"] != "OPTIONS":
             scheme, _, token = headers.get("authorization", "").partition(" ")
             given = token.strip().encode()
-            valid = scheme.lower() == "bearer" and bool(given) and any(
-                hmac.compare_digest(given, key) for key in self.keys
+            valid = (
+                scheme.lower() == "bearer"
+                and bool(given)
+                and any(hmac.compare_digest(given, key) for key in self.keys)
             )
             if not valid:
                 error = {"error": "a valid API key is required: Authorization: Bearer <key>",

@@ -168,6 +168,17 @@ def from_shopify(item: Mapping[str, Any], base: Path | None = None) -> ProductIn
     }
     if tags:
         attributes["tags"] = split_tags(tags) if isinstance(tags, str) else list(tags)
+    # a price sync sends {"id", "title", "variants"}: what it leaves out is kept
+    keys = {
+        "title": ("title",),
+        "description": ("body_html",),
+        "category": ("product_type",),
+        "price": ("variants",),
+        "currency": ("currency", "variants"),
+        "images": ("images", "image"),
+        "attributes": ("vendor", "handle", "status", "tags"),
+    }
+    given = frozenset(part for part, names in keys.items() if any(n in item for n in names))
     return checked(
         product_id=product_id,
         title=item.get("title"),
@@ -179,6 +190,7 @@ def from_shopify(item: Mapping[str, Any], base: Path | None = None) -> ProductIn
         extra_image_urls=sources[1:],
         attributes=attributes,
         base=base,
+        given=given,
     )
 
 
