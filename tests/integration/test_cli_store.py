@@ -196,6 +196,9 @@ def test_a_collection_name_no_store_takes_is_refused_before_the_run(data_dir, ph
     missing = run("index", str(photos[0].parent / "nope"), "-c", "fresh", *TINY)
     assert missing.returncode == 1 and "no such file" in missing.stderr, missing.stderr
     assert "fresh" not in run("collections", "--json").stdout
+    not_images = photos[0].parent.parent / "pillow" / "broken.png"  # exists, does not decode
+    assert run("index", str(not_images), "-c", "fresh", *TINY).returncode == 1
+    assert "fresh" not in run("collections", "--json").stdout
     assert run("index", str(photos[0]), "-c", "fresh", *TINY).returncode == 0
     assert run("index", str(photos[0].parent / "nope"), "-c", "fresh", *TINY).returncode == 1
     listed = json.loads(run("collections", "--json").stdout)

@@ -105,7 +105,8 @@ def _run(
     for item in unusable:
         stats.processed += 1
         stats.fail(item.id, item.source, item.error)  # type: ignore[arg-type]
-    if not todo and not _exists(store, collection):
+    existed = _exists(store, collection)
+    if not todo and not existed:
         return  # every source unreadable: no new, empty collection to show for it
     provenance = service.provenance
     store.create_collection(collection, provenance)
@@ -129,6 +130,9 @@ def _run(
                     writer.put(batch)
                     batch = []
         writer.put(batch)
+    if not existed and not stats.successful:  # every image failed: no empty collection either
+        store.drop_collection(collection)
+        return
     finish(store, collection, items, stored, prune, bool(unusable), stats)
 
 
