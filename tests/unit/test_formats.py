@@ -106,6 +106,11 @@ def test_exif_orientation_is_applied(service, rocket):
     assert (metadata["width"], metadata["height"], metadata["orientation"]) == (*rocket.size, 6)
     (result,) = service.embed_images([data])
     assert (result.metadata["width"], result.metadata["height"]) == rocket.size
+    for fmt in ("JPEG", "TIFF", "WEBP"):  # Pillow turns a TIFF's size itself: not twice
+        turned = _encoded(stored, fmt, exif=exif)
+        said = service.image_metadata(turned)
+        assert (said["width"], said["height"]) == rocket.size, fmt
+        assert decode(turned, "x", Limits()).image.size == rocket.size, fmt
 
 
 def test_transparency_is_composited_onto_white(service):

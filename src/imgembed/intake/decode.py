@@ -259,7 +259,8 @@ def image_metadata(image: Image.Image, size: int | None) -> dict[str, Any]:
     dpi = image.info.get("dpi")
     frames = _frames(image)
     width, height = image.size
-    if _upright(image) in _QUARTER_TURNS:
+    # Pillow's TIFF reader gives the upright size itself (and turns the pixels on load)
+    if image.format != "TIFF" and _upright(image) in _QUARTER_TURNS:
         width, height = height, width
     return {
         "width": width,
