@@ -168,7 +168,9 @@ def test_every_error_status_from_real_bad_inputs(client, root, photos):
     assert client.get("/no/such/route").status_code == 404
 
 
-@pytest.mark.parametrize("content_type", [None, "application/x-www-form-urlencoded", "text/plain"])
+@pytest.mark.parametrize(
+    "content_type", [None, "application/x-www-form-urlencoded", "text/plain", "text/json"]
+)
 def test_json_under_another_content_type_is_refused_saying_which_to_send(
     client, root, content_type
 ):

@@ -19,7 +19,7 @@ from imgembed import (
     ImgEmbedError,
     UnsupportedFormatError,
 )
-from imgembed.intake.decode import Limits, decode
+from imgembed.intake.decode import Limits, decode, image_metadata
 from tests.conftest import TESTDATA, TINY
 
 PILLOW = TESTDATA / "pillow"
@@ -106,6 +106,10 @@ def test_exif_orientation_is_applied(service, rocket):
     assert (metadata["width"], metadata["height"], metadata["orientation"]) == (*rocket.size, 6)
     (result,) = service.embed_images([data])
     assert (result.metadata["width"], result.metadata["height"]) == rocket.size
+    for path in (PILLOW / "hopper.png", TESTDATA / "photos" / "rocket.jpg"):
+        opened = Image.open(path)
+        image_metadata(opened, 1)
+        assert opened._im is None, path  # still the header alone: no pixels decoded
     for fmt in ("JPEG", "TIFF", "WEBP"):  # Pillow turns a TIFF's size itself: not twice
         turned = _encoded(stored, fmt, exif=exif)
         said = service.image_metadata(turned)

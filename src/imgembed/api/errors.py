@@ -4,6 +4,7 @@ in OpenAI's `{"error": {"message", "type", "code"}}` so its SDKs read it."""
 
 from __future__ import annotations
 
+import email.message
 import logging
 from typing import Any
 
@@ -129,10 +130,20 @@ def not_json(request: Request, multipart: bool = False) -> RequestValidationErro
     return RequestValidationError([{"loc": ("body",), "msg": message, "type": "content_type"}])
 
 
+def is_json(request: Request) -> bool:
+    """FastAPI's rule: application/json or application/...+json (not text/json)."""
+    message = email.message.Message()
+    message["content-type"] = request.headers.get("content-type", "")
+    subtype = message.get_content_subtype()
+    return message.get_content_maintype() == "application" and (
+        subtype == "json" or subtype.endswith("+json")
+    )
+
+
 def _fastapi_refused_the_content_type(request: Request, exc: RequestValidationError) -> bool:
     """FastAPI reads a JSON body only under a JSON content type; any other arrives as bytes
     that are "not a valid dictionary"."""
-    return "json" not in request.headers.get("content-type", "") and any(
+    return not is_json(request) and any(
         tuple(error["loc"]) == ("body",) and error["type"] == "model_attributes_type"
         for error in exc.errors()
     )

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException
 
-from imgembed.api.errors import not_json
+from imgembed.api.errors import is_json, not_json
 from imgembed.api.schemas import ImageSource
 from imgembed.config import Settings
 from imgembed.engine.batcher import Batcher
@@ -191,7 +191,7 @@ async def parse_body(
             else:
                 fields.setdefault(key, []).append(value)
         return _validate(model, _form_data(model, fields)), uploads
-    if "json" not in content_type:
+    if not is_json(request):
         raise not_json(request, multipart=True)
     raw = await request.body()
     if len(raw) > LARGE_BODY:

@@ -164,6 +164,15 @@ def upright_rgb(image: Image.Image) -> Image.Image:
     return rgb if turn is None else rgb.transpose(turn)
 
 
+def _header_upright(image: Image.Image) -> Image.Transpose | None:
+    """`_upright` from the header alone. Pillow's TIFF reader gives the upright size itself
+    (and turns the pixels on load); a PNG's getexif would decode the whole image to look
+    for an eXIf chunk after the pixels, so only one before them counts here."""
+    if image.format == "TIFF" or (image.format == "PNG" and "exif" not in image.info):
+        return None
+    return _upright(image)
+
+
 def _upright(image: Image.Image) -> Image.Transpose | None:
     try:
         return _UPRIGHT.get(image.getexif().get(ExifTags.Base.Orientation))
@@ -259,8 +268,7 @@ def image_metadata(image: Image.Image, size: int | None) -> dict[str, Any]:
     dpi = image.info.get("dpi")
     frames = _frames(image)
     width, height = image.size
-    # Pillow's TIFF reader gives the upright size itself (and turns the pixels on load)
-    if image.format != "TIFF" and _upright(image) in _QUARTER_TURNS:
+    if _header_upright(image) in _QUARTER_TURNS:
         width, height = height, width
     return {
         "width": width,
