@@ -87,5 +87,9 @@ def test_tiny_and_huge_finite_embeddings_keep_their_direction(scale):
 def test_what_is_not_a_vector_is_a_clear_error():
     with pytest.raises(ConfigurationError, match="query embedding must be a list of numbers"):
         similarity.cosine_similarities("abc", [[1, 2, 3]])
-    with pytest.raises(ConfigurationError, match="text or None in a row"):
+    with pytest.raises(ConfigurationError, match="text, None or a number too large in a row"):
         similarity.cosine_similarities([1, 2, 3], [[1, 2, "x"]])
+    with pytest.raises(ConfigurationError, match="a list of numbers, not NoneType"):
+        similarity.cosine_similarities(None, [[1, 2]])  # was "NaN or infinity given"
+    with pytest.raises(ConfigurationError, match="a number too large"):
+        similarity.cosine_similarities([10**400, 1], [[1, 1]])  # was a bare OverflowError

@@ -466,10 +466,10 @@ def _nothing_to_search(repository: ProductRepository, store_id: str) -> str:
 def _new_store(store_id: str) -> str:
     """A store id that can be named everywhere: as a path segment in the HTTP routes too."""
     store_id = _store(store_id)
-    if "/" in store_id or any(ord(ch) < 32 for ch in store_id):
+    if "/" in store_id or store_id in (".", "..") or any(ord(ch) < 32 for ch in store_id):
         raise ConfigurationError(
-            f"store id {store_id!r} holds a '/' or a control character: the HTTP routes "
-            "could not name it (/api/v1/stores/<store id>/...); choose another"
+            f"store id {store_id!r} is '.', '..' or holds a '/' or a control character: the "
+            "HTTP routes could not name it (/api/v1/stores/<store id>/...); choose another"
         )
     return store_id
 

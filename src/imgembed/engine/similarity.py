@@ -40,9 +40,13 @@ def _matrix(candidates: Sequence[ArrayLike] | np.ndarray, dim: int) -> np.ndarra
     try:
         matrix = np.asarray(candidates)
         matrix = matrix.astype(np.float64) if matrix.dtype != np.float32 else matrix
-    except (TypeError, ValueError):  # ragged rows, text
+    except (TypeError, ValueError, OverflowError):  # ragged rows, text, ints over 1e308
         lengths = sorted({len(row) for row in candidates if hasattr(row, "__len__")})
-        what = f"lengths given: {lengths}" if len(lengths) > 1 else "text or None in a row"
+        what = (
+            f"lengths given: {lengths}"
+            if len(lengths) > 1
+            else "text, None or a number too large in a row"
+        )
         raise ConfigurationError(
             f"candidate embeddings must be numbers of one length ({what})"
         ) from None
@@ -60,7 +64,11 @@ def cosine_similarities(
 ) -> np.ndarray:
     """Cosine of `query` with each candidate row."""
     try:
+        if query is None:
+            raise TypeError  # as an array: one NaN
         q = np.asarray(query, dtype=np.float64).ravel()
+    except OverflowError:  # an int over 1e308
+        raise ConfigurationError("the query embedding holds a number too large") from None
     except (TypeError, ValueError):
         raise ConfigurationError(
             f"the query embedding must be a list of numbers, not {type(query).__name__}"
