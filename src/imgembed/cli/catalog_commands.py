@@ -331,7 +331,7 @@ def stats(store_id: StoreOpt, as_json: JsonOpt = False) -> None:
         ("embedded", result.embedded),
         ("  of which without image", result.text_only),
         ("failed", result.failed),
-        ("never embedded", result.pending),
+        ("pending (new, or left by a stopped --force run)", result.pending),
         ("to embed now (new, changed, failed)", result.to_embed),
         ("without image URL", result.without_image_url),
         ("last embedded", result.last_embedded_at or "never"),
