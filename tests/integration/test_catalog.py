@@ -228,6 +228,14 @@ def test_an_update_sets_what_the_row_names_and_keeps_the_rest(
         monkeypatch.chdir(tmp_path)
         assert catalog.product("shop", "p2")["image_url"] == str(photo)
         assert catalog.embed("shop").successful == 2  # p2 and the mug
+        # a row cut short has its missing trailing columns empty, as a row writing them so
+        short = feed.with_name("short.csv")
+        short.write_text("id,title,price,category,colour\np9,Nine,1,tech,blue\np9b,B,2\n")
+        catalog.import_file(short, "shop")
+        short.write_text("id,title,price,category,colour\np9,Nine,1\n")
+        catalog.import_file(short, "shop")
+        nine = catalog.product("shop", "p9")
+        assert nine["category"] is None and nine["attributes"] == {}
 
 
 def test_a_stopped_forced_refresh_goes_on_without_force_and_store_ids_are_routable(

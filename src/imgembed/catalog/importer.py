@@ -244,7 +244,10 @@ def _csv_rows(text: str) -> Iterator[Row]:
             if len(fields) > len(header):
                 yield line, BadRow(line, f"{len(fields)} fields, but the header has {len(header)}")
                 continue
-            yield line, dict(zip(header, fields, strict=False))
+            # a row cut short (exporters drop empty trailing fields) has those columns empty,
+            # as a row that writes them empty: the header names them for the whole file
+            padded = fields + [""] * (len(header) - len(fields))
+            yield line, dict(zip(header, padded, strict=True))
         if restart is None:
             return
         first = restart
