@@ -195,11 +195,22 @@ def test_json_nested_too_deeply_is_a_bad_row_not_a_crash(tmp_path):
 
 
 def test_rows_that_are_not_utf8_are_reported(tmp_path):
-    path = tmp_path / "latin1.csv"
-    path.write_bytes(b"id,title\n1,Caf\xe9 au lait\n2,Tea\n")
+    """A UTF-8 file with a stray byte: that row is reported. A file with no UTF-8 at all is
+    Excel's CSV in Windows-1252 (Dutch, German locales): read as that, every row whole."""
+    path = tmp_path / "mixed.csv"
+    path.write_bytes(b"id,title\n1,Caf\xe9 au lait\n2,Th" + "é\n".encode())  # one UTF-8 é
     parsed = read_catalogue(path)
+    assert parsed.encoding == "utf-8"
     assert _lines(parsed) == {2: "product 1: text that is not valid UTF-8"}
-    assert [p.title for _, p in parsed.products] == ["Tea"]
+    assert [p.title for _, p in parsed.products] == ["Thé"]
+    excel = tmp_path / "de.csv"
+    excel.write_bytes(
+        "Artikelnummer;Titel;Preis;Währung\nd1;Größe 42 – Hemd;12,50;€\n".encode("cp1252")
+    )
+    parsed = read_catalogue(excel)
+    assert parsed.encoding == "windows-1252" and parsed.bad_rows == []
+    ((_, shirt),) = parsed.products
+    assert (shirt.title, shirt.price, shirt.currency) == ("Größe 42 – Hemd", Decimal("12.50"), "€")
 
 
 @pytest.mark.parametrize(

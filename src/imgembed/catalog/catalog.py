@@ -46,11 +46,13 @@ class ImportReport:
     duration: float = 0.0
     # Ids of the accepted products, when given as objects (for a follow-up embed of them).
     product_ids: list[str] = field(default_factory=list)
+    encoding: str | None = None  # a file's: utf-8, utf-16 or windows-1252
 
     def to_dict(self) -> dict[str, Any]:
         data = {**asdict(self), "bad_rows": [asdict(b) for b in self.bad_rows]}
-        if not self.product_ids:
-            del data["product_ids"]
+        for unset in ("product_ids", "encoding"):
+            if not data[unset]:
+                del data[unset]
         return data
 
 
@@ -227,6 +229,7 @@ class Catalog:
             parsed.format,
             rows=parsed.rows,
             bad_rows=list(parsed.bad_rows),
+            encoding=parsed.encoding,
         )
         self._upsert(report, [product for _, product in parsed.products])
         report.duration = time.perf_counter() - started

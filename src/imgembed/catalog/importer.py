@@ -10,6 +10,7 @@ import codecs
 import csv
 import io
 import json
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +47,7 @@ class ParsedCatalogue:
     products: list[tuple[int, ProductInput]] = field(default_factory=list)  # (line, product)
     bad_rows: list[BadRow] = field(default_factory=list)
     rows: int = 0  # rows read: good and bad (an empty file has none, and one bad row)
+    encoding: str = "utf-8"
 
 
 def read_catalogue(path: Path, format: str | None = None) -> ParsedCatalogue:
@@ -62,9 +64,9 @@ def read_catalogue(path: Path, format: str | None = None) -> ParsedCatalogue:
         raw = path.read_bytes()
     except OSError as exc:
         raise ConfigurationError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    text = _text(path, raw)
+    text, encoding = _text(path, raw, kind)
     _check_kind(path, kind, text)
-    parsed = ParsedCatalogue(path, kind)
+    parsed = ParsedCatalogue(path, kind, encoding=encoding)
     rows = {"csv": _csv_rows, "jsonl": _jsonl_rows, "shopify": _json_rows}[kind](text)
     for line, row in rows:
         if isinstance(row, BadRow):
@@ -84,15 +86,27 @@ def read_catalogue(path: Path, format: str | None = None) -> ParsedCatalogue:
     return parsed
 
 
-def _text(path: Path, raw: bytes) -> str:
-    """UTF-8 (a BOM dropped), or UTF-16 with its BOM (Excel's "Unicode text" export). Bytes
-    that are not UTF-8 survive as surrogates; the rows holding them are reported."""
+# A byte that starts a UTF-8 sequence and one that continues it: UTF-8 text beyond ASCII.
+_UTF8_PAIR = re.compile(rb"[\xc2-\xf4][\x80-\xbf]")
+
+
+def _text(path: Path, raw: bytes, kind: str) -> tuple[str, str]:
+    """The text and its encoding: UTF-8 (a BOM dropped), or UTF-16 with its BOM (Excel's
+    "Unicode text" export), or for a CSV with not one UTF-8 sequence, Windows-1252 (Excel's
+    plain CSV in Dutch or German: "Währung" as W, 0xE4, h). Bytes that are not UTF-8 in a
+    UTF-8 file survive as surrogates; the rows holding them are reported."""
     if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         try:
-            return raw.decode("utf-16")
+            return raw.decode("utf-16"), "utf-16"
         except UnicodeDecodeError as exc:
             raise ConfigurationError(f"{path}: starts as UTF-16 but is not: {exc}") from exc
-    return raw.decode("utf-8", errors="surrogateescape").removeprefix("\ufeff")
+    try:
+        return raw.decode("utf-8").removeprefix("\ufeff"), "utf-8"
+    except UnicodeDecodeError:
+        pass
+    if kind == "csv" and not _UTF8_PAIR.search(raw):
+        return raw.decode("cp1252", errors="surrogateescape"), "windows-1252"
+    return raw.decode("utf-8", errors="surrogateescape").removeprefix("\ufeff"), "utf-8"
 
 
 def _check_kind(path: Path, kind: str, text: str) -> None:

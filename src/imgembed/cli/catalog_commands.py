@@ -80,6 +80,8 @@ def import_(
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
     else:
+        if report.encoding == "windows-1252":  # said: a guess, if a good one
+            _say(f"   {file} is not UTF-8: read as Windows-1252 (Excel's CSV in Western Europe)")
         _say(
             f"📦 Imported {report.rows} rows from {file} into store {report.store_id}: "
             f"{report.inserted} new, {report.updated} updated, {report.unchanged} unchanged, "
