@@ -231,7 +231,7 @@ class Catalog:
             bad_rows=list(parsed.bad_rows),
             encoding=parsed.encoding,
         )
-        self._upsert(report, [product for _, product in parsed.products])
+        self._upsert(report, parsed.products)
         report.duration = time.perf_counter() - started
         return report
 
@@ -250,20 +250,33 @@ class Catalog:
                 numbered.append((number, product))
             except (ProductRowError, TypeError, AttributeError) as exc:
                 report.bad_rows.append(importer.BadRow(number, str(exc)))
-        good = [product for _, product in importer.first_of_each(numbered, report.bad_rows)]
-        report.bad_rows.sort(key=lambda row: row.line)
-        self._upsert(report, good)
+        good = self._upsert(report, importer.first_of_each(numbered, report.bad_rows))
         report.product_ids = [product.product_id for product in good]
         report.duration = time.perf_counter() - started
         return report
 
-    def _upsert(self, report: ImportReport, products: list[ProductInput]) -> None:
+    def _upsert(
+        self, report: ImportReport, numbered: list[tuple[int, ProductInput]]
+    ) -> list[ProductInput]:
+        """Store the products (line or position, product); a row without a title updates
+        a stored product, and is a bad row for one that is not there yet. The stored ones."""
+        untitled = [p.product_id for _, p in numbered if "title" not in p.given]
+        new = set(self.repository.unknown(report.store_id, untitled)) if untitled else set()
+        products = []
+        for line, product in numbered:
+            if product.product_id in new and "title" not in product.given:
+                message = f"product {product.product_id}: no title (a new product needs one)"
+                report.bad_rows.append(importer.BadRow(line, message))
+            else:
+                products.append(product)
+        report.bad_rows.sort(key=lambda row: row.line)
         for start in range(0, len(products), _IMPORT_CHUNK):
             chunk = products[start : start + _IMPORT_CHUNK]
             inserted, updated, unchanged = self.repository.upsert_products(report.store_id, chunk)
             report.inserted += inserted
             report.updated += updated
             report.unchanged += unchanged
+        return products
 
     def product(self, store_id: str, product_id: str) -> dict[str, Any] | None:
         """One product with its embedding status and provenance (no vectors), or None. The
