@@ -287,32 +287,27 @@ def test_semicolon_and_tab_separated_files_and_files_without_products(tmp_path):
     }
 
 
-def test_dutch_and_german_column_names(tmp_path):
+@pytest.mark.parametrize(
+    ("csv_text", "expected"),
+    [
+        ("ID;Titel;Omschrijving;Prijs;Categorie;Afbeelding;Kleur\n"
+         "n1;Rode jurk;Zomerjurk;39,95;kleding;img/n1.jpg;rood\n",
+         ("n1", "Rode jurk", "Zomerjurk", Decimal("39.95"), "kleding", "n1.jpg",
+          {"kleur": "rood"})),
+        ("Artikelnummer;Name;Beschreibung;Preis;Kategorie;Bild\n"
+         "d1;Lampe;Eine Lampe;12,50;interieur;img/d1.jpg\n",
+         ("d1", "Lampe", "Eine Lampe", Decimal("12.50"), "interieur", "d1.jpg", {})),
+    ],
+)  # fmt: skip
+def test_dutch_and_german_column_names(tmp_path, csv_text, expected):
     """A Dutch export's ID;Titel;Prijs;Categorie;Afbeelding refused every row for "no title"
     and kept price, category and image as attributes."""
-    (tmp_path / "img").mkdir()
-    dutch = tmp_path / "winkel.csv"
-    dutch.write_text("ID;Titel;Omschrijving;Prijs;Categorie;Afbeelding;Kleur\n"
-                     "n1;Rode jurk;Zomerjurk;39,95;kleding;img/n1.jpg;rood\n")  # fmt: skip
-    ((_, product),) = read_catalogue(dutch).products
-    assert (product.title, product.description, product.price, product.category) == (
-        "Rode jurk",
-        "Zomerjurk",
-        Decimal("39.95"),
-        "kleding",
-    )
-    assert product.image_url == str(tmp_path / "img" / "n1.jpg")
-    assert product.attributes == {"kleur": "rood"}
-    german = tmp_path / "shop.csv"
-    german.write_text("Artikelnummer;Name;Beschreibung;Preis;Kategorie;Bild\n"
-                      "d1;Lampe;Eine Lampe;12,50;interieur;img/d1.jpg\n")  # fmt: skip
-    ((_, lamp),) = read_catalogue(german).products
-    assert (lamp.product_id, lamp.title, lamp.price, lamp.category) == (
-        "d1",
-        "Lampe",
-        Decimal("12.50"),
-        "interieur",
-    )
+    path = tmp_path / "export.csv"
+    path.write_text(csv_text)
+    ((_, p),) = read_catalogue(path).products
+    image = str(tmp_path / "img" / expected[5])
+    assert (p.product_id, p.title, p.description, p.price, p.category, p.image_url,
+            p.attributes) == (*expected[:5], image, expected[6])  # fmt: skip
 
 
 def test_unknown_format_and_missing_file(tmp_path):
