@@ -360,10 +360,7 @@ class Catalog:
                 named = ", ".join(repr(i) for i in unknown[:5]) + (" ..." if unknown[5:] else "")
                 raise ProductNotFoundError(f"no product {named} in store {store_id!r}")
         elif not self.repository.count(store_id):
-            raise CollectionNotFoundError(
-                f"store {store_id!r} has no products: import some first "
-                f"(imgembed catalog import FILE --store-id {shlex.quote(store_id)})"
-            )
+            raise CollectionNotFoundError(_no_products(store_id))
         return store_id
 
     # -- search and statistics ---------------------------------------------------------------
@@ -469,13 +466,17 @@ def _store(store_id: str) -> str:
     return store_id.strip()
 
 
+def _no_products(store_id: str) -> str:
+    return (
+        f"store {store_id!r} has no products: import some first "
+        f"(imgembed catalog import FILE --store-id {shlex.quote(store_id)})"
+    )
+
+
 def _nothing_to_search(repository: ProductRepository, store_id: str) -> str:
-    quoted = shlex.quote(store_id)
     if not repository.count(store_id):
-        return (
-            f"store {store_id!r} has no products: import some first "
-            f"(imgembed catalog import FILE --store-id {quoted}), then embed them"
-        )
+        return _no_products(store_id) + ", then embed them"
+    quoted = shlex.quote(store_id)
     return f"store {store_id!r} has no embeddings: run imgembed catalog embed --store-id {quoted}"
 
 

@@ -182,17 +182,7 @@ def from_shopify(item: Mapping[str, Any], base: Path | None = None) -> ProductIn
     }
     if tags:
         attributes["tags"] = split_tags(tags) if isinstance(tags, str) else list(tags)
-    # a price sync sends {"id", "title", "variants"}: what it leaves out is kept
-    keys = {
-        "title": ("title",),
-        "description": ("body_html",),
-        "category": ("product_type",),
-        "price": ("variants",),
-        "currency": ("currency", "variants"),
-        "images": ("images", "image"),
-        "attributes": ("vendor", "handle", "status", "tags"),
-    }
-    given = frozenset(part for part, names in keys.items() if any(n in item for n in names))
+    given = frozenset(p for p, keys in _SHOPIFY_PARTS.items() if any(k in item for k in keys))
     return checked(
         product_id=product_id,
         title=item.get("title"),
@@ -206,6 +196,19 @@ def from_shopify(item: Mapping[str, Any], base: Path | None = None) -> ProductIn
         base=base,
         given=given,
     )
+
+
+# The keys of a Shopify product that set each part: a price sync sends {"id", "title",
+# "variants"}, and what it leaves out is kept.
+_SHOPIFY_PARTS = {
+    "title": ("title",),
+    "description": ("body_html",),
+    "category": ("product_type",),
+    "price": ("variants",),
+    "currency": ("currency", "variants"),
+    "images": ("images", "image"),
+    "attributes": ("vendor", "handle", "status", "tags"),
+}
 
 
 def _variant_currency(variants: list[Mapping[str, Any]]) -> str | None:

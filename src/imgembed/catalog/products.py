@@ -43,6 +43,7 @@ COLUMNS = {
 # leaves images and categories alone). The image and the extra images are one part.
 ROW_PARTS = ("title", "description", "category", "price", "currency", "images", "attributes")
 FIELD_PART = {"image_url": "images", "extra_image_urls": "images"}  # fields to ROW_PARTS
+_ALIASES = frozenset(name for names in COLUMNS.values() for name in names)
 
 
 class ProductRowError(ValueError):
@@ -108,8 +109,7 @@ def from_mapping(row: Mapping[str, Any], base: Path | None = None) -> ProductInp
             used.add(key)
     given = {FIELD_PART.get(name, name) for name, names in COLUMNS.items()
              if name != "product_id" and any(n in lowered for n in names)}  # fmt: skip
-    aliases = {n for names in COLUMNS.values() for n in names}
-    if any(k not in used and (k not in aliases or _present(v)) for k, v in lowered.items()):
+    if any(k not in used and (k not in _ALIASES or _present(v)) for k, v in lowered.items()):
         given.add("attributes")  # the row's other columns are all its attributes
     attributes = {k: v for k, v in lowered.items() if k not in used and _present(v)}
     attributes.update(attributes.pop("attributes", None) or {})

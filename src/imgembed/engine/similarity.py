@@ -23,7 +23,8 @@ def _scaled(values: np.ndarray, what: str) -> np.ndarray:
     cosine needs, and 1e-25 or 1e200 would under- or overflow in float32 otherwise."""
     if not np.isfinite(values).all():
         raise ConfigurationError(f"{what} must be finite numbers (NaN or infinity given)")
-    peak = np.abs(values).max(axis=-1, keepdims=True)
+    # the largest magnitude of each row, without a temporary the size of the matrix
+    peak = np.maximum(values.max(axis=-1, keepdims=True), -values.min(axis=-1, keepdims=True))
     if values.dtype == np.float32 and ((peak == 0) | ((peak > 1e-15) & (peak < 1e15))).all():
         return values  # an encoder's output: nothing to guard against, no copy
     return (values / np.where(peak == 0, 1, peak)).astype(np.float32)
