@@ -70,6 +70,9 @@ class FakeEncoder:
             raise RuntimeError(f"fake encoder: refused {len(texts)} texts")
         return self.inner.encode_texts(texts)
 
+    def count_tokens(self, texts):
+        return self.inner.count_tokens(texts)
+
 
 async def until(condition, what: str, seconds: float = 60) -> None:
     """Polls; the limit only stops a broken run from hanging (not a timing assert)."""

@@ -166,6 +166,14 @@ class ImageEmbeddingService(SeedAsyncMethods):
     def embed_text(self, text: str) -> np.ndarray:
         return self.embed_texts([text])[0]
 
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        """The tokens of each text that the model reads: its start and end tokens included,
+        at most the model's context length (CLIP's 77: a longer text is cut there)."""
+        texts = list(texts)
+        if not all(isinstance(t, str) for t in texts):
+            raise ConfigurationError("count_tokens takes a list of strings")
+        return self.encoder.count_tokens(texts) if texts else []
+
     def similar_images(
         self,
         query_embedding: Sequence[float],

@@ -98,6 +98,7 @@ def test_serve_end_to_end_with_the_openai_sdk_and_a_graceful_sigterm(
                 + base64.b64encode((root / "rocket.jpg").read_bytes()).decode()
             )
             answer = sdk.embeddings.create(model="imgembed-tiny", input=["a cat", photo])
+            assert answer.usage.prompt_tokens == answer.usage.total_tokens == 4  # the photo: 0
             texts = http.post("/api/v1/embeddings/text", json={"texts": ["a cat"]}).json()
             assert _cos(answer.data[0].embedding, texts["embeddings"][0]) >= 0.99999
             assert _cos(answer.data[1].embedding, one.json()["embedding"]) >= 0.99999

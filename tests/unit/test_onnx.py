@@ -250,3 +250,15 @@ def test_a_tokenizer_without_onnx_form_exports_the_image_tower_only(monkeypatch,
         assert set(service.encoder.manifest["files"]) == {"visual.onnx"}
         with pytest.raises(ConfigurationError, match="no text tower"):
             service.embed_text("a cat")
+
+
+def test_token_counts_are_what_the_text_tower_reads_on_both_runtimes():
+    texts = ["a photo of a cat", "", "!~!~", "word " * 100, *TEXTS]
+    with ImageEmbeddingService(**TINY) as torch_service:
+        counts = torch_service.count_tokens(texts)
+        assert torch_service.count_tokens([]) == []
+        with pytest.raises(ConfigurationError, match="list of strings"):
+            torch_service.count_tokens([b"bytes"])
+    assert counts[:4] == [7, 2, 6, 77]  # start + tokens + end; "!~!~" has id 0 twice; cut at 77
+    with ImageEmbeddingService(runtime="onnx", **TINY) as onnx_service:
+        assert onnx_service.count_tokens(texts) == counts

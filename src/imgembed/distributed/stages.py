@@ -67,6 +67,9 @@ class EncoderFacts:
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
         raise EncodeError("the prepare stage does not encode")
 
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        raise EncodeError("the prepare stage does not encode")
+
 
 def prepare(
     table: pa.Table, *, settings: Settings, facts: EncoderFacts, namespace: str, column: str

@@ -68,7 +68,13 @@ class EfficientNetEncoder:
             raise EncodeError(f"{self.ref}: image encoding failed: {exc}") from exc
 
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
-        raise ConfigurationError(
+        raise self._no_text()
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        raise self._no_text()
+
+    def _no_text(self) -> ConfigurationError:
+        return ConfigurationError(
             f"{self.ref} is an image-only model: it cannot embed text. Search by an "
             "image instead, or use a CLIP model such as ViT-B-32 for text queries."
         )

@@ -17,7 +17,7 @@ from imgembed.errors import ConfigurationError, EncodeError, ModelUnavailableErr
 from imgembed.models.onnx_manifest import ONNX_PRECISIONS, check_export, export_dir
 from imgembed.models.preprocess import Preprocessor
 from imgembed.models.registry import ModelRef
-from imgembed.models.tokenizer import TextTokenizer
+from imgembed.models.tokenizer import TextTokenizer, token_counts
 
 log = logging.getLogger(__name__)
 
@@ -112,9 +112,21 @@ class OnnxEncoder:
             raise EncodeError(f"{self.ref}: image encoding failed: {exc}") from exc
 
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        tokenizer = self._text_tokenizer()
         if self._text is None:
-            text_file = self.manifest["towers"].get("text")
-            if text_file is None:
+            self._text = self._load(self.manifest["towers"]["text"])
+        try:
+            return self._text.run(None, {"input": tokenizer(texts)})[0]
+        except Exception as exc:
+            raise EncodeError(f"{self.ref}: text encoding failed: {exc}") from exc
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        tokenizer = self._text_tokenizer()
+        return token_counts(tokenizer(texts), tokenizer.spec.eot)
+
+    def _text_tokenizer(self) -> TextTokenizer:
+        if self._tokenizer is None:
+            if self.manifest["towers"].get("text") is None:
                 raise ConfigurationError(
                     f"{self.ref}: the ONNX export has no text tower; use IMGEMBED_RUNTIME=torch"
                 )
@@ -126,9 +138,4 @@ class OnnxEncoder:
                     f"export ({exc}); export it anew: `{_export_command(self.ref, self._precision)}"
                     " --force`"
                 ) from exc
-            self._text = self._load(text_file)
-        assert self._tokenizer is not None
-        try:
-            return self._text.run(None, {"input": self._tokenizer(texts)})[0]
-        except Exception as exc:
-            raise EncodeError(f"{self.ref}: text encoding failed: {exc}") from exc
+        return self._tokenizer

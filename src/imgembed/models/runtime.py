@@ -26,6 +26,8 @@ class Encoder(Protocol):
 
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray: ...
 
+    def count_tokens(self, texts: Sequence[str]) -> list[int]: ...
+
 
 class TorchEncoder:
     """open_clip's model on torch: the reference runtime."""
@@ -66,6 +68,13 @@ class TorchEncoder:
                 return self._loaded.model.encode_text(tokens).float().cpu().numpy()
         except RuntimeError as exc:
             raise EncodeError(f"{self.ref}: text encoding failed: {exc}") from exc
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        from imgembed.models.tokenizer import token_counts  # `tokenizers`: only when asked
+
+        tokenizer = self._loaded.tokenizer
+        ids = tokenizer(list(texts)).numpy()
+        return token_counts(ids, getattr(tokenizer, "eot_token_id", None))
 
 
 def create_encoder(ref: ModelRef, settings: Settings) -> Encoder:

@@ -89,3 +89,12 @@ class TextTokenizer:
             ids[-1] = spec.eot
             row[: len(ids)] = ids
         return out
+
+
+def token_counts(ids: np.ndarray, eot: int | None) -> list[int]:
+    """Tokens each row of `ids` gives the text tower: up to its end token (included), or
+    its non-padding ids for a tokenizer without one (0 is a word in CLIP's vocabulary)."""
+    if eot is None:
+        return [int(n) for n in np.count_nonzero(ids, axis=1)]
+    ends = ids == eot
+    return [int(np.argmax(row)) + 1 if row.any() else len(row) for row in ends]

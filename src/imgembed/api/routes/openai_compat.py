@@ -69,16 +69,20 @@ async def embeddings(body: OpenAIEmbeddingRequest, state: State) -> dict[str, An
             if result.error is not None:
                 raise result.error  # OpenAI's API has no per-item errors
             vectors[n] = result.embedding
+    tokens = 0
     if texts:
-        encoded = await batcher.embed_texts([inputs[n] for n in texts])  # type: ignore[misc]
+        strings: list[str] = [inputs[n] for n in texts]  # type: ignore[misc]
+        encoded = await batcher.embed_texts(strings)
         for n, vector in zip(texts, encoded, strict=True):
             vectors[n] = vector
+        tokens = sum(await asyncio.to_thread(service.count_tokens, strings))
     data = [
         {"index": n, "embedding": _encode(vector, body.encoding_format)}
         for n, vector in enumerate(vectors)
     ]
-    # Tokens are not metered: CLIP truncates texts at 77 tokens and images have none.
-    return {"data": data, "model": ref.name, "usage": {"prompt_tokens": 0, "total_tokens": 0}}
+    # The tokens the model read (a text is cut at its context length); images have none.
+    usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+    return {"data": data, "model": ref.name, "usage": usage}
 
 
 def _is_image(item: str, modality: str | None) -> bool:
