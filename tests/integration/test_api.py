@@ -625,6 +625,12 @@ def test_collections_index_search_duplicates_thumbnails(data_dir, root, library,
             "/api/v1/collections", json={"name": "m2", "model": "efficientnet-lite0"}
         )
         assert (other.status_code, other.json()["pretrained"]) == (201, "imagenet"), other.text
+        # no model named: an existing collection as it is, with its own model (as index and
+        # search use it); naming another model than its own is a 409
+        again = client.post("/api/v1/collections", json={"name": "m2"})
+        assert (again.status_code, again.json()["model"]) == (200, "efficientnet-lite0")
+        clash = client.post("/api/v1/collections", json={"name": "m2", "model": "imgembed-tiny"})
+        assert (clash.status_code, clash.json()["error_type"]) == (409, "ProvenanceMismatchError")
         assert client.delete("/api/v1/collections/m2").status_code == 200
         unknown = client.post("/api/v1/collections", json={"name": "m3", "model": "ViT-Q-99"})
         assert (unknown.status_code, unknown.json()["error_type"]) == (422, "UnknownModelError")

@@ -22,6 +22,7 @@ from imgembed.errors import (
     ConfigurationError,
     ProvenanceMismatchError,
     StoreUnavailableError,
+    TextEmbeddingError,
 )
 from imgembed.store import embedded, pgconn
 from imgembed.store.postgres import revisions
@@ -620,6 +621,15 @@ def test_openai_embedder_in_a_catalogue_keeps_its_dimension(data_dir, photos):
             catalog.search("o", "x")
     finally:
         server.close()
+    # The text API gone (nor a key for api.openai.com): a photo alone still finds products,
+    # by the image part only; a text is a typed error.
+    for base in (f"{server.url}/v1", None):
+        gone = {**TINY, "text_model": "openai:m", "text_api_base": base, "text_retries": 0}
+        with Catalog(**gone) as catalog:
+            hits = catalog.search("o", image=photos[1], top_k=2)
+            assert [h.product_id for h in hits][0] == "p1" and hits[0].ranked_by == "image"
+            with pytest.raises((TextEmbeddingError, ConfigurationError)):
+                catalog.search("o", "x", image=photos[1])
 
 
 def test_objects_for_an_http_layer_and_embedding_some_products(data_dir, photos):

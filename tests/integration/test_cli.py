@@ -80,6 +80,12 @@ def test_nothing_to_embed_is_a_failure_not_an_empty_success(tmp_path, photos):
     npy = tmp_path / "none.npy"
     assert run("embed", str(tmp_path / "missing.jpg"), "-o", str(npy), *TINY_ARGS).returncode == 1
     assert np.load(npy).shape == (0, 64)
+    # ... but one from before is kept: a run with nothing embedded does not wipe its vectors
+    assert run("embed", str(photos[0]), "-o", str(npy), *TINY_ARGS).returncode == 0
+    proc = run("embed", str(tmp_path / "missing.jpg"), "-o", str(npy), *TINY_ARGS)
+    assert proc.returncode == 1 and "nothing embedded: " in proc.stderr
+    assert "written to" not in proc.stderr and np.load(npy).shape == (1, 64)
+    assert (tmp_path / "none.npy.sources.txt").read_text() == f"{photos[0]}\n"
 
 
 def test_embed_text(tmp_path):

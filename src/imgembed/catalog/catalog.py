@@ -8,7 +8,7 @@ import shlex
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -146,6 +146,17 @@ class Catalog:
             image.dimension,
             text.name,
             text.dimension(),
+        )
+
+    def _image_provenance(self, recorded: StoreProvenance) -> StoreProvenance:
+        """The recorded provenance with this catalogue's image model (loads it alone)."""
+        image = self.service.provenance
+        return replace(
+            recorded,
+            image_model=image.model,
+            image_pretrained=image.pretrained,
+            image_preprocess=image.preprocess,
+            image_dimension=image.dimension,
         )
 
     # -- the Findly document's functions ----------------------------------------------------
@@ -382,8 +393,11 @@ class Catalog:
         recorded = self.repository.provenance(store_id)
         if recorded is None:
             raise CollectionNotFoundError(_nothing_to_search(self.repository, store_id))
-        query = search.build_query(self.service, self.text_embedder, text, image)
-        current = self.provenance()
+        has_text = bool(text and text.strip())
+        # a photo alone needs no text model: its API may be down, or want a key
+        embedder = self.text_embedder if has_text else None
+        query = search.build_query(self.service, embedder, text, image)
+        current = self.provenance() if has_text else self._image_provenance(recorded[0])
         if recorded[0] != current:
             raise _mismatch(store_id, recorded[0], current)
         rows = self.repository.search(

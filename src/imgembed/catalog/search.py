@@ -39,11 +39,15 @@ class Query:
 
 
 def build_query(
-    service: Any, text_embedder: TextEmbedder, text: str | None, image: Input | None
+    service: Any, text_embedder: TextEmbedder | None, text: str | None, image: Input | None
 ) -> Query:
+    """The query's parts; `text_embedder` is needed only for a text."""
     if not (text and text.strip()) and image is None:
         raise ConfigurationError("search needs a text, an image, or both")
-    text_part = text_embedder.embed([text])[0] if text and text.strip() else None
+    text_part = None
+    if text and text.strip():
+        assert text_embedder is not None
+        text_part = text_embedder.embed([text])[0]
     if image is not None:
         image_part = service.embed_image(image)
     elif registry.facts(service.model_ref.name).has_text_tower:

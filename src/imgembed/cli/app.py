@@ -102,11 +102,23 @@ def embed(
             for error in unlisted:
                 failures.append(error)
                 writer.write({"source": error.source, **error_dict(error), "embedding": None})
-            writer.close(service.dimension)
+            counts = dataclasses.replace(counts, failed=counts.failed + len(unlisted))
+            # every input failed: a file from before is worth more than an empty one
+            kept = bool(output and output.exists() and failures)
+            kept = kept and not counts.embedded + counts.cached
+            if kept:
+                writer.discard()
+            else:
+                writer.close(service.dimension)
     except ImgEmbedError as exc:
         raise fail(exc) from exc
-    counts = dataclasses.replace(counts, failed=counts.failed + len(unlisted))
-    _summary(counts, time.perf_counter() - started, failures, output)
+    _summary(counts, time.perf_counter() - started, failures, None if kept else output)
+    if kept and output:
+        err.print(
+            f"nothing embedded: {printable(str(output))} left as it was",
+            highlight=False,
+            markup=False,
+        )
     if failures:
         raise typer.Exit(1)
 

@@ -44,16 +44,19 @@ def list_collections(state: State) -> list[dict[str, Any]]:
     "/collections",
     response_model=CollectionOut,
     status_code=201,
-    summary="Create a collection for a model (201), or return it if it exists with it (200)",
+    summary="Create a collection for a model (201), or return it if it exists (200; 409 if "
+    "it was built with another model than the one named)",
 )
 def create_collection(body: CollectionCreate, state: State, response: Response) -> dict[str, Any]:
     service = state.service
+    store = service.store
+    with contextlib.suppress(CollectionNotFoundError):
+        existing = store.get_collection(body.name)
+        response.status_code = 200
+        if body.model is None:  # as index and search: the collection's own model
+            return _info(existing)
     if body.model is not None:
         service = service.with_model(body.model, body.pretrained)
-    store = service.store
-    with contextlib.suppress(CollectionNotFoundError):  # provenance: no item count
-        store.provenance(body.name)
-        response.status_code = 200
     return _info(store.create_collection(body.name, service.provenance))
 
 
