@@ -627,7 +627,7 @@ def test_openai_embedder_in_a_catalogue_keeps_its_dimension(data_dir, photos):
         gone = {**TINY, "text_model": "openai:m", "text_api_base": base, "text_retries": 0}
         with Catalog(**gone) as catalog:
             hits = catalog.search("o", image=photos[1], top_k=2)
-            assert [h.product_id for h in hits][0] == "p1" and hits[0].ranked_by == "image"
+            assert (hits[0].product_id, hits[0].ranked_by) == ("p1", "image")
             with pytest.raises((TextEmbeddingError, ConfigurationError)):
                 catalog.search("o", "x", image=photos[1])
 
