@@ -231,18 +231,18 @@ def test_an_update_sets_what_the_row_names_and_keeps_the_rest(
         assert catalog.embed("shop").successful == 2  # p2 and the mug
         # a row without a title updates a stored product; a new one needs a title
         prices = feed.with_name("only_prices.csv")
-        prices.write_text("id,price\np9,3\nnew1,4\n")
         catalog.upsert_products("shop", [{"id": "p9", "title": "Nine"}])
-        only = catalog.import_file(prices, "shop")
-        assert (only.updated, [(b.line, b.message) for b in only.bad_rows]) == (
-            1,
-            [(3, "product new1: no title (a new product needs one)")],
-        )
-        assert (catalog.product("shop", "p9")["title"], catalog.product("shop", "p9")["price"]) == (
-            "Nine",
-            3.0,
-        )
-        assert catalog.product("shop", "new1") is None
+        for feed_text in ("id,price\np9,3\nnew1,4\n", "id,title,price\np9,,3\nnew1,,4\n"):
+            catalog.upsert_products("shop", [{"id": "p9", "title": "Nine", "price": 1}])
+            prices.write_text(feed_text)  # an empty title cell is no title, never cleared
+            only = catalog.import_file(prices, "shop")
+            assert (only.updated, [(b.line, b.message) for b in only.bad_rows]) == (
+                1,
+                [(3, "product new1: no title (a new product needs one: give a title or name)")],
+            )
+            p9 = catalog.product("shop", "p9")
+            assert (p9["title"], p9["price"]) == ("Nine", 3.0)
+            assert catalog.product("shop", "new1") is None
         # a row cut short has its missing trailing columns empty, as a row writing them so
         short = feed.with_name("short.csv")
         short.write_text("id,title,price,category,colour\np9,Nine,1,tech,blue\np9b,B,2\n")

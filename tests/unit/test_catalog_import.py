@@ -35,13 +35,14 @@ def test_csv_with_aliases_html_prices_relative_images_and_bad_rows(tmp_path):
     assert parsed.format == "csv" and parsed.rows == 8
     assert _lines(parsed) == {
         5: "no product id (a column product_id, id, sku, handle or artikelnummer)",
-        6: "product A4: no title (give a title or name)",
         7: "product A5: price 'abc' is not a number",
         9: "10 fields, but the header has 9",
         10: "product A7: price '-3' must be 0 or more",
     }
-    (line, jurk), (_, lamp), (_, vaas) = parsed.products
+    (line, jurk), (_, lamp), (_, untitled), (_, vaas) = parsed.products
     assert line == 2
+    # an empty title is no title: it updates a stored product, refused for a new one (Catalog)
+    assert untitled.title == "" and "title" not in untitled.given and "price" in untitled.given
     assert jurk.product_id == "A1" and jurk.title == "Rode jurk"
     assert jurk.description == "Zomerse jurk van katoen\nMaat M"  # &nbsp; is a space
     assert jurk.category == "kleding" and jurk.price == Decimal("29.99") and jurk.currency == "EUR"
@@ -144,11 +145,11 @@ def test_shopify_products_json_with_line_numbers(tmp_path):
     assert parsed.format == "shopify"
     assert _lines(parsed) == {
         # the line where the product's object starts
-        20: "product 921728736: no title (give a title or name)",
         26: "product 5: price 'gratis' is not a number",
     }
-    (line, ipod), (gift_line, gift) = parsed.products
-    assert (line, gift_line) == (3, 31)
+    (line, ipod), (untitled_line, untitled), (gift_line, gift) = parsed.products
+    assert (line, untitled_line, gift_line) == (3, 20, 31)
+    assert untitled.product_id == "921728736" and "title" not in untitled.given
     assert ipod.product_id == "632910392" and ipod.title == "IPod Nano - 8GB"
     assert ipod.description == "It's the small iPod with one very big idea: Video."
     assert ipod.category == "Cult Products" and ipod.price == Decimal("189.00")
@@ -168,7 +169,7 @@ def test_a_broken_json_document_keeps_what_came_before(tmp_path):
     broken = SHOPIFY.replace('"id": 5,', '"id": 5 oops')
     path.write_text(broken)
     parsed = read_catalogue(path)
-    assert [p.product_id for _, p in parsed.products] == ["632910392"]
+    assert [p.product_id for _, p in parsed.products] == ["632910392", "921728736"]
     assert parsed.bad_rows[-1].line == 27 and "rest is skipped" in parsed.bad_rows[-1].message
     plain = tmp_path / "list.json"
     plain.write_text('[{"id": "a", "title": "A"},\n {"id": "b", "title": "B"}]')

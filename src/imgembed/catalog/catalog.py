@@ -276,7 +276,10 @@ class Catalog:
         products = []
         for line, product in numbered:
             if product.product_id in new and "title" not in product.given:
-                message = f"product {product.product_id}: no title (a new product needs one)"
+                message = (
+                    f"product {product.product_id}: no title (a new product needs one: give a "
+                    "title or name)"
+                )
                 report.bad_rows.append(importer.BadRow(line, message))
             else:
                 products.append(product)

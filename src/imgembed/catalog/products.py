@@ -155,8 +155,8 @@ def checked(
             "no product id (a column product_id, id, sku, handle or artikelnummer)"
         )
     title = _scalar(title, "title", product_id)
-    if not title and "title" in given:  # a row without one updates the others (see Catalog)
-        raise ProductRowError(f"product {product_id}: no title (give a title or name)")
+    if not title:  # as if not named: updates a stored product, refused for a new one (Catalog)
+        given = given - {"title"}
     if not isinstance(attributes or {}, Mapping):
         raise ProductRowError(f"product {product_id}: attributes must be an object")
     if isinstance(extra_image_urls, str | Mapping):
