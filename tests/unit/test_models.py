@@ -37,6 +37,18 @@ def test_missing_checkpoint_file(tmp_path):
         service.encoder  # noqa: B018
 
 
+def test_a_checkpoint_of_another_architecture_says_so_not_where_to_download(tmp_path):
+    registry.open_clip()
+    path = tmp_path / "tiny.pt"
+    torch.save(open_clip.create_model("imgembed-tiny").state_dict(), path)
+    service = ImageEmbeddingService(model="ViT-B-32", pretrained=str(path))
+    with pytest.raises(ModelUnavailableError) as caught:
+        service.encoder  # noqa: B018
+    message = str(caught.value)
+    assert f"{path} is there but does not load as ViT-B-32" in message
+    assert "models list" in message and "Hugging Face" not in message
+
+
 def test_unknown_tag_lists_the_known_ones():
     service = ImageEmbeddingService(model="ViT-B-32", pretrained="no-such-tag")
     with pytest.raises(ModelUnavailableError, match=r"known: .*openai.*laion2b_s34b_b79k"):

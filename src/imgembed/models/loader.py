@@ -192,6 +192,14 @@ def _unavailable_message(
     exc: Exception,
     hub_problem: str | None,
 ) -> str:
+    if ref.is_file or ref.local_dir is not None:  # the weights are there: they do not fit
+        local = ref.pretrained if ref.is_file else ref.local_dir
+        return (
+            f"cannot load weights for {ref}: {exc}\n"
+            f"{local} is there but does not load as {ref.name}: a checkpoint holds the weights "
+            "of one architecture (name that one with IMGEMBED_MODEL or --model; "
+            "`imgembed models list` shows them), and a file cut short or damaged does not load."
+        )
     from huggingface_hub import constants
 
     where = cache_dir or constants.HF_HUB_CACHE
