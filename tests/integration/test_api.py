@@ -605,6 +605,7 @@ def _job(client, response):
     url = response.json()["url"]
     for _ in range(1200):
         job = client.get(url).json()
+        assert job["job_id"] == response.json()["job_id"]  # the same key in both
         if job["status"] not in ("queued", "running"):
             return job
         time.sleep(0.1)

@@ -202,6 +202,9 @@ def test_metadata_command(tmp_path):
     assert "broken.png" in proc.stderr and "InvalidImageError" in proc.stderr
     table = run("metadata", str(pillow / "flower.jpg"))
     assert table.returncode == 0 and "480x360" in table.stdout
+    assert "camera" not in table.stdout  # no empty EXIF columns that read as "none there"
+    extended = run("metadata", str(pillow / "flower.jpg"), "--extended")
+    assert "camera" in extended.stdout and "Canon" in extended.stdout
     odd = tmp_path / os.fsdecode(b"caf\xe9.jpg")  # a name that is not UTF-8
     shutil.copy(pillow / "flower.jpg", odd)
     named = run_process("metadata", str(odd), "--json")  # a real process: real stdout bytes

@@ -45,7 +45,7 @@ class Job:
             rate = self.stats.images_per_second
             stats = {**dataclasses.asdict(self.stats), "images_per_second": rate}
         return {
-            "id": self.id,
+            "job_id": self.id,  # as in the 202 that started it
             "kind": self.kind,
             "store_id" if self.kind == "catalog-embed" else "collection": self.target,
             "status": self.status,

@@ -203,7 +203,8 @@ def metadata(
         service = ImageEmbeddingService()  # no model is loaded for metadata
     except ImgEmbedError as exc:
         raise fail(exc) from exc
-    table = Table("path", "size", "format", "bytes", "quality", "taken", "camera", "GPS")
+    columns = ["path", "size", "format", "bytes", "quality"]
+    table = Table(*columns, *(["taken", "camera", "GPS"] if extended else []))  # EXIF: asked
     table.columns[0].overflow = "fold"
     unlisted: list[ImageError] = []  # folders that cannot be listed
     files = expand_paths(paths, service.settings.supported_formats, unlisted)
@@ -220,7 +221,7 @@ def metadata(
         if as_json:
             typer.echo(json.dumps({"path": printable(str(path)), **data}, ensure_ascii=False))
         else:
-            table.add_row(*_metadata_cells(path, data))
+            table.add_row(*_metadata_cells(path, data)[: len(table.columns)])
     if not as_json and table.row_count:
         Console().print(table)
     if failed:
