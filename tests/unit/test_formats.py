@@ -200,6 +200,18 @@ def test_tiff_exif(service, rocket, tmp_path):
     assert data["modification_date"] == "2024-05-02T10:00:00"
 
 
+def test_a_tiff_codec_libtiff_lacks_is_unsupported_naming_it(service):
+    path = PILLOW / "hopper_webp.tif"
+    try:
+        Image.open(path).load()
+        pytest.skip("this Pillow's libtiff reads WebP-compressed TIFFs")
+    except OSError:
+        pass
+    (result,) = service.embed_images([path])
+    assert isinstance(result.error, UnsupportedFormatError)
+    assert "TIFF's 'webp' compression" in str(result.error)
+
+
 def test_real_camera_exif(service):
     data = service.image_metadata(PILLOW / "flower.jpg", extended=True)
     assert data["camera_info"]["make"] == "Canon"

@@ -47,6 +47,9 @@ from imgembed.intake import budget
 pillow_heif.register_heif_opener()
 
 BACKGROUND = (255, 255, 255)
+# TIFF codecs that libtiff builds may leave out (Pillow's wheels lack webp); it then says
+# so on stderr only, and Pillow raises a bare "decoder error -2"
+_OPTIONAL_TIFF_CODECS = frozenset({"webp", "zstd", "lzma"})
 _JPEG_FAMILY = {"JPEG", "MPO"}  # phones write JPEGs that Pillow reports as MPO
 FRAME_SCAN_LIMIT = 1000  # GIF frames or TIFF pages walked to count them
 STRIP_PIXELS = 1 << 20  # pixels converted at a time (float64 scaling: ~8 MB per temporary)
@@ -143,6 +146,7 @@ def decode(data: bytes, source: str, limits: Limits, draft_min_side: int | None 
     limits.check(image, source)
     budget.check(image, _reduction(image.size, draft_min_side) == 1, limits.max_pixels, source)
     metadata = image_metadata(image, len(data))
+    compression = image.info.get("compression") if image.format == "TIFF" else None
     try:
         if draft_min_side and image.format == "JPEG":
             _draft(image, draft_min_side)
@@ -154,6 +158,13 @@ def decode(data: bytes, source: str, limits: Limits, draft_min_side: int | None 
     except ImgEmbedError:
         raise
     except Exception as exc:
+        if isinstance(exc, OSError) and compression in _OPTIONAL_TIFF_CODECS:
+            raise UnsupportedFormatError(
+                f"cannot decode this TIFF's {compression!r} compression ({exc}): this "
+                "libtiff may be built without it; convert it to an LZW or uncompressed TIFF, "
+                "or to PNG",
+                source,
+            ) from exc
         raise _decode_error(exc, source) from exc
 
 
