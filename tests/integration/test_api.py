@@ -515,6 +515,43 @@ def test_not_ready_while_the_model_loads(root, monkeypatch):
         assert client.get("/ready").json() == {"status": "ready", "model": True, "store": True}
 
 
+def test_a_hanging_database_holds_only_the_requests_that_need_it(root, monkeypatch):
+    """Searches and readiness probes waiting on a database that does not answer (down, or
+    restarting) must not take the threads that image requests read their files on."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from imgembed.api import state as api_state
+    from imgembed.errors import StoreUnavailableError
+    from imgembed.store.postgres import PostgresStore
+
+    monkeypatch.setattr(api_state, "READY_STORE_SECONDS", 0.5)
+    hang, hanging = threading.Event(), []
+
+    def provenance(store, name):
+        hanging.append(name)
+        hang.wait(timeout=120)
+        raise StoreUnavailableError("the database went away (a test)")
+
+    with _client(allowed_roots=[root]) as client, ThreadPoolExecutor(24) as pool:
+        monkeypatch.setattr(PostgresStore, "provenance", provenance)
+        search = {"query_text": "a cat", "collection": "photos"}
+        waiting = [pool.submit(client.post, "/api/v1/search/image", json=search)
+                   for _ in range(20)]  # fmt: skip
+        probes = [pool.submit(client.get, "/ready") for _ in range(3)]
+        for probe in probes:  # each answers while the searches still wait
+            ready = probe.result(timeout=60)
+            assert ready.status_code == 503 and "not answering" in ready.json()["store"]
+        assert len(hanging) >= 10 and not any(w.done() for w in waiting)
+        for _ in range(3):  # image requests: their paths resolved on the threads they need
+            answer = client.post("/api/v1/embeddings/image",
+                                 json={"image_path": str(root / "rocket.jpg")})  # fmt: skip
+            assert answer.status_code == 200, answer.text
+        hang.set()
+        for future in waiting:
+            failed = future.result(timeout=120)
+            assert failed.status_code == 503 and failed.headers["retry-after"] == "5"
+
+
 def test_not_ready_for_good_when_the_model_cannot_load(root, monkeypatch):
     import imgembed.service
     from imgembed.errors import ModelUnavailableError
@@ -784,9 +821,10 @@ def test_shutdown_stops_an_index_job_at_a_stored_batch_and_a_rerun_resumes(
         while job.progress is None or job.progress.done == 0:
             time.sleep(0.05)
     assert job.status == "cancelled" and "shutting down" in job.error["error"]
+    assert job.to_dict()["resume"].startswith("send the same request again")
     said = [r.getMessage() for r in caplog.records if r.name == "imgembed.api"]
     assert any(f"index job {job.id} for 'crops' cancelled after" in m and "of 24 items" in m
-               and "resumes" in m for m in said), said  # fmt: skip
+               and "same request again" in m for m in said), said  # fmt: skip
     with _client(allowed_roots=[root], batch_size=4) as client:
         stored = client.get("/api/v1/collections").json()[0]["count"]
         assert 0 < stored < 24

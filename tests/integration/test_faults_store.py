@@ -267,6 +267,35 @@ def test_a_retry_that_fails_too_stops_the_run_with_what_was_stored_kept(
     check.close()
 
 
+def test_after_a_failed_reconnect_calls_fail_at_once_then_try_again(data_dir, monkeypatch):
+    """A server serving many requests: one waits for the database to come back; those queued
+    behind it, and those in the next seconds, get the typed error at once, not a wait each."""
+    url = embedded.start(data_dir)
+    monkeypatch.setattr(pgconn, "RECONNECT_SECONDS", 1.0)
+    nowhere = f"postgresql://postgres@/postgres?host={data_dir / 'no-such-socket-dir'}"
+    target = {"url": nowhere}
+    reopened = []
+
+    def reopen():
+        reopened.append(1)
+        return target["url"]
+
+    store = PostgresStore(url, reopen=reopen)
+    _drop_imgembed_connections(url)
+    with pytest.raises(StoreUnavailableError, match="could not be reached again within 1 s"):
+        store.collections()
+    tries = len(reopened)
+    assert tries >= 1
+    for _ in range(3):
+        with pytest.raises(StoreUnavailableError, match="could not be reached again"):
+            store.collections()
+    assert len(reopened) == tries  # no new wait within DOWN_SECONDS
+    target["url"] = url  # the server is back, and the pause is over:
+    store._db._down = (0.0, store._db._down[1])
+    assert store.collections() == []
+    store.close()
+
+
 def test_disk_full_injected_at_the_driver(data_dir, photos, monkeypatch):
     write_row = psycopg.Copy.write_row
     calls = []

@@ -41,6 +41,7 @@ from imgembed.errors import (
 )
 
 log = logging.getLogger("imgembed.api")
+STORE_RETRY_SECONDS = 5.0  # what a store's 503 asks a client to wait
 
 
 class NotFoundError(ImgEmbedError):
@@ -101,6 +102,8 @@ async def _imgembed_error(request: Request, exc: Exception) -> JSONResponse:
         headers = {"Retry-After": str(max(1, round(exc.retry_after)))}
     elif isinstance(exc, EncodeError):
         headers = {"Retry-After": "1"}
+    elif status == 503 and isinstance(exc, StoreError):  # the database restarts, or is back
+        headers = {"Retry-After": str(round(STORE_RETRY_SECONDS))}
     if status == 500:
         log.error("unexpected library error", exc_info=exc)
     return error_response(request, status, error_dict(exc), headers)

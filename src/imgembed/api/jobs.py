@@ -36,6 +36,7 @@ class Job:
     error: dict[str, Any] | None = None
     created: float = field(default_factory=time.time)
     finished: float | None = None
+    resume: str = ""  # how to go on after a failure or a stop: what was stored stays
 
     def to_dict(self) -> dict[str, Any]:
         stats = None
@@ -55,6 +56,7 @@ class Job:
             "error": self.error,
             "created": self.created,
             "finished": self.finished,
+            "resume": self.resume if self.status in ("failed", "cancelled") else None,
         }
 
 
@@ -66,9 +68,14 @@ class Jobs:
         self._stopping = threading.Event()
 
     def submit(
-        self, kind: str, target: str, total: int, run: Callable[[ProgressCallback], Any]
+        self,
+        kind: str,
+        target: str,
+        total: int,
+        run: Callable[[ProgressCallback], Any],
+        resume: str = "",
     ) -> Job:
-        job = Job(uuid.uuid4().hex, kind, target, total)
+        job = Job(uuid.uuid4().hex, kind, target, total, resume=resume)
         with self._lock:
             self._jobs[job.id] = job
             while len(self._jobs) > KEEP and next(iter(self._jobs.values())).finished:
@@ -106,9 +113,8 @@ class Jobs:
             done = job.progress.done if job.progress else 0
             # jobs live in memory: the log is what is left of this one after the restart
             log.warning(
-                "%s job %s for %r cancelled after %d of %d items (%s); the same request "
-                "resumes after the stored batches",
-                job.kind, job.id, job.target, done, job.total, exc,
+                "%s job %s for %r cancelled after %d of %d items (%s); to go on: %s",
+                job.kind, job.id, job.target, done, job.total, exc, job.resume,
             )  # fmt: skip
         except ImgEmbedError as exc:
             job.status, job.error = "failed", error_dict(exc)

@@ -5,9 +5,13 @@ the embedding routes say 503 until it is loaded (no first request timing out on 
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 import logging
 import threading
-from typing import Annotated, Any
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Request
 
@@ -24,6 +28,9 @@ log = logging.getLogger("imgembed.api")
 
 
 LOADING_RETRY_SECONDS = 2.0  # what a 503 asks a client to wait while the model loads
+READY_STORE_SECONDS = 5.0  # /ready waits this long for the store, then says 503
+STORE_THREADS = 16  # requests waiting on the database at once; more queue behind them
+T = TypeVar("T")
 
 
 class AppState:
@@ -36,10 +43,17 @@ class AppState:
         self._loading: dict[int, asyncio.Task[Batcher]] = {}
         self._catalogs: dict[tuple[str, str, str], Catalog] = {}
         self._catalog_lock = threading.Lock()
+        self._store_threads = ThreadPoolExecutor(STORE_THREADS, "imgembed-store")
         self.metrics.watch(
             lambda: sum(b.queue_depth for b in self._batchers.values()),
             lambda: sum(b.in_flight for b in self._batchers.values()),
         )
+
+    async def in_store(self, work: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Blocking work that waits on the database, on threads of its own: a database that
+        hangs (down, restarting) holds those, never the threads that read images."""
+        call = functools.partial(contextvars.copy_context().run, work, *args, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(self._store_threads, call)
 
     async def start(self) -> None:
         self._load(self.service)  # in the background
@@ -96,7 +110,7 @@ class AppState:
                 self._catalogs[_models(settings)] = Catalog(settings)
             return self._catalogs[_models(settings)]
 
-    def readiness(self) -> dict[str, Any]:
+    async def readiness(self) -> dict[str, Any]:
         task = self._loading.get(id(self.service))
         if task is None or not task.done():
             model: Any = "loading"
@@ -106,11 +120,14 @@ class AppState:
             model = True
         store: Any = True
         try:
-            self.service.store.provenance(self.settings.collection)
+            check = self.in_store(self.service.store.provenance, self.settings.collection)
+            await asyncio.wait_for(check, READY_STORE_SECONDS)
         except CollectionNotFoundError:
             pass  # the store answered
         except ImgEmbedError as exc:
             store = f"failed: {exc}"
+        except TimeoutError:  # a probe must answer while the database reconnects
+            store = f"not answering within {READY_STORE_SECONDS:g} s"
         return {"model": model, "store": store}
 
     async def close(self) -> None:
@@ -122,6 +139,7 @@ class AppState:
         for catalog in self._catalogs.values():
             await asyncio.to_thread(catalog.close)
         await asyncio.to_thread(self.service.close)
+        self._store_threads.shutdown(wait=False, cancel_futures=True)
 
 
 def _models(settings: Settings) -> tuple[str, str, str]:

@@ -27,6 +27,7 @@ from imgembed.store.faults import store_errors
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 RECONNECT_SECONDS = 30.0  # how long to wait for a server that went away to come back
+DOWN_SECONDS = 10.0  # after that wait failed, calls fail at once for this long (no new wait)
 CONNECT_TIMEOUT = 10  # seconds, per attempt
 APPLICATION = "imgembed"  # pg_stat_activity.application_name of our connections
 HNSW_MAX_EF_SEARCH = 1000  # pgvector's limit for hnsw.ef_search
@@ -40,6 +41,7 @@ class Connection:
         self.location = location
         self._lock = threading.RLock()
         self._lost: StoreUnavailableError | None = None
+        self._down: tuple[float, StoreUnavailableError] | None = None  # a reconnect that failed
         self._search: tuple[psycopg.Connection | None, int, str] = (None, 0, "")  # as made
         self._held: dict[str, Callable[[], StoreBusyError]] = {}  # session locks: key -> busy
         try:
@@ -120,6 +122,8 @@ class Connection:
     def _check(self, action: str) -> None:
         """Reconnect first if the last call lost the connection, or if the server has closed
         it while it was idle (its socket is readable: the goodbye, or end of file)."""
+        if self._down is not None and time.monotonic() < self._down[0]:
+            raise StoreUnavailableError(str(self._down[1]))  # queued callers: no new wait
         lost = self._lost
         if lost is None and _closed_by_server(self._connection):
             lost = StoreUnavailableError(
@@ -143,11 +147,15 @@ class Connection:
                 break
             except StoreUnavailableError as exc:
                 if time.monotonic() > deadline:
-                    raise StoreUnavailableError(
+                    self._lost = lost  # the next call after the pause tries again
+                    down = StoreUnavailableError(
                         f"{lost}; it could not be reached again within "
                         f"{RECONNECT_SECONDS:.0f} s: {exc}"
-                    ) from exc
+                    )
+                    self._down = (time.monotonic() + DOWN_SECONDS, down)
+                    raise down from exc
             time.sleep(1.0)
+        self._down = None
         for key, free in taken.items():
             if not free:
                 raise StoreBusyError(

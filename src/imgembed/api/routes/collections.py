@@ -88,6 +88,7 @@ def index(name: str, body: IndexRequest, state: State) -> dict[str, Any]:
         name,
         len(items),
         lambda progress: service.index(items, name, prune=body.prune, progress=progress),
+        resume="send the same request again: it adds only what is not stored yet",
     )
     return {"job_id": job.id, "status": job.status, "total": len(items),
             "url": f"/api/v1/jobs/{job.id}"}  # fmt: skip

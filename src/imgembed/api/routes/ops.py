@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from fastapi import APIRouter
@@ -21,7 +20,7 @@ async def health() -> dict[str, str]:
 
 @router.get("/ready", summary="Readiness: the model is loaded and the store answers")
 async def ready(state: State) -> JSONResponse:
-    checks: dict[str, Any] = await asyncio.to_thread(state.readiness)
+    checks: dict[str, Any] = await state.readiness()
     ok = all(value is True for value in checks.values())
     body = {"status": "ready" if ok else "not ready", **checks}
     if ok:

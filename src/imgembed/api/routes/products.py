@@ -5,7 +5,6 @@ FastAPI's thread pool, except search, which reads an upload first."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Annotated, Any
 
@@ -89,7 +88,11 @@ def _embed_job(
     total = catalog.embed_total(store_id, body.product_ids, body.mode, check_busy=not own)
     if none_if_done and not total:
         return None
-    job = state.jobs.submit("catalog-embed", store_id, total, run)
+    resume = (
+        f'POST /api/v1/stores/{store_id}/embed with mode "changed": it embeds what this run '
+        "did not (also after a forced run)"
+    )
+    job = state.jobs.submit("catalog-embed", store_id, total, run, resume)
     return {"job_id": job.id, "status": job.status, "total": total,
             "url": f"/api/v1/jobs/{job.id}"}  # fmt: skip
 
@@ -128,9 +131,9 @@ async def search(store_id: str, request: Request, state: State) -> dict[str, Any
     text = (body.query or "").strip() or None
     if image is None and text is None:
         raise invalid_body("give a query text, an image, or both")
-    catalog = await asyncio.to_thread(state.catalog, store_id)
+    catalog = await state.in_store(state.catalog, store_id)
     try:
-        hits = await asyncio.to_thread(
+        hits = await state.in_store(
             catalog.search,
             store_id,
             text,

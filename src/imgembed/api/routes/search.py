@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
 import time
 from typing import Any
 
@@ -62,17 +61,18 @@ async def search_image(request: Request, state: State) -> dict[str, Any]:
         model = batcher.pipeline.encoder.ref
     else:
         collection = body.collection or state.settings.collection
-        service = await asyncio.to_thread(state.service.for_collection, collection)
+        service = await state.in_store(state.service.for_collection, collection)
         if body.query_id is not None:
-            vector = await asyncio.to_thread(_stored_vector, service, collection, body.query_id)
+            vector = await state.in_store(_stored_vector, service, collection, body.query_id)
         else:
             vector = await _query_vector(await state.batcher_for(service), body, uploads, state)
-        hits = await asyncio.to_thread(
-            functools.partial(service.search_vector, include_embeddings=body.include_embeddings),
+        hits = await state.in_store(
+            service.search_vector,
             vector,
             collection,
             body.top_k,
             body.filters,
+            include_embeddings=body.include_embeddings,
         )
         model = service.model_ref
     return {
