@@ -552,6 +552,31 @@ def test_a_hanging_database_holds_only_the_requests_that_need_it(root, monkeypat
             assert failed.status_code == 503 and failed.headers["retry-after"] == "5"
 
 
+def test_malformed_bodies_are_a_typed_422_never_a_500_or_an_untyped_400(client, root):
+    deep = "[" * 100_000 + "]" * 100_000
+    photo = ("q.jpg", (root / "rocket.jpg").read_bytes())
+    answers = [
+        client.post("/api/v1/embeddings/text", content=deep,
+                    headers={"Content-Type": "application/json"}),
+        client.post("/v1/embeddings", content='{"input": ' + deep + ', "model": "x"}',
+                    headers={"Content-Type": "application/json"}),
+        client.post("/api/v1/search/image", json={"query_text": "x", "filters": deep}),
+        client.post("/api/v1/search/image", files={"file": photo}, data={"filters": deep}),
+        client.post("/api/v1/search/image", content=b"--x\r\nno headers\r\n--x--\r\n",
+                    headers={"Content-Type": "multipart/form-data"}),  # no boundary
+        client.post("/api/v1/search/image", content=b"--x\r\n\r\nbody\r\n--x--\r\n",
+                    headers={"Content-Type": "multipart/form-data; boundary=x"}),
+    ]  # fmt: skip
+    for n, answer in enumerate(answers):
+        error = answer.json()["error"]
+        kind = error["type"] if isinstance(error, dict) else answer.json()["error_type"]  # /v1
+        assert (answer.status_code, kind) == (422, "ValidationError"), (n, answer.text[:300])
+    # a list field that is not JSON is the one value it names: an odd path, which fails
+    odd = client.post("/api/v1/search/image", files={"file": photo},
+                      data={"candidate_image_paths": deep})  # fmt: skip
+    assert odd.status_code == 200 and odd.json()["failed"][0]["error_type"].endswith("Error")
+
+
 def test_not_ready_for_good_when_the_model_cannot_load(root, monkeypatch):
     import imgembed.service
     from imgembed.errors import ModelUnavailableError

@@ -164,6 +164,9 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     if isinstance(cause, UnicodeDecodeError):
         body = {"error": f"body: invalid JSON: {cause}", "error_type": "ValidationError"}
         return error_response(request, 422, body)
+    if exc.status_code == 400:  # FastAPI's "error parsing the body" (e.g. nested too deeply)
+        body = {"error": f"body: {exc.detail}", "error_type": "ValidationError"}
+        return error_response(request, 422, body)
     body = {"error": str(exc.detail), "error_type": "HTTPError"}
     return error_response(request, exc.status_code, body, exc.headers)
 

@@ -218,7 +218,9 @@ async def _form(request: Request, settings: Settings) -> FormData:
             raise RequestTooLargeError(
                 f"more than {MAX_FORM_FIELDS:,} form fields in one request"
             ) from None
-        raise
+        raise RequestValidationError(  # a malformed form: no boundary, a part without a name
+            [{"loc": ("body",), "msg": f"invalid form: {detail}", "type": "form_invalid"}]
+        ) from None
 
 
 def _form_data(model: type[BaseModel], fields: dict[str, list[str]]) -> dict[str, Any]:
@@ -260,7 +262,7 @@ def _json(text: str, opener: str) -> Any:
         return text
     try:
         return json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested too deeply: left as text
         return text
 
 

@@ -114,7 +114,12 @@ class SearchRequest(_Body):
     @field_validator("filters", mode="before")
     @classmethod
     def _json_filters(cls, value: Any) -> Any:
-        return json.loads(value) if isinstance(value, str) else value  # a multipart field
+        if not isinstance(value, str):
+            return value
+        try:  # a multipart field
+            return json.loads(value)
+        except RecursionError:
+            raise ValueError("invalid JSON: nested too deeply") from None
 
     @model_validator(mode="after")
     def _candidates_or_collection(self) -> SearchRequest:
