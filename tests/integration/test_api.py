@@ -577,6 +577,17 @@ def test_malformed_bodies_are_a_typed_422_never_a_500_or_an_untyped_400(client, 
     assert odd.status_code == 200 and odd.json()["failed"][0]["error_type"].endswith("Error")
 
 
+def test_a_path_that_is_not_utf8_is_refused_not_read_as_another_name(client):
+    body = {"products": [{"id": "1", "title": "x"}], "embed": False}
+    for path in ("/api/v1/stores/%FF/products", "/api/v1/stores/%FE/products"):
+        answer = client.post(path, json=body)  # both would be the store "\ufffd"
+        assert (answer.status_code, answer.json()["error_type"]) == (422, "ValidationError")
+    assert client.get("/api/v1/stores").json() == []
+    accented = client.post("/api/v1/stores/caf%C3%A9/products", json=body)
+    assert accented.status_code == 200
+    assert client.get("/api/v1/stores").json()[0]["store_id"] == "café"
+
+
 def test_not_ready_for_good_when_the_model_cannot_load(root, monkeypatch):
     import imgembed.service
     from imgembed.errors import ModelUnavailableError

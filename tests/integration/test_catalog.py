@@ -253,6 +253,43 @@ def test_an_update_sets_what_the_row_names_and_keeps_the_rest(
         assert nine["category"] is None and nine["attributes"] == {}
 
 
+def test_a_value_the_database_cannot_hold_is_a_bad_row_and_the_others_are_stored(
+    data_dir, monkeypatch
+):
+    import random
+    import string
+
+    from imgembed.errors import InvalidRecordError
+
+    rows = [
+        {"id": "g1", "title": "good one"},
+        {"id": "b1", "title": "bad", "color": "\ud800"},  # a lone surrogate (JSON "\ud800")
+        {"id": "b2", "title": "bad", "col\x00or": "x"},
+        {"id": "b3", "title": "bad", "size": float("nan")},
+        {"id": "".join(random.choices(string.ascii_letters, k=20_000)), "title": "long id"},
+        {"id": "b5", "title": "bad", "price": "1" + "0" * 400},
+        {"id": "b6", "title": "the database refuses it"},
+        {"id": "g2", "title": "good two", "tags": ["a", "b"]},
+    ]
+    with Catalog(**TINY) as catalog:
+        upsert = catalog.repository.upsert_products
+
+        def refusing(store_id, products):  # as the database would, for a value it cannot hold
+            if any(p.product_id == "b6" for p in products):
+                raise InvalidRecordError("storing products: the database refused a value: x")
+            return upsert(store_id, products)
+
+        monkeypatch.setattr(catalog.repository, "upsert_products", refusing)
+        report = catalog.upsert_products("odd", rows)
+        bad = {row.line: row.message for row in report.bad_rows}
+        assert sorted(bad) == [2, 3, 4, 5, 6, 7] and report.inserted == 2, bad
+        assert "not valid UTF-8" in bad[2] and "NUL" in bad[3] and "nan" in bad[4]
+        assert "longer than 500 characters" in bad[5] and "too large" in bad[6]
+        assert "refused a value" in bad[7]
+        assert catalog.product("odd", "g1")["title"] == "good one"
+        assert catalog.product("odd", "g2")["attributes"] == {"tags": ["a", "b"]}
+
+
 def test_a_stopped_forced_refresh_goes_on_without_force_and_store_ids_are_routable(
     data_dir, photos
 ):

@@ -95,7 +95,10 @@ class Jobs:
         with self._lock:
             job = self._jobs.get(job_id)
         if job is None:
-            raise NotFoundError(f"no job {job_id!r} (jobs are kept in memory until a restart)")
+            raise NotFoundError(
+                f"no job {job_id!r} (jobs are kept in memory, until a restart and at most the "
+                f"last {KEEP} finished ones)"
+            )
         return job
 
     def _run(self, job: Job, run: Callable[[ProgressCallback], Any]) -> None:

@@ -9,6 +9,7 @@ import hmac
 import logging
 import re
 import time
+import urllib.parse
 import uuid
 from typing import Any
 
@@ -108,6 +109,12 @@ class RequestContext:
         return next((r for r in self.routes if r.matches(scope)[0] is Match.FULL), None)
 
     def _refusal(self, scope: Scope, headers: Headers) -> tuple[int, dict[str, Any]] | None:
+        try:  # else the server reads %FF as U+FFFD: two store ids would be one
+            urllib.parse.unquote_to_bytes(scope.get("raw_path") or b"").decode("utf-8")
+        except UnicodeDecodeError:
+            error = {"error": "the path is not UTF-8 once its %-escapes are decoded",
+                     "error_type": "ValidationError"}  # fmt: skip
+            return 422, error
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body:
             return 413, _too_large(int(length), self.max_body)

@@ -23,6 +23,7 @@ from imgembed.engine import similarity
 from imgembed.errors import (
     CollectionNotFoundError,
     ConfigurationError,
+    InvalidRecordError,
     ProductNotFoundError,
     ProvenanceMismatchError,
 )
@@ -273,7 +274,7 @@ class Catalog:
         a stored product, and is a bad row for one that is not there yet. The stored ones."""
         untitled = [p.product_id for _, p in numbered if "title" not in p.given]
         new = set(self.repository.unknown(report.store_id, untitled)) if untitled else set()
-        products = []
+        kept: list[tuple[int, ProductInput]] = []
         for line, product in numbered:
             if product.product_id in new and "title" not in product.given:
                 message = (
@@ -282,14 +283,29 @@ class Catalog:
                 )
                 report.bad_rows.append(importer.BadRow(line, message))
             else:
-                products.append(product)
+                kept.append((line, product))
+        stored = []
+        for start in range(0, len(kept), _IMPORT_CHUNK):
+            stored += self._store_chunk(report, kept[start : start + _IMPORT_CHUNK])
         report.bad_rows.sort(key=lambda row: row.line)
-        for start in range(0, len(products), _IMPORT_CHUNK):
-            chunk = products[start : start + _IMPORT_CHUNK]
-            inserted, updated, unchanged = self.repository.upsert_products(report.store_id, chunk)
-            report.inserted += inserted
-            report.updated += updated
-            report.unchanged += unchanged
+        return stored
+
+    def _store_chunk(
+        self, report: ImportReport, chunk: list[tuple[int, ProductInput]]
+    ) -> list[ProductInput]:
+        """One transaction; if the database refuses a value in it, each product alone, so
+        that the one it refuses is a bad row and the others are stored."""
+        products = [product for _, product in chunk]
+        try:
+            counts = self.repository.upsert_products(report.store_id, products)
+        except InvalidRecordError as exc:
+            if len(chunk) == 1:
+                report.bad_rows.append(importer.BadRow(chunk[0][0], str(exc)))
+                return []
+            return [p for part in chunk for p in self._store_chunk(report, [part])]
+        report.inserted += counts[0]
+        report.updated += counts[1]
+        report.unchanged += counts[2]
         return products
 
     def product(self, store_id: str, product_id: str) -> dict[str, Any] | None:
@@ -479,7 +495,7 @@ def _binds(
 
 def _store(store_id: str) -> str:
     if not isinstance(store_id, str) or not store_id.strip():
-        raise ConfigurationError("a store id is required (--store-id)")
+        raise ConfigurationError("a store id is required: a name, not empty or blank")
     return store_id.strip()
 
 

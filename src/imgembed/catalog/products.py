@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import hashlib
 import html.parser
+import math
 import os
 import re
 import unicodedata
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -41,6 +42,7 @@ COLUMNS = {
 
 # What a row can set: a field it does not name keeps what is stored (a price-only feed
 # leaves images and categories alone). The image and the extra images are one part.
+MAX_ID_LENGTH = 500  # characters: up to 2,000 bytes, within an index row (2,704)
 ROW_PARTS = ("title", "description", "category", "price", "currency", "images", "attributes")
 FIELD_PART = {"image_url": "images", "extra_image_urls": "images"}  # fields to ROW_PARTS
 _ALIASES = frozenset(name for names in COLUMNS.values() for name in names)
@@ -165,8 +167,12 @@ def checked(
     category = _scalar(category, "category", product_id)
     currency = _scalar(currency, "currency", product_id)
     urls = [_scalar(u, "image_url", product_id) for u in [image_url, *extra_image_urls]]
+    if len(product_id) > MAX_ID_LENGTH:  # a key of the products' index: it must fit a page
+        raise ProductRowError(
+            f"product {product_id[:40]}...: an id longer than {MAX_ID_LENGTH} characters"
+        )
     values = [product_id, title, description, category, currency, *urls]
-    values += [str(v) for v in (attributes or {}).values()]
+    values += list(_texts(attributes or {}, product_id))
     if any(_has_surrogates(v) for v in values if v):
         raise ProductRowError(f"product {product_id}: text that is not valid UTF-8")
     if any("\x00" in v for v in values):  # PostgreSQL text cannot hold it
@@ -202,6 +208,8 @@ def parse_price(value: Any, product_id: str = "") -> Decimal | None:
         raise ProductRowError(f"{_who(product_id)}price {value!r} is not a number")
     if price < 0:
         raise ProductRowError(f"{_who(product_id)}price {value!r} must be 0 or more")
+    if not math.isfinite(float(price)):  # shown and filtered as a float: it must be one
+        raise ProductRowError(f"{_who(product_id)}price {_short(value)} is too large")
     return price
 
 
@@ -326,4 +334,24 @@ def _present(value: Any) -> bool:
 
 
 def _has_surrogates(text: str) -> bool:
-    return any("\udc80" <= ch <= "\udcff" for ch in text)
+    return any("\ud800" <= ch <= "\udfff" for ch in text)  # undecodable bytes, lone halves
+
+
+def _texts(value: Any, product_id: str) -> Iterator[str]:
+    """The texts in attributes (keys too), or ProductRowError for a number JSON cannot hold."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            yield str(key)
+            yield from _texts(item, product_id)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from _texts(item, product_id)
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ProductRowError(f"product {product_id}: an attribute is {value} (not a number)")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:37]}..."
