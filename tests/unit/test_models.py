@@ -49,6 +49,16 @@ def test_a_checkpoint_of_another_architecture_says_so_not_where_to_download(tmp_
     assert "models list" in message and "Hugging Face" not in message
 
 
+def test_a_malformed_seed_or_a_checkpoint_named_as_the_model_is_a_clear_error():
+    from imgembed.errors import UnknownModelError
+
+    for tag in ("seed:abc", "seed:", "seed:-1"):
+        with pytest.raises(ConfigurationError, match="seed:N takes a whole number"):
+            ImageEmbeddingService(model="imgembed-tiny", pretrained=tag)
+    with pytest.raises(UnknownModelError, match="give it as --pretrained"):
+        ImageEmbeddingService(model="/models/vit-b-32.pt")
+
+
 def test_unknown_tag_lists_the_known_ones():
     service = ImageEmbeddingService(model="ViT-B-32", pretrained="no-such-tag")
     with pytest.raises(ModelUnavailableError, match=r"known: .*openai.*laion2b_s34b_b79k"):

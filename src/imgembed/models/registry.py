@@ -12,7 +12,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Literal
 
-from imgembed.errors import UnknownModelError
+from imgembed.errors import ConfigurationError, UnknownModelError
 
 # Nothing here imports open_clip (and so torch) until a torch model is needed: the ONNX
 # runtime names models, reads their configs and checks their weights without it.
@@ -116,6 +116,18 @@ _ALIASES = {alias.lower(): entry.ref for entry in CATALOGUE for alias in entry.a
 def resolve(model: str, pretrained: str, explicit: bool = True) -> ModelRef:
     """Map a seed alias such as `clip-vit-base-patch32` to its open_clip name and tag. An
     `explicit` pretrained (a checkpoint file, another tag) wins over the alias's own tag."""
+    seed = pretrained.removeprefix(SEED_PREFIX)
+    if pretrained.startswith(SEED_PREFIX) and not seed.isdigit():
+        raise ConfigurationError(
+            f"pretrained {pretrained!r}: seed:N takes a whole number N (random weights, for "
+            "tests), e.g. seed:0"
+        )
+    if Path(model).suffix in CHECKPOINT_SUFFIXES:
+        raise UnknownModelError(
+            f"{model!r} is a checkpoint file, not a model architecture: give it as --pretrained "
+            "(IMGEMBED_PRETRAINED) and its architecture as --model, e.g. --model ViT-B-32 "
+            f"--pretrained {model}"
+        )
     aliased = _ALIASES.get(model.lower())
     if aliased is not None:
         return ModelRef(aliased.name, pretrained) if explicit else aliased
