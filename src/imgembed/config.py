@@ -13,7 +13,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import platformdirs
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from imgembed.errors import ConfigurationError, DataDirError
@@ -125,13 +132,39 @@ class Settings(BaseSettings):
 
     @field_validator("supported_formats", "allowed_roots", mode="before")
     @classmethod
-    def _split_list(cls, value: Any) -> Any:
-        """Lists from the environment: JSON, or separated by commas or the path separator."""
+    def _split_list(cls, value: Any, info: ValidationInfo) -> Any:
+        """Lists from the environment: JSON, or separated by commas or the path separator
+        (formats also by spaces, as the README's table shows them)."""
         if not isinstance(value, str):
             return value
         if value.strip().startswith("["):
             return json.loads(value)
-        return [part.strip() for part in value.replace(os.pathsep, ",").split(",") if part.strip()]
+        value = value.replace(os.pathsep, ",")
+        if info.field_name == "supported_formats":
+            value = ",".join(value.split())
+        return [part.strip() for part in value.split(",") if part.strip()]
+
+    @field_validator("allowed_roots")
+    @classmethod
+    def _some_root(cls, value: list[Path] | None) -> list[Path] | None:
+        """Set but naming no folder (an empty variable): refused, not every path refused."""
+        if value is not None and not value:
+            raise ValueError(
+                "is set but names no folder: give at least one, or unset it to allow any path"
+            )
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _postgres_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        if not value.strip().startswith(("postgresql://", "postgres://")) and "=" not in value:
+            raise ValueError(
+                "names a PostgreSQL server: postgresql://user:password@host:5432/dbname (or "
+                "libpq's host=... dbname=...)"
+            )
+        return value.strip()
 
     @field_validator("api_keys", "cors_origins", mode="before")
     @classmethod
@@ -165,6 +198,8 @@ class Settings(BaseSettings):
                 "names a Qdrant server (http://host:6333), not a folder: Qdrant's local files "
                 "live in the data directory (IMGEMBED_DATA_DIR/qdrant) when it is not set"
             )
+        if value is not None and not value.strip().startswith(("http://", "https://")):
+            raise ValueError("names a Qdrant server: http://host:6333 or https://...")
         return value
 
     @field_validator("supported_formats")
@@ -321,6 +356,9 @@ def load_settings(config: Settings | dict[str, Any] | None = None, **overrides: 
         raise ConfigurationError(f"invalid settings: {_problems(exc)}") from exc
 
 
+_SECRET = {"database_url", "qdrant_api_key", "api_keys", "openai_api_key"}
+
+
 def _problems(exc: ValidationError) -> str:
     """Each bad setting by its variable's name, with pydantic's reason and the value given
     (not pydantic's own layout, with its link to a web page)."""
@@ -329,7 +367,8 @@ def _problems(exc: ValidationError) -> str:
         loc = [str(part) for part in error["loc"]]  # field validators only: never empty
         reason = error["msg"].removeprefix("Value error, ")
         name = ".".join(loc)
-        problems.append(f"IMGEMBED_{loc[0].upper()} ({name}): {reason} (given {error['input']!r})")
+        given = "" if loc[0] in _SECRET else f" (given {error['input']!r})"  # passwords
+        problems.append(f"IMGEMBED_{loc[0].upper()} ({name}): {reason}{given}")
     return "; ".join(problems)
 
 
@@ -340,17 +379,30 @@ def make_data_dir(folder: Path) -> Path:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError) as exc:
-        files = (p for p in (folder, *folder.parents) if p.exists() and not p.is_dir())
-        in_the_way = next(files, folder)  # (resolved: no links left in the path)
-        raise DataDirError(
-            f"the data directory {folder} (IMGEMBED_DATA_DIR) cannot be made: {in_the_way} is "
-            "a file; set IMGEMBED_DATA_DIR to a folder"
-        ) from exc
+        check_data_dir(folder)
+        raise _file_in_the_way(folder, folder) from exc
     except PermissionError as exc:
         raise DataDirError(_unwritable(folder, exc.filename)) from exc
     if not os.access(folder, os.W_OK | os.X_OK):
         raise DataDirError(_unwritable(folder, folder))
     return folder
+
+
+def check_data_dir(folder: Path) -> None:
+    """A DataDirError if a file stands where the data directory or a folder above it
+    belongs (creates nothing: for commands that only look)."""
+    folder = Path(folder).expanduser().resolve()  # (resolved: no links left in the path)
+    files = (p for p in (folder, *folder.parents) if p.exists() and not p.is_dir())
+    in_the_way = next(files, None)
+    if in_the_way is not None:
+        raise _file_in_the_way(folder, in_the_way)
+
+
+def _file_in_the_way(folder: Path, in_the_way: Path) -> DataDirError:
+    return DataDirError(
+        f"the data directory {folder} (IMGEMBED_DATA_DIR) cannot be made: {in_the_way} is "
+        "a file; set IMGEMBED_DATA_DIR to a folder"
+    )
 
 
 def _unwritable(folder: Path, where: Any) -> str:

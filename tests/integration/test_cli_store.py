@@ -130,6 +130,18 @@ def test_db_start_keeps_the_server_up_between_commands_until_stopped(data_dir, p
     assert run_process("db", "start", "--for", "soon").returncode == 2
 
 
+def test_db_start_and_status_refuse_what_cannot_be(data_dir, monkeypatch, tmp_path):
+    monkeypatch.setenv("IMGEMBED_DATABASE_URL", "postgresql://u@127.0.0.1:1/none")
+    external = run_process("db", "start")  # started an embedded server nothing would use
+    assert external.returncode == 3 and "no embedded server to start" in external.stderr
+    assert not embedded.status(data_dir).initialised
+    monkeypatch.delenv("IMGEMBED_DATABASE_URL")
+    (tmp_path / "afile").write_text("x")
+    monkeypatch.setenv("IMGEMBED_DATA_DIR", str(tmp_path / "afile" / "sub"))
+    status = run_process("db", "status")  # said "not created yet"
+    assert status.returncode == 3 and "is a file" in status.stderr
+
+
 def test_db_status_says_when_the_keeper_was_killed(data_dir):
     """kill -9 of the keeper (OOM killer, a careless pkill): the server is no longer kept up,
     and `db status` says so instead of "kept up until" a time that will not hold."""

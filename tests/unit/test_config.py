@@ -227,6 +227,23 @@ def test_a_bad_setting_is_named_by_its_variable(monkeypatch):
     with pytest.raises(ConfigurationError, match=r"IMGEMBED_QDRANT_URL .* not a folder"):
         load_settings(store="qdrant", qdrant_url="/srv/qdrant")
     assert load_settings(qdrant_url="http://qdrant:6333").qdrant_url == "http://qdrant:6333"
+    with pytest.raises(ConfigurationError, match=r"IMGEMBED_QDRANT_URL .* http://host:6333"):
+        load_settings(qdrant_url="qdrant")
+    # a database URL that is none is a setting to fix (exit 3), not a store error; its value
+    # (a password in it) is not repeated
+    for url in ("notaurl", "mysql://user:secret@db/x"):
+        with pytest.raises(ConfigurationError, match="IMGEMBED_DATABASE_URL") as caught:
+            load_settings(database_url=url)
+        assert "secret" not in str(caught.value) and "postgresql://user:password@" in str(
+            caught.value
+        )
+    for url in ("postgresql://u@db/x", "postgres://db/x", "host=/run/pg dbname=x"):
+        assert load_settings(database_url=url).database_url == url
+    assert load_settings(database_url=" ").database_url is None
+    # an empty root list refused every path; formats as the README's table shows them
+    with pytest.raises(ConfigurationError, match="IMGEMBED_ALLOWED_ROOTS .* names no folder"):
+        load_settings(allowed_roots="")
+    assert load_settings(supported_formats="jpg png").supported_formats == [".jpg", ".png"]
 
 
 @pytest.mark.parametrize("keys", [",", " ", ""])

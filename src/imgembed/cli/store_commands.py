@@ -334,7 +334,15 @@ def db_start(
 
     seconds = _duration(keep)
     try:
-        until = embedded.keep(make_settings().data_dir, seconds, runner="imgembed.resident")
+        settings = make_settings()
+        if settings.database_url:
+            err.print(
+                "error: IMGEMBED_DATABASE_URL names an external PostgreSQL: there is no embedded "
+                "server to start or keep up",
+                highlight=False,
+            )
+            raise typer.Exit(3)
+        until = embedded.keep(settings.data_dir, seconds, runner="imgembed.resident")
     except ImgEmbedError as exc:
         raise fail(exc) from exc
     typer.echo(f"running; kept up until {_clock(until)}, searches answered by its process")

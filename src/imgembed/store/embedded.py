@@ -28,7 +28,7 @@ from typing import Any
 import filelock
 import psutil
 
-from imgembed.config import make_data_dir
+from imgembed.config import check_data_dir, make_data_dir
 from imgembed.errors import StoreError, StoreFullError, StoreUnavailableError
 from imgembed.store.faults import disk_full
 
@@ -346,6 +346,7 @@ class Status:
 
 
 def status(data_dir: Path) -> Status:
+    check_data_dir(data_dir)
     folder = pgdata(data_dir)
     pid, socket = None, None
     try:
