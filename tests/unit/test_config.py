@@ -241,7 +241,7 @@ def test_a_bad_setting_is_named_by_its_variable(monkeypatch):
         assert load_settings(database_url=url).database_url == url
     assert load_settings(database_url=" ").database_url is None
     # an empty root list refused every path; formats as the README's table shows them
-    with pytest.raises(ConfigurationError, match="IMGEMBED_ALLOWED_ROOTS .* names no folder"):
+    with pytest.raises(ConfigurationError, match=r"IMGEMBED_ALLOWED_ROOTS .* names no folder"):
         load_settings(allowed_roots="")
     assert load_settings(supported_formats="jpg png").supported_formats == [".jpg", ".png"]
 
