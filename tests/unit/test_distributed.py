@@ -99,3 +99,17 @@ def test_a_local_qdrant_is_refused_before_ray_starts(monkeypatch, tmp_path):
     service = types.SimpleNamespace(settings=load_settings(store="qdrant", data_dir=tmp_path))
     with pytest.raises(ConfigurationError, match="Qdrant's local files serve one process"):
         index(service, [], "x", address="local")
+
+
+def test_encoder_actors_that_would_leave_no_cpu_to_decode_are_refused(monkeypatch):
+    """IMGEMBED_RAY_ACTORS=2 on a 2-CPU cluster waited for ever at 0/N, without a word."""
+    from imgembed.config import load_settings
+    from imgembed.distributed import cluster, stages
+
+    monkeypatch.setattr(cluster, "cluster_cpus", lambda: 2)
+    assert stages.encoder_actors(load_settings()) == 1  # half the CPUs
+    for given, room in (({"ray_actors": 2}, "at most 1 actor"), ({"ray_actor_cpus": 4}, "lower")):
+        with pytest.raises(ConfigurationError, match=f"leaving none to read.*{room}"):
+            stages.encoder_actors(load_settings(**given))
+    monkeypatch.setattr(cluster, "cluster_cpus", lambda: 8)
+    assert stages.encoder_actors(load_settings(ray_actors=3, ray_actor_cpus=2)) == 3

@@ -63,7 +63,15 @@ def connect(address: str | None, settings: Settings) -> Iterator[None]:
     try:
         ray.init(address=address, **options)
     except (ConnectionError, RuntimeError, ValueError) as exc:
-        raise ConfigurationError(f"cannot connect to the Ray cluster at {address}: {exc}") from exc
+        hint = ""
+        if address not in ("local", "auto") and "RAY_AUTH_MODE" not in os.environ:
+            hint = (  # measured on Ray 2.60: `auto` connects to such a head, an address not
+                "; if the cluster uses Ray's token authentication, set RAY_AUTH_MODE=token "
+                "here too, or use --ray auto on a node of it"
+            )
+        raise ConfigurationError(
+            f"cannot connect to the Ray cluster at {address}: {exc}{hint}"
+        ) from exc
     finally:
         # Ray's core worker puts its crash handler on SIGTERM (an abort, exit 134); the
         # CLI's own handler stops a run as Ctrl-C does, keeping what was stored.

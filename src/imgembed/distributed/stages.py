@@ -34,7 +34,7 @@ from imgembed.config import Settings, load_settings
 from imgembed.distributed import cluster
 from imgembed.engine.cache import EmbeddingCache
 from imgembed.engine.pipeline import ImagePipeline
-from imgembed.errors import EncodeError
+from imgembed.errors import ConfigurationError, EncodeError
 from imgembed.intake.image_input import Intake
 from imgembed.intake.names import restore
 from imgembed.intake.sources import is_url
@@ -193,11 +193,7 @@ def stages(
     facts = EncoderFacts(encoder.ref, encoder.dimension, encoder.preprocessor, encoder.fingerprint)
     namespace = ImagePipeline.cache_namespace(encoder, settings.exact)
     gpus = 1 if _wants_gpu(settings) else 0
-    actors = settings.ray_actors or (
-        cluster.cluster_gpus()
-        if gpus
-        else max(1, int(cluster.cluster_cpus() // 2 // settings.ray_actor_cpus))
-    )
+    actors = encoder_actors(settings, gpus)
     prepared = ds.map_batches(
         prepare,
         batch_size=settings.batch_size,
@@ -223,6 +219,27 @@ def stages(
         num_cpus=settings.ray_actor_cpus,
         num_gpus=gpus,
     )
+
+
+def encoder_actors(settings: Settings, gpus: int = 0) -> int:
+    """How many encoder actors to start: IMGEMBED_RAY_ACTORS, else one per GPU or half the
+    CPUs; refused if they would leave no CPU to the decode tasks (Ray would wait for ever)."""
+    cpus = cluster.cluster_cpus()
+    each = settings.ray_actor_cpus
+    actors = settings.ray_actors or (
+        cluster.cluster_gpus() if gpus else max(1, int(cpus // 2 // each))
+    )
+    if actors * each > cpus - 1:
+        fit = int((cpus - 1) // each)
+        room = (f"at most {fit} actor(s) of {each:g} CPU fit" if fit else
+                "lower IMGEMBED_RAY_ACTOR_CPUS or add CPUs")  # fmt: skip
+        raise ConfigurationError(
+            f"{actors} encoder actor(s) x {each:g} CPU (IMGEMBED_RAY_ACTORS x "
+            f"IMGEMBED_RAY_ACTOR_CPUS) would hold {actors * each:g} of the cluster's {cpus} "
+            f"CPUs, leaving none to read and decode the images, and the run would wait for "
+            f"ever: {room}"
+        )
+    return actors
 
 
 def from_rows(rows: list[dict[str, Any]], batch_size: int) -> ray.data.Dataset:
