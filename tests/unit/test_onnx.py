@@ -262,3 +262,12 @@ def test_token_counts_are_what_the_text_tower_reads_on_both_runtimes():
     assert counts[:4] == [7, 2, 6, 77]  # start + tokens + end; "!~!~" has id 0 twice; cut at 77
     with ImageEmbeddingService(runtime="onnx", **TINY) as onnx_service:
         assert onnx_service.count_tokens(texts) == counts
+
+
+def test_a_model_only_torch_runs_is_refused_before_any_export_is_announced(caplog, tmp_path):
+    caplog.set_level(logging.INFO)
+    service = ImageEmbeddingService(model="efficientnet-lite0", runtime="onnx", data_dir=tmp_path)
+    with pytest.raises(ConfigurationError, match="runs on the torch runtime only"):
+        service.encoder  # noqa: B018
+    assert not any("export" in r.getMessage() for r in caplog.records)
+    assert not (tmp_path / "onnx").exists()

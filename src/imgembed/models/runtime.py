@@ -10,7 +10,7 @@ from typing import Protocol
 import numpy as np
 
 from imgembed.config import Settings
-from imgembed.errors import EncodeError
+from imgembed.errors import ConfigurationError, EncodeError
 from imgembed.models import auto, registry
 from imgembed.models.preprocess import Preprocessor
 from imgembed.models.registry import ModelRef
@@ -79,11 +79,17 @@ class TorchEncoder:
 
 def create_encoder(ref: ModelRef, settings: Settings) -> Encoder:
     settings = auto.resolve(settings, ref)
+    family = registry.facts(ref.name).family
+    if settings.runtime == "onnx" and family != "open_clip":  # before "exporting ..." is said
+        raise ConfigurationError(
+            f"{ref.name} runs on the torch runtime only: leave out --runtime onnx "
+            "(IMGEMBED_RUNTIME)"
+        )
     if settings.runtime == "onnx":
         from imgembed.models.onnx_runtime import OnnxEncoder
 
         return OnnxEncoder(ref, settings)
-    if registry.facts(ref.name).family == "efficientnet":
+    if family == "efficientnet":
         from imgembed.models.efficientnet import EfficientNetEncoder
 
         return EfficientNetEncoder(ref, settings)
