@@ -172,11 +172,13 @@ def test_exit_codes_for_unavailable_model_and_bad_config(photos):
     assert ftp.returncode == 1 and "ftp://example.org/a.jpg: ftp:// is not fetched" in ftp.stderr
 
 
-def test_verify_says_why_no_image_could_be_read():
+def test_verify_says_why_no_image_could_be_read(tmp_path):
     broken = Path(__file__).resolve().parents[2] / ".testdata" / "pillow" / "broken.png"
     proc = run("models", "verify", "imgembed-tiny", "--pretrained", "seed:0", "--images", broken)
-    assert proc.returncode == 5
+    assert proc.returncode == 3  # the argument is at fault: configuration, not "other"
     assert f"no image could be read to verify with: {broken}: not a recognised" in proc.stderr
+    proc = run("models", "verify", "imgembed-tiny", "--pretrained", "seed:0", "--images", tmp_path)
+    assert proc.returncode == 3 and "folder holds no images" in proc.stderr  # "not a file"
 
 
 def test_a_misspelt_variable_is_one_warning_line(monkeypatch):

@@ -20,7 +20,7 @@ from imgembed.cli.common import (
     fail,
     make_service,
 )
-from imgembed.errors import ImgEmbedError
+from imgembed.errors import ConfigurationError, ImgEmbedError
 
 models_app = typer.Typer(help="Known models; ONNX export and verification.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
@@ -146,7 +146,11 @@ def models_verify(
             err.print("no --images: using synthetic test images; your own photos say more")
             sources = synthetic_images(limit)
         else:
-            sources = expand_paths([str(images)], service.settings.supported_formats)[:limit]
+            unlisted: list[ImgEmbedError] = []  # a folder with no images, or none there
+            found = expand_paths([str(images)], service.settings.supported_formats, unlisted)
+            sources = found[:limit]
+            if not sources and unlisted:
+                raise ConfigurationError(f"--images: {unlisted[0]}")
         with err.status(f"verifying {service.model_ref} ({runtime} {precision}) ..."):
             report = verify(service.model_ref, service.settings, sources)
     except ImgEmbedError as exc:

@@ -15,7 +15,7 @@ from PIL import Image
 
 from imgembed.config import Settings
 from imgembed.engine.similarity import l2_normalize
-from imgembed.errors import ImgEmbedError
+from imgembed.errors import ConfigurationError, ImgEmbedError
 from imgembed.intake.image_input import Intake
 from imgembed.models import auto
 from imgembed.models.registry import ModelRef
@@ -79,7 +79,7 @@ def verify(ref: ModelRef, settings: Settings, images: Sequence[Path | bytes]) ->
             failed.append(f"{source if isinstance(source, Path | str) else 'bytes'}: {exc!r}")
     if not pixels:
         why = f": {'; '.join(failed[:3])}" if failed else " (none given)"
-        raise ImgEmbedError(f"no image could be read to verify with{why}")
+        raise ConfigurationError(f"no image could be read to verify with{why}")
     batch = np.stack(pixels)
     size = settings.batch_size
     (ours, ours_rate), (theirs, theirs_rate) = _encode_timed([candidate, reference], batch, size)
