@@ -94,6 +94,16 @@ def test_incremental_index_skip_change_and_prune(data_dir, photos, tmp_path, mon
             assert stats.failures[0]["error_type"] == "ImageNotFoundError"
         assert len(service.store.hashes("shop")) == 5
 
+        # a catalogue row that names its id but no image keeps that item and blocks no
+        # pruning of the others (it read as "some sources could not be read")
+        listed = tmp_path / "k.csv"
+        kept = sorted(service.store.hashes("shop"))
+        listed.write_text(f"id,image\n{kept[0]},{kept[0]}\n{kept[1]},\n")
+        items = read_index_sources([str(listed)], service.settings.supported_formats)
+        stats = service.index(items, "shop", prune=True)
+        assert (stats.failed, stats.pruned, stats.prune_skipped) == (1, 3, False)
+        assert sorted(service.store.hashes("shop")) == kept[:2]
+
 
 def test_ids_do_not_depend_on_the_working_directory(tmp_path, photos, monkeypatch):
     folder = tmp_path / "pics"

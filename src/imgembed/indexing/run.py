@@ -133,7 +133,8 @@ def _run(
     if not existed and not stats.successful:  # every image failed: no empty collection either
         store.drop_collection(collection)
         return
-    finish(store, collection, items, stored, prune, bool(unusable), stats)
+    # a row that names its id (but no usable image) keeps that item; it blocks no pruning
+    finish(store, collection, items, stored, prune, any(i.unknown for i in unusable), stats)
 
 
 def _exists(store: VectorStore, collection: str) -> bool:

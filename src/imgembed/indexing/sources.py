@@ -42,6 +42,12 @@ class IndexItem:
     metadata: dict[str, Any] = field(default_factory=dict)
     error: ImageError | None = None  # set when the source itself cannot be used
 
+    @property
+    def unknown(self) -> bool:
+        """Unusable, and standing for no id (a list or folder that could not be read, a
+        row without an id): what it held is unknown, so a run must not prune."""
+        return self.error is not None and self.id == self.source
+
 
 def read_index_sources(entries: Iterable[str], extensions: Iterable[str]) -> list[IndexItem]:
     """Items in order; a repeated id keeps its first occurrence."""
