@@ -29,6 +29,7 @@ from imgembed import ImageEmbeddingService
 from imgembed.errors import (
     InvalidRecordError,
     StoreBusyError,
+    StoreError,
     StoreFullError,
     StoreUnavailableError,
 )
@@ -294,6 +295,23 @@ def test_after_a_failed_reconnect_calls_fail_at_once_then_try_again(data_dir, mo
     store._db._down = (0.0, store._db._down[1])
     assert store.collections() == []
     store.close()
+
+
+def test_a_running_template_is_refused_and_leaves_no_broken_data_dir(
+    data_dir, tmp_path, monkeypatch
+):
+    """A copy of a running server's folder took its lock files along: that data directory
+    then failed to start for good."""
+    embedded.start(data_dir)
+    monkeypatch.setenv("IMGEMBED_PGDATA_TEMPLATE", str(embedded.pgdata(data_dir)))
+    other = tmp_path / "other"
+    with pytest.raises(StoreError, match="in use by a running server"):
+        embedded.start(other)
+    embedded.stop(data_dir)
+    url = embedded.start(other)  # from the template, now stopped
+    with psycopg.connect(url) as connection:
+        assert connection.execute("SELECT 1").fetchone() == (1,)
+    embedded.stop(other)
 
 
 def test_disk_full_injected_at_the_driver(data_dir, photos, monkeypatch):

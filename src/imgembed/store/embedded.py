@@ -140,10 +140,16 @@ def _copy_template(folder: Path) -> None:
         return
     if not (Path(template) / "PG_VERSION").is_file():
         raise StoreError(f"IMGEMBED_PGDATA_TEMPLATE={template} is no PostgreSQL data folder")
+    pid = _first_pid(Path(template) / "postmaster.pid")
+    if pid is not None and _alive(pid):  # a copy of it in use would not start, nor recover
+        raise StoreError(
+            f"IMGEMBED_PGDATA_TEMPLATE={template} is in use by a running server (pid {pid}): "
+            "a template is a stopped data folder; stop that server first"
+        )
     staging = folder.with_name(f"{folder.name}.copy-{os.getpid()}")
     # cp -a keeps the owner (the server's own user when run as root) and the 0700 modes
     subprocess.run(["cp", "-a", template, str(staging)], check=True, capture_output=True)
-    for leftover in ("postmaster.pid", _HANDLES, "log"):
+    for leftover in ("postmaster.pid", _HANDLES, _KEEPER, "log", *staging.glob(".s.PGSQL.*")):
         (staging / leftover).unlink(missing_ok=True)
     try:
         staging.replace(folder)  # atomic; an empty folder is replaced
