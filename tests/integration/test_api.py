@@ -331,7 +331,8 @@ def test_texts_and_openai_compatible_embeddings(client, root, library):
     wrong = client.post("/v1/embeddings", json={**body, "dimensions": 32})
     assert wrong.status_code == 422 and "64 dimensions" in wrong.json()["error"]["message"]
     other = client.post("/v1/embeddings", json={**body, "model": "text-embedding-3-small"})
-    assert other.status_code == 422 and other.json()["error"]["type"] == "UnknownModelError"
+    assert other.status_code == 404 and other.json()["error"]["type"] == "UnknownModelError"
+    assert other.json()["error"]["code"] == "model_not_found"  # as OpenAI says it
     tokens = client.post("/v1/embeddings", json={"input": [1, 2, 3], "model": "imgembed-tiny"})
     assert tokens.status_code == 422 and tokens.json()["error"]["type"] == "ValidationError"
     assert "token arrays" in tokens.json()["error"]["message"]
@@ -340,7 +341,7 @@ def test_texts_and_openai_compatible_embeddings(client, root, library):
     bad_image = client.post(
         "/v1/embeddings", json={"input": "data:image/png;base64," + _b64(b"junk"), "model": "x"}
     )
-    assert bad_image.status_code == 422  # the model is checked first
+    assert bad_image.status_code == 404  # the model is checked first
     bad_image = client.post(
         "/v1/embeddings",
         json={"input": "data:image/png;base64," + _b64(b"junk"), "model": "imgembed-tiny"},

@@ -83,7 +83,8 @@ def status_of(error: ImgEmbedError) -> int:
 def error_body(path: str, error: dict[str, Any], request_id: str | None) -> dict[str, Any]:
     """The one error shape: `error_dict` plus the request id (OpenAI's shape under /v1/)."""
     if path.startswith("/v1/"):
-        return {"error": {"message": error["error"], "type": error["error_type"], "code": None}}
+        code = "model_not_found" if error["error_type"] == "UnknownModelError" else None
+        return {"error": {"message": error["error"], "type": error["error_type"], "code": code}}
     return {**error, "request_id": request_id}
 
 
@@ -97,6 +98,8 @@ def error_response(
 async def _imgembed_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ImgEmbedError)
     status = status_of(exc)
+    if isinstance(exc, UnknownModelError) and request.url.path.startswith("/v1/"):
+        status = 404  # as OpenAI answers a model it does not serve
     headers = None
     if isinstance(exc, UnavailableError):
         headers = {"Retry-After": str(max(1, round(exc.retry_after)))}
