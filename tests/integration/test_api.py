@@ -837,6 +837,42 @@ def test_a_collection_another_process_indexes_is_refused_before_a_job_starts(dat
         assert (done["status"], done["stats"]["successful"]) == ("done", 2), done
 
 
+def test_jobs_can_be_cancelled_and_a_repeated_request_gets_the_queued_job(
+    data_dir, root, monkeypatch
+):
+    import imgembed.service
+    from tests.fakes import FakeEncoder
+
+    real = imgembed.service.create_encoder
+    monkeypatch.setattr(
+        imgembed.service, "create_encoder", lambda ref, s: FakeEncoder(real(ref, s), delay=0.3)
+    )
+    for n in range(24):
+        Image.open(root / "astronaut.png").crop((n, n, 200 + n, 200 + n)).save(root / f"c{n}.png")
+    body = {"sources": [str(root / f"c{n}.png") for n in range(24)]}
+    with _client(allowed_roots=[root], batch_size=4) as client:
+        running = client.post("/api/v1/collections/a/index", json=body).json()
+        waiting = client.post("/api/v1/collections/b/index", json=body).json()
+        again = client.post("/api/v1/collections/b/index", json=body).json()  # a client's retry
+        assert again["job_id"] == waiting["job_id"] != running["job_id"]
+        other = client.post("/api/v1/collections/b/index", json={**body, "prune": True}).json()
+        assert other["job_id"] != waiting["job_id"]  # another request: its own job
+        dropped = client.delete(f"/api/v1/jobs/{waiting['job_id']}").json()
+        assert dropped["status"] == "cancelled" and dropped["progress"] is None
+        while (job := client.get(running["url"]).json())["progress"] is None:
+            time.sleep(0.05)
+        client.delete(f"/api/v1/jobs/{running['job_id']}")
+        while (job := client.get(running["url"]).json())["status"] == "running":
+            time.sleep(0.05)
+        assert job["status"] == "cancelled" and "cancelled by a request" in job["error"]["error"]
+        assert job["resume"].startswith("send the same request again")
+        stored = {c["name"]: c["count"] for c in client.get("/api/v1/collections").json()}
+        assert 0 < stored["a"] < 24  # what it stored stays
+        done = _job(client, client.post("/api/v1/collections/b/index", json=body))
+        assert done["status"] == "done"
+        assert client.delete("/api/v1/jobs/nope").status_code == 404
+
+
 def test_shutdown_stops_an_index_job_at_a_stored_batch_and_a_rerun_resumes(
     data_dir, root, monkeypatch, caplog
 ):

@@ -37,6 +37,8 @@ class Job:
     created: float = field(default_factory=time.time)
     finished: float | None = None
     resume: str = ""  # how to go on after a failure or a stop: what was stored stays
+    key: str = ""  # what the job does: an equal request while it is queued gets this job
+    cancel: threading.Event = field(default_factory=threading.Event, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         stats = None
@@ -74,9 +76,15 @@ class Jobs:
         total: int,
         run: Callable[[ProgressCallback], Any],
         resume: str = "",
+        key: str = "",
     ) -> Job:
-        job = Job(uuid.uuid4().hex, kind, target, total, resume=resume)
+        """A new job, or the queued one that does the same (`key`): a client that repeats
+        its request (a retry loop) does not queue the same work many times."""
         with self._lock:
+            for queued in self._jobs.values():
+                if key and queued.key == key and queued.status == "queued":
+                    return queued
+            job = Job(uuid.uuid4().hex, kind, target, total, resume=resume, key=key)
             self._jobs[job.id] = job
             while len(self._jobs) > KEEP and next(iter(self._jobs.values())).finished:
                 self._jobs.popitem(last=False)
@@ -101,13 +109,29 @@ class Jobs:
             )
         return job
 
+    def cancel(self, job_id: str) -> Job:
+        """Stops a job: a queued one at once, a running one after its batch in progress is
+        stored (what it stored stays; see `resume`). A finished one is left as it is."""
+        job = self.get(job_id)
+        with self._lock:
+            job.cancel.set()
+            if job.status == "queued":
+                job.status, job.finished = "cancelled", time.time()
+                job.error = error_dict(UnavailableError("cancelled before it started"))
+        return job
+
     def _run(self, job: Job, run: Callable[[ProgressCallback], Any]) -> None:
         def progress(state: Progress) -> None:
             job.progress = state
             if self._stopping.is_set():  # stored batches stay; a rerun resumes after them
                 raise UnavailableError("the server is shutting down")
+            if job.cancel.is_set():
+                raise UnavailableError("cancelled by a request (DELETE of the job)")
 
-        job.status = "running"
+        with self._lock:
+            if job.cancel.is_set():  # cancelled while it was queued
+                return
+            job.status = "running"
         try:
             job.stats = run(progress)
             job.status = "done"

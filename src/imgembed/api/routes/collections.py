@@ -5,6 +5,7 @@ Store calls block, so these routes are plain functions run in FastAPI's thread p
 from __future__ import annotations
 
 import contextlib
+import json
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
@@ -89,6 +90,7 @@ def index(name: str, body: IndexRequest, state: State) -> dict[str, Any]:
         len(items),
         lambda progress: service.index(items, name, prune=body.prune, progress=progress),
         resume="send the same request again: it adds only what is not stored yet",
+        key=json.dumps(["index", name, body.model_dump(mode="json")], sort_keys=True),
     )
     return {"job_id": job.id, "status": job.status, "total": len(items),
             "url": f"/api/v1/jobs/{job.id}"}  # fmt: skip
@@ -97,6 +99,14 @@ def index(name: str, body: IndexRequest, state: State) -> dict[str, Any]:
 @router.get("/jobs/{job_id}", summary="A background job's status, progress and statistics")
 def job(job_id: str, state: State) -> dict[str, Any]:
     return state.jobs.get(job_id).to_dict()
+
+
+@router.delete(
+    "/jobs/{job_id}",
+    summary="Cancel a job: a queued one at once, a running one after its current batch",
+)
+def cancel_job(job_id: str, state: State) -> dict[str, Any]:
+    return state.jobs.cancel(job_id).to_dict()
 
 
 @router.delete("/collections/{name}/items", summary="Delete items by id")

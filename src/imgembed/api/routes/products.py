@@ -5,6 +5,7 @@ FastAPI's thread pool, except search, which reads an upload first."""
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Annotated, Any
 
@@ -92,7 +93,8 @@ def _embed_job(
         f'POST /api/v1/stores/{store_id}/embed with mode "changed": it embeds what this run '
         "did not (also after a forced run)"
     )
-    job = state.jobs.submit("catalog-embed", store_id, total, run, resume)
+    key = json.dumps(["catalog-embed", store_id, body.model_dump(mode="json")], sort_keys=True)
+    job = state.jobs.submit("catalog-embed", store_id, total, run, resume, key)
     return {"job_id": job.id, "status": job.status, "total": total,
             "url": f"/api/v1/jobs/{job.id}"}  # fmt: skip
 
