@@ -6,6 +6,7 @@ import base64
 import contextlib
 import json
 import logging
+import re
 import shutil
 import threading
 import time
@@ -732,6 +733,16 @@ def test_collections_index_search_duplicates_thumbnails(data_dir, root, library,
         assert (stats["total"], stats["successful"], stats["failed"]) == (5, 4, 1)
         assert stats["failures"][0]["error_type"] == "InvalidImageError"
         assert job["progress"]["done"] == 5
+        # a job's images count in the server's metrics, as a request's do
+        counted = {
+            outcome: float(value)
+            for outcome, value in re.findall(
+                r'imgembed_images_total\{outcome="(\w+)"\} ([\d.]+)',
+                client.get("/metrics").text,
+            )
+        }
+        assert counted.get("embedded", 0) + counted.get("cached", 0) == 4, counted
+        assert counted["failed"] == 1
         listed = client.get("/api/v1/collections").json()
         assert [(c["name"], c["count"]) for c in listed] == [("shop", 4)]
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from imgembed.api.errors import NotFoundError
+from imgembed.api.metrics import Metrics
 from imgembed.engine.pipeline import Progress, ProgressCallback
 from imgembed.errors import ImgEmbedError, UnavailableError, error_dict
 
@@ -63,7 +64,8 @@ class Job:
 
 
 class Jobs:
-    def __init__(self) -> None:
+    def __init__(self, metrics: Metrics | None = None) -> None:
+        self._metrics = metrics  # a job's images count in the server's image metrics too
         self._pool = ThreadPoolExecutor(1, "imgembed-job")
         self._jobs: OrderedDict[str, Job] = OrderedDict()
         self._lock = threading.Lock()
@@ -122,7 +124,11 @@ class Jobs:
 
     def _run(self, job: Job, run: Callable[[ProgressCallback], Any]) -> None:
         def progress(state: Progress) -> None:
-            job.progress = state
+            last, job.progress = job.progress or Progress(state.total), state
+            if self._metrics is not None:
+                for outcome in ("embedded", "cached", "failed"):
+                    if (count := getattr(state, outcome) - getattr(last, outcome)) > 0:
+                        self._metrics.outcome(outcome, count)
             if self._stopping.is_set():  # stored batches stay; a rerun resumes after them
                 raise UnavailableError("the server is shutting down")
             if job.cancel.is_set():

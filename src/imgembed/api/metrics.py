@@ -60,12 +60,13 @@ class Metrics:
         self.batch_size.labels(kind).observe(size)
         self.encode_seconds.labels(kind).observe(seconds)
 
-    def outcome(self, outcome: str) -> None:
-        self.images.labels(outcome).inc()
+    def outcome(self, outcome: str, count: int = 1) -> None:
+        """`count` images with this outcome (a job reports a batch's at once)."""
+        self.images.labels(outcome).inc(count)
         if outcome != "failed":
             now = time.monotonic()
             with self._lock:
-                self._answered.append(now)
+                self._answered.extend([now] * count)
                 self._trim(now)
 
     # -- requests ----------------------------------------------------------------------------

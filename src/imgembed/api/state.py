@@ -38,7 +38,7 @@ class AppState:
         self.settings = settings
         self.service = service
         self.metrics = Metrics()
-        self.jobs = Jobs()
+        self.jobs = Jobs(self.metrics)
         self._batchers: dict[int, Batcher] = {}
         self._loading: dict[int, asyncio.Task[Batcher]] = {}
         self._catalogs: dict[tuple[str, str, str], Catalog] = {}
