@@ -167,6 +167,10 @@ class RequestTooLargeError(ImgEmbedError):
     """A request over one of the service's limits (body size, inputs per request)."""
 
 
+class RequestTimeoutError(ImgEmbedError):
+    """A request whose body stopped arriving (HTTP 408)."""
+
+
 class UnavailableError(ImgEmbedError):
     """The service cannot take this work now (model loading, shutting down): retry later."""
 

@@ -590,6 +590,32 @@ def test_a_path_that_is_not_utf8_is_refused_not_read_as_another_name(client):
     assert client.get("/api/v1/stores").json()[0]["store_id"] == "café"
 
 
+def test_a_body_that_stops_arriving_is_a_408_and_frees_its_connection(monkeypatch):
+    """A client trickling (or stopping) its body held the connection for ever."""
+    import socket
+
+    from imgembed.api import middleware
+    from tests.serving import serve_in_thread
+
+    monkeypatch.setattr(middleware, "BODY_IDLE_SECONDS", 1.0)
+    app = create_app(load_settings(**TINY))
+    with serve_in_thread(app) as base:
+        port = int(base.rsplit(":", 1)[1])
+        starts = {
+            "/api/v1/embeddings/text": ("application/json", b'{"texts": ["a'),
+            "/api/v1/embeddings/image": ("multipart/form-data; boundary=x", b"--x\r\nContent-"),
+        }
+        for path, (kind, start) in starts.items():
+            with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+                head = f"POST {path} HTTP/1.1\r\nHost: t\r\nContent-Type: {kind}\r\n"
+                sock.sendall(f"{head}Content-Length: 1000\r\n\r\n".encode() + start)
+                answer = ""
+                while not answer.endswith("}") and (part := sock.recv(65536)):
+                    answer += part.decode()
+            assert answer.startswith("HTTP/1.1 408"), answer
+            assert '"error_type":"RequestTimeoutError"' in answer and "stopped arriving" in answer
+
+
 def test_not_ready_for_good_when_the_model_cannot_load(root, monkeypatch):
     import imgembed.service
     from imgembed.errors import ModelUnavailableError

@@ -252,3 +252,18 @@ def test_serve_refuses_settings_that_cannot_work(tmp_path):
     assert proc.returncode == 3, proc.stderr
     assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in proc.stderr
     assert "loading imgembed-tiny" not in proc.stderr
+
+
+def test_serve_takes_the_hard_limit_of_open_files():
+    """At a soft limit of 1,024 a few idle connections made the server refuse everyone."""
+    import resource
+
+    from imgembed.cli.serve_command import _more_open_files
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(256, hard), hard))
+        _more_open_files()
+        assert resource.getrlimit(resource.RLIMIT_NOFILE) == (hard, hard)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -12,6 +12,7 @@ PUBLIC = {
     "StoreBusyError",
     "TextEmbeddingError",
     "SourceListError",
+    "RequestTimeoutError",
     "RequestTooLargeError",
     "OverloadedError",
     "OutputError",

@@ -29,6 +29,7 @@ from imgembed.errors import (
     ModelUnavailableError,
     ProductNotFoundError,
     ProvenanceMismatchError,
+    RequestTimeoutError,
     RequestTooLargeError,
     SourceNotAllowedError,
     StoreBusyError,
@@ -57,6 +58,7 @@ STATUS: list[tuple[type[ImgEmbedError], int]] = [
     (SourceNotAllowedError, 403),
     (ImageTooLargeError, 413),
     (RequestTooLargeError, 413),
+    (RequestTimeoutError, 408),
     (UnsupportedFormatError, 415),
     (InvalidSourceError, 422),  # a malformed URL: the request, not the remote, is wrong
     (FetchError, 502),

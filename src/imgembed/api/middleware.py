@@ -22,7 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from imgembed.api.errors import error_body
 from imgembed.api.metrics import Metrics
 from imgembed.config import Settings
-from imgembed.errors import RequestTooLargeError
+from imgembed.errors import RequestTimeoutError, RequestTooLargeError
 
 access_log = logging.getLogger("imgembed.access")
 log = logging.getLogger("imgembed.api")
@@ -32,6 +32,7 @@ OPEN_PATHS = ("/health", "/ready", "/", "/docs", "/docs/oauth2-redirect", "/open
 OPEN_PREFIXES = ("/static/", "/docs-static/")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 CLIENT_GONE = 499  # nginx's status for a client that closed the connection first
+BODY_IDLE_SECONDS = 30.0  # a request body with no byte for this long is refused (408)
 
 
 class RequestContext:
@@ -133,14 +134,26 @@ class RequestContext:
         return None
 
     def _limited(self, receive: Receive) -> Receive:
-        """Counts body bytes as they arrive (chunked uploads carry no length)."""
-        seen = 0
+        """Counts body bytes as they arrive (chunked uploads carry no length), and ends a body
+        that stops arriving: a client trickling a byte now and then would hold its
+        connection, and what it is sent for, for ever."""
+        seen, complete = 0, False
 
         async def receive_limited() -> Message:
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, complete
+            if complete:  # after the body: waiting for a disconnect may take any time
+                return await receive()
+            try:
+                async with asyncio.timeout(BODY_IDLE_SECONDS):
+                    message = await receive()
+            except TimeoutError:
+                raise RequestTimeoutError(
+                    f"the request body stopped arriving: nothing came for {BODY_IDLE_SECONDS:g} "
+                    f"s after {seen:,} bytes"
+                ) from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
+                complete = not message.get("more_body", False)
                 if seen > self.max_body:
                     raise RequestTooLargeError(_too_large(seen, self.max_body)["error"])
             return message

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import resource
 import socket
 from typing import Annotated
 
@@ -63,6 +64,7 @@ def serve(
             settings = server_settings(service.settings)
     except ImgEmbedError as exc:
         raise fail(exc) from exc
+    _more_open_files()
     # uvicorn re-raises SIGTERM/SIGINT once it has shut down: a stop asked for and done is
     # exit 0, and at exit this process lets the embedded server go
     with contextlib.suppress(KeyboardInterrupt):
@@ -77,6 +79,15 @@ def serve(
             access_log=False,  # our middleware logs each request as JSON, with its id
             timeout_graceful_shutdown=settings.shutdown_timeout,
         )
+
+
+def _more_open_files() -> None:
+    """Each connection is a file: at the usual soft limit (1,024) a few idle clients made
+    the server refuse everyone ("Too many open files"). The hard limit is ours to take."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def _check_free(host: str, port: int) -> None:
