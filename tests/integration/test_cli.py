@@ -181,6 +181,16 @@ def test_verify_says_why_no_image_could_be_read(tmp_path):
     assert proc.returncode == 3 and "folder holds no images" in proc.stderr  # "not a file"
 
 
+def test_the_librarys_warnings_are_plain_warning_lines(tmp_path, monkeypatch):
+    """Not "WARNING:imgembed.engine.cache:..." from the root handler open_clip sets up."""
+    (tmp_path / "afile").write_text("x")
+    monkeypatch.setenv("IMGEMBED_CACHE_DIR", str(tmp_path / "afile" / "cache"))
+    photo = Path(__file__).resolve().parents[2] / ".testdata" / "photos" / "coffee.png"
+    proc = run_process("embed", str(photo), *TINY_ARGS)
+    assert proc.returncode == 0, proc.stderr
+    assert "warning: embedding cache" in proc.stderr and "WARNING:" not in proc.stderr
+
+
 def test_a_misspelt_variable_is_one_warning_line(monkeypatch):
     monkeypatch.setenv("IMGEMBED_BATCHSIZE", "3")
     proc = run_process("embed-text", "a cat", *TINY_ARGS)  # warnings print only in a process

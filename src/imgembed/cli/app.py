@@ -245,6 +245,23 @@ def _metadata_cells(path: Path | str, data: dict[str, Any]) -> list[str]:
     ]
 
 
+class _UserLines(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{record.levelname.lower()}: {record.getMessage()}"
+
+
+def _library_log() -> None:
+    """The library's warnings as the CLI's own lines ("warning: ..."), not in the raw
+    "WARNING:imgembed.engine.cache:" form of the root handler open_clip sets up. `serve`
+    replaces this with its JSON log."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(_UserLines())
+    logger = logging.getLogger("imgembed")
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING)
+    logger.propagate = False
+
+
 def main() -> None:
     from imgembed.cli import (  # noqa: F401 - register commands
         catalog_commands,
@@ -259,6 +276,7 @@ def main() -> None:
     # and log about them (TIFF samples, EXIF); open_clip's root logging.info() call puts a
     # stderr handler on the root logger that would print those lines into the progress
     logging.getLogger("PIL").setLevel(logging.CRITICAL)
+    _library_log()
     warnings.formatwarning = _warning  # ours are for users: the message, not our source line
     # SIGTERM (systemd, docker stop, kill) stops a command as Ctrl-C does: what was stored is
     # kept and the embedded PostgreSQL is let go at exit (by default nothing would clean up).
