@@ -193,14 +193,16 @@ class Settings(BaseSettings):
     @classmethod
     def _server_not_folder(cls, value: str | None) -> str | None:
         """A path here was taken for a host name ("Name or service not known")."""
-        if value is not None and value.strip().startswith(("/", ".", "~", "file:")):
+        if value is None or not value.strip():  # an empty variable: local files
+            return None
+        if value.strip().startswith(("/", ".", "~", "file:")):
             raise ValueError(
                 "names a Qdrant server (http://host:6333), not a folder: Qdrant's local files "
                 "live in the data directory (IMGEMBED_DATA_DIR/qdrant) when it is not set"
             )
-        if value is not None and not value.strip().startswith(("http://", "https://")):
+        if not value.strip().startswith(("http://", "https://")):
             raise ValueError("names a Qdrant server: http://host:6333 or https://...")
-        return value
+        return value.strip()
 
     @field_validator("supported_formats")
     @classmethod

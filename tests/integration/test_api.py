@@ -529,27 +529,34 @@ def test_a_hanging_database_holds_only_the_requests_that_need_it(root, monkeypat
     monkeypatch.setattr(api_state, "READY_STORE_SECONDS", 0.5)
     hang, hanging = threading.Event(), []
 
-    def provenance(store, name):
-        hanging.append(name)
+    def provenance(store, *args):
+        hanging.append(args)
         hang.wait(timeout=120)
         raise StoreUnavailableError("the database went away (a test)")
 
-    with _client(allowed_roots=[root]) as client, ThreadPoolExecutor(24) as pool:
+    with _client(allowed_roots=[root]) as client, ThreadPoolExecutor(72) as pool:
         monkeypatch.setattr(PostgresStore, "provenance", provenance)
+        monkeypatch.setattr(PostgresStore, "collections", provenance)
         search = {"query_text": "a cat", "collection": "photos"}
         waiting = [pool.submit(client.post, "/api/v1/search/image", json=search)
                    for _ in range(20)]  # fmt: skip
+        # plain routes wait on the database in FastAPI's own pool (40 threads): more of them
+        listing = [pool.submit(client.get, "/api/v1/collections") for _ in range(45)]
+        for _ in range(600):  # the first of them opens the store (starts its server)
+            if len(hanging) >= 50:
+                break
+            time.sleep(0.1)
+        assert len(hanging) >= 50 and not any(w.done() for w in waiting + listing)
         probes = [pool.submit(client.get, "/ready") for _ in range(3)]
         for probe in probes:  # each answers while the searches still wait
             ready = probe.result(timeout=60)
             assert ready.status_code == 503 and "not answering" in ready.json()["store"]
-        assert len(hanging) >= 10 and not any(w.done() for w in waiting)
         for _ in range(3):  # image requests: their paths resolved on the threads they need
-            answer = client.post("/api/v1/embeddings/image",
+            answer = pool.submit(client.post, "/api/v1/embeddings/image",
                                  json={"image_path": str(root / "rocket.jpg")})  # fmt: skip
-            assert answer.status_code == 200, answer.text
+            assert answer.result(timeout=60).status_code == 200  # not behind the database
         hang.set()
-        for future in waiting:
+        for future in waiting + listing:
             failed = future.result(timeout=120)
             assert failed.status_code == 503 and failed.headers["retry-after"] == "5"
 
@@ -908,6 +915,28 @@ def test_jobs_can_be_cancelled_and_a_repeated_request_gets_the_queued_job(
         done = _job(client, client.post("/api/v1/collections/b/index", json=body))
         assert done["status"] == "done"
         assert client.delete("/api/v1/jobs/nope").status_code == 404
+
+
+def test_a_failed_job_says_how_to_resume_only_when_a_rerun_can_help():
+    from imgembed.api.jobs import Jobs
+    from imgembed.errors import ConfigurationError, StoreUnavailableError
+
+    def failing(error):
+        def run(progress):
+            raise error
+
+        return run
+
+    jobs = Jobs()
+    down = jobs.submit("index", "a", 1, failing(StoreUnavailableError("db down")), "again")
+    wrong = jobs.submit("index", "b", 1, failing(ConfigurationError("bad")), "again")
+    for _ in range(600):
+        if down.finished and wrong.finished:
+            break
+        time.sleep(0.05)
+    jobs.close()
+    assert (down.status, down.to_dict()["resume"]) == ("failed", "again")
+    assert (wrong.status, wrong.to_dict()["resume"]) == ("failed", None)
 
 
 def test_shutdown_stops_an_index_job_at_a_stored_batch_and_a_rerun_resumes(

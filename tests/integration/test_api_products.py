@@ -66,6 +66,10 @@ def test_products_embed_search_and_stats_over_http(root, photos):
         assert (stats["successful"], stats["failed"], stats["text_only"]) == (count - 1, 1, 1)
         assert stats["failures"][0]["product_id"] == "elsewhere"
         assert stats["failures"][0]["error_type"] == "SourceNotAllowedError"
+        # the job's images in the server's metrics: the gift card has none
+        assert job["progress"]["embedded"] == len(photos)
+        metrics = client.get("/metrics").text
+        assert f'imgembed_images_total{{outcome="embedded"}} {float(len(photos))}' in metrics
 
         assert client.get("/api/v1/stores").json() == [{"store_id": "shop", "products": count}]
         card = client.get("/api/v1/stores/shop/products/77").json()

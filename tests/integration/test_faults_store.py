@@ -297,6 +297,25 @@ def test_after_a_failed_reconnect_calls_fail_at_once_then_try_again(data_dir, mo
     store.close()
 
 
+def test_a_live_connection_on_a_descriptor_over_1024_is_not_taken_for_a_lost_one(data_dir):
+    """`serve` takes the hard limit of open files; select() refused descriptors over 1,024
+    and every call then reconnected, dropping the run's session locks each time."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1200:
+        pytest.skip(f"this process may open {soft} files: no descriptor over 1,024 to test")
+    url = embedded.start(data_dir)
+    filler = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        with psycopg.connect(url) as connection:
+            assert connection.fileno() > 1024
+            assert not pgconn._closed_by_server(connection)
+    finally:
+        for fd in filler:
+            os.close(fd)
+
+
 def test_a_running_template_is_refused_and_leaves_no_broken_data_dir(
     data_dir, tmp_path, monkeypatch
 ):

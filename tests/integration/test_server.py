@@ -258,12 +258,14 @@ def test_serve_takes_the_hard_limit_of_open_files():
     """At a soft limit of 1,024 a few idle connections made the server refuse everyone."""
     import resource
 
-    from imgembed.cli.serve_command import _more_open_files
+    from imgembed.cli.serve_command import MAX_OPEN_FILES, _more_open_files
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (min(256, hard), hard))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
         _more_open_files()
-        assert resource.getrlimit(resource.RLIMIT_NOFILE) == (hard, hard)
+        unlimited = hard == resource.RLIM_INFINITY
+        expected = MAX_OPEN_FILES if unlimited else min(hard, MAX_OPEN_FILES)
+        assert resource.getrlimit(resource.RLIMIT_NOFILE) == (expected, hard)
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -229,6 +229,7 @@ def test_a_bad_setting_is_named_by_its_variable(monkeypatch):
     assert load_settings(qdrant_url="http://qdrant:6333").qdrant_url == "http://qdrant:6333"
     with pytest.raises(ConfigurationError, match=r"IMGEMBED_QDRANT_URL .* http://host:6333"):
         load_settings(qdrant_url="qdrant")
+    assert load_settings(qdrant_url=" ").qdrant_url is None  # an empty variable: local files
     # a database URL that is none is a setting to fix (exit 3), not a store error; its value
     # (a password in it) is not repeated
     for url in ("notaurl", "mysql://user:secret@db/x"):

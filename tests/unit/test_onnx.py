@@ -271,3 +271,11 @@ def test_a_model_only_torch_runs_is_refused_before_any_export_is_announced(caplo
         service.encoder  # noqa: B018
     assert not any("export" in r.getMessage() for r in caplog.records)
     assert not (tmp_path / "onnx").exists()
+
+
+def test_token_counts_of_a_tokenizer_without_an_end_id_skip_its_own_padding():
+    from imgembed.models.tokenizer import token_counts
+
+    ids = np.array([[101, 7, 0, 102, 1, 1], [101, 102, 1, 1, 1, 1]])  # 0: a word; 1: padding
+    assert token_counts(ids, None, pad=1) == [4, 2]
+    assert token_counts(ids, eot=102) == [4, 2]

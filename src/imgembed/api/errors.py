@@ -34,6 +34,7 @@ from imgembed.errors import (
     SourceNotAllowedError,
     StoreBusyError,
     StoreError,
+    StoreUnavailableError,
     TextEmbeddingError,
     UnavailableError,
     UnknownModelError,
@@ -107,7 +108,8 @@ async def _imgembed_error(request: Request, exc: Exception) -> JSONResponse:
         headers = {"Retry-After": str(max(1, round(exc.retry_after)))}
     elif isinstance(exc, EncodeError):
         headers = {"Retry-After": "1"}
-    elif status == 503 and isinstance(exc, StoreError):  # the database restarts, or is back
+    elif isinstance(exc, StoreUnavailableError) and not isinstance(exc, DataDirError):
+        # the database restarts, or is back soon (a data dir to fix is no matter of time)
         headers = {"Retry-After": str(round(STORE_RETRY_SECONDS))}
     if status == 500:
         log.error("unexpected library error", exc_info=exc)

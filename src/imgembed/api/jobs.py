@@ -19,9 +19,19 @@ from typing import Any
 from imgembed.api.errors import NotFoundError
 from imgembed.api.metrics import Metrics
 from imgembed.engine.pipeline import Progress, ProgressCallback
-from imgembed.errors import ImgEmbedError, UnavailableError, error_dict
+from imgembed.errors import (
+    EncodeError,
+    ImgEmbedError,
+    StoreBusyError,
+    StoreFullError,
+    StoreUnavailableError,
+    UnavailableError,
+    error_dict,
+)
 
 KEEP = 100  # finished jobs remembered
+# failures that a later run may not meet: a job failed by them says how to go on
+TRANSIENT = (StoreUnavailableError, StoreBusyError, StoreFullError, EncodeError)
 log = logging.getLogger("imgembed.api")
 
 
@@ -59,7 +69,7 @@ class Job:
             "error": self.error,
             "created": self.created,
             "finished": self.finished,
-            "resume": self.resume if self.status in ("failed", "cancelled") else None,
+            "resume": (self.resume or None) if self.status in ("failed", "cancelled") else None,
         }
 
 
@@ -151,6 +161,8 @@ class Jobs:
             )  # fmt: skip
         except ImgEmbedError as exc:
             job.status, job.error = "failed", error_dict(exc)
+            if not isinstance(exc, TRANSIENT):  # the same request would fail the same way
+                job.resume = ""
         except Exception as exc:  # a bug: the job says so instead of hanging as "running"
             log.exception("%s job %s failed", job.kind, job.id)
             job.status, job.error = "failed", {**error_dict(exc), "error_type": "InternalError"}

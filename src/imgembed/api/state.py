@@ -120,7 +120,8 @@ class AppState:
             model = True
         store: Any = True
         try:
-            check = self.in_store(self.service.store.provenance, self.settings.collection)
+            # the store opens on first use (starts a server, connects): in the thread too
+            check = self.in_store(lambda: self.service.store.provenance(self.settings.collection))
             await asyncio.wait_for(check, READY_STORE_SECONDS)
         except CollectionNotFoundError:
             pass  # the store answered
@@ -146,7 +147,9 @@ def _models(settings: Settings) -> tuple[str, str, str]:
     return (settings.model, settings.pretrained, settings.text_model)
 
 
-def get_state(request: Request) -> AppState:
+async def get_state(request: Request) -> AppState:
+    # async: a plain function would take a thread of the pool that plain routes (waiting on
+    # a database that hangs) may fill, and hold every request up behind them
     return request.app.state.imgembed
 
 

@@ -81,13 +81,17 @@ def serve(
         )
 
 
+MAX_OPEN_FILES = 1 << 20  # Linux's usual ceiling (fs.nr_open) where the hard limit has none
+
+
 def _more_open_files() -> None:
     """Each connection is a file: at the usual soft limit (1,024) a few idle clients made
     the server refuse everyone ("Too many open files"). The hard limit is ours to take."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+    target = min(hard, MAX_OPEN_FILES) if hard != resource.RLIM_INFINITY else MAX_OPEN_FILES
+    if soft != resource.RLIM_INFINITY and soft < target:
         with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
 def _check_free(host: str, port: int) -> None:

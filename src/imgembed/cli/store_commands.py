@@ -330,19 +330,11 @@ def db_start(
 ) -> None:
     """Start the embedded server and keep it up between commands (each would otherwise start
     and stop it); `imgembed db stop` ends it sooner."""
-    from imgembed.store import embedded
+    from imgembed.store import keep_embedded
 
     seconds = _duration(keep)
     try:
-        settings = make_settings()
-        if settings.database_url:
-            err.print(
-                "error: IMGEMBED_DATABASE_URL names an external PostgreSQL: there is no embedded "
-                "server to start or keep up",
-                highlight=False,
-            )
-            raise typer.Exit(3)
-        until = embedded.keep(settings.data_dir, seconds, runner="imgembed.resident")
+        until = keep_embedded(make_settings(), seconds, runner="imgembed.resident")
     except ImgEmbedError as exc:
         raise fail(exc) from exc
     typer.echo(f"running; kept up until {_clock(until)}, searches answered by its process")

@@ -133,7 +133,7 @@ def _index(
                 _fold(batch, stats, state)
                 if progress:
                     progress(Progress(**vars(state)))
-        finish(store, name, items, stored, prune, bool(unusable), stats)
+        finish(store, name, items, stored, prune, stats)
     stats.duration = time.perf_counter() - started
     return stats
 

@@ -133,8 +133,7 @@ def _run(
     if not existed and not stats.successful:  # every image failed: no empty collection either
         store.drop_collection(collection)
         return
-    # a row that names its id (but no usable image) keeps that item; it blocks no pruning
-    finish(store, collection, items, stored, prune, any(i.unknown for i in unusable), stats)
+    finish(store, collection, items, stored, prune, stats)
 
 
 def _exists(store: VectorStore, collection: str) -> bool:
@@ -190,13 +189,13 @@ def finish(
     items: Sequence[IndexItem],
     stored: Mapping[str, Any],
     prune: bool,
-    unreadable: bool,
     stats: IndexStats,
 ) -> None:
     """After a run's last batch: prune what is gone (not when some source could not be read:
-    what could not be read might still exist), build an index a bulk load set aside (also
-    one a stopped run left unbuilt) and refresh the planner's statistics."""
-    if prune and unreadable:
+    what it held might still exist; a row that names its id but no usable image keeps that
+    item and blocks nothing), build an index a bulk load set aside (also one a stopped run
+    left unbuilt) and refresh the planner's statistics."""
+    if prune and any(item.unknown for item in items):
         stats.prune_skipped = True
     elif prune:
         gone = set(stored) - {printable(item.id) for item in items}

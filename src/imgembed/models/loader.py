@@ -192,12 +192,17 @@ def _unavailable_message(
     exc: Exception,
     hub_problem: str | None,
 ) -> str:
-    if ref.is_file or ref.local_dir is not None:  # the weights are there: they do not fit
-        local = ref.pretrained if ref.is_file else ref.local_dir
+    if ref.local_dir is not None:  # the folder names its own architecture
+        return (
+            f"cannot load {ref}: {exc}\n{ref.local_dir} is there but does not load: a "
+            "local-dir: folder holds open_clip_config.json and the weights "
+            "(open_clip_model.safetensors, open_clip_pytorch_model.bin, ...), whole."
+        )
+    if ref.is_file:  # the weights are there: they do not fit
         return (
             f"cannot load weights for {ref}: {exc}\n"
-            f"{local} is there but does not load as {ref.name}: a checkpoint holds the weights "
-            "of one architecture (name that one with IMGEMBED_MODEL or --model; "
+            f"{ref.pretrained} is there but does not load as {ref.name}: a checkpoint holds the "
+            "weights of one architecture (name that one with IMGEMBED_MODEL or --model; "
             "`imgembed models list` shows them), and a file cut short or damaged does not load."
         )
     from huggingface_hub import constants

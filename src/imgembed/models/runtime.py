@@ -74,7 +74,9 @@ class TorchEncoder:
 
         tokenizer = self._loaded.tokenizer
         ids = tokenizer(list(texts)).numpy()
-        return token_counts(ids, getattr(tokenizer, "eot_token_id", None))
+        # open_clip's HFTokenizer (hf-hub: models) has no end id; it pads with its own
+        pad = getattr(getattr(tokenizer, "tokenizer", None), "pad_token_id", None) or 0
+        return token_counts(ids, getattr(tokenizer, "eot_token_id", None), pad)
 
 
 def create_encoder(ref: ModelRef, settings: Settings) -> Encoder:

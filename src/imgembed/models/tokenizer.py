@@ -91,10 +91,11 @@ class TextTokenizer:
         return out
 
 
-def token_counts(ids: np.ndarray, eot: int | None) -> list[int]:
+def token_counts(ids: np.ndarray, eot: int | None, pad: int = 0) -> list[int]:
     """Tokens each row of `ids` gives the text tower: up to its end token (included), or
-    its non-padding ids for a tokenizer without one (0 is a word in CLIP's vocabulary)."""
+    its ids other than `pad` for a tokenizer without one (0 is a word in CLIP's vocabulary,
+    so it is not looked for there)."""
     if eot is None:
-        return [int(n) for n in np.count_nonzero(ids, axis=1)]
+        return [int(n) for n in np.count_nonzero(ids != pad, axis=1)]
     ends = ids == eot
     return [int(np.argmax(row)) + 1 if row.any() else len(row) for row in ends]

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from imgembed.config import Settings, make_data_dir
+from imgembed.errors import ConfigurationError
 from imgembed.store.base import CollectionInfo, Hit, Provenance, Record, VectorStore
 
 
@@ -49,6 +50,19 @@ def postgres_target(settings: Settings) -> PostgresTarget:
     )
 
 
+def keep_embedded(settings: Settings, seconds: float, runner: str) -> float:
+    """Keep the embedded server up for `seconds` (`imgembed db start`); its end (epoch).
+    With IMGEMBED_DATABASE_URL there is none to keep: a ConfigurationError."""
+    if settings.database_url:
+        raise ConfigurationError(
+            "IMGEMBED_DATABASE_URL names an external PostgreSQL: there is no embedded server "
+            "to start or keep up"
+        )
+    from imgembed.store import embedded
+
+    return embedded.keep(settings.data_dir, seconds, runner=runner)
+
+
 __all__ = [
     "CollectionInfo",
     "Hit",
@@ -56,6 +70,7 @@ __all__ = [
     "Provenance",
     "Record",
     "VectorStore",
+    "keep_embedded",
     "open_store",
     "postgres_target",
 ]

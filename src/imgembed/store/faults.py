@@ -123,6 +123,6 @@ def _bad_value(exc: BaseException) -> bool:
     import psycopg
 
     # class 22: invalid text, NaN, out of range; class 23: a constraint refused the row;
-    # class 54: a value over a limit (an index row over its page)
-    sqlstate = getattr(exc, "sqlstate", None) or ""
-    return isinstance(exc, psycopg.DataError | psycopg.IntegrityError) or sqlstate[:2] == "54"
+    # 54000: a value over a limit (an index row over its page)
+    sqlstate = getattr(exc, "sqlstate", None)
+    return isinstance(exc, psycopg.DataError | psycopg.IntegrityError) or sqlstate == "54000"

@@ -123,7 +123,9 @@ class Connection:
         """Reconnect first if the last call lost the connection, or if the server has closed
         it while it was idle (its socket is readable: the goodbye, or end of file)."""
         if self._down is not None and time.monotonic() < self._down[0]:
-            raise StoreUnavailableError(str(self._down[1]))  # queued callers: no new wait
+            raise StoreUnavailableError(  # queued callers: no new wait
+                f"the database cannot be reached ({self.location}) for {action}: {self._down[1]}"
+            )
         lost = self._lost
         if lost is None and _closed_by_server(self._connection):
             lost = StoreUnavailableError(
@@ -178,10 +180,11 @@ def _closed_by_server(connection: psycopg.Connection) -> bool:
     if connection.closed:
         return True
     try:  # an idle connection gets nothing from the server unless it is being closed
-        readable, _, _ = select.select([connection.fileno()], [], [], 0)
+        poll = select.poll()  # not select(): a server holds descriptors over 1,024
+        poll.register(connection.fileno(), select.POLLIN)
+        return bool(poll.poll(0))
     except (OSError, ValueError, psycopg.Error):
         return True
-    return bool(readable)
 
 
 def _connect(url: str) -> psycopg.Connection:

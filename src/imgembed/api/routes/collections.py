@@ -90,9 +90,10 @@ def index(name: str, body: IndexRequest, state: State) -> dict[str, Any]:
         len(items),
         lambda progress: service.index(items, name, prune=body.prune, progress=progress),
         resume="send the same request again: it adds only what is not stored yet",
-        key=json.dumps(["index", name, body.model_dump(mode="json")], sort_keys=True),
+        # what was listed now, too: a folder that changed meanwhile is another run
+        key=json.dumps(["index", name, body.prune, [vars(i) for i in items]], default=str),
     )
-    return {"job_id": job.id, "status": job.status, "total": len(items),
+    return {"job_id": job.id, "status": job.status, "total": job.total,
             "url": f"/api/v1/jobs/{job.id}"}  # fmt: skip
 
 

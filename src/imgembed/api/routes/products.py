@@ -112,8 +112,10 @@ class _JobEvents(NoEvents):
         self._report(stats)
 
     def _report(self, stats: EmbedStats) -> None:
-        self.progress(Progress(stats.to_process, stats.processed, stats.successful, 0,
-                               stats.failed))  # fmt: skip
+        # "embedded": products with an image embedded (what the image metrics count); those
+        # without one are done, and counted in the run's statistics
+        images = stats.successful - stats.text_only
+        self.progress(Progress(stats.to_process, stats.processed, images, 0, stats.failed))
 
 
 @router.post(
