@@ -6,6 +6,8 @@ stored batch ended."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import threading
 import time
@@ -71,6 +73,12 @@ class Job:
             "finished": self.finished,
             "resume": (self.resume or None) if self.status in ("failed", "cancelled") else None,
         }
+
+
+def job_key(*parts: Any) -> str:
+    """What a job does, as a short digest (a listing of 100k files is not kept per job)."""
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 class Jobs:

@@ -5,7 +5,6 @@ Store calls block, so these routes are plain functions run in FastAPI's thread p
 from __future__ import annotations
 
 import contextlib
-import json
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
@@ -13,6 +12,7 @@ from fastapi.responses import Response
 
 from imgembed.api.errors import NotFoundError
 from imgembed.api.inputs import invalid_body, local_path
+from imgembed.api.jobs import job_key
 from imgembed.api.schemas import CollectionCreate, CollectionOut, DeleteItems, IndexRequest
 from imgembed.api.state import State
 from imgembed.api.thumbnails import thumbnail_response
@@ -91,7 +91,7 @@ def index(name: str, body: IndexRequest, state: State) -> dict[str, Any]:
         lambda progress: service.index(items, name, prune=body.prune, progress=progress),
         resume="send the same request again: it adds only what is not stored yet",
         # what was listed now, too: a folder that changed meanwhile is another run
-        key=json.dumps(["index", name, body.prune, [vars(i) for i in items]], default=str),
+        key=job_key("index", name, body.prune, [vars(i) for i in items]),
     )
     return {"job_id": job.id, "status": job.status, "total": job.total,
             "url": f"/api/v1/jobs/{job.id}"}  # fmt: skip

@@ -5,7 +5,6 @@ FastAPI's thread pool, except search, which reads an upload first."""
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Annotated, Any
 
@@ -14,6 +13,7 @@ from fastapi.responses import Response
 
 from imgembed.api.errors import NotFoundError
 from imgembed.api.inputs import body_spec, invalid_body, one_image, parse_body
+from imgembed.api.jobs import job_key
 from imgembed.api.schemas import ProductSearchRequest, ProductsRequest, StoreEmbedRequest
 from imgembed.api.state import AppState, State
 from imgembed.api.thumbnails import thumbnail_response
@@ -93,7 +93,7 @@ def _embed_job(
         f'POST /api/v1/stores/{store_id}/embed with mode "changed": it embeds what this run '
         "did not (also after a forced run)"
     )
-    key = json.dumps(["catalog-embed", store_id, body.model_dump(mode="json")], sort_keys=True)
+    key = job_key("catalog-embed", store_id, body.model_dump(mode="json"))
     job = state.jobs.submit("catalog-embed", store_id, total, run, resume, key)
     return {"job_id": job.id, "status": job.status, "total": total,
             "url": f"/api/v1/jobs/{job.id}"}  # fmt: skip
