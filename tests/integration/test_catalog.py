@@ -6,6 +6,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,7 @@ from tests.cli import run
 from tests.conftest import TINY
 from tests.integration.embedding_server import EmbeddingServer
 from tests.integration.test_faults_store import _drop_imgembed_connections
+from tests.integration.test_stores import answered_within, index_builds_held
 
 REPO = Path(__file__).resolve().parents[2]
 TABLE = findly_table()
@@ -545,6 +547,31 @@ def test_a_bulk_run_builds_the_indexes_afterwards_and_a_stopped_one_leaves_them_
         never = _IndexWatch(url, "bulk")
         assert catalog.embed("bulk", batch_size=5, mode="force", events=never).successful == 8
         assert never.seen == [3, 3]
+
+
+def test_an_index_build_holds_no_product_search(data_dir, photos):
+    """Builds run on a connection of their own: while one waits (on a large store it takes
+    minutes), the catalogue a server shares answers searches of that store (exact) and of
+    others."""
+    products = _products(photos)[:8]
+    with Catalog(**TINY, defer_index_min=5) as catalog:
+        for store_id in ("built", "other"):
+            catalog.upsert_products(store_id, products)
+            catalog.embed(store_id, batch_size=8)
+        repository = catalog.repository
+        assert repository.bulk_load("built", 8, 5) and _indexes(repository.url, "built") == 0
+        with index_builds_held(repository.url, "imgembed_products") as build_waits:
+            building = threading.Thread(
+                target=repository.refresh, args=("built", catalog.provenance()), daemon=True
+            )
+            building.start()
+            build_waits()
+            for store_id in ("other", "built"):
+                found = answered_within(lambda s=store_id: catalog.search(s, "coffee", top_k=3))
+                assert found and len(found[0]) == 3, store_id
+            assert building.is_alive()  # the build still waits
+        building.join(60)
+        assert not building.is_alive() and _indexes(repository.url, "built") == 3
 
 
 def test_seed_functions_lengths_and_fusion(data_dir, photos, monkeypatch):

@@ -1,7 +1,9 @@
 """Both vector stores against real backends: the embedded PostgreSQL (pgvector) and Qdrant's
 local mode. Same contract: collections and provenance, upsert, search order, filters."""
 
+import contextlib
 import multiprocessing
+import threading
 import time
 import uuid
 
@@ -17,7 +19,7 @@ from imgembed.errors import (
 )
 from imgembed.store import Provenance, Record
 from imgembed.store.base import StoredItem
-from imgembed.store.postgres import SCHEMA, PostgresStore, revisions
+from imgembed.store.postgres import SCHEMA, PostgresStore, items_table, revisions
 from imgembed.store.qdrant import QdrantStore
 
 PROV = Provenance("imgembed-tiny", "seed:0", 8, "abc123")
@@ -219,6 +221,67 @@ def test_a_bulk_load_builds_its_index_afterwards(postgres_url):
     store.refresh(name)
     assert _index_exists(postgres_url, name)
     assert PostgresStore(postgres_url, defer_index_min=0).bulk_load(name, 10**6) is False
+    store.close()
+
+
+@contextlib.contextmanager
+def index_builds_held(url: str, table: str):
+    """Another session's open transaction on `table`: an index build on it waits until the
+    block ends, as a build over a large collection takes minutes. Yields a function that
+    waits until a build is waiting."""
+    import psycopg
+    from psycopg import sql
+
+    def build_waits() -> None:
+        deadline = time.monotonic() + 30
+        statement = (
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE wait_event_type = 'Lock' AND query ILIKE '%CREATE INDEX%'"
+        )
+        with psycopg.connect(url, autocommit=True) as admin:
+            while not admin.execute(statement).fetchone()[0]:
+                assert time.monotonic() < deadline, "no index build started"
+                time.sleep(0.05)
+
+    with psycopg.connect(url) as blocker:
+        lock = sql.SQL("LOCK TABLE {} IN ROW EXCLUSIVE MODE").format(sql.Identifier(table))
+        blocker.execute(lock)
+        try:
+            yield build_waits
+        finally:
+            blocker.rollback()
+
+
+def answered_within(call, seconds: float = 30.0) -> list:
+    """[call()] if it returned within `seconds` (in a thread), else []."""
+    result: list = []
+    thread = threading.Thread(target=lambda: result.append(call()), daemon=True)
+    thread.start()
+    thread.join(seconds)
+    return result
+
+
+def test_an_index_build_holds_no_search_of_another_collection(postgres_url):
+    """A build (about a minute per 100k items) runs on a connection of its own: meanwhile the
+    same store object, as a server shares it between jobs and requests, answers searches."""
+    store = PostgresStore(postgres_url, defer_index_min=100)
+    built, other = _name(), _name()
+    for name in (built, other):
+        store.create_collection(name, PROV)
+    records = _records()
+    store.upsert(other, records)
+    assert store.bulk_load(built, 300)
+    store.upsert(built, _records(n=300, seed=1))
+    with index_builds_held(postgres_url, items_table(built)) as build_waits:
+        building = threading.Thread(target=store.refresh, args=(built,), daemon=True)
+        building.start()
+        build_waits()
+        found = answered_within(lambda: store.search(other, records[3].vector, top_k=1))
+        assert found and found[0][0].id == "item-3"
+        assert store.count(built) == 300
+        assert building.is_alive()  # the build still waits
+    building.join(60)
+    assert not building.is_alive() and _index_exists(postgres_url, built)
     store.close()
 
 

@@ -521,10 +521,14 @@ class ProductRepository:
             )
             if 2 * incoming < cursor.fetchone()[0]:
                 return False
-        with self._cursor("setting the store's indexes aside for a bulk load") as cursor:
+
+        def drop(connection: psycopg.Connection[Any]) -> None:
             for part in PARTS:
                 index = sql.Identifier(_index_name(store_id, part))
-                cursor.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(index))
+                connection.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(index))
+
+        # alone: CONCURRENTLY waits for other sessions' transactions on the table to end
+        self._db.alone("setting the store's indexes aside for a bulk load", drop)
         log.info("bulk load of %d products into %r: its indexes are built afterwards",
                  incoming, store_id)  # fmt: skip
         return True
@@ -543,23 +547,18 @@ class ProductRepository:
                     "SELECT count(*) FROM imgembed_products WHERE store_id = %s", (store_id,)
                 ).fetchone()[0]
                 memory = build_memory(rows, provenance.combined_dimension)
-                connection.execute(
+                connection.execute(  # for this connection only: it is closed afterwards
                     sql.SQL("SET maintenance_work_mem = {}").format(sql.Literal(f"{memory}MB"))
                 )
-                try:
-                    for part in missing:
-                        index = sql.Identifier(names[part])
-                        connection.execute(
-                            sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(index)
-                        )
-                        connection.execute(statements[part])
-                finally:
-                    with contextlib.suppress(psycopg.Error):  # a lost session resets itself
-                        connection.execute("RESET maintenance_work_mem")
+                for part in missing:
+                    drop = sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}")
+                    connection.execute(drop.format(sql.Identifier(names[part])))
+                    connection.execute(statements[part])
             if missing or changed:
                 connection.execute("ANALYZE imgembed_products")
 
-        self._db.run("building the store's indexes", work)
+        # alone: builds take minutes on a large store; its and other stores' searches go on
+        self._db.alone("building the store's indexes", work)
 
     def missing_indexes(self, store_id: str, provenance: StoreProvenance) -> list[str]:
         """The parts whose HNSW index is absent or invalid (a bulk run stopped before its

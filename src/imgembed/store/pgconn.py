@@ -38,6 +38,7 @@ class Connection:
         """`location` names where the data lives, for messages; `reopen` gives the URL to
         connect to again after the server went away (and may start the server first)."""
         self._reopen = reopen or (lambda: url)
+        self._url = url  # as last connected: `alone` connects there too
         self.location = location
         self._lock = threading.RLock()
         self._lost: StoreUnavailableError | None = None
@@ -63,6 +64,18 @@ class Connection:
                 self._reconnect(lost)
             with store_errors(action, self.location):
                 return work(self._connection)
+
+    def alone(self, action: str, work: Callable[[psycopg.Connection], T]) -> T:
+        """`work(connection)` on a connection of its own, closed afterwards: long work (an
+        index build, which also waits for other sessions' transactions) would otherwise hold
+        every call on this connection, searches of other collections and stores too, behind
+        it until it ends. Not repeated after a lost connection: the caller's next run does."""
+        with store_errors(action, self.location):
+            connection = _connect(self._url)
+            try:
+                return work(connection)
+            finally:
+                connection.close()
 
     @contextlib.contextmanager
     def cursor(self, action: str, transaction: bool = False) -> Iterator[psycopg.Cursor[Any]]:
@@ -144,7 +157,8 @@ class Connection:
         while True:
             try:
                 with store_errors("reconnecting", self.location):
-                    self._connection = _connect(self._reopen())
+                    self._url = self._reopen()
+                    self._connection = _connect(self._url)
                     taken = {key: _try_lock(self._connection, key) for key in self._held}
                 break
             except StoreUnavailableError as exc:

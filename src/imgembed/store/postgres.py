@@ -153,11 +153,14 @@ class PostgresStore:
             self._collections[name] = _Collection(*row[0])
         return self._collections[name]
 
-    def _on(self, name: str, action: str, work: Callable[[psycopg.Connection], T]) -> T:
-        """Work on the collection's table: a table another process dropped meanwhile is
-        CollectionNotFoundError, not a driver error."""
+    def _on(
+        self, name: str, action: str, work: Callable[[psycopg.Connection], T], alone: bool = False
+    ) -> T:
+        """Work on the collection's table (long work `alone`, on a connection of its own): a
+        table another process dropped meanwhile is CollectionNotFoundError, not a driver
+        error."""
         try:
-            return self._db.run(action, work)
+            return (self._db.alone if alone else self._db.run)(action, work)
         except StoreError as exc:
             if not isinstance(exc.__cause__, psycopg.errors.UndefinedTable):
                 raise
@@ -419,7 +422,8 @@ class PostgresStore:
             if build or changed:
                 connection.execute(sql.SQL("ANALYZE {}").format(sql.Identifier(table)))
 
-        self._on(name, f"building the search index of {name!r}", work)
+        # alone: a build takes a minute per 100k items, searches meanwhile go on
+        self._on(name, f"building the search index of {name!r}", work, alone=True)
 
     def close(self) -> None:
         self._db.close()
