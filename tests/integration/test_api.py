@@ -894,13 +894,15 @@ def test_jobs_can_be_cancelled_and_a_repeated_request_gets_the_queued_job(
     for n in range(24):
         Image.open(root / "astronaut.png").crop((n, n, 200 + n, 200 + n)).save(root / f"c{n}.png")
     body = {"sources": [str(root / f"c{n}.png") for n in range(24)]}
+    pruning = {**body, "prune": True}
     with _client(allowed_roots=[root], batch_size=4) as client:
         running = client.post("/api/v1/collections/a/index", json=body).json()
-        waiting = client.post("/api/v1/collections/b/index", json=body).json()
-        again = client.post("/api/v1/collections/b/index", json=body).json()  # a client's retry
+        waiting = client.post("/api/v1/collections/a/index", json=pruning).json()  # behind it
+        again = client.post("/api/v1/collections/a/index", json=pruning).json()  # a retry
         assert again["job_id"] == waiting["job_id"] != running["job_id"]
-        other = client.post("/api/v1/collections/b/index", json={**body, "prune": True}).json()
-        assert other["job_id"] != waiting["job_id"]  # another request: its own job
+        other = client.post("/api/v1/collections/a/index", json=body).json()
+        assert other["job_id"] not in (waiting["job_id"], running["job_id"])  # its own job
+        client.delete(f"/api/v1/jobs/{other['job_id']}")
         dropped = client.delete(f"/api/v1/jobs/{waiting['job_id']}").json()
         assert dropped["status"] == "cancelled" and dropped["progress"] is None
         while (job := client.get(running["url"]).json())["progress"] is None:
@@ -912,9 +914,88 @@ def test_jobs_can_be_cancelled_and_a_repeated_request_gets_the_queued_job(
         assert job["resume"].startswith("send the same request again")
         stored = {c["name"]: c["count"] for c in client.get("/api/v1/collections").json()}
         assert 0 < stored["a"] < 24  # what it stored stays
-        done = _job(client, client.post("/api/v1/collections/b/index", json=body))
-        assert done["status"] == "done"
+        done = _job(client, client.post("/api/v1/collections/a/index", json=body))
+        assert done["status"] == "done" and done["stats"]["skipped"] == stored["a"]
         assert client.delete("/api/v1/jobs/nope").status_code == 404
+
+
+def test_index_jobs_of_two_collections_run_side_by_side_and_store_everything(
+    data_dir, root, monkeypatch
+):
+    import imgembed.service
+    from tests.fakes import FakeEncoder
+
+    real = imgembed.service.create_encoder
+    monkeypatch.setattr(
+        imgembed.service, "create_encoder", lambda ref, s: FakeEncoder(real(ref, s), delay=0.2)
+    )
+    for n in range(24):
+        Image.open(root / "astronaut.png").crop((n, n, 200 + n, 200 + n)).save(root / f"c{n}.png")
+    sources = [str(root / f"c{n}.png") for n in range(24)]
+    with _client(allowed_roots=[root], batch_size=4) as client:
+        started = [
+            client.post(f"/api/v1/collections/{name}/index", json={"sources": part}).json()
+            for name, part in (("a", sources), ("b", sources[:12]))
+        ]
+        jobs = [client.app.state.imgembed.jobs.get(s["job_id"]) for s in started]
+        deadline = time.monotonic() + 60
+        while not all(job.progress and job.progress.done for job in jobs):  # both under way
+            assert jobs[0].finished is None, "b waited for a"
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        while not all(job.finished for job in jobs):
+            assert time.monotonic() < deadline + 60
+            time.sleep(0.05)
+        done = [client.get(s["url"]).json() for s in started]
+        counts = {c["name"]: c["count"] for c in client.get("/api/v1/collections").json()}
+    assert [(job["status"], job["stats"]["successful"]) for job in done] == [
+        ("done", 24),
+        ("done", 12),
+    ]
+    assert counts == {"a": 24, "b": 12}
+
+
+def test_jobs_of_one_target_run_in_order_and_of_others_side_by_side():
+    """A long job (a backfill) holds back later jobs for its own collection or store only:
+    another target's job runs meanwhile, up to WORKERS targets at once."""
+    from imgembed.api.jobs import WORKERS, Jobs
+
+    assert WORKERS == 2
+    ran: list[str] = []
+    gates = {name: threading.Event() for name in ("long", "next", "other", "third")}
+
+    def job(name):
+        def run(progress):
+            ran.append(name)
+            assert gates[name].wait(60)
+            return None
+
+        return run
+
+    def wait_for(condition):
+        deadline = time.monotonic() + 60
+        while not condition():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+
+    jobs = Jobs()
+    long = jobs.submit("catalog-embed", "shop", 100, job("long"))
+    after = jobs.submit("catalog-embed", "shop", 1, job("next"))
+    other = jobs.submit("catalog-embed", "small", 1, job("other"))
+    third = jobs.submit("index", "shop", 1, job("third"))  # a collection named like the store
+    wait_for(lambda: other.status == "running")
+    assert (long.status, after.status, third.status) == ("running", "queued", "queued")
+    gates["other"].set()
+    wait_for(lambda: third.status == "running")  # the free worker takes the next target
+    assert other.status == "done" and after.status == "queued"
+    gates["third"].set()
+    gates["long"].set()
+    wait_for(lambda: after.status == "running")
+    gates["next"].set()
+    wait_for(lambda: after.finished is not None)
+    jobs.close()
+    assert ran == ["long", "other", "third", "next"] or ran == ["other", "long", "third", "next"]
+    assert [j.status for j in (long, after, other, third)] == ["done"] * 4
 
 
 def test_a_failed_job_says_how_to_resume_only_when_a_rerun_can_help():

@@ -1,7 +1,9 @@
-"""Background jobs (indexing a collection, embedding a store's products): one at a time in a
-worker thread (each already uses every core), progress readable while they run. Jobs live in
-memory: both kinds are idempotent, so after a restart the same request resumes where the last
-stored batch ended."""
+"""Background jobs (indexing a collection, embedding a store's products), progress readable
+while they run. The jobs of one collection or store run one after the other, in order; those
+of different ones side by side, up to WORKERS at once: a long backfill does not hold a small
+job for another store back (they share the cores: the encoder takes one batch at a time).
+Jobs live in memory: both kinds are idempotent, so after a restart the same request resumes
+where the last stored batch ended."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import logging
 import threading
 import time
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -32,9 +34,11 @@ from imgembed.errors import (
 )
 
 KEEP = 100  # finished jobs remembered
+WORKERS = 2  # collections or stores whose jobs run at once; more wait for a free worker
 # failures that a later run may not meet: a job failed by them says how to go on
 TRANSIENT = (StoreUnavailableError, StoreBusyError, StoreFullError, EncodeError)
 log = logging.getLogger("imgembed.api")
+Runner = Callable[[ProgressCallback], Any]
 
 
 @dataclass
@@ -84,8 +88,10 @@ def job_key(*parts: Any) -> str:
 class Jobs:
     def __init__(self, metrics: Metrics | None = None) -> None:
         self._metrics = metrics  # a job's images count in the server's image metrics too
-        self._pool = ThreadPoolExecutor(1, "imgembed-job")
+        self._pool = ThreadPoolExecutor(WORKERS, "imgembed-job")
         self._jobs: OrderedDict[str, Job] = OrderedDict()
+        # per (kind, target): its jobs in order, the first running; a lane exists while busy
+        self._lanes: dict[tuple[str, str], deque[tuple[Job, Runner]]] = {}
         self._lock = threading.Lock()
         self._stopping = threading.Event()
 
@@ -94,7 +100,7 @@ class Jobs:
         kind: str,
         target: str,
         total: int,
-        run: Callable[[ProgressCallback], Any],
+        run: Runner,
         resume: str = "",
         key: str = "",
     ) -> Job:
@@ -108,8 +114,25 @@ class Jobs:
             self._jobs[job.id] = job
             while len(self._jobs) > KEEP and next(iter(self._jobs.values())).finished:
                 self._jobs.popitem(last=False)
-        self._pool.submit(self._run, job, run)
+            lane = (kind, target)
+            if lane in self._lanes:  # behind the target's running job
+                self._lanes[lane].append((job, run))
+                return job
+            self._lanes[lane] = deque([(job, run)])
+        self._pool.submit(self._drain, lane)
         return job
+
+    def _drain(self, lane: tuple[str, str]) -> None:
+        """A target's jobs, one after the other, until none is left."""
+        while not self._stopping.is_set():
+            with self._lock:
+                job, run = self._lanes[lane][0]
+            self._run(job, run)
+            with self._lock:
+                self._lanes[lane].popleft()
+                if not self._lanes[lane]:
+                    del self._lanes[lane]
+                    return
 
     def active(self, kind: str, target: str) -> bool:
         """Whether a job of this kind for this target is queued or running here."""
@@ -140,7 +163,7 @@ class Jobs:
                 job.error = error_dict(UnavailableError("cancelled before it started"))
         return job
 
-    def _run(self, job: Job, run: Callable[[ProgressCallback], Any]) -> None:
+    def _run(self, job: Job, run: Runner) -> None:
         def progress(state: Progress) -> None:
             last, job.progress = job.progress or Progress(state.total), state
             if self._metrics is not None:
@@ -177,7 +200,7 @@ class Jobs:
         job.finished = time.time()
 
     def close(self) -> None:
-        """Drop queued jobs and wait for a running one to stop at its next stored batch
+        """Drop queued jobs and wait for running ones to stop at their next stored batch
         (blocking: call it in a thread)."""
         self._stopping.set()
         self._pool.shutdown(wait=True, cancel_futures=True)
