@@ -29,6 +29,7 @@ from imgembed.errors import (
 )
 from imgembed.intake.image_input import Input
 from imgembed.service import ImageEmbeddingService
+from imgembed.store.base import each_on_refusal
 
 log = logging.getLogger(__name__)
 _IMPORT_CHUNK = 1000  # products per transaction: a killed import keeps what it wrote
@@ -295,18 +296,21 @@ class Catalog:
     ) -> list[ProductInput]:
         """One transaction; if the database refuses a value in it, each product alone, so
         that the one it refuses is a bad row and the others are stored."""
-        products = [product for _, product in chunk]
-        try:
+        stored: list[ProductInput] = []
+
+        def write(rows: list[tuple[int, ProductInput]]) -> None:
+            products = [product for _, product in rows]
             counts = self.repository.upsert_products(report.store_id, products)
-        except InvalidRecordError as exc:
-            if len(chunk) == 1:
-                report.bad_rows.append(importer.BadRow(chunk[0][0], str(exc)))
-                return []
-            return [p for part in chunk for p in self._store_chunk(report, [part])]
-        report.inserted += counts[0]
-        report.updated += counts[1]
-        report.unchanged += counts[2]
-        return products
+            report.inserted += counts[0]
+            report.updated += counts[1]
+            report.unchanged += counts[2]
+            stored.extend(products)
+
+        def refused(row: tuple[int, ProductInput], exc: InvalidRecordError) -> None:
+            report.bad_rows.append(importer.BadRow(row[0], str(exc)))
+
+        each_on_refusal(write, chunk, refused)
+        return stored
 
     def product(self, store_id: str, product_id: str) -> dict[str, Any] | None:
         """One product with its embedding status and provenance (no vectors), or None. The

@@ -42,6 +42,7 @@ from imgembed.store.base import (
     VectorStore,
     checked_name,
     checked_record,
+    each_on_refusal,
 )
 
 _IMAGE_FIELDS = ("width", "height", "format")
@@ -249,16 +250,12 @@ def store_batch(
     store: VectorStore, collection: str, batch: list[Record], stats: IndexStats
 ) -> None:
     """One atomic upsert; a record the database refuses fails alone, the rest is stored."""
-    try:
-        store.upsert(collection, batch)
-        stats.successful += len(batch)
-        return
-    except InvalidRecordError as exc:  # a value the database refused: find it, store the rest
-        if len(batch) == 1:
-            stats.fail(batch[0].id, batch[0].source, exc)
-            return
-    for record in batch:
-        store_batch(store, collection, [record], stats)
+
+    def write(records: list[Record]) -> None:
+        store.upsert(collection, records)
+        stats.successful += len(records)
+
+    each_on_refusal(write, batch, lambda record, exc: stats.fail(record.id, record.source, exc))
 
 
 def interrupted(exc: StoreError, stats: IndexStats, cached: bool) -> StoreError:

@@ -4,10 +4,10 @@ embedded or external) and qdrant.py (local or server)."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
@@ -26,6 +26,26 @@ class Provenance:
 
     def describe(self) -> str:
         return f"{self.model} ({self.pretrained}), {self.dimension}-d, preprocess {self.preprocess}"
+
+
+T = TypeVar("T")
+
+
+def each_on_refusal(
+    write: Callable[[list[T]], None],
+    items: list[T],
+    refused: Callable[[T, InvalidRecordError], None],
+) -> None:
+    """`write(items)` in one transaction; if the database refuses a value in them, each item
+    alone, so that the one it refuses goes to `refused` and the others are stored."""
+    try:
+        write(items)
+    except InvalidRecordError as exc:
+        if len(items) == 1:
+            refused(items[0], exc)
+            return
+        for item in items:
+            each_on_refusal(write, [item], refused)
 
 
 def vector_size(vector: Any) -> int | None:
