@@ -881,9 +881,10 @@ def test_a_collection_another_process_indexes_is_refused_before_a_job_starts(dat
         assert (done["status"], done["stats"]["successful"]) == ("done", 2), done
 
 
-def test_jobs_can_be_cancelled_and_a_repeated_request_gets_the_queued_job(
-    data_dir, root, monkeypatch
-):
+@pytest.fixture
+def slow_crops(root, monkeypatch) -> list[str]:
+    """24 distinct crops of a photo, and an encoder that takes 0.3 s a batch: jobs that run
+    long enough to watch, cancel or stop."""
     import imgembed.service
     from tests.fakes import FakeEncoder
 
@@ -893,7 +894,13 @@ def test_jobs_can_be_cancelled_and_a_repeated_request_gets_the_queued_job(
     )
     for n in range(24):
         Image.open(root / "astronaut.png").crop((n, n, 200 + n, 200 + n)).save(root / f"c{n}.png")
-    body = {"sources": [str(root / f"c{n}.png") for n in range(24)]}
+    return [str(root / f"c{n}.png") for n in range(24)]
+
+
+def test_jobs_can_be_cancelled_and_a_repeated_request_gets_the_queued_job(
+    data_dir, root, slow_crops
+):
+    body = {"sources": slow_crops}
     pruning = {**body, "prune": True}
     with _client(allowed_roots=[root], batch_size=4) as client:
         running = client.post("/api/v1/collections/a/index", json=body).json()
@@ -920,18 +927,9 @@ def test_jobs_can_be_cancelled_and_a_repeated_request_gets_the_queued_job(
 
 
 def test_index_jobs_of_two_collections_run_side_by_side_and_store_everything(
-    data_dir, root, monkeypatch
+    data_dir, root, slow_crops
 ):
-    import imgembed.service
-    from tests.fakes import FakeEncoder
-
-    real = imgembed.service.create_encoder
-    monkeypatch.setattr(
-        imgembed.service, "create_encoder", lambda ref, s: FakeEncoder(real(ref, s), delay=0.2)
-    )
-    for n in range(24):
-        Image.open(root / "astronaut.png").crop((n, n, 200 + n, 200 + n)).save(root / f"c{n}.png")
-    sources = [str(root / f"c{n}.png") for n in range(24)]
+    sources = slow_crops
     with _client(allowed_roots=[root], batch_size=4) as client:
         started = [
             client.post(f"/api/v1/collections/{name}/index", json={"sources": part}).json()
@@ -1021,19 +1019,9 @@ def test_a_failed_job_says_how_to_resume_only_when_a_rerun_can_help():
 
 
 def test_shutdown_stops_an_index_job_at_a_stored_batch_and_a_rerun_resumes(
-    data_dir, root, monkeypatch, caplog
+    data_dir, root, slow_crops, caplog
 ):
-    import imgembed.service
-    from tests.fakes import FakeEncoder
-
-    real = imgembed.service.create_encoder
-    monkeypatch.setattr(
-        imgembed.service, "create_encoder", lambda ref, s: FakeEncoder(real(ref, s), delay=0.3)
-    )
-    for n in range(24):  # distinct files: a crop each
-        Image.open(root / "astronaut.png").crop((n, n, 200 + n, 200 + n)).save(root / f"c{n}.png")
-    sources = [str(root / f"c{n}.png") for n in range(24)]
-    body = {"sources": sources}
+    body = {"sources": slow_crops}
     with _client(allowed_roots=[root], batch_size=4) as client:
         app = client.app
         started = client.post("/api/v1/collections/crops/index", json=body).json()
