@@ -416,11 +416,11 @@ class Catalog:
         recorded = self.repository.provenance(store_id)
         if recorded is None:
             raise CollectionNotFoundError(_nothing_to_search(self.repository, store_id))
-        has_text = bool(text and text.strip())
+        text = text if text and text.strip() else None  # blank: a search by the photo
         # a photo alone needs no text model: its API may be down, or want a key
-        embedder = self.text_embedder if has_text else None
+        embedder = self.text_embedder if text is not None else None
         query = search.build_query(self.service, embedder, text, image)
-        current = self.provenance() if has_text else self._image_provenance(recorded[0])
+        current = self.provenance() if text is not None else self._image_provenance(recorded[0])
         if recorded[0] != current:
             raise _mismatch(store_id, recorded[0], current)
         rows = self.repository.search(

@@ -41,11 +41,12 @@ class Query:
 def build_query(
     service: Any, text_embedder: TextEmbedder | None, text: str | None, image: Input | None
 ) -> Query:
-    """The query's parts; `text_embedder` is needed only for a text."""
-    if not (text and text.strip()) and image is None:
+    """The query's parts (`text`: None or not blank); `text_embedder` is needed only for a
+    text."""
+    if text is None and image is None:
         raise ConfigurationError("search needs a text, an image, or both")
     text_part = None
-    if text and text.strip():
+    if text is not None:
         assert text_embedder is not None
         text_part = text_embedder.embed([text])[0]
     if image is not None:
