@@ -941,11 +941,22 @@ def test_index_jobs_of_two_collections_run_side_by_side_and_store_everything(
             assert jobs[0].finished is None, "b waited for a"
             assert time.monotonic() < deadline
             time.sleep(0.02)
+        running = client.get("/api/v1/jobs", params={"status": "running"}).json()["jobs"]
+        metrics = client.get("/metrics").text
+        if all(job.status == "running" for job in jobs):  # still: listed, and counted
+            assert {j["job_id"] for j in running} == {s["job_id"] for s in started}
+            assert 'imgembed_jobs{status="running"} 2.0' in metrics
         while not all(job.finished for job in jobs):
             assert time.monotonic() < deadline + 60
             time.sleep(0.05)
         done = [client.get(s["url"]).json() for s in started]
         counts = {c["name"]: c["count"] for c in client.get("/api/v1/collections").json()}
+        listed = client.get("/api/v1/jobs").json()["jobs"]
+        assert [j["job_id"] for j in listed] == [s["job_id"] for s in reversed(started)]
+        assert listed[0] == done[1]  # newest first, as GET of each shows it
+        assert client.get("/api/v1/jobs?status=queued").json() == {"jobs": []}
+        assert client.get("/api/v1/jobs?status=lost").status_code == 422
+        assert 'imgembed_jobs{status="running"} 0.0' in client.get("/metrics").text
     assert [(job["status"], job["stats"]["successful"]) for job in done] == [
         ("done", 24),
         ("done", 12),

@@ -18,7 +18,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from imgembed.api.errors import NotFoundError
 from imgembed.api.metrics import Metrics
@@ -39,6 +39,7 @@ WORKERS = 2  # collections or stores whose jobs run at once; more wait for a fre
 TRANSIENT = (StoreUnavailableError, StoreBusyError, StoreFullError, EncodeError)
 log = logging.getLogger("imgembed.api")
 Runner = Callable[[ProgressCallback], Any]
+JobStatus = Literal["queued", "running", "done", "failed", "cancelled"]
 
 
 @dataclass
@@ -47,7 +48,7 @@ class Job:
     kind: str  # index | catalog-embed
     target: str  # the collection, or the store
     total: int
-    status: str = "queued"  # queued | running | done | failed | cancelled
+    status: JobStatus = "queued"
     progress: Progress | None = None
     stats: Any = None  # IndexStats or EmbedStats
     error: dict[str, Any] | None = None
@@ -141,6 +142,16 @@ class Jobs:
                 job.kind == kind and job.target == target and job.finished is None
                 for job in self._jobs.values()
             )
+
+    def count(self, status: str) -> int:
+        with self._lock:
+            return sum(job.status == status for job in self._jobs.values())
+
+    def listing(self, status: str | None = None) -> list[Job]:
+        """The jobs kept here (queued, running, and the last KEEP finished), newest first."""
+        with self._lock:
+            jobs = list(self._jobs.values())
+        return [job for job in reversed(jobs) if status is None or job.status == status]
 
     def get(self, job_id: str) -> Job:
         with self._lock:

@@ -46,13 +46,21 @@ class Metrics:
             registry=r,
         )  # fmt: skip
         rate.set_function(self._rate)
+        self.jobs = Gauge("imgembed_jobs", "Background jobs by status", ["status"], registry=r)
         self._answered: collections.deque[float] = collections.deque()
         self._lock = threading.Lock()
 
-    def watch(self, queue_depth: Callable[[], float], in_flight: Callable[[], float]) -> None:
-        """Read the gauges from the batchers at scrape time."""
+    def watch(
+        self,
+        queue_depth: Callable[[], float],
+        in_flight: Callable[[], float],
+        jobs: Callable[[str], float],
+    ) -> None:
+        """Read the gauges from the batchers and the jobs at scrape time."""
         self.queue_depth.set_function(queue_depth)
         self.in_flight.set_function(in_flight)
+        for status in ("queued", "running"):
+            self.jobs.labels(status).set_function(lambda status=status: jobs(status))
 
     # -- BatchObserver -----------------------------------------------------------------------
 

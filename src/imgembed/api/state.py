@@ -47,6 +47,7 @@ class AppState:
         self.metrics.watch(
             lambda: sum(b.queue_depth for b in self._batchers.values()),
             lambda: sum(b.in_flight for b in self._batchers.values()),
+            self.jobs.count,
         )
 
     async def in_store(self, work: Callable[..., T], *args: Any, **kwargs: Any) -> T:

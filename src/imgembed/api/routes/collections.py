@@ -12,7 +12,7 @@ from fastapi.responses import Response
 
 from imgembed.api.errors import NotFoundError
 from imgembed.api.inputs import invalid_body, local_path
-from imgembed.api.jobs import job_key
+from imgembed.api.jobs import JobStatus, job_key
 from imgembed.api.schemas import CollectionCreate, CollectionOut, DeleteItems, IndexRequest
 from imgembed.api.state import State
 from imgembed.api.thumbnails import thumbnail_response
@@ -95,6 +95,14 @@ def index(name: str, body: IndexRequest, state: State) -> dict[str, Any]:
     )
     return {"job_id": job.id, "status": job.status, "total": job.total,
             "url": f"/api/v1/jobs/{job.id}"}  # fmt: skip
+
+
+@router.get("/jobs", summary="The background jobs kept here, newest first")
+def jobs(
+    state: State,
+    status: Annotated[JobStatus | None, Query(description="only jobs in this state")] = None,
+) -> dict[str, Any]:
+    return {"jobs": [job.to_dict() for job in state.jobs.listing(status)]}
 
 
 @router.get("/jobs/{job_id}", summary="A background job's status, progress and statistics")
