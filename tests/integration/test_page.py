@@ -116,6 +116,37 @@ def test_the_search_page_in_a_real_browser(indexed):
         assert errors == []
 
 
+def test_the_page_says_what_it_shows(indexed, tmp_path):
+    """A long query does not widen the page; a failed search takes the last results away
+    (they were another query's); a thumbnail that cannot be had is a box saying why, not a
+    broken image; the page asks for nothing that is not there (no /favicon.ico 404)."""
+    (indexed / "rocket-copy.jpg").unlink()  # indexed, then deleted
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image at all")
+    settings = load_settings(**TINY, allowed_roots=[indexed])
+    with browser_on(settings) as (page, errors):
+        missing: list[str] = []
+        page.on("response", lambda r: missing.append(r.url) if r.status == 404 else None)
+        page.reload()  # with the listener from the first request on
+        page.wait_for_selector("#collection option", state="attached")
+        page.fill("#query", "a cup of coffee " * 400)
+        page.click("#search")
+        page.wait_for_function("document.querySelectorAll('#results .card').length === 7")
+        assert len(page.locator("#status").inner_text()) < 200
+        wide = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+        assert wide <= 0, f"the page scrolls sideways by {wide} px"
+        box = page.locator("#results .card .no-image")
+        box.wait_for()
+        assert box.inner_text() == "no thumbnail: the image was not found"
+        assert missing and all("/thumbnail?" in url for url in missing), missing
+
+        page.set_input_files("#file", str(broken))
+        page.wait_for_function("document.querySelector('#status').classList.contains('error')")
+        assert "broken.png" in page.locator("#status").inner_text()
+        assert page.locator("#results .card").count() == 0
+        assert errors == []
+
+
 def test_the_page_asks_for_an_api_key_when_the_server_wants_one(indexed):
     with ImageEmbeddingService(**TINY) as service:
         rocket = str(indexed / "rocket.jpg")
@@ -123,6 +154,7 @@ def test_the_page_asks_for_an_api_key_when_the_server_wants_one(indexed):
     settings = load_settings(**TINY, allowed_roots=[indexed], api_keys="page-key")
     with browser_on(settings) as (page, _):
         page.wait_for_function("document.querySelector('#status').textContent.includes('401')")
+        assert page.get_attribute("#query", "placeholder").startswith("No collection to search")
         page.click("#key-box summary")
         page.fill("#api-key", "ключ")  # no header can carry it: said so, not fetch's words
         page.press("#api-key", "Enter")
@@ -186,9 +218,12 @@ def test_the_product_view_in_a_real_browser(data_dir, photos, tmp_path):
     with Catalog(**TINY) as catalog:
         catalog.upsert_products("demo", rows)
         assert catalog.embed("demo").successful == len(rows)
-    settings = load_settings(**TINY, allowed_roots=[root])
+    settings = load_settings(**TINY, allowed_roots=[root], api_keys="shop-key")
     with browser_on(settings) as (page, errors):
         page.click("#view-products")
+        page.click("#key-box summary")
+        page.fill("#api-key", "shop-key")
+        page.press("#api-key", "Enter")
         page.wait_for_selector("#store option", state="attached")
         assert page.locator("#store").input_value() == "demo"
         assert page.locator("#text-form").is_hidden()
@@ -213,6 +248,23 @@ def test_the_product_view_in_a_real_browser(data_dir, photos, tmp_path):
         )
         assert page.locator("#results .product").first.get_attribute("data-id") == "chelsea"
         assert "ranked by combined" in page.locator("#status").inner_text()
+
+        page.fill("#max-price", "1")  # every product costs more: said, not "ranked by -"
+        page.click("#product-search")
+        page.wait_for_function(
+            "document.querySelector('#status').textContent.startsWith('No products for')"
+        )
+        assert "with price ≤ 1: try without the filter" in page.locator("#status").inner_text()
+        assert page.locator("#results .product").count() == 0
+
+        page.fill("#max-price", "")
+        page.click("#product-search")
+        page.wait_for_function(f"document.querySelectorAll('#results .product').length === {count}")
+        page.fill("#api-key", "wrong-key")  # the stores this key cannot open are not offered
+        page.press("#api-key", "Enter")
+        page.wait_for_function("document.querySelector('#store').options.length === 0")
+        assert "Cannot list stores: 401" in page.locator("#status").inner_text()
+        assert page.locator("#results .product").count() == 0
         assert errors == []
 
 

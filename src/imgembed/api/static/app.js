@@ -35,6 +35,15 @@ async function api(path, options = {}) {
   return body;
 }
 
+// A query as the status line echoes it: quoted, and cut short (a pasted page is not repeated).
+function quoted(text, limit = 80) {
+  return `“${text.length > limit ? `${text.slice(0, limit - 1)}…` : text}”`;
+}
+
+function plural(count, noun) {
+  return `${count} ${noun}${count === 1 ? "" : "s"}`;
+}
+
 function status(text, isError = false) {
   const line = $("#status");
   line.textContent = text;
@@ -76,9 +85,11 @@ function end(signal) {
   $("#results").removeAttribute("aria-busy");
 }
 
-// The error of a request begun with `begin`: nothing for one superseded by another.
+// The error of a request begun with `begin`: nothing for one superseded by another. The
+// results shown were the last search's, not this one's: they go.
 function failed(signal, error) {
   end(signal);
+  if (!signal.aborted || signal.reason === "timeout") clearResults();
   if (signal.reason === "timeout") {
     status(`No answer from the server in ${GIVE_UP_S} s: it may be overloaded or stuck; try again.`, true);
   } else if (!signal.aborted) {
@@ -104,20 +115,28 @@ async function loadCollections() {
     ...state.collections.map((c) => new Option(`${c.name} (${c.count ?? "?"})`, c.name)),
   );
   keepChoice(select, chosen, "images");
-  if (failure) status(failure, true);
+  if (!visible("images")) {
+    // the status line is the products view's now
+  } else if (failure) status(failure, true);
   else if (!state.collections.length) status("No collections yet: index some images first.");
   else status(""); // an earlier failure (e.g. before the key was given) is over
   describeCollection();
+}
+
+function visible(view) {
+  return !document.querySelector(`div[data-view=${view}]`).hidden;
+}
+
+function clearResults() {
+  releaseThumbnails();
+  $("#results").replaceChildren();
 }
 
 // A list reloaded (e.g. a new API key) keeps the user's choice while it is still there;
 // otherwise the results shown in its view were the gone choice's, so they go.
 function keepChoice(select, chosen, view) {
   if ([...select.options].some((option) => option.value === chosen)) select.value = chosen;
-  else if (chosen && !document.querySelector(`div[data-view=${view}]`).hidden) {
-    releaseThumbnails();
-    $("#results").replaceChildren();
-  }
+  else if (chosen && visible(view)) clearResults();
 }
 
 function describeCollection() {
@@ -128,9 +147,9 @@ function describeCollection() {
   const text = Boolean(current?.has_text_tower);
   $("#query").disabled = !text;
   $("#search").disabled = !text;
-  $("#query").placeholder = text
-    ? "Describe an image: a red bicycle, a cat on a sofa…"
-    : "This collection's model has no text tower: search by image";
+  if (!current) $("#query").placeholder = "No collection to search: index some images first";
+  else if (text) $("#query").placeholder = "Describe an image: a red bicycle, a cat on a sofa…";
+  else $("#query").placeholder = "This collection's model has no text tower: search by image";
 }
 
 function releaseThumbnails() {
@@ -148,8 +167,13 @@ async function loadImage(img, path, missing) {
     state.thumbnails.push(url);
     img.src = url;
   } catch {
-    img.alt = missing;
+    noImage(img, missing);
   }
+}
+
+// A box that says why there is no picture, where the browser would draw a broken image.
+function noImage(img, reason) {
+  img.replaceWith(Object.assign(document.createElement("div"), { className: "no-image", textContent: reason }));
 }
 
 function thumbnail(img, id) {
@@ -178,7 +202,7 @@ function card(hit) {
 }
 
 function show(hits) {
-  releaseThumbnails();
+  clearResults();
   $("#results").replaceChildren(...hits.map(card));
 }
 
@@ -200,7 +224,7 @@ async function search(query, what) {
     });
     end(signal);
     show(answer.results);
-    status(`${answer.results.length} results for ${what} (${answer.processing_time.toFixed(2)} s)`);
+    status(`${plural(answer.results.length, "result")} for ${what} (${answer.processing_time.toFixed(2)} s)`);
   } catch (error) {
     failed(signal, error);
   }
@@ -218,7 +242,7 @@ async function searchByFile(file) {
     const answer = await api("/api/v1/search/image", { method: "POST", body: form, signal });
     end(signal);
     show(answer.results);
-    status(`${answer.results.length} results like ${file.name}`);
+    status(`${plural(answer.results.length, "result")} like ${file.name} (${answer.processing_time.toFixed(2)} s)`);
   } catch (error) {
     failed(signal, error);
   }
@@ -232,7 +256,7 @@ async function duplicates() {
     const name = encodeURIComponent(current.name);
     const answer = await api(`/api/v1/collections/${name}/duplicates`, { signal });
     end(signal);
-    releaseThumbnails();
+    clearResults();
     const groups = answer.groups.map((members, n) => {
       const row = document.createElement("div");
       row.className = "group";
@@ -241,7 +265,7 @@ async function duplicates() {
       return row;
     });
     $("#results").replaceChildren(...groups);
-    status(`${groups.length} groups of near-duplicates (cosine ≥ ${answer.threshold})`);
+    status(`${plural(groups.length, "group")} of near-duplicates (cosine ≥ ${answer.threshold})`);
   } catch (error) {
     failed(signal, error);
   }
@@ -287,15 +311,14 @@ function setUp() {
     // another collection's results would read as this one's, and "More like this" on them
     // would ask this collection for items it does not hold
     cancel();
-    releaseThumbnails();
-    $("#results").replaceChildren();
+    clearResults();
     status("");
     describeCollection();
   });
   $("#text-form").addEventListener("submit", (event) => {
     event.preventDefault();
     const text = $("#query").value.trim();
-    if (text) search({ query_text: text }, `“${text}”`);
+    if (text) search({ query_text: text }, quoted(text));
     else status("Type what to look for, or drop an image below.", true);
   });
   $("#duplicates").addEventListener("click", duplicates);

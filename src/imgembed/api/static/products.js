@@ -9,18 +9,20 @@ function store() {
 }
 
 async function loadStores() {
+  let failure = null;
   try {
     products.stores = await api("/api/v1/stores");
   } catch (error) {
-    if (!$("[data-view=products]").hidden) status(`Cannot list stores: ${error.message}`, true);
-    return;
+    products.stores = []; // a list the key no longer opens is not offered (as collections)
+    failure = `Cannot list stores: ${error.message}`;
   }
   const chosen = store();
   $("#store").replaceChildren(
     ...products.stores.map((s) => new Option(`${s.store_id} (${s.products})`, s.store_id)),
   );
   keepChoice($("#store"), chosen, "products");
-  $("#store-info").textContent = products.stores.length ? "" : "no stores: import products first";
+  $("#store-info").textContent = products.stores.length || failure ? "" : "no stores: import products first";
+  if (failure && visible("products")) status(failure, true);
 }
 
 function showView(name) {
@@ -28,10 +30,10 @@ function showView(name) {
   $("#view-images").setAttribute("aria-pressed", String(name === "images"));
   $("#view-products").setAttribute("aria-pressed", String(name === "products"));
   cancel();
-  releaseThumbnails();
-  $("#results").replaceChildren();
+  clearResults();
   status("");
   if (name === "products") loadStores();
+  else watchModel(); // a model that cannot load is said again in its view
 }
 
 function fixed(value) {
@@ -60,7 +62,7 @@ function productCard(hit) {
       + `${encodeURIComponent(hit.product_id)}/thumbnail?size=256`;
     loadImage(img, path, "no thumbnail (the image cannot be read)");
   } else {
-    img.alt = "no image";
+    noImage(img, "no image");
   }
   return node;
 }
@@ -80,16 +82,22 @@ async function searchProducts(file) {
   if (category) form.append("category", category);
   if ($("#max-price").value) form.append("max_price", $("#max-price").value);
   form.append("top_k", String(productTopK()));
-  const what = [text && `“${text}”`, file && file.name].filter(Boolean).join(" + ");
+  const what = [text && quoted(text), file && file.name].filter(Boolean).join(" + ");
   const signal = begin(`Searching ${store()} for ${what}…`);
   try {
     const path = `/api/v1/stores/${encodeURIComponent(store())}/search`;
     const answer = await api(path, { method: "POST", body: form, signal });
     end(signal);
-    releaseThumbnails();
+    clearResults();
     $("#results").replaceChildren(...answer.results.map(productCard));
-    status(`${answer.results.length} products for ${what}, ranked by ${answer.ranked_by ?? "-"} `
-      + `(${answer.processing_time.toFixed(2)} s)`);
+    const seconds = `(${answer.processing_time.toFixed(2)} s)`;
+    if (answer.results.length) {
+      status(`${plural(answer.results.length, "product")} for ${what}, ranked by ${answer.ranked_by} ${seconds}`);
+    } else {
+      const filters = [category && `category “${category}”`, $("#max-price").value && `price ≤ ${$("#max-price").value}`];
+      const which = filters.filter(Boolean).join(" and ");
+      status(`No products for ${what}${which ? ` with ${which}: try without the filter` : ""} ${seconds}`);
+    }
   } catch (error) {
     failed(signal, error);
   }
@@ -106,8 +114,7 @@ function setUpProducts() {
   $("#store").addEventListener("change", () => {
     // the results shown were the other store's (as for a collection: see app.js)
     cancel();
-    releaseThumbnails();
-    $("#results").replaceChildren();
+    clearResults();
     status("");
   });
 }
