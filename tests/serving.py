@@ -18,6 +18,8 @@ from pathlib import Path
 import httpx
 import uvicorn
 
+from imgembed.api.protocol import HeadTimeoutProtocol
+
 IMGEMBED = str(Path(sys.executable).with_name("imgembed"))
 TINY_ENV = {"IMGEMBED_MODEL": "imgembed-tiny", "IMGEMBED_PRETRAINED": "seed:0"}
 
@@ -77,7 +79,9 @@ def serve_in_thread(app, ready="/ready") -> Iterator[str]:
     """The app on a real uvicorn server, in this process (so tests can patch the encoder);
     yielded once `ready` answers 200 ("/health" for a server that will not be ready)."""
     port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, log_level="warning", http=HeadTimeoutProtocol
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -623,6 +623,48 @@ def test_a_body_that_stops_arriving_is_a_408_and_frees_its_connection(monkeypatc
             assert '"error_type":"RequestTimeoutError"' in answer and "stopped arriving" in answer
 
 
+def test_a_head_that_never_completes_is_a_408_and_frees_its_connection(monkeypatch):
+    """A client that connects and sends nothing, or trickles its headers (slowloris), held
+    its connection for ever: uvicorn has no deadline for a request's head. A whole request
+    on the same kind of connection is not hurried by it."""
+    import socket
+
+    import httpx
+
+    from imgembed.api import protocol
+    from tests.serving import serve_in_thread
+
+    monkeypatch.setattr(protocol, "HEAD_SECONDS", 1.5)
+    with serve_in_thread(create_app(load_settings(**TINY)), ready="/health") as base:
+        port = int(base.rsplit(":", 1)[1])
+
+        def answer(sock) -> str:
+            text = ""
+            while part := sock.recv(65536):
+                text += part.decode()
+            return text
+
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as silent:
+            text = answer(silent)
+            assert text.startswith("HTTP/1.1 408") and '"error_type": "RequestTimeoutError"' in text
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as trickle:
+            trickle.sendall(b"GET /health HTTP/1.1\r\nHost: t\r\nX-Slow: ")
+            deadline = time.monotonic() + 20
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                while True:  # a byte each 0.1 s: no byte renews the deadline
+                    assert time.monotonic() < deadline, "the trickling head was never cut off"
+                    trickle.sendall(b"a")
+                    time.sleep(0.1)
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as fine:
+            time.sleep(1.0)
+            fine.sendall(b"GET /health HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            assert answer(fine).startswith("HTTP/1.1 200")
+        with httpx.Client(base_url=base) as client:  # keep-alive: a second request on it
+            assert client.get("/health").status_code == 200
+            time.sleep(1.0)
+            assert client.get("/health").status_code == 200
+
+
 def test_not_ready_for_good_when_the_model_cannot_load(root, monkeypatch):
     import imgembed.service
     from imgembed.errors import ModelUnavailableError
