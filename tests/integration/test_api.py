@@ -1049,6 +1049,38 @@ def test_jobs_of_one_target_run_in_order_and_of_others_side_by_side():
     assert [j.status for j in (long, after, other, third)] == ["done"] * 4
 
 
+def test_a_shutdown_says_which_queued_jobs_it_dropped(caplog):
+    from imgembed.api.jobs import Jobs
+
+    gate = threading.Event()
+
+    def long(progress):
+        assert gate.wait(60)
+
+    jobs = Jobs()
+    running = jobs.submit("index", "a", 1, long, "again")
+    waiting = jobs.submit("index", "a", 1, lambda progress: None, "send it again")
+    deadline = time.monotonic() + 60
+    while running.status != "running":
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    closing = threading.Thread(target=jobs.close)
+    closing.start()
+    while waiting.status == "queued":
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    gate.set()
+    closing.join(60)
+    assert not closing.is_alive() and running.status == "done"
+    assert waiting.status == "cancelled" and "shut down before it started" in waiting.error["error"]
+    assert waiting.to_dict()["resume"] == "send it again"
+    said = [r.getMessage() for r in caplog.records if r.name == "imgembed.api"]
+    assert (
+        f"index job {waiting.id} for 'a' dropped at shutdown before it started; to go on: "
+        "send it again" in said
+    ), said
+
+
 def test_a_failed_job_says_how_to_resume_only_when_a_rerun_can_help():
     from imgembed.api.jobs import Jobs
     from imgembed.errors import ConfigurationError, StoreUnavailableError

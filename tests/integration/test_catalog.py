@@ -16,7 +16,7 @@ from pgvector.psycopg import register_vector
 
 from imgembed.catalog import Catalog, findly_table, load_weights
 from imgembed.catalog.jobs import NoEvents
-from imgembed.catalog.repository import PARTS, ProductRepository, _index_name
+from imgembed.catalog.repository import INDEX_DDL, PARTS, ProductRepository, _index_name
 from imgembed.catalog.text_api import OpenAIEmbedder
 from imgembed.errors import (
     CollectionNotFoundError,
@@ -571,6 +571,21 @@ def test_an_index_build_holds_no_product_search(data_dir, photos):
                 assert found and len(found[0]) == 3, store_id
             assert building.is_alive()  # the build still waits
         building.join(60)
+        assert not building.is_alive() and _indexes(repository.url, "built") == 3
+
+        # one build or drop at a time on the shared table, in every process (two CONCURRENTLY
+        # statements wait for each other: a deadlock); a build waits for the one before
+        assert repository.bulk_load("built", 8, 5) and _indexes(repository.url, "built") == 0
+        with psycopg.connect(repository.url, autocommit=True) as other:
+            held = "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))"
+            assert other.execute(held, (INDEX_DDL,)).fetchone()[0]
+            building = threading.Thread(
+                target=repository.refresh, args=("built", catalog.provenance()), daemon=True
+            )
+            building.start()
+            building.join(2.0)
+            assert building.is_alive() and _indexes(repository.url, "built") == 0
+        building.join(60)  # the other session's lock went with its connection
         assert not building.is_alive() and _indexes(repository.url, "built") == 3
 
 

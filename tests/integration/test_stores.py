@@ -210,8 +210,11 @@ def test_a_bulk_load_builds_its_index_afterwards(postgres_url):
     query = records[7].vector
     assert store.search(name, query, top_k=1)[0].id == "item-7"  # meanwhile: exact scans
     store.close()
-    # the run stopped before building it: the next refresh (any later run's end) does
+    # the run stopped before building it: the next refresh (any later run's end) does, not
+    # the next run's start (on the shared connection: every search would wait for it)
     store = PostgresStore(postgres_url, defer_index_min=100)
+    store.create_collection(name, PROV)
+    assert not _index_exists(postgres_url, name)
     store.refresh(name)
     assert _index_exists(postgres_url, name)
     assert store.search(name, query, top_k=1)[0].id == "item-7"

@@ -12,6 +12,7 @@ from psycopg import errors as pg
 
 from imgembed.errors import (
     InvalidRecordError,
+    StoreBusyError,
     StoreError,
     StoreFullError,
     StoreUnavailableError,
@@ -95,6 +96,21 @@ def test_qdrant_without_answer_is_unavailable():
 )
 def test_values_the_database_refuses_are_invalid_records(exc):
     assert type(_raise_in(exc)) is InvalidRecordError
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        pg.DeadlockDetected("deadlock detected DETAIL: Process 1 waits for ShareLock"),
+        pg.SerializationFailure("could not serialize access"),
+        pg.LockNotAvailable("could not obtain lock on relation"),
+    ],
+)
+def test_contention_with_another_session_is_busy_and_can_run_again(exc):
+    """Busy is a failure a rerun passes: a job stopped by it says how to resume."""
+    error = _raise_in(exc)
+    assert type(error) is StoreBusyError
+    assert "another session" in str(error) and "can simply run again" in str(error)
 
 
 def test_other_driver_errors_are_store_errors_and_ours_pass_through():

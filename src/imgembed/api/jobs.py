@@ -212,6 +212,16 @@ class Jobs:
 
     def close(self) -> None:
         """Drop queued jobs and wait for running ones to stop at their next stored batch
-        (blocking: call it in a thread)."""
+        (blocking: call it in a thread). Jobs live in memory: the log says what each
+        dropped one was and how to go on."""
         self._stopping.set()
+        with self._lock:
+            dropped = [job for job in self._jobs.values() if job.status == "queued"]
+            for job in dropped:
+                job.cancel.set()  # a worker about to start it leaves it
+                job.status, job.finished = "cancelled", time.time()
+                job.error = error_dict(UnavailableError("the server shut down before it started"))
+        for job in dropped:
+            log.warning("%s job %s for %r dropped at shutdown before it started; to go on: %s",
+                        job.kind, job.id, job.target, job.resume)  # fmt: skip
         self._pool.shutdown(wait=True, cancel_futures=True)

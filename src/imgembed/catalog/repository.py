@@ -35,6 +35,9 @@ from imgembed.store.postgres import build_memory, describe_url, migrate
 HALFVEC_LIMIT = 4000  # pgvector's HNSW limit for `halfvec`
 log = logging.getLogger(__name__)
 PARTS = ("combined", "image", "text")
+# Builds and drops of the stores' indexes, one at a time in every process: all stores share
+# the products table, and two CONCURRENTLY statements on it wait for each other (deadlock).
+INDEX_DDL = "imgembed_products: index builds and drops"
 _PRODUCT_FIELDS = (
     "title",
     "description",
@@ -528,7 +531,7 @@ class ProductRepository:
                 connection.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(index))
 
         # alone: CONCURRENTLY waits for other sessions' transactions on the table to end
-        self._db.alone("setting the store's indexes aside for a bulk load", drop)
+        self._db.alone("setting the store's indexes aside for a bulk load", drop, INDEX_DDL)
         log.info("bulk load of %d products into %r: its indexes are built afterwards",
                  incoming, store_id)  # fmt: skip
         return True
@@ -558,7 +561,7 @@ class ProductRepository:
                 connection.execute("ANALYZE imgembed_products")
 
         # alone: builds take minutes on a large store; its and other stores' searches go on
-        self._db.alone("building the store's indexes", work)
+        self._db.alone("building the store's indexes", work, INDEX_DDL)
 
     def missing_indexes(self, store_id: str, provenance: StoreProvenance) -> list[str]:
         """The parts whose HNSW index is absent or invalid (a bulk run stopped before its

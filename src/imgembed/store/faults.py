@@ -5,6 +5,7 @@ any other table code): wrap each call in `with store_errors("storing 32 items", 
     connection refused or not made in time ("cannot be reached"),
     connection lost, server shut down or starting ("went away") -> StoreUnavailableError
     text that is not UTF-8, NaN, values the database refuses   -> InvalidRecordError
+    a deadlock or lock conflict with another session           -> StoreBusyError
     anything else the driver raises                            -> StoreError
 
 `location` says where the data lives (the embedded server's folder, a host, a path), so a
@@ -19,12 +20,15 @@ from contextlib import contextmanager
 from imgembed.errors import (
     ImgEmbedError,
     InvalidRecordError,
+    StoreBusyError,
     StoreError,
     StoreFullError,
     StoreUnavailableError,
 )
 
 _NO_SPACE = ("no space left on device", "disk is full", "disk full")
+# deadlock broken, serialization failure, lock not available: another session's work, not ours
+_CONTENTION = ("40P01", "40001", "55P03")
 
 
 @contextmanager
@@ -59,6 +63,11 @@ def translate(exc: BaseException, action: str, location: str) -> StoreError:
         return InvalidRecordError(
             f"{action}: text is not valid UTF-8 ({detail}); undecodable file names must be "
             "escaped before they are stored"
+        )
+    if getattr(exc, "sqlstate", None) in _CONTENTION:
+        return StoreBusyError(
+            f"{action}: the database stopped it, as another session needed the same thing at "
+            f"once ({location}; {detail}); it can simply run again"
         )
     if _bad_value(exc):
         return InvalidRecordError(f"{action}: the database refused a value: {detail}")

@@ -31,6 +31,7 @@ DOWN_SECONDS = 10.0  # after that wait failed, calls fail at once for this long 
 CONNECT_TIMEOUT = 10  # seconds, per attempt
 APPLICATION = "imgembed"  # pg_stat_activity.application_name of our connections
 HNSW_MAX_EF_SEARCH = 1000  # pgvector's limit for hnsw.ef_search
+LOCK_POLL_SECONDS = 0.2  # how often `alone` asks for a lock another session holds
 
 
 class Connection:
@@ -65,17 +66,24 @@ class Connection:
             with store_errors(action, self.location):
                 return work(self._connection)
 
-    def alone(self, action: str, work: Callable[[psycopg.Connection], T]) -> T:
+    def alone(
+        self, action: str, work: Callable[[psycopg.Connection], T], lock: str | None = None
+    ) -> T:
         """`work(connection)` on a connection of its own, closed afterwards: long work (an
         index build, which also waits for other sessions' transactions) would otherwise hold
         every call on this connection, searches of other collections and stores too, behind
-        it until it ends. Not repeated after a lost connection: the caller's next run does."""
+        it until it ends. Not repeated after a lost connection: the caller's next run does.
+        With `lock`, one such work at a time across sessions: a session advisory lock, asked
+        for until it is free (a session blocked in pg_advisory_lock holds a snapshot, which a
+        CONCURRENTLY build holding the lock waits for: a deadlock)."""
         with store_errors(action, self.location):
             connection = _connect(self._url)
             try:
+                while lock is not None and not _try_lock(connection, lock):
+                    time.sleep(LOCK_POLL_SECONDS)
                 return work(connection)
             finally:
-                connection.close()
+                connection.close()  # and with it the lock
 
     @contextlib.contextmanager
     def cursor(self, action: str, transaction: bool = False) -> Iterator[psycopg.Cursor[Any]]:

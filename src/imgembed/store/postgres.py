@@ -187,10 +187,15 @@ class PostgresStore:
                     "SELECT items_table, dimension FROM imgembed_collections WHERE name = %s",
                     (name,),
                 ).fetchone()
-                for statement in _table_ddl(table, dimension):
-                    connection.execute(statement)
-                if dimension <= HNSW_MAX_DIMENSION:
-                    connection.execute(_index_ddl(table, dimension))
+                # A new table (or one gone) gets its index at once, being empty. An existing
+                # table's missing index (a bulk load stopped before its build) is left to the
+                # run's `refresh`: built here, it would hold the shared connection, and every
+                # search of the server, for minutes.
+                if connection.execute("SELECT to_regclass(%s)", (table,)).fetchone()[0] is None:
+                    for statement in _table_ddl(table, dimension):
+                        connection.execute(statement)
+                    if dimension <= HNSW_MAX_DIMENSION:
+                        connection.execute(_index_ddl(table, dimension))
 
         self._db.run(f"creating collection {name!r}", create)
         info = self.get_collection(name)
