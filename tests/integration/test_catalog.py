@@ -22,6 +22,7 @@ from imgembed.errors import (
     CollectionNotFoundError,
     ConfigurationError,
     ProvenanceMismatchError,
+    StoreBusyError,
     StoreUnavailableError,
     TextEmbeddingError,
 )
@@ -549,7 +550,7 @@ def test_a_bulk_run_builds_the_indexes_afterwards_and_a_stopped_one_leaves_them_
         assert never.seen == [3, 3]
 
 
-def test_an_index_build_holds_no_product_search(data_dir, photos):
+def test_an_index_build_holds_no_product_search(data_dir, photos, monkeypatch):
     """Builds run on a connection of their own: while one waits (on a large store it takes
     minutes), the catalogue a server shares answers searches of that store (exact) and of
     others."""
@@ -579,6 +580,10 @@ def test_an_index_build_holds_no_product_search(data_dir, photos):
         with psycopg.connect(repository.url, autocommit=True) as other:
             held = "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))"
             assert other.execute(held, (INDEX_DDL,)).fetchone()[0]
+            with monkeypatch.context() as short:  # not for ever: a job waiting here can stop
+                short.setattr(pgconn, "LOCK_WAIT_SECONDS", 0.5)
+                with pytest.raises(StoreBusyError, match=r"for over 0.5 s .* run it again later"):
+                    repository.refresh("built", catalog.provenance())
             building = threading.Thread(
                 target=repository.refresh, args=("built", catalog.provenance()), daemon=True
             )

@@ -283,8 +283,19 @@ def test_an_index_build_holds_no_search_of_another_collection(postgres_url):
         assert found and found[0][0].id == "item-3"
         assert store.count(built) == 300
         assert building.is_alive()  # the build still waits
+        # a delete behind the build would hold the shared connection too: it gives up
+
+        def delete():
+            try:
+                return store.delete(built, ["item-1"])
+            except StoreBusyError as exc:
+                return exc
+
+        refused = answered_within(delete)
+        assert refused and "another session held what it needed" in str(refused[0])
     building.join(60)
     assert not building.is_alive() and _index_exists(postgres_url, built)
+    assert store.delete(built, ["item-1"]) == 1
     store.close()
 
 

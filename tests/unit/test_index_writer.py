@@ -47,6 +47,29 @@ def test_an_error_in_the_writer_reaches_the_caller_with_the_counts(error):
     assert store.batches == [["0", "1"]] and stats.successful == 2
 
 
+def test_a_conflict_the_database_broke_says_what_was_kept_a_refused_lock_is_as_it_is():
+    import contextlib
+
+    from imgembed.errors import StoreBusyError
+    from imgembed.indexing import IndexStats
+    from imgembed.indexing.run import guarded
+
+    class Held:
+        def writing(self, collection):
+            return contextlib.nullcontext()
+
+    stats = IndexStats(total=6, processed=4, successful=2)
+    conflict = StoreBusyError("storing 2 items: the database stopped it")
+    conflict.__cause__ = RuntimeError("deadlock detected")  # as store_errors chains it
+    with pytest.raises(StoreBusyError) as caught, guarded(Held(), "c", stats, cached=False):
+        raise conflict
+    assert "Indexing stopped after 4 of 6 items" in str(caught.value)
+    refused = StoreBusyError("another indexing run holds collection 'c'")
+    with pytest.raises(StoreBusyError) as caught, guarded(Held(), "c", stats, cached=False):
+        raise refused
+    assert caught.value is refused
+
+
 def test_the_resume_advice_names_the_cache_only_when_it_is_on():
     from imgembed.errors import StoreUnavailableError
     from imgembed.indexing import IndexStats

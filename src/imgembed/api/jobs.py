@@ -113,8 +113,9 @@ class Jobs:
                     return queued
             job = Job(uuid.uuid4().hex, kind, target, total, resume=resume, key=key)
             self._jobs[job.id] = job
-            while len(self._jobs) > KEEP and next(iter(self._jobs.values())).finished:
-                self._jobs.popitem(last=False)
+            finished = [old.id for old in self._jobs.values() if old.finished]
+            for old_id in finished[: max(0, len(finished) - KEEP)]:  # the oldest go
+                del self._jobs[old_id]
             lane = (kind, target)
             if lane in self._lanes:  # behind the target's running job
                 self._lanes[lane].append((job, run))

@@ -1,6 +1,8 @@
-"""uvicorn's HTTP/1.1 protocol (h11) with a deadline for each request's head. uvicorn has
-none: a client that connects and sends nothing, or trickles its headers (slowloris), held a
-connection for ever, and enough of them every file the process may open."""
+"""uvicorn's HTTP/1.1 protocol (h11) with a deadline while no request is in service. uvicorn
+has none: a client that connects and sends nothing, trickles its headers (slowloris), or
+trickles a body the server already answered (a 413 or 401 sent before reading it), held a
+connection for ever, and enough of them every file the process may open. A request in
+service reads its body under the middleware's own deadline (BODY_IDLE_SECONDS)."""
 
 from __future__ import annotations
 
@@ -9,10 +11,9 @@ import json
 import logging
 from typing import Any
 
-import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-HEAD_SECONDS = 30.0  # from a connection's first byte (or its opening) to a whole head
+HEAD_SECONDS = 30.0  # from a connection's opening, or a byte while idle, to a whole request
 log = logging.getLogger("imgembed.api")
 
 
@@ -23,20 +24,25 @@ class HeadTimeoutProtocol(H11Protocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._watch_head()
+        self._watch()
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
-        self._watch_head()
+        self._watch()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_watching()
         super().connection_lost(exc)
 
-    def _watch_head(self) -> None:
-        """While a head is awaited, one deadline (not renewed by each byte); idle keep-alive
-        connections are closed by uvicorn's own timer before any byte comes."""
-        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+    def _idle(self) -> bool:
+        """No request in service: a head awaited, or the rest of an answered request."""
+        served = self.cycle is not None and not self.cycle.response_complete
+        return not served and not self.transport.is_closing()
+
+    def _watch(self) -> None:
+        """While idle, one deadline (not renewed by each byte); a keep-alive connection that
+        sends nothing is closed by uvicorn's own timer first."""
+        if self._idle():
             if self._head_timer is None:
                 self._head_timer = self.loop.call_later(HEAD_SECONDS, self._head_timed_out)
         else:
@@ -49,9 +55,9 @@ class HeadTimeoutProtocol(H11Protocol):
 
     def _head_timed_out(self) -> None:
         self._head_timer = None
-        if self.conn.their_state is not h11.IDLE or self.transport.is_closing():
+        if not self._idle():
             return
-        message = f"no whole request head came within {HEAD_SECONDS:g} s"
+        message = f"no whole request came within {HEAD_SECONDS:g} s"
         body = json.dumps({"error": message, "error_type": "RequestTimeoutError"}).encode()
         self.transport.write(
             b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"

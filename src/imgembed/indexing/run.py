@@ -153,8 +153,12 @@ def guarded(store: VectorStore, collection: str, stats: IndexStats, cached: bool
     try:
         with store.writing(collection):
             yield
-    except (ProvenanceMismatchError, StoreBusyError):
+    except ProvenanceMismatchError:
         raise
+    except StoreBusyError as exc:
+        if exc.__cause__ is None:  # the collection's lock refused: its message says it all
+            raise
+        raise interrupted(exc, stats, cached) from exc  # a conflict the database broke
     except CollectionNotFoundError as exc:  # dropped by someone else during the run
         raise CollectionNotFoundError(
             f"{exc}\nIndexing stopped after {stats.processed} of {stats.total} items. To make "

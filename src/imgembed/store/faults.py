@@ -66,8 +66,8 @@ def translate(exc: BaseException, action: str, location: str) -> StoreError:
         )
     if getattr(exc, "sqlstate", None) in _CONTENTION:
         return StoreBusyError(
-            f"{action}: the database stopped it, as another session needed the same thing at "
-            f"once ({location}; {detail}); it can simply run again"
+            f"{action}: the database stopped it, as another session held what it needed (an "
+            f"index build, another run) ({location}; {detail}); it can simply run again"
         )
     if _bad_value(exc):
         return InvalidRecordError(f"{action}: the database refused a value: {detail}")

@@ -32,6 +32,7 @@ CONNECT_TIMEOUT = 10  # seconds, per attempt
 APPLICATION = "imgembed"  # pg_stat_activity.application_name of our connections
 HNSW_MAX_EF_SEARCH = 1000  # pgvector's limit for hnsw.ef_search
 LOCK_POLL_SECONDS = 0.2  # how often `alone` asks for a lock another session holds
+LOCK_WAIT_SECONDS = 300.0  # and for how long at most
 
 
 class Connection:
@@ -75,11 +76,18 @@ class Connection:
         it until it ends. Not repeated after a lost connection: the caller's next run does.
         With `lock`, one such work at a time across sessions: a session advisory lock, asked
         for until it is free (a session blocked in pg_advisory_lock holds a snapshot, which a
-        CONCURRENTLY build holding the lock waits for: a deadlock)."""
+        CONCURRENTLY build holding the lock waits for: a deadlock), for LOCK_WAIT_SECONDS at
+        most (then StoreBusyError: a job waiting here can be stopped, and says how to resume)."""
         with store_errors(action, self.location):
             connection = _connect(self._url)
             try:
+                deadline = time.monotonic() + LOCK_WAIT_SECONDS
                 while lock is not None and not _try_lock(connection, lock):
+                    if time.monotonic() > deadline:
+                        raise StoreBusyError(
+                            f"{action}: another session held {lock!r} for over "
+                            f"{LOCK_WAIT_SECONDS:g} s ({self.location}); run it again later"
+                        )
                     time.sleep(LOCK_POLL_SECONDS)
                 return work(connection)
             finally:
@@ -107,13 +115,15 @@ class Connection:
         killed process's goes with its connection; so does one whose connection is lost:
         the connection made again takes it again before any other call, and if another
         run took it meanwhile, this one stops with StoreBusyError instead of both working."""
-        if not self.run(action, lambda c: _try_lock(c, key)):
-            raise busy()
-        self._held[key] = busy
+        with self._lock:  # a reconnect meanwhile takes again what `_held` lists
+            if not self.run(action, lambda c: _try_lock(c, key)):
+                raise busy()
+            self._held[key] = busy
         try:
             yield
         finally:
-            del self._held[key]
+            with self._lock:
+                del self._held[key]
             with contextlib.suppress(StoreError):  # a server gone took the lock with it
                 self.run(
                     action.replace("locking", "unlocking", 1),
@@ -167,7 +177,7 @@ class Connection:
                 with store_errors("reconnecting", self.location):
                     self._url = self._reopen()
                     self._connection = _connect(self._url)
-                    taken = {key: _try_lock(self._connection, key) for key in self._held}
+                    taken = {key: _try_lock(self._connection, key) for key in list(self._held)}
                 break
             except StoreUnavailableError as exc:
                 if time.monotonic() > deadline:

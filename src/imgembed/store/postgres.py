@@ -46,6 +46,9 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 SCHEMA = "0004"  # the newest migration (a test holds it equal to Alembic's head)
 HNSW_MAX_DIMENSION = 4000  # pgvector's limit for an index over halfvec; above it: exact search
 DEFER_INDEX_MIN = 5000  # the smallest bulk load that builds its index afterwards
+# Deletes and drops wait this long at most for a lock (an index build holds one for minutes,
+# and they would hold the shared connection meanwhile): then StoreBusyError, "run it again".
+LOCK_TIMEOUT = "SET LOCAL lock_timeout = '5s'"
 
 
 def _alembic_config(url: str) -> Any:
@@ -247,6 +250,7 @@ class PostgresStore:
 
         def drop(connection: psycopg.Connection) -> None:
             with connection.transaction():
+                connection.execute(LOCK_TIMEOUT)
                 connection.execute("DELETE FROM imgembed_collections WHERE name = %s", (name,))
                 connection.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(table)))
 
@@ -338,11 +342,13 @@ class PostgresStore:
         statement = sql.SQL("DELETE FROM {} WHERE id = ANY(%s)").format(
             sql.Identifier(self._collection(name).table)
         )
-        return self._on(
-            name,
-            f"deleting {len(ids)} items from {name!r}",
-            lambda connection: connection.execute(statement, (ids,)).rowcount,
-        )
+
+        def delete(connection: psycopg.Connection) -> int:
+            with connection.transaction():
+                connection.execute(LOCK_TIMEOUT)
+                return connection.execute(statement, (ids,)).rowcount
+
+        return self._on(name, f"deleting {len(ids)} items from {name!r}", delete)
 
     def count(self, name: str) -> int:
         table = self._collection(name).table
@@ -486,9 +492,10 @@ def _index_ddl(table: str, dimension: int) -> sql.Composed:
 
 def build_memory(rows: int, dimension: int) -> int:
     """maintenance_work_mem (MB) for an HNSW build to stay in memory (it slows down sharply
-    once the graph spills), at most a quarter of this machine's memory."""
+    once the graph spills), at most an eighth of this machine's memory: builds may run two at
+    once (a server's jobs side by side, another process)."""
     need = rows * (2 * dimension + 400) * 1.3 / 2**20
-    ceiling = psutil.virtual_memory().total / 4 / 2**20
+    ceiling = psutil.virtual_memory().total / 8 / 2**20
     return int(max(64, min(need, ceiling)))
 
 

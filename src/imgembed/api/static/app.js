@@ -147,7 +147,7 @@ function describeCollection() {
   const text = Boolean(current?.has_text_tower);
   $("#query").disabled = !text;
   $("#search").disabled = !text;
-  if (!current) $("#query").placeholder = "No collection to search: index some images first";
+  if (!current) $("#query").placeholder = "No collection to search";
   else if (text) $("#query").placeholder = "Describe an image: a red bicycle, a cat on a sofa…";
   else $("#query").placeholder = "This collection's model has no text tower: search by image";
 }

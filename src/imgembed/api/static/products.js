@@ -22,7 +22,7 @@ async function loadStores() {
   );
   keepChoice($("#store"), chosen, "products");
   $("#store-info").textContent = products.stores.length || failure ? "" : "no stores: import products first";
-  if (failure && visible("products")) status(failure, true);
+  if (visible("products")) status(failure ?? "", Boolean(failure)); // an earlier failure is over
 }
 
 function showView(name) {
@@ -33,7 +33,7 @@ function showView(name) {
   clearResults();
   status("");
   if (name === "products") loadStores();
-  else watchModel(); // a model that cannot load is said again in its view
+  else loadCollections().then(watchModel); // what failed (a key, the model) is said again
 }
 
 function fixed(value) {
@@ -80,7 +80,8 @@ async function searchProducts(file) {
   if (file) form.append("file", file, file.name);
   const category = $("#product-category").value.trim();
   if (category) form.append("category", category);
-  if ($("#max-price").value) form.append("max_price", $("#max-price").value);
+  const maxPrice = $("#max-price").value; // as sent: the field may change before the answer
+  if (maxPrice) form.append("max_price", maxPrice);
   form.append("top_k", String(productTopK()));
   const what = [text && quoted(text), file && file.name].filter(Boolean).join(" + ");
   const signal = begin(`Searching ${store()} for ${what}…`);
@@ -94,7 +95,7 @@ async function searchProducts(file) {
     if (answer.results.length) {
       status(`${plural(answer.results.length, "product")} for ${what}, ranked by ${answer.ranked_by} ${seconds}`);
     } else {
-      const filters = [category && `category “${category}”`, $("#max-price").value && `price ≤ ${$("#max-price").value}`];
+      const filters = [category && `category “${category}”`, maxPrice && `price ≤ ${maxPrice}`];
       const which = filters.filter(Boolean).join(" and ");
       status(`No products for ${what}${which ? ` with ${which}: try without the filter` : ""} ${seconds}`);
     }
