@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import uvicorn
 
-from imgembed.api.protocol import HeadTimeoutProtocol
+from imgembed.api.protocol import IdleTimeoutProtocol
 
 IMGEMBED = str(Path(sys.executable).with_name("imgembed"))
 TINY_ENV = {"IMGEMBED_MODEL": "imgembed-tiny", "IMGEMBED_PRETRAINED": "seed:0"}
@@ -80,7 +80,7 @@ def serve_in_thread(app, ready="/ready") -> Iterator[str]:
     yielded once `ready` answers 200 ("/health" for a server that will not be ready)."""
     port = free_port()
     config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, log_level="warning", http=HeadTimeoutProtocol
+        app, host="127.0.0.1", port=port, log_level="warning", http=IdleTimeoutProtocol
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)

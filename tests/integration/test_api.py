@@ -623,7 +623,7 @@ def test_a_body_that_stops_arriving_is_a_408_and_frees_its_connection(monkeypatc
             assert '"error_type":"RequestTimeoutError"' in answer and "stopped arriving" in answer
 
 
-def test_a_head_that_never_completes_is_a_408_and_frees_its_connection(monkeypatch):
+def test_a_connection_without_a_whole_request_is_a_408_and_closed(monkeypatch):
     """A client that connects and sends nothing, or trickles its headers (slowloris), held
     its connection for ever: uvicorn has no deadline for a request's head. A whole request
     on the same kind of connection is not hurried by it."""
@@ -634,7 +634,7 @@ def test_a_head_that_never_completes_is_a_408_and_frees_its_connection(monkeypat
     from imgembed.api import protocol
     from tests.serving import serve_in_thread
 
-    monkeypatch.setattr(protocol, "HEAD_SECONDS", 3.0)
+    monkeypatch.setattr(protocol, "IDLE_SECONDS", 3.0)
     with serve_in_thread(create_app(load_settings(**TINY)), ready="/health") as base:
         port = int(base.rsplit(":", 1)[1])
 

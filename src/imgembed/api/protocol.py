@@ -13,14 +13,14 @@ from typing import Any
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-HEAD_SECONDS = 30.0  # from a connection's opening, or a byte while idle, to a whole request
+IDLE_SECONDS = 30.0  # from a connection's opening, or a byte while idle, to a whole request
 log = logging.getLogger("imgembed.api")
 
 
-class HeadTimeoutProtocol(H11Protocol):
+class IdleTimeoutProtocol(H11Protocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._head_timer: asyncio.TimerHandle | None = None
+        self._idle_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -43,21 +43,21 @@ class HeadTimeoutProtocol(H11Protocol):
         """While idle, one deadline (not renewed by each byte); a keep-alive connection that
         sends nothing is closed by uvicorn's own timer first."""
         if self._idle():
-            if self._head_timer is None:
-                self._head_timer = self.loop.call_later(HEAD_SECONDS, self._head_timed_out)
+            if self._idle_timer is None:
+                self._idle_timer = self.loop.call_later(IDLE_SECONDS, self._timed_out)
         else:
             self._stop_watching()
 
     def _stop_watching(self) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
 
-    def _head_timed_out(self) -> None:
-        self._head_timer = None
+    def _timed_out(self) -> None:
+        self._idle_timer = None
         if not self._idle():
             return
-        message = f"no whole request came within {HEAD_SECONDS:g} s"
+        message = f"no whole request came within {IDLE_SECONDS:g} s"
         body = json.dumps({"error": message, "error_type": "RequestTimeoutError"}).encode()
         self.transport.write(
             b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"

@@ -52,7 +52,7 @@ def serve(
 
     from imgembed.api.inputs import server_settings
     from imgembed.api.logs import logging_config
-    from imgembed.api.protocol import HeadTimeoutProtocol
+    from imgembed.api.protocol import IdleTimeoutProtocol
 
     options = {"model": model, "pretrained": pretrained, "device": device, "runtime": runtime,
                "precision": precision}  # fmt: skip
@@ -78,7 +78,7 @@ def serve(
             log_config=logging_config(log_level),
             log_level=log_level,
             access_log=False,  # our middleware logs each request as JSON, with its id
-            http=HeadTimeoutProtocol,  # h11, with a deadline for each request's head
+            http=IdleTimeoutProtocol,  # h11, with a deadline while no request is in service
             timeout_graceful_shutdown=settings.shutdown_timeout,
         )
 
