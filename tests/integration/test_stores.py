@@ -227,6 +227,18 @@ def test_a_bulk_load_builds_its_index_afterwards(postgres_url):
     store.close()
 
 
+def waits_for_lock(url: str, statement: str) -> None:
+    """Until a session runs `statement` (a part of it) and waits for a lock."""
+    import psycopg
+
+    deadline = time.monotonic() + 30
+    query = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE %s"
+    with psycopg.connect(url, autocommit=True) as admin:
+        while not admin.execute(query, (f"%{statement}%",)).fetchone()[0]:
+            assert time.monotonic() < deadline, f"no {statement} waits"
+            time.sleep(0.02)
+
+
 @contextlib.contextmanager
 def index_builds_held(url: str, table: str):
     """Another session's open transaction on `table`: an index build on it waits until the
@@ -235,22 +247,11 @@ def index_builds_held(url: str, table: str):
     import psycopg
     from psycopg import sql
 
-    def build_waits() -> None:
-        deadline = time.monotonic() + 30
-        statement = (
-            "SELECT count(*) FROM pg_stat_activity"
-            " WHERE wait_event_type = 'Lock' AND query ILIKE '%CREATE INDEX%'"
-        )
-        with psycopg.connect(url, autocommit=True) as admin:
-            while not admin.execute(statement).fetchone()[0]:
-                assert time.monotonic() < deadline, "no index build started"
-                time.sleep(0.05)
-
     with psycopg.connect(url) as blocker:
         lock = sql.SQL("LOCK TABLE {} IN ROW EXCLUSIVE MODE").format(sql.Identifier(table))
         blocker.execute(lock)
         try:
-            yield build_waits
+            yield lambda: waits_for_lock(url, "CREATE INDEX")
         finally:
             blocker.rollback()
 
@@ -291,7 +292,13 @@ def test_an_index_build_holds_no_search_of_another_collection(postgres_url):
             except StoreBusyError as exc:
                 return exc
 
-        refused = answered_within(delete)
+        refused: list = []
+        waiting = threading.Thread(target=lambda: refused.append(delete()), daemon=True)
+        waiting.start()
+        waits_for_lock(postgres_url, "DELETE FROM")
+        found = answered_within(lambda: store.search(other, records[3].vector, top_k=1), 3.0)
+        assert found, "a search waited behind the delete"  # which waits up to 5 s
+        waiting.join(30)
         assert refused and "another session held what it needed" in str(refused[0])
     building.join(60)
     assert not building.is_alive() and _index_exists(postgres_url, built)

@@ -46,8 +46,8 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 SCHEMA = "0004"  # the newest migration (a test holds it equal to Alembic's head)
 HNSW_MAX_DIMENSION = 4000  # pgvector's limit for an index over halfvec; above it: exact search
 DEFER_INDEX_MIN = 5000  # the smallest bulk load that builds its index afterwards
-# Deletes and drops wait this long at most for a lock (an index build holds one for minutes,
-# and they would hold the shared connection meanwhile): then StoreBusyError, "run it again".
+# Deletes and drops (on a connection of their own) wait this long at most for a lock, as an
+# index build holds one for minutes: then StoreBusyError, "run it again".
 LOCK_TIMEOUT = "SET LOCAL lock_timeout = '5s'"
 
 
@@ -254,7 +254,7 @@ class PostgresStore:
                 connection.execute("DELETE FROM imgembed_collections WHERE name = %s", (name,))
                 connection.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(table)))
 
-        self._db.run(f"dropping collection {name!r}", drop)
+        self._db.alone(f"dropping collection {name!r}", drop)  # may wait: see LOCK_TIMEOUT
 
     @contextlib.contextmanager
     def writing(self, name: str) -> Iterator[None]:
@@ -348,7 +348,8 @@ class PostgresStore:
                 connection.execute(LOCK_TIMEOUT)
                 return connection.execute(statement, (ids,)).rowcount
 
-        return self._on(name, f"deleting {len(ids)} items from {name!r}", delete)
+        # alone: a delete waiting behind a build would hold every search of the server
+        return self._on(name, f"deleting {len(ids)} items from {name!r}", delete, alone=True)
 
     def count(self, name: str) -> int:
         table = self._collection(name).table
