@@ -266,3 +266,36 @@ def test_a_store_another_process_embeds_is_refused_before_a_job_starts(root, pho
         assert client.get(f"/api/v1/jobs/{own.id}").json()["status"] in ("running", "done")
         done = _finished(client, queued.json())
         assert done["status"] == "done" and done["stats"]["successful"] == 1, done
+
+
+def test_a_job_waiting_on_the_store_indexes_is_cancelled_at_once(root, photos, tmp_path):
+    """DELETE of a catalogue job that waits for another session's index build (minutes on a
+    large store) stops it within a second or so, not when that build ends; a rerun embeds."""
+    import psycopg
+
+    from imgembed.catalog.repository import INDEX_DDL
+    from imgembed.store import embedded
+
+    products = _products(root, photos)[:4]
+    settings = load_settings(**TINY, allowed_roots=[root], defer_index_min=2)  # a bulk load
+    with TestClient(create_app(settings)) as client:
+        _wait_for_model(client)
+        with psycopg.connect(embedded.start(tmp_path / "data"), autocommit=True) as other:
+            held = "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))"
+            assert other.execute(held, (INDEX_DDL,)).fetchone()[0]
+            answer = client.post("/api/v1/stores/waits/products", json={"products": products})
+            job = answer.json()["job"]
+            while client.get(job["url"]).json()["progress"] is None:  # started: it waits
+                time.sleep(0.05)
+            client.delete(job["url"])
+            deadline = time.monotonic() + 30  # the other session holds its turn for minutes
+            while (state := client.get(job["url"]).json())["status"] == "running":
+                assert time.monotonic() < deadline, "the job waits for the other session"
+                time.sleep(0.1)
+            assert state["status"] == "cancelled", state
+            assert "cancelled by a request" in state["error"]["error"]
+            assert state["progress"]["done"] == 0
+        rerun = client.post("/api/v1/stores/waits/embed", json={}).json()
+        done = _finished(client, rerun)
+        assert done["status"] == "done" and done["stats"]["successful"] == 4, done
+        assert client.get("/api/v1/stores/waits/stats").json()["indexes_missing"] == []

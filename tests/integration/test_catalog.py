@@ -2,6 +2,7 @@
 computed from the separate vectors (also over 2,000 dimensions; indexes in half precision);
 incremental and resumable embedding; failures recorded and retried; provenance."""
 
+import contextlib
 import logging
 import os
 import subprocess
@@ -592,6 +593,58 @@ def test_an_index_build_holds_no_product_search(data_dir, photos, monkeypatch):
             assert building.is_alive() and _indexes(repository.url, "built") == 0
         building.join(60)  # the other session's lock went with its connection
         assert not building.is_alive() and _indexes(repository.url, "built") == 3
+
+
+class _Stopped(Exception):
+    pass
+
+
+class _StopWhenWaiting(NoEvents):
+    """Stops the run where it waits on the database for `what` (a job cancelled there)."""
+
+    def __init__(self, what: str):
+        self.what = what
+
+    def waiting(self, what):
+        if what.startswith(self.what):
+            raise _Stopped(what)
+
+
+def test_a_run_waiting_on_the_store_indexes_stops_when_its_job_does(data_dir, photos):
+    """A run waiting for another session's turn at the stores' indexes (up to 5 minutes), or
+    for its own build (minutes on a large store), stops within a second when its job is
+    stopped. The next run builds what was left; nothing is lost."""
+    products = _products(photos)[:8]
+    with Catalog(**TINY, defer_index_min=5) as catalog:
+        url = catalog.repository.url
+        catalog.upsert_products("waits", products)
+        with psycopg.connect(url, autocommit=True) as other:
+            held = "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))"
+            assert other.execute(held, (INDEX_DDL,)).fetchone()[0]
+            turn = _StopWhenWaiting("setting the store's indexes aside")
+            stopped = answered_within(lambda: _raised(catalog.embed, "waits", events=turn))
+            assert stopped and isinstance(stopped[0], _Stopped), stopped
+            assert f"waiting while another session holds {INDEX_DDL!r}" in str(stopped[0])
+        assert catalog.stats("waits").embedded == 0
+
+        with contextlib.ExitStack() as held:
+            build = _StopWhenWaiting("building the store's indexes")
+            build.batch_done = lambda stats: (  # from the last batch on, the build waits
+                stats.processed == stats.to_process
+                and held.enter_context(index_builds_held(url, "imgembed_products"))
+            )
+            stopped = answered_within(lambda: _raised(catalog.embed, "waits", events=build))
+            assert stopped and isinstance(stopped[0], _Stopped), stopped
+        stats = catalog.stats("waits")
+        assert stats.embedded == 8 and stats.indexes_missing == ["combined", "image", "text"]
+        assert catalog.embed("waits").to_process == 0 and _indexes(url, "waits") == 3
+
+
+def _raised(call, *args, **kwargs):
+    try:
+        return call(*args, **kwargs)
+    except BaseException as exc:  # the test looks at it
+        return exc
 
 
 def test_seed_functions_lengths_and_fusion(data_dir, photos, monkeypatch):

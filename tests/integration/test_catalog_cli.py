@@ -15,6 +15,7 @@ from pathlib import Path
 import psycopg
 from PIL import Image
 
+from imgembed.catalog.repository import INDEX_DDL
 from imgembed.store import embedded
 from tests.cli import IMGEMBED, run
 
@@ -109,6 +110,19 @@ def test_import_embed_search_and_stats(data_dir, photos, tmp_path):
     assert f"{hit['image_weight']:.2f}/{hit['text_weight']:.2f}" in narrow.stdout
     assert "…" not in narrow.stdout
     assert "p0" in cheap.stdout and not {"p1", "p2", "p3"} & set(cheap.stdout.split())
+
+    # a bulk load waiting for another session's turn at the stores' indexes says so, once
+    run("catalog", "import", str(csv), "--store_id=bulk")
+    with psycopg.connect(embedded.start(data_dir), autocommit=True) as holder:
+        holder.execute("SELECT pg_advisory_lock(hashtextextended(%s, 0))", (INDEX_DDL,))
+        release = threading.Timer(2.0, holder.execute, ["SELECT pg_advisory_unlock_all()"])
+        release.start()
+        bulk = run("catalog", "embed", "--store-id", "bulk", *TINY,
+                   env={"IMGEMBED_DEFER_INDEX_MIN": "2"})  # fmt: skip
+        release.join()
+    assert bulk.returncode == 1 and f"Successful: {total - 1}" in bulk.stderr, bulk.stderr
+    waited = "⏳ Setting the store's indexes aside for a bulk load: waiting while another session"
+    assert bulk.stderr.count(waited) == 1, bulk.stderr
 
     summary = json.loads(run("catalog", "stats", "--store-id", "demo", "--json").stdout)
     assert (summary["total"], summary["embedded"], summary["failed"]) == (total, total - 1, 1)

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -269,6 +270,45 @@ def test_a_bulk_run_builds_the_index_at_its_end_and_a_stopped_one_at_the_next(
             found = [hit.score for hit in store.search("bulk", record.vector, top_k=3)]
             exact = [hit.score for hit in store.search("bulk", record.vector, 3, exact=True)]
             assert found == pytest.approx(exact, abs=1e-6) and found[0] > 0.9999
+
+
+class _Stopped(Exception):
+    pass
+
+
+def test_a_run_stopped_during_its_index_build_stops_the_build(data_dir, large_jpegs, tmp_path):
+    """A job stopped (its progress callback raises) while its collection's index is built,
+    minutes for a large one, stops within a second instead of at the build's end; the next
+    run builds the index."""
+    from imgembed.store.postgres import items_table
+    from tests.integration.test_stores import answered_within, index_builds_held
+
+    paths = _crops(large_jpegs, tmp_path / "tiles", 8)
+    with ImageEmbeddingService(**TINY, defer_index_min=4, batch_size=4) as service:
+        store = service.store
+        refresh, stopped = store.refresh, threading.Event()
+
+        def held(name, changed=True, waiting=None):  # the build waits for another session
+            with index_builds_held(store.url, items_table(name)):
+                stopped.set()
+                refresh(name, changed, waiting)
+
+        def progress(state):
+            if stopped.is_set():
+                raise _Stopped
+
+        def run():
+            try:
+                return service.index(_items(paths), "bulk", progress=progress)
+            except _Stopped as exc:
+                return exc
+
+        store.refresh = held
+        outcome = answered_within(run)
+        assert outcome and isinstance(outcome[0], _Stopped), "the run waited for its build"
+        store.refresh = refresh
+        assert store.count("bulk") == 8 and not _has_index(service, "bulk")
+        assert service.index(_items(paths), "bulk").skipped == 8 and _has_index(service, "bulk")
 
 
 def test_a_collection_dropped_during_a_run_stops_it_saying_so(data_dir, large_jpegs, tmp_path):

@@ -306,6 +306,48 @@ def test_an_index_build_holds_no_search_of_another_collection(postgres_url):
     store.close()
 
 
+class _Stopped(Exception):
+    pass
+
+
+def test_a_build_stops_within_a_second_when_its_job_does(postgres_url):
+    """A build of minutes, or one waiting for other sessions, is cancelled when its caller's
+    `waiting` raises (a job cancelled, a server shutting down): the job does not wait for
+    the build's end. Nothing half-built is left; the next refresh builds the index."""
+    store = PostgresStore(postgres_url, defer_index_min=100)
+    name = _name()
+    store.create_collection(name, PROV)
+    assert store.bulk_load(name, 300)
+    store.upsert(name, _records(n=300, seed=1))
+    asked: list[str] = []
+    stop = threading.Event()
+
+    def waiting(what: str) -> None:
+        asked.append(what)
+        if stop.is_set():
+            raise _Stopped(what)
+
+    def build() -> None:
+        try:
+            store.refresh(name, waiting=waiting)
+        except _Stopped as exc:
+            outcome.append(exc)
+
+    outcome: list[_Stopped] = []
+    with index_builds_held(postgres_url, items_table(name)) as build_waits:
+        building = threading.Thread(target=build, daemon=True)
+        building.start()
+        build_waits()
+        stop.set()
+        building.join(30)  # the other session still holds the table: it would wait for ever
+        assert not building.is_alive() and outcome, "the build went on after its job stopped"
+    assert asked[0] == f"building the search index of {name!r}"
+    assert not _index_exists(postgres_url, name)
+    store.refresh(name)
+    assert _index_exists(postgres_url, name) and store.count(name) == 300
+    store.close()
+
+
 def test_equal_ids_in_one_batch_the_last_wins(postgres_url):
     store = PostgresStore(postgres_url)
     name = _name()

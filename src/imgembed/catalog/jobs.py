@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -118,6 +118,11 @@ class EmbedEvents(Protocol):
 
     def batch_done(self, stats: EmbedStats) -> None: ...
 
+    def waiting(self, what: str) -> None:
+        """Optional. Called every half second while the run waits on the database (its
+        index build, or another session's turn at the stores' indexes); may raise to stop
+        the run."""
+
 
 class NoEvents:
     def started(self, stats: EmbedStats) -> None:
@@ -131,6 +136,14 @@ class NoEvents:
 
     def batch_done(self, stats: EmbedStats) -> None:
         pass
+
+    def waiting(self, what: str) -> None:
+        pass
+
+
+def _waiting(events: EmbedEvents) -> Callable[[str], None] | None:
+    # optional: events classes written before it (not derived from NoEvents) have none
+    return getattr(events, "waiting", None)
 
 
 class Runner(Protocol):
@@ -165,8 +178,8 @@ class EmbedRun:
         events = events or NoEvents()
         started = time.perf_counter()
         tasks, stats = self.plan(mode, batch_size, product_ids)
-        self.begin(tasks, mode)
         events.started(stats)
+        self.begin(tasks, mode, events)
         batches = [tasks[i : i + batch_size] for i in range(0, len(tasks), batch_size)]
         sources = [task.row.image_url for task in tasks if task.embed_image]
         images = self.service.iter_images(sources) if sources else iter(())
@@ -178,7 +191,7 @@ class EmbedRun:
         finally:
             if hasattr(images, "close"):
                 images.close()  # stops the downloads still running ahead
-        self.finish(stats, started)
+        self.finish(stats, started, events)
         return stats
 
     def plan(
@@ -197,19 +210,20 @@ class EmbedRun:
         )
         return tasks, stats
 
-    def begin(self, tasks: Sequence[Task], mode: str) -> None:
+    def begin(self, tasks: Sequence[Task], mode: str, events: EmbedEvents) -> None:
         """Before the first batch: a bulk load sets the store's indexes aside (`finish`, or
         the next run's, builds them again); a forced run marks its products to be redone,
         so that a stopped one goes on without --force (each keeps its vectors meanwhile)."""
         minimum = self.service.settings.defer_index_min
-        self.repository.bulk_load(self.store_id, len(tasks), minimum)
+        self.repository.bulk_load(self.store_id, len(tasks), minimum, _waiting(events))
         if mode == "force":
             self.repository.mark_to_redo(self.store_id, [task.product_id for task in tasks])
 
-    def finish(self, stats: EmbedStats, started: float) -> None:
+    def finish(self, stats: EmbedStats, started: float, events: EmbedEvents) -> None:
         """After the last batch: the indexes (if set aside) and the planner's statistics,
         the weights table used, the duration."""
-        self.repository.refresh(self.store_id, self.provenance, changed=stats.successful > 0)
+        changed = stats.successful > 0
+        self.repository.refresh(self.store_id, self.provenance, changed, _waiting(events))
         self.repository.set_weights_version(self.store_id, self.table.version)
         stats.duration = time.perf_counter() - started
 

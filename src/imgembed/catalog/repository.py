@@ -506,14 +506,20 @@ class ProductRepository:
         # Repeatable (updates by id), so a lost connection is made again and the batch retried.
         self._db.run("storing a batch of embeddings", write)
 
-    def bulk_load(self, store_id: str, incoming: int, defer_index_min: int) -> bool:
+    def bulk_load(
+        self,
+        store_id: str,
+        incoming: int,
+        defer_index_min: int,
+        waiting: Callable[[str], None] | None = None,
+    ) -> bool:
         """Before embedding `incoming` products: a bulk load (at least `defer_index_min`, and
         at least half as many as the store holds embedded) drops the store's HNSW indexes,
         as the item store does: three graphs kept up to date row by row cost ~10 ms a product,
         one build each afterwards a fraction of that. Searches meanwhile scan (exact, slower);
         `refresh` builds them again, also after a run that was stopped. Every store shares the
         products table, so indexes are dropped and built CONCURRENTLY: other stores' imports,
-        writes and searches go on meanwhile."""
+        writes and searches go on meanwhile. `waiting`: see `Connection.alone`."""
         if not defer_index_min or incoming < defer_index_min:
             return False
         with self._cursor("counting embedded products") as cursor:
@@ -531,15 +537,23 @@ class ProductRepository:
                 connection.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(index))
 
         # alone: CONCURRENTLY waits for other sessions' transactions on the table to end
-        self._db.alone("setting the store's indexes aside for a bulk load", drop, INDEX_DDL)
+        action = "setting the store's indexes aside for a bulk load"
+        self._db.alone(action, drop, INDEX_DDL, waiting)
         log.info("bulk load of %d products into %r: its indexes are built afterwards",
                  incoming, store_id)  # fmt: skip
         return True
 
-    def refresh(self, store_id: str, provenance: StoreProvenance, changed: bool = True) -> None:
+    def refresh(
+        self,
+        store_id: str,
+        provenance: StoreProvenance,
+        changed: bool = True,
+        waiting: Callable[[str], None] | None = None,
+    ) -> None:
         """After a run: build the indexes a bulk load set aside, or that a stopped build left
         invalid (with the memory to build in RAM), and refresh the planner's statistics
-        (without them it may skip the indexes) when rows `changed` or an index was built."""
+        (without them it may skip the indexes) when rows `changed` or an index was built.
+        `waiting`: see `Connection.alone`."""
         statements = _index_ddl(store_id, provenance, concurrently=True)
         names = _index_names(store_id, provenance)
 
@@ -561,7 +575,7 @@ class ProductRepository:
                 connection.execute("ANALYZE imgembed_products")
 
         # alone: builds take minutes on a large store; its and other stores' searches go on
-        self._db.alone("building the store's indexes", work, INDEX_DDL)
+        self._db.alone("building the store's indexes", work, INDEX_DDL, waiting)
 
     def missing_indexes(self, store_id: str, provenance: StoreProvenance) -> list[str]:
         """The parts whose HNSW index is absent or invalid (a bulk run stopped before its

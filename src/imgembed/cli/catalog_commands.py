@@ -103,6 +103,7 @@ class _Lines:
         self.processed = self.to_process = 0
         self.created = time.perf_counter()
         self.loading = 0.0  # seconds before the run began: the models, the database
+        self.shown_wait = ""
 
     def say(self, text: str) -> None:
         if not self.quiet:
@@ -132,6 +133,11 @@ class _Lines:
         self.written += 1
         self.processed = stats.processed
         self.say(f"📊 Progress: {100 * stats.processed / stats.to_process:.1f}% complete")
+
+    def waiting(self, what: str) -> None:  # once each: it is called every half second
+        if what != self.shown_wait:
+            self.shown_wait = what
+            self.say(f"⏳ {what[:1].upper()}{what[1:]} ...")
 
 
 def _resume(force: bool) -> str:

@@ -24,23 +24,14 @@ from imgembed.distributed import cluster, stages
 TASK = "_imgembed_task"  # a pickled jobs.Task
 
 
-class _Outcomes:
+class _Outcomes(jobs.NoEvents):
     """Collects what process_batch reports, to be sent back to the driver."""
 
     def __init__(self) -> None:
         self.errors: dict[str, str | None] = {}
 
-    def started(self, stats: jobs.EmbedStats) -> None:
-        pass
-
-    def batch(self, number: int, stats: jobs.EmbedStats, size: int) -> None:
-        pass
-
     def product(self, product_id: str, error: str | None) -> None:
         self.errors[product_id] = error
-
-    def batch_done(self, stats: jobs.EmbedStats) -> None:
-        pass
 
 
 class CatalogWriter:
@@ -98,8 +89,8 @@ class RayRunner:
         events = events or jobs.NoEvents()
         started = time.perf_counter()
         tasks, stats = run.plan(mode, batch_size, product_ids)
-        run.begin(tasks, mode)
         events.started(stats)
+        run.begin(tasks, mode, events)
         if tasks:
             workers = cluster.postgres_settings(self.catalog.settings)
             rows = [
@@ -128,7 +119,7 @@ class RayRunner:
                 events.batch(number, stats, batch.num_rows)
                 _fold(batch, stats, events)
                 events.batch_done(stats)
-        run.finish(stats, started)
+        run.finish(stats, started, events)
         return stats
 
 

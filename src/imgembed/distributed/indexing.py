@@ -133,7 +133,8 @@ def _index(
                 _fold(batch, stats, state)
                 if progress:
                     progress(Progress(**vars(state)))
-        finish(store, name, items, stored, prune, stats)
+        again = (lambda what: progress(Progress(**vars(state)))) if progress else None
+        finish(store, name, items, stored, prune, stats, again)
     stats.duration = time.perf_counter() - started
     return stats
 

@@ -115,8 +115,9 @@ def _run(
     begin(store, collection, todo, stored)
     batch: list[Record] = []
     known = [unchanged_hash(item, stored) for item in todo]
+    seen, waiting = _repeatable(_shifted(progress, len(unusable)))
     results = service.iter_images(
-        [item.source for item in todo], _shifted(progress, len(unusable)), known=known
+        [item.source for item in todo], seen, known=known
     )  # an image still of its known hash is not embedded again
     with Writer(store, collection, stats) as writer:
         for item, stored_hash, result in zip(todo, known, results, strict=True):
@@ -134,7 +135,7 @@ def _run(
     if not existed and not stats.successful:  # every image failed: no empty collection either
         store.drop_collection(collection)
         return
-    finish(store, collection, items, stored, prune, stats)
+    finish(store, collection, items, stored, prune, stats, waiting)
 
 
 def _exists(store: VectorStore, collection: str) -> bool:
@@ -195,17 +196,19 @@ def finish(
     stored: Mapping[str, Any],
     prune: bool,
     stats: IndexStats,
+    waiting: Callable[[str], None] | None = None,
 ) -> None:
     """After a run's last batch: prune what is gone (not when some source could not be read:
     what it held might still exist; a row that names its id but no usable image keeps that
     item and blocks nothing), build an index a bulk load set aside (also one a stopped run
-    left unbuilt) and refresh the planner's statistics."""
+    left unbuilt; `waiting` as `VectorStore.refresh` takes it) and refresh the planner's
+    statistics."""
     if prune and any(item.unknown for item in items):
         stats.prune_skipped = True
     elif prune:
         gone = set(stored) - {printable(item.id) for item in items}
         stats.pruned = store.delete(collection, gone) if gone else 0
-    store.refresh(collection, changed=bool(stats.successful or stats.pruned))
+    store.refresh(collection, bool(stats.successful or stats.pruned), waiting)
 
 
 class Writer:
@@ -289,6 +292,26 @@ def _shifted(
             p, total=p.total + already, done=p.done + already, failed=p.failed + already
         )
     )
+
+
+def _repeatable(
+    progress: Callable[[Progress], None] | None,
+) -> tuple[Callable[[Progress], None] | None, Callable[[str], None] | None]:
+    """`progress`, and a `waiting` hook that reports its last state again while the store
+    builds (a job's callback raises there when the job is stopped)."""
+    if progress is None:
+        return None, None
+    last: list[Progress] = []
+
+    def seen(state: Progress) -> None:
+        last[:] = [state]
+        progress(state)
+
+    def again(what: str) -> None:
+        if last:
+            progress(last[0])
+
+    return seen, again
 
 
 def storable(

@@ -238,9 +238,13 @@ class VectorStore(Protocol):
         (its approximate index built afterwards, by `refresh`)."""
         ...
 
-    def refresh(self, name: str, changed: bool = True) -> None:
+    def refresh(
+        self, name: str, changed: bool = True, waiting: Callable[[str], None] | None = None
+    ) -> None:
         """After a run: build what a bulk load set aside (also after a stopped run), and
-        refresh the statistics searches depend on if rows `changed`. Safe to call any time."""
+        refresh the statistics searches depend on if rows `changed`. Safe to call any time.
+        `waiting(what)` is called every half second while a build runs; what it raises (a
+        job stopped) stops the build, and is raised."""
         ...
 
     def writing(self, name: str) -> AbstractContextManager[None]:

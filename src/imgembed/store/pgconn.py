@@ -33,6 +33,7 @@ APPLICATION = "imgembed"  # pg_stat_activity.application_name of our connections
 HNSW_MAX_EF_SEARCH = 1000  # pgvector's limit for hnsw.ef_search
 LOCK_POLL_SECONDS = 0.2  # how often `alone` asks for a lock another session holds
 LOCK_WAIT_SECONDS = 300.0  # and for how long at most
+WATCH_SECONDS = 0.5  # how often long work asks its caller whether to go on
 
 
 class Connection:
@@ -68,7 +69,11 @@ class Connection:
                 return work(self._connection)
 
     def alone(
-        self, action: str, work: Callable[[psycopg.Connection], T], lock: str | None = None
+        self,
+        action: str,
+        work: Callable[[psycopg.Connection], T],
+        lock: str | None = None,
+        waiting: Callable[[str], None] | None = None,
     ) -> T:
         """`work(connection)` on a connection of its own, closed afterwards: long work (an
         index build, which also waits for other sessions' transactions) would otherwise hold
@@ -77,10 +82,15 @@ class Connection:
         With `lock`, one such work at a time across sessions: a session advisory lock, asked
         for until it is free (a session blocked in pg_advisory_lock holds a snapshot, which a
         CONCURRENTLY build holding the lock waits for: a deadlock), for LOCK_WAIT_SECONDS at
-        most (then StoreBusyError: a job waiting here can be stopped, and says how to resume)."""
+        most (then StoreBusyError). `waiting(what)` is called every WATCH_SECONDS meanwhile
+        (on another thread while the work runs): what it raises (a job stopped) cancels the
+        statement running and is raised here, so a job stops within a second, not when a
+        build of minutes ends. What a cancelled build leaves is built by the next `refresh`."""
         with store_errors(action, self.location):
             connection = _connect(self._url)
-            try:
+        watch = _Watch(connection, action, waiting)
+        try:
+            with store_errors(action, self.location):
                 deadline = time.monotonic() + LOCK_WAIT_SECONDS
                 while lock is not None and not _try_lock(connection, lock):
                     if time.monotonic() > deadline:
@@ -88,10 +98,18 @@ class Connection:
                             f"{action}: another session held {lock!r} for over "
                             f"{LOCK_WAIT_SECONDS:g} s ({self.location}); run it again later"
                         )
+                    watch.about = f"{action}: waiting while another session holds {lock!r}"
+                    watch.check()
                     time.sleep(LOCK_POLL_SECONDS)
+                watch.about = action
+                watch.check()
                 return work(connection)
-            finally:
-                connection.close()  # and with it the lock
+        except StoreError:
+            watch.check()  # a cancel asked for by `waiting`, not a fault of the database
+            raise
+        finally:
+            watch.close()
+            connection.close()  # and with it the lock
 
     @contextlib.contextmanager
     def cursor(self, action: str, transaction: bool = False) -> Iterator[psycopg.Cursor[Any]]:
@@ -201,6 +219,44 @@ class Connection:
     def close(self) -> None:
         with self._lock:
             self._connection.close()
+
+
+class _Watch:
+    """Asks `waiting` every WATCH_SECONDS, on a thread of its own, whether to go on; what it
+    raises is kept (`check` raises it) and cancels the connection's running statement."""
+
+    def __init__(
+        self, connection: psycopg.Connection, about: str, waiting: Callable[[str], None] | None
+    ):
+        self.about = about
+        self._connection = connection
+        self._waiting = waiting
+        self._stop: BaseException | None = None
+        self._done = threading.Event()
+        self._thread = None
+        if waiting is not None:
+            self._thread = threading.Thread(target=self._watch, name="imgembed-watch", daemon=True)
+            self._thread.start()
+
+    def check(self) -> None:
+        if self._stop is not None:
+            raise self._stop
+
+    def close(self) -> None:
+        self._done.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _watch(self) -> None:
+        assert self._waiting is not None
+        while not self._done.wait(WATCH_SECONDS):
+            try:
+                self._waiting(self.about)
+            except Exception as exc:
+                self._stop = exc
+                with contextlib.suppress(psycopg.Error):
+                    self._connection.cancel_safe(timeout=5.0)
+                return
 
 
 def _try_lock(connection: psycopg.Connection, key: str) -> bool:

@@ -157,13 +157,20 @@ class PostgresStore:
         return self._collections[name]
 
     def _on(
-        self, name: str, action: str, work: Callable[[psycopg.Connection], T], alone: bool = False
+        self,
+        name: str,
+        action: str,
+        work: Callable[[psycopg.Connection], T],
+        alone: bool = False,
+        waiting: Callable[[str], None] | None = None,
     ) -> T:
-        """Work on the collection's table (long work `alone`, on a connection of its own): a
-        table another process dropped meanwhile is CollectionNotFoundError, not a driver
-        error."""
+        """Work on the collection's table (long work `alone`, on a connection of its own,
+        with `waiting` as `Connection.alone` takes it): a table another process dropped
+        meanwhile is CollectionNotFoundError, not a driver error."""
         try:
-            return (self._db.alone if alone else self._db.run)(action, work)
+            if alone:
+                return self._db.alone(action, work, waiting=waiting)
+            return self._db.run(action, work)
         except StoreError as exc:
             if not isinstance(exc.__cause__, psycopg.errors.UndefinedTable):
                 raise
@@ -413,7 +420,9 @@ class PostgresStore:
                  name)  # fmt: skip
         return True
 
-    def refresh(self, name: str, changed: bool = True) -> None:
+    def refresh(
+        self, name: str, changed: bool = True, waiting: Callable[[str], None] | None = None
+    ) -> None:
         """After a run: build the HNSW index if a bulk load set it aside, and refresh the
         planner's statistics (without them it scans instead of using the index) when rows
         `changed` or the index was built (ANALYZE of 100k rows: 0.4-0.9 s)."""
@@ -435,7 +444,7 @@ class PostgresStore:
                 connection.execute(sql.SQL("ANALYZE {}").format(sql.Identifier(table)))
 
         # alone: a build takes a minute per 100k items, searches meanwhile go on
-        self._on(name, f"building the search index of {name!r}", work, alone=True)
+        self._on(name, f"building the search index of {name!r}", work, True, waiting)
 
     def close(self) -> None:
         self._db.close()

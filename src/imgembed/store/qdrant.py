@@ -347,7 +347,9 @@ class QdrantStore:
         self._dimension(name)  # raises for an unknown collection
         return False
 
-    def refresh(self, name: str, changed: bool = True) -> None:
+    def refresh(
+        self, name: str, changed: bool = True, waiting: Callable[[str], None] | None = None
+    ) -> None:
         """Qdrant keeps its own statistics and index."""
 
     def close(self) -> None:

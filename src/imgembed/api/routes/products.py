@@ -100,16 +100,23 @@ def _embed_job(
 
 
 class _JobEvents(NoEvents):
-    """A run's batches as job progress; the job stops at a batch boundary on shutdown."""
+    """A run's batches as job progress; the job stops (cancelled, or on shutdown) at a batch
+    boundary, or within a second while the run waits on the database."""
 
     def __init__(self, progress: ProgressCallback):
         self.progress = progress
+        self.stats: EmbedStats | None = None
 
     def started(self, stats: EmbedStats) -> None:
+        self.stats = stats
         self._report(stats)
 
     def batch_done(self, stats: EmbedStats) -> None:
         self._report(stats)
+
+    def waiting(self, what: str) -> None:
+        if self.stats is not None:  # the same progress again: it raises if the job stops
+            self._report(self.stats)
 
     def _report(self, stats: EmbedStats) -> None:
         # "embedded": products with an image embedded (what the image metrics count); those
