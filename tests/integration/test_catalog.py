@@ -33,7 +33,7 @@ from tests.cli import run
 from tests.conftest import TINY
 from tests.integration.embedding_server import EmbeddingServer
 from tests.integration.test_faults_store import _drop_imgembed_connections
-from tests.integration.test_stores import answered_within, index_builds_held
+from tests.integration.test_stores import answered_within, index_builds_held, raised
 
 REPO = Path(__file__).resolve().parents[2]
 TABLE = findly_table()
@@ -622,7 +622,7 @@ def test_a_run_waiting_on_the_store_indexes_stops_when_its_job_does(data_dir, ph
             held = "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))"
             assert other.execute(held, (INDEX_DDL,)).fetchone()[0]
             turn = _StopWhenWaiting("setting the store's indexes aside")
-            stopped = answered_within(lambda: _raised(catalog.embed, "waits", events=turn))
+            stopped = answered_within(lambda: raised(catalog.embed, "waits", events=turn))
             assert stopped and isinstance(stopped[0], _Stopped), stopped
             assert f"waiting while another session holds {INDEX_DDL!r}" in str(stopped[0])
         assert catalog.stats("waits").embedded == 0
@@ -633,18 +633,11 @@ def test_a_run_waiting_on_the_store_indexes_stops_when_its_job_does(data_dir, ph
                 stats.processed == stats.to_process
                 and held.enter_context(index_builds_held(url, "imgembed_products"))
             )
-            stopped = answered_within(lambda: _raised(catalog.embed, "waits", events=build))
+            stopped = answered_within(lambda: raised(catalog.embed, "waits", events=build))
             assert stopped and isinstance(stopped[0], _Stopped), stopped
         stats = catalog.stats("waits")
         assert stats.embedded == 8 and stats.indexes_missing == ["combined", "image", "text"]
         assert catalog.embed("waits").to_process == 0 and _indexes(url, "waits") == 3
-
-
-def _raised(call, *args, **kwargs):
-    try:
-        return call(*args, **kwargs)
-    except BaseException as exc:  # the test looks at it
-        return exc
 
 
 def test_seed_functions_lengths_and_fusion(data_dir, photos, monkeypatch):

@@ -281,7 +281,7 @@ def test_a_run_stopped_during_its_index_build_stops_the_build(data_dir, large_jp
     minutes for a large one, stops within a second instead of at the build's end; the next
     run builds the index."""
     from imgembed.store.postgres import items_table
-    from tests.integration.test_stores import answered_within, index_builds_held
+    from tests.integration.test_stores import answered_within, index_builds_held, raised
 
     paths = _crops(large_jpegs, tmp_path / "tiles", 8)
     with ImageEmbeddingService(**TINY, defer_index_min=4, batch_size=4) as service:
@@ -297,14 +297,10 @@ def test_a_run_stopped_during_its_index_build_stops_the_build(data_dir, large_jp
             if stopped.is_set():
                 raise _Stopped
 
-        def run():
-            try:
-                return service.index(_items(paths), "bulk", progress=progress)
-            except _Stopped as exc:
-                return exc
-
         store.refresh = held
-        outcome = answered_within(run)
+        outcome = answered_within(
+            lambda: raised(service.index, _items(paths), "bulk", progress=progress)
+        )
         assert outcome and isinstance(outcome[0], _Stopped), "the run waited for its build"
         store.refresh = refresh
         assert store.count("bulk") == 8 and not _has_index(service, "bulk")

@@ -464,6 +464,70 @@ def test_a_run_whose_connection_was_lost_takes_its_lock_again_or_stops(postgres_
     second.close()
 
 
+def test_a_run_ending_while_another_thread_reconnects_waits_for_it(postgres_url, monkeypatch):
+    """A server shares one connection: a run may end (let its lock go) while another call
+    makes the lost connection again and takes the held locks again. The ending waits for
+    that, so the reconnect sees the lock list it started with: here the lock was taken by
+    another session meanwhile, and the call gets the typed StoreBusyError (before: KeyError)."""
+    import psycopg
+
+    from imgembed.store import pgconn
+
+    store = PostgresStore(postgres_url)
+    db = store._db
+    key = f"test-lock-{uuid.uuid4().hex}"
+    held, leave, ended = threading.Event(), threading.Event(), threading.Event()
+    retaking, go_on = threading.Event(), threading.Event()
+    try_lock = pgconn._try_lock
+
+    def slow_try_lock(connection, name):  # the reconnect taking the lock again, held up
+        if held.is_set():
+            retaking.set()
+            go_on.wait(30)
+        return try_lock(connection, name)
+
+    def run_that_ends():
+        with db.session_lock(key, "locking", lambda: StoreBusyError("busy")):
+            held.set()
+            leave.wait(30)
+        ended.set()
+
+    monkeypatch.setattr(pgconn, "_try_lock", slow_try_lock)
+    running = threading.Thread(target=run_that_ends, daemon=True)
+    running.start()
+    assert held.wait(30)
+    outcome: list = []
+    with psycopg.connect(postgres_url, autocommit=True) as other:
+        pid = db._connection.info.backend_pid
+        other.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        while other.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone():
+            time.sleep(0.05)
+        assert other.execute("SELECT pg_try_advisory_lock(hashtextextended(%s, 0))", (key,))
+        call = threading.Thread(
+            target=lambda: outcome.append(raised(db.run, "reading", lambda c: 1)), daemon=True
+        )
+        call.start()
+        assert retaking.wait(30)
+        leave.set()
+        time.sleep(0.5)  # the run's end would go on now if it did not wait
+        assert not ended.is_set()
+        go_on.set()
+        call.join(30)
+        running.join(30)
+    assert ended.is_set() and len(outcome) == 1
+    assert isinstance(outcome[0], StoreBusyError), outcome
+    assert "went with its lost database connection" in str(outcome[0])
+    store.close()
+
+
+def raised(call, *args, **kwargs):
+    """What `call` returned, or the exception it raised (for a test to look at)."""
+    try:
+        return call(*args, **kwargs)
+    except Exception as exc:
+        return exc
+
+
 def test_a_ragged_query_or_record_is_an_invalid_record(store):
     name = _name()
     store.create_collection(name, PROV)
