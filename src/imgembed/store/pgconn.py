@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 RECONNECT_SECONDS = 30.0  # how long to wait for a server that went away to come back
 DOWN_SECONDS = 10.0  # after that wait failed, calls fail at once for this long (no new wait)
+RESTART_WAIT_SECONDS = 5.0  # how long a call queued behind that wait waits (then it fails)
 CONNECT_TIMEOUT = 10  # seconds, per attempt
 APPLICATION = "imgembed"  # pg_stat_activity.application_name of our connections
 HNSW_MAX_EF_SEARCH = 1000  # pgvector's limit for hnsw.ef_search
@@ -46,6 +47,7 @@ class Connection:
         self._lock = threading.RLock()
         self._lost: StoreUnavailableError | None = None
         self._down: tuple[float, StoreUnavailableError] | None = None  # a reconnect that failed
+        self._reconnecting: float | None = None  # since when (monotonic) a call reconnects
         self._search: tuple[psycopg.Connection | None, int, str] = (None, 0, "")  # as made
         self._held: dict[str, Callable[[], StoreBusyError]] = {}  # session locks: key -> busy
         try:
@@ -57,7 +59,7 @@ class Connection:
     def run(self, action: str, work: Callable[[psycopg.Connection], T]) -> T:
         """`work(connection)` under the lock; reconnects and retries it once if the
         connection was lost (a StoreUnavailableError if that fails too)."""
-        with self._lock:
+        with self._locked(action):
             self._check(action)
             try:
                 with store_errors(action, self.location):
@@ -114,7 +116,7 @@ class Connection:
     @contextlib.contextmanager
     def cursor(self, action: str, transaction: bool = False) -> Iterator[psycopg.Cursor[Any]]:
         """A cursor (in one transaction if asked) under the lock, with typed errors."""
-        with self._lock:
+        with self._locked(action):
             self._check(action)
             try:
                 with store_errors(action, self.location):
@@ -133,7 +135,7 @@ class Connection:
         killed process's goes with its connection; so does one whose connection is lost:
         the connection made again takes it again before any other call, and if another
         run took it meanwhile, this one stops with StoreBusyError instead of both working."""
-        with self._lock:  # a reconnect meanwhile takes again what `_held` lists
+        with self._locked(action):  # a reconnect meanwhile takes again what `_held` lists
             if not self.run(action, lambda c: _try_lock(c, key)):
                 raise busy()
             self._held[key] = busy
@@ -168,6 +170,26 @@ class Connection:
             connection.execute(sql.SQL("SET hnsw.iterative_scan = {}").format(sql.SQL(scan)))
             self._search = (connection, ef, scan)
 
+    @contextlib.contextmanager
+    def _locked(self, action: str) -> Iterator[None]:
+        """The lock, waited for as long as the call before holds it, but behind a reconnect
+        (the server restarting) RESTART_WAIT_SECONDS at most: then StoreUnavailableError. A
+        server's requests queue here: each would otherwise wait in turn, up to the whole
+        reconnect, before its answer (a 503 all the same if the server stays away)."""
+        asked = time.monotonic()
+        while not self._lock.acquire(timeout=LOCK_POLL_SECONDS):
+            since = self._reconnecting
+            if since is not None and time.monotonic() - asked >= RESTART_WAIT_SECONDS:
+                raise StoreUnavailableError(
+                    f"the database is restarting ({self.location}): {action} waited "
+                    f"{RESTART_WAIT_SECONDS:g} s for it to come back (it went away "
+                    f"{time.monotonic() - since:.0f} s ago); try again in a few seconds"
+                )
+        try:
+            yield
+        finally:
+            self._lock.release()
+
     def _check(self, action: str) -> None:
         """Reconnect first if the last call lost the connection, or if the server has closed
         it while it was idle (its socket is readable: the goodbye, or end of file)."""
@@ -187,6 +209,13 @@ class Connection:
             self._lost = None
 
     def _reconnect(self, lost: StoreUnavailableError) -> None:
+        self._reconnecting = time.monotonic()
+        try:
+            self._wait_for_server(lost)
+        finally:
+            self._reconnecting = None
+
+    def _wait_for_server(self, lost: StoreUnavailableError) -> None:
         with contextlib.suppress(psycopg.Error):
             self._connection.close()
         deadline = time.monotonic() + RECONNECT_SECONDS
