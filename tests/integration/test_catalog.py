@@ -627,17 +627,26 @@ def test_a_run_waiting_on_the_store_indexes_stops_when_its_job_does(data_dir, ph
             assert f"waiting while another session holds {INDEX_DDL!r}" in str(stopped[0])
         assert catalog.stats("waits").embedded == 0
 
-        with contextlib.ExitStack() as held:
+        with contextlib.ExitStack() as later:
             build = _StopWhenWaiting("building the store's indexes")
             build.batch_done = lambda stats: (  # from the last batch on, the build waits
                 stats.processed == stats.to_process
-                and held.enter_context(index_builds_held(url, "imgembed_products"))
+                and later.enter_context(index_builds_held(url, "imgembed_products"))
             )
             stopped = answered_within(lambda: raised(catalog.embed, "waits", events=build))
             assert stopped and isinstance(stopped[0], _Stopped), stopped
         stats = catalog.stats("waits")
         assert stats.embedded == 8 and stats.indexes_missing == ["combined", "image", "text"]
         assert catalog.embed("waits").to_process == 0 and _indexes(url, "waits") == 3
+
+        # a forced run stopped there has marked its products: the resume without it redoes them
+        with psycopg.connect(url, autocommit=True) as other:
+            assert other.execute(held, (INDEX_DDL,)).fetchone()[0]
+            stopped = answered_within(
+                lambda: raised(catalog.embed, "waits", mode="force", events=turn)
+            )
+            assert stopped and isinstance(stopped[0], _Stopped), stopped
+        assert catalog.embed("waits").successful == 8
 
 
 def test_seed_functions_lengths_and_fusion(data_dir, photos, monkeypatch):

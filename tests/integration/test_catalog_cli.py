@@ -115,7 +115,8 @@ def test_import_embed_search_and_stats(data_dir, photos, tmp_path):
     run("catalog", "import", str(csv), "--store_id=bulk")
     with psycopg.connect(embedded.start(data_dir), autocommit=True) as holder:
         holder.execute("SELECT pg_advisory_lock(hashtextextended(%s, 0))", (INDEX_DDL,))
-        release = threading.Timer(2.0, holder.execute, ["SELECT pg_advisory_unlock_all()"])
+        # held past the command's start and the first half-second poll, even on a busy machine
+        release = threading.Timer(4.0, holder.execute, ["SELECT pg_advisory_unlock_all()"])
         release.start()
         bulk = run("catalog", "embed", "--store-id", "bulk", *TINY,
                    env={"IMGEMBED_DEFER_INDEX_MIN": "2"})  # fmt: skip

@@ -381,6 +381,36 @@ def test_calls_queued_behind_a_reconnect_wait_a_few_seconds_not_the_whole_wait(
     store.close()
 
 
+def test_a_call_queued_behind_a_long_one_waits_for_its_reconnect_from_its_start(
+    data_dir, monkeypatch
+):
+    """The few seconds behind a reconnect count from the reconnect's start: a call that had
+    already waited behind an ordinary long call is answered when the server is back soon."""
+    monkeypatch.setattr(pgconn, "RESTART_WAIT_SECONDS", 1.0)
+    url = embedded.start(data_dir)
+
+    def reopen():  # back within half a second
+        time.sleep(0.5)
+        return url
+
+    store = PostgresStore(url, reopen=reopen)
+    db = store._db
+    pid = db.run("reading the pid", lambda c: c.info.backend_pid)
+    with ThreadPoolExecutor(1) as pool:
+        long = pool.submit(db.run, "a long call", lambda c: c.execute("SELECT pg_sleep(2)"))
+        with psycopg.connect(url, autocommit=True) as admin:
+            running = "SELECT 1 FROM pg_stat_activity WHERE pid = %s AND query LIKE '%%pg_sleep%%'"
+            while not admin.execute(running, (pid,)).fetchone():
+                time.sleep(0.02)
+            cut = "SELECT pg_terminate_backend(%s)"
+            killer = threading.Timer(1.5, admin.execute, [cut, (pid,)])  # after 1 s queued
+            killer.start()
+            assert db.run("a queued call", lambda c: c.execute("SELECT 2").fetchone()[0]) == 2
+            killer.join()
+        long.result(timeout=30)  # made again and repeated
+    store.close()
+
+
 def test_a_start_that_failed_fails_at_once_the_calls_that_waited_for_it(tmp_path, monkeypatch):
     """Each store (collections, catalogue) reconnects on its own: the second waited for the
     first's start of the server and, when it failed, made a whole wait of its own."""

@@ -348,6 +348,30 @@ def test_a_build_stops_within_a_second_when_its_job_does(postgres_url):
     store.close()
 
 
+def test_a_stop_between_two_statements_still_stops_the_next(postgres_url):
+    """The server drops a cancel that reaches an idle connection: a stop asked for between
+    two statements of long work must still stop the next one (a build of minutes)."""
+    store = PostgresStore(postgres_url)
+    asked = threading.Event()
+
+    def waiting(what: str) -> None:
+        asked.set()
+        raise _Stopped(what)
+
+    def work(connection) -> str:
+        connection.execute("SELECT 1")
+        asked.wait(30)
+        time.sleep(0.3)  # the first cancel came while the connection was idle
+        connection.execute("SELECT pg_sleep(30)")
+        return "went on to the end"
+
+    started = time.monotonic()
+    with pytest.raises(_Stopped):
+        store._db.alone("building", work, waiting=waiting)
+    assert time.monotonic() - started < 20
+    store.close()
+
+
 def test_equal_ids_in_one_batch_the_last_wins(postgres_url):
     store = PostgresStore(postgres_url)
     name = _name()
@@ -502,7 +526,8 @@ def test_a_run_ending_while_another_thread_reconnects_waits_for_it(postgres_url,
         other.execute("SELECT pg_terminate_backend(%s)", (pid,))
         while other.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone():
             time.sleep(0.05)
-        assert other.execute("SELECT pg_try_advisory_lock(hashtextextended(%s, 0))", (key,))
+        taken = "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))"
+        assert other.execute(taken, (key,)).fetchone()[0]
         call = threading.Thread(
             target=lambda: outcome.append(raised(db.run, "reading", lambda c: 1)), daemon=True
         )

@@ -214,10 +214,10 @@ class EmbedRun:
         """Before the first batch: a bulk load sets the store's indexes aside (`finish`, or
         the next run's, builds them again); a forced run marks its products to be redone,
         so that a stopped one goes on without --force (each keeps its vectors meanwhile)."""
+        if mode == "force":  # first: a job stopped while bulk_load waits resumes "changed"
+            self.repository.mark_to_redo(self.store_id, [task.product_id for task in tasks])
         minimum = self.service.settings.defer_index_min
         self.repository.bulk_load(self.store_id, len(tasks), minimum, _waiting(events))
-        if mode == "force":
-            self.repository.mark_to_redo(self.store_id, [task.product_id for task in tasks])
 
     def finish(self, stats: EmbedStats, started: float, events: EmbedEvents) -> None:
         """After the last batch: the indexes (if set aside) and the planner's statistics,

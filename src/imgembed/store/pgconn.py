@@ -179,7 +179,8 @@ class Connection:
         asked = time.monotonic()
         while not self._lock.acquire(timeout=LOCK_POLL_SECONDS):
             since = self._reconnecting
-            if since is not None and time.monotonic() - asked >= RESTART_WAIT_SECONDS:
+            # counted from the reconnect's start: the wait behind an ordinary call before is not
+            if since is not None and time.monotonic() - max(asked, since) >= RESTART_WAIT_SECONDS:
                 raise StoreUnavailableError(
                     f"the database is restarting ({self.location}): {action} waited "
                     f"{RESTART_WAIT_SECONDS:g} s for it to come back (it went away "
@@ -279,13 +280,15 @@ class _Watch:
     def _watch(self) -> None:
         assert self._waiting is not None
         while not self._done.wait(WATCH_SECONDS):
-            try:
-                self._waiting(self.about)
-            except Exception as exc:
-                self._stop = exc
-                with contextlib.suppress(psycopg.Error):
-                    self._connection.cancel_safe(timeout=5.0)
-                return
+            if self._stop is None:
+                try:
+                    self._waiting(self.about)
+                    continue
+                except Exception as exc:
+                    self._stop = exc
+            # again until the work ends: a cancel that arrives between statements is dropped
+            with contextlib.suppress(psycopg.Error):
+                self._connection.cancel_safe(timeout=5.0)
 
 
 def _try_lock(connection: psycopg.Connection, key: str) -> bool:
