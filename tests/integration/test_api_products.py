@@ -285,8 +285,12 @@ def test_a_job_waiting_on_the_store_indexes_is_cancelled_at_once(root, photos, t
             assert other.execute(held, (INDEX_DDL,)).fetchone()[0]
             answer = client.post("/api/v1/stores/waits/products", json={"products": products})
             job = answer.json()["job"]
-            while client.get(job["url"]).json()["progress"] is None:  # started: it waits
+            deadline = time.monotonic() + 60
+            while not (client.get(job["url"]).json()["progress"] or {}).get("waiting"):
+                assert time.monotonic() < deadline, "the job does not say what it waits for"
                 time.sleep(0.05)
+            waiting = client.get(job["url"]).json()["progress"]["waiting"]
+            assert "waiting while another session holds" in waiting, waiting
             client.delete(job["url"])
             deadline = time.monotonic() + 30  # the other session holds its turn for minutes
             while (state := client.get(job["url"]).json())["status"] == "running":

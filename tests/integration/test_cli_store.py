@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import psutil
@@ -215,3 +216,46 @@ def test_a_collection_name_no_store_takes_is_refused_before_the_run(data_dir, ph
     assert run("index", str(photos[0].parent / "nope"), "-c", "fresh", *TINY).returncode == 1
     listed = json.loads(run("collections", "--json").stdout)
     assert [c["count"] for c in listed if c["name"] == "fresh"] == [1]  # an existing one stays
+
+
+def test_index_says_once_what_it_waits_for(data_dir, photos, monkeypatch):
+    """A run whose collection's index build waits (a minute per 100k images; here for another
+    session's open transaction) says so once instead of a bar standing still, and ends with
+    the index built when the build could go on."""
+    import psycopg
+    from psycopg import sql
+
+    from imgembed.store.postgres import PostgresStore, items_table
+    from tests.integration.test_stores import waits_for_lock
+
+    refresh = PostgresStore.refresh
+
+    def held(self, name, changed=True, waiting=None):
+        table = items_table(name)
+        with psycopg.connect(self.url) as blocker:
+            blocker.execute(
+                sql.SQL("LOCK TABLE {} IN ROW EXCLUSIVE MODE").format(sql.Identifier(table))
+            )
+
+            def release():
+                try:
+                    waits_for_lock(self.url, "CREATE INDEX")
+                    time.sleep(2)  # a few of the run's half-second reports
+                finally:
+                    blocker.rollback()
+
+            releasing = threading.Thread(target=release)
+            releasing.start()
+            try:
+                refresh(self, name, changed, waiting)
+            finally:
+                releasing.join()
+
+    monkeypatch.setattr(PostgresStore, "refresh", held)
+    bulk = {"IMGEMBED_DEFER_INDEX_MIN": "2"}  # a new collection: its index is built at the end
+    proc = run("index", str(photos[0].parent), "-c", "held", *TINY, env=bulk)
+    assert proc.returncode == 0 and "Successful: 6" in proc.stderr, proc.stderr
+    assert proc.stderr.count("⏳ Building the search index of 'held' ...") == 1, proc.stderr
+    with psycopg.connect(embedded.start(data_dir)) as admin:
+        index = admin.execute("SELECT to_regclass(%s)", (f"{items_table('held')}_hnsw",))
+        assert index.fetchone()[0] is not None

@@ -295,13 +295,16 @@ def test_a_run_stopped_during_its_index_build_stops_the_build(data_dir, large_jp
 
         def progress(state):
             if stopped.is_set():
+                said.append(state.waiting)  # the job's status tells what it waits for
                 raise _Stopped
 
+        said: list[str] = []
         store.refresh = held
         outcome = answered_within(
             lambda: raised(service.index, _items(paths), "bulk", progress=progress)
         )
         assert outcome and isinstance(outcome[0], _Stopped), "the run waited for its build"
+        assert said == ["building the search index of 'bulk'"]
         store.refresh = refresh
         assert store.count("bulk") == 8 and not _has_index(service, "bulk")
         assert service.index(_items(paths), "bulk").skipped == 8 and _has_index(service, "bulk")

@@ -25,6 +25,7 @@ from imgembed.cli.common import (
     err,
     fail,
     make_settings,
+    waiting_line,
 )
 from imgembed.errors import ImgEmbedError
 
@@ -137,7 +138,7 @@ class _Lines:
     def waiting(self, what: str) -> None:  # once each: it is called every half second
         if what != self.shown_wait:
             self.shown_wait = what
-            self.say(f"⏳ {what[:1].upper()}{what[1:]} ...")
+            self.say(waiting_line(what))
 
 
 def _resume(force: bool) -> str:

@@ -104,6 +104,11 @@ def progress_bar() -> Progress:
     )
 
 
+def waiting_line(what: str) -> str:
+    """What a run waits for on the database (an index build, another session's turn)."""
+    return f"⏳ {what[:1].upper()}{what[1:]} ..."
+
+
 def make_service(**options: Any):
     from imgembed.service import ImageEmbeddingService
 

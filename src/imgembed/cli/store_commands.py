@@ -26,6 +26,7 @@ from imgembed.cli.common import (
     make_service,
     make_settings,
     progress_bar,
+    waiting_line,
 )
 from imgembed.cli.output import check_writable
 from imgembed.errors import ImgEmbedError, OutputError
@@ -99,11 +100,15 @@ def index(
         )
         with progress_bar() as bar:
             task = bar.add_task("indexing", total=len(items))
+            shown = ""  # what the run waits for, said once: it is reported every half second
 
             def update(progress: Progress) -> None:
-                nonlocal done
+                nonlocal done, shown
                 done = progress.done
                 bar.update(task, completed=progress.done)
+                if progress.waiting and progress.waiting != shown:
+                    shown = progress.waiting
+                    bar.print(waiting_line(shown), markup=False, highlight=False, emoji=False)
 
             if ray is None:
                 stats = service.index(items, name, prune=prune, progress=update)

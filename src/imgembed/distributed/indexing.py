@@ -23,7 +23,15 @@ from imgembed.config import Settings
 from imgembed.distributed import cluster, stages
 from imgembed.engine.pipeline import Progress
 from imgembed.indexing import IndexItem, IndexStats
-from imgembed.indexing.run import begin, finish, guarded, storable, store_batch, unchanged_hash
+from imgembed.indexing.run import (
+    begin,
+    finish,
+    guarded,
+    repeatable,
+    storable,
+    store_batch,
+    unchanged_hash,
+)
 from imgembed.intake.names import printable
 from imgembed.store import Provenance, open_store
 from imgembed.store.base import StoredItem, checked_name
@@ -104,6 +112,7 @@ def _index(
     unusable = [item for item in items if item.error is not None]
     todo = [item for item in items if item.error is None]
     state = Progress(total=len(items))
+    seen, waiting = repeatable(progress)
     with guarded(service.store, name, stats, service.settings.cache_embeddings):
         provenance = service.provenance
         store = service.store
@@ -131,10 +140,9 @@ def _index(
             )
             for batch in stages.outcomes(ds):
                 _fold(batch, stats, state)
-                if progress:
-                    progress(Progress(**vars(state)))
-        again = (lambda what: progress(Progress(**vars(state)))) if progress else None
-        finish(store, name, items, stored, prune, stats, again)
+                if seen:
+                    seen(Progress(**vars(state)))
+        finish(store, name, items, stored, prune, stats, waiting)
     stats.duration = time.perf_counter() - started
     return stats
 

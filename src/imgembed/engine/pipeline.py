@@ -45,6 +45,7 @@ class Progress:
     cached: int = 0
     failed: int = 0
     skipped: int = 0  # unchanged since stored (`known`): read and hashed, not embedded
+    waiting: str = ""  # what the run waits for after its items (its store's index build)
 
 
 ProgressCallback = Callable[[Progress], None]

@@ -115,7 +115,7 @@ def _run(
     begin(store, collection, todo, stored)
     batch: list[Record] = []
     known = [unchanged_hash(item, stored) for item in todo]
-    seen, waiting = _repeatable(_shifted(progress, len(unusable)))
+    seen, waiting = repeatable(_shifted(progress, len(unusable)))
     results = service.iter_images(
         [item.source for item in todo], seen, known=known
     )  # an image still of its known hash is not embedded again
@@ -294,11 +294,11 @@ def _shifted(
     )
 
 
-def _repeatable(
+def repeatable(
     progress: Callable[[Progress], None] | None,
 ) -> tuple[Callable[[Progress], None] | None, Callable[[str], None] | None]:
-    """`progress`, and a `waiting` hook that reports its last state again while the store
-    builds (a job's callback raises there when the job is stopped)."""
+    """`progress`, and a `waiting` hook that reports its last state again, saying what the
+    store is at, while it builds (a job's callback raises there when the job is stopped)."""
     if progress is None:
         return None, None
     last: list[Progress] = []
@@ -309,7 +309,7 @@ def _repeatable(
 
     def again(what: str) -> None:
         if last:
-            progress(last[0])
+            progress(dataclasses.replace(last[0], waiting=what))
 
     return seen, again
 

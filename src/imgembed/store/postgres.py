@@ -427,10 +427,17 @@ class PostgresStore:
         planner's statistics (without them it scans instead of using the index) when rows
         `changed` or the index was built (ANALYZE of 100k rows: 0.4-0.9 s)."""
         table, dimension = self._collection(name)
+        index = f"{table}_hnsw"
+        exists = self._on(
+            name,
+            f"reading the search index of {name!r}",
+            lambda c: c.execute("SELECT to_regclass(%s)", (index,)).fetchone()[0],
+        )
+        build = dimension <= HNSW_MAX_DIMENSION and exists is None
+        if not (build or changed):
+            return
 
         def work(connection: psycopg.Connection) -> None:
-            exists = connection.execute("SELECT to_regclass(%s)", (f"{table}_hnsw",)).fetchone()
-            build = dimension <= HNSW_MAX_DIMENSION and exists[0] is None
             if build:
                 with connection.transaction():
                     memory = build_memory(_count(connection, table), dimension)
@@ -440,11 +447,11 @@ class PostgresStore:
                         )
                     )
                     connection.execute(_index_ddl(table, dimension))
-            if build or changed:
-                connection.execute(sql.SQL("ANALYZE {}").format(sql.Identifier(table)))
+            connection.execute(sql.SQL("ANALYZE {}").format(sql.Identifier(table)))
 
         # alone: a build takes a minute per 100k items, searches meanwhile go on
-        self._on(name, f"building the search index of {name!r}", work, True, waiting)
+        action = "building the search index" if build else "refreshing the search statistics"
+        self._on(name, f"{action} of {name!r}", work, True, waiting)
 
     def close(self) -> None:
         self._db.close()

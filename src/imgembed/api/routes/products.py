@@ -116,13 +116,14 @@ class _JobEvents(NoEvents):
 
     def waiting(self, what: str) -> None:
         if self.stats is not None:  # the same progress again: it raises if the job stops
-            self._report(self.stats)
+            self._report(self.stats, what)
 
-    def _report(self, stats: EmbedStats) -> None:
+    def _report(self, stats: EmbedStats, waiting: str = "") -> None:
         # "embedded": products with an image embedded (what the image metrics count); those
         # without one are done, and counted in the run's statistics
         images = stats.successful - stats.text_only
-        self.progress(Progress(stats.to_process, stats.processed, images, 0, stats.failed))
+        done, failed = stats.processed, stats.failed
+        self.progress(Progress(stats.to_process, done, images, 0, failed, waiting=waiting))
 
 
 @router.post(
