@@ -8,6 +8,7 @@ searches a collection, near-duplicate thresholds, provenance checks."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -26,7 +27,7 @@ from imgembed.errors import (
     EncodeError,
     ProvenanceMismatchError,
 )
-from imgembed.indexing import IndexItem, IndexStats
+from imgembed.indexing import IndexItem, IndexStats, read_index_sources
 from imgembed.indexing.duplicates import find_duplicates
 from imgembed.intake.image_input import Input, Intake
 from imgembed.intake.sources import checked_sources
@@ -145,9 +146,7 @@ class ImageEmbeddingService(SeedAsyncMethods):
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         """Embeddings of texts, shape (len(texts), dimension), in the images' space."""
-        texts = list(texts)
-        if not all(isinstance(t, str) for t in texts):
-            raise ConfigurationError("embed_texts takes a list of strings")
+        texts = _text_list(texts, "embed_texts")
         encoder = self.encoder
         if not texts:
             return np.empty((0, encoder.dimension), dtype=np.float32)
@@ -169,9 +168,7 @@ class ImageEmbeddingService(SeedAsyncMethods):
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         """The tokens of each text that the model reads: its start and end tokens included,
         at most the model's context length (CLIP's 77: a longer text is cut there)."""
-        texts = list(texts)
-        if not all(isinstance(t, str) for t in texts):
-            raise ConfigurationError("count_tokens takes a list of strings")
+        texts = _text_list(texts, "count_tokens")
         return self.encoder.count_tokens(texts) if texts else []
 
     def similar_images(
@@ -225,15 +222,32 @@ class ImageEmbeddingService(SeedAsyncMethods):
 
     def index(
         self,
-        items: Sequence[IndexItem],
+        items: Sequence[IndexItem] | Sequence[str | os.PathLike[str]] | str | os.PathLike[str],
         collection: str | None = None,
         *,
         prune: bool = False,
         progress: ProgressCallback | None = None,
     ) -> IndexStats:
-        """Embed and store items (incremental by content hash; see imgembed.indexing)."""
+        """Embed and store items (incremental by content hash; see imgembed.indexing):
+        IndexItems, or sources as the CLI takes them (folders, image files, URLs, .txt/.csv/
+        .jsonl lists), read with `read_index_sources`."""
         name = collection or self.settings.collection
-        return indexing.index(self, self.store, name, list(items), prune=prune, progress=progress)
+        return indexing.index(
+            self, self.store, name, self._index_items(items), prune=prune, progress=progress
+        )
+
+    def _index_items(self, items: Any) -> list[IndexItem]:
+        items = [items] if isinstance(items, str | os.PathLike) else list(items)  # one source
+        if all(isinstance(item, IndexItem) for item in items):
+            return items
+        if all(isinstance(item, str | os.PathLike) for item in items):
+            sources = [os.fspath(item) for item in items]
+            return read_index_sources(sources, self.settings.supported_formats)
+        odd = [i for i in items if not isinstance(i, IndexItem | str | os.PathLike)]
+        what = f"{type(odd[0]).__name__} {odd[0]!r:.60}" if odd else "a mix of the two"
+        raise ConfigurationError(
+            f"index takes IndexItems or sources (folders, files, URLs, lists), not {what}"
+        )
 
     def for_collection(self, collection: str | None = None) -> ImageEmbeddingService:
         """A service that embeds as the collection's vectors were made: this one if its model
@@ -384,3 +398,17 @@ def checked_search_text(text: str) -> str:
     if not isinstance(text, str) or not text.strip():
         raise ConfigurationError("the search text is empty: give a text, or search by an image")
     return text
+
+
+def _text_list(texts: Sequence[str], method: str) -> list[str]:
+    """The texts as a list; one string given where a list is asked for is refused (it would
+    be embedded character by character, one vector per letter)."""
+    if isinstance(texts, str | bytes):
+        raise ConfigurationError(
+            f"{method} takes a list of strings, not one {type(texts).__name__}: "
+            f"{method}([text]) for one text"
+        )
+    texts = list(texts)
+    if not all(isinstance(t, str) for t in texts):
+        raise ConfigurationError(f"{method} takes a list of strings")
+    return texts

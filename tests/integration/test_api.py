@@ -1154,3 +1154,22 @@ def test_shutdown_stops_an_index_job_at_a_stored_batch_and_a_rerun_resumes(
         again = _job(client, client.post("/api/v1/collections/crops/index", json=body))
         assert again["stats"]["skipped"] == stored
         assert again["stats"]["successful"] == 24 - stored
+
+
+def test_a_url_that_cannot_be_fetched_is_not_retried_by_the_openai_sdk(root):
+    from openai import InternalServerError, OpenAI
+
+    files = FileServer({})
+    sent: list[str] = []
+    try:
+        with _client(allowed_roots=[root], allow_private_urls=True, retry_delay=0.01) as client:
+            client.event_hooks["request"] = [lambda request: sent.append(request.url.path)]
+            sdk = OpenAI(base_url="http://testserver/v1", api_key="x", http_client=client)
+            with pytest.raises(InternalServerError, match="server answered 404"):
+                sdk.embeddings.create(model="imgembed-tiny", input=files.url("gone.jpg"))
+            # the server has retried what can be retried: the SDK sent it once, not 3 times
+            assert sent == ["/v1/embeddings"]
+            answer = client.post(IMAGE, json={"image_url": files.url("gone.jpg")})
+            assert answer.status_code == 502 and answer.headers["x-should-retry"] == "false"
+    finally:
+        files.close()

@@ -18,6 +18,7 @@ from PIL import Image
 from imgembed import ImageEmbeddingService
 from imgembed.errors import (
     CollectionNotFoundError,
+    ConfigurationError,
     ProvenanceMismatchError,
     StoreBusyError,
     StoreError,
@@ -363,3 +364,16 @@ def test_one_indexing_run_per_collection_at_a_time(data_dir, large_jpegs, tmp_pa
         assert service.index(_items(paths), "shop").successful == 4
         other.check_not_busy("shop")
         other.close()
+
+
+def test_index_takes_sources_as_the_cli_does(data_dir, photos):
+    # before: AttributeError: 'str' object has no attribute 'error', from inside the run
+    folder, missing = photos[0].parent, photos[0].parent / "nope.jpg"
+    with ImageEmbeddingService(**TINY) as service:
+        stats = service.index([str(folder), missing], "plain")
+        assert (stats.total, stats.successful, stats.failed) == (len(photos) + 1, len(photos), 1)
+        assert service.index(photos[0], "plain").skipped == 1  # one source alone
+        items = read_index_sources([str(photos[0])], service.settings.supported_formats)
+        for odd, said in (([*items, str(photos[1])], "a mix"), ([7], "not int 7")):
+            with pytest.raises(ConfigurationError, match=said):
+                service.index(odd, "plain")

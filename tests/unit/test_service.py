@@ -199,3 +199,13 @@ async def test_without_debug_there_are_no_logs(photos):
     result = await service.generate_embedding_from_image_path(str(photos[0]), True)
     assert "debug_logs" not in result["metadata"]
     assert isinstance(await service.generate_embedding_from_image_path(str(photos[0])), list)
+
+
+def test_one_text_where_a_list_is_needed_is_refused(tiny_service):
+    # a string is iterable: embed_texts("a red bicycle") gave 13 vectors, one per letter
+    with pytest.raises(ConfigurationError, match="embed_texts takes a list of strings, not one"):
+        tiny_service.embed_texts("a red bicycle")
+    with pytest.raises(ConfigurationError, match="count_tokens takes a list of strings, not one"):
+        tiny_service.count_tokens("a cat")
+    assert tiny_service.embed_texts(("a red bicycle",)).shape == (1, 64)
+    assert tiny_service.count_tokens(["a cat"]) == [4]

@@ -111,6 +111,10 @@ async def _imgembed_error(request: Request, exc: Exception) -> JSONResponse:
     elif isinstance(exc, StoreUnavailableError) and not isinstance(exc, DataDirError):
         # the database restarts, or is back soon (a data dir to fix is no matter of time)
         headers = {"Retry-After": str(round(STORE_RETRY_SECONDS))}
+    elif isinstance(exc, FetchError | TextEmbeddingError):
+        # a 502 after the server's own retries with backoff: OpenAI's SDKs would repeat the
+        # whole request twice more (each with its retries) unless told not to
+        headers = {"x-should-retry": "false"}
     if status == 500:
         log.error("unexpected library error", exc_info=exc)
     return error_response(request, status, error_dict(exc), headers)
