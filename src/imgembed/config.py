@@ -45,8 +45,8 @@ class Settings(BaseSettings):
         frozen=True,  # built once and passed in; derive variants with model_copy(update=...)
     )
 
-    model: str = Field("ViT-B-32", validation_alias=_env("model", "CLIP_MODEL_NAME"))
-    pretrained: str = Field("openai", validation_alias=_env("pretrained"))
+    model: str = Field("ViT-B-32", min_length=1, validation_alias=_env("model", "CLIP_MODEL_NAME"))
+    pretrained: str = Field("openai", min_length=1, validation_alias=_env("pretrained"))
     dimension: int | None = Field(None, validation_alias=_env("dimension", "CLIP_DIMENSION"))
     device: str = Field("auto", validation_alias=_env("device"))
     # "auto": chosen per CPU class when the encoder is made (models/auto.py).

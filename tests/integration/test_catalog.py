@@ -689,6 +689,10 @@ def test_seed_functions_lengths_and_fusion(data_dir, photos, monkeypatch):
             catalog_module.generate_embedding(title="x", price="abc")
         with pytest.raises(ConfigurationError, match="price -3 must be 0 or more"):
             catalog_module.generate_embedding(title="x", price=-3)
+        with pytest.raises(ConfigurationError, match="title must be text, not NoneType"):
+            catalog_module.generate_embedding(title=None)
+        with pytest.raises(ConfigurationError, match="category must be text, not int"):
+            catalog_module.generate_embedding(title="x", category=123)
         priced = catalog_module.generate_embedding(title="Rode T-shirt", price="€ 29,99")
         assert priced == catalog_module.generate_embedding(title="Rode T-shirt", price=29.99)
     finally:

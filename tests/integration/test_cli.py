@@ -98,6 +98,13 @@ def test_embed_text(tmp_path):
     proc = run("embed-text", "-", "-o", str(out), *TINY_ARGS, stdin="one\ntwo\n\nthree\n")
     assert proc.returncode == 0, proc.stderr
     assert np.load(out).shape == (3, 64)
+    # a file saved on Windows: its \r is no part of the text (nor of the source written); a
+    # real process (Typer's runner reads its input with universal newlines)
+    crlf = run_process("embed-text", "-", *TINY_ARGS, stdin="a red bicycle\r\na cat\r\n")
+    assert [json.loads(line)["source"] for line in crlf.stdout.splitlines()] == [
+        "a red bicycle",
+        "a cat",
+    ]
 
 
 def test_models_list():
@@ -139,6 +146,7 @@ def test_models_export_then_verify_on_own_images(photos, tmp_path):
     assert report["precision"] == "int8" and 0.98 < report["image_cosine_min"] < 0.99999
     strict = run(*args, "--min-cosine", "0.99999")
     assert strict.returncode == 1 and "is below 0.99999" in strict.stderr
+    assert run(*args, "--min-cosine", "2").returncode == 2  # no cosine is above 1: a typo
     assert "image cosine min / mean" in strict.stdout
 
 

@@ -634,6 +634,7 @@ def test_nan_vectors_and_undecodable_text_are_refused_whole_batch(store):
         "vector has non-finite values (NaN or infinity at 1 of 8": Record(
             "inf", np.r_[np.inf, np.ones(7)], "h", "s"
         ),
+        "vector is all zeros": Record("zero", np.zeros(8), "h", "s"),
         r"id is not valid UTF-8: 'caf\xe9.jpg'": Record(CAFE, _unit(rng), "h", "s"),
         "source of x is not valid UTF-8": Record("x", _unit(rng), "h", CAFE),
         "metadata of x is not valid UTF-8": Record("x", _unit(rng), "h", "s", {"name": CAFE}),
@@ -651,6 +652,8 @@ def test_nan_vectors_and_undecodable_text_are_refused_whole_batch(store):
     assert store.hashes(name) == {r.id: r.content_hash for r in good}
     with pytest.raises(InvalidRecordError, match="query: vector has non-finite values"):
         store.search(name, nan)
+    with pytest.raises(InvalidRecordError, match="query: vector is all zeros"):
+        store.search(name, np.zeros(8))
     for call in (
         lambda: store.get(name, [CAFE]),
         lambda: store.delete(name, [CAFE]),

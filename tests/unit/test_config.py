@@ -223,6 +223,13 @@ def test_a_bad_setting_is_named_by_its_variable(monkeypatch):
         "(given '-3')"
     )
     monkeypatch.delenv("IMGEMBED_BATCH_SIZE")
+    # an empty variable (docker-compose's ${MODEL} unset) was a model named '' (exit 4)
+    monkeypatch.setenv("IMGEMBED_MODEL", "")
+    with pytest.raises(ConfigurationError, match=r"IMGEMBED_MODEL \(model\): .* \(given ''\)"):
+        load_settings()
+    monkeypatch.delenv("IMGEMBED_MODEL")
+    with pytest.raises(ConfigurationError, match=r"IMGEMBED_PRETRAINED \(pretrained\)"):
+        load_settings(pretrained="")
     # a folder given as the Qdrant server was looked up as a host name
     with pytest.raises(ConfigurationError, match=r"IMGEMBED_QDRANT_URL .* not a folder"):
         load_settings(store="qdrant", qdrant_url="/srv/qdrant")

@@ -186,6 +186,11 @@ class Catalog:
     ) -> list[float]:
         """The product's combined vector `[w_img * img ; w_txt * txt]` with its category's
         weights: image dimension + text dimension long (without an image, a zero image part)."""
+        texts = {"title": title, "description": description, "category": category,
+                 "currency": currency}  # fmt: skip
+        for name, value in texts.items():
+            if not isinstance(value, str) and (value is not None or name == "title"):
+                raise ConfigurationError(f"{name} must be text, not {type(value).__name__}")
         try:  # as an import reads it: "€ 29,99" is 29.99, "abc" or -3 is refused
             price = parse_price(price)
         except ProductRowError as exc:

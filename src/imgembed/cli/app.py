@@ -162,7 +162,7 @@ def embed_text(
 ) -> None:
     """Embed texts into the same space as images."""
     if texts == ["-"]:
-        texts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+        texts = [line.rstrip("\r\n") for line in sys.stdin if line.strip()]
     if not texts:  # nothing read is not "embedded: 0 texts"
         err.print("error: no text to embed (standard input held none)", highlight=False)
         raise typer.Exit(1)

@@ -124,7 +124,11 @@ def models_verify(
     batch_size: Annotated[int, typer.Option(min=1, help="Images per encoder batch.")] = 8,
     min_cosine: Annotated[
         float | None,
-        typer.Option(help="Exit 1 below this image cosine (default 0.99 int8, 0.9999 else)."),
+        typer.Option(
+            min=-1.0,
+            max=1.0,
+            help="Exit 1 below this image cosine (default 0.99 int8, 0.9999 else).",
+        ),
     ] = None,
     as_json: JsonOpt = False,
 ) -> None:

@@ -57,7 +57,8 @@ def vector_size(vector: Any) -> int | None:
 
 
 def checked_vector(vector: Any, dimension: int, what: str) -> np.ndarray:
-    """A finite float32 vector of the collection's dimension, or an InvalidRecordError."""
+    """A finite, non-zero float32 vector of the collection's dimension, or an
+    InvalidRecordError."""
     try:
         with np.errstate(over="ignore"):  # too large for float32: infinity, refused below
             array = np.asarray(vector, dtype=np.float32).ravel()
@@ -73,6 +74,11 @@ def checked_vector(vector: Any, dimension: int, what: str) -> np.ndarray:
         raise InvalidRecordError(
             f"{what}: vector has non-finite values (NaN or infinity at {bad.size} of "
             f"{dimension} positions, first {bad[0]}); it cannot be stored or searched"
+        )
+    if not array.any():  # pgvector scores it NaN, Qdrant 0: an arbitrary order either way
+        raise InvalidRecordError(
+            f"{what}: vector is all zeros, a direction no cosine can compare; it cannot be "
+            "stored or searched"
         )
     return array
 
