@@ -666,10 +666,12 @@ def test_seed_functions_lengths_and_fusion(data_dir, photos, monkeypatch):
             image_url=str(photos[0]),
         )
         assert len(combined) == 64 + 384
-        catalog = catalog_module.default_catalog()
-        text = catalog.text_embedder.embed(
-            ["Rode T-shirt\nComfortabele katoenen t-shirt\nCategory: fashion\nPrice: 29.99"]
-        )[0]
+        text = catalog_module.generate_text_embedding(
+            "Rode T-shirt\nComfortabele katoenen t-shirt\nCategory: fashion\nPrice: 29.99"
+        )
+        assert len(text) == 384 and np.linalg.norm(text) == pytest.approx(1, abs=1e-5)
+        with pytest.raises(ConfigurationError, match="must be a str, not list"):
+            catalog_module.generate_text_embedding(["Rode T-shirt"])
         manual = catalog_module.combine_embeddings(
             text_emb=text, image_emb=image, category="kleding"
         )

@@ -40,6 +40,12 @@ def generate_image_embedding(image_url: str) -> list[float]:
     return default_catalog().generate_image_embedding(image_url)
 
 
+def generate_text_embedding(text: str) -> list[float]:
+    """The text's unit embedding from the catalogue's text model: the `text_emb` that
+    combine_embeddings takes (see Catalog.generate_text_embedding)."""
+    return default_catalog().generate_text_embedding(text)
+
+
 def generate_embedding(
     title: str,
     description: str | None = None,
@@ -78,6 +84,7 @@ __all__ = [
     "findly_table",
     "generate_embedding",
     "generate_image_embedding",
+    "generate_text_embedding",
     "load_weights",
     "product_text",
 ]

@@ -170,6 +170,9 @@ class Catalog:
         return self.service.embed_image(image_url).tolist()
 
     def generate_text_embedding(self, text: str) -> list[float]:
+        """The text's unit embedding from the text model (the `text_emb` of a product)."""
+        if not isinstance(text, str):  # a str's letters, or a list, would be a vector each
+            raise ConfigurationError(f"the text must be a str, not {type(text).__name__}")
         vector = self.text_embedder.embed([text])[0]
         # the document's own debug lines, word for word (users grep for them)
         log.debug("[TEXT] Generated text-only embedding (length: %d)", vector.shape[0])
