@@ -15,7 +15,7 @@ import psycopg
 import pytest
 from pgvector.psycopg import register_vector
 
-from imgembed.catalog import Catalog, findly_table, load_weights
+from imgembed.catalog import Catalog, findly_table, importer, load_weights
 from imgembed.catalog.jobs import NoEvents
 from imgembed.catalog.repository import INDEX_DDL, PARTS, ProductRepository, _index_name
 from imgembed.catalog.text_api import OpenAIEmbedder
@@ -812,6 +812,33 @@ def test_objects_for_an_http_layer_and_embedding_some_products(data_dir, photos)
         assert catalog.product("api", "a")["status"] == "pending"
         assert catalog.product("api", "nope") is None
         assert catalog.stats("api").to_embed == 1
+
+
+def test_a_connection_lost_while_storing_products_is_made_again_and_the_chunk_stored(
+    data_dir, caplog
+):
+    """An import whose connection is lost during a chunk's upsert (the embedded server
+    killed, an administrator) stores it once more after reconnecting, as every other call
+    does: it ended the import with exit 6 and no word of how to go on."""
+    url = embedded.start(data_dir)
+    repository = ProductRepository(url, reopen=lambda: embedded.start(data_dir))
+    products = [importer.product({"id": f"i{n}", "title": f"Item {n}"}) for n in range(3)]
+    real, dropped = repository._cursor, []
+
+    @contextlib.contextmanager
+    def lost_once(what, transaction=False):
+        with real(what, transaction) as cursor:
+            if what == "storing products" and not dropped:
+                dropped.append(_drop_imgembed_connections(url))  # this very session, too
+            yield cursor
+
+    repository._cursor = lost_once
+    with caplog.at_level(logging.WARNING, "imgembed.catalog.repository"):
+        assert repository.upsert_products("lost", products) == (3, 0, 0)
+    assert dropped and dropped[0] >= 1
+    assert "reconnecting and trying once more" in caplog.text
+    assert repository.product("lost", "i2")["title"] == "Item 2"
+    repository.close()
 
 
 def test_dropped_connections_are_made_again_and_a_dead_server_is_a_typed_error(

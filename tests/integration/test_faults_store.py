@@ -177,6 +177,29 @@ def test_server_killed_for_good_exits_6_keeps_what_was_stored_and_resumes(
     store.close()
 
 
+def test_a_connection_made_after_the_server_died_starts_it_again(data_dir, caplog):
+    """A connection made later than the server's URL was had (a catalogue job's own session,
+    made after minutes of loading models; kill -9 of the server meanwhile): the embedded
+    server is started again, as for a connection lost later. It was a StoreUnavailableError
+    ('cannot connect', exit 6) with no word of how to go on. Without a way to start the
+    server (an external one), the typed error as before."""
+    url = embedded.start(data_dir)
+    PostgresStore(url).close()  # the schema (pgvector's type, which a connection registers)
+    postmaster = psutil.Process(_postmaster(data_dir))
+    postmaster.kill()
+    postmaster.wait(timeout=30)
+    with caplog.at_level(logging.WARNING, "imgembed.store.pgconn"):
+        connection = pgconn.Connection(url, "here", lambda: embedded.start(data_dir))
+    assert connection.run("asking", lambda c: c.execute("SELECT 1").fetchone()[0]) == 1
+    assert "cannot connect to here" in caplog.text and "starting it again" in caplog.text
+    connection.close()
+    postmaster = psutil.Process(_postmaster(data_dir))
+    postmaster.kill()
+    postmaster.wait(timeout=30)
+    with pytest.raises(StoreUnavailableError, match="cannot connect to here"):
+        pgconn.Connection(url, "here")
+
+
 def _drop_imgembed_connections(url: str) -> int:
     """What a server restart or an administrator does to our sessions."""
     with psycopg.connect(url, autocommit=True) as admin:

@@ -163,6 +163,29 @@ async def test_search_by_text_image_and_collection_name(data_dir, photos):
     other.close()
 
 
+def test_items_given_twice_under_one_id_keep_the_first_and_fail_the_second(data_dir, photos):
+    """Items of the library or of an HTTP request's "items" with an id given twice, as a
+    list file's rows: the first is stored, the second fails naming it, an exact repeat is
+    one item; a re-run skips them (it did store both, the last over the first, counted 2,
+    and each re-run swapped the stored image back and forth)."""
+    items = [
+        IndexItem("sku", str(photos[0])),
+        IndexItem("sku", str(photos[1])),
+        IndexItem("same", str(photos[2])),
+        IndexItem("same", str(photos[2])),
+    ]
+    with ImageEmbeddingService(**TINY) as service:
+        first = service.index(items, "dups")
+        assert (first.total, first.successful, first.failed) == (3, 2, 1), first
+        (failure,) = first.failures
+        assert failure["source"] == str(photos[1])
+        assert f"the same id ('sku') as {str(photos[0])!r}, which is kept" in failure["error"]
+        assert service.store.stored_items("dups")["sku"].source == str(photos[0])
+        again = service.index(items, "dups")
+        assert (again.successful, again.skipped, again.failed) == (0, 2, 1), again
+        assert service.store.stored_items("dups")["sku"].source == str(photos[0])
+
+
 @pytest.mark.slow
 def test_a_changed_price_or_category_in_a_list_is_stored_again(data_dir, photos, tmp_path):
     """Same images, other metadata: the changed rows are stored again (their vectors from

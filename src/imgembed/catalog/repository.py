@@ -27,7 +27,7 @@ from psycopg.types.json import Jsonb
 
 from imgembed.catalog.products import FIELD_PART, ProductInput
 from imgembed.config import Settings
-from imgembed.errors import StoreBusyError
+from imgembed.errors import StoreBusyError, StoreUnavailableError
 from imgembed.store import postgres_target
 from imgembed.store.pgconn import Connection
 from imgembed.store.postgres import build_memory, describe_url, migrate
@@ -273,16 +273,28 @@ class ProductRepository:
             # order, so one waits for the other instead of both deadlocking
             for p in sorted(products, key=lambda p: p.product_id)  # stable: the last one wins
         ]
-        inserted = updated = 0
         if not params:
             return 0, 0, 0
-        with self._cursor("storing products", transaction=True) as cursor:
-            cursor.executemany(statement, params, returning=True)
-            for _ in cursor.results():
-                row = cursor.fetchone()
-                if row is not None:
-                    inserted += row[0]
-                    updated += not row[0]
+
+        def write() -> tuple[int, int]:
+            inserted = updated = 0
+            with self._cursor("storing products", transaction=True) as cursor:
+                cursor.executemany(statement, params, returning=True)
+                for _ in cursor.results():
+                    row = cursor.fetchone()
+                    if row is not None:
+                        inserted += row[0]
+                        updated += not row[0]
+            return inserted, updated
+
+        try:
+            inserted, updated = write()
+        except StoreUnavailableError as lost:
+            # an upsert by key is safe to repeat (one whose commit was not acknowledged
+            # counts its rows unchanged): once more, as `Connection.run` does; the call
+            # makes the connection again first (and starts a dead embedded server)
+            log.warning("%s; reconnecting and trying once more", lost)
+            inserted, updated = write()
         return inserted, updated, len(params) - inserted - updated
 
     def product(self, store_id: str, product_id: str) -> dict[str, Any] | None:

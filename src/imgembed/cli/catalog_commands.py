@@ -27,7 +27,7 @@ from imgembed.cli.common import (
     make_settings,
     waiting_line,
 )
-from imgembed.errors import ImgEmbedError
+from imgembed.errors import ImgEmbedError, StoreBusyError, StoreFullError, StoreUnavailableError
 
 catalog_app = typer.Typer(
     help="Products per store: text + image embeddings fused by category, and product search.",
@@ -76,6 +76,13 @@ def import_(
     try:
         with _catalog() as catalog:
             report = catalog.import_file(file, store_id, format_)
+    except (StoreUnavailableError, StoreFullError, StoreBusyError) as exc:
+        # products are stored in transactions of 1,000: those written stay
+        _say(
+            "The products written before this are kept: import the same file again to go on "
+            "(they come out unchanged)."
+        )
+        raise fail(exc) from exc
     except ImgEmbedError as exc:
         raise fail(exc) from exc
     if as_json:

@@ -32,6 +32,7 @@ from imgembed.indexing.run import (
     store_batch,
     unchanged_hash,
 )
+from imgembed.indexing.sources import unique_items
 from imgembed.intake.names import printable
 from imgembed.store import Provenance, open_store
 from imgembed.store.base import StoredItem, checked_name
@@ -107,6 +108,7 @@ def _index(
 ) -> IndexStats:
     started = time.perf_counter()
     checked_name(name)  # before the run: a name no store takes is not "run again"
+    items = unique_items(items)  # as a local run's (indexing.run.index)
     workers = cluster.worker_settings(service.settings)
     stats = IndexStats(total=len(items))
     unusable = [item for item in items if item.error is not None]

@@ -33,7 +33,7 @@ from imgembed.errors import (
     StoreBusyError,
     StoreError,
 )
-from imgembed.indexing.sources import IndexItem
+from imgembed.indexing.sources import IndexItem, unique_items
 from imgembed.intake.names import printable
 from imgembed.results import ImageEmbeddingResult
 from imgembed.store.base import (
@@ -85,6 +85,7 @@ def index(
 ) -> IndexStats:
     started = time.perf_counter()
     checked_name(collection)  # before the run: a name no store takes is not "run again"
+    items = unique_items(items)  # items of the library or a request, as a list file's are
     stats = IndexStats(total=len(items))
     with guarded(store, collection, stats, service.settings.cache_embeddings):
         _run(service, store, collection, items, prune, progress, stats)

@@ -67,19 +67,32 @@ def read_index_sources(entries: Iterable[str], extensions: Iterable[str]) -> lis
         found = expand_paths([entry], extensions, failures)
         items += [IndexItem(printable(_stable(s)), _stable(s)) for s in found]
         items += [_failed(error.source or str(path), error) for error in failures]
+    return unique_items(items)
+
+
+def unique_items(items: Iterable[IndexItem]) -> list[IndexItem]:
+    """One item per id: the first is kept; a later one with another source fails, naming
+    the one kept (a collection holds one item per id: both stored, the second would
+    silently replace the first, and every re-run would store them again in turn); an exact
+    repeat is dropped. Items already failed stay as they are, so this may run again over
+    its own result (the HTTP route adds the request's items to those of its sources)."""
     unique: dict[str, IndexItem] = {}
     clashes: list[IndexItem] = []
     for item in items:
         first = unique.setdefault(item.id, item)
-        if first.source != item.source and item.error is None:
-            # a name with bytes that are not UTF-8 is written with \xNN, as a name holding
-            # those four characters is: the second file would be dropped without a word
-            named = "" if item.id == printable(item.source) else f" ({item.id!r})"  # a row's
-            clash = ImageError(
-                f"the same id{named} as {first.source!r}, which is kept; rename one",
-                printable(item.source),
-            )
-            clashes.append(_failed(item.source, clash, item.id))
+        if first is item or first.source == item.source:
+            continue
+        if item.error is not None:
+            clashes.append(item)
+            continue
+        # a name with bytes that are not UTF-8 is written with \xNN, as a name holding
+        # those four characters is: the second file would be dropped without a word
+        named = "" if item.id == printable(item.source) else f" ({item.id!r})"  # a row's
+        clash = ImageError(
+            f"the same id{named} as {first.source!r}, which is kept; rename one",
+            printable(item.source),
+        )
+        clashes.append(_failed(item.source, clash, item.id))
     return [*unique.values(), *clashes]
 
 

@@ -37,6 +37,14 @@ LOCK_WAIT_SECONDS = 300.0  # and for how long at most
 WATCH_SECONDS = 0.5  # how often long work asks its caller whether to go on
 
 
+def _one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split())
+
+
+def _unreachable(location: str, exc: Exception) -> StoreUnavailableError:
+    return StoreUnavailableError(f"cannot connect to {location}: {_one_line(exc)}")
+
+
 class Connection:
     def __init__(self, url: str, location: str, reopen: Callable[[], str] | None = None):
         """`location` names where the data lives, for messages; `reopen` gives the URL to
@@ -53,8 +61,16 @@ class Connection:
         try:
             self._connection = _connect(url)
         except psycopg.OperationalError as exc:
-            detail = " ".join(str(exc).split())
-            raise StoreUnavailableError(f"cannot connect to {location}: {detail}") from exc
+            if reopen is None:
+                raise _unreachable(location, exc) from exc
+            # the server died since its URL was had (a job's own session, made after minutes
+            # of loading): started again, as for a connection lost later
+            log.warning("cannot connect to %s: %s; starting it again", location, _one_line(exc))
+            self._url = reopen()
+            try:
+                self._connection = _connect(self._url)
+            except psycopg.OperationalError as again:
+                raise _unreachable(location, again) from again
 
     def run(self, action: str, work: Callable[[psycopg.Connection], T]) -> T:
         """`work(connection)` under the lock; reconnects and retries it once if the
