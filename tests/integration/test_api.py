@@ -1111,6 +1111,91 @@ def test_a_shutdown_says_which_queued_jobs_it_dropped(caplog):
     ), said
 
 
+def _until(condition, seconds: float = 60.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "not within the time"
+        time.sleep(0.02)
+
+
+def test_the_jobs_of_two_worker_processes_are_one_list(tmp_path):
+    """`serve --workers 2`: a request reaches either process. Each sees the other's jobs
+    (status, progress, listing), a DELETE through either stops the job, and one
+    collection's jobs still run one at a time, in order (before: 404 from the other
+    process, a cancel that missed, and 409 for a second job of the same collection)."""
+    from imgembed.api.board import Board
+    from imgembed.api.jobs import Jobs
+    from imgembed.engine.pipeline import Progress
+
+    path = tmp_path / "jobs.sqlite3"
+    first, second = Jobs(board=Board(path)), Jobs(board=Board(path))  # one per process
+
+    def long(progress):
+        while True:  # until its progress callback raises: cancelled
+            progress(Progress(10, 1))
+            time.sleep(0.05)
+
+    running = first.submit("index", "shop", 10, long, "send it again")
+    _until(lambda: (second.status(running.id)["progress"] or {}).get("done") == 1)
+    assert second.status(running.id)["status"] == "running"
+    after = second.submit("index", "shop", 1, lambda progress: None, "again")
+    other = second.submit("index", "other", 1, lambda progress: None, "again")
+    _until(lambda: second.status(other.id)["status"] == "done")  # another collection: at once
+    assert second.status(after.id)["status"] == "queued"  # behind the first process's job
+    assert [job["job_id"] for job in first.shown()] == [other.id, after.id, running.id]
+
+    assert second.cancel(running.id)["job_id"] == running.id  # asked through the other
+    _until(lambda: first.get(running.id).status == "cancelled")
+    stopped = second.status(running.id)
+    assert "cancelled by a request" in stopped["error"]["error"]
+    assert stopped["resume"] == "send it again"
+    _until(lambda: first.status(after.id)["status"] == "done")
+
+    # a queued job of one process, cancelled through the other: at once, and never run
+    gate, ran = threading.Event(), []
+    blocking = first.submit("index", "x", 1, lambda progress: gate.wait(60) and None)
+    queued = first.submit("index", "x", 1, lambda progress: ran.append(1))
+    assert second.cancel(queued.id)["status"] == "cancelled"
+    assert first.status(queued.id)["status"] == "cancelled"
+    gate.set()
+    _until(lambda: first.get(queued.id).status == "cancelled")
+    assert first.status(blocking.id)["status"] == "done" and not ran
+    first.close()
+    second.close()
+
+    # a job whose process has gone (a restart, a crash): cancelled, with how to go on
+    gone = Board(path, owner="999999999:1.000:gone")
+    gone.publish({**running.to_dict(), "job_id": "lost", "status": "running",
+                  "finished": None}, "send it again")  # fmt: skip
+    shown = Board(path).get("lost")
+    assert shown["status"] == "cancelled" and shown["resume"] == "send it again"
+    assert "server process that ran it stopped" in shown["error"]["error"]
+
+
+def test_jobs_waiting_are_bounded_then_503(monkeypatch):
+    """300 index requests were all queued, each holding its item list: memory without end."""
+    from imgembed.api import jobs as jobs_module
+    from imgembed.errors import OverloadedError
+
+    monkeypatch.setattr(jobs_module, "QUEUED", 3)
+    gate = threading.Event()
+    jobs = jobs_module.Jobs()
+    jobs.submit("index", "a", 1, lambda progress: gate.wait(60) and None)
+    waiting = [jobs.submit("index", "a", 1, lambda progress: None, key=f"k{n}") for n in range(3)]
+    assert jobs.submit("index", "a", 1, lambda progress: None, key="k0") is waiting[0]  # the same
+    with pytest.raises(OverloadedError, match="3 jobs are waiting already") as caught:
+        jobs.submit("index", "b", 1, lambda progress: None)
+    assert caught.value.retry_after == jobs_module.QUEUE_RETRY_SECONDS
+    gate.set()
+    _until(lambda: all(job.status == "done" for job in waiting))
+    assert jobs.submit("index", "b", 1, lambda progress: None).status in (
+        "queued",
+        "running",
+        "done",
+    )
+    jobs.close()
+
+
 def test_a_failed_job_says_how_to_resume_only_when_a_rerun_can_help():
     from imgembed.api.jobs import Jobs
     from imgembed.errors import ConfigurationError, StoreUnavailableError

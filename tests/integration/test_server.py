@@ -222,6 +222,18 @@ def test_serve_with_two_workers(data_dir, root, tmp_path):
             statuses.append(response.status_code)
             assert response.status_code in (200, 503), response.text  # 503: still loading
         assert statuses[-10:] == [200] * 10
+        # a job is known to every answer, whichever process took it (before: mostly 404)
+        index = f"{base}/api/v1/collections/w2/index"
+        job = httpx.post(index, json={"sources": [str(root)]}, timeout=60).json()
+        answers = [httpx.get(f"{base}{job['url']}", timeout=60) for _ in range(8)]
+        assert [answer.status_code for answer in answers] == [200] * 8
+        deadline = time.monotonic() + 120
+        while httpx.get(f"{base}{job['url']}", timeout=60).json()["status"] != "done":
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        for _ in range(6):
+            listed = httpx.get(f"{base}/api/v1/jobs", timeout=60).json()["jobs"]
+            assert [j["job_id"] for j in listed] == [job["job_id"]]
         process.send_signal(signal.SIGTERM)
         _exited_after_sigterm(process)
         psutil.wait_procs(workers, timeout=30)

@@ -2,8 +2,10 @@
 while they run. The jobs of one collection or store run one after the other, in order; those
 of different ones side by side, up to WORKERS at once: a long backfill does not hold a small
 job for another store back (they share the cores: the encoder takes one batch at a time).
-Jobs live in memory: both kinds are idempotent, so after a restart the same request resumes
-where the last stored batch ended."""
+Their state is also on a board in the data folder (api/board.py) that the worker processes
+of `serve --workers` share: each answers for all jobs, and one collection's jobs run one at a
+time, in order, across them. Both kinds are idempotent, so after a restart the same request
+resumes where the last stored batch ended."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import sqlite3
 import threading
 import time
 import uuid
@@ -20,12 +23,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from imgembed.api.board import KEEP, PUBLISH_SECONDS, Board
 from imgembed.api.errors import NotFoundError
 from imgembed.api.metrics import Metrics
 from imgembed.engine.pipeline import Progress, ProgressCallback
 from imgembed.errors import (
     EncodeError,
     ImgEmbedError,
+    OverloadedError,
     StoreBusyError,
     StoreFullError,
     StoreUnavailableError,
@@ -33,8 +38,9 @@ from imgembed.errors import (
     error_dict,
 )
 
-KEEP = 100  # finished jobs remembered
 WORKERS = 2  # collections or stores whose jobs run at once; more wait for a free worker
+QUEUED = 100  # jobs waiting at most in a process (each holds its request's item list)
+QUEUE_RETRY_SECONDS = 30.0  # what a 503 for a full queue asks a client to wait
 # failures that a later run may not meet: a job failed by them says how to go on
 TRANSIENT = (StoreUnavailableError, StoreBusyError, StoreFullError, EncodeError)
 log = logging.getLogger("imgembed.api")
@@ -87,8 +93,10 @@ def job_key(*parts: Any) -> str:
 
 
 class Jobs:
-    def __init__(self, metrics: Metrics | None = None) -> None:
+    def __init__(self, metrics: Metrics | None = None, board: Board | None = None) -> None:
         self._metrics = metrics  # a job's images count in the server's image metrics too
+        self._board = board  # shared with the other worker processes, if any
+        self._published: dict[str, float] = {}  # job id -> when its progress was written
         self._pool = ThreadPoolExecutor(WORKERS, "imgembed-job")
         self._jobs: OrderedDict[str, Job] = OrderedDict()
         # per (kind, target): its jobs in order, the first running; a lane exists while busy
@@ -111,11 +119,18 @@ class Jobs:
             for queued in self._jobs.values():
                 if key and queued.key == key and queued.status == "queued":
                     return queued
+            if sum(queued.status == "queued" for queued in self._jobs.values()) >= QUEUED:
+                raise OverloadedError(
+                    f"{QUEUED} jobs are waiting already; send it again when some have run",
+                    QUEUE_RETRY_SECONDS,
+                )
             job = Job(uuid.uuid4().hex, kind, target, total, resume=resume, key=key)
             self._jobs[job.id] = job
             finished = [old.id for old in self._jobs.values() if old.finished]
             for old_id in finished[: max(0, len(finished) - KEEP)]:  # the oldest go
                 del self._jobs[old_id]
+        self._publish(job)  # queued, before it may start and say "running"
+        with self._lock:
             lane = (kind, target)
             if lane in self._lanes:  # behind the target's running job
                 self._lanes[lane].append((job, run))
@@ -137,43 +152,62 @@ class Jobs:
                     return
 
     def active(self, kind: str, target: str) -> bool:
-        """Whether a job of this kind for this target is queued or running here."""
+        """Whether a job of this kind for this target is queued or running in this server
+        (in any of its worker processes)."""
         with self._lock:
-            return any(
+            if any(
                 job.kind == kind and job.target == target and job.finished is None
                 for job in self._jobs.values()
-            )
+            ):
+                return True
+        return self._shared(lambda board: board.active(kind, target), False)
 
     def count(self, status: str) -> int:
         with self._lock:
             return sum(job.status == status for job in self._jobs.values())
 
     def listing(self, status: str | None = None) -> list[Job]:
-        """The jobs kept here (queued, running, and the last KEEP finished), newest first."""
+        """This process's jobs (queued, running, and the last KEEP finished), newest first."""
         with self._lock:
             jobs = list(self._jobs.values())
         return [job for job in reversed(jobs) if status is None or job.status == status]
 
+    def shown(self, status: str | None = None) -> list[dict[str, Any]]:
+        """`listing` as GET /api/v1/jobs shows it: the jobs of every worker process."""
+        shared = self._shared(lambda board: board.listing(status), None)
+        return shared if shared is not None else [job.to_dict() for job in self.listing(status)]
+
     def get(self, job_id: str) -> Job:
+        """One of this process's jobs."""
         with self._lock:
             job = self._jobs.get(job_id)
         if job is None:
             raise NotFoundError(
-                f"no job {job_id!r} (jobs are kept in memory, until a restart and at most the "
-                f"last {KEEP} finished ones)"
+                f"no job {job_id!r} (the last {KEEP} finished jobs are kept, and those a "
+                "restart ended; without a writable data folder, jobs are kept in memory)"
             )
         return job
 
-    def cancel(self, job_id: str) -> Job:
+    def status(self, job_id: str) -> dict[str, Any]:
+        """A job of any worker process, as GET /api/v1/jobs/<id> shows it."""
+        shared = self._shared(lambda board: board.get(job_id), None)
+        return shared if shared is not None else self.get(job_id).to_dict()
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
         """Stops a job: a queued one at once, a running one after its batch in progress is
         stored (what it stored stays; see `resume`). A finished one is left as it is."""
-        job = self.get(job_id)
+        with self._lock:
+            job = self._jobs.get(job_id)
+        if job is None:  # another worker process's: it reads the cancel from the board
+            asked = self._shared(lambda board: board.ask_cancel(job_id), None)
+            return asked if asked is not None else self.get(job_id).to_dict()
         with self._lock:
             job.cancel.set()
             if job.status == "queued":
                 job.status, job.finished = "cancelled", time.time()
                 job.error = error_dict(UnavailableError("cancelled before it started"))
-        return job
+        self._publish(job)
+        return job.to_dict()
 
     def _run(self, job: Job, run: Runner) -> None:
         def progress(state: Progress) -> None:
@@ -182,15 +216,19 @@ class Jobs:
                 for outcome in ("embedded", "cached", "failed"):
                     if (count := getattr(state, outcome) - getattr(last, outcome)) > 0:
                         self._metrics.outcome(outcome, count)
+            self._publish(job, every=PUBLISH_SECONDS)  # and reads a cancel from the board
             if self._stopping.is_set():  # stored batches stay; a rerun resumes after them
                 raise UnavailableError("the server is shutting down")
             if job.cancel.is_set():
                 raise UnavailableError("cancelled by a request (DELETE of the job)")
 
+        self._wait_for_others(job)
         with self._lock:
             if job.cancel.is_set():  # cancelled while it was queued
+                self._published.pop(job.id, None)
                 return
             job.status = "running"
+        self._publish(job)
         try:
             job.stats = run(progress)
             job.status = "done"
@@ -210,6 +248,51 @@ class Jobs:
             log.exception("%s job %s failed", job.kind, job.id)
             job.status, job.error = "failed", {**error_dict(exc), "error_type": "InternalError"}
         job.finished = time.time()
+        self._publish(job)
+        self._published.pop(job.id, None)
+
+    def _wait_for_others(self, job: Job) -> None:
+        """While another worker process runs (or queued before) a job for the same target:
+        one collection's or store's jobs run one at a time, in order, in the whole server. A
+        cancel asked meanwhile through another process is seen here."""
+        while not job.cancel.is_set() and not self._stopping.is_set():
+            if self._shared(lambda board: board.cancel_asked(job.id), False):
+                job.cancel.set()
+                with self._lock:
+                    job.status, job.finished = "cancelled", time.time()
+                    job.error = error_dict(UnavailableError("cancelled before it started"))
+                self._publish(job)
+                return
+            if not self._shared(lambda board: board.ahead(job.to_dict()), False):
+                return
+            job.cancel.wait(PUBLISH_SECONDS)
+
+    def _publish(self, job: Job, every: float = 0.0) -> None:
+        """The job's state on the board (progress at most `every` seconds), and a cancel
+        asked there for it (through another worker process) set here."""
+        now = time.monotonic()
+        if self._board is None or now - self._published.get(job.id, -every) < every:
+            return
+        self._published[job.id] = now
+        state = job.to_dict()
+
+        def publish(board: Board) -> bool:
+            board.publish(state, job.resume)
+            return board.cancel_asked(job.id)
+
+        if self._shared(publish, False):
+            job.cancel.set()
+
+    def _shared(self, call: Callable[[Board], Any], otherwise: Any) -> Any:
+        """`call(board)`, or `otherwise` without a board or when it fails (a disk full, a
+        file locked too long): jobs then go on as this process sees them."""
+        if self._board is None:
+            return otherwise
+        try:
+            return call(self._board)
+        except sqlite3.Error as exc:
+            log.warning("the jobs board of the worker processes failed: %s", exc)
+            return otherwise
 
     def close(self) -> None:
         """Drop queued jobs and wait for running ones to stop at their next stored batch
@@ -223,6 +306,8 @@ class Jobs:
                 job.status, job.finished = "cancelled", time.time()
                 job.error = error_dict(UnavailableError("the server shut down before it started"))
         for job in dropped:
+            self._publish(job)
             log.warning("%s job %s for %r dropped at shutdown before it started; to go on: %s",
                         job.kind, job.id, job.target, job.resume)  # fmt: skip
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self._shared(Board.close, None)

@@ -15,6 +15,7 @@ from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Request
 
+from imgembed.api.board import open_board
 from imgembed.api.jobs import Jobs
 from imgembed.api.metrics import Metrics
 from imgembed.catalog import Catalog
@@ -38,7 +39,7 @@ class AppState:
         self.settings = settings
         self.service = service
         self.metrics = Metrics()
-        self.jobs = Jobs(self.metrics)
+        self.jobs = Jobs(self.metrics, open_board(settings.data_dir))
         self._batchers: dict[int, Batcher] = {}
         self._loading: dict[int, asyncio.Task[Batcher]] = {}
         self._catalogs: dict[tuple[str, str, str], Catalog] = {}

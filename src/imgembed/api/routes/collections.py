@@ -82,8 +82,10 @@ def index(name: str, body: IndexRequest, state: State) -> dict[str, Any]:
     items = read_index_sources(body.sources, settings.supported_formats)
     items += [IndexItem(i.id or i.source, i.source, i.metadata) for i in body.items]
     service = state.service.for_indexing(name)
-    # a CLI run in another process now: 409 at once (behind this server's own run it queues)
-    service.store.check_not_busy(name)
+    # a CLI run in another process now: 409 at once (behind this server's own run, in any of
+    # its worker processes, it queues)
+    if not state.jobs.active("index", name):
+        service.store.check_not_busy(name)
     job = state.jobs.submit(
         "index",
         name,
@@ -102,12 +104,12 @@ def jobs(
     state: State,
     status: Annotated[JobStatus | None, Query(description="only jobs in this state")] = None,
 ) -> dict[str, Any]:
-    return {"jobs": [job.to_dict() for job in state.jobs.listing(status)]}
+    return {"jobs": state.jobs.shown(status)}
 
 
 @router.get("/jobs/{job_id}", summary="A background job's status, progress and statistics")
 def job(job_id: str, state: State) -> dict[str, Any]:
-    return state.jobs.get(job_id).to_dict()
+    return state.jobs.status(job_id)
 
 
 @router.delete(
@@ -115,7 +117,7 @@ def job(job_id: str, state: State) -> dict[str, Any]:
     summary="Cancel a job: a queued one at once, a running one after its current batch",
 )
 def cancel_job(job_id: str, state: State) -> dict[str, Any]:
-    return state.jobs.cancel(job_id).to_dict()
+    return state.jobs.cancel(job_id)
 
 
 @router.delete("/collections/{name}/items", summary="Delete items by id")
