@@ -67,6 +67,13 @@ class EmbeddingServer:
                 _, code, headers, *more = action
                 error = {"message": f"scripted {code}", **(more[0] if more else {})}
                 self._send(request, code, {"error": error}, headers)
+            elif action[0] == "html":  # ("html", code, page): a proxy's error page
+                page = action[2].encode()
+                request.send_response(action[1])
+                request.send_header("Content-Type", "text/html")
+                request.send_header("Content-Length", str(len(page)))
+                request.end_headers()
+                request.wfile.write(page)
             elif request.path == "/v1/embeddings":
                 data = [
                     {

@@ -85,6 +85,12 @@ def test_5xx_is_retried_three_times_then_a_typed_error(server):
     assert exc.value.status == 503 and len(server.requests) == 4
     server.script = [("status", 502, {}), ("status", 500, {})]
     assert embedder.embed(["b"]).shape == (1, 16)  # two failures, then success
+    # a proxy's HTML error page: one line in the message (and in each retry's warning)
+    page = "<html>\n<body>\n<h1>Bad Gateway</h1>\n</body>\n</html>\n"
+    server.script = [("html", 502, page)] * 4
+    with pytest.raises(TextEmbeddingError, match="<html> <body> <h1>Bad Gateway</h1>") as exc:
+        embedder.embed(["c"])
+    assert "\n" not in str(exc.value)
     embedder.close()
 
 

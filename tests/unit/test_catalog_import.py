@@ -426,3 +426,17 @@ def test_utf16_with_its_bom_as_excel_saves_unicode_text(tmp_path):
         ("1", "Rode jurk", Decimal("49.95")),
         ("2", "Mok", Decimal("12")),
     ]
+
+
+@pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16-be"])
+def test_utf16_without_a_bom_is_read_and_a_binary_file_refused(tmp_path, encoding):
+    """Both were read as Windows-1252, every row then "no product id"."""
+    path = tmp_path / "no-bom.csv"
+    path.write_bytes("id,title\r\n1,Rode jurk\r\n2,Mok\r\n".encode(encoding))
+    parsed = read_catalogue(path)
+    assert (parsed.encoding, parsed.rows, parsed.bad_rows) == (encoding, 2, [])
+    assert [p.title for _, p in parsed.products] == ["Rode jurk", "Mok"]
+    binary = tmp_path / "photo.csv"
+    binary.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(ConfigurationError, match="not a text file"):
+        read_catalogue(binary)

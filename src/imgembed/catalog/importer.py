@@ -92,14 +92,25 @@ _UTF8_PAIR = re.compile(rb"[\xc2-\xf4][\x80-\xbf]")
 
 def _text(path: Path, raw: bytes, kind: str) -> tuple[str, str]:
     """The text and its encoding: UTF-8 (a BOM dropped), or UTF-16 with its BOM (Excel's
-    "Unicode text" export), or for a CSV with not one UTF-8 sequence, Windows-1252 (Excel's
-    plain CSV in Dutch or German: "Währung" as W, 0xE4, h). Bytes that are not UTF-8 in a
-    UTF-8 file survive as surrogates; the rows holding them are reported."""
+    "Unicode text" export) or without (mostly ASCII, so every other byte is 0), or for a CSV
+    with not one UTF-8 sequence, Windows-1252 (Excel's plain CSV in Dutch or German:
+    "Währung" as W, 0xE4, h). Bytes that are not UTF-8 in a UTF-8 file survive as
+    surrogates; the rows holding them are reported."""
     if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         try:
             return raw.decode("utf-16"), "utf-16"
         except UnicodeDecodeError as exc:
             raise ConfigurationError(f"{path}: starts as UTF-16 but is not: {exc}") from exc
+    if b"\x00" in raw:  # no text file holds NUL, but UTF-16 without its BOM (mostly ASCII)
+        for encoding, zeros in (("utf-16-le", raw[1::2]), ("utf-16-be", raw[0::2])):
+            if zeros.count(0) > len(zeros) // 2:
+                try:
+                    return raw.decode(encoding), encoding
+                except UnicodeDecodeError:
+                    break
+        raise ConfigurationError(
+            f"{path}: not a text file (it holds NUL bytes): save it as CSV or JSON, UTF-8"
+        )
     try:
         return raw.decode("utf-8").removeprefix("\ufeff"), "utf-8"
     except UnicodeDecodeError:

@@ -246,11 +246,12 @@ def _detail(response: httpx.Response) -> str:
     try:
         body = response.json()
     except ValueError:
-        return response.text[:200] or response.reason_phrase
+        text = " ".join(response.text.split())  # one line: an HTML error page has many
+        return text[:200] or response.reason_phrase
     error = body.get("error", body) if isinstance(body, dict) else body
     if isinstance(error, dict):
         error = error.get("message", error)
-    return str(error)[:200]
+    return " ".join(str(error).split())[:200]
 
 
 def _error_kind(response: httpx.Response) -> str:

@@ -276,6 +276,9 @@ def main() -> None:
     # and log about them (TIFF samples, EXIF); open_clip's root logging.info() call puts a
     # stderr handler on the root logger that would print those lines into the progress
     logging.getLogger("PIL").setLevel(logging.CRITICAL)
+    # psycopg's "error ignored terminating <psycopg.Pipeline ...>" after a lost connection:
+    # the typed error that follows says what happened and how to go on
+    logging.getLogger("psycopg").setLevel(logging.ERROR)
     _library_log()
     warnings.formatwarning = _warning  # ours are for users: the message, not our source line
     # SIGTERM (systemd, docker stop, kill) stops a command as Ctrl-C does: what was stored is
