@@ -38,7 +38,8 @@ def test_public_surface_is_explicit():
         "BadRow", "Catalog", "EmbedEvents", "EmbedStats", "ImportReport", "ProductHit",
         "ProductInput", "StoreProvenance", "StoreStats", "TextEmbedder", "Weights",
         "WeightsTable", "combine_embeddings", "default_catalog", "findly_table",
-        "generate_embedding", "generate_image_embedding", "load_weights", "product_text",
+        "generate_embedding", "generate_image_embedding", "generate_text_embedding", "load_weights",
+        "product_text",
     }  # fmt: skip
     for name in imgembed.catalog.__all__:
         assert getattr(imgembed.catalog, name) is not None
