@@ -166,6 +166,19 @@ def test_products_embed_search_and_stats_over_http(root, photos):
         )
         empty = client.post("/api/v1/stores/shop/products", json={"products": []})
         assert empty.status_code == 422  # nothing to do is not a success
+        # an item that is not an object is that item's error, not the request's (was a 422
+        # for all; `"attributes": "x"` was a 500)
+        loose = client.post("/api/v1/stores/other/products", json={"embed": False, "products": [
+            {"id": "ok", "title": "Kept"}, "p1", None, {"id": "x", "title": "t",
+            "attributes": "color=red"}]})  # fmt: skip
+        assert loose.status_code == 200, loose.text
+        assert [(r["line"], r["message"]) for r in loose.json()["import"]["bad_rows"]] == [
+            (2, "not a product object but 'p1'"), (3, "not a product object but None"),
+            (4, "product x: attributes must be an object")]  # fmt: skip
+        assert loose.json()["import"]["product_ids"] == ["ok"]
+        long_store = client.post(f"/api/v1/stores/{'s' * 501}/products", json={
+            "products": [{"id": "a", "title": "t"}]})  # fmt: skip
+        assert error(long_store) == (422, "ConfigurationError")
         retry = client.post("/api/v1/stores/shop/embed", json={})  # only the failed one is due
         assert retry.status_code == 202 and retry.json()["total"] == 1
         _finished(client, retry.json())

@@ -1,18 +1,34 @@
 """Catalogue files into products: CSV, JSON lines, Shopify products.json; bad rows are
 reported with their line in the file and never stop the rest."""
 
+import contextlib
 import json
 from decimal import Decimal
 
 import pytest
+from hypothesis import given as holds_for
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
-from imgembed.catalog.importer import read_catalogue
-from imgembed.catalog.products import ProductRowError, parse_price, product_text, strip_html
+from imgembed.catalog.importer import from_shopify, product, read_catalogue
+from imgembed.catalog.products import (
+    ProductRowError,
+    from_mapping,
+    parse_price,
+    product_text,
+    strip_html,
+)
 from imgembed.errors import ConfigurationError
 
 
 def _lines(parsed):
     return {bad.line: bad.message for bad in parsed.bad_rows}
+
+
+def _read_jsonl(tmp_path, rows):
+    path = tmp_path / "products.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return read_catalogue(path)
 
 
 def test_csv_with_aliases_html_prices_relative_images_and_bad_rows(tmp_path):
@@ -253,8 +269,7 @@ def test_nul_characters_lists_and_repeated_ids_are_bad_rows_not_lost_imports(tmp
         {"id": "N1", "title": "again"},
         {"id": "N7", "title": "t", "extra_image_urls": {"a": 1}},
     ]
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    parsed = read_catalogue(path)
+    parsed = _read_jsonl(tmp_path, rows)
     assert _lines(parsed) == {
         2: "product N2: text with a NUL character",
         3: "product id must be text or a number, not a list",
@@ -440,3 +455,52 @@ def test_utf16_without_a_bom_is_read_and_a_binary_file_refused(tmp_path, encodin
     binary.write_bytes(bytes(range(256)) * 4)
     with pytest.raises(ConfigurationError, match="not a text file"):
         read_catalogue(binary)
+
+
+def test_loose_values_in_product_objects_are_that_products_error(tmp_path):
+    """Each of these broke the import with a TypeError or ValueError (a 500 over HTTP)."""
+    rows = [
+        {"id": "A", "title": "nested attributes as text", "attributes": "color=red"},
+        {"id": "B", "title": "t", "images": 5},
+        {"id": "C", "title": "t", "variants": 1, "images": [{"src": "a.jpg"}]},
+        {"id": "D", "title": "t", "tags": 7, "variants": []},
+        {"id": {"x": 1}, "title": "t", "variants": [{"price": "1"}]},
+        {"id": "F", "title": "t", "variants": [{"presentment_prices": 3}], "image": {"src": "f"}},
+        {
+            "id": "G",
+            "title": "positions of any type",
+            "images": [{"src": "2.jpg", "position": "2"}, {"src": "1.jpg", "position": 1}],
+        },
+    ]
+    parsed = _read_jsonl(tmp_path, rows)
+    assert _lines(parsed) == {
+        1: "product A: attributes must be an object",
+        2: "product B: extra_image_urls must be a list",
+        3: "product C: variants must be a list, not 1",
+        4: "product D: tags must be a list, not 7",
+        5: "product id must be text or a number, not a dict",
+    }
+    assert [p.product_id for _, p in parsed.products] == ["F", "G"]
+    assert parsed.products[1][1].image_url == str(tmp_path / "2.jpg")  # "2" counts as 0
+    with pytest.raises(ProductRowError, match=r"^not a product object but \[1, 2\]$"):
+        product([1, 2])
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner),
+    max_leaves=8,
+)
+_KEYS = st.sampled_from(
+    ["id", "title", "price", "images", "image", "variants", "tags", "attributes",
+     "extra_image_urls", "image_url", "handle", "body_html", "presentment_prices", "src"]
+)  # fmt: skip
+
+
+@hypothesis_settings(max_examples=300, deadline=None)
+@holds_for(st.dictionaries(_KEYS, _JSON, max_size=8))
+def test_any_json_object_is_a_product_or_a_product_row_error(row):
+    """Both readers themselves, not only the catch-all around them: a bad value is named."""
+    for read in (from_mapping, from_shopify):
+        with contextlib.suppress(ProductRowError):
+            read(row)

@@ -247,7 +247,7 @@ class DeleteItems(_Body):
 
 
 class ProductsRequest(_Body):
-    products: list[dict[str, Any]] = Field(
+    products: list[Any] = Field(  # a bad item, an object or not, is that item's error
         min_length=1,
         description="Flat objects (id, title, description, category, price, currency, "
         "image_url, extra_image_urls, attributes; the import's column names) or Shopify "

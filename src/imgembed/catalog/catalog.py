@@ -14,7 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from imgembed.catalog import fusion, importer, jobs, search
-from imgembed.catalog.products import ProductInput, ProductRowError, parse_price, product_text
+from imgembed.catalog.products import (
+    MAX_ID_LENGTH,
+    ProductInput,
+    ProductRowError,
+    parse_price,
+    product_text,
+)
 from imgembed.catalog.repository import ProductRepository, StoreProvenance
 from imgembed.catalog.text import TextEmbedder, create_text_embedder, spec_for
 from imgembed.catalog.weights import WeightsTable, load_weights
@@ -269,7 +275,7 @@ class Catalog:
             try:
                 product = item if isinstance(item, ProductInput) else importer.product(item)
                 numbered.append((number, product))
-            except (ProductRowError, TypeError, AttributeError) as exc:
+            except ProductRowError as exc:
                 report.bad_rows.append(importer.BadRow(number, str(exc)))
         good = self._upsert(report, importer.first_of_each(numbered, report.bad_rows))
         report.product_ids = [product.product_id for product in good]
@@ -528,6 +534,10 @@ def _nothing_to_search(repository: ProductRepository, store_id: str) -> str:
 def _new_store(store_id: str) -> str:
     """A store id that can be named everywhere: as a path segment in the HTTP routes too."""
     store_id = _store(store_id)
+    if len(store_id) > MAX_ID_LENGTH:  # as a product id: a key of the products' index
+        raise ConfigurationError(
+            f"store id {store_id[:40]!r}... is longer than {MAX_ID_LENGTH} characters"
+        )
     if "/" in store_id or store_id in (".", "..") or any(ord(ch) < 32 for ch in store_id):
         raise ConfigurationError(
             f"store id {store_id!r} is '.', '..' or holds a '/' or a control character: the "

@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import re
+import reprlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,8 +77,6 @@ def read_catalogue(path: Path, format: str | None = None) -> ParsedCatalogue:
             parsed.products.append((line, product(row, path.parent)))
         except ProductRowError as exc:
             parsed.bad_rows.append(BadRow(line, str(exc)))
-        except Exception as exc:  # untrusted input: whatever a row breaks is that row's
-            parsed.bad_rows.append(BadRow(line, f"cannot read this product: {exc!r}"))
     parsed.rows = len(parsed.products) + len(parsed.bad_rows)
     parsed.products = first_of_each(parsed.products, parsed.bad_rows)
     parsed.bad_rows.sort(key=lambda row: row.line)
@@ -160,11 +159,17 @@ def first_of_each(
     return kept
 
 
-def product(row: Mapping[str, Any], base: Path | None = None) -> ProductInput:
-    """A product from a flat mapping or a Shopify product object."""
-    if _is_shopify(row):
-        return from_shopify(row, base)
-    return from_mapping(row, base)
+def product(row: Any, base: Path | None = None) -> ProductInput:
+    """A product from a flat mapping or a Shopify product object, or ProductRowError for
+    anything else: the row is untrusted input, whatever it breaks is that row's error."""
+    if not isinstance(row, Mapping):  # e.g. a JSON request's list holding a string
+        raise ProductRowError(f"not a product object but {reprlib.repr(row)}")
+    try:
+        return from_shopify(row, base) if _is_shopify(row) else from_mapping(row, base)
+    except ProductRowError:
+        raise
+    except Exception as exc:
+        raise ProductRowError(f"cannot read this product: {exc!r}") from exc
 
 
 def _is_shopify(row: Mapping[str, Any]) -> bool:
@@ -179,12 +184,16 @@ def _is_shopify(row: Mapping[str, Any]) -> bool:
 
 
 def from_shopify(item: Mapping[str, Any], base: Path | None = None) -> ProductInput:
-    product_id = str(item.get("id") or item.get("handle") or "").strip()
-    variants = [v for v in item.get("variants") or [] if isinstance(v, Mapping)]
+    raw_id = item.get("id") or item.get("handle")
+    # for messages until checked() refuses an id that is not text or a number
+    product_id = str(raw_id).strip() if isinstance(raw_id, str | int | float) else ""
+    variants = [v for v in _listed(item, "variants", product_id) if isinstance(v, Mapping)]
     prices = [parse_price(v.get("price"), product_id) for v in variants]
     known = [p for p in prices if p is not None]
-    images = [i for i in item.get("images") or [] if isinstance(i, Mapping) and i.get("src")]
-    sources = [i["src"] for i in sorted(images, key=lambda i: i.get("position") or 0)]
+    images = [
+        i for i in _listed(item, "images", product_id) if isinstance(i, Mapping) and i.get("src")
+    ]
+    sources = [i["src"] for i in sorted(images, key=_position)]
     if not sources and isinstance(item.get("image"), Mapping) and item["image"].get("src"):
         sources = [item["image"]["src"]]
     tags = item.get("tags")
@@ -192,10 +201,12 @@ def from_shopify(item: Mapping[str, Any], base: Path | None = None) -> ProductIn
         key: item[key] for key in ("vendor", "handle", "status") if item.get(key)
     }
     if tags:
-        attributes["tags"] = split_tags(tags) if isinstance(tags, str) else list(tags)
+        attributes["tags"] = (
+            split_tags(tags) if isinstance(tags, str) else _listed(item, "tags", product_id)
+        )
     given = frozenset(p for p, keys in _SHOPIFY_PARTS.items() if any(k in item for k in keys))
     return checked(
-        product_id=product_id,
+        product_id=raw_id,
         title=item.get("title"),
         description=item.get("body_html"),
         category=item.get("product_type"),
@@ -222,10 +233,28 @@ _SHOPIFY_PARTS = {
 }
 
 
+def _listed(item: Mapping[str, Any], key: str, product_id: str) -> list[Any]:
+    """A Shopify field that holds a list: [] when empty or absent, else ProductRowError."""
+    value = item.get(key)
+    if not value:
+        return []
+    if not isinstance(value, list):
+        raise ProductRowError(
+            f"product {product_id}: {key} must be a list, not {reprlib.repr(value)}"
+        )
+    return value
+
+
+def _position(image: Mapping[str, Any]) -> float:
+    position = image.get("position")
+    return position if isinstance(position, int | float) and position is not True else 0
+
+
 def _variant_currency(variants: list[Mapping[str, Any]]) -> str | None:
     # The Admin API lists prices per presentment currency; the first is the shop's own.
     for variant in variants:
-        for entry in variant.get("presentment_prices") or []:
+        entries = variant.get("presentment_prices")
+        for entry in entries if isinstance(entries, list) else []:
             price = entry.get("price") if isinstance(entry, Mapping) else None
             if isinstance(price, Mapping) and price.get("currency_code"):
                 return str(price["currency_code"])

@@ -114,7 +114,12 @@ def from_mapping(row: Mapping[str, Any], base: Path | None = None) -> ProductInp
     if any(k not in used and (k not in _ALIASES or _present(v)) for k, v in lowered.items()):
         given.add("attributes")  # the row's other columns are all its attributes
     attributes = {k: v for k, v in lowered.items() if k not in used and _present(v)}
-    attributes.update(attributes.pop("attributes", None) or {})
+    nested = attributes.pop("attributes", None) or {}
+    if not isinstance(nested, Mapping):  # a CSV column of that name is text
+        raise ProductRowError(
+            f"{_who(_text(fields.get('product_id')))}attributes must be an object"
+        )
+    attributes.update(nested)
     if isinstance(attributes.get("tags"), str):
         attributes["tags"] = split_tags(attributes["tags"])
     extra = fields.get("extra_image_urls") or ()
@@ -161,7 +166,7 @@ def checked(
         given = given - {"title"}
     if not isinstance(attributes or {}, Mapping):
         raise ProductRowError(f"product {product_id}: attributes must be an object")
-    if isinstance(extra_image_urls, str | Mapping):
+    if not isinstance(extra_image_urls, list | tuple):
         raise ProductRowError(f"product {product_id}: extra_image_urls must be a list")
     description = strip_html(_scalar(description, "description", product_id))
     category = _scalar(category, "category", product_id)
