@@ -174,7 +174,7 @@ def test_products_embed_search_and_stats_over_http(root, photos):
         assert loose.status_code == 200, loose.text
         assert [(r["line"], r["message"]) for r in loose.json()["import"]["bad_rows"]] == [
             (2, "not a product object but 'p1'"), (3, "not a product object but None"),
-            (4, "product x: attributes must be an object")]  # fmt: skip
+            (4, 'product x: attributes must be an object, as {"color": "red"}')]  # fmt: skip
         assert loose.json()["import"]["product_ids"] == ["ok"]
         long_store = client.post(f"/api/v1/stores/{'s' * 501}/products", json={
             "products": [{"id": "a", "title": "t"}]})  # fmt: skip

@@ -474,7 +474,7 @@ def test_loose_values_in_product_objects_are_that_products_error(tmp_path):
     ]
     parsed = _read_jsonl(tmp_path, rows)
     assert _lines(parsed) == {
-        1: "product A: attributes must be an object",
+        1: 'product A: attributes must be an object, as {"color": "red"}',
         2: "product B: extra_image_urls must be a list",
         3: "product C: variants must be a list, not 1",
         4: "product D: tags must be a list, not 7",
@@ -484,6 +484,12 @@ def test_loose_values_in_product_objects_are_that_products_error(tmp_path):
     assert parsed.products[1][1].image_url == str(tmp_path / "2.jpg")  # "2" counts as 0
     with pytest.raises(ProductRowError, match=r"^not a product object but \[1, 2\]$"):
         product([1, 2])
+    # in a CSV, an attributes column holds its object as JSON text
+    csv_path = tmp_path / "products.csv"
+    csv_path.write_text('id,title,attributes\nJ,t,"{""color"": ""red""}"\nK,t,color=red\nL,t,\n')
+    parsed = read_catalogue(csv_path)
+    assert _lines(parsed) == {3: 'product K: attributes must be an object, as {"color": "red"}'}
+    assert [p.attributes for _, p in parsed.products] == [{"color": "red"}, {}]
 
 
 _JSON = st.recursive(

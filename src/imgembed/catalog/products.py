@@ -4,8 +4,10 @@ what is wrong. Also the product text the text embedder sees, and its hash."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import html.parser
+import json
 import math
 import os
 import re
@@ -114,12 +116,7 @@ def from_mapping(row: Mapping[str, Any], base: Path | None = None) -> ProductInp
     if any(k not in used and (k not in _ALIASES or _present(v)) for k, v in lowered.items()):
         given.add("attributes")  # the row's other columns are all its attributes
     attributes = {k: v for k, v in lowered.items() if k not in used and _present(v)}
-    nested = attributes.pop("attributes", None) or {}
-    if not isinstance(nested, Mapping):  # a CSV column of that name is text
-        raise ProductRowError(
-            f"{_who(_text(fields.get('product_id')))}attributes must be an object"
-        )
-    attributes.update(nested)
+    attributes.update(_nested(attributes.pop("attributes", None), fields.get("product_id")))
     if isinstance(attributes.get("tags"), str):
         attributes["tags"] = split_tags(attributes["tags"])
     extra = fields.get("extra_image_urls") or ()
@@ -316,6 +313,19 @@ def _image(value: Any, base: Path | None) -> str:
     # relative to the catalogue file, or to where the library runs: stored absolute, so
     # that an embed run from another directory finds it
     return os.path.abspath(source if base is None else base / source)
+
+
+def _nested(value: Any, product_id: Any) -> Mapping[str, Any]:
+    """An `attributes` object; in a CSV, its cell holds the object as JSON text."""
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError, RecursionError):
+            value = json.loads(value)
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        who = _who(product_id if isinstance(product_id, str) else "")
+        raise ProductRowError(f'{who}attributes must be an object, as {{"color": "red"}}')
+    return value
 
 
 def _text(value: Any) -> str:
