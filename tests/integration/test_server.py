@@ -234,6 +234,10 @@ def test_serve_with_two_workers(data_dir, root, tmp_path):
         for _ in range(6):
             listed = httpx.get(f"{base}/api/v1/jobs", timeout=60).json()["jobs"]
             assert [j["job_id"] for j in listed] == [job["job_id"]]
+        # /metrics sums the workers, whichever answers (before: each its own share)
+        listings = 'imgembed_requests_total{method="GET",route="/api/v1/jobs",status="200"} 6.0'
+        for _ in range(6):
+            assert listings in httpx.get(f"{base}/metrics", timeout=60).text.splitlines()
         process.send_signal(signal.SIGTERM)
         _exited_after_sigterm(process)
         psutil.wait_procs(workers, timeout=30)

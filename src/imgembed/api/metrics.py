@@ -1,18 +1,33 @@
 """Prometheus metrics of one app (its own registry, so several apps can live in a process):
 requests by route and status, latency, encoder batch sizes, queue depth, images by outcome
-(cached = cache hits) and images/s over the last minute."""
+(cached = cache hits) and images/s over the last minute.
+
+Under `serve --workers N` each worker process writes its values to files in
+PROMETHEUS_MULTIPROC_DIR (prometheus_client's multiprocess mode, chosen when it is imported)
+and /metrics, whichever worker answers, reports their sum: the gauges are those of the live
+workers, each refreshed every second."""
 
 from __future__ import annotations
 
 import collections
+import logging
+import os
 import threading
 import time
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import multiprocess as shared
+
+log = logging.getLogger(__name__)
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 RATE_WINDOW = 60.0  # seconds
+REFRESH_SECONDS = 1.0  # how often a worker writes its gauges for the others' /metrics
+
+
+# as prometheus_client decides it, when both are imported (a worker starts with the variable)
+MULTIPROCESS = "PROMETHEUS_MULTIPROC_DIR" in os.environ
 
 
 class Metrics:
@@ -35,20 +50,24 @@ class Metrics:
         self.images = Counter(
             "imgembed_images", "Images by outcome (cached = cache hits)", ["outcome"], registry=r
         )
-        self.queue_depth = Gauge(
-            "imgembed_queue_depth", "Inputs waiting for the encoder", registry=r
-        )
+        live = {"registry": r, "multiprocess_mode": "livesum"}  # the sum over live workers
+        self.queue_depth = Gauge("imgembed_queue_depth", "Inputs waiting for the encoder", **live)
         self.in_flight = Gauge(
-            "imgembed_inputs_in_flight", "Inputs admitted and not yet answered", registry=r
+            "imgembed_inputs_in_flight", "Inputs admitted and not yet answered", **live
         )
         rate = Gauge(
             "imgembed_images_per_second", f"Images answered per second, last {RATE_WINDOW:.0f} s",
-            registry=r,
+            **live,
         )  # fmt: skip
-        rate.set_function(self._rate)
-        self.jobs = Gauge("imgembed_jobs", "Background jobs by status", ["status"], registry=r)
+        self.jobs = Gauge("imgembed_jobs", "Background jobs by status", ["status"], **live)
+        self._gauges: list[tuple[Gauge, Callable[[], float]]] = [(rate, self._rate)]
         self._answered: collections.deque[float] = collections.deque()
         self._lock = threading.Lock()
+        self._stop = threading.Event()
+        if MULTIPROCESS:
+            threading.Thread(
+                target=self._refresh_often, name="imgembed-metrics", daemon=True
+            ).start()
 
     def watch(
         self,
@@ -56,11 +75,11 @@ class Metrics:
         in_flight: Callable[[], float],
         jobs: Callable[[str], float],
     ) -> None:
-        """Read the gauges from the batchers and the jobs at scrape time."""
-        self.queue_depth.set_function(queue_depth)
-        self.in_flight.set_function(in_flight)
+        """Read the gauges from the batchers and the jobs (at scrape time, and every second
+        for the other workers' scrapes)."""
+        self._gauges += [(self.queue_depth, queue_depth), (self.in_flight, in_flight)]
         for status in ("queued", "running"):
-            self.jobs.labels(status).set_function(lambda status=status: jobs(status))
+            self._gauges.append((self.jobs.labels(status), lambda status=status: jobs(status)))
 
     # -- BatchObserver -----------------------------------------------------------------------
 
@@ -84,7 +103,29 @@ class Metrics:
         self.latency.labels(route).observe(seconds)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        self._refresh()
+        if not MULTIPROCESS:
+            return generate_latest(self.registry)
+        workers = CollectorRegistry()
+        shared.MultiProcessCollector(workers)
+        return generate_latest(workers)
+
+    def close(self) -> None:
+        """A worker that stops leaves the live gauges (its counters stay in the totals)."""
+        self._stop.set()
+        if MULTIPROCESS:
+            shared.mark_process_dead(os.getpid())
+
+    def _refresh(self) -> None:
+        for gauge, read in self._gauges:
+            gauge.set(read())
+
+    def _refresh_often(self) -> None:
+        while not self._stop.wait(REFRESH_SECONDS):
+            try:
+                self._refresh()
+            except Exception:  # a gauge read while the app closes: try again, or stop
+                log.debug("cannot refresh the gauges", exc_info=True)
 
     def _trim(self, now: float) -> None:
         while self._answered and self._answered[0] < now - RATE_WINDOW:

@@ -46,8 +46,9 @@ class AppState:
         self._catalog_lock = threading.Lock()
         self._store_threads = ThreadPoolExecutor(STORE_THREADS, "imgembed-store")
         self.metrics.watch(
-            lambda: sum(b.queue_depth for b in self._batchers.values()),
-            lambda: sum(b.in_flight for b in self._batchers.values()),
+            # list(): the metrics thread reads while the event loop may add a batcher
+            lambda: sum(b.queue_depth for b in list(self._batchers.values())),
+            lambda: sum(b.in_flight for b in list(self._batchers.values())),
             self.jobs.count,
         )
 
@@ -143,6 +144,7 @@ class AppState:
             await asyncio.to_thread(catalog.close)
         await asyncio.to_thread(self.service.close)
         self._store_threads.shutdown(wait=False, cancel_futures=True)
+        self.metrics.close()
 
 
 def _models(settings: Settings) -> tuple[str, str, str]:

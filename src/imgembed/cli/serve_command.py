@@ -7,6 +7,8 @@ import errno
 import os
 import resource
 import socket
+import tempfile
+from collections.abc import Iterator
 from typing import Annotated
 
 import typer
@@ -68,7 +70,7 @@ def serve(
     _more_open_files()
     # uvicorn re-raises SIGTERM/SIGINT once it has shut down: a stop asked for and done is
     # exit 0, and at exit this process lets the embedded server go
-    with contextlib.suppress(KeyboardInterrupt):
+    with contextlib.suppress(KeyboardInterrupt), _shared_metrics(workers):
         uvicorn.run(
             "imgembed.api:app_from_env",
             factory=True,
@@ -81,6 +83,21 @@ def serve(
             http=IdleTimeoutProtocol,  # h11, with a deadline while no request is in service
             timeout_graceful_shutdown=settings.shutdown_timeout,
         )
+
+
+@contextlib.contextmanager
+def _shared_metrics(workers: int) -> Iterator[None]:
+    """Several workers write their metrics to one folder and each /metrics sums them
+    (prometheus_client's multiprocess mode); one that the user names is theirs to keep."""
+    if workers == 1 or "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+        yield
+        return
+    with tempfile.TemporaryDirectory(prefix="imgembed-metrics-") as folder:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder  # read by the workers as they start
+        try:
+            yield
+        finally:
+            del os.environ["PROMETHEUS_MULTIPROC_DIR"]
 
 
 MAX_OPEN_FILES = 1 << 20  # Linux's usual ceiling (fs.nr_open) where the hard limit has none
