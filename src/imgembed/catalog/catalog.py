@@ -266,7 +266,8 @@ class Catalog:
         self, store_id: str, products: Iterable[Mapping[str, Any] | ProductInput]
     ) -> ImportReport:
         """Upsert products given as mappings (the import's column names, or Shopify product
-        objects) or ProductInputs; a bad one is reported by its position (1-based)."""
+        objects) or ProductInputs; a bad one, also one that is neither, is reported by its
+        position (1-based)."""
         started = time.perf_counter()
         report = ImportReport(_new_store(store_id), "request", "objects")
         numbered: list[tuple[int, ProductInput]] = []
