@@ -33,6 +33,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from imgembed.intake.names import printable
+
 
 class ImgEmbedError(Exception):
     """Base of every error imgembed raises on purpose."""
@@ -184,8 +186,10 @@ class OverloadedError(UnavailableError):
 
 
 def error_dict(error: BaseException) -> dict[str, Any]:
-    """An error as data, the same on every surface: the message and the error's type."""
-    return {"error": str(error), "error_type": type(error).__name__}
+    """An error as data, the same on every surface: the message and the error's type. The
+    message is valid UTF-8: it may quote a lone surrogate (a JSON "\\ud800" escape, a file
+    name's undecodable byte), which no JSON body or log line can hold as it is."""
+    return {"error": printable(str(error)), "error_type": type(error).__name__}
 
 
 __all__ = [

@@ -597,6 +597,33 @@ def test_a_path_that_is_not_utf8_is_refused_not_read_as_another_name(client):
     assert client.get("/api/v1/stores").json()[0]["store_id"] == "café"
 
 
+def test_a_lone_surrogate_in_a_path_is_that_inputs_error_never_a_500(client, root):
+    """JSON may escape half a surrogate pair ("\\ud800"), which no JSON answer can hold: an
+    input naming one fails alone, and its label and message show the escape."""
+
+    def send(path, body):  # json.dumps escapes it, as a client's JSON would
+        headers = {"Content-Type": "application/json"}
+        return client.post(path, content=json.dumps(body), headers=headers)
+
+    rocket = str(root / "rocket.jpg")
+    batch = send(f"{IMAGE}/batch", {"image_paths": ["\ud800", rocket],
+                                    "images": [{"url": "http://\ud800"}]})  # fmt: skip
+    assert batch.status_code == 200, batch.text
+    results = batch.json()["results"]
+    assert [r["error_type"] is None for r in results] == [False, True, False], results
+    assert results[0]["image_path"] == "\\ud800"
+    assert results[0]["error"].startswith("\\ud800: not a usable path")
+    assert results[2]["image_path"] == "http://\\ud800"
+    search = send("/api/v1/search/image",
+                  {"query_text": "x", "candidate_image_paths": ["\ud800", rocket]})  # fmt: skip
+    assert search.status_code == 200, search.text
+    assert search.json()["failed"][0]["image_path"] == "\\ud800"
+    assert search.json()["results"][0]["image_path"] == rocket
+    index = send("/api/v1/collections/c/index", {"sources": ["\ud800"]})
+    assert (index.status_code, index.json()["error_type"]) == (400, "InvalidImageError")
+    assert index.json()["error"].startswith("\\ud800: ")
+
+
 def test_a_body_that_stops_arriving_is_a_408_and_frees_its_connection(monkeypatch):
     """A client trickling (or stopping) its body held the connection for ever."""
     import socket

@@ -2,6 +2,7 @@
 job, search by text, by an uploaded photo and by both with per-part scores that add up to the
 fused score, filters, statistics, thumbnails, and the errors of each route."""
 
+import json
 import shutil
 import time
 
@@ -204,6 +205,29 @@ def test_products_embed_search_and_stats_over_http(root, photos):
         assert client.get("/api/v1/stores/shop/products/a%2Fb").json()["title"] == "Slash"
         slash_thumb = client.get("/api/v1/stores/shop/products/a%2Fb/thumbnail?size=32")
         assert slash_thumb.headers["content-type"] == "image/jpeg", slash_thumb.text
+
+
+def test_a_lone_surrogate_is_a_bad_row_or_a_422_never_a_500(root):
+    """JSON may escape half a surrogate pair ("\\ud800"), which no text model reads and no
+    JSON answer can hold: a product holding one is its bad row, quoted as the escape; a
+    search text holding one is refused."""
+
+    def send(path, body):  # json.dumps escapes it, as a client's JSON would
+        headers = {"Content-Type": "application/json"}
+        return client.post(path, content=json.dumps(body), headers=headers)
+
+    with TestClient(create_app(load_settings(**TINY, allowed_roots=[root]))) as client:
+        _wait_for_model(client)
+        products = [{"id": "\ud800", "title": "x"}, {"id": "ok", "title": "fine"}]
+        upsert = send("/api/v1/stores/shop/products", {"products": products})
+        assert upsert.status_code == 200, upsert.text
+        (bad,) = upsert.json()["import"]["bad_rows"]
+        assert bad == {"line": 1, "message": "product \\ud800: text that is not valid UTF-8"}
+        assert _finished(client, upsert.json()["job"])["stats"]["successful"] == 1
+        for query in ("\ud800", "red \udfff dress"):
+            search = send("/api/v1/stores/shop/search", {"query": query})
+            assert search.status_code == 422, search.text
+            assert search.json()["error_type"] == "ConfigurationError"
 
 
 def test_a_store_of_other_models_is_refused_before_a_job_starts(root, photos):

@@ -33,6 +33,7 @@ from imgembed.errors import (
     SourceNotAllowedError,
 )
 from imgembed.intake.image_input import Input
+from imgembed.intake.names import printable
 from imgembed.intake.sources import as_path, check_allowed, decode_base64, is_url
 from imgembed.results import ImageEmbeddingResult
 
@@ -116,7 +117,9 @@ def sources_or_errors(
             sources.append(exc)
     numbered = enumerate(images, len(paths))
     labels = [*paths, *(i.path or i.url or f"<input {n}>" for n, i in numbered)]
-    return sources, labels
+    # labels name the inputs in the results: as valid UTF-8 ("\\ud800" sent as JSON is a
+    # lone surrogate, which the response could not hold)
+    return sources, [printable(label) for label in labels]
 
 
 async def embed_inputs(

@@ -18,6 +18,7 @@ from imgembed.catalog.products import (
     MAX_ID_LENGTH,
     ProductInput,
     ProductRowError,
+    has_surrogates,
     parse_price,
     product_text,
 )
@@ -428,6 +429,11 @@ class Catalog:
         similarity.check_top_k(top_k)
         store_id = _store(store_id)  # " ws " is the store "ws" here too, as in import
         category = (category or "").strip() or None  # an empty form field: no filter
+        if isinstance(text, str) and has_surrogates(text):  # text models' tokenizers fail
+            raise ConfigurationError(
+                "the search text is not valid UTF-8: it holds a lone surrogate (a JSON escape "
+                "such as \\ud800 without its pair)"
+            )
         recorded = self.repository.provenance(store_id)
         if recorded is None:
             raise CollectionNotFoundError(_nothing_to_search(self.repository, store_id))

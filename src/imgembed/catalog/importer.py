@@ -27,6 +27,7 @@ from imgembed.catalog.products import (
 )
 from imgembed.errors import ConfigurationError
 from imgembed.indexing.sources import csv_delimiter, csv_reader
+from imgembed.intake.names import printable
 
 TOO_DEEP = "nested too deeply to read"  # json's recursion limit: no product is like that
 FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "shopify"}
@@ -36,6 +37,11 @@ FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "shopi
 class BadRow:
     line: int
     message: str
+
+    def __post_init__(self) -> None:
+        # a message may quote a row's text: valid UTF-8 for JSON and terminals, also when
+        # that text holds a lone surrogate (a JSON "\\ud800" escape, an undecodable byte)
+        object.__setattr__(self, "message", printable(self.message))
 
     def __str__(self) -> str:
         return f"line {self.line}: {self.message}"

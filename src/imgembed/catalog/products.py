@@ -175,7 +175,7 @@ def checked(
         )
     values = [product_id, title, description, category, currency, *urls]
     values += list(_texts(attributes or {}, product_id))
-    if any(_has_surrogates(v) for v in values if v):
+    if any(has_surrogates(v) for v in values if v):
         raise ProductRowError(f"product {product_id}: text that is not valid UTF-8")
     if any("\x00" in v for v in values):  # PostgreSQL text cannot hold it
         raise ProductRowError(f"product {product_id}: text with a NUL character")
@@ -348,7 +348,7 @@ def _present(value: Any) -> bool:
     return value is not None
 
 
-def _has_surrogates(text: str) -> bool:
+def has_surrogates(text: str) -> bool:
     return any("\ud800" <= ch <= "\udfff" for ch in text)  # undecodable bytes, lone halves
 
 
