@@ -60,14 +60,26 @@ def test_a_malformed_seed_or_a_checkpoint_named_as_the_model_is_a_clear_error():
 
 
 def test_unknown_tag_lists_the_known_ones():
+    from imgembed.errors import UnknownModelError
+
     service = ImageEmbeddingService(model="ViT-B-32", pretrained="no-such-tag")
-    with pytest.raises(ModelUnavailableError, match=r"known: .*openai.*laion2b_s34b_b79k"):
+    # a wrong name, as an unknown architecture (over HTTP a 422, not a 503 to retry)
+    with pytest.raises(UnknownModelError, match=r"known: .*openai.*laion2b_s34b_b79k"):
         service.encoder  # noqa: B018
 
 
 def test_unknown_architecture():
+    from imgembed.errors import UnknownModelError
+
     with pytest.raises(ModelUnavailableError, match="unknown model architecture 'ViT-Q-99'"):
         ImageEmbeddingService(model="ViT-Q-99").encoder  # noqa: B018
+    # names a client may send: too long for a file name (was an OSError); with a colon
+    # but neither open_clip schema hf-hub: nor local-dir: (was weights to load, then a 503)
+    for name in ("x" * 1000, "a:b", "data:image/png;base64,AAAA", "imgembed-tiny:seed:1"):
+        with pytest.raises(UnknownModelError, match="unknown model architecture"):
+            ImageEmbeddingService(model=name)
+    assert registry.ModelRef("hf-hub:org/repo", "").carries_config
+    assert registry.ModelRef("local-dir:models/tiny", "").carries_config
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

@@ -17,7 +17,7 @@ from urllib.parse import urlparse
 import torch
 from open_clip.pretrained import get_pretrained_cfg
 
-from imgembed.errors import ConfigurationError, ModelUnavailableError
+from imgembed.errors import ConfigurationError, ModelUnavailableError, UnknownModelError
 from imgembed.models import registry
 from imgembed.models.registry import ModelRef
 
@@ -100,7 +100,8 @@ def _load(
     tag_cfg = get_pretrained_cfg(ref.name, ref.pretrained) if ref.seed is None else {}
     if ref.seed is None and not tag_cfg and not ref.is_file and not ref.carries_config:
         tags = open_clip.list_pretrained_tags_by_model(ref.name)
-        raise ModelUnavailableError(
+        # a wrong name (retrying will not help), not weights that could not be had
+        raise UnknownModelError(
             f"{ref}: {ref.pretrained!r} is neither a pretrained tag of {ref.name} "
             f"(known: {', '.join(tags) or 'none'}) nor a checkpoint file "
             f"({', '.join(registry.CHECKPOINT_SUFFIXES)})"

@@ -55,8 +55,9 @@ class ModelRef:
     @property
     def carries_config(self) -> bool:
         """open_clip's `hf-hub:...` and `local-dir:...` names bring their own config (and
-        weights): the architecture is known only once loaded."""
-        return ":" in self.name
+        weights): the architecture is known only once loaded. Another name with a colon is
+        no model (open_clip has no other schema): an unknown name, not weights to fetch."""
+        return self.name.startswith(("hf-hub:", "local-dir:"))
 
     @property
     def is_file(self) -> bool:
@@ -183,7 +184,11 @@ def model_config(name: str) -> dict[str, Any] | None:
         folders += [Path(p) / "model_configs" for p in spec.submodule_search_locations]
     for folder in folders:
         path = folder / f"{name}.json"
-        if path.is_file():
+        try:
+            found = path.is_file()
+        except OSError:  # a name too long for a file name (ENAMETOOLONG): no config of ours
+            found = False
+        if found:
             return json.loads(path.read_text())
     return None
 
