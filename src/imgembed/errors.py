@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from imgembed.intake.names import printable
+from imgembed.names import printable
 
 
 class ImgEmbedError(Exception):

@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from imgembed.intake.names import restore
+from imgembed.names import restore
 from tests import cli
 from tests.cli import IMGEMBED
 

@@ -17,7 +17,7 @@ from imgembed.errors import (
     StoreFullError,
     StoreUnavailableError,
 )
-from imgembed.intake.names import printable, restore
+from imgembed.names import printable, restore
 from imgembed.store import Record
 from imgembed.store.base import checked_metadata, checked_record, checked_vector
 from imgembed.store.faults import store_errors, translate

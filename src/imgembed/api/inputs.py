@@ -33,8 +33,8 @@ from imgembed.errors import (
     SourceNotAllowedError,
 )
 from imgembed.intake.image_input import Input
-from imgembed.intake.names import printable
 from imgembed.intake.sources import as_path, check_allowed, decode_base64, is_url
+from imgembed.names import printable
 from imgembed.results import ImageEmbeddingResult
 
 M = TypeVar("M", bound=BaseModel)

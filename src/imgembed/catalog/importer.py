@@ -27,7 +27,7 @@ from imgembed.catalog.products import (
 )
 from imgembed.errors import ConfigurationError
 from imgembed.indexing.sources import csv_delimiter, csv_reader
-from imgembed.intake.names import printable
+from imgembed.names import printable
 
 TOO_DEEP = "nested too deeply to read"  # json's recursion limit: no product is like that
 FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "shopify"}

@@ -36,7 +36,7 @@ from imgembed.cli.common import (
 )
 from imgembed.cli.output import Writer
 from imgembed.errors import ImageError, ImgEmbedError, OutputError, error_dict
-from imgembed.intake.names import printable
+from imgembed.names import printable
 
 if TYPE_CHECKING:  # imported where used: a search need not load NumPy or Pillow
     from imgembed.engine.pipeline import Progress

@@ -4,7 +4,7 @@ The file is checked before any work (a missing or read-only folder is a Configur
 at once, not after an hour of embedding), written beside its place under a temporary name and
 put in place when complete: a failed or stopped run leaves no half file and keeps the last
 good one. Text is written as UTF-8: a file name that is not
-valid UTF-8 is written with `\\xNN` for each undecodable byte (intake/names.py; `restore`
+valid UTF-8 is written with `\\xNN` for each undecodable byte (imgembed/names.py; `restore`
 gives the name back)."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from imgembed.errors import ConfigurationError, OutputError
-from imgembed.intake.names import printable
+from imgembed.names import printable
 
 FORMATS = (".jsonl", ".npy", ".parquet")
 

@@ -30,7 +30,7 @@ from imgembed.cli.common import (
 )
 from imgembed.cli.output import check_writable
 from imgembed.errors import ImgEmbedError, OutputError
-from imgembed.intake.names import printable
+from imgembed.names import printable
 
 if TYPE_CHECKING:
     from imgembed.engine.pipeline import Progress

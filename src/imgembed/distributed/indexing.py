@@ -33,7 +33,7 @@ from imgembed.indexing.run import (
     unchanged_hash,
 )
 from imgembed.indexing.sources import unique_items
-from imgembed.intake.names import printable
+from imgembed.names import printable
 from imgembed.store import Provenance, open_store
 from imgembed.store.base import StoredItem, checked_name
 

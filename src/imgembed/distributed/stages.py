@@ -36,10 +36,10 @@ from imgembed.engine.cache import EmbeddingCache
 from imgembed.engine.pipeline import ImagePipeline
 from imgembed.errors import ConfigurationError, EncodeError
 from imgembed.intake.image_input import Intake
-from imgembed.intake.names import restore
 from imgembed.intake.sources import is_url
 from imgembed.models.preprocess import Preprocessor
 from imgembed.models.registry import ModelRef
+from imgembed.names import restore
 
 STORED_HASH = "stored_hash"
 PREPARED = "_imgembed_prepared"  # a pickled pipeline item, from prepare to encode

@@ -34,7 +34,7 @@ from imgembed.errors import (
     StoreError,
 )
 from imgembed.indexing.sources import IndexItem, unique_items
-from imgembed.intake.names import printable
+from imgembed.names import printable
 from imgembed.results import ImageEmbeddingResult
 from imgembed.store.base import (
     Record,

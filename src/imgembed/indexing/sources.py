@@ -11,7 +11,7 @@ CSV/JSONL files must be UTF-8: ids and metadata decoded with a guessed encoding 
 stored wrong without anyone noticing, so such a file fails as a whole, naming the line and
 byte. `.txt` lists hold file names, which on Linux are bytes: they are decoded as the
 system decodes names (UTF-8, undecodable bytes kept), so every name on disk can be listed.
-Ids are printable (intake/names.py): a name that is not UTF-8 is stored with `\\xNN`."""
+Ids are printable (imgembed/names.py): a name that is not UTF-8 is stored with `\\xNN`."""
 
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from imgembed.errors import ImageError, ImageNotFoundError, SourceListError
-from imgembed.intake.names import printable
 from imgembed.intake.sources import expand_paths, is_data_uri, url_scheme
+from imgembed.names import printable
 
 IMAGE_COLUMNS = ("image", "image_url", "image_path", "url", "path", "source", "file")
 LIST_SUFFIXES = {".txt", ".lst", ".csv", ".jsonl", ".ndjson"}

@@ -22,7 +22,7 @@ from imgembed.errors import (
     InvalidImageError,
     SourceNotAllowedError,
 )
-from imgembed.intake.names import printable, restore
+from imgembed.names import printable, restore
 
 Source = str | os.PathLike[str] | bytes
 READ_CHUNK = 1 << 20

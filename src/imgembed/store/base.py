@@ -12,7 +12,7 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 
 from imgembed.errors import CollectionNotFoundError, InvalidRecordError, StoreBusyError
-from imgembed.intake.names import printable
+from imgembed.names import printable
 
 
 @dataclass(frozen=True)
@@ -119,7 +119,7 @@ def checked_text(value: Any, what: str) -> str:
     except UnicodeEncodeError as exc:
         raise InvalidRecordError(
             f"{what} is not valid UTF-8: '{printable(value)}' (a file name in another "
-            "encoding?); escape it first, as indexing does (imgembed.intake.names.printable)"
+            "encoding?); escape it first, as indexing does (imgembed.names.printable)"
         ) from exc
     if "\x00" in value:
         raise InvalidRecordError(f"{what} contains a NUL character: {value!r}")
