@@ -11,6 +11,7 @@ import dataclasses
 import os
 import threading
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,11 +27,12 @@ from imgembed.errors import (
     ConfigurationError,
     EncodeError,
     ProvenanceMismatchError,
+    SourceNotAllowedError,
 )
 from imgembed.indexing import IndexItem, IndexStats, read_index_sources
 from imgembed.indexing.duplicates import find_duplicates
 from imgembed.intake.image_input import Input, Intake
-from imgembed.intake.sources import checked_sources
+from imgembed.intake.sources import check_allowed, checked_sources
 from imgembed.models import registry
 from imgembed.models.runtime import Encoder, create_encoder
 from imgembed.results import Duplicates, ImageEmbeddingResult, SimilarityResult
@@ -263,14 +265,20 @@ class ImageEmbeddingService(SeedAsyncMethods):
         except CollectionNotFoundError:
             return self
 
-    def with_model(self, model: str, pretrained: str | None = None) -> ImageEmbeddingService:
+    def with_model(
+        self, model: str, pretrained: str | None = None, roots: list[Path] | None = None
+    ) -> ImageEmbeddingService:
         """This service if it has that model, else one with that model and otherwise the
         same settings and store (kept, so asking again costs nothing). Without `pretrained`,
-        the model's own tag (efficientnet-lite0: imagenet), else this service's."""
+        the model's own tag (efficientnet-lite0: imagenet), else this service's. `roots`:
+        where a checkpoint file or `local-dir:` that a caller names may lie (a server's
+        allowed roots: a client loads no file from elsewhere); None: anywhere."""
         explicit = pretrained is not None
         ref = registry.resolve(model, pretrained or self.settings.pretrained, explicit)
         if ref == self.model_ref:
             return self
+        if roots is not None:
+            _check_model_files(ref, roots)
         key = (ref.name, ref.pretrained)
         with self._lock:
             if key not in self._siblings:
@@ -412,3 +420,17 @@ def _text_list(texts: Sequence[str], method: str) -> list[str]:
     if not all(isinstance(t, str) for t in texts):
         raise ConfigurationError(f"{method} takes a list of strings")
     return texts
+
+
+def _check_model_files(ref: registry.ModelRef, roots: list[Path]) -> None:
+    """SourceNotAllowedError for a checkpoint file or model folder outside the roots."""
+    named = ref.local_dir or (Path(ref.pretrained) if ref.is_file else None)
+    if named is None:
+        return
+    if not roots:
+        raise SourceNotAllowedError(
+            "no model files may be named here: name a model and a pretrained tag, or ask the "
+            "operator to allow the folder (IMGEMBED_ALLOWED_ROOTS)",
+            str(named),
+        )
+    check_allowed(named, roots)

@@ -15,7 +15,9 @@ from io import BytesIO
 from pathlib import Path
 
 import numpy as np
+import open_clip
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -827,6 +829,22 @@ def test_collections_index_search_duplicates_thumbnails(data_dir, root, library,
             unknown = client.post("/api/v1/collections", json={"name": "m3", **model})
             assert (unknown.status_code, unknown.json()["error_type"]) == (
                 422, "UnknownModelError"), unknown.text[:300]  # fmt: skip
+        # a client loads no model file from outside the allowed roots (before: any .pt on
+        # the server's disk, any local-dir: folder); inside them it may
+        outside = tmp_path / "tiny.pt"
+        torch.save(open_clip.create_model("imgembed-tiny").state_dict(), outside)
+        for model in ({"model": "imgembed-tiny", "pretrained": str(outside)},
+                      {"model": f"local-dir:{tmp_path}"}):  # fmt: skip
+            refused = client.post("/api/v1/collections", json={"name": "m4", **model})
+            assert (refused.status_code, refused.json()["error_type"]) == (
+                403, "SourceNotAllowedError"), refused.text  # fmt: skip
+        inside = root / "tiny.pt"
+        shutil.copy(outside, inside)
+        allowed = client.post("/api/v1/collections", json={
+            "name": "m4", "model": "imgembed-tiny", "pretrained": str(inside)})  # fmt: skip
+        assert (allowed.status_code, allowed.json()["pretrained"]) == (201, str(inside))
+        assert client.delete("/api/v1/collections/m4").status_code == 200
+        inside.unlink()
         existing = client.post("/api/v1/collections", json={"name": "shop"})
         assert existing.status_code == 200 and existing.json()["name"] == "shop"
         nothing = client.post("/api/v1/collections/shop/index", json={})
