@@ -824,7 +824,8 @@ def test_collections_index_search_duplicates_thumbnails(data_dir, root, library,
         assert client.delete("/api/v1/collections/m2").status_code == 200
         # no such model, or no such tag of one: the request's fault (a 500 for a name too long
         # for a file name; a 503 after trying to load one with a colon, or an unknown tag)
-        for model in ({"model": "ViT-Q-99"}, {"model": "x" * 1000}, {"model": "a:b"},
+        for model in ({"model": "ViT-Q-99"}, {"model": "x" * 300}, {"model": "a:b"},
+                      {"model": "hf-hub:"},
                       {"model": "imgembed-tiny", "pretrained": "no-such-tag"}):  # fmt: skip
             unknown = client.post("/api/v1/collections", json={"name": "m3", **model})
             assert (unknown.status_code, unknown.json()["error_type"]) == (

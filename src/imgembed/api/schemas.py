@@ -223,8 +223,8 @@ class CollectionOut(BaseModel):
 
 class CollectionCreate(_Body):
     name: str = Field(min_length=1, max_length=200)
-    model: str | None = Field(None, description="Default: the server's model.")
-    pretrained: str | None = None
+    model: str | None = Field(None, max_length=300, description="Default: the server's model.")
+    pretrained: str | None = Field(None, max_length=4096)  # a tag, or a path (PATH_MAX)
 
 
 class IndexItemIn(_Body):

@@ -49,15 +49,16 @@ class ModelRef:
     @property
     def local_dir(self) -> Path | None:
         """open_clip's `local-dir:PATH` schema: config and weights in one folder."""
-        prefix = "local-dir:"
-        return Path(self.name.removeprefix(prefix)) if self.name.startswith(prefix) else None
+        schema, _, rest = self.name.partition(":")
+        return Path(rest) if schema == "local-dir" and rest.strip() else None
 
     @property
     def carries_config(self) -> bool:
         """open_clip's `hf-hub:...` and `local-dir:...` names bring their own config (and
         weights): the architecture is known only once loaded. Another name with a colon is
         no model (open_clip has no other schema): an unknown name, not weights to fetch."""
-        return self.name.startswith(("hf-hub:", "local-dir:"))
+        schema, _, rest = self.name.partition(":")
+        return schema in ("hf-hub", "local-dir") and bool(rest.strip())
 
     @property
     def is_file(self) -> bool:
