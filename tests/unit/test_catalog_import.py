@@ -510,3 +510,13 @@ def test_any_json_object_is_a_product_or_a_product_row_error(row):
     for read in (from_mapping, from_shopify):
         with contextlib.suppress(ProductRowError):
             read(row)
+
+
+def test_a_nul_byte_in_one_row_of_a_utf8_csv_is_that_rows_error(tmp_path):
+    """Not the whole file refused as "not a text file": a bad row never stops the rest."""
+    path = tmp_path / "products.csv"
+    path.write_bytes(b"id,title\n1,Rode jurk\n2,Mok\x00 groot\n3,Tas\n")
+    parsed = read_catalogue(path)
+    assert (parsed.encoding, parsed.rows) == ("utf-8", 3)
+    assert _lines(parsed) == {3: "product 2: text with a NUL character"}
+    assert [p.product_id for _, p in parsed.products] == ["1", "3"]

@@ -113,9 +113,12 @@ def _text(path: Path, raw: bytes, kind: str) -> tuple[str, str]:
                     return raw.decode(encoding), encoding
                 except UnicodeDecodeError:
                     break
-        raise ConfigurationError(
-            f"{path}: not a text file (it holds NUL bytes): save it as CSV or JSON, UTF-8"
-        )
+        try:  # UTF-8 text with a stray NUL: the rows holding it are reported, as before
+            return raw.decode("utf-8").removeprefix("\ufeff"), "utf-8"
+        except UnicodeDecodeError:
+            raise ConfigurationError(
+                f"{path}: not a text file (it holds NUL bytes): save it as CSV or JSON, UTF-8"
+            ) from None
     try:
         return raw.decode("utf-8").removeprefix("\ufeff"), "utf-8"
     except UnicodeDecodeError:
