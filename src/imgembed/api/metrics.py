@@ -10,12 +10,15 @@ workers, each refreshed every second."""
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Callable
 
+import psutil
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import multiprocess as shared
 
@@ -106,6 +109,7 @@ class Metrics:
         self._refresh()
         if not MULTIPROCESS:
             return generate_latest(self.registry)
+        _forget_dead_workers()
         workers = CollectorRegistry()
         shared.MultiProcessCollector(workers)
         return generate_latest(workers)
@@ -136,3 +140,20 @@ class Metrics:
         with self._lock:
             self._trim(now)
             return len(self._answered) / RATE_WINDOW
+
+
+_LIVE_FILE = re.compile(r"gauge_live\w*?_(\d+)\.db")
+
+
+def _forget_dead_workers() -> None:
+    """The live gauges of a worker that ended without `close` (killed, out of memory; one
+    that uvicorn starts again has another pid): they stayed in every sum for good."""
+    folder = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    for name in names:
+        if (match := _LIVE_FILE.fullmatch(name)) and not psutil.pid_exists(int(match[1])):
+            with contextlib.suppress(OSError):  # another worker's scrape removed it first
+                shared.mark_process_dead(int(match[1]), folder)

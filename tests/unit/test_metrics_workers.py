@@ -1,0 +1,32 @@
+"""`serve --workers N`: /metrics sums the workers' files (prometheus_client's multiprocess
+mode); the gauges are those of the live workers."""
+
+import os
+import subprocess
+import sys
+
+WORKER = """
+import os
+from imgembed.api.metrics import Metrics
+metrics = Metrics()
+metrics.watch(lambda: 7, lambda: 3, lambda status: 1)
+metrics.render()  # its gauges written to its files
+os._exit(0)  # killed (kill -9, out of memory): no close()
+"""
+SCRAPE = """
+from imgembed.api.metrics import Metrics
+metrics = Metrics()
+metrics.watch(lambda: 0, lambda: 0, lambda status: 0)
+print(metrics.render().decode())
+metrics.close()
+"""
+
+
+def test_a_killed_workers_gauges_leave_the_sum(tmp_path):
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    subprocess.run([sys.executable, "-c", WORKER], env=env, check=True, timeout=120)
+    shown = subprocess.run(
+        [sys.executable, "-c", SCRAPE], env=env, check=True, timeout=120, capture_output=True
+    ).stdout.splitlines()
+    assert b"imgembed_queue_depth 0.0" in shown, shown
+    assert b'imgembed_jobs{status="running"} 0.0' in shown, shown
