@@ -1196,7 +1196,8 @@ def test_the_jobs_of_two_worker_processes_are_one_list(tmp_path):
     assert [job["job_id"] for job in first.shown()] == [other.id, after.id, running.id]
 
     assert second.cancel(running.id)["job_id"] == running.id  # asked through the other
-    _until(lambda: first.get(running.id).status == "cancelled")
+    # on the board: the owner's status changes a moment before it writes it there
+    _until(lambda: second.status(running.id)["status"] == "cancelled")
     stopped = second.status(running.id)
     assert "cancelled by a request" in stopped["error"]["error"]
     assert stopped["resume"] == "send it again"
@@ -1223,6 +1224,103 @@ def test_the_jobs_of_two_worker_processes_are_one_list(tmp_path):
     assert "server process that ran it stopped" in shown["error"]["error"]
 
 
+def test_a_delete_as_the_job_ends_does_not_leave_it_running_on_the_board(tmp_path):
+    """A DELETE's write of the job ("running", as it was read) landed after the job thread's
+    "done": the board showed it running for good, and the other worker process held every
+    later job of the collection behind it until a restart."""
+    from imgembed.api.board import Board
+    from imgembed.api.jobs import Jobs
+
+    class SlowBoard(Board):  # the request thread descheduled between its read and its write
+        def publish(self, job, resume):
+            if threading.current_thread().name == "delete" and job["status"] == "running":
+                time.sleep(0.5)
+            super().publish(job, resume)
+
+    path = tmp_path / "jobs.sqlite3"
+    first, second = Jobs(board=SlowBoard(path)), Jobs(board=Board(path))
+    gate = threading.Event()
+    job = first.submit("index", "shop", 1, lambda progress: gate.wait(30) and None)
+    _until(lambda: job.status == "running")
+    delete = threading.Thread(target=first.cancel, args=(job.id,), name="delete")
+    delete.start()
+    time.sleep(0.1)
+    gate.set()
+    delete.join()
+    _until(lambda: job.finished is not None)
+    _until(lambda: second.status(job.id)["status"] == job.status, 5)
+    later = second.submit("index", "shop", 1, lambda progress: None)
+    _until(lambda: second.status(later.id)["status"] == "done", 10)
+    first.close()
+    second.close()
+
+
+def test_the_same_request_after_a_delete_through_another_process_is_a_new_job(tmp_path):
+    """A queued job cancelled through the other worker process stayed "queued" in its own
+    until its turn: the same request again got that cancelled job back (202), never run."""
+    from imgembed.api.board import Board
+    from imgembed.api.jobs import Jobs
+
+    path = tmp_path / "jobs.sqlite3"
+    first, second = Jobs(board=Board(path)), Jobs(board=Board(path))
+    gate, ran = threading.Event(), []
+    first.submit("index", "x", 1, lambda progress: gate.wait(30) and None)
+    queued = first.submit("index", "x", 1, lambda progress: ran.append(1), key="k")
+    assert second.cancel(queued.id)["status"] == "cancelled"
+    again = first.submit("index", "x", 1, lambda progress: ran.append(2), key="k")
+    assert again is not queued and first.status(again.id)["status"] == "queued"
+    assert queued.status == "cancelled"
+    gate.set()
+    _until(lambda: first.status(again.id)["status"] == "done")
+    assert ran == [2]
+    first.close()
+    second.close()
+
+
+def test_two_processes_whose_workers_wait_for_each_other_go_on(tmp_path):
+    """Each process's two job workers waited (holding the worker) for an older job of the
+    same collection that the other process had queued behind its own two waiting workers:
+    every job of the server stayed queued until a restart."""
+    from imgembed.api.board import Board
+    from imgembed.api.jobs import Jobs
+
+    path = tmp_path / "jobs.sqlite3"
+    first, second = Jobs(board=Board(path)), Jobs(board=Board(path))
+    gate = threading.Event()
+    busy = [
+        jobs.submit("index", target, 1, lambda progress: gate.wait(30) and None)
+        for jobs, target in ((first, "x"), (first, "z"), (second, "y"), (second, "w"))
+    ]
+    _until(lambda: all(job.status == "running" for job in busy))
+    order = [(second, "x"), (first, "y"), (first, "x"), (second, "y"),
+             (second, "z"), (first, "w"), (first, "z"), (second, "w")]  # fmt: skip
+    short = []
+    for jobs, target in order:  # created in this order: each waits for the one before
+        short.append(jobs.submit("index", target, 1, lambda progress: None))
+        time.sleep(0.01)
+    gate.set()
+    _until(lambda: all(job.status == "done" for job in short), 20)
+    first.close()
+    second.close()
+
+
+def test_a_live_worker_stays_alive_when_the_system_clock_is_set(monkeypatch):
+    """psutil's create_time is the boot time plus the ticks since: it moved with the clock
+    (NTP's step, a VM's resume), and every job of the live workers showed "cancelled"."""
+    import psutil
+
+    from imgembed.api import board
+
+    me = board.this_process()
+    assert board.alive(me)
+    boot_time = psutil.boot_time()
+    monkeypatch.setattr(psutil, "boot_time", lambda: boot_time + 1.0)
+    if hasattr(psutil, "_pslinux"):
+        monkeypatch.setattr(psutil._pslinux, "boot_time", lambda: boot_time + 1.0)
+    assert board.alive(me)
+    assert not board.alive("999999999:1.000:gone")
+
+
 def test_jobs_waiting_are_bounded_then_503(monkeypatch):
     """300 index requests were all queued, each holding its item list: memory without end."""
     from imgembed.api import jobs as jobs_module
@@ -1231,7 +1329,8 @@ def test_jobs_waiting_are_bounded_then_503(monkeypatch):
     monkeypatch.setattr(jobs_module, "QUEUED", 3)
     gate = threading.Event()
     jobs = jobs_module.Jobs()
-    jobs.submit("index", "a", 1, lambda progress: gate.wait(60) and None)
+    first = jobs.submit("index", "a", 1, lambda progress: gate.wait(60) and None)
+    _until(lambda: first.status == "running")  # not queued itself: its worker has started
     waiting = [jobs.submit("index", "a", 1, lambda progress: None, key=f"k{n}") for n in range(3)]
     assert jobs.submit("index", "a", 1, lambda progress: None, key="k0") is waiting[0]  # the same
     with pytest.raises(OverloadedError, match="3 jobs are waiting already") as caught:

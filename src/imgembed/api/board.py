@@ -42,16 +42,32 @@ ACTIVE = ("queued", "running")
 
 def this_process() -> str:
     """An owner name that a later process with the same pid does not share."""
-    process = psutil.Process()
-    return f"{process.pid}:{process.create_time():.3f}:{uuid.uuid4().hex[:8]}"
+    return f"{os.getpid()}:{_started(os.getpid())}:{uuid.uuid4().hex[:8]}"
 
 
 def alive(owner: str) -> bool:
     pid, started, _ = owner.split(":")
     try:
-        return f"{psutil.Process(int(pid)).create_time():.3f}" == started
-    except (psutil.Error, ValueError):
+        return _started(int(pid)) == started
+    except ValueError:
         return False
+
+
+def _started(pid: int) -> str | None:
+    """When the process started, as a mark that does not change while it runs: on Linux its
+    clock ticks since boot (psutil's create_time adds the boot time, which moves when the
+    system clock is set: a step by NTP or a VM's resume made every live worker look gone,
+    its jobs "cancelled" and run twice); None for no such process."""
+    if os.path.exists("/proc/self/stat"):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_bytes()
+        except OSError:
+            return None
+        return "t" + stat[stat.rindex(b")") + 2 :].split()[19].decode()  # field 22
+    try:
+        return f"{psutil.Process(pid).create_time():.3f}"
+    except psutil.Error:
+        return None
 
 
 class Board:

@@ -9,6 +9,7 @@ resumes where the last stored batch ended."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -97,6 +98,9 @@ class Jobs:
         self._metrics = metrics  # a job's images count in the server's image metrics too
         self._board = board  # shared with the other worker processes, if any
         self._published: dict[str, float] = {}  # job id -> when its progress was written
+        # a job's state is read and written under it: a request thread's snapshot (a DELETE)
+        # cannot land on the board after the job thread's later one ("done" back to "running")
+        self._publishing = threading.Lock()
         self._pool = ThreadPoolExecutor(WORKERS, "imgembed-job")
         self._jobs: OrderedDict[str, Job] = OrderedDict()
         # per (kind, target): its jobs in order, the first running; a lane exists while busy
@@ -116,9 +120,12 @@ class Jobs:
         """A new job, or the queued one that does the same (`key`): a client that repeats
         its request (a retry loop) does not queue the same work many times."""
         with self._lock:
-            for queued in self._jobs.values():
-                if key and queued.key == key and queued.status == "queued":
-                    return queued
+            same = [q for q in self._jobs.values() if key and q.key == key and q.status == "queued"]
+        for queued in same:  # unless cancelled meanwhile through another worker process
+            if not self._shared(lambda board, queued=queued: board.cancel_asked(queued.id), False):
+                return queued
+            self._cancelled_before_start(queued)
+        with self._lock:
             if sum(queued.status == "queued" for queued in self._jobs.values()) >= QUEUED:
                 raise OverloadedError(
                     f"{QUEUED} jobs are waiting already; send it again when some have run",
@@ -144,6 +151,9 @@ class Jobs:
         while not self._stopping.is_set():
             with self._lock:
                 job, run = self._lanes[lane][0]
+            if self._waits(job):  # its turn comes after another process's job: not on a
+                self._later(lane)  # worker of ours, which that job's own may wait for
+                return
             self._run(job, run)
             with self._lock:
                 self._lanes[lane].popleft()
@@ -222,10 +232,10 @@ class Jobs:
             if job.cancel.is_set():
                 raise UnavailableError("cancelled by a request (DELETE of the job)")
 
-        self._wait_for_others(job)
         with self._lock:
             if job.cancel.is_set():  # cancelled while it was queued
-                self._published.pop(job.id, None)
+                with self._publishing:
+                    self._published.pop(job.id, None)
                 return
             job.status = "running"
         self._publish(job)
@@ -249,38 +259,58 @@ class Jobs:
             job.status, job.error = "failed", {**error_dict(exc), "error_type": "InternalError"}
         job.finished = time.time()
         self._publish(job)
-        self._published.pop(job.id, None)
 
-    def _wait_for_others(self, job: Job) -> None:
-        """While another worker process runs (or queued before) a job for the same target:
+    def _waits(self, job: Job) -> bool:
+        """Whether another worker process runs (or queued before) a job for the same target:
         one collection's or store's jobs run one at a time, in order, in the whole server. A
         cancel asked meanwhile through another process is seen here."""
-        while not job.cancel.is_set() and not self._stopping.is_set():
-            if self._shared(lambda board: board.cancel_asked(job.id), False):
-                job.cancel.set()
-                with self._lock:
-                    job.status, job.finished = "cancelled", time.time()
-                    job.error = error_dict(UnavailableError("cancelled before it started"))
-                self._publish(job)
-                return
-            if not self._shared(lambda board: board.ahead(job.to_dict()), False):
-                return
-            job.cancel.wait(PUBLISH_SECONDS)
+        if job.cancel.is_set() or self._stopping.is_set():
+            return False
+        if self._shared(lambda board: board.cancel_asked(job.id), False):
+            self._cancelled_before_start(job)
+            self._publish(job)
+            return False
+        return bool(self._shared(lambda board: board.ahead(job.to_dict()), False))
+
+    def _later(self, lane: tuple[str, str]) -> None:
+        """The lane looked at again in PUBLISH_SECONDS, its worker free meanwhile: two
+        processes whose workers all waited for each other's queued jobs never went on."""
+        timer = threading.Timer(PUBLISH_SECONDS, self._resubmit, (lane,))
+        timer.daemon = True
+        timer.start()
+
+    def _resubmit(self, lane: tuple[str, str]) -> None:
+        with contextlib.suppress(RuntimeError):  # shut down meanwhile: close() drops the jobs
+            self._pool.submit(self._drain, lane)
+
+    def _cancelled_before_start(self, job: Job) -> None:
+        """A queued job whose cancel was asked on the board (through another process)."""
+        job.cancel.set()
+        with self._lock:
+            if job.status == "queued":
+                job.status, job.finished = "cancelled", time.time()
+                job.error = error_dict(UnavailableError("cancelled before it started"))
 
     def _publish(self, job: Job, every: float = 0.0) -> None:
         """The job's state on the board (progress at most `every` seconds), and a cancel
         asked there for it (through another worker process) set here."""
-        now = time.monotonic()
-        if self._board is None or now - self._published.get(job.id, -every) < every:
+        if self._board is None:
             return
-        self._published[job.id] = now
-        state = job.to_dict()
 
         def publish(board: Board) -> bool:
-            board.publish(state, job.resume)
+            board.publish(job.to_dict(), job.resume)  # the state as it is now, under the lock
             return board.cancel_asked(job.id)
 
-        if self._shared(publish, False):
+        with self._publishing:
+            now = time.monotonic()
+            if now - self._published.get(job.id, -every) < every:
+                return
+            if job.finished is not None:
+                self._published.pop(job.id, None)  # its last write
+            else:
+                self._published[job.id] = now
+            asked = self._shared(publish, False)
+        if asked:
             job.cancel.set()
 
     def _shared(self, call: Callable[[Board], Any], otherwise: Any) -> Any:
