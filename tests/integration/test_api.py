@@ -8,6 +8,7 @@ import json
 import logging
 import re
 import shutil
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -1232,10 +1233,10 @@ def test_a_delete_as_the_job_ends_does_not_leave_it_running_on_the_board(tmp_pat
     from imgembed.api.jobs import Jobs
 
     class SlowBoard(Board):  # the request thread descheduled between its read and its write
-        def publish(self, job, resume):
+        def publish(self, job, resume, key=""):
             if threading.current_thread().name == "delete" and job["status"] == "running":
                 time.sleep(0.5)
-            super().publish(job, resume)
+            super().publish(job, resume, key)
 
     path = tmp_path / "jobs.sqlite3"
     first, second = Jobs(board=SlowBoard(path)), Jobs(board=Board(path))
@@ -1273,6 +1274,32 @@ def test_the_same_request_after_a_delete_through_another_process_is_a_new_job(tm
     gate.set()
     _until(lambda: first.status(again.id)["status"] == "done")
     assert ran == [2]
+    first.close()
+    second.close()
+
+
+def test_the_same_request_through_the_other_process_gets_the_queued_job(tmp_path):
+    """A client's retry that reached the other worker process queued the work a second time."""
+    from imgembed.api import board as board_module
+    from imgembed.api.board import Board
+    from imgembed.api.jobs import Jobs
+
+    path = tmp_path / "jobs.sqlite3"
+    with contextlib.closing(sqlite3.connect(path)) as earlier:  # a board without keys
+        earlier.execute(board_module._SCHEMA)
+        earlier.execute("ALTER TABLE jobs DROP COLUMN key")
+    first, second = Jobs(board=Board(path)), Jobs(board=Board(path))
+    gate, ran = threading.Event(), []
+    first.submit("index", "x", 1, lambda progress: gate.wait(30) and None)
+    queued = first.submit("index", "x", 1, lambda progress: ran.append(1), key="k")
+    again = second.submit("index", "x", 1, lambda progress: ran.append(2), key="k")
+    assert (again.id, again.status) == (queued.id, "queued")
+    other = second.submit("index", "x", 1, lambda progress: ran.append(3), key="other")
+    assert other.id != queued.id  # another request is another job
+    gate.set()
+    _until(lambda: second.status(other.id)["status"] == "done")
+    _until(lambda: second.status(queued.id)["status"] == "done")
+    assert sorted(ran) == [1, 3]
     first.close()
     second.close()
 

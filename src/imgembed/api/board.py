@@ -35,7 +35,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     finished REAL,
     resume TEXT NOT NULL,
     cancel INTEGER NOT NULL DEFAULT 0,
-    state TEXT NOT NULL       -- the job as GET /api/v1/jobs/<id> shows it (JSON)
+    state TEXT NOT NULL,      -- the job as GET /api/v1/jobs/<id> shows it (JSON)
+    key TEXT NOT NULL DEFAULT ''  -- what it does: the same request again gets this job
 )"""
 ACTIVE = ("queued", "running")
 
@@ -79,18 +80,21 @@ class Board:
         with self._lock:
             self._db.execute("PRAGMA journal_mode = WAL")  # readers do not wait for a writer
             self._db.execute(_SCHEMA)
+            columns = [row[1] for row in self._db.execute("PRAGMA table_info(jobs)")]
+            if "key" not in columns:  # a board of an earlier version
+                self._db.execute("ALTER TABLE jobs ADD COLUMN key TEXT NOT NULL DEFAULT ''")
         self._end_orphans()
 
-    def publish(self, job: dict[str, Any], resume: str) -> None:
+    def publish(self, job: dict[str, Any], resume: str, key: str = "") -> None:
         """The job's state as its owner has it."""
         with self._lock:
             self._db.execute(
                 "INSERT INTO jobs (id, owner, kind, target, status, created, finished, resume,"
-                " state) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET"
-                " status = excluded.status, finished = excluded.finished,"
+                " state, key) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE"
+                " SET status = excluded.status, finished = excluded.finished,"
                 " resume = excluded.resume, state = excluded.state",
                 (job["job_id"], self.owner, job["kind"], _target(job), job["status"],
-                 job["created"], job["finished"], resume, json.dumps(job)),
+                 job["created"], job["finished"], resume, json.dumps(job), key),
             )  # fmt: skip
             if job["finished"] is not None:
                 self._db.execute(
@@ -120,6 +124,16 @@ class Board:
             self._finish(job_id, change, only_if="queued")
             job = self.get(job_id)
         return job
+
+    def queued(self, kind: str, target: str, key: str) -> dict[str, Any] | None:
+        """A job of a live process, still queued and not cancelled, that does `key`."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT state, owner FROM jobs WHERE kind = ? AND target = ? AND key = ? AND"
+                " status = 'queued' AND cancel = 0 ORDER BY created",
+                (kind, target, key),
+            ).fetchall()
+        return next((json.loads(state) for state, owner in rows if alive(owner)), None)
 
     def cancel_asked(self, job_id: str) -> bool:
         with self._lock:

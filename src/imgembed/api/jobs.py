@@ -118,13 +118,17 @@ class Jobs:
         key: str = "",
     ) -> Job:
         """A new job, or the queued one that does the same (`key`): a client that repeats
-        its request (a retry loop) does not queue the same work many times."""
+        its request (a retry loop) does not queue the same work many times. One queued by
+        another worker process is returned as a copy of its state: that process runs it."""
         with self._lock:
             same = [q for q in self._jobs.values() if key and q.key == key and q.status == "queued"]
         for queued in same:  # unless cancelled meanwhile through another worker process
             if not self._shared(lambda board, queued=queued: board.cancel_asked(queued.id), False):
                 return queued
             self._cancelled_before_start(queued)
+        other = key and self._shared(lambda board: board.queued(kind, target, key), None)
+        if other:
+            return Job(other["job_id"], kind, target, other["total"], created=other["created"])
         with self._lock:
             if sum(queued.status == "queued" for queued in self._jobs.values()) >= QUEUED:
                 raise OverloadedError(
@@ -298,7 +302,7 @@ class Jobs:
             return
 
         def publish(board: Board) -> bool:
-            board.publish(job.to_dict(), job.resume)  # the state as it is now, under the lock
+            board.publish(job.to_dict(), job.resume, job.key)  # as it is now, under the lock
             return board.cancel_asked(job.id)
 
         with self._publishing:
