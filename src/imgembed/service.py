@@ -29,7 +29,7 @@ from imgembed.errors import (
     ProvenanceMismatchError,
     SourceNotAllowedError,
 )
-from imgembed.indexing import IndexItem, IndexStats, read_index_sources
+from imgembed.indexing import IndexItem, IndexStats, index_items
 from imgembed.indexing.duplicates import find_duplicates
 from imgembed.intake.image_input import Input, Intake
 from imgembed.intake.sources import check_allowed, checked_sources
@@ -224,32 +224,23 @@ class ImageEmbeddingService(SeedAsyncMethods):
 
     def index(
         self,
-        items: Sequence[IndexItem] | Sequence[str | os.PathLike[str]] | str | os.PathLike[str],
+        items: Sequence[IndexItem | str | os.PathLike[str]] | str | os.PathLike[str],
         collection: str | None = None,
         *,
         prune: bool = False,
         progress: ProgressCallback | None = None,
     ) -> IndexStats:
         """Embed and store items (incremental by content hash; see imgembed.indexing):
-        IndexItems, or sources as the CLI takes them (folders, image files, URLs, .txt/.csv/
-        .jsonl lists), read with `read_index_sources`."""
+        IndexItems and/or sources as the CLI takes them (folders, image files, URLs, .txt/
+        .csv/.jsonl lists), read with `read_index_sources`; an item named twice is one."""
         name = collection or self.settings.collection
         return indexing.index(
             self, self.store, name, self._index_items(items), prune=prune, progress=progress
         )
 
     def _index_items(self, items: Any) -> list[IndexItem]:
-        items = [items] if isinstance(items, str | os.PathLike) else list(items)  # one source
-        if all(isinstance(item, IndexItem) for item in items):
-            return items
-        if all(isinstance(item, str | os.PathLike) for item in items):
-            sources = [os.fspath(item) for item in items]
-            return read_index_sources(sources, self.settings.supported_formats)
-        odd = [i for i in items if not isinstance(i, IndexItem | str | os.PathLike)]
-        what = f"{type(odd[0]).__name__} {odd[0]!r:.60}" if odd else "a mix of the two"
-        raise ConfigurationError(
-            f"index takes IndexItems or sources (folders, files, URLs, lists), not {what}"
-        )
+        items = [items] if isinstance(items, str | os.PathLike) else items  # one source
+        return index_items(items, self.settings.supported_formats)
 
     def for_collection(self, collection: str | None = None) -> ImageEmbeddingService:
         """A service that embeds as the collection's vectors were made: this one if its model

@@ -870,6 +870,12 @@ def test_collections_index_search_duplicates_thumbnails(data_dir, root, library,
         assert (stats["total"], stats["successful"], stats["failed"]) == (5, 4, 1)
         assert stats["failures"][0]["error_type"] == "InvalidImageError"
         assert job["progress"]["done"] == 5
+        # a file named in sources and in items is one item: the 202's total is the job's
+        rocket = str(root / "rocket.jpg")
+        twice = client.post("/api/v1/collections/shop/index", json={
+            "sources": [rocket], "items": [{"source": rocket}]})  # fmt: skip
+        assert twice.json()["total"] == 1, twice.text
+        assert _job(client, twice)["stats"]["total"] == 1
         # a job's images count in the server's metrics, as a request's do
         counted = {
             outcome: float(value)

@@ -397,6 +397,8 @@ def test_index_takes_sources_as_the_cli_does(data_dir, photos):
         assert (stats.total, stats.successful, stats.failed) == (len(photos) + 1, len(photos), 1)
         assert service.index(photos[0], "plain").skipped == 1  # one source alone
         items = read_index_sources([str(photos[0])], service.settings.supported_formats)
-        for odd, said in (([*items, str(photos[1])], "a mix"), ([7], "not int 7")):
-            with pytest.raises(ConfigurationError, match=said):
-                service.index(odd, "plain")
+        with pytest.raises(ConfigurationError, match="not int 7"):
+            service.index([*items, 7], "plain")
+        # items and sources together, as a request's: an item twice is one (was counted twice)
+        mixed = service.index([*items, str(photos[0]), str(photos[1])], "mixed")
+        assert (mixed.total, mixed.successful, mixed.failed) == (2, 2, 0)

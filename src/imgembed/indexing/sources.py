@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from imgembed.errors import ImageError, ImageNotFoundError, SourceListError
+from imgembed.errors import ConfigurationError, ImageError, ImageNotFoundError, SourceListError
 from imgembed.intake.sources import expand_paths, is_data_uri, url_scheme
 from imgembed.names import printable
 
@@ -67,6 +67,23 @@ def read_index_sources(entries: Iterable[str], extensions: Iterable[str]) -> lis
         found = expand_paths([entry], extensions, failures)
         items += [IndexItem(printable(_stable(s)), _stable(s)) for s in found]
         items += [_failed(error.source or str(path), error) for error in failures]
+    return unique_items(items)
+
+
+def index_items(entries: Iterable[Any], extensions: Iterable[str]) -> list[IndexItem]:
+    """Sources (folders, files, URLs, list files) and IndexItems, in order, as the unique
+    items an index run takes (what a request's `sources` and `items` name together)."""
+    items: list[IndexItem] = []
+    for entry in entries:
+        if isinstance(entry, IndexItem):
+            items.append(entry)
+        elif isinstance(entry, str | os.PathLike):
+            items += read_index_sources([os.fspath(entry)], extensions)
+        else:
+            raise ConfigurationError(
+                f"index takes IndexItems or sources (folders, files, URLs, lists), not "
+                f"{type(entry).__name__} {entry!r:.60}"
+            )
     return unique_items(items)
 
 

@@ -17,7 +17,7 @@ from imgembed.api.schemas import CollectionCreate, CollectionOut, DeleteItems, I
 from imgembed.api.state import State
 from imgembed.api.thumbnails import thumbnail_response
 from imgembed.errors import CollectionNotFoundError, ModelUnavailableError
-from imgembed.indexing import IndexItem, read_index_sources
+from imgembed.indexing import IndexItem, index_items
 from imgembed.intake.sources import is_data_uri, is_url
 from imgembed.models import registry
 from imgembed.store import CollectionInfo
@@ -79,8 +79,8 @@ def index(name: str, body: IndexRequest, state: State) -> dict[str, Any]:
     for source in body.sources:  # before anything reads a folder or a list file
         if not is_url(source):
             local_path(source, settings)
-    items = read_index_sources(body.sources, settings.supported_formats)
-    items += [IndexItem(i.id or i.source, i.source, i.metadata) for i in body.items]
+    named = [IndexItem(i.id or i.source, i.source, i.metadata) for i in body.items]
+    items = index_items([*body.sources, *named], settings.supported_formats)
     service = state.service.for_indexing(name)
     # a CLI run in another process now: 409 at once (behind this server's own run, in any of
     # its worker processes, it queues)
