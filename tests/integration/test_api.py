@@ -1223,10 +1223,11 @@ def test_the_jobs_of_two_worker_processes_are_one_list(tmp_path):
     second.close()
 
     # a job whose process has gone (a restart, a crash): cancelled, with how to go on
-    gone = Board(path, owner="999999999:1.000:gone")
-    gone.publish({**running.to_dict(), "job_id": "lost", "status": "running",
-                  "finished": None}, "send it again")  # fmt: skip
-    shown = Board(path).get("lost")
+    with contextlib.closing(Board(path, owner="999999999:1.000:gone")) as gone:
+        gone.publish({**running.to_dict(), "job_id": "lost", "status": "running",
+                      "finished": None}, "send it again")  # fmt: skip
+    with contextlib.closing(Board(path)) as later:
+        shown = later.get("lost")
     assert shown["status"] == "cancelled" and shown["resume"] == "send it again"
     assert "server process that ran it stopped" in shown["error"]["error"]
 

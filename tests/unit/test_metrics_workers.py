@@ -5,6 +5,10 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+from imgembed.errors import ConfigurationError
+
 WORKER = """
 import os
 from imgembed.api.metrics import Metrics
@@ -30,3 +34,20 @@ def test_a_killed_workers_gauges_leave_the_sum(tmp_path):
     ).stdout.splitlines()
     assert b"imgembed_queue_depth 0.0" in shown, shown
     assert b'imgembed_jobs{status="running"} 0.0' in shown, shown
+
+
+def test_serve_clears_the_metric_files_of_an_earlier_run(tmp_path, monkeypatch):
+    """A user's PROMETHEUS_MULTIPROC_DIR is kept, but its counts added up across restarts."""
+    from imgembed.cli.serve_command import _clear_metrics_folder
+
+    for name in ("counter_11.db", "gauge_livesum_12.db", "histogram_11.db", "mine.db", "a.txt"):
+        (tmp_path / name).write_text("x")
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    _clear_metrics_folder()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "mine.db"]
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path / "new" / "metrics"))
+    _clear_metrics_folder()
+    assert (tmp_path / "new" / "metrics").is_dir()
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path / "a.txt"))
+    with pytest.raises(ConfigurationError, match="cannot use it for the metrics"):
+        _clear_metrics_folder()

@@ -9,6 +9,7 @@ import resource
 import socket
 import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -63,6 +64,7 @@ def serve(
             os.environ[f"IMGEMBED_{name.upper()}"] = value
     try:
         _check_free(host, port)  # before the model loads: seconds, for a busy port
+        _clear_metrics_folder()
         with make_service() as service:  # settings and model name checked before serving
             settings = server_settings(service.settings)
     except ImgEmbedError as exc:
@@ -88,7 +90,8 @@ def serve(
 @contextlib.contextmanager
 def _shared_metrics(workers: int) -> Iterator[None]:
     """Several workers write their metrics to one folder and each /metrics sums them
-    (prometheus_client's multiprocess mode); one that the user names is theirs to keep."""
+    (prometheus_client's multiprocess mode): a temporary one, or the user's (see
+    `_clear_metrics_folder`)."""
     if workers == 1 or "PROMETHEUS_MULTIPROC_DIR" in os.environ:
         yield
         return
@@ -98,6 +101,24 @@ def _shared_metrics(workers: int) -> Iterator[None]:
             yield
         finally:
             del os.environ["PROMETHEUS_MULTIPROC_DIR"]
+
+
+def _clear_metrics_folder() -> None:
+    """The folder a user names in PROMETHEUS_MULTIPROC_DIR is kept, made if missing; the
+    metric files an earlier run left there go, or their counts would add up across runs."""
+    named = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not named:
+        return
+    try:
+        os.makedirs(named, exist_ok=True)
+        for old in Path(named).glob("*.db"):
+            if old.name.startswith(("counter_", "gauge_", "histogram_", "summary_")):
+                old.unlink(missing_ok=True)
+    except OSError as exc:
+        raise ConfigurationError(
+            f"PROMETHEUS_MULTIPROC_DIR={named}: cannot use it for the metrics: "
+            f"{exc.strerror or exc}"
+        ) from exc
 
 
 MAX_OPEN_FILES = 1 << 20  # Linux's usual ceiling (fs.nr_open) where the hard limit has none
