@@ -88,6 +88,18 @@ def test_nothing_to_embed_is_a_failure_not_an_empty_success(tmp_path, photos):
     assert (tmp_path / "none.npy.sources.txt").read_text() == f"{photos[0]}\n"
 
 
+def test_an_empty_name_is_a_failed_input_not_the_current_folder(folder, monkeypatch):
+    monkeypatch.chdir(folder)  # Path("") is ".": the folder's photos would be embedded
+    proc = run("embed", "", " ", *TINY_ARGS)
+    assert proc.returncode == 1, proc.stderr
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [line["source"] for line in lines] == ["", " "]
+    assert {line["error_type"] for line in lines} == {"ImageNotFoundError"}
+    assert "embedded: 0  cached: 0  failed: 2" in proc.stderr
+    assert "empty path: give a file, a URL or image data" in proc.stderr
+    assert run("metadata", "", "--json").stdout == ""
+
+
 def test_embed_text(tmp_path):
     proc = run("embed-text", "a red bicycle", "a cat", *TINY_ARGS)
     assert proc.returncode == 0, proc.stderr

@@ -218,6 +218,21 @@ def test_a_collection_name_no_store_takes_is_refused_before_the_run(data_dir, ph
     assert [c["count"] for c in listed if c["name"] == "fresh"] == [1]  # an existing one stays
 
 
+def test_an_empty_source_names_nothing_not_the_current_folder(data_dir, photos, tmp_path,
+                                                              monkeypatch):  # fmt: skip
+    assert run("index", str(photos[0].parent), "-c", "shop", *TINY).returncode == 0
+    here = tmp_path / "here"  # Path("") is ".": this folder would be indexed and the rest pruned
+    here.mkdir()
+    (here / "other.png").write_bytes(photos[0].read_bytes())
+    monkeypatch.chdir(here)
+    proc = run("index", "", "-c", "shop", "--prune", *TINY)
+    assert proc.returncode == 1, proc.stderr
+    assert "'': empty path: give a file, a URL or image data" in proc.stderr
+    assert "Successful: 0" in proc.stderr and "Pruned: 0 (not pruned" in proc.stderr
+    listed = json.loads(run("collections", "--json").stdout)
+    assert [c["count"] for c in listed] == [len(photos)]
+
+
 def test_index_says_once_what_it_waits_for(data_dir, photos, monkeypatch):
     """A run whose collection's index build waits (a minute per 100k images; here for another
     session's open transaction) says so once instead of a bar standing still, and ends with

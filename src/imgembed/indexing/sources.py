@@ -54,6 +54,10 @@ def read_index_sources(entries: Iterable[str], extensions: Iterable[str]) -> lis
     extensions = list(extensions)
     items: list[IndexItem] = []
     for entry in entries:
+        if not entry.strip():  # Path("") is the current folder: '' names nothing
+            error = ImageNotFoundError("empty path: give a file, a URL or image data", repr(entry))
+            items.append(_failed(entry, error))
+            continue
         path = Path(entry)
         remote = url_scheme(entry) or is_data_uri(entry)
         if not remote and path.suffix.lower() in LIST_SUFFIXES and path.is_file():

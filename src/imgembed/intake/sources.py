@@ -221,8 +221,8 @@ def expand_paths(
             failures.append(ImageNotFoundError(f"cannot list folder: {reason}", str(folder)))
 
     for entry in paths:
-        if is_url(entry) or is_data_uri(entry) or "://" in str(entry):  # others fail on read
-            found.append(str(entry))
+        if is_url(entry) or is_data_uri(entry) or "://" in str(entry) or not str(entry).strip():
+            found.append(str(entry))  # as given: fails on read ('' is no name, not Path('.'))
             continue
         path = Path(entry)
         if not path.is_dir():
