@@ -309,6 +309,8 @@ class ImageEmbeddingService(SeedAsyncMethods):
                 f"embeds with {self.provenance.describe()}. Search it with "
                 f"--model {stored.model} --pretrained {stored.pretrained}"
             )
+        # a k beyond what any store holds asks for every item (PostgreSQL's LIMIT is a bigint)
+        top_k = min(top_k, similarity.MAX_TOP_K)
         hits = self.store.search(name, np.asarray(vector, dtype=np.float32), top_k, filters)
         vectors: dict[str, list[float]] = {}
         if include_embeddings and hits:

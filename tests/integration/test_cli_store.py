@@ -43,6 +43,10 @@ def test_index_search_collections_and_db(data_dir, photos, tmp_path):
     assert len(texts) == 2 and texts[0]["score"] >= texts[1]["score"]
     table = run("search", "--image", str(photos[2]), "-c", "shop", "-k", "1")
     assert table.returncode == 0 and photos[2].name in table.stdout
+    # a k beyond any collection asks for all of it, not a store error (PostgreSQL's bigint)
+    every = run("search", "a photo", "-c", "shop", "-k", str(2**64), "--json")
+    assert every.returncode == 0, every.stderr
+    assert len(json.loads(every.stdout)) == 6
 
     listed = json.loads(run("collections", "--json").stdout)
     assert listed == [{"name": "shop", "backend": "postgres", "model": "imgembed-tiny",

@@ -88,6 +88,9 @@ def cosine_similarity(a: ArrayLike, b: ArrayLike) -> float:
     return float(cosine_similarities(a, [b])[0])
 
 
+MAX_TOP_K = 2**63 - 1  # more than any collection holds; the largest LIMIT PostgreSQL takes
+
+
 def check_top_k(k: int) -> None:
     """Refuse a top_k that asks for nothing (0, -1: an empty answer would look like no match)."""
     if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:  # np.int64 too
