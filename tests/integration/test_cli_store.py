@@ -85,6 +85,14 @@ def test_store_errors_and_image_only_text(data_dir, photos, tmp_path):
     assert emptied.returncode == 1 and "Failed: 1" in emptied.stderr, emptied.stderr
     assert "folder holds no images" in emptied.stderr
     assert json.loads(run("collections", "--json").stdout)[0]["count"] == 1  # nothing pruned
+    # so do list files naming no image (an export that wrote nothing, or its header alone)
+    (tmp_path / "empty.txt").write_text("\n")
+    (tmp_path / "header.csv").write_text("id,image\n")
+    lists = run("index", str(tmp_path / "empty.txt"), str(tmp_path / "header.csv"), "-c",
+                "pictures", "--prune")  # fmt: skip
+    assert lists.returncode == 1 and "Failed: 2" in lists.stderr, lists.stderr
+    assert f"{tmp_path / 'header.csv'}: list holds no images" in lists.stderr
+    assert json.loads(run("collections", "--json").stdout)[0]["count"] == 1
 
 
 def test_filters_match_text_and_json_values(data_dir, photos, tmp_path):

@@ -61,7 +61,7 @@ def read_index_sources(entries: Iterable[str], extensions: Iterable[str]) -> lis
         path = Path(entry)
         remote = url_scheme(entry) or is_data_uri(entry)
         if not remote and path.suffix.lower() in LIST_SUFFIXES and path.is_file():
-            items += _read_list(path)
+            items += _read_list(path) or [_empty_list(path)]
             continue
         if not remote and not os.path.lexists(path):
             missing = _stable(entry)
@@ -140,6 +140,13 @@ def _read_list(path: Path) -> list[IndexItem]:
         return [_failed(label, error)]
     rows = _csv_rows(text) if path.suffix.lower() == ".csv" else _json_rows(text)
     return [_item(row, path, line) for line, row in rows]
+
+
+def _empty_list(path: Path) -> IndexItem:
+    """A list naming no image (empty, blank lines, a header only: an export that wrote
+    nothing) fails as an empty folder does: not a run with nothing to do, nor one that prunes."""
+    label = printable(str(path))
+    return _failed(label, SourceListError("list holds no images (empty, or a header only)", label))
 
 
 def _position(data: bytes, offset: int) -> tuple[int, int]:
