@@ -149,6 +149,13 @@ def test_db_start_and_status_refuse_what_cannot_be(data_dir, monkeypatch, tmp_pa
     assert external.returncode == 3 and "no embedded server to start" in external.stderr
     assert not embedded.status(data_dir).initialised
     monkeypatch.delenv("IMGEMBED_DATABASE_URL")
+    for keep in ("nan", "inf", "1e400s"):  # not durations: they ended in a traceback
+        proc = run("db", "start", "--for", keep)
+        assert proc.returncode == 2 and "give a duration" in proc.stderr, proc.stderr
+    for keep in ("1e300s", "99999999999h"):  # "kept up until 11409972-10-18", but the keeper
+        proc = run("db", "start", "--for", keep)  # could not sleep so long and let go at once
+        assert proc.returncode == 3 and "at most 87600 h (ten years)" in proc.stderr, proc.stderr
+    assert not embedded.status(data_dir).initialised  # refused before a server was started
     (tmp_path / "afile").write_text("x")
     monkeypatch.setenv("IMGEMBED_DATA_DIR", str(tmp_path / "afile" / "sub"))
     status = run_process("db", "status")  # said "not created yet"

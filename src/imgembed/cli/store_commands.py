@@ -352,7 +352,7 @@ def _duration(text: str) -> float:
         seconds = float(number) * units[unit]
     except ValueError:
         seconds = -1
-    if seconds <= 0:
+    if not seconds > 0 or seconds == float("inf"):  # nan, inf: not durations
         err.print(f"error: --for {text!r}: give a duration such as 90s, 30m or 2h")
         raise typer.Exit(2)
     return seconds

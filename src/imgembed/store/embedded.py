@@ -29,7 +29,7 @@ import filelock
 import psutil
 
 from imgembed.config import check_data_dir, make_data_dir
-from imgembed.errors import StoreError, StoreFullError, StoreUnavailableError
+from imgembed.errors import ConfigurationError, StoreError, StoreFullError, StoreUnavailableError
 from imgembed.store.faults import disk_full
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,7 @@ _starting = threading.Lock()
 # behind it fails with it instead of a wait of its own (two stores each waited in turn).
 _failed: dict[Path, tuple[float, StoreError]] = {}
 REVIVE_SECONDS = 30.0  # how long a dead server may take to come back (orphans exit first)
+MAX_KEEP_SECONDS = 10 * 365 * 86400  # `db start --for` at most (the keeper's sleep has a limit)
 ORPHAN_GRACE_SECONDS = 2.0  # how long a dead server's processes told to quit have (then killed)
 
 
@@ -336,7 +337,14 @@ def keep(data_dir: Path, seconds: float, runner: str) -> float:
     """Start the server and keep it up for `seconds` from now, used or not: a keeper process,
     `python -m RUNNER DATA_DIR UNTIL_EPOCH_SECONDS`, holds it (calls `start` and lets go at
     the end or on SIGTERM; the CLI's is imgembed.resident, which also answers searches). An
-    earlier keeper is replaced. Returns the end as epoch seconds."""
+    earlier keeper is replaced. Returns the end as epoch seconds. A time that is not one
+    (NaN, infinite, not above 0) or over ten years is a ConfigurationError: the keeper could
+    not wait for it and would let go at once, the server stopped behind a "kept up until"."""
+    if not 0 < seconds <= MAX_KEEP_SECONDS:  # False for NaN too
+        raise ConfigurationError(
+            f"the server can be kept up for more than 0 s and at most {MAX_KEEP_SECONDS // 3600} h "
+            f"(ten years), not {seconds:g} s"
+        )
     folder = pgdata(data_dir)
     start(data_dir)
     # Two `db start` at once: each would end the other's new keeper and then fail waiting
