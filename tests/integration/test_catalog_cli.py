@@ -98,6 +98,9 @@ def test_import_embed_search_and_stats(data_dir, photos, tmp_path):
     assert {"score", "image_score", "text_score", "image_weight", "text_weight"} <= set(hits[0])
     by_image = run("catalog", "search", "--store-id", "demo", "--image", str(photos[4]), "--json")
     assert json.loads(by_image.stdout)[0]["product_id"] == "p4"
+    every = run("catalog", "search", "a", "--store-id", "demo", "-k", str(2**64), "--json")
+    assert every.returncode == 0, every.stderr  # was exit 6: "bigint out of range"
+    assert len(json.loads(every.stdout)) == len(photos)  # all with vectors (not "broken")
     filters = ["--max_price", "10", "--category", "fashion", "--top_k", "5"]
     cheap = run("catalog", "search", "a photo", "--store-id", "demo", *filters)
     assert cheap.returncode == 0 and "ranked by the combined score" in cheap.stdout

@@ -451,7 +451,7 @@ class Catalog:
             query=query.vector,
             image_query=query.image,
             text_query=query.text,
-            top_k=top_k,
+            top_k=min(top_k, similarity.MAX_TOP_K),  # beyond any store: every product
             ef_search=self.settings.hnsw_ef_search,
             # a name the table does not know matches products of that name only, not the
             # default category every unknown name falls into
