@@ -100,6 +100,14 @@ def test_an_empty_name_is_a_failed_input_not_the_current_folder(folder, monkeypa
     assert run("metadata", "", "--json").stdout == ""
 
 
+def test_serve_refuses_an_empty_address_that_would_listen_everywhere():
+    proc = subprocess.run(  # `--host "$HOST"` with HOST unset: it served on 0.0.0.0 and [::]
+        [IMGEMBED, "serve", "--host", "", "--port", "0", *TINY_ARGS],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "cannot be empty" in proc.stderr, proc.stderr
+
+
 def test_embed_text(tmp_path):
     proc = run("embed-text", "a red bicycle", "a cat", *TINY_ARGS)
     assert proc.returncode == 0, proc.stderr

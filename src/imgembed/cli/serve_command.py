@@ -27,10 +27,19 @@ from imgembed.cli.common import (
 from imgembed.errors import ConfigurationError, ImgEmbedError
 
 
+def _address(value: str) -> str:
+    if not value.strip():  # uvicorn would listen on every interface, IPv4 and IPv6
+        raise typer.BadParameter("an address to listen on cannot be empty (0.0.0.0: all)")
+    return value
+
+
 @app.command()
 def serve(
     host: Annotated[
-        str, typer.Option(envvar="IMGEMBED_HOST", help="Address to listen on (0.0.0.0: all).")
+        str,
+        typer.Option(
+            envvar="IMGEMBED_HOST", callback=_address, help="Address to listen on (0.0.0.0: all)."
+        ),
     ] = "127.0.0.1",
     port: Annotated[
         int, typer.Option(envvar="IMGEMBED_PORT", min=0, max=65535, help="TCP port.")
