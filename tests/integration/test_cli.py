@@ -100,6 +100,20 @@ def test_an_empty_name_is_a_failed_input_not_the_current_folder(folder, monkeypa
     assert run("metadata", "", "--json").stdout == ""
 
 
+def test_names_too_long_for_the_file_system_are_errors_not_tracebacks(photos, tmp_path):
+    long = tmp_path / ("a" * 300)  # over NAME_MAX (255): stat() fails with ENAMETOOLONG
+    proc = run("embed", str(photos[0]), f"{long}.jpg", str(long / "b.jpg"), *TINY_ARGS)
+    assert proc.returncode == 1, proc.stderr
+    assert "embedded: 1  cached: 0  failed: 2" in proc.stderr
+    assert proc.stderr.count("cannot read: File name too long (ImageNotFoundError)") == 2
+    assert run("metadata", f"{long}.png").returncode == 1
+    output = run("embed", str(photos[0]), "-o", f"{long}.npy", *TINY_ARGS)
+    assert output.returncode == 3 and ".npy: File name too long" in output.stderr
+    checkpoint = run("embed", str(photos[0]), "--model", "imgembed-tiny", "--pretrained",
+                     f"{long}.pt")  # fmt: skip
+    assert checkpoint.returncode == 4 and ".pt does not exist" in checkpoint.stderr
+
+
 def test_serve_refuses_an_empty_address_that_would_listen_everywhere():
     proc = subprocess.run(  # `--host "$HOST"` with HOST unset: it served on 0.0.0.0 and [::]
         [IMGEMBED, "serve", "--host", "", "--port", "0", *TINY_ARGS],

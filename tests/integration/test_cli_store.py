@@ -250,6 +250,8 @@ def test_an_empty_source_names_nothing_not_the_current_folder(data_dir, photos, 
     assert "Successful: 0" in proc.stderr and "Pruned: 0 (not pruned" in proc.stderr
     listed = json.loads(run("collections", "--json").stdout)
     assert [c["count"] for c in listed] == [len(photos)]
+    too_long = run("index", str(tmp_path / ("a" * 300 + ".txt")), "-c", "shop", *TINY)
+    assert too_long.returncode == 1 and "Failed: 1" in too_long.stderr, too_long.stderr
 
 
 def test_index_says_once_what_it_waits_for(data_dir, photos, monkeypatch):

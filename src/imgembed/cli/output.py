@@ -29,6 +29,12 @@ def check_writable(path: Path, what: str = "output") -> None:
     """A ConfigurationError now if `path` cannot be written later (nothing is left behind)."""
     shown = printable(str(path))
     folder = path.parent
+    try:
+        path.stat()
+    except (FileNotFoundError, NotADirectoryError):  # said below
+        pass
+    except OSError as exc:  # a name too long for the file system (ENAMETOOLONG), a loop
+        raise ConfigurationError(f"cannot write the {what} {shown}: {exc.strerror or exc}") from exc
     if path.is_dir():
         raise ConfigurationError(f"cannot write the {what} {shown}: it is a folder")
     if folder.exists() and not folder.is_dir():

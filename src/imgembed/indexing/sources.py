@@ -60,7 +60,7 @@ def read_index_sources(entries: Iterable[str], extensions: Iterable[str]) -> lis
             continue
         path = Path(entry)
         remote = url_scheme(entry) or is_data_uri(entry)
-        if not remote and path.suffix.lower() in LIST_SUFFIXES and path.is_file():
+        if not remote and path.suffix.lower() in LIST_SUFFIXES and os.path.isfile(path):
             items += _read_list(path) or [_empty_list(path)]
             continue
         if not remote and not os.path.lexists(path):

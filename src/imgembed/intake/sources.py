@@ -225,7 +225,7 @@ def expand_paths(
             found.append(str(entry))  # as given: fails on read ('' is no name, not Path('.'))
             continue
         path = Path(entry)
-        if not path.is_dir():
+        if not os.path.isdir(path):  # False, not OSError, for a name too long to look up
             found.append(path)
             continue
         before = len(found), len(failures or ())
