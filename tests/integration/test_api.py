@@ -1232,6 +1232,25 @@ def test_the_jobs_of_two_worker_processes_are_one_list(tmp_path):
     assert "server process that ran it stopped" in shown["error"]["error"]
 
 
+def test_a_board_locked_as_the_workers_open_it_together_is_opened(tmp_path, monkeypatch):
+    """Two workers starting at once: one got "database is locked" at once and shared no jobs
+    (its answers for the other's jobs were 404)."""
+    from imgembed.api import board as board_module
+
+    prepare, calls = board_module.Board._prepare, []
+
+    def locked_once(self):
+        calls.append(1)
+        if len(calls) == 1:
+            raise sqlite3.OperationalError("database is locked")
+        prepare(self)
+
+    monkeypatch.setattr(board_module.Board, "_prepare", locked_once)
+    opened = board_module.open_board(tmp_path)
+    assert opened is not None and len(calls) == 2
+    opened.close()
+
+
 def test_a_delete_as_the_job_ends_does_not_leave_it_running_on_the_board(tmp_path):
     """A DELETE's write of the job ("running", as it was read) landed after the job thread's
     "done": the board showed it running for good, and the other worker process held every

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import sqlite3
 import threading
 import time
@@ -23,6 +24,7 @@ from imgembed.errors import UnavailableError, error_dict
 
 log = logging.getLogger("imgembed.api")
 KEEP = 100  # finished jobs kept
+SETUP_SECONDS = 10.0  # how long a board may take to open while other workers open it
 PUBLISH_SECONDS = 0.5  # a running job's progress is written (and its cancel read) this often
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -77,6 +79,19 @@ class Board:
         self._lock = threading.Lock()
         # autocommit; a writer waits up to 10 s for another process's write
         self._db = sqlite3.connect(path, timeout=10, isolation_level=None, check_same_thread=False)
+        # Workers start together: SQLite answers one of two first setups "database is locked"
+        # at once, without waiting (its deadlock rule), and that worker shared no jobs.
+        deadline = time.monotonic() + SETUP_SECONDS
+        while True:
+            try:
+                self._prepare()
+                break
+            except sqlite3.OperationalError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(random.uniform(0.02, 0.1))
+
+    def _prepare(self) -> None:
         with self._lock:
             self._db.execute("PRAGMA journal_mode = WAL")  # readers do not wait for a writer
             self._db.execute(_SCHEMA)
