@@ -4,6 +4,7 @@ reused, re-exported when the weights change, and runnable without torch."""
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -238,6 +239,17 @@ def test_a_model_torch_cannot_export_is_a_typed_error(monkeypatch):
     with pytest.raises(ConfigurationError, match=r"cannot be exported to ONNX.*aten::weird"):
         ImageEmbeddingService(runtime="onnx", **TINY).encoder  # noqa: B018
     assert not list(ImageEmbeddingService(**TINY).settings.onnx_dir.glob("*/*"))  # no leftovers
+
+
+def test_a_disk_too_full_for_the_export_is_a_typed_error_before_writing(monkeypatch):
+    """A full disk cut the shape-inferred copy of a tower in CI, and the quantiser then
+    failed with 'Wire format was corrupt'; now the export says what it needs."""
+    usage = shutil.disk_usage("/")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=10_000))
+    service = ImageEmbeddingService(runtime="onnx", precision="int8", **TINY)
+    with pytest.raises(ConfigurationError, match=r"needs about .* GiB of disk .* 0\.0 GiB free"):
+        service.encoder  # noqa: B018
+    assert not list(service.settings.onnx_dir.glob("*/*"))  # nothing written
 
 
 def test_a_tokenizer_without_onnx_form_exports_the_image_tower_only(monkeypatch, photos):

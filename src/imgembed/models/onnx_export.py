@@ -109,6 +109,7 @@ def export(ref: ModelRef, precision: str, settings: Settings) -> Path:
     preprocessor = Preprocessor.from_config(loaded.preprocess_cfg)
     target = export_dir(settings, ref, precision)
     target.parent.mkdir(parents=True, exist_ok=True)
+    _check_space(ref, loaded.model, precision, target.parent)
     work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         files, text = _export_towers(ref, loaded, preprocessor, precision, work)
@@ -144,6 +145,22 @@ def export(ref: ModelRef, precision: str, settings: Settings) -> Path:
         shutil.rmtree(work, ignore_errors=True)
     log.info("exported %s (%s) to %s in %.0f s", ref, precision, target, manifest["seconds"])
     return target
+
+
+def _check_space(ref: ModelRef, model: torch.nn.Module, precision: str, folder: Path) -> None:
+    """A typed error before the export when the folder cannot hold it: onnx's shape
+    inference does not notice a full disk and leaves a cut file that fails to parse later
+    ('Wire format was corrupt'). Peak use: the fp32 towers (about the weights' size), and
+    for int8 a second copy of a tower plus its quantised form."""
+    weights = sum(p.numel() * 4 for p in model.parameters())
+    needed = int(weights * (2.3 if precision == "int8" else 1.1))
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise ConfigurationError(
+            f"exporting {ref} to ONNX ({precision}) needs about {needed / 2**30:.1f} GiB of disk"
+            f" in {folder}, which has {free / 2**30:.1f} GiB free; free some space or point"
+            " IMGEMBED_MODEL_CACHE_DIR elsewhere"
+        )
 
 
 def _export_towers(
