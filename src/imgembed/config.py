@@ -77,6 +77,11 @@ class Settings(BaseSettings):
     allowed_roots: Annotated[list[Path] | None, NoDecode] = Field(
         None, validation_alias=_env("allowed_roots")
     )
+    # Models a client may name for a new collection over HTTP besides the server's own (each
+    # a download and the RAM of one more model); None: any known model.
+    allowed_models: Annotated[list[str] | None, NoDecode] = Field(
+        None, validation_alias=_env("allowed_models")
+    )
     allow_private_urls: bool = Field(False, validation_alias=_env("allow_private_urls"))
     fetch_timeout: float = Field(30.0, gt=0, validation_alias=_env("fetch_timeout"))
     fetch_deadline: float | None = Field(None, gt=0, validation_alias=_env("fetch_deadline"))
@@ -130,7 +135,7 @@ class Settings(BaseSettings):
     ray_actors: int | None = Field(None, gt=0, validation_alias=_env("ray_actors"))
     ray_actor_cpus: float = Field(1.0, gt=0, validation_alias=_env("ray_actor_cpus"))
 
-    @field_validator("supported_formats", "allowed_roots", mode="before")
+    @field_validator("supported_formats", "allowed_roots", "allowed_models", mode="before")
     @classmethod
     def _split_list(cls, value: Any, info: ValidationInfo) -> Any:
         """Lists from the environment: JSON, or separated by commas or the path separator
@@ -139,7 +144,8 @@ class Settings(BaseSettings):
             return value
         if value.strip().startswith("["):
             return json.loads(value)
-        value = value.replace(os.pathsep, ",")
+        if info.field_name == "allowed_roots":  # model names may hold a colon (hf-hub:)
+            value = value.replace(os.pathsep, ",")
         if info.field_name == "supported_formats":
             value = ",".join(value.split())
         return [part.strip() for part in value.split(",") if part.strip()]

@@ -9,7 +9,7 @@
     │   ├── UnsupportedFormatError
     │   ├── ImageTooLargeError    file size, pixel count or side over the limit
     │   ├── ImageTooSmallError
-    │   ├── SourceNotAllowedError outside the allowed roots, or a private address
+    │   ├── SourceNotAllowedError outside the allowed roots, a private address, a model not offered
     │   ├── FetchError            a URL could not be downloaded
     │   └── SourceListError       a list file or one of its rows names no usable image
     ├── EncodeError               the model failed on a batch
@@ -85,7 +85,8 @@ class ImageTooSmallError(ImageError):
 
 
 class SourceNotAllowedError(ImageError):
-    """A path outside the allowed roots, or a URL that resolves to a private address."""
+    """A path outside the allowed roots, a URL that resolves to a private address, or a
+    model a server does not offer its clients."""
 
 
 class InvalidSourceError(ImageError):

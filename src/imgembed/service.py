@@ -257,17 +257,27 @@ class ImageEmbeddingService(SeedAsyncMethods):
             return self
 
     def with_model(
-        self, model: str, pretrained: str | None = None, roots: list[Path] | None = None
+        self,
+        model: str,
+        pretrained: str | None = None,
+        roots: list[Path] | None = None,
+        models: list[str] | None = None,
     ) -> ImageEmbeddingService:
         """This service if it has that model, else one with that model and otherwise the
         same settings and store (kept, so asking again costs nothing). Without `pretrained`,
         the model's own tag (efficientnet-lite0: imagenet), else this service's. `roots`:
         where a checkpoint file or `local-dir:` that a caller names may lie (a server's
-        allowed roots: a client loads no file from elsewhere); None: anywhere."""
+        allowed roots: a client loads no file from elsewhere); None: anywhere. `models`: the
+        other model names a caller may choose (a server's allowed models); None: any."""
         explicit = pretrained is not None
         ref = registry.resolve(model, pretrained or self.settings.pretrained, explicit)
         if ref == self.model_ref:
             return self
+        if models is not None and ref.name.casefold() not in {m.casefold() for m in models}:
+            offered = ", ".join([self.model_ref.name, *models])
+            raise SourceNotAllowedError(
+                f"this server offers only {offered} (IMGEMBED_ALLOWED_MODELS)", ref.name
+            )
         if roots is not None:
             _check_model_files(ref, roots)
         key = (ref.name, ref.pretrained)

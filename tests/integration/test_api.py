@@ -802,6 +802,23 @@ def _job(client, response):
     raise AssertionError(f"job did not finish: {job}")
 
 
+def test_clients_name_only_the_models_the_server_offers():
+    """IMGEMBED_ALLOWED_MODELS: before, a client could make the server download and hold any
+    known model (ViT-bigG-14: 10 GB of RAM) by creating a collection with it."""
+    with _client(allowed_models=["EfficientNet-Lite0"]) as client:
+        for name, model in (("own", "imgembed-tiny"), ("other", "efficientnet-lite0")):
+            created = client.post("/api/v1/collections", json={"name": name, "model": model})
+            assert (created.status_code, created.json()["model"]) == (201, model), created.text
+        refused = client.post("/api/v1/collections", json={"name": "big", "model": "ViT-B-32"})
+        assert (refused.status_code, refused.json()["error_type"]) == (
+            403, "SourceNotAllowedError"), refused.text  # fmt: skip
+        assert "offers only imgembed-tiny, EfficientNet-Lite0" in refused.json()["error"]
+        typo = client.post("/api/v1/collections", json={"name": "big", "model": "ViT-Q-99"})
+        assert typo.status_code == 403 and "offers only" in typo.json()["error"]
+        names = {c["name"] for c in client.get("/api/v1/collections").json()}
+        assert names == {"own", "other"}
+
+
 def test_collections_index_search_duplicates_thumbnails(data_dir, root, library, photos, tmp_path):
     with _client(allowed_roots=[root]) as client:
         created = client.post("/api/v1/collections", json={"name": "shop"})

@@ -252,6 +252,10 @@ def test_a_bad_setting_is_named_by_its_variable(monkeypatch):
     with pytest.raises(ConfigurationError, match=r"IMGEMBED_ALLOWED_ROOTS .* names no folder"):
         load_settings(allowed_roots="")
     assert load_settings(supported_formats="jpg png").supported_formats == [".jpg", ".png"]
+    # model names keep their colon (a path list splits on it); empty: only the server's model
+    models = load_settings(allowed_models="ViT-B-32, hf-hub:org/repo").allowed_models
+    assert models == ["ViT-B-32", "hf-hub:org/repo"]
+    assert load_settings(allowed_models="").allowed_models == []
 
 
 @pytest.mark.parametrize("keys", [",", " ", ""])

@@ -57,7 +57,10 @@ def create_collection(body: CollectionCreate, state: State, response: Response) 
         if body.model is None:  # as index and search: the collection's own model
             return _info(existing)
     if body.model is not None:
-        service = service.with_model(body.model, body.pretrained, state.settings.allowed_roots)
+        settings = state.settings
+        service = service.with_model(
+            body.model, body.pretrained, settings.allowed_roots, settings.allowed_models
+        )
     return _info(store.create_collection(body.name, service.provenance))
 
 
