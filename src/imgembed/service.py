@@ -436,4 +436,6 @@ def _check_model_files(ref: registry.ModelRef, roots: list[Path]) -> None:
             "operator to allow the folder (IMGEMBED_ALLOWED_ROOTS)",
             str(named),
         )
-    check_allowed(named, roots)
+    # resolved as the intake resolves them: a root given through a link or relative to the
+    # working folder holds the real paths of its files
+    check_allowed(named, [Path(root).resolve() for root in roots])

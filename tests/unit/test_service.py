@@ -2,6 +2,7 @@
 
 import asyncio
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -209,3 +210,23 @@ def test_one_text_where_a_list_is_needed_is_refused(tiny_service):
         tiny_service.count_tokens("a cat")
     assert tiny_service.embed_texts(("a red bicycle",)).shape == (1, 64)
     assert tiny_service.count_tokens(["a cat"]) == [4]
+
+
+def test_a_model_file_inside_an_allowed_root_given_as_a_link_or_relative_is_allowed(
+    tiny_service, tmp_path, monkeypatch
+):
+    """with_model's roots are resolved as the intake's are: a root that is a symlink (or
+    relative to the working folder) refused every checkpoint inside it, 'outside the allowed
+    roots (models)', while images in that folder were read."""
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "tiny.pt").write_bytes(b"")  # not loaded: the check comes first
+    (tmp_path / "models").symlink_to(real)
+    monkeypatch.chdir(tmp_path)
+    named = str(tmp_path / "models" / "tiny.pt")
+    for root in (tmp_path / "models", Path("models")):
+        sibling = tiny_service.with_model("imgembed-tiny", named, [root])
+        assert sibling.model_ref.pretrained == named
+    (tmp_path / "elsewhere.pt").write_bytes(b"")
+    with pytest.raises(SourceNotAllowedError, match="outside the allowed roots"):
+        tiny_service.with_model("imgembed-tiny", str(tmp_path / "elsewhere.pt"), [Path("models")])
