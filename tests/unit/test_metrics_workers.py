@@ -51,3 +51,19 @@ def test_serve_clears_the_metric_files_of_an_earlier_run(tmp_path, monkeypatch):
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path / "a.txt"))
     with pytest.raises(ConfigurationError, match="cannot use it for the metrics"):
         _clear_metrics_folder()
+
+
+def test_serve_refuses_an_empty_metrics_folder(tmp_path, monkeypatch):
+    """PROMETHEUS_MULTIPROC_DIR= (a script's "$DIR" unset): prometheus_client took it as set,
+    wrote its files into the working folder, and every /metrics was a 500 (ValueError: not a
+    directory), with one worker too."""
+    from imgembed.cli.serve_command import _clear_metrics_folder
+
+    monkeypatch.chdir(tmp_path)
+    for empty in ("", " "):
+        monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", empty)
+        with pytest.raises(ConfigurationError, match="PROMETHEUS_MULTIPROC_DIR is set but empty"):
+            _clear_metrics_folder()
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR")
+    _clear_metrics_folder()  # not set: a temporary folder for several workers, none for one

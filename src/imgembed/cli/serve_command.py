@@ -116,8 +116,14 @@ def _clear_metrics_folder() -> None:
     """The folder a user names in PROMETHEUS_MULTIPROC_DIR is kept, made if missing; the
     metric files an earlier run left there go, or their counts would add up across runs."""
     named = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    if not named:
+    if named is None:
         return
+    if not named.strip():  # prometheus_client takes it as set: files in the working folder,
+        # and the sum of the workers' files cannot be read (/metrics answered 500)
+        raise ConfigurationError(
+            "PROMETHEUS_MULTIPROC_DIR is set but empty: name a folder for the workers' "
+            "metrics, or unset it"
+        )
     try:
         os.makedirs(named, exist_ok=True)
         for old in Path(named).glob("*.db"):
