@@ -1268,6 +1268,25 @@ def test_a_board_locked_as_the_workers_open_it_together_is_opened(tmp_path, monk
     opened.close()
 
 
+def test_a_board_that_cannot_be_used_is_given_up_at_once(tmp_path, monkeypatch):
+    """Only a lock held by another worker is waited for: a board the disk refuses (here its
+    WAL file's name taken by a folder: 'disk I/O error') was tried again for 10 s, and each
+    worker's start waited that long before jobs went on unshared."""
+    from imgembed.api import board as board_module
+
+    (tmp_path / "jobs.sqlite3-wal").mkdir()
+    (tmp_path / "jobs.sqlite3-shm").mkdir()
+    prepare, calls = board_module.Board._prepare, []
+
+    def counted(self):
+        calls.append(1)
+        prepare(self)
+
+    monkeypatch.setattr(board_module.Board, "_prepare", counted)
+    assert board_module.open_board(tmp_path) is None
+    assert len(calls) == 1
+
+
 def test_a_delete_as_the_job_ends_does_not_leave_it_running_on_the_board(tmp_path):
     """A DELETE's write of the job ("running", as it was read) landed after the job thread's
     "done": the board showed it running for good, and the other worker process held every

@@ -86,8 +86,8 @@ class Board:
             try:
                 self._prepare()
                 break
-            except sqlite3.OperationalError:
-                if time.monotonic() > deadline:
+            except sqlite3.OperationalError as exc:
+                if not _locked(exc) or time.monotonic() > deadline:  # a disk I/O error: now
                     raise
                 time.sleep(random.uniform(0.02, 0.1))
 
@@ -220,6 +220,14 @@ class Board:
                 "UPDATE jobs SET status = ?, finished = ?, state = ? WHERE id = ?",
                 (job["status"], job["finished"], json.dumps(job), job_id),
             )
+
+
+def _locked(exc: sqlite3.OperationalError) -> bool:
+    """Another connection holds the file (worth a wait), not a file that cannot be used."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+    return "locked" in str(exc)
 
 
 def _target(job: dict[str, Any]) -> str:
