@@ -264,19 +264,18 @@ class ImageEmbeddingService(SeedAsyncMethods):
         models: list[str] | None = None,
     ) -> ImageEmbeddingService:
         """This service if it has that model, else one with that model and otherwise the
-        same settings and store (kept, so asking again costs nothing). Without `pretrained`,
-        the model's own tag (efficientnet-lite0: imagenet), else this service's. `roots`:
+        same settings and store (kept, so asking again costs nothing); the model as
+        `named_model` reads it. `roots`:
         where a checkpoint file or `local-dir:` that a caller names may lie (a server's
         allowed roots: a client loads no file from elsewhere); None: anywhere. `models`: the
         other model names a caller may choose (a server's allowed models); None: any."""
-        explicit = pretrained is not None
-        ref = registry.resolve(model, pretrained or self.settings.pretrained, explicit)
+        ref = self.named_model(model, pretrained)
         if ref == self.model_ref:
             return self
-        if models is not None and ref.name.casefold() not in {m.casefold() for m in models}:
-            offered = ", ".join([self.model_ref.name, *models])
+        offered = [self.model_ref.name, *(models or ())]  # its own name with any tag too
+        if models is not None and ref.name.casefold() not in {m.casefold() for m in offered}:
             raise SourceNotAllowedError(
-                f"this server offers only {offered} (IMGEMBED_ALLOWED_MODELS)", ref.name
+                f"this server offers only {', '.join(offered)} (IMGEMBED_ALLOWED_MODELS)", ref.name
             )
         if roots is not None:
             _check_model_files(ref, roots)
@@ -288,6 +287,12 @@ class ImageEmbeddingService(SeedAsyncMethods):
                 sibling._parent = self  # one store (connection) for both
                 self._siblings[key] = sibling
             return self._siblings[key]
+
+    def named_model(self, model: str, pretrained: str | None = None) -> registry.ModelRef:
+        """The model a caller names: with its own tag where none is given (efficientnet-lite0:
+        imagenet), else this service's."""
+        explicit = pretrained is not None
+        return registry.resolve(model, pretrained or self.settings.pretrained, explicit)
 
     def duplicates(
         self, collection: str | None = None, threshold: float | None = None

@@ -817,6 +817,20 @@ def test_clients_name_only_the_models_the_server_offers():
         assert typo.status_code == 403 and "offers only" in typo.json()["error"]
         names = {c["name"] for c in client.get("/api/v1/collections").json()}
         assert names == {"own", "other"}
+    # the server's own model with another tag may be named; and an existing collection of a
+    # model no longer offered is answered as it is (200), without loading it
+    with _client(allowed_models=[]) as client:
+        other = client.post(
+            "/api/v1/collections", json={"name": "other", "model": "efficientnet-lite0"}
+        )
+        assert (other.status_code, other.json()["count"]) == (200, 0), other.text
+        fresh = client.post(
+            "/api/v1/collections", json={"name": "fresh", "model": "efficientnet-lite0"}
+        )
+        assert fresh.status_code == 403, fresh.text
+        tagged = client.post("/api/v1/collections", json={
+            "name": "seed1", "model": "imgembed-tiny", "pretrained": "seed:1"})  # fmt: skip
+        assert (tagged.status_code, tagged.json()["pretrained"]) == (201, "seed:1"), tagged.text
 
 
 def test_collections_index_search_duplicates_thumbnails(data_dir, root, library, photos, tmp_path):

@@ -56,6 +56,9 @@ def create_collection(body: CollectionCreate, state: State, response: Response) 
         response.status_code = 200
         if body.model is None:  # as index and search: the collection's own model
             return _info(existing)
+        ref, own = service.named_model(body.model, body.pretrained), existing.provenance
+        if (ref.name, ref.pretrained) == (own.model, own.pretrained):  # nothing to load
+            return _info(existing)
     if body.model is not None:
         settings = state.settings
         service = service.with_model(
