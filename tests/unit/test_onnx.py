@@ -247,7 +247,7 @@ def test_a_disk_too_full_for_the_export_is_a_typed_error_before_writing(monkeypa
     usage = shutil.disk_usage("/")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=10_000))
     service = ImageEmbeddingService(runtime="onnx", precision="int8", **TINY)
-    with pytest.raises(ConfigurationError, match=r"needs about .* GiB of disk .* 0\.0 GiB free"):
+    with pytest.raises(ModelUnavailableError, match=r"needs about .* GiB of disk .* 0\.0 GiB free"):
         service.encoder  # noqa: B018
     assert not list(service.settings.onnx_dir.glob("*/*"))  # nothing written
 

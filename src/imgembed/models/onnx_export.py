@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from imgembed.config import Settings
-from imgembed.errors import ConfigurationError, ImgEmbedError
+from imgembed.errors import ConfigurationError, ImgEmbedError, ModelUnavailableError
 from imgembed.models import registry
 from imgembed.models.loader import load_model, quiet_root_logger
 from imgembed.models.onnx_manifest import (
@@ -155,8 +155,8 @@ def _check_space(ref: ModelRef, model: torch.nn.Module, precision: str, folder: 
     weights = sum(p.numel() * 4 for p in model.parameters())
     needed = int(weights * (2.3 if precision == "int8" else 1.1))
     free = shutil.disk_usage(folder).free
-    if free < needed:
-        raise ConfigurationError(
+    if free < needed:  # the server's disk, not the request: a 503 over HTTP, exit 4
+        raise ModelUnavailableError(
             f"exporting {ref} to ONNX ({precision}) needs about {needed / 2**30:.1f} GiB of disk"
             f" in {folder}, which has {free / 2**30:.1f} GiB free; free some space or point"
             " IMGEMBED_MODEL_CACHE_DIR elsewhere"
