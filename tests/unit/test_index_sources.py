@@ -159,6 +159,17 @@ def test_a_list_row_whose_id_is_taken_fails_under_its_own_id_and_source(tmp_path
     )
 
 
+def test_a_row_that_fails_does_not_take_its_id_from_a_later_good_one(tmp_path, photos):
+    """Before, the good row failed as 'the same id as h.csv:2, which is kept' and the id
+    was kept by nothing."""
+    listing = tmp_path / "h.csv"
+    listing.write_text(f"id,image\na3,\na3,{photos[0]}\na3,{photos[1]}\n")
+    kept, broken, clash = read_index_sources([str(listing)], [".png", ".jpg"])
+    assert (kept.id, kept.source, kept.error) == ("a3", str(photos[0]), None)
+    assert broken.source == f"{listing}:2" and "no image" in str(broken.error)
+    assert f"as {str(photos[0])!r}, which is kept" in str(clash.error)
+
+
 def _without_file_permissions_bypass(code: str) -> subprocess.CompletedProcess:
     """Runs Python as this user, but as root without the capabilities that ignore file
     permissions (so a chmod 000 folder is unreadable, as for any other user)."""

@@ -103,6 +103,10 @@ def unique_items(items: Iterable[IndexItem]) -> list[IndexItem]:
         first = unique.setdefault(item.id, item)
         if first is item or first.source == item.source:
             continue
+        if first.error is not None and item.error is None:  # the first is no item: this is
+            unique[item.id] = item
+            clashes.append(first)
+            continue
         if item.error is not None:
             clashes.append(item)
             continue
