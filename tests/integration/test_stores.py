@@ -123,6 +123,36 @@ def test_search_order_scores_and_filters(store):
         store.search(name, np.ones(4), top_k=1)
 
 
+def test_filters_of_every_json_type_match_keys_exactly(store):
+    """A filter's value may be any JSON (the HTTP API sends numbers, `--filter k:=JSON` null,
+    lists, objects) and its key any text (a CSV header with a space or a dot). Qdrant raised
+    pydantic's ValidationError for a float, null, list or object (HTTP 500, a CLI traceback)
+    and read a key as a path of its own ("product type": a StoreError, "a.b": key b of a)."""
+    name = _name()
+    store.create_collection(name, PROV)
+    records = _records(n=6)
+    for i, record in enumerate(records):
+        record.metadata = {"price": i * 1.5, "count": 3.0 if i == 2 else i,
+                           "none": None if i == 3 else 1, "sizes": [i, i + 1], "dims": {"w": i},
+                           "product type": f"t{i % 2}", "a.b": f"v{i}", "a": {"b": "v4"},
+                           "c[]": i}  # fmt: skip
+    store.upsert(name, records)
+    query = records[0].vector
+    expected = {
+        "price": (4.5, {"item-3"}),
+        "count": (3, {"item-2", "item-3"}),  # 3 is 3.0, as JSON numbers compare
+        "none": (None, {"item-3"}),
+        "sizes": ([2, 3], {"item-2"}),
+        "dims": ({"w": 4}, {"item-4"}),
+        "product type": ("t1", {"item-1", "item-3", "item-5"}),
+        "a.b": ("v1", {"item-1"}),
+        "c[]": (5, {"item-5"}),
+    }
+    for key, (value, ids) in expected.items():
+        hits = store.search(name, query, top_k=10, filters={key: value})
+        assert {hit.id for hit in hits} == ids, key
+
+
 def test_migrations_are_at_head_and_rerunnable(postgres_url):
     PostgresStore(postgres_url).close()
     PostgresStore(postgres_url).close()  # a second upgrade is a no-op

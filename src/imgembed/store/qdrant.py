@@ -18,6 +18,7 @@ import numpy as np
 
 from imgembed.errors import (
     CollectionNotFoundError,
+    InvalidRecordError,
     ProvenanceMismatchError,
     StoreBusyError,
     StoreError,
@@ -300,14 +301,7 @@ class QdrantStore:
         condition = None
         if filters:
             checked_metadata(dict(filters), "the search filter")
-            condition = models.Filter(
-                must=[
-                    models.FieldCondition(
-                        key=f"metadata.{key}", match=models.MatchValue(value=value)
-                    )
-                    for key, value in filters.items()
-                ]
-            )
+            condition = models.Filter(must=_conditions(models, "metadata", dict(filters)))
         params = models.SearchParams(exact=True) if exact and not self._local else None
         points = self._on(
             name,
@@ -355,6 +349,47 @@ class QdrantStore:
     def close(self) -> None:
         with store_errors("closing Qdrant", self.location):
             self._client.close()
+
+
+def _conditions(models: Any, path: str, value: Any) -> list[Any]:
+    """A filter as Qdrant conditions that match as PostgreSQL's `metadata @> filter` does:
+    keys exactly (quoted in the path: a key may hold spaces, dots or brackets), an object
+    by its keys, a list by each of its values, a number by its value (3.0 matches 3), null
+    by null; other values as their text, as the Postgres store writes them."""
+    if isinstance(value, Mapping):
+        return [
+            condition
+            for key, item in value.items()
+            for condition in _conditions(models, f"{path}.{_quoted(str(key))}", item)
+        ]
+    if isinstance(value, list | tuple):
+        if any(isinstance(item, Mapping | list | tuple) for item in value):
+            raise InvalidRecordError(
+                f"the search filter on {path!r}: Qdrant matches a list by its values, not "
+                "by objects or lists inside it"
+            )
+        return [condition for item in value for condition in _conditions(models, path, item)]
+    if value is None:
+        return [models.IsNullCondition(is_null=models.PayloadField(key=path))]
+    if isinstance(value, float):  # MatchValue takes no floats
+        return [models.FieldCondition(key=path, range=models.Range(gte=value, lte=value))]
+    if not isinstance(value, bool | int | str):
+        value = str(value)
+    match = models.FieldCondition(key=path, match=models.MatchValue(value=value))
+    if isinstance(value, bool) or not isinstance(value, int) or abs(value) > 2**53:
+        return [match]
+    same = models.FieldCondition(key=path, range=models.Range(gte=value, lte=value))
+    return [models.Filter(should=[match, same])]  # 3 matches 3.0 too, as in PostgreSQL
+
+
+def _quoted(key: str) -> str:
+    """A metadata key as one step of a Qdrant JSON path, which has no escape for '"'."""
+    if '"' in key:
+        raise InvalidRecordError(
+            f"the search filter: key {key!r} holds a double quote, which Qdrant's paths "
+            "cannot express"
+        )
+    return f'"{key}"'
 
 
 def _no_collection(exc: BaseException | None) -> bool:
