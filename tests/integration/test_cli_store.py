@@ -295,3 +295,12 @@ def test_index_says_once_what_it_waits_for(data_dir, photos, monkeypatch):
     with psycopg.connect(embedded.start(data_dir)) as admin:
         index = admin.execute("SELECT to_regclass(%s)", (f"{items_table('held')}_hnsw",))
         assert index.fetchone()[0] is not None
+
+
+def test_index_into_a_name_qdrant_cannot_hold_is_refused_not_stopped(photos):
+    """Not "Indexing stopped after 0 of 6 items ... To continue, index the same sources
+    again": a run again fails alike."""
+    proc = run("index", str(photos[0].parent), "-c", "a:b", *TINY, env={"IMGEMBED_STORE": "qdrant"})
+    assert proc.returncode == 6, proc.stderr
+    assert "error: collection name 'a:b': Qdrant takes no : in names" in proc.stderr
+    assert "To continue" not in proc.stderr and "Traceback" not in proc.stderr

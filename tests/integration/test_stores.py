@@ -593,6 +593,21 @@ def test_a_ragged_query_or_record_is_an_invalid_record(store):
         store.upsert(name, [Record("r", ragged, "h", "/r.jpg")])
 
 
+def test_names_qdrant_cannot_hold_are_invalid_records(tmp_path):
+    """Names PostgreSQL takes but Qdrant refuses (its characters, a folder's '.', over 255
+    bytes, our registry) were a plain StoreError with the client's words: HTTP 503 as if
+    the store were down. Now they are the request's fault, as other bad names are (422)."""
+    store = QdrantStore(path=tmp_path / "q")
+    for bad, why in [("a:b", "no :"), ("what?*", r"no \* \?"), ('"x"', 'no "'), ("..", "folders"),
+                     (".", "folders"), ("x" * 256, "255 bytes"), ("é" * 128, "255 bytes"),
+                     ("imgembed_collections", "registry")]:  # fmt: skip
+        with pytest.raises(InvalidRecordError, match=f"collection name .*{why}"):
+            store.create_collection(bad, PROV)
+    assert store.collections() == []
+    assert store.create_collection("é" * 127, PROV).count == 0  # 254 bytes
+    store.close()
+
+
 def test_a_qdrant_dimension_that_no_longer_holds_is_read_again(tmp_path):
     """What a Qdrant server shared by several processes can leave in one of them (a local
     folder has one user at a time): a cached dimension from before the collection was made

@@ -155,8 +155,8 @@ def guarded(store: VectorStore, collection: str, stats: IndexStats, cached: bool
     try:
         with store.writing(collection):
             yield
-    except ProvenanceMismatchError:
-        raise
+    except (ProvenanceMismatchError, InvalidRecordError):
+        raise  # the collection itself (its model, a name this store cannot hold): not "go on"
     except StoreBusyError as exc:
         if exc.__cause__ is None:  # the collection's lock refused: its message says it all
             raise

@@ -24,6 +24,7 @@ from imgembed.errors import (
     StoreError,
     StoreUnavailableError,
 )
+from imgembed.names import printable
 from imgembed.store.base import (
     CollectionInfo,
     Hit,
@@ -46,6 +47,7 @@ T = TypeVar("T")
 REGISTRY = "imgembed_collections"
 _NAMESPACE = uuid.UUID("5b3f4c1e-8a52-4d0c-9a51-6c3e7d2f9b10")
 _PAGE = 1000
+_REFUSED = '<>:"\\|?*'  # Qdrant's characters not allowed in a collection name
 
 
 def _point_id(item_id: str) -> str:
@@ -108,9 +110,7 @@ class QdrantStore:
             raise dropped(name, action) from exc
 
     def create_collection(self, name: str, provenance: Provenance) -> CollectionInfo:
-        checked_name(name)
-        if name == REGISTRY:
-            raise StoreError(f"{REGISTRY!r} is reserved")
+        _checked_name(name)
         self._call(f"creating collection {name!r}", lambda: self._create(name, provenance))
         return self.get_collection(name)
 
@@ -349,6 +349,23 @@ class QdrantStore:
     def close(self) -> None:
         with store_errors("closing Qdrant", self.location):
             self._client.close()
+
+
+def _checked_name(name: str) -> str:
+    """A new collection's name as Qdrant (server and local files) takes it: besides what no
+    store takes (checked_name), none of its refused characters, not '.' or '..' (a folder),
+    at most 255 bytes (a file name), and not imgembed's registry."""
+    checked_name(name)
+    refused = "".join(sorted({c for c in name if c in _REFUSED}))
+    if refused or name in (".", "..") or len(name.encode()) > 255 or name == REGISTRY:
+        why = (
+            f"Qdrant takes no {' '.join(refused)} in names" if refused
+            else f"{REGISTRY!r} is imgembed's registry of collections" if name == REGISTRY
+            else "Qdrant names are at most 255 bytes" if len(name.encode()) > 255
+            else "'.' and '..' name folders"
+        )  # fmt: skip
+        raise InvalidRecordError(f"collection name {printable(name)!r}: {why}; choose another")
+    return name
 
 
 def _conditions(models: Any, path: str, value: Any) -> list[Any]:
