@@ -608,6 +608,56 @@ def test_names_qdrant_cannot_hold_are_invalid_records(tmp_path):
     store.close()
 
 
+def test_threads_sharing_local_qdrant_files_lose_nothing(tmp_path):
+    """A server's store threads and its index jobs share one store. qdrant-client's local
+    mode shares one SQLite connection and its arrays between them: calls at the same time
+    failed ("cannot start a transaction within a transaction", IndexError in a search:
+    503s) and left a collection whose every later count raised "operands could not be
+    broadcast together"."""
+    store = QdrantStore(path=tmp_path / "q")
+    name = _name()
+    store.create_collection(name, PROV)
+    records = _records(n=600)
+    failed: list[BaseException] = []
+
+    def each(call, times):
+        def run():
+            for i in range(times):
+                try:
+                    call(i)
+                except Exception as exc:
+                    failed.append(exc)
+
+        return threading.Thread(target=run)
+
+    def churn(i):
+        other = f"{name}-other"
+        store.create_collection(other, PROV)
+        store.upsert(other, records[i : i + 1])
+        assert other in [c.name for c in store.collections()]
+        store.drop_collection(other)
+
+    threads = [
+        *(each(lambda i, w=w: store.upsert(name, records[w * 200 + i * 10 :][:10]), 20)
+          for w in range(3)),
+        *(each(lambda i: store.search(name, records[i].vector, 5, {"color": "red"}), 60)
+          for _ in range(2)),
+        each(lambda i: store.count(name), 60),
+        each(churn, 10),
+    ]  # fmt: skip
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failed == []
+    assert store.count(name) == 600
+    store.close()
+    store = QdrantStore(path=tmp_path / "q")
+    assert store.hashes(name) == {r.id: r.content_hash for r in records}
+    assert [c.name for c in store.collections()] == [name]
+    store.close()
+
+
 def test_a_qdrant_dimension_that_no_longer_holds_is_read_again(tmp_path):
     """What a Qdrant server shared by several processes can leave in one of them (a local
     folder has one user at a time): a cached dimension from before the collection was made

@@ -8,6 +8,7 @@ import contextlib
 import json
 import logging
 import sqlite3
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -56,7 +57,9 @@ def _point_id(item_id: str) -> str:
 
 class QdrantStore:
     """Every call turns client errors into typed StoreErrors; against a server, a call that
-    lost its connection is tried once more (the client reconnects by itself)."""
+    lost its connection is tried once more (the client reconnects by itself). Local files
+    take one call at a time: qdrant-client's local mode keeps each collection in arrays
+    and one SQLite connection that threads (a server's requests and jobs) must not share."""
 
     backend = "qdrant"
 
@@ -67,6 +70,7 @@ class QdrantStore:
 
         self._models = models
         self._local = not url  # local mode always searches exactly
+        self._one_at_a_time = threading.RLock() if self._local else contextlib.nullcontext()
         self._dimensions: dict[str, int] = {}
         self.location = f"Qdrant at {url}" if url else str(path)
         with store_errors("opening Qdrant", self.location):
@@ -88,7 +92,7 @@ class QdrantStore:
 
     def _call(self, action: str, work: Callable[[], T]) -> T:
         try:
-            with store_errors(action, self.location):
+            with self._one_at_a_time, store_errors(action, self.location):
                 return work()
         except StoreUnavailableError as lost:
             if self._local:
@@ -347,7 +351,7 @@ class QdrantStore:
         """Qdrant keeps its own statistics and index."""
 
     def close(self) -> None:
-        with store_errors("closing Qdrant", self.location):
+        with self._one_at_a_time, store_errors("closing Qdrant", self.location):
             self._client.close()
 
 
