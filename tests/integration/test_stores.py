@@ -658,6 +658,27 @@ def test_threads_sharing_local_qdrant_files_lose_nothing(tmp_path):
     store.close()
 
 
+def test_a_qdrant_drop_cut_short_leaves_the_other_collections_listed(tmp_path):
+    """A Qdrant drop is two steps (the collection, then its registry entry); a crash between
+    them, or another process's drop during a listing, left a name without its collection:
+    every listing (`imgembed collections`, GET /collections) then failed with "no
+    collection 'a'" (404), and neither a drop nor a new model could clear it."""
+    store = QdrantStore(path=tmp_path / "q")
+    for name in ("a", "b"):
+        store.create_collection(name, PROV)
+        store.upsert(name, _records(n=3))
+    store._client.delete_collection("a")  # as a drop killed between its two steps leaves it
+    assert [c.name for c in store.collections()] == ["b"]
+    store.drop_collection("a")  # ends the drop
+    with pytest.raises(CollectionNotFoundError):
+        store.drop_collection("a")
+    store._client.delete_collection("b")
+    other = Provenance("m2", "w", 4, "p")  # made again with another model: not "cannot be mixed"
+    assert store.create_collection("b", other).provenance == other
+    assert [(c.name, c.count) for c in store.collections()] == [("b", 0)]
+    store.close()
+
+
 def test_a_qdrant_dimension_that_no_longer_holds_is_read_again(tmp_path):
     """What a Qdrant server shared by several processes can leave in one of them (a local
     folder has one user at a time): a cached dimension from before the collection was made

@@ -120,6 +120,7 @@ class QdrantStore:
 
     def _create(self, name: str, provenance: Provenance) -> None:
         models = self._models
+        existing = None  # a registry entry a drop cut short left behind names nothing now
         if not self._client.collection_exists(name):
             self._client.create_collection(
                 name,
@@ -127,7 +128,8 @@ class QdrantStore:
                     size=provenance.dimension, distance=models.Distance.COSINE
                 ),
             )
-        existing = self._provenance(name)
+        else:
+            existing = self._provenance(name)
         if existing is None:
             self._client.upsert(
                 REGISTRY,
@@ -189,14 +191,23 @@ class QdrantStore:
             names += [p.payload["name"] for p in points if p.payload]
             if offset is None:
                 break
-        return [self._get_collection(name) for name in sorted(names)]
+        infos = []
+        for name in sorted(names):
+            # a drop cut short between its two steps (a crash), or one by another process
+            # meanwhile, leaves a name without its collection: not listed, not an error
+            with contextlib.suppress(CollectionNotFoundError):
+                infos.append(self._get_collection(name))
+        return infos
 
     def drop_collection(self, name: str) -> None:
-        self.get_collection(name)
+        checked_text(name, "collection name")
         self._dimensions.pop(name, None)
 
-        def drop() -> None:
-            self._client.delete_collection(name)
+        def drop() -> None:  # also ends a drop cut short: the registry's entry goes
+            if self._provenance(name) is None:
+                raise CollectionNotFoundError(f"no collection {name!r}")
+            if self._client.collection_exists(name):
+                self._client.delete_collection(name)
             self._client.delete(
                 REGISTRY, points_selector=self._models.PointIdsList(points=[_point_id(name)])
             )
