@@ -285,3 +285,16 @@ def test_serve_takes_the_hard_limit_of_open_files():
         assert resource.getrlimit(resource.RLIMIT_NOFILE) == (expected, hard)
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_serve_refuses_workers_that_cannot_share_local_qdrant_files(tmp_path):
+    """Each worker is a process; Qdrant's local files serve one: the first worker held them
+    and every request the other took that touched the store was a 409 StoreBusyError
+    ("wait for it to finish"), for as long as the server ran."""
+    env = {**os.environ, **TINY_ENV, "IMGEMBED_STORE": "qdrant", "IMGEMBED_WORKERS": "2"}
+    proc = subprocess.run(
+        [IMGEMBED, "serve", "--port", "0"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 3, proc.stderr
+    assert "2 processes cannot share Qdrant's local files" in proc.stderr
+    assert "--workers 1, or set IMGEMBED_QDRANT_URL" in proc.stderr

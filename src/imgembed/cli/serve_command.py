@@ -65,6 +65,7 @@ def serve(
     from imgembed.api.inputs import server_settings
     from imgembed.api.logs import logging_config
     from imgembed.api.protocol import IdleTimeoutProtocol
+    from imgembed.store import check_processes
 
     options = {"model": model, "pretrained": pretrained, "device": device, "runtime": runtime,
                "precision": precision}  # fmt: skip
@@ -76,6 +77,7 @@ def serve(
         _clear_metrics_folder()
         with make_service() as service:  # settings and model name checked before serving
             settings = server_settings(service.settings)
+        check_processes(settings, workers)
     except ImgEmbedError as exc:
         raise fail(exc) from exc
     _more_open_files()

@@ -31,6 +31,18 @@ def open_store(settings: Settings) -> VectorStore:
     )
 
 
+def check_processes(settings: Settings, processes: int) -> None:
+    """ConfigurationError if `processes` would share a store that serves one process at a
+    time: Qdrant's local files (the first holds them; every other would be StoreBusyError
+    for as long as it runs)."""
+    if processes > 1 and settings.store == "qdrant" and not settings.qdrant_url:
+        raise ConfigurationError(
+            f"{processes} processes cannot share Qdrant's local files (one process at a "
+            "time: the others' store requests would all be refused as busy): serve with "
+            "--workers 1, or set IMGEMBED_QDRANT_URL to a Qdrant server"
+        )
+
+
 class PostgresTarget(NamedTuple):
     url: str
     location: str | None  # where the data lives, for messages (None: the URL's host)
@@ -70,6 +82,7 @@ __all__ = [
     "Provenance",
     "Record",
     "VectorStore",
+    "check_processes",
     "keep_embedded",
     "open_store",
     "postgres_target",
