@@ -265,10 +265,10 @@ class ImageEmbeddingService(SeedAsyncMethods):
     ) -> ImageEmbeddingService:
         """This service if it has that model, else one with that model and otherwise the
         same settings and store (kept, so asking again costs nothing); the model as
-        `named_model` reads it. `roots`:
-        where a checkpoint file or `local-dir:` that a caller names may lie (a server's
-        allowed roots: a client loads no file from elsewhere); None: anywhere. `models`: the
-        other model names a caller may choose (a server's allowed models); None: any."""
+        `named_model` reads it. `roots`: where a checkpoint file or `local-dir:` that a
+        caller names may lie (a server's allowed roots: a client loads no file from
+        elsewhere); None: anywhere. `models`: the other model names a caller may choose (a
+        server's allowed models); None: any."""
         ref = self.named_model(model, pretrained)
         if ref == self.model_ref:
             return self
