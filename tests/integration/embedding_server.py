@@ -22,7 +22,8 @@ def vector(text: str, dimension: int) -> np.ndarray:
 
 class EmbeddingServer:
     """`script` holds what the next requests get, in order: ("status", code, headers[, error]),
-    ("sleep", seconds) or ("dimension", n); when it is empty, embeddings of `dimension`."""
+    ("sleep", seconds), ("dimension", n) or ("raw", code, body, headers) (a body as given:
+    JSON of the wrong shape, NaN, a redirect); when it is empty, embeddings of `dimension`."""
 
     def __init__(self, dimension: int = 16):
         self.dimension = dimension
@@ -74,6 +75,9 @@ class EmbeddingServer:
                 request.send_header("Content-Length", str(len(page)))
                 request.end_headers()
                 request.wfile.write(page)
+            elif action[0] == "raw":  # ("raw", code, body, headers)
+                _, code, body, headers = action
+                self._send(request, code, body, headers)
             elif request.path == "/v1/embeddings":
                 data = [
                     {
@@ -94,8 +98,8 @@ class EmbeddingServer:
             pass  # the client gave up (a timeout test)
 
     @staticmethod
-    def _send(request, status: int, payload: dict, headers: dict | None = None) -> None:
-        data = json.dumps(payload).encode()
+    def _send(request, status: int, payload: object, headers: dict | None = None) -> None:
+        data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
         request.send_response(status)
         request.send_header("Content-Type", "application/json")
         request.send_header("Content-Length", str(len(data)))

@@ -2,6 +2,7 @@
 and Ollama's: batching, retries with backoff on 429/5xx (Retry-After respected), a rejected
 key, a dimension change, timeouts, an unreachable server, an unknown model."""
 
+import json
 import socket
 import time
 
@@ -24,11 +25,13 @@ def server():
 
 def _openai(server, model="test-embed", **overrides):
     settings = load_settings(
-        text_api_base=f"{server.url}/v1",
-        openai_api_key="sk-test",
-        retry_delay=0.01,
-        text_batch_size=2,
-        **overrides,
+        **{
+            "text_api_base": f"{server.url}/v1",
+            "openai_api_key": "sk-test",
+            "retry_delay": 0.01,
+            "text_batch_size": 2,
+            **overrides,
+        }
     )
     return OpenAIEmbedder(model, settings)
 
@@ -176,3 +179,48 @@ def test_unknown_text_models_are_clear_errors(tmp_path):
         create_text_embedder(load_settings(text_model="bert"), service=None)
     with pytest.raises(ModelUnavailableError, match="not a sentence-transformers model folder"):
         create_text_embedder(load_settings(text_model=str(tmp_path)), service=None)
+
+
+def _answer(rows, indices=None):
+    indices = range(len(rows)) if indices is None else indices
+    return {"data": [{"index": i, "embedding": row} for i, row in zip(indices, rows, strict=True)]}
+
+
+def test_answers_of_the_wrong_shape_are_typed_errors(server):
+    embedder = _openai(server, text_batch_size=8)
+    row = [1.0] * 16
+    for body, message in (
+        (_answer([None, row]), "not lists of numbers"),
+        (_answer([5, row]), "not lists of numbers"),
+        (_answer(["AAAA", row]), "not lists of numbers"),
+        (_answer([row, row], [0, 0]), r"indices \[0, 0\] for 2 texts"),
+        (_answer([row, row], ["1", "0"]), r"indices \['1', '0'\] for 2 texts"),
+    ):
+        server.script = [("raw", 200, body, {})]
+        with pytest.raises(TextEmbeddingError, match=message):
+            embedder.embed(["a", "b"])
+    embedder.close()
+    ollama = OllamaEmbedder("m", load_settings(ollama_url=server.url, retry_delay=0.01))
+    server.script = [("raw", 200, {"embeddings": 5}, {})]
+    with pytest.raises(TextEmbeddingError, match="not lists of numbers"):
+        ollama.embed(["a"])
+    ollama.close()
+    assert len(server.requests) == 6  # none of them retried
+
+
+def test_another_dimension_with_an_unusable_row_is_still_a_dimension_change(server):
+    from imgembed.catalog.text_vectors import UnusableRowsError
+
+    embedder = _openai(server)  # two texts per request
+    assert embedder.embed(["a"]).shape == (1, 16)
+    nan = float("nan")  # written as NaN, as Python's json writes it
+    narrow = json.dumps(_answer([[nan] * 8, [1.0] * 8])).encode()
+    server.script = [("raw", 200, narrow, {})]
+    with pytest.raises(TextEmbeddingError, match="returned 8-d vectors where 16-d") as caught:
+        embedder.embed(["b", "c"])
+    assert not isinstance(caught.value, UnusableRowsError)
+    # in the second request of one call: not a crash while the requests' rows are joined
+    server.script = [("dimension", 16), ("raw", 200, narrow, {})]
+    with pytest.raises(TextEmbeddingError, match="returned 8-d vectors where 16-d"):
+        embedder.embed(["d", "e", "f", "g"])
+    embedder.close()

@@ -58,7 +58,8 @@ class HttpTextEmbedder:
     def payload(self, texts: list[str]) -> dict[str, Any]:
         raise NotImplementedError
 
-    def vectors(self, body: Any) -> list[Any]:
+    def vectors(self, body: Any, count: int) -> list[Any]:
+        """The rows of an answer for `count` texts, in their order."""
         raise NotImplementedError
 
     def refused(self, status: int, detail: str, kind: str = "") -> Exception | None:
@@ -114,17 +115,19 @@ class HttpTextEmbedder:
             raise TextEmbeddingError(
                 f"{exc.error} (gave up after {self._retries + 1} attempts)", exc.error.status
             ) from exc
-        vectors = checked_rows(_as_matrix(rows, self.name), len(texts), self.name)
-        width = vectors.shape[1]
-        if self._dimension is None:
-            self._dimension = width
-        elif width != self._dimension:
+        matrix = _as_matrix(rows, self.name)
+        width = matrix.shape[1] if matrix.ndim == 2 else None
+        if self._dimension is not None and width is not None and width != self._dimension:
+            # before the rows are checked: the others of such an answer must not be kept either
             raise TextEmbeddingError(
                 f"{self.name} at {self.url} returned {width}-d vectors where {self._dimension}-d "
                 "were expected: the endpoint serves another model (or `dimensions` changed). "
                 "Vectors of different models cannot be mixed; point IMGEMBED_TEXT_API_BASE back "
                 "at the original model, or re-embed the store with --force"
             )
+        vectors = checked_rows(matrix, len(texts), self.name)
+        if self._dimension is None:
+            self._dimension = width
         log.debug(
             "[TEXT] %d texts from %s in %.2f s (length: %d)",
             len(texts),
@@ -159,7 +162,7 @@ class HttpTextEmbedder:
                 f"{self.name}: {self.url} answered {status}: {detail}", status
             )
         try:
-            return self.vectors(response.json())
+            return self.vectors(response.json(), len(texts))
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise TextEmbeddingError(
                 f"{self.name}: {self.url} sent an answer that is not an embeddings response"
@@ -197,9 +200,18 @@ class OpenAIEmbedder(HttpTextEmbedder):
     def payload(self, texts: list[str]) -> dict[str, Any]:
         return {"model": self.model, "input": texts, "encoding_format": "float"}
 
-    def vectors(self, body: Any) -> list[Any]:
-        data = sorted(body["data"], key=lambda item: item["index"])
-        return [item["embedding"] for item in data]
+    def vectors(self, body: Any, count: int) -> list[Any]:
+        data = body["data"]
+        indices = [item["index"] for item in data]
+        wrong = any(type(index) is not int for index in indices)
+        if wrong or sorted(indices) != list(range(len(data))):
+            # a text would get another text's vector, or none
+            raise TextEmbeddingError(
+                f"{self.name}: {self.url} answered indices {indices[:10]}"
+                f"{' ...' if len(indices) > 10 else ''} for {count} texts; each must come "
+                "once, from 0 on"
+            )
+        return [item["embedding"] for item in sorted(data, key=lambda item: item["index"])]
 
     def refused(self, status: int, detail: str, kind: str = "") -> Exception | None:
         # OpenAI: 404 or code model_not_found; imgembed serve: 422 UnknownModelError
@@ -220,7 +232,7 @@ class OllamaEmbedder(HttpTextEmbedder):
     def payload(self, texts: list[str]) -> dict[str, Any]:
         return {"model": self.model, "input": texts}
 
-    def vectors(self, body: Any) -> list[Any]:
+    def vectors(self, body: Any, count: int) -> list[Any]:
         return body["embeddings"]
 
     def refused(self, status: int, detail: str, kind: str = "") -> Exception | None:
@@ -233,6 +245,8 @@ class OllamaEmbedder(HttpTextEmbedder):
 
 
 def _as_matrix(rows: list[Any], name: str) -> np.ndarray:
+    if not isinstance(rows, list) or not all(isinstance(row, list) for row in rows):
+        raise TextEmbeddingError(f"{name}: embeddings that are not lists of numbers")
     widths = {len(row) for row in rows}
     if len(widths) > 1:
         raise TextEmbeddingError(f"{name}: vectors of different lengths in one answer: {widths}")
