@@ -22,8 +22,10 @@ def vector(text: str, dimension: int) -> np.ndarray:
 
 class EmbeddingServer:
     """`script` holds what the next requests get, in order: ("status", code, headers[, error]),
-    ("sleep", seconds), ("dimension", n) or ("raw", code, body, headers) (a body as given:
-    JSON of the wrong shape, NaN, a redirect); when it is empty, embeddings of `dimension`."""
+    ("sleep", seconds), ("dimension", n), ("raw", code, body, headers) (a body as given: JSON
+    of the wrong shape, NaN, a redirect), ("trickle", seconds) (a valid answer, a byte at a
+    time) or ("endless",) (a body that goes on for 64 MiB, then breaks off); when it is
+    empty, embeddings of `dimension`."""
 
     def __init__(self, dimension: int = 16):
         self.dimension = dimension
@@ -78,6 +80,25 @@ class EmbeddingServer:
             elif action[0] == "raw":  # ("raw", code, body, headers)
                 _, code, body, headers = action
                 self._send(request, code, body, headers)
+            elif action[0] == "trickle":  # a valid answer whose bytes come one at a time
+                data = [{"index": 0, "embedding": [1.0] * self.dimension}]  # for one text
+                payload = json.dumps({"data": data}).encode()
+                request.send_response(200)
+                request.send_header("Content-Type", "application/json")
+                request.send_header("Content-Length", str(len(payload)))
+                request.end_headers()
+                for byte in payload:
+                    request.wfile.write(bytes([byte]))
+                    request.wfile.flush()
+                    time.sleep(action[1])
+            elif action[0] == "endless":  # a body that never ends (until the client leaves)
+                request.send_response(200)
+                request.send_header("Content-Type", "application/json")
+                request.send_header("Transfer-Encoding", "chunked")
+                request.end_headers()
+                chunk = b" " * 65536
+                for _ in range(1024):  # 64 MiB, then the connection breaks off
+                    request.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
             elif request.path == "/v1/embeddings":
                 data = [
                     {

@@ -224,3 +224,31 @@ def test_another_dimension_with_an_unusable_row_is_still_a_dimension_change(serv
     with pytest.raises(TextEmbeddingError, match="returned 8-d vectors where 16-d"):
         embedder.embed(["d", "e", "f", "g"])
     embedder.close()
+
+
+def test_an_endless_or_trickling_answer_is_cut_off(server):
+    embedder = _openai(server, text_retries=0, text_timeout=0.5)
+    server.script = [("endless",)]
+    with pytest.raises(TextEmbeddingError, match=r"more than .* bytes for 1 text"):
+        embedder.embed(["a"])
+    # each byte within the timeout of a read, the whole answer not within text_timeout
+    server.script = [("trickle", 0.05)]
+    with pytest.raises(TextEmbeddingError, match=r"no complete answer .* within 0\.5 s"):
+        embedder.embed(["a"])
+    assert len(server.requests) == 2
+    assert embedder.embed(["a"]).shape == (1, 16)  # the next answer is read as ever
+    embedder.close()
+
+
+def test_a_redirect_names_where_it_points(server):
+    embedder = _openai(server)
+    for status, body in ((307, b""), (308, json.dumps(_answer([[1.0] * 16])).encode())):
+        server.script = [("raw", status, body, {"Location": "https://elsewhere.example/v1"})]
+        with pytest.raises(
+            TextEmbeddingError,
+            match=rf"answered {status}, a redirect to https://elsewhere.example/v1\b.*"
+            "IMGEMBED_TEXT_API_BASE",
+        ):
+            embedder.embed(["a"])
+    assert len(server.requests) == 2  # not retried, not followed
+    embedder.close()

@@ -5,7 +5,11 @@ Requests carry up to `text_batch_size` texts. Timeouts, connection errors, 429 a
 retried `text_retries` times with exponential backoff from `retry_delay` (a server's
 Retry-After is respected, up to a minute); other failures are typed at once: a rejected key
 (401/403) is a ConfigurationError, an unknown model a ModelUnavailableError, anything else
-and vectors of a different dimension than before a TextEmbeddingError."""
+and vectors of a different dimension than before a TextEmbeddingError.
+
+Each answer is read whole within `text_timeout` (a server that trickles a byte at a time is
+cut off, as one that never answers) and up to a size no embeddings answer reaches; a
+redirect is not followed but named."""
 
 from __future__ import annotations
 
@@ -32,6 +36,9 @@ KNOWN_DIMENSIONS = {
     "text-embedding-ada-002": 1536,
 }
 MAX_WAIT = 60.0
+# An answer's bytes at most: ~8,000 floats per text even as pretty-printed JSON.
+ANSWER_BYTES_BASE = 1 << 20
+ANSWER_BYTES_PER_TEXT = 256 << 10
 
 
 class _Retryable(Exception):
@@ -46,6 +53,7 @@ class HttpTextEmbedder:
 
     name: str
     url: str
+    setting: str  # the setting that names the endpoint
 
     def __init__(self, settings: Settings, headers: dict[str, str], dimension: int | None):
         self._timeout = settings.text_timeout
@@ -139,7 +147,7 @@ class HttpTextEmbedder:
 
     def _request(self, texts: list[str]) -> list[Any]:
         try:
-            response = self._client.post(self.url, json=self.payload(texts))
+            response = self._answer(texts)
         except httpx.TimeoutException as exc:
             raise _Retryable(
                 TextEmbeddingError(
@@ -151,6 +159,13 @@ class HttpTextEmbedder:
                 TextEmbeddingError(f"{self.name}: cannot reach {self.url}: {exc}")
             ) from exc
         status = response.status_code
+        if response.is_redirect:  # a POST is not sent on to wherever a server points
+            target = response.url.join(response.headers["Location"])
+            raise TextEmbeddingError(
+                f"{self.name}: {self.url} answered {status}, a redirect to {target}; "
+                f"set {self.setting} to the address the API has moved to",
+                status,
+            )
         if status == 429 or status >= 500:
             error = TextEmbeddingError(
                 f"{self.name}: {self.url} answered {status}: {_detail(response)}", status
@@ -167,6 +182,35 @@ class HttpTextEmbedder:
             raise TextEmbeddingError(
                 f"{self.name}: {self.url} sent an answer that is not an embeddings response"
             ) from exc
+
+    def _answer(self, texts: list[str]) -> httpx.Response:
+        """The response with its whole body, read within `text_timeout` and up to a size no
+        embeddings answer for these texts reaches."""
+        deadline = time.monotonic() + self._timeout
+        limit = ANSWER_BYTES_BASE + ANSWER_BYTES_PER_TEXT * len(texts)
+        with self._client.stream("POST", self.url, json=self.payload(texts)) as response:
+            chunks, size = [], 0
+            for chunk in response.iter_bytes():
+                size += len(chunk)
+                if size > limit:
+                    raise TextEmbeddingError(
+                        f"{self.name}: {self.url} sent more than {limit:,} bytes for "
+                        f"{len(texts)} text{'s' if len(texts) > 1 else ''}, more than any "
+                        f"embeddings answer; is {self.setting} an embeddings API?",
+                        response.status_code,
+                    )
+                if time.monotonic() > deadline:
+                    raise _Retryable(
+                        TextEmbeddingError(
+                            f"{self.name}: no complete answer from {self.url} within "
+                            f"{self._timeout} s (IMGEMBED_TEXT_TIMEOUT)"
+                        )
+                    )
+                chunks.append(chunk)
+        body = b"".join(chunks)
+        return httpx.Response(
+            response.status_code, headers=response.headers, content=body, request=response.request
+        )
 
     def _wait(self, state: tenacity.RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome else None
@@ -194,6 +238,7 @@ class OpenAIEmbedder(HttpTextEmbedder):
         self.name = f"openai:{model}"
         self.model = model
         self.url = f"{base}/embeddings"
+        self.setting = "IMGEMBED_TEXT_API_BASE"
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         super().__init__(settings, headers, KNOWN_DIMENSIONS.get(model))
 
@@ -227,6 +272,7 @@ class OllamaEmbedder(HttpTextEmbedder):
         self.name = f"ollama:{model}"
         self.model = model
         self.url = f"{settings.ollama_url.rstrip('/')}/api/embed"
+        self.setting = "IMGEMBED_OLLAMA_URL"
         super().__init__(settings, {}, None)
 
     def payload(self, texts: list[str]) -> dict[str, Any]:
