@@ -252,3 +252,20 @@ def test_a_redirect_names_where_it_points(server):
             embedder.embed(["a"])
     assert len(server.requests) == 2  # not retried, not followed
     embedder.close()
+
+
+def test_settings_that_cannot_work_are_configuration_errors(server):
+    for base in ("http://[::1/v1", "ftp://127.0.0.1/v1", "localhost:8000/v1", "http://h:99999"):
+        with pytest.raises(ConfigurationError, match="IMGEMBED_TEXT_API_BASE"):
+            _openai(server, text_api_base=base)
+    with pytest.raises(ConfigurationError, match=r"IMGEMBED_OLLAMA_URL.*http://localhost:11434"):
+        OllamaEmbedder("m", load_settings(ollama_url="localhost:11434"))
+    for key in ("sk-ä", "sk-a\nb", "sk a"):
+        with pytest.raises(ConfigurationError, match="OPENAI_API_KEY") as caught:
+            _openai(server, openai_api_key=key)
+        assert key not in str(caught.value)  # a secret is never shown
+    assert server.requests == []
+    embedder = _openai(server, openai_api_key=" sk-test\r\n")  # as a file or .env may hold it
+    assert embedder.embed(["a"]).shape == (1, 16)
+    assert server.requests[0]["auth"] == "Bearer sk-test"
+    embedder.close()

@@ -9,7 +9,8 @@ and vectors of a different dimension than before a TextEmbeddingError.
 
 Each answer is read whole within `text_timeout` (a server that trickles a byte at a time is
 cut off, as one that never answers) and up to a size no embeddings answer reaches; a
-redirect is not followed but named."""
+redirect is not followed but named. A base URL or an API key that cannot work is a
+ConfigurationError when the embedder is made, before any request."""
 
 from __future__ import annotations
 
@@ -56,6 +57,7 @@ class HttpTextEmbedder:
     setting: str  # the setting that names the endpoint
 
     def __init__(self, settings: Settings, headers: dict[str, str], dimension: int | None):
+        _check_url(self.url, self.setting)
         self._timeout = settings.text_timeout
         self._retries = settings.text_retries
         self._delay = settings.retry_delay
@@ -229,7 +231,13 @@ class HttpTextEmbedder:
 class OpenAIEmbedder(HttpTextEmbedder):
     def __init__(self, model: str, settings: Settings):
         base = (settings.text_api_base or OPENAI_BASE).rstrip("/")
-        key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else None
+        secret = settings.openai_api_key
+        key = secret.get_secret_value().strip() if secret else None  # a .env's line end too
+        if key and not (key.isascii() and key.isprintable() and " " not in key):
+            raise ConfigurationError(  # never shown: it is a secret
+                "OPENAI_API_KEY holds characters an HTTP header cannot carry (spaces, line "
+                "breaks or non-ASCII letters); copy the key again"
+            )
         if not key and base == OPENAI_BASE:
             raise ConfigurationError(
                 f"openai:{model} needs an API key: set OPENAI_API_KEY (or point "
@@ -288,6 +296,20 @@ class OllamaEmbedder(HttpTextEmbedder):
                 f"run `ollama pull {self.model}`"
             )
         return super().refused(status, detail)
+
+
+def _check_url(url: str, setting: str) -> None:
+    """A ConfigurationError for an endpoint no request can go to (retrying cannot help)."""
+    try:
+        parsed = httpx.URL(url)
+        port = parsed.port
+    except httpx.InvalidURL as exc:
+        raise ConfigurationError(f"{setting}: {url} is not a valid URL ({exc})") from exc
+    if parsed.scheme not in ("http", "https") or not parsed.host or not 0 < (port or 80) < 65536:
+        raise ConfigurationError(
+            f"{setting}: {url} is not an http(s) URL with a host and port; write it as "
+            "http://localhost:11434 or https://api.example.com/v1"
+        )
 
 
 def _as_matrix(rows: list[Any], name: str) -> np.ndarray:
