@@ -304,3 +304,13 @@ def test_embed_url_from_the_command_line(photos, monkeypatch):
         assert json.loads(proc.stdout)["source"] == url
     finally:
         server.close()
+
+
+def test_messages_are_printed_as_they_are_not_as_emoji_codes(tmp_path):
+    # a file, a collection or a model name such as `openai:m` ("openai:m: cannot reach ...")
+    # holds what rich would turn into an emoji (:x: ❌, :m: Ⓜ)
+    missing = tmp_path / ":x:" / ":m:.jpg"
+    proc = run("embed", str(missing), *TINY_ARGS)
+    assert proc.returncode == 1
+    assert f"failed: {missing}: no such file (ImageNotFoundError)" in proc.stderr
+    assert "❌" not in proc.stderr and "Ⓜ" not in proc.stderr

@@ -16,7 +16,7 @@ from imgembed.errors import (
     StoreError,
 )
 
-err = Console(stderr=True, soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True, emoji=False)  # ":m:" in a message stays ":m:"
 # The command group; app.py and the *_command(s).py modules add their commands to it.
 app = typer.Typer(help="Exact CLIP image and text embeddings.", no_args_is_help=True)
 
