@@ -14,6 +14,7 @@
     │   └── SourceListError       a list file or one of its rows names no usable image
     ├── EncodeError               the model failed on a batch
     │   └── TextEmbeddingError    a text embedder (an API, Ollama) failed or changed dimension
+    │       └── TextApiSettingError   its URL or API key cannot work (also a ConfigurationError)
     ├── OutputError               an output file could not be written (disk full, ...)
     ├── StoreError                the vector database failed or refused
     │   ├── CollectionNotFoundError
@@ -124,6 +125,12 @@ class TextEmbeddingError(EncodeError):
     def __init__(self, message: str, status: int | None = None):
         super().__init__(message)
         self.status = status
+
+
+class TextApiSettingError(ConfigurationError, TextEmbeddingError):
+    """The text API's own settings cannot work (its URL, a key it refuses): the operator's
+    to fix (the CLI says so, exit 3), while to an HTTP client the embedder behind the server
+    failed (502), not its request."""
 
 
 class StoreError(ImgEmbedError):

@@ -269,3 +269,39 @@ def test_settings_that_cannot_work_are_configuration_errors(server):
     assert embedder.embed(["a"]).shape == (1, 16)
     assert server.requests[0]["auth"] == "Bearer sk-test"
     embedder.close()
+
+
+def test_the_servers_text_api_failing_is_a_502_the_client_is_not_told_to_retry(server):
+    """A key the text API refuses is the server's setting: a 502 (it was a 422, as if the
+    request were wrong); a text API down is a 502 that OpenAI's SDKs are told not to repeat
+    (it was answered as an encoder hiccup, Retry-After 1). The CLI still says: a setting."""
+    from fastapi.testclient import TestClient
+
+    from imgembed.api.app import create_app
+    from imgembed.cli.common import EXIT_CODES
+    from imgembed.errors import TextApiSettingError
+    from tests.conftest import TINY
+
+    settings = load_settings(**TINY, text_model="openai:test-embed", openai_api_key="sk-test",
+                             text_api_base=f"{server.url}/v1", text_retries=0)  # fmt: skip
+    products = [{"id": "p1", "title": "a red poster"}]
+    with TestClient(create_app(settings)) as client:
+        job = client.post("/api/v1/stores/shop/products", json={"products": products}).json()
+        for _ in range(600):
+            state = client.get(job["job"]["url"]).json()
+            if state["status"] not in ("queued", "running"):
+                break
+            time.sleep(0.1)
+        assert state["status"] == "done", state
+        server.script = [("status", 401, {})]
+        refused = client.post("/api/v1/stores/shop/search", json={"query": "poster"})
+        assert (refused.status_code, refused.json()["error_type"]) == (
+            502, "TextApiSettingError"), refused.text  # fmt: skip
+        assert "refused the API key" in refused.json()["error"]
+        assert refused.headers["x-should-retry"] == "false"
+        server.script = [("status", 503, {})]
+        down = client.post("/api/v1/stores/shop/search", json={"query": "poster"})
+        assert (down.status_code, down.json()["error_type"]) == (502, "TextEmbeddingError")
+        assert down.headers["x-should-retry"] == "false" and "retry-after" not in down.headers
+    error = TextApiSettingError("refused the API key", 401)
+    assert next(code for kind, code in EXIT_CODES if isinstance(error, kind)) == 3

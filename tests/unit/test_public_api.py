@@ -10,6 +10,7 @@ PUBLIC = {
     "StoreUnavailableError",
     "StoreFullError",
     "StoreBusyError",
+    "TextApiSettingError",
     "TextEmbeddingError",
     "SourceListError",
     "RequestTimeoutError",

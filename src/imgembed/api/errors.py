@@ -35,6 +35,7 @@ from imgembed.errors import (
     StoreBusyError,
     StoreError,
     StoreUnavailableError,
+    TextApiSettingError,
     TextEmbeddingError,
     UnavailableError,
     UnknownModelError,
@@ -67,6 +68,7 @@ STATUS: list[tuple[type[ImgEmbedError], int]] = [
     (ProvenanceMismatchError, 409),
     (StoreBusyError, 409),  # another process embeds the store: retry when it is done
     (DataDirError, 503),  # the server's setting, not the request's
+    (TextApiSettingError, 502),  # the server's text API settings (a refused key, a bad URL)
     (ConfigurationError, 422),  # the request cannot work with this model or these settings
     (UnknownModelError, 422),  # no such model: retrying will not help
     (InvalidRecordError, 422),  # a name, id, vector or metadata the store cannot hold
@@ -106,15 +108,16 @@ async def _imgembed_error(request: Request, exc: Exception) -> JSONResponse:
     headers = None
     if isinstance(exc, UnavailableError):
         headers = {"Retry-After": str(max(1, round(exc.retry_after)))}
+    elif isinstance(exc, FetchError | TextEmbeddingError):
+        # a 502 after the server's own retries with backoff: OpenAI's SDKs would repeat the
+        # whole request twice more (each with its retries) unless told not to (a text
+        # embedder's error is an EncodeError too: it was answered Retry-After 1 instead)
+        headers = {"x-should-retry": "false"}
     elif isinstance(exc, EncodeError):
         headers = {"Retry-After": "1"}
     elif isinstance(exc, StoreUnavailableError) and not isinstance(exc, DataDirError):
         # the database restarts, or is back soon (a data dir to fix is no matter of time)
         headers = {"Retry-After": str(round(STORE_RETRY_SECONDS))}
-    elif isinstance(exc, FetchError | TextEmbeddingError):
-        # a 502 after the server's own retries with backoff: OpenAI's SDKs would repeat the
-        # whole request twice more (each with its retries) unless told not to
-        headers = {"x-should-retry": "false"}
     if status == 500:
         log.error("unexpected library error", exc_info=exc)
     return error_response(request, status, error_dict(exc), headers)

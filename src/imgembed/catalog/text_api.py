@@ -4,13 +4,14 @@ Ollama's /v1, vLLM, infinity, `imgembed serve`) and Ollama's own `/api/embed`.
 Requests carry up to `text_batch_size` texts. Timeouts, connection errors, 429 and 5xx are
 retried `text_retries` times with exponential backoff from `retry_delay` (a server's
 Retry-After is respected, up to a minute); other failures are typed at once: a rejected key
-(401/403) is a ConfigurationError, an unknown model a ModelUnavailableError, anything else
-and vectors of a different dimension than before a TextEmbeddingError.
+(401/403) is a TextApiSettingError (a ConfigurationError), an unknown model a
+ModelUnavailableError, anything else and vectors of a different dimension than before a
+TextEmbeddingError.
 
 Each answer is read whole within `text_timeout` (a server that trickles a byte at a time is
 cut off, as one that never answers) and up to a size no embeddings answer reaches; a
 redirect is not followed but named. A base URL or an API key that cannot work is a
-ConfigurationError when the embedder is made, before any request."""
+TextApiSettingError when the embedder is made, before any request."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ import tenacity
 
 from imgembed.catalog.text_vectors import UnusableRowsError, checked_rows
 from imgembed.config import Settings
-from imgembed.errors import ConfigurationError, ModelUnavailableError, TextEmbeddingError
+from imgembed.errors import ModelUnavailableError, TextApiSettingError, TextEmbeddingError
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ class HttpTextEmbedder:
         """A typed error for a status that retrying cannot fix, else None (`kind`: the
         error's type or code in an OpenAI-style body)."""
         if status in (401, 403):
-            return ConfigurationError(
+            return TextApiSettingError(
                 f"{self.name}: {self.url} refused the API key ({status}: "
                 f"{detail}); check OPENAI_API_KEY"
             )
@@ -234,12 +235,12 @@ class OpenAIEmbedder(HttpTextEmbedder):
         secret = settings.openai_api_key
         key = secret.get_secret_value().strip() if secret else None  # a .env's line end too
         if key and not (key.isascii() and key.isprintable() and " " not in key):
-            raise ConfigurationError(  # never shown: it is a secret
+            raise TextApiSettingError(  # never shown: it is a secret
                 "OPENAI_API_KEY holds characters an HTTP header cannot carry (spaces, line "
                 "breaks or non-ASCII letters); copy the key again"
             )
         if not key and base == OPENAI_BASE:
-            raise ConfigurationError(
+            raise TextApiSettingError(
                 f"openai:{model} needs an API key: set OPENAI_API_KEY (or point "
                 "IMGEMBED_TEXT_API_BASE at an OpenAI-compatible server that needs none)"
             )
@@ -299,14 +300,14 @@ class OllamaEmbedder(HttpTextEmbedder):
 
 
 def _check_url(url: str, setting: str) -> None:
-    """A ConfigurationError for an endpoint no request can go to (retrying cannot help)."""
+    """A TextApiSettingError for an endpoint no request can go to (retrying cannot help)."""
     try:
         parsed = httpx.URL(url)
         port = parsed.port
     except httpx.InvalidURL as exc:
-        raise ConfigurationError(f"{setting}: {url} is not a valid URL ({exc})") from exc
+        raise TextApiSettingError(f"{setting}: {url} is not a valid URL ({exc})") from exc
     if parsed.scheme not in ("http", "https") or not parsed.host or not 0 < (port or 80) < 65536:
-        raise ConfigurationError(
+        raise TextApiSettingError(
             f"{setting}: {url} is not an http(s) URL with a host and port; write it as "
             "http://localhost:11434 or https://api.example.com/v1"
         )
