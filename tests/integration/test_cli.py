@@ -314,3 +314,14 @@ def test_messages_are_printed_as_they_are_not_as_emoji_codes(tmp_path):
     assert proc.returncode == 1
     assert f"failed: {missing}: no such file (ImageNotFoundError)" in proc.stderr
     assert "❌" not in proc.stderr and "Ⓜ" not in proc.stderr
+
+
+def test_names_with_brackets_are_printed_as_they_are_not_as_markup(tmp_path, photos):
+    """rich read "[/b]" in a message as a closing tag (a MarkupError traceback), dropped a
+    "[x]" as a style and made ":smile:" an emoji, in messages and in tables alike."""
+    broken = run("db", "start", "--for", "[/b]")
+    assert broken.returncode == 2 and "--for '[/b]': give a duration" in broken.stderr
+    named = tmp_path / "[x] :smile:.png"
+    shutil.copy(photos[0], named)
+    table = run("metadata", str(named))
+    assert table.returncode == 0 and "[x] :smile:.png" in table.stdout.replace("\n", "")

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from imgembed.cli.common import (
@@ -33,6 +32,7 @@ from imgembed.cli.common import (
     make_service,
     optional_value,
     progress_bar,
+    tables,
 )
 from imgembed.cli.output import Writer
 from imgembed.errors import ImageError, ImgEmbedError, OutputError, error_dict
@@ -117,7 +117,6 @@ def embed(
         err.print(
             f"nothing embedded: {printable(str(output))} left as it was",
             highlight=False,
-            markup=False,
         )
     if failures:
         raise typer.Exit(1)
@@ -144,9 +143,9 @@ def _summary(counts: Progress, seconds: float, failures: list[Any], output: Path
         highlight=False,
     )
     for failure in failures:
-        err.print(f"  failed: {failure} ({type(failure).__name__})", highlight=False, markup=False)
+        err.print(f"  failed: {failure} ({type(failure).__name__})", highlight=False)
     if output:
-        err.print(f"written to {printable(str(output))}", highlight=False, markup=False)
+        err.print(f"written to {printable(str(output))}", highlight=False)
 
 
 @app.command("embed-text")
@@ -209,21 +208,21 @@ def metadata(
     unlisted: list[ImageError] = []  # folders that cannot be listed
     files = expand_paths(paths, service.settings.supported_formats, unlisted)
     for error in unlisted:
-        err.print(f"failed: {error} ({type(error).__name__})", markup=False, highlight=False)
+        err.print(f"failed: {error} ({type(error).__name__})", highlight=False)
     failed = len(unlisted)
     for path in files:
         try:
             data = service.image_metadata(path, extended)
         except ImgEmbedError as exc:
             failed += 1
-            err.print(f"failed: {exc} ({type(exc).__name__})", markup=False, highlight=False)
+            err.print(f"failed: {exc} ({type(exc).__name__})", highlight=False)
             continue
         if as_json:
             typer.echo(json.dumps({"path": printable(str(path)), **data}, ensure_ascii=False))
         else:
             table.add_row(*_metadata_cells(path, data)[: len(table.columns)])
     if not as_json and table.row_count:
-        Console().print(table)
+        tables.print(table)
     if failed:
         raise typer.Exit(1)
 

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Column, Table
 
 from imgembed.cli.common import (
@@ -25,6 +24,7 @@ from imgembed.cli.common import (
     err,
     fail,
     make_settings,
+    tables,
     waiting_line,
 )
 from imgembed.errors import ImgEmbedError, StoreBusyError, StoreFullError, StoreUnavailableError
@@ -48,7 +48,7 @@ TextModelOpt = Annotated[
 
 
 def _say(text: str) -> None:
-    err.print(text, markup=False, highlight=False, emoji=False)
+    err.print(text, highlight=False)
 
 
 def _catalog(store_id: str | None = None, **options: Any):
@@ -323,7 +323,7 @@ def search(
             f"{hit['category'] or ''} ({hit['weight_category']})",
             "" if price is None else f"{price:.2f} {hit['currency'] or ''}".strip(),
         )
-    Console().print(table)
+    tables.print(table)
 
 
 def _cell(value: float | None, missing: str) -> str:
@@ -376,4 +376,4 @@ def stats(store_id: StoreOpt, as_json: JsonOpt = False) -> None:
             f"{', '.join(result.indexes_missing)}: searched exactly until the next "
             "`imgembed catalog embed` builds them",
         )
-    Console().print(table)
+    tables.print(table)

@@ -16,7 +16,10 @@ from imgembed.errors import (
     StoreError,
 )
 
-err = Console(stderr=True, soft_wrap=True, emoji=False)  # ":m:" in a message stays ":m:"
+# Names, paths, product titles and messages are printed as they are: with rich's markup a
+# "[/b]" in one was a MarkupError traceback, "[x]" vanished and ":m:" became an emoji.
+err = Console(stderr=True, soft_wrap=True, emoji=False, markup=False)
+tables = Console(emoji=False, markup=False)
 # The command group; app.py and the *_command(s).py modules add their commands to it.
 app = typer.Typer(help="Exact CLIP image and text embeddings.", no_args_is_help=True)
 
@@ -96,7 +99,7 @@ def optional_value(argv: list[str], option: str, value: str) -> list[str]:
 
 def progress_bar() -> Progress:
     return Progress(
-        TextColumn("{task.description}"),
+        TextColumn("{task.description}", markup=False),
         BarColumn(),
         MofNCompleteColumn(),
         TimeRemainingColumn(),
@@ -124,5 +127,5 @@ def make_settings(**options: Any):
 
 def fail(exc: ImgEmbedError) -> typer.Exit:
     code = next(code for kind, code in EXIT_CODES if isinstance(exc, kind))
-    err.print(f"error: {exc}", markup=False, highlight=False)
+    err.print(f"error: {exc}", highlight=False)
     return typer.Exit(code)

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from imgembed.cli.common import (
@@ -19,6 +18,7 @@ from imgembed.cli.common import (
     err,
     fail,
     make_service,
+    tables,
 )
 from imgembed.errors import ConfigurationError, ImgEmbedError
 
@@ -72,7 +72,7 @@ def models_list(
             ", ".join(row["aliases"]),
             row["note"],
         )
-    Console().print(table)
+    tables.print(table)
 
 
 @models_app.command("export")
@@ -181,9 +181,9 @@ def models_verify(
             f"{report.images_per_second:.1f} ({report.speed_ratio:.2f}x)",
             f"{report.reference_images_per_second:.1f}",
         )
-        Console().print(table)
+        tables.print(table)
     for failure in report.failed:
-        err.print(f"  skipped: {failure}", highlight=False, markup=False)
+        err.print(f"  skipped: {failure}", highlight=False)
     if report.image_cosine_min < bound:
         err.print(f"image cosine {report.image_cosine_min:.6f} is below {bound}", highlight=False)
         raise typer.Exit(1)

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from imgembed.cli.common import (
@@ -26,6 +25,7 @@ from imgembed.cli.common import (
     make_service,
     make_settings,
     progress_bar,
+    tables,
     waiting_line,
 )
 from imgembed.cli.output import check_writable
@@ -108,7 +108,7 @@ def index(
                 bar.update(task, completed=progress.done)
                 if progress.waiting and progress.waiting != shown:
                     shown = progress.waiting
-                    bar.print(waiting_line(shown), markup=False, highlight=False, emoji=False)
+                    bar.print(waiting_line(shown), highlight=False)
 
             if ray is None:
                 stats = service.index(items, name, prune=prune, progress=update)
@@ -135,7 +135,7 @@ def index(
         highlight=False,
     )
     for failure in stats.failures:
-        err.print(f"  failed: {failure['error']} ({failure['error_type']})", markup=False)
+        err.print(f"  failed: {failure['error']} ({failure['error_type']})")
     if failures:
         lines = "".join(json.dumps(f, ensure_ascii=False) + "\n" for f in stats.failures)
         try:
@@ -166,7 +166,7 @@ def _filters(pairs: list[str]) -> dict[str, Any]:
 
 
 def _usage(message: str) -> NoReturn:
-    err.print(f"error: {message}", markup=False, highlight=False)
+    err.print(f"error: {message}", highlight=False)
     raise typer.Exit(2)
 
 
@@ -240,7 +240,7 @@ def search(
         extra = {k: v for k, v in row["metadata"].items() if k not in _IMAGE_KEYS}
         cells = [str(row["rank"]), f"{row['score']:.4f}", *([row["id"]] if show_id else [])]
         table.add_row(*cells, row["source"], json.dumps(extra, ensure_ascii=False))
-    Console().print(table)
+    tables.print(table)
 
 
 _IMAGE_KEYS = ("width", "height", "format", "confidence")
@@ -295,7 +295,7 @@ def collections(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     for row in rows:
         table.add_row(*(str(row[k]) for k in ("name", "backend", "model", "pretrained",
                                               "dimension", "count")))  # fmt: skip
-    Console().print(table)
+    tables.print(table)
 
 
 @collections_app.command("drop")
