@@ -38,6 +38,7 @@ KNOWN_DIMENSIONS = {
     "text-embedding-ada-002": 1536,
 }
 MAX_WAIT = 60.0
+_UNKNOWN_MODEL = ("model_not_found", "UnknownModelError")  # OpenAI's code, imgembed serve's
 # An answer's bytes at most: ~8,000 floats per text even as pretty-printed JSON.
 ANSWER_BYTES_BASE = 1 << 20
 ANSWER_BYTES_PER_TEXT = 256 << 10
@@ -269,10 +270,14 @@ class OpenAIEmbedder(HttpTextEmbedder):
 
     def refused(self, status: int, detail: str, kind: str = "") -> Exception | None:
         # OpenAI: 404 or code model_not_found; imgembed serve: 422 UnknownModelError
-        if status == 404 or kind in ("model_not_found", "UnknownModelError"):
-            return ModelUnavailableError(
-                f"{self.name}: {self.url} does not serve the model {self.model!r} ({detail})"
-            )
+        if status == 404 or kind in _UNKNOWN_MODEL:
+            message = f"{self.name}: {self.url} does not serve the model {self.model!r} ({detail})"
+            if kind not in _UNKNOWN_MODEL:  # a bare 404 may be a path that is no endpoint
+                message += (
+                    f"; or it is no embeddings endpoint: check {self.setting} (an "
+                    "OpenAI-compatible base usually ends in /v1)"
+                )
+            return ModelUnavailableError(message)
         return super().refused(status, detail)
 
 
