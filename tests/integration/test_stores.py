@@ -123,6 +123,21 @@ def test_search_order_scores_and_filters(store):
         store.search(name, np.ones(4), top_k=1)
 
 
+def test_a_query_of_any_scale_finds_what_its_direction_finds(store):
+    """The cosine ignores a query's length; PostgreSQL's half-precision index read tiny
+    values as zeros (another order, silently) and refused values over 65,504."""
+    name = _name()
+    store.create_collection(name, PROV)
+    records = _records()
+    store.upsert(name, records)
+    query = records[3].vector.astype(np.float64)
+    expected = store.search(name, query, top_k=5)
+    for scale in (1e5, 1e19, 1e-30, 1e-300):
+        hits = store.search(name, query * scale, top_k=5)
+        assert [h.id for h in hits] == [h.id for h in expected], scale
+        assert [h.score for h in hits] == pytest.approx([h.score for h in expected], abs=1e-5)
+
+
 def test_filters_of_every_json_type_match_keys_exactly(store):
     """A filter's value may be any JSON (the HTTP API sends numbers, `--filter k:=JSON` null,
     lists, objects) and its key any text (a CSV header with a space or a dot). Qdrant raised

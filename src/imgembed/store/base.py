@@ -83,6 +83,24 @@ def checked_vector(vector: Any, dimension: int, what: str) -> np.ndarray:
     return array
 
 
+def checked_query(vector: Any, dimension: int) -> np.ndarray:
+    """A query as checked_vector checks it, scaled to unit length first (the cosine does
+    not change): the half-precision index read a query of tiny values as zeros (another
+    order, silently) and refused one of values over 65,504."""
+    try:
+        array = np.asarray(vector, dtype=np.float64).ravel()
+    except (TypeError, ValueError):
+        array = None
+    if array is None or array.shape != (dimension,):
+        return checked_vector(vector, dimension, "query")  # its error
+    with np.errstate(all="ignore"):
+        peak = np.abs(array).max()
+        if np.isfinite(peak) and peak > 0:  # else checked_vector refuses it
+            array = array / peak
+            array /= np.linalg.norm(array)
+    return checked_vector(array, dimension, "query")
+
+
 def dropped(name: str, action: str) -> CollectionNotFoundError:
     """A collection found gone in the middle of work on it (another request or process
     dropped it): what was stored in it went with it."""

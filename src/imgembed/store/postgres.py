@@ -31,9 +31,9 @@ from imgembed.store.base import (
     busy,
     checked_metadata,
     checked_name,
+    checked_query,
     checked_record,
     checked_text,
-    checked_vector,
     dropped,
     vector_size,
 )
@@ -373,7 +373,7 @@ class PostgresStore:
         """One statement, prepared after its first use. The approximate order is that of
         the half-precision index; scores are the full-precision cosine."""
         table, dimension = self._collection(name, vector_size(vector))
-        query = checked_vector(vector, dimension, "query")
+        query = checked_query(vector, dimension)
         params: dict[str, Any] = {"q": query}
         where = sql.SQL("")
         if filters:

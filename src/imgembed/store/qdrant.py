@@ -34,9 +34,9 @@ from imgembed.store.base import (
     StoredItem,
     checked_metadata,
     checked_name,
+    checked_query,
     checked_record,
     checked_text,
-    checked_vector,
     dropped,
     vector_size,
 )
@@ -312,7 +312,7 @@ class QdrantStore:
     ) -> list[Hit]:
         models = self._models
         dimension = self._dimension(name, vector_size(vector))
-        query = checked_vector(vector, dimension, "query")
+        query = checked_query(vector, dimension)
         condition = None
         if filters:
             checked_metadata(dict(filters), "the search filter")
