@@ -166,6 +166,10 @@ def test_filters_of_every_json_type_match_keys_exactly(store):
     for key, (value, ids) in expected.items():
         hits = store.search(name, query, top_k=10, filters={key: value})
         assert {hit.id for hit in hits} == ids, key
+    # one value also finds a list that holds it (tags=sale: ["sale", "new"]); PostgreSQL's
+    # containment found none, Qdrant both
+    hits = store.search(name, query, top_k=10, filters={"sizes": 2, "product type": "t0"})
+    assert {hit.id for hit in hits} == {"item-2"}
 
 
 def test_migrations_are_at_head_and_rerunnable(postgres_url):

@@ -377,8 +377,8 @@ class PostgresStore:
         params: dict[str, Any] = {"q": query}
         where = sql.SQL("")
         if filters:
-            where = sql.SQL(" WHERE metadata @> %(filters)s::jsonb")
-            params["filters"] = checked_metadata(dict(filters), "the search filter")
+            where, matches = _filter(filters)
+            params.update(matches)
         order = sql.SQL("embedding <=> %(q)s")  # no index serves it: every row is compared
         if not exact and dimension <= HNSW_MAX_DIMENSION:
             order = sql.SQL("embedding::halfvec({d}) <=> %(q)s::halfvec({d})").format(
@@ -524,3 +524,19 @@ def _count(connection: psycopg.Connection, table: str) -> int:
 def _array(value: Any) -> np.ndarray:
     raw = value.to_numpy() if hasattr(value, "to_numpy") else value
     return np.asarray(raw, dtype=np.float32)
+
+
+def _filter(filters: Mapping[str, Any]) -> tuple[sql.Composable, dict[str, str]]:
+    """`metadata @> {key: value}` for each key (JSON containment: an object by its keys, a
+    list by its values); a single value also matches a list that holds it (tags=sale finds
+    ["sale", "new"]), as Qdrant matches it."""
+    checked_metadata(dict(filters), "the search filter")
+    parts, params = [], {}
+    for n, (key, value) in enumerate(filters.items()):
+        params[f"f{n}"] = checked_metadata({key: value}, "the search filter")
+        part = sql.SQL("metadata @> {}::jsonb").format(sql.Placeholder(f"f{n}"))
+        if not isinstance(value, Mapping | list | tuple):
+            params[f"l{n}"] = checked_metadata({key: [value]}, "the search filter")
+            part = sql.SQL("({} OR metadata @> {}::jsonb)").format(part, sql.Placeholder(f"l{n}"))
+        parts.append(part)
+    return sql.SQL(" WHERE ") + sql.SQL(" AND ").join(parts), params
