@@ -384,10 +384,11 @@ def _checked_name(name: str) -> str:
 
 
 def _conditions(models: Any, path: str, value: Any) -> list[Any]:
-    """A filter as Qdrant conditions that match as PostgreSQL's `metadata @> filter` does:
+    """A filter as Qdrant conditions that match as the PostgreSQL store's filter does:
     keys exactly (quoted in the path: a key may hold spaces, dots or brackets), an object
     by its keys, a list by each of its values, a number by its value (3.0 matches 3), null
-    by null; other values as their text, as the Postgres store writes them."""
+    by null, one value also a list holding it; other values as their text, as the Postgres
+    store writes them."""
     if isinstance(value, Mapping):
         return [
             condition
