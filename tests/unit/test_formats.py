@@ -2,6 +2,7 @@
 transparency, animation, EXIF in every container, limits, quality."""
 
 import io
+import json
 import re
 import time
 from collections import Counter
@@ -10,6 +11,7 @@ import numpy as np
 import pillow_heif
 import pytest
 from PIL import ExifTags, Image, ImageFilter
+from PIL.TiffImagePlugin import IFDRational
 
 from imgembed import (
     ConfigurationError,
@@ -233,6 +235,28 @@ def test_malformed_or_missing_exif_gives_nulls(service, name):
         assert key in data
     if name == "exif_gps.jpg":  # its GPS values are garbage (e.g. the date 1999:99:99)
         assert data["gps_info"] is None
+
+
+def test_exif_numbers_that_are_not_finite_are_null(service, rocket, tmp_path):
+    """A 0/0 GPS rational reads as NaN and a DOUBLE tag can hold infinity: they came back as
+    a NaN latitude and an infinite exposure, which no JSON can hold."""
+    exif = Image.Exif()
+    gps = exif.get_ifd(ExifTags.IFD.GPSInfo)
+    gps[ExifTags.GPS.GPSLatitudeRef] = "N"
+    gps[ExifTags.GPS.GPSLatitude] = (IFDRational(52, 1), IFDRational(22, 1), IFDRational(0, 0))
+    gps[ExifTags.GPS.GPSLongitudeRef] = "W"
+    gps[ExifTags.GPS.GPSLongitude] = (4.0, 53.0, 24.0)
+    detail = exif.get_ifd(ExifTags.IFD.Exif)
+    detail[ExifTags.Base.ExposureTime] = float("inf")
+    detail[ExifTags.Base.FNumber] = 2.8
+    path = tmp_path / "gps.jpg"
+    rocket.save(path, exif=exif)
+    data = service.image_metadata(path, extended=True)
+    json.dumps(data, allow_nan=False)
+    assert data["gps_info"]["latitude"] is None
+    assert data["gps_info"]["longitude"] == pytest.approx(-4.89, abs=1e-6)
+    assert data["exposure"] == {"exposure_time": None, "f_number": 2.8, "iso": None,
+                                "focal_length": None}  # fmt: skip
 
 
 def test_minimum_size(rocket):

@@ -3,6 +3,7 @@ orientation, GPS. Missing or malformed EXIF gives nulls, never an exception."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any, TypeVar
@@ -33,7 +34,7 @@ def _number(value: Any) -> float | None:
     if isinstance(value, tuple | list):
         value = value[0]
     number = float(value)
-    return None if number != number else round(number, 6)  # NaN from x/0 rationals
+    return round(number, 6) if math.isfinite(number) else None  # x/0 rationals: NaN
 
 
 def _date(value: Any, offset: Any = None) -> str | None:
@@ -48,6 +49,8 @@ def _date(value: Any, offset: Any = None) -> str | None:
 def _degrees(dms: Any, ref: Any) -> float:
     degrees, minutes, seconds = (float(x) for x in dms)
     value = degrees + minutes / 60 + seconds / 3600
+    if not math.isfinite(value):  # a 0/0 rational (NaN): no position, not a NaN one
+        raise ValueError("not a finite coordinate")
     return round(-value if _text(ref) in ("S", "W") else value, 7)
 
 
