@@ -66,6 +66,11 @@ async def test_one_image_where_a_list_is_needed_and_urls_that_are_not_http(tiny_
         await tiny_service.batch_generate_embeddings("image1.jpg")
     with pytest.raises(ConfigurationError, match="a list of images is needed"):
         await tiny_service.batch_preprocess_images("image1.jpg")
+    for nothing in (None, 3):  # were a bare TypeError: not iterable
+        with pytest.raises(ConfigurationError, match="a list of images is needed, not"):
+            await tiny_service.batch_generate_embeddings(nothing)
+        with pytest.raises(ConfigurationError, match="a list of images is needed, not"):
+            await tiny_service.batch_preprocess_images(nothing)
     with pytest.raises(SourceNotAllowedError, match=r"ftp://x/y\.jpg: only http"):
         await tiny_service.generate_embedding_from_url("ftp://x/y.jpg")
     with pytest.raises(SourceNotAllowedError):  # a path is not a URL

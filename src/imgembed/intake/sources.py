@@ -66,6 +66,8 @@ def checked_sources(sources: Iterable[object]) -> list:
             f"a list of images is needed, not one {type(sources).__name__} "
             "(for one image: embed_image / generate_embedding_from_image_path)"
         )
+    if not isinstance(sources, Iterable):  # None, a number: no list at all
+        raise ConfigurationError(f"a list of images is needed, not {type(sources).__name__}")
     return list(sources)
 
 
