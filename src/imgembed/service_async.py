@@ -67,9 +67,16 @@ class SeedAsyncMethods:
         return await self._generate(url, include_metadata)
 
     async def generate_embedding_from_base64(
-        self: ImageEmbeddingService, data: str, include_metadata: bool = False
+        self: ImageEmbeddingService, data: str | bytes, include_metadata: bool = False
     ) -> Embedding | dict[str, Any]:
-        """From base64 text or a `data:image/...;base64,` URI."""
+        """From base64 text (also as the bytes `base64.b64encode` returns) or a
+        `data:image/...;base64,` URI."""
+        if isinstance(data, bytes | bytearray | memoryview):
+            data = bytes(data).decode("ascii", "replace")  # not ASCII: invalid base64 below
+        elif not isinstance(data, str):
+            raise InvalidSourceError(
+                f"base64 text is needed here, not a {type(data).__name__}", repr(data)[:200]
+            )
         image_bytes = decode_base64(data, self.settings.max_file_size)
         return await self._generate(image_bytes, include_metadata)
 

@@ -1,6 +1,7 @@
 """The seed's async methods: names, return shapes, and never blocking the event loop."""
 
 import asyncio
+import base64
 import time
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from imgembed import (
     ConfigurationError,
     ImageEmbeddingService,
     ImageNotFoundError,
+    InvalidImageError,
     InvalidSourceError,
     SourceNotAllowedError,
 )
@@ -30,6 +32,19 @@ async def test_path_and_bytes_return_plain_lists(tiny_service, photos):
     # a str (a user's field passed on) is not read as a file: the library has no roots
     with pytest.raises(InvalidSourceError, match="bytes are needed here, not a str"):
         await tiny_service.generate_embedding_from_image_bytes(str(photos[0]))
+
+
+async def test_base64_as_text_bytes_or_data_uri(tiny_service, photos):
+    data = photos[0].read_bytes()
+    expected = await tiny_service.generate_embedding_from_image_bytes(data)
+    encoded = base64.b64encode(data)  # bytes, as b64encode returns: was a bare TypeError
+    for given in (encoded, encoded.decode(), f"data:image/png;base64,{encoded.decode()}"):
+        got = await tiny_service.generate_embedding_from_base64(given)
+        np.testing.assert_allclose(got, expected, atol=1e-7)
+    with pytest.raises(InvalidImageError, match="invalid base64"):
+        await tiny_service.generate_embedding_from_base64(data)  # the image's own bytes
+    with pytest.raises(InvalidSourceError, match="base64 text is needed here, not a NoneType"):
+        await tiny_service.generate_embedding_from_base64(None)
 
 
 async def test_include_metadata_returns_a_dict(tiny_service, photos):
