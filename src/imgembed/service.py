@@ -186,7 +186,7 @@ class ImageEmbeddingService(SeedAsyncMethods):
             keys = list(image_embeddings)
             matrix = [image_embeddings[key] for key in keys]
         else:
-            matrix = image_embeddings
+            matrix = similarity.candidate_rows(image_embeddings)  # a generator as a list
             keys = list(range(len(matrix)))
         scores = similarity.cosine_similarities(query_embedding, matrix)
         return [

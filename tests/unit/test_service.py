@@ -113,6 +113,14 @@ async def test_similarity_methods(tiny_service, photos):
             tiny_service.search_vector(query, "any", top_k=nothing)
 
 
+async def test_find_similar_images_takes_a_generator_of_candidates(tiny_service):
+    rows = [[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]]
+    hits = await tiny_service.find_similar_images([1, 0, 0], (r for r in rows), top_k=1)
+    assert hits == [(1, 1.0)]  # was a bare TypeError: a generator has no len()
+    with pytest.raises(ConfigurationError, match="a list or matrix of embeddings, not NoneType"):
+        await tiny_service.find_similar_images([1, 0, 0], None)
+
+
 def test_similar_images_returns_ranked_results(tiny_service):
     vectors = {"a": [1, 0, 0], "b": [0.9, 0.1, 0], "c": [0, 1, 0], "d": [-1, 0, 0]}
     hits = tiny_service.similar_images([1, 0, 0], vectors, top_k=3)

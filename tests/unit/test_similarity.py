@@ -93,3 +93,35 @@ def test_what_is_not_a_vector_is_a_clear_error():
         similarity.cosine_similarities(None, [[1, 2]])  # was "NaN or infinity given"
     with pytest.raises(ConfigurationError, match="a number too large"):
         similarity.cosine_similarities([10**400, 1], [[1, 1]])  # was a bare OverflowError
+
+
+def test_what_holds_no_embeddings_is_a_clear_error():
+    """These were bare TypeErrors from len() or iteration, or named wrong 'lengths'."""
+    for nothing in (None, (x for x in [1.0, 2.0]), {"a": 1.0}):
+        with pytest.raises(ConfigurationError, match="first embedding"):
+            similarity.cosine_similarity(nothing, [1.0, 2.0])
+    for nothing in (None, 3, "abc"):
+        with pytest.raises(ConfigurationError, match="a list or matrix of embeddings, not"):
+            similarity.cosine_similarities([1.0, 0.0], nothing)
+    # a dict (its keys were counted as 'lengths given: [1, 2]')
+    with pytest.raises(ConfigurationError, match=r"not a dict \(find_similar_images takes"):
+        similarity.cosine_similarities([1.0, 0.0], {"a": [1.0, 0.0], "bb": [0.0, 1.0]})
+    with pytest.raises(ConfigurationError, match=r"one embedding, not shape \(2, 2\)"):
+        similarity.cosine_similarities([[1.0, 0.0], [0.0, 1.0]], [[1.0, 0.0, 0.0, 0.0]])
+
+
+def test_torch_tensors_and_generators_of_candidates():
+    torch = pytest.importorskip("torch")
+    rows = [[1.0, 0.0], [0.0, 1.0]]
+    assert similarity.cosine_similarities([1.0, 0.0], (r for r in rows)).tolist() == [1.0, 0.0]
+    assert similarity.cosine_similarities(
+        torch.tensor([1.0, 0.0]), torch.tensor(rows)
+    ).tolist() == [
+        1.0,
+        0.0,
+    ]
+    graph = torch.tensor(rows, requires_grad=True)  # was torch's RuntimeError
+    with pytest.raises(ConfigurationError, match=r"cannot be read: .*detach"):
+        similarity.cosine_similarities([1.0, 0.0], graph)
+    with pytest.raises(ConfigurationError, match=r"cannot be read: .*detach"):
+        similarity.cosine_similarity(graph[0], [1.0, 0.0])

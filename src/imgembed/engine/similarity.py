@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import numbers
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -30,7 +31,28 @@ def _scaled(values: np.ndarray, what: str) -> np.ndarray:
     return (values / np.where(peak == 0, 1, peak)).astype(np.float32)
 
 
+def candidate_rows(candidates: Any) -> Sequence[ArrayLike] | np.ndarray:
+    """The candidates as rows that can be counted and indexed (a generator as a list); what
+    holds no rows (None, a number, a text, a dict) is a ConfigurationError."""
+    if isinstance(candidates, Mapping):
+        raise ConfigurationError(
+            "candidate embeddings must be a list or matrix of embeddings, not a "
+            f"{type(candidates).__name__} (find_similar_images takes a dict of them)"
+        )
+    if candidates is None or isinstance(candidates, str | bytes) or not _iterable(candidates):
+        raise ConfigurationError(
+            "candidate embeddings must be a list or matrix of embeddings, not "
+            f"{type(candidates).__name__}"
+        )
+    return candidates if hasattr(candidates, "__len__") else list(candidates)
+
+
+def _iterable(value: Any) -> bool:
+    return isinstance(value, Iterable) or hasattr(value, "__getitem__")
+
+
 def _matrix(candidates: Sequence[ArrayLike] | np.ndarray, dim: int) -> np.ndarray:
+    candidates = candidate_rows(candidates)
     if not isinstance(candidates, np.ndarray):
         missing = [n for n, row in enumerate(candidates) if row is None]
         if missing:  # batch_generate_embeddings gives None for an image that failed
@@ -41,6 +63,8 @@ def _matrix(candidates: Sequence[ArrayLike] | np.ndarray, dim: int) -> np.ndarra
     try:
         matrix = np.asarray(candidates)
         matrix = matrix.astype(np.float64) if matrix.dtype != np.float32 else matrix
+    except RuntimeError as exc:  # a torch tensor that requires grad
+        raise ConfigurationError(f"candidate embeddings cannot be read: {exc}") from None
     except (TypeError, ValueError, OverflowError):  # ragged rows, text, ints over 1e308
         lengths = sorted({len(row) for row in candidates if hasattr(row, "__len__")})
         what = (
@@ -60,22 +84,32 @@ def _matrix(candidates: Sequence[ArrayLike] | np.ndarray, dim: int) -> np.ndarra
     return _scaled(matrix, "embeddings")
 
 
+def _vector(values: ArrayLike, what: str) -> np.ndarray:
+    """One embedding as float64 numbers (flattened: a (1, d) matrix is one vector)."""
+    try:
+        if values is None:
+            raise TypeError  # as an array: one NaN
+        array = np.asarray(values, dtype=np.float64)
+    except OverflowError:  # an int over 1e308
+        raise ConfigurationError(f"{what} holds a number too large") from None
+    except RuntimeError as exc:  # a torch tensor that requires grad
+        raise ConfigurationError(f"{what} cannot be read: {exc}") from None
+    except (TypeError, ValueError):
+        raise ConfigurationError(
+            f"{what} must be a list of numbers, not {type(values).__name__}"
+        ) from None
+    if array.ndim > 1 and array.size != array.shape[-1]:  # rows, not one embedding
+        raise ConfigurationError(f"{what} must be one embedding, not shape {array.shape}")
+    if array.size == 0:
+        raise ConfigurationError(f"{what} is empty")
+    return array.ravel()
+
+
 def cosine_similarities(
     query: ArrayLike, candidates: Sequence[ArrayLike] | np.ndarray
 ) -> np.ndarray:
     """Cosine of `query` with each candidate row."""
-    try:
-        if query is None:
-            raise TypeError  # as an array: one NaN
-        q = np.asarray(query, dtype=np.float64).ravel()
-    except OverflowError:  # an int over 1e308
-        raise ConfigurationError("the query embedding holds a number too large") from None
-    except (TypeError, ValueError):
-        raise ConfigurationError(
-            f"the query embedding must be a list of numbers, not {type(query).__name__}"
-        ) from None
-    if q.size == 0:
-        raise ConfigurationError("the query embedding is empty")
+    q = _vector(query, "the query embedding")
     matrix = _matrix(candidates, q.shape[0])
     q = _scaled(q, "embeddings")
     # float32 rounding can land a hair outside [-1, 1] (1.0000001 for the same image)
@@ -83,9 +117,12 @@ def cosine_similarities(
 
 
 def cosine_similarity(a: ArrayLike, b: ArrayLike) -> float:
-    if len(a) != len(b):
-        raise ConfigurationError(f"the two embeddings differ in length: {len(a)} and {len(b)}")
-    return float(cosine_similarities(a, [b])[0])
+    first, second = _vector(a, "the first embedding"), _vector(b, "the second embedding")
+    if first.size != second.size:
+        raise ConfigurationError(
+            f"the two embeddings differ in length: {first.size} and {second.size}"
+        )
+    return float(cosine_similarities(first, second[None, :])[0])
 
 
 MAX_TOP_K = 2**63 - 1  # more than any collection holds; the largest LIMIT PostgreSQL takes
