@@ -237,6 +237,18 @@ def test_malformed_or_missing_exif_gives_nulls(service, name):
         assert data["gps_info"] is None
 
 
+async def test_an_upright_image_does_not_say_to_turn_it_again(service, rocket):
+    """preprocess_image of a rotated JPEG kept the file's EXIF (Orientation 6): embedded
+    again, or shown by a viewer, it was turned a second time."""
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = 6
+    data = _encoded(rocket.rotate(90, expand=True), "JPEG", exif=exif, quality=95)
+    shown = await service.preprocess_image(data)
+    assert ExifTags.Base.Orientation not in shown.getexif()
+    assert _cos(service.embed_image(shown), service.embed_image(data)) > 0.9999
+    assert decode(data, "x", Limits()).image.getexif().get(ExifTags.Base.Orientation) is None
+
+
 def test_exif_numbers_that_are_not_finite_are_null(service, rocket, tmp_path):
     """A 0/0 GPS rational reads as NaN and a DOUBLE tag can hold infinity: they came back as
     a NaN latitude and an infinite exposure, which no JSON can hold."""

@@ -63,6 +63,8 @@ _UPRIGHT = {
     7: Image.Transpose.TRANSVERSE,
     8: Image.Transpose.ROTATE_90,
 }
+# Where Pillow finds an orientation (getexif reads XMP's tiff:Orientation too).
+_ORIENTATION_INFO = ("exif", "Raw profile type exif", "XML:com.adobe.xmp", "xmp")
 _QUARTER_TURNS = {_UPRIGHT[k] for k in (5, 6, 7, 8)}  # these swap width and height
 
 
@@ -154,7 +156,7 @@ def decode(data: bytes, source: str, limits: Limits, draft_min_side: int | None 
         turn = _upright(image)
         rgb = to_rgb(image, _reduction(image.size, draft_min_side))
         del image  # free the decoded original before the upright copy is made
-        return Decoded(rgb if turn is None else rgb.transpose(turn), metadata)
+        return Decoded(_turned(rgb, turn), metadata)
     except ImgEmbedError:
         raise
     except Exception as exc:
@@ -170,9 +172,19 @@ def decode(data: bytes, source: str, limits: Limits, draft_min_side: int | None 
 
 def upright_rgb(image: Image.Image) -> Image.Image:
     """An image already in memory (a PIL input), upright and RGB, at full size."""
-    turn = _upright(image)
-    rgb = to_rgb(image)
-    return rgb if turn is None else rgb.transpose(turn)
+    return _turned(to_rgb(image), _upright(image))
+
+
+def _turned(rgb: Image.Image, turn: Image.Transpose | None) -> Image.Image:
+    """The image turned upright. An RGB image keeps its original's EXIF and XMP (`info`),
+    which still say to turn it: they go, as ImageOps.exif_transpose removes them, so the
+    upright image (preprocess_image's) is not turned a second time when read again."""
+    if turn is None:
+        return rgb
+    upright = rgb.transpose(turn)
+    for key in _ORIENTATION_INFO:
+        upright.info.pop(key, None)
+    return upright
 
 
 def _header_upright(image: Image.Image) -> Image.Transpose | None:
