@@ -92,6 +92,13 @@ class SeedAsyncMethods:
             return [result.to_dict() for result in results]
         return [_as_list(result) if result.ok else None for result in results]
 
+    async def generate_embedding(self: ImageEmbeddingService, text: str) -> Embedding:
+        """The seed's `text_service.generate_embedding(text_query)` (its example 5, text ->
+        image search): the model's text embedding, in the same space as its images', so
+        `find_similar_images(text_embedding, image_embeddings)` ranks the images by it."""
+        vector = await asyncio.to_thread(self.embed_text, text)
+        return vector.tolist()
+
     async def calculate_similarities(
         self: ImageEmbeddingService,
         query_embedding: Sequence[float],

@@ -47,6 +47,21 @@ async def test_base64_as_text_bytes_or_data_uri(tiny_service, photos):
         await tiny_service.generate_embedding_from_base64(None)
 
 
+async def test_the_seeds_text_service_example_ranks_images_by_a_text(tiny_service, photos):
+    """The seed's example 5 (`text_service.generate_embedding(text_query)`, then
+    `find_similar_images` over image embeddings) had no text method to call."""
+    text_service = tiny_service
+    text_embedding = await text_service.generate_embedding("a photo of a rocket")
+    assert isinstance(text_embedding, list) and len(text_embedding) == 64
+    np.testing.assert_allclose(text_embedding, tiny_service.embed_text("a photo of a rocket"))
+    images = {p.name: await tiny_service.generate_embedding_from_image_path(p) for p in photos}
+    hits = await tiny_service.find_similar_images(text_embedding, images, top_k=2)
+    scores = {name: float(np.dot(text_embedding, vector)) for name, vector in images.items()}
+    best = sorted(scores.items(), key=lambda kv: -kv[1])[:2]
+    assert [name for name, _ in hits] == [name for name, _ in best]
+    assert [score for _, score in hits] == pytest.approx([score for _, score in best], abs=1e-5)
+
+
 async def test_include_metadata_returns_a_dict(tiny_service, photos):
     photo = next(p for p in photos if p.name == "rocket.jpg")
     result = await tiny_service.generate_embedding_from_image_path(
