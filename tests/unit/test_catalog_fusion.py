@@ -92,6 +92,9 @@ def test_weights_file_adds_and_replaces_categories(tmp_path):
         ("categorys = 1\n", "expected keys"),
         ("[categories.x]\nimage = 0.5\ntext = 0.5\naliases = ['fashion']\n", "also a category"),
         ("not toml at all [", "cannot read category weights"),
+        # was taken letter by letter: "t", "o", "y", "s" were aliases, "toys" was not
+        ("[categories.x]\nimage = 0.5\ntext = 0.5\naliases = 'toys'\n", "a list of names"),
+        ("[categories.x]\nimage = 0.5\ntext = 0.5\naliases = [true]\n", "a list of names"),
         (
             "[categories.a]\nimage = 0.5\ntext = 0.5\naliases = ['x']\n"
             "[categories.b]\nimage = 0.5\ntext = 0.5\naliases = ['X']\n",

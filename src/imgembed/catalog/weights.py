@@ -166,8 +166,19 @@ def _merge(table: WeightsTable, data: Any, path: Path) -> WeightsTable:
             raise ConfigurationError(
                 f"{path}: category {raw_name!r} needs numeric 'image' and 'text' weights"
             ) from exc
+        given = entry.get("aliases", [])
+        # a string would be taken letter by letter ("toys": t, o, y, s), never as itself;
+        # numbers are names too (category codes such as 123)
+        names = (str, int)
+        if not isinstance(given, list) or not all(
+            isinstance(a, names) and not isinstance(a, bool) for a in given
+        ):
+            raise ConfigurationError(
+                f"{path}: category {raw_name!r}: 'aliases' must be a list of names "
+                f'(aliases = ["kleding", "mode"]), not {given!r}'
+            )
         aliases.pop(name, None)  # a category of its own now
-        for alias in map(_normal, map(str, entry.get("aliases", []))):
+        for alias in map(_normal, map(str, given)):
             before = aliases.get(alias)
             if before != name and before in claimed.get(alias, ()):
                 raise ConfigurationError(
