@@ -343,6 +343,25 @@ def test_models_recorded_by_a_run_that_stored_no_vector_do_not_bind_the_store(da
             other.embed("fresh")
 
 
+def test_a_store_with_nothing_to_rank_is_said_not_answered_empty(data_dir, photos, tmp_path):
+    """A search that no product could match was answered [] (HTTP 200, exit 0), as if none
+    matched: a store whose every product failed, a photo among text-only products. A store
+    never embedded was already refused so."""
+    gone = [{"id": "a", "title": "Rode jurk", "image_url": str(tmp_path / "gone.jpg")}]
+    texts = [r for r in _products(photos) if "image_url" not in r]
+    with Catalog(**TINY) as catalog:
+        catalog.upsert_products("failed", gone)
+        assert catalog.embed("failed").failed == 1  # provenance recorded, no vector
+        with pytest.raises(CollectionNotFoundError, match="has no embedded products yet"):
+            catalog.search("failed", "jurk")
+        catalog.upsert_products("texts", texts)
+        assert catalog.embed("texts").text_only == len(texts)
+        assert len(catalog.search("texts", "gift")) == len(texts)
+        with pytest.raises(CollectionNotFoundError, match="has an image embedding"):
+            catalog.search("texts", image=photos[0])
+        assert catalog.search("texts", "gift", max_price=1) == []  # none matches: no error
+
+
 def test_a_text_the_text_model_cannot_embed_fails_its_product_not_the_run(data_dir, photos):
     server = EmbeddingServer(dimension=16)
     settings = {**TINY, "text_model": "openai:test-embed", "openai_api_key": "sk-test",

@@ -459,6 +459,8 @@ class Catalog:
             category=category,
             max_price=None if max_price is None else Decimal(str(max_price)),
         )
+        if not rows:  # no match, or nothing the query's part could rank at all
+            _check_rankable(self.repository, store_id, query.part)
         return search.hits(rows, query)
 
     def stats(self, store_id: str) -> StoreStats:
@@ -536,6 +538,26 @@ def _nothing_to_search(repository: ProductRepository, store_id: str) -> str:
         return _no_products(store_id) + ", then embed them"
     quoted = shlex.quote(store_id)
     return f"store {store_id!r} has no embeddings: run imgembed catalog embed --store-id {quoted}"
+
+
+def _check_rankable(repository: ProductRepository, store_id: str, part: str) -> None:
+    """An empty answer is "no product matches" only if some product holds the part that
+    ranks the query; else the store cannot answer it (every product failed, a forced run
+    with new models stopped before its first batch, a photo among text-only products)."""
+    counts = repository.embedded_parts(store_id)
+    if counts[part]:
+        return
+    quoted = shlex.quote(store_id)
+    if part == "image" and counts["combined"]:
+        raise CollectionNotFoundError(
+            f"no product of store {store_id!r} has an image embedding (its "
+            f"{counts['combined']} embedded products have none): search it by a text"
+        )
+    raise CollectionNotFoundError(
+        f"store {store_id!r} has no embedded products yet (none has vectors of its models; "
+        f"imgembed catalog stats --store-id {quoted} counts the failed ones by error): run "
+        f"imgembed catalog embed --store-id {quoted}"
+    )
 
 
 def _new_store(store_id: str) -> str:

@@ -665,6 +665,19 @@ class ProductRepository:
             )
             return bool(cursor.fetchone()[0])
 
+    def embedded_parts(self, store_id: str) -> dict[str, int]:
+        """How many of the store's products hold a vector in each part (combined, image,
+        text): what a search can rank."""
+        counts = sql.SQL(", ").join(
+            sql.SQL("count({})").format(sql.Identifier(f"{part}_embedding")) for part in PARTS
+        )
+        with self._cursor("counting embedded products") as cursor:
+            cursor.execute(
+                sql.SQL("SELECT {} FROM imgembed_products WHERE store_id = %s").format(counts),
+                (store_id,),
+            )
+            return dict(zip(PARTS, cursor.fetchone(), strict=True))
+
     def stats(self, store_id: str) -> dict[str, Any]:
         with self._cursor("counting products") as cursor:
             cursor.execute(
