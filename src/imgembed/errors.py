@@ -2,6 +2,7 @@
 
     ImgEmbedError
     ├── ConfigurationError        settings that cannot work (dimension mismatch, no CUDA, ...)
+    │   └── CategoryWeightsError  the category weights file cannot be read or used
     ├── ModelUnavailableError     weights or architecture cannot be had
     ├── ImageError                one input image is unusable (carries its `source`)
     │   ├── ImageNotFoundError
@@ -118,6 +119,12 @@ class OutputError(ImgEmbedError):
     removed meanwhile); the message names the file and the reason."""
 
 
+class CategoryWeightsError(ConfigurationError):
+    """The category weights file (IMGEMBED_CATEGORY_WEIGHTS) cannot be read or used: the
+    operator's setting to fix (the CLI says so, exit 3), while to an HTTP client the server
+    cannot serve its catalogue (503), not its request."""
+
+
 class TextEmbeddingError(EncodeError):
     """A text embedder failed: an API after its retries, a malformed answer, or vectors of
     another dimension than before. `status` is the HTTP status, if there was one."""
@@ -201,6 +208,7 @@ def error_dict(error: BaseException) -> dict[str, Any]:
 
 
 __all__ = [
+    "CategoryWeightsError",
     "CollectionNotFoundError",
     "ConfigurationError",
     "DataDirError",

@@ -340,3 +340,19 @@ def test_a_job_waiting_on_the_store_indexes_is_cancelled_at_once(root, photos, t
         done = _finished(client, rerun)
         assert done["status"] == "done" and done["stats"]["successful"] == 4, done
         assert client.get("/api/v1/stores/waits/stats").json()["indexes_missing"] == []
+
+
+def test_a_broken_weights_file_is_the_servers_fault_not_the_requests(root, tmp_path):
+    """The server starts with any IMGEMBED_CATEGORY_WEIGHTS; a file it cannot use answered
+    every catalogue request 422, as if the request were at fault."""
+    weights = tmp_path / "weights.toml"
+    weights.write_text("[categories.fashion]\nimage = 0.9\ntext = 0.9\n")
+    settings = load_settings(**TINY, allowed_roots=[root], category_weights=weights)
+    with TestClient(create_app(settings)) as client:
+        for answer in (
+            client.get("/api/v1/stores"),
+            client.post("/api/v1/stores/shop/search", json={"query": "a rocket"}),
+        ):
+            assert answer.status_code == 503, answer.text
+            assert answer.json()["error_type"] == "CategoryWeightsError"
+            assert f"{weights}: category 'fashion'" in answer.json()["error"]  # names the file

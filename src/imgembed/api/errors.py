@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from imgembed.errors import (
+    CategoryWeightsError,
     CollectionNotFoundError,
     ConfigurationError,
     DataDirError,
@@ -68,6 +69,7 @@ STATUS: list[tuple[type[ImgEmbedError], int]] = [
     (ProvenanceMismatchError, 409),
     (StoreBusyError, 409),  # another process embeds the store: retry when it is done
     (DataDirError, 503),  # the server's setting, not the request's
+    (CategoryWeightsError, 503),  # the server's weights file, not the request
     (TextApiSettingError, 502),  # the server's text API settings (a refused key, a bad URL)
     (ConfigurationError, 422),  # the request cannot work with this model or these settings
     (UnknownModelError, 422),  # no such model: retrying will not help

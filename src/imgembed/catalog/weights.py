@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from imgembed.errors import ConfigurationError
+from imgembed.errors import CategoryWeightsError, ConfigurationError
 
 log = logging.getLogger("imgembed.catalog")
 
@@ -141,8 +141,13 @@ def load_weights(path: Path | None) -> WeightsTable:
         text = path.read_text(encoding="utf-8")
         data = json.loads(text) if path.suffix.lower() == ".json" else tomllib.loads(text)
     except (OSError, ValueError) as exc:  # JSON and TOML errors are ValueErrors
-        raise ConfigurationError(f"cannot read category weights {path}: {exc}") from exc
-    return _merge(table, data, path)
+        raise CategoryWeightsError(f"cannot read category weights {path}: {exc}") from exc
+    try:
+        return _merge(table, data, path)
+    except ConfigurationError as exc:  # the file's, whoever reads it (a server: not a request)
+        message = str(exc)
+        named = message if message.startswith(f"{path}:") else f"{path}: {message}"
+        raise CategoryWeightsError(named) from exc
 
 
 def _merge(table: WeightsTable, data: Any, path: Path) -> WeightsTable:
