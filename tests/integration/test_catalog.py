@@ -5,6 +5,7 @@ incremental and resumable embedding; failures recorded and retried; provenance."
 import contextlib
 import logging
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -360,6 +361,31 @@ def test_a_store_with_nothing_to_rank_is_said_not_answered_empty(data_dir, photo
         with pytest.raises(CollectionNotFoundError, match="has an image embedding"):
             catalog.search("texts", image=photos[0])
         assert catalog.search("texts", "gift", max_price=1) == []  # none matches: no error
+
+
+def test_search_arguments_the_library_cannot_use_are_refused(data_dir, photos):
+    """The CLI and HTTP refused these before the library saw them; the library answered NaN
+    with every product, -1 with none, and text or a list with an untyped exception."""
+    rows = _products(photos)
+    with Catalog(**TINY) as catalog:
+        catalog.upsert_products("limits", rows)
+        catalog.embed("limits")
+        refused = [
+            ({"max_price": float("nan")}, "max_price: price nan is not a number"),
+            ({"max_price": -1}, "max_price: price -1 must be 0 or more"),
+            ({"max_price": "cheap"}, "max_price: price 'cheap' is not a number"),
+            ({"max_price": [10]}, "is not a number"),
+            ({"category": 5}, "category must be text, not int"),
+        ]
+        for arguments, message in refused:
+            with pytest.raises(ConfigurationError, match=re.escape(message)):
+                catalog.search("limits", "a rocket", **arguments)
+        with pytest.raises(ConfigurationError, match="text must be text, not list"):
+            catalog.search("limits", ["a rocket"])
+        cheap = {r["id"] for r in rows if r["price"] <= 12}
+        assert {h.product_id for h in catalog.search("limits", "a", max_price="€ 12")} == cheap
+        every = catalog.search("limits", "a", max_price=float("inf"), top_k=50)
+        assert len(every) == len(rows)
 
 
 def test_a_text_the_text_model_cannot_embed_fails_its_product_not_the_run(data_dir, photos):

@@ -428,7 +428,11 @@ class Catalog:
         """Products for a text, an image, or both, best first, with the score of each part."""
         similarity.check_top_k(top_k)
         store_id = _store(store_id)  # " ws " is the store "ws" here too, as in import
+        for name, value in {"text": text, "category": category}.items():
+            if value is not None and not isinstance(value, str):
+                raise ConfigurationError(f"{name} must be text, not {type(value).__name__}")
         category = (category or "").strip() or None  # an empty form field: no filter
+        price_limit = _max_price(max_price)
         if isinstance(text, str) and has_surrogates(text):  # text models' tokenizers fail
             raise ConfigurationError(
                 "the search text is not valid UTF-8: it holds a lone surrogate (a JSON escape "
@@ -457,7 +461,7 @@ class Catalog:
             # default category every unknown name falls into
             category_key=self.weights.category_of(category),
             category=category,
-            max_price=None if max_price is None else Decimal(str(max_price)),
+            max_price=price_limit,
         )
         if not rows:  # no match, or nothing the query's part could rank at all
             _check_rankable(self.repository, store_id, query.part)
@@ -538,6 +542,18 @@ def _nothing_to_search(repository: ProductRepository, store_id: str) -> str:
         return _no_products(store_id) + ", then embed them"
     quoted = shlex.quote(store_id)
     return f"store {store_id!r} has no embeddings: run imgembed catalog embed --store-id {quoted}"
+
+
+def _max_price(value: Any) -> Decimal | None:
+    """A search's price limit, read as an import reads a price ("€ 50" is 50); infinity is
+    no limit. NaN passed every product (PostgreSQL's NaN is above any price), a negative
+    limit none, and text that is no number was decimal's own exception."""
+    if isinstance(value, float | Decimal) and value == float("inf"):
+        return None
+    try:
+        return parse_price(value)
+    except ProductRowError as exc:
+        raise ConfigurationError(f"max_price: {exc}") from None
 
 
 def _check_rankable(repository: ProductRepository, store_id: str, part: str) -> None:
