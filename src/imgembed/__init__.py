@@ -10,6 +10,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from imgembed.errors import (
+    CategoryWeightsError,
     CollectionNotFoundError,
     ConfigurationError,
     DataDirError,
@@ -67,6 +68,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "CategoryWeightsError",
     "CollectionNotFoundError",
     "ConfigurationError",
     "DataDirError",

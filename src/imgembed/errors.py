@@ -231,6 +231,7 @@ __all__ = [
     "StoreError",
     "StoreFullError",
     "StoreUnavailableError",
+    "TextApiSettingError",
     "TextEmbeddingError",
     "UnavailableError",
     "UnsupportedFormatError",

@@ -18,6 +18,7 @@ PUBLIC = {
     "OverloadedError",
     "OutputError",
     "InvalidRecordError",
+    "CategoryWeightsError",
     "CollectionNotFoundError",
     "ConfigurationError",
     "DataDirError",
