@@ -242,6 +242,21 @@ def test_an_endless_or_trickling_answer_is_cut_off(server):
     embedder.close()
 
 
+def test_a_compressed_answer_is_read_as_before(server):
+    """httpx asks for gzip: an answer sent compressed (a proxy's, a CDN's) was decoded a
+    second time after the streamed read (httpx.DecodingError, untyped)."""
+    import gzip
+
+    embedder = _openai(server, text_retries=0)
+    body = gzip.compress(json.dumps(_answer([[3.0, 4.0] + [0.0] * 14])).encode())
+    server.script = [("raw", 200, body, {"Content-Encoding": "gzip"})]
+    np.testing.assert_allclose(embedder.embed(["a"])[0][:2], [0.6, 0.8], atol=1e-6)
+    server.script = [("raw", 200, b"not gzip at all", {"Content-Encoding": "gzip"})]
+    with pytest.raises(TextEmbeddingError, match="cannot be decoded"):
+        embedder.embed(["a"])
+    embedder.close()
+
+
 def test_a_redirect_names_where_it_points(server):
     embedder = _openai(server)
     for status, body in ((307, b""), (308, json.dumps(_answer([[1.0] * 16])).encode())):

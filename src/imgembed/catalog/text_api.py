@@ -162,6 +162,10 @@ class HttpTextEmbedder:
             raise _Retryable(
                 TextEmbeddingError(f"{self.name}: cannot reach {self.url}: {exc}")
             ) from exc
+        except httpx.DecodingError as exc:  # a compressed body that does not decompress
+            raise TextEmbeddingError(
+                f"{self.name}: {self.url} sent an answer that cannot be decoded: {exc}"
+            ) from exc
         status = response.status_code
         if response.is_redirect:  # a POST is not sent on to wherever a server points
             target = response.url.join(response.headers["Location"])
@@ -211,9 +215,14 @@ class HttpTextEmbedder:
                         )
                     )
                 chunks.append(chunk)
-        body = b"".join(chunks)
+        # the body as read is decompressed already: without its Content-Encoding, or the
+        # new response would decompress it a second time (a DecodingError)
+        headers = [(k, v) for k, v in response.headers.multi_items() if k != "content-encoding"]
         return httpx.Response(
-            response.status_code, headers=response.headers, content=body, request=response.request
+            response.status_code,
+            headers=headers,
+            content=b"".join(chunks),
+            request=response.request,
         )
 
     def _wait(self, state: tenacity.RetryCallState) -> float:
