@@ -172,6 +172,29 @@ def test_filters_of_every_json_type_match_keys_exactly(store):
     assert {hit.id for hit in hits} == {"item-2"}
 
 
+def test_one_value_inside_an_object_also_finds_a_list_holding_it(store):
+    """The filter's "one value also finds a list that holds it" at any depth, as Qdrant
+    matches a path: {"product": {"tags": "sale"}} finds {"product": {"tags": ["sale"]}}.
+    PostgreSQL applied it to the top-level keys only (found none there, Qdrant one)."""
+    name = _name()
+    store.create_collection(name, PROV)
+    records = _records(n=4)
+    for record, product in zip(records, (
+        {"tags": ["sale", "new"], "shop": "a"}, {"tags": "sale", "shop": "b"},
+        {"tags": ["new"], "shop": "a"}, {"tags": "sale", "size": {"w": [2, 3]}},
+    ), strict=True):  # fmt: skip
+        record.metadata = {"product": product}
+    store.upsert(name, records)
+    for wanted, ids in (
+        ({"tags": "sale"}, {"item-0", "item-1", "item-3"}),
+        ({"tags": "sale", "shop": "a"}, {"item-0"}),
+        ({"tags": ["sale", "new"]}, {"item-0"}),
+        ({"size": {"w": 3}}, {"item-3"}),
+    ):
+        hits = store.search(name, records[0].vector, top_k=10, filters={"product": wanted})
+        assert {hit.id for hit in hits} == ids, wanted
+
+
 def test_migrations_are_at_head_and_rerunnable(postgres_url):
     PostgresStore(postgres_url).close()
     PostgresStore(postgres_url).close()  # a second upgrade is a no-op

@@ -527,16 +527,31 @@ def _array(value: Any) -> np.ndarray:
 
 
 def _filter(filters: Mapping[str, Any]) -> tuple[sql.Composable, dict[str, str]]:
-    """`metadata @> {key: value}` for each key (JSON containment: an object by its keys, a
-    list by its values); a single value also matches a list that holds it (tags=sale finds
-    ["sale", "new"]), as Qdrant matches it."""
+    """`metadata @> {key: value}` for each key (JSON containment: a list by its values); an
+    object by each of its keys in turn, so that at any depth a single value also matches a
+    list that holds it (tags=sale finds ["sale", "new"]), as Qdrant matches it."""
     checked_metadata(dict(filters), "the search filter")
     parts, params = [], {}
-    for n, (key, value) in enumerate(filters.items()):
-        params[f"f{n}"] = checked_metadata({key: value}, "the search filter")
+    for n, (path, value) in enumerate(_leaves(filters)):
+        params[f"f{n}"] = checked_metadata(_nested(path, value), "the search filter")
         part = sql.SQL("metadata @> {}::jsonb").format(sql.Placeholder(f"f{n}"))
         if not isinstance(value, Mapping | list | tuple):
-            params[f"l{n}"] = checked_metadata({key: [value]}, "the search filter")
+            params[f"l{n}"] = checked_metadata(_nested(path, [value]), "the search filter")
             part = sql.SQL("({} OR metadata @> {}::jsonb)").format(part, sql.Placeholder(f"l{n}"))
         parts.append(part)
     return sql.SQL(" WHERE ") + sql.SQL(" AND ").join(parts), params
+
+
+def _leaves(value: Mapping[str, Any], path: tuple[str, ...] = ()) -> Iterator[tuple[Any, Any]]:
+    """(the keys down to it, a value that is no object with keys) for each such value."""
+    for key, item in value.items():
+        if isinstance(item, Mapping) and item:
+            yield from _leaves(item, (*path, key))
+        else:
+            yield (*path, key), item
+
+
+def _nested(path: tuple[str, ...], value: Any) -> dict[str, Any]:
+    for key in reversed(path):
+        value = {key: value}
+    return value
