@@ -7,6 +7,7 @@ searches a collection, near-duplicate thresholds, provenance checks."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import threading
@@ -26,6 +27,7 @@ from imgembed.errors import (
     CollectionNotFoundError,
     ConfigurationError,
     EncodeError,
+    ImgEmbedError,
     ProvenanceMismatchError,
     SourceNotAllowedError,
 )
@@ -273,7 +275,7 @@ class ImageEmbeddingService(SeedAsyncMethods):
         if ref == self.model_ref:
             return self
         offered = [self.model_ref.name, *(models or ())]  # its own name with any tag too
-        if models is not None and ref.name.casefold() not in {m.casefold() for m in offered}:
+        if models is not None and ref.name.casefold() not in _read_as(offered):
             raise SourceNotAllowedError(
                 f"this server offers only {', '.join(offered)} (IMGEMBED_ALLOWED_MODELS)", ref.name
             )
@@ -428,6 +430,16 @@ def _text_list(texts: Sequence[str], method: str) -> list[str]:
     if not all(isinstance(t, str) for t in texts):
         raise ConfigurationError(f"{method} takes a list of strings")
     return texts
+
+
+def _read_as(names: list[str]) -> set[str]:
+    """Model names as a client's are read (an alias such as clip-vit-base-patch32, or
+    ViT-B/32: ViT-B-32), for comparing without case."""
+    read = {name.casefold() for name in names}
+    for name in names:
+        with contextlib.suppress(ImgEmbedError):  # a checkpoint file: as it is written
+            read.add(registry.resolve(name, "", explicit=False).name.casefold())
+    return read
 
 
 def _check_model_files(ref: registry.ModelRef, roots: list[Path]) -> None:

@@ -273,3 +273,15 @@ def test_a_model_file_inside_an_allowed_root_given_as_a_link_or_relative_is_allo
     (tmp_path / "elsewhere.pt").write_bytes(b"")
     with pytest.raises(SourceNotAllowedError, match="outside the allowed roots"):
         tiny_service.with_model("imgembed-tiny", str(tmp_path / "elsewhere.pt"), [Path("models")])
+
+
+def test_an_offered_model_may_be_named_by_the_alias_it_is_offered_as(tiny_service):
+    """IMGEMBED_ALLOWED_MODELS=clip-vit-base-patch32 (the seeds' name): a client naming it so
+    was refused, 'this server offers only imgembed-tiny, clip-vit-base-patch32', as the name
+    was compared after it was read as ViT-B-32 while the offered one was not."""
+    for offered in ("clip-vit-base-patch32", "openai/clip-vit-base-patch32", "ViT-B/32"):
+        for named in (offered, "ViT-B-32"):
+            sibling = tiny_service.with_model(named, None, None, [offered])  # not loaded yet
+            assert sibling.model_ref.name == "ViT-B-32", (offered, named)
+    with pytest.raises(SourceNotAllowedError, match="offers only imgembed-tiny, ViT-B/32"):
+        tiny_service.with_model("ViT-B-16", None, None, ["ViT-B/32"])
