@@ -268,6 +268,11 @@ def test_a_redirect_names_where_it_points(server):
         ):
             embedder.embed(["a"])
     assert len(server.requests) == 2  # not retried, not followed
+    # httpx calls every 3xx a redirect: one without a Location was an untyped KeyError
+    for status in (300, 304):
+        server.script = [("raw", status, b"", {})]
+        with pytest.raises(TextEmbeddingError, match=rf"answered {status}, a redirect without"):
+            embedder.embed(["a"])
     embedder.close()
 
 

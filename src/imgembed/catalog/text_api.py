@@ -168,9 +168,10 @@ class HttpTextEmbedder:
             ) from exc
         status = response.status_code
         if response.is_redirect:  # a POST is not sent on to wherever a server points
-            target = response.url.join(response.headers["Location"])
+            where = response.headers.get("Location")  # httpx: any 3xx, with one or not
+            target = f"to {response.url.join(where)}" if where else "without a Location"
             raise TextEmbeddingError(
-                f"{self.name}: {self.url} answered {status}, a redirect to {target}; "
+                f"{self.name}: {self.url} answered {status}, a redirect {target}; "
                 f"set {self.setting} to the address the API has moved to",
                 status,
             )
