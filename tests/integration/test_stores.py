@@ -166,6 +166,11 @@ def test_filters_of_every_json_type_match_keys_exactly(store):
     for key, (value, ids) in expected.items():
         hits = store.search(name, query, top_k=10, filters={key: value})
         assert {hit.id for hit in hits} == ids, key
+    # an empty list or object names nothing to match (PostgreSQL matched any list or object
+    # there, Qdrant every item)
+    for empty in ({"sizes": []}, {"dims": {}}, {"a": {"b": []}}):
+        with pytest.raises(InvalidRecordError, match="is empty: give a value"):
+            store.search(name, query, top_k=10, filters=empty)
     # one value also finds a list that holds it (tags=sale: ["sale", "new"]); PostgreSQL's
     # containment found none, Qdrant both
     hits = store.search(name, query, top_k=10, filters={"sizes": 2, "product type": "t0"})

@@ -154,6 +154,31 @@ def checked_metadata(metadata: Mapping[str, Any], what: str) -> str:
         raise InvalidRecordError(f"metadata of {what}: {exc}") from exc
 
 
+def checked_filter(filters: Mapping[str, Any]) -> str:
+    """A search filter as checked_metadata checks it, without an empty list or object at
+    any depth: such a value names nothing to match (PostgreSQL matched any list or object
+    there, Qdrant every item)."""
+    for key, value in filters.items():
+        empty = _empty_part(value, str(key))
+        if empty is not None:
+            raise InvalidRecordError(
+                f"the search filter on {empty!r} is empty: give a value to match, or leave "
+                "the key out"
+            )
+    return checked_metadata(dict(filters), "the search filter")
+
+
+def _empty_part(value: Any, path: str) -> str | None:
+    if isinstance(value, Mapping | list | tuple) and not value:
+        return path
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            empty = _empty_part(item, f"{path}.{key}")
+            if empty is not None:
+                return empty
+    return None
+
+
 def checked_record(record: Record, dimension: int) -> tuple[np.ndarray, str]:
     """Validates a record before any driver sees it: (its vector, its metadata as JSON)."""
     label = checked_text(record.id, "id")

@@ -29,6 +29,7 @@ from imgembed.store.base import (
     Record,
     StoredItem,
     busy,
+    checked_filter,
     checked_metadata,
     checked_name,
     checked_query,
@@ -530,7 +531,7 @@ def _filter(filters: Mapping[str, Any]) -> tuple[sql.Composable, dict[str, str]]
     """`metadata @> {key: value}` for each key (JSON containment: a list by its values); an
     object by each of its keys in turn, so that at any depth a single value also matches a
     list that holds it (tags=sale finds ["sale", "new"]), as Qdrant matches it."""
-    checked_metadata(dict(filters), "the search filter")
+    checked_filter(filters)
     parts, params = [], {}
     for n, (path, value) in enumerate(_leaves(filters)):
         params[f"f{n}"] = checked_metadata(_nested(path, value), "the search filter")

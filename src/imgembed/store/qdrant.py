@@ -32,7 +32,7 @@ from imgembed.store.base import (
     Provenance,
     Record,
     StoredItem,
-    checked_metadata,
+    checked_filter,
     checked_name,
     checked_query,
     checked_record,
@@ -315,7 +315,7 @@ class QdrantStore:
         query = checked_query(vector, dimension)
         condition = None
         if filters:
-            checked_metadata(dict(filters), "the search filter")
+            checked_filter(filters)
             condition = models.Filter(must=_conditions(models, "metadata", dict(filters)))
         params = models.SearchParams(exact=True) if exact and not self._local else None
         points = self._on(
