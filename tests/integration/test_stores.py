@@ -638,6 +638,11 @@ def test_a_ragged_query_or_record_is_an_invalid_record(store):
         store.search(name, ragged, 3)
     with pytest.raises(InvalidRecordError, match="not a vector of numbers"):
         store.upsert(name, [Record("r", ragged, "h", "/r.jpg")])
+    huge = [10**400] + [1] * 7  # a Python int no float holds: was a bare OverflowError
+    with pytest.raises(InvalidRecordError, match="not a vector of numbers"):
+        store.search(name, huge, 3)
+    with pytest.raises(InvalidRecordError, match="not a vector of numbers"):
+        store.upsert(name, [Record("r", huge, "h", "/r.jpg")])
 
 
 def test_names_qdrant_cannot_hold_are_invalid_records(tmp_path):

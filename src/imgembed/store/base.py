@@ -62,7 +62,7 @@ def checked_vector(vector: Any, dimension: int, what: str) -> np.ndarray:
     try:
         with np.errstate(over="ignore"):  # too large for float32: infinity, refused below
             array = np.asarray(vector, dtype=np.float32).ravel()
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:  # OverflowError: an int of 10**400
         raise InvalidRecordError(f"{what}: not a vector of numbers ({exc})") from exc
     if array.shape != (dimension,):
         raise InvalidRecordError(
@@ -89,7 +89,7 @@ def checked_query(vector: Any, dimension: int) -> np.ndarray:
     order, silently) and refused one of values over 65,504."""
     try:
         array = np.asarray(vector, dtype=np.float64).ravel()
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         array = None
     if array is None or array.shape != (dimension,):
         return checked_vector(vector, dimension, "query")  # its error
