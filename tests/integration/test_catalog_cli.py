@@ -104,6 +104,9 @@ def test_import_embed_search_and_stats(data_dir, photos, tmp_path):
     filters = ["--max_price", "10", "--category", "fashion", "--top_k", "5"]
     cheap = run("catalog", "search", "a photo", "--store-id", "demo", *filters)
     assert cheap.returncode == 0 and "ranked by the combined score" in cheap.stdout
+    none = run("catalog", "search", "a photo", "--store-id", "demo", "--category", "nothing")
+    assert (none.returncode, none.stdout) == (0, "")  # an empty table before, without a word
+    assert "no product matches with category 'nothing'" in none.stderr
     # an 80-column terminal: the numbers one checks by hand stay whole, words wrap
     narrow = run("catalog", "search", "a photo", "--store-id", "demo", env={"COLUMNS": "80"})
     hit = json.loads(run("catalog", "search", "a photo", "--store-id", "demo", "--json").stdout)[0]

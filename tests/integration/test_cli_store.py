@@ -116,6 +116,8 @@ def test_filters_match_text_and_json_values(data_dir, photos, tmp_path):
     assert ids("in_stock:=false") == ["b"]
     assert ids("tag=2020") == ["a"] and ids("tag:=2020") == []  # text is not the number
     assert ids("year:=2021", "in_stock:=false") == ["b"]
+    none = run("search", "x", "-c", "typed", "--filter", "year:=1999")
+    assert (none.returncode, none.stdout) == (0, "") and "no item matches these" in none.stderr
     bad = run("search", "x", "-c", "typed", "--filter", "year:=20x")
     assert bad.returncode == 2 and "not JSON" in bad.stderr
 

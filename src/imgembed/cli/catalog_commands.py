@@ -295,6 +295,12 @@ def search(
     if as_json:
         typer.echo(json.dumps(rows, indent=2, ensure_ascii=False))
         return
+    if not rows:  # an empty table said nothing
+        limits = [f"category {category!r}" if category else "", f"price <= {max_price:g}"
+                  if max_price is not None else ""]  # fmt: skip
+        within = " and ".join(part for part in limits if part)
+        _say(f"no product matches{' with ' + within if within else ''}")
+        return
     # numbers stay whole in a narrow terminal (they are what one checks by hand); words wrap
     numbers = {"no_wrap": True, "justify": "right"}
     table = Table(

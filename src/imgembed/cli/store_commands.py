@@ -233,6 +233,9 @@ def search(
     if as_json:
         typer.echo(json.dumps(rows, ensure_ascii=False, indent=2))
         return
+    if not rows:  # an empty table said nothing
+        err.print(f"no item matches{' these filters' if filter_ else ''}", highlight=False)
+        return
     show_id = any(row["id"] != row["source"] for row in rows)  # catalogues: ids like SKUs
     table = Table("#", "score", *(["id"] if show_id else []), "source", "metadata")
     table.columns[-2].overflow = "fold"
