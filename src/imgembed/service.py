@@ -39,7 +39,7 @@ from imgembed.models import registry
 from imgembed.models.runtime import Encoder, create_encoder
 from imgembed.results import Duplicates, ImageEmbeddingResult, SimilarityResult
 from imgembed.service_async import Candidates, SeedAsyncMethods
-from imgembed.store import Provenance, VectorStore, open_store
+from imgembed.store import CollectionInfo, Provenance, VectorStore, open_store
 
 Filters = Mapping[str, Any] | None
 
@@ -257,6 +257,32 @@ class ImageEmbeddingService(SeedAsyncMethods):
             return self.for_collection(collection)
         except CollectionNotFoundError:
             return self
+
+    def create_collection(
+        self,
+        name: str,
+        model: str | None = None,
+        pretrained: str | None = None,
+        roots: list[Path] | None = None,
+        models: list[str] | None = None,
+    ) -> tuple[CollectionInfo, bool]:
+        """The collection `name` for `model` (as `with_model` reads it and with its checks;
+        None: this service's), created if it does not exist; True if this call created it.
+        An existing collection named without a model, or with its own, is returned without
+        loading that model; one built with another is a ProvenanceMismatchError."""
+        try:
+            existing = self.store.get_collection(name)
+        except CollectionNotFoundError:
+            existing = None
+        if existing is not None:
+            own = existing.provenance
+            if model is None:
+                return existing, False
+            ref = self.named_model(model, pretrained)
+            if (ref.name, ref.pretrained) == (own.model, own.pretrained):
+                return existing, False
+        service = self if model is None else self.with_model(model, pretrained, roots, models)
+        return self.store.create_collection(name, service.provenance), existing is None
 
     def with_model(
         self,

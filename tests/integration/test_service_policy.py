@@ -6,7 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from imgembed import CollectionNotFoundError, ImageEmbeddingService
+from imgembed import (
+    CollectionNotFoundError,
+    ImageEmbeddingService,
+    ProvenanceMismatchError,
+    SourceNotAllowedError,
+)
 from imgembed.indexing import IndexItem
 from imgembed.models.registry import CLIP_DUPLICATE_THRESHOLD
 from imgembed.store import Provenance
@@ -78,3 +83,27 @@ def test_duplicates_use_the_models_threshold(data_dir, photos, tmp_path):
         for photo, copy in zip(photos, copies, strict=False):  # an exact copy: cosine 1
             assert any({photo.name, copy.name} <= group for group in groups)
         assert service.duplicates("shop", threshold=1.01).groups == []
+
+
+def test_create_collection_is_create_or_get_and_loads_no_model_for_an_existing_one(
+    data_dir, monkeypatch
+):
+    with ImageEmbeddingService(**TINY) as service:
+        info, created = service.create_collection("shop")
+        assert created and info.provenance == service.provenance and info.count == 0
+        again, created = service.create_collection("shop", "imgembed-tiny", "seed:0")
+        assert not created and again.provenance == info.provenance
+
+        def loading(*args, **kwargs):
+            raise AssertionError("an existing collection named with its own model loads none")
+
+        monkeypatch.setattr(service, "with_model", loading)
+        assert service.create_collection("shop", "imgembed-tiny", "seed:0")[1] is False
+        monkeypatch.undo()
+        with pytest.raises(ProvenanceMismatchError):  # built with seed:0, not seed:1
+            service.create_collection("shop", "imgembed-tiny", "seed:1")
+        with pytest.raises(SourceNotAllowedError):  # the server offers only its own model
+            service.create_collection("new", "efficientnet-lite0", models=[])
+        assert [c.name for c in service.store.collections()] == ["shop"]
+        other, created = service.create_collection("other", "imgembed-tiny", "seed:1")
+        assert created and other.provenance.pretrained == "seed:1"

@@ -4,7 +4,6 @@ Store calls block, so these routes are plain functions run in FastAPI's thread p
 
 from __future__ import annotations
 
-import contextlib
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
@@ -16,7 +15,7 @@ from imgembed.api.jobs import JobStatus, job_key
 from imgembed.api.schemas import CollectionCreate, CollectionOut, DeleteItems, IndexRequest
 from imgembed.api.state import State
 from imgembed.api.thumbnails import thumbnail_response
-from imgembed.errors import CollectionNotFoundError, ModelUnavailableError
+from imgembed.errors import ModelUnavailableError
 from imgembed.indexing import IndexItem, index_items
 from imgembed.intake.sources import is_data_uri, is_url
 from imgembed.models import registry
@@ -49,22 +48,12 @@ def list_collections(state: State) -> list[dict[str, Any]]:
     "it was built with another model than the one named)",
 )
 def create_collection(body: CollectionCreate, state: State, response: Response) -> dict[str, Any]:
-    service = state.service
-    store = service.store
-    with contextlib.suppress(CollectionNotFoundError):
-        existing = store.get_collection(body.name)
-        response.status_code = 200
-        if body.model is None:  # as index and search: the collection's own model
-            return _info(existing)
-        ref, own = service.named_model(body.model, body.pretrained), existing.provenance
-        if (ref.name, ref.pretrained) == (own.model, own.pretrained):  # nothing to load
-            return _info(existing)
-    if body.model is not None:
-        settings = state.settings
-        service = service.with_model(
-            body.model, body.pretrained, settings.allowed_roots, settings.allowed_models
-        )
-    return _info(store.create_collection(body.name, service.provenance))
+    settings = state.settings
+    info, created = state.service.create_collection(
+        body.name, body.model, body.pretrained, settings.allowed_roots, settings.allowed_models
+    )
+    response.status_code = 201 if created else 200
+    return _info(info)
 
 
 @router.delete("/collections/{name}", summary="Drop a collection and everything in it")
