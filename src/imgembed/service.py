@@ -343,7 +343,7 @@ class ImageEmbeddingService(SeedAsyncMethods):
     ) -> list[SimilarityResult]:
         """Items of a collection nearest to a vector; `include_embeddings` adds each hit's
         stored vector (one more read)."""
-        similarity.check_top_k(top_k)
+        top_k = similarity.check_top_k(top_k)
         name = collection or self.settings.collection
         stored = self.store.provenance(name)
         if stored != self.provenance:
@@ -352,8 +352,6 @@ class ImageEmbeddingService(SeedAsyncMethods):
                 f"embeds with {self.provenance.describe()}. Search it with "
                 f"--model {stored.model} --pretrained {stored.pretrained}"
             )
-        # a k beyond what any store holds asks for every item (PostgreSQL's LIMIT is a bigint)
-        top_k = min(top_k, similarity.MAX_TOP_K)
         hits = self.store.search(name, np.asarray(vector, dtype=np.float32), top_k, filters)
         vectors: dict[str, list[float]] = {}
         if include_embeddings and hits:

@@ -426,7 +426,7 @@ class Catalog:
         max_price: float | Decimal | None = None,
     ) -> list[search.ProductHit]:
         """Products for a text, an image, or both, best first, with the score of each part."""
-        similarity.check_top_k(top_k)
+        top_k = similarity.check_top_k(top_k)
         store_id = _store(store_id)  # " ws " is the store "ws" here too, as in import
         for name, value in {"text": text, "category": category}.items():
             if value is not None and not isinstance(value, str):
@@ -455,7 +455,7 @@ class Catalog:
             query=query.vector,
             image_query=query.image,
             text_query=query.text,
-            top_k=min(top_k, similarity.MAX_TOP_K),  # beyond any store: every product
+            top_k=top_k,
             ef_search=self.settings.hnsw_ef_search,
             # a name the table does not know matches products of that name only, not the
             # default category every unknown name falls into
