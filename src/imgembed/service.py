@@ -183,7 +183,7 @@ class ImageEmbeddingService(SeedAsyncMethods):
     ) -> list[SimilarityResult]:
         """The top_k most similar candidates, best first (rank 1). Candidates are a mapping
         (key -> embedding) or a matrix, whose keys are then the row numbers."""
-        similarity.check_top_k(top_k)
+        similarity.checked_top_k(top_k)  # refuses k < 1
         if isinstance(image_embeddings, Mapping):
             keys = list(image_embeddings)
             matrix = [image_embeddings[key] for key in keys]
@@ -343,7 +343,7 @@ class ImageEmbeddingService(SeedAsyncMethods):
     ) -> list[SimilarityResult]:
         """Items of a collection nearest to a vector; `include_embeddings` adds each hit's
         stored vector (one more read)."""
-        top_k = similarity.check_top_k(top_k)
+        top_k = similarity.checked_top_k(top_k)
         name = collection or self.settings.collection
         stored = self.store.provenance(name)
         if stored != self.provenance:

@@ -426,7 +426,7 @@ class Catalog:
         max_price: float | Decimal | None = None,
     ) -> list[search.ProductHit]:
         """Products for a text, an image, or both, best first, with the score of each part."""
-        top_k = similarity.check_top_k(top_k)
+        top_k = similarity.checked_top_k(top_k)
         store_id = _store(store_id)  # " ws " is the store "ws" here too, as in import
         for name, value in {"text": text, "category": category}.items():
             if value is not None and not isinstance(value, str):

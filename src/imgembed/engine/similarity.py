@@ -128,7 +128,7 @@ def cosine_similarity(a: ArrayLike, b: ArrayLike) -> float:
 MAX_TOP_K = 2**63 - 1  # more than any collection holds; the largest LIMIT PostgreSQL takes
 
 
-def check_top_k(k: int) -> int:
+def checked_top_k(k: int) -> int:
     """Refuse a top_k that asks for nothing (0, -1: an empty answer would look like no match);
     one beyond what any store holds asks for every item (PostgreSQL's LIMIT is a bigint)."""
     if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:  # np.int64 too
