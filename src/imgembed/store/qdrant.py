@@ -450,7 +450,7 @@ def _open_local(client: Any, path: Path) -> Any:
             raise
         raise _busy(path) from None
     except Exception:
-        if not _set_aside_damaged(path):
+        if not _set_aside_damaged(path, _listed_collections(path)):
             raise
         return _open_local(client, path)
 
@@ -463,15 +463,43 @@ def _busy(path: Path) -> StoreBusyError:
     )
 
 
-def _set_aside_damaged(path: Path) -> list[str]:
+def _listed_collections(path: Path) -> list[str]:
+    """The collections Qdrant's meta.json lists, read as the client reads it; a file it
+    cannot read is StoreUnavailableError naming it (it holds every collection's settings)."""
+    from qdrant_client.http.models import CreateCollection
+
+    meta = path / "meta.json"
+    try:
+        text = meta.read_text()
+        listed = json.loads(text) if text.strip() else None
+        if not isinstance(listed, dict):
+            why = "not an object" if text.strip() else "empty"
+        elif missing := [
+            k for k in ("collections", "aliases") if not isinstance(listed.get(k), dict)
+        ]:
+            why = f"no {missing[0]!r} in it"
+        else:
+            for name, config in listed["collections"].items():
+                try:  # the client drops this field of old versions before reading
+                    CreateCollection(**{k: v for k, v in config.items() if k != "init_from"})
+                except (ValueError, TypeError, AttributeError):
+                    raise ValueError(f"collection {name!r}: settings it cannot read") from None
+            return list(listed["collections"])
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+    except ValueError as exc:
+        why = str(exc)
+    raise StoreUnavailableError(
+        f"Qdrant's local list of collections {meta} is damaged ({why}): restore it from a "
+        f"backup, or move {path} away and index again"
+    )
+
+
+def _set_aside_damaged(path: Path, names: list[str]) -> list[str]:
     """Move each collection whose file SQLite cannot read to `damaged/` (kept, not deleted;
     the collection starts empty) under Qdrant's lock; the names moved."""
     import portalocker
 
-    try:
-        names = list(json.loads((path / "meta.json").read_text())["collections"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return []
     moved = []
     with open(path / ".lock", "a+") as lock:
         try:
