@@ -2,6 +2,10 @@
 no server): its list of collections (meta.json) and a collection's points (storage.sqlite,
 one pickled point per row). Real files, the real client."""
 
+import contextlib
+import logging
+import pickle
+import sqlite3
 from pathlib import Path
 
 import numpy as np
@@ -67,3 +71,97 @@ def test_a_damaged_local_qdrant_meta_json_is_named_with_what_to_do(tmp_path, dam
     assert message.startswith(f"Qdrant's local list of collections {folder / 'meta.json'} ")
     assert why in message
     assert message.endswith(f"restore it from a backup, or move {folder} away and index again")
+
+
+def _first_row(storage: Path, value: bytes) -> bytes:
+    """Put `value` in place of the first stored point; the file's bytes now."""
+    with contextlib.closing(sqlite3.connect(storage)) as db, db:
+        db.execute("UPDATE points SET point = ? WHERE rowid = (SELECT min(rowid) FROM points)",
+                   (value,))  # fmt: skip
+    return storage.read_bytes()
+
+
+DAMAGED_POINTS = {
+    "not a pickle": b"garbage",
+    "a pickle cut short": pickle.dumps(list(range(100)))[:30],
+    "another object pickled": pickle.dumps(42),
+}
+
+
+@pytest.mark.parametrize("value", DAMAGED_POINTS.values(), ids=DAMAGED_POINTS.keys())
+def test_an_unreadable_local_qdrant_point_is_taken_out_and_the_rest_open(tmp_path, caplog, value):
+    """qdrant-client's local mode unpickles every point of every collection on opening: one
+    damaged row failed the whole store (StoreError "UnpicklingError: pickle data was
+    truncated", naming neither collection nor file). It is taken out of its file (a copy of
+    the file as it was kept in damaged/), and every other item of every collection is there."""
+    folder = tmp_path / "qdrant"
+    _two_collections(folder)
+    storage = folder / "collection" / "hurt" / "storage.sqlite"
+    damaged = _first_row(storage, value)
+
+    with caplog.at_level(logging.WARNING, logger="imgembed.store.qdrant"):
+        store = QdrantStore(path=folder)
+    try:
+        assert store.count("kept") == 5 and store.count("hurt") == 4
+        assert [c.name for c in store.collections()] == ["hurt", "kept"]
+        (aside,) = (folder / "damaged").iterdir()
+        assert aside.name.startswith("hurt-") and (aside / "storage.sqlite").read_bytes() == damaged
+        assert "1 of the 5 items stored in Qdrant's local collection 'hurt'" in caplog.text
+        assert f"taken out of {storage}, the file as it was kept in {aside}" in caplog.text
+        stored = store.hashes("hurt")
+        missing = {f"hurt-{i}" for i in range(5)} - set(stored)
+        rng = np.random.default_rng(1)
+        store.upsert("hurt", [Record(i, _unit(rng), "h", "s") for i in missing])  # indexed again
+        assert sorted(store.hashes("hurt")) == [f"hurt-{i}" for i in range(5)]
+    finally:
+        store.close()
+    QdrantStore(path=folder).close()  # opens as it is now, without a word
+    assert len(list((folder / "damaged").iterdir())) == 1
+
+
+def test_an_unreadable_point_of_the_local_qdrant_registry_is_named_with_what_to_do(tmp_path):
+    """The registry holds every collection's model: a row of it is not taken out silently."""
+    folder = tmp_path / "qdrant"
+    _two_collections(folder)
+    registry = folder / "collection" / "imgembed_collections" / "storage.sqlite"
+    damaged = _first_row(registry, b"garbage")
+    with pytest.raises(StoreUnavailableError) as caught:
+        QdrantStore(path=folder)
+    assert str(caught.value) == (
+        f"Qdrant's local registry of collections {registry.parent} is damaged (1 of its 2 "
+        "points cannot be read: UnpicklingError: pickle data was truncated): restore it "
+        f"from a backup, or move {folder} away and index again"
+    )
+    assert registry.read_bytes() == damaged and not (folder / "damaged").exists()
+
+
+def _not_a_database(storage: Path) -> None:
+    storage.write_bytes(b"not a database" + storage.read_bytes()[14:])
+
+
+def _cut_short(storage: Path) -> None:
+    storage.write_bytes(storage.read_bytes()[:5000])
+
+
+def _folder(storage: Path) -> None:
+    storage.unlink()
+    storage.mkdir()
+
+
+DAMAGED_FILES = {"not a database": _not_a_database, "cut short": _cut_short, "a folder": _folder}
+
+
+@pytest.mark.parametrize("spoil", DAMAGED_FILES.values(), ids=DAMAGED_FILES.keys())
+def test_a_damaged_local_qdrant_sqlite_file_is_set_aside_and_the_others_open(tmp_path, spoil):
+    """The collection's file itself (not one row): the whole folder goes to damaged/, the
+    collection starts empty and the others are all there."""
+    folder = tmp_path / "qdrant"
+    _two_collections(folder)
+    spoil(folder / "collection" / "hurt" / "storage.sqlite")
+    store = QdrantStore(path=folder)
+    try:
+        assert store.count("kept") == 5 and store.count("hurt") == 0
+        (aside,) = (folder / "damaged").iterdir()
+        assert aside.name.startswith("hurt-") and (aside / "storage.sqlite").exists()
+    finally:
+        store.close()

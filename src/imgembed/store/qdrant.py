@@ -7,6 +7,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import pickle
+import shutil
 import sqlite3
 import threading
 import time
@@ -496,11 +498,12 @@ def _listed_collections(path: Path) -> list[str]:
 
 
 def _set_aside_damaged(path: Path, names: list[str]) -> list[str]:
-    """Move each collection whose file SQLite cannot read to `damaged/` (kept, not deleted;
-    the collection starts empty) under Qdrant's lock; the names moved."""
+    """Under Qdrant's lock, move each collection whose file SQLite cannot read to `damaged/`
+    (kept, not deleted; the collection starts empty), and take the points qdrant-client
+    cannot load out of the others (a copy of the file as it was kept there); the names."""
     import portalocker
 
-    moved = []
+    repaired = []
     with open(path / ".lock", "a+") as lock:
         try:
             portalocker.lock(
@@ -510,9 +513,13 @@ def _set_aside_damaged(path: Path, names: list[str]) -> list[str]:
             raise _busy(path) from None
         for name in names:
             folder = path / "collection" / name
-            if (problem := _unreadable(folder / "storage.sqlite")) is None:
+            storage = folder / "storage.sqlite"
+            problem = _unreadable(storage)
+            lost, stored, why = _unreadable_points(storage) if problem is None else ([], 0, "")
+            if problem is None and not lost:
                 continue
             if name == REGISTRY:  # it names every collection's model: never started afresh
+                problem = problem or f"{len(lost)} of its {stored} points cannot be read: {why}"
                 raise StoreUnavailableError(
                     f"Qdrant's local registry of collections {folder} is damaged ({problem}): "
                     f"restore it from a backup, or move {path} away and index again"
@@ -520,13 +527,54 @@ def _set_aside_damaged(path: Path, names: list[str]) -> list[str]:
             stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
             target = path / "damaged" / f"{name}-{stamp}"
             target.parent.mkdir(exist_ok=True)
-            folder.rename(target)
-            log.warning(
-                "Qdrant's local collection %r is damaged (%s): moved to %s, kept there; the "
-                "collection starts empty: index into it again", name, problem, target,
-            )  # fmt: skip
-            moved.append(name)
-    return moved
+            if problem is not None:
+                folder.rename(target)
+                log.warning(
+                    "Qdrant's local collection %r is damaged (%s): moved to %s, kept there; "
+                    "the collection starts empty: index into it again", name, problem, target,
+                )  # fmt: skip
+            else:
+                target.mkdir()
+                shutil.copy2(storage, target / storage.name)
+                with contextlib.closing(sqlite3.connect(storage)) as db, db:
+                    db.executemany("DELETE FROM points WHERE rowid = ?", [(r,) for r in lost])
+                log.warning(
+                    "%d of the %d items stored in Qdrant's local collection %r cannot be read "
+                    "(%s): taken out of %s, the file as it was kept in %s; the other items "
+                    "are there: index again to store those anew",
+                    len(lost), stored, name, why, storage, target,
+                )  # fmt: skip
+            repaired.append(name)
+    return repaired
+
+
+def _unreadable_points(storage: Path) -> tuple[list[int], int, str]:
+    """The rows of the points qdrant-client cannot load (each a pickled PointStruct), how
+    many rows there are, and why the first cannot be loaded."""
+    from qdrant_client.http.models import PointStruct
+
+    lost: list[int] = []
+    stored, why = 0, ""
+    if not storage.exists():
+        return lost, stored, why
+    with contextlib.closing(sqlite3.connect(f"file:{storage}?mode=ro", uri=True)) as db:
+        try:
+            for rowid, value in db.execute("SELECT rowid, point FROM points"):
+                stored += 1
+                try:
+                    point = pickle.loads(value)
+                except Exception as exc:  # damaged bytes fail in any way unpickling can
+                    point = exc
+                if not isinstance(point, PointStruct):
+                    lost.append(rowid)
+                    why = why or (
+                        f"{type(point).__name__}: {point}"
+                        if isinstance(point, Exception)
+                        else f"a {type(point).__name__}, not a point"
+                    )
+        except sqlite3.Error:  # no table yet: the client makes it
+            pass
+    return lost, stored, why
 
 
 def _unreadable(storage: Path) -> str | None:
