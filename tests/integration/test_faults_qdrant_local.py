@@ -3,6 +3,7 @@ no server): its list of collections (meta.json) and a collection's points (stora
 one pickled point per row). Real files, the real client."""
 
 import contextlib
+import json
 import logging
 import pickle
 import sqlite3
@@ -165,3 +166,28 @@ def test_a_damaged_local_qdrant_sqlite_file_is_set_aside_and_the_others_open(tmp
         assert aside.name.startswith("hurt-") and (aside / "storage.sqlite").exists()
     finally:
         store.close()
+
+
+def test_a_local_qdrant_collection_meta_json_lost_is_listed_again(tmp_path, caplog):
+    """A meta.json restored from an older backup (as the error above advises) lacks the
+    collections made since: their files were there, yet each call said "it was dropped ...;
+    what was stored in it is gone too" and the list left them out. The registry still names
+    their model, so they are listed again with every item."""
+    folder = tmp_path / "qdrant"
+    _two_collections(folder)
+    meta = json.loads((folder / "meta.json").read_text())
+    del meta["collections"]["hurt"]
+    (folder / "meta.json").write_text(json.dumps(meta))
+
+    with caplog.at_level(logging.WARNING, logger="imgembed.store.qdrant"):
+        store = QdrantStore(path=folder)
+    try:
+        assert [(c.name, c.count) for c in store.collections()] == [("hurt", 5), ("kept", 5)]
+        assert sorted(store.hashes("hurt")) == [f"hurt-{i}" for i in range(5)]
+        assert (
+            f"Qdrant's local collection 'hurt' was not listed in {folder / 'meta.json'}, though "
+            f"its files are in {folder / 'collection' / 'hurt'}: listed again" in caplog.text
+        )
+    finally:
+        store.close()
+    assert "hurt" in json.loads((folder / "meta.json").read_text())["collections"]

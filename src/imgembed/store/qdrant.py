@@ -83,6 +83,8 @@ class QdrantStore:
                 Path(path).mkdir(parents=True, exist_ok=True)
                 self._client = _open_local(QdrantClient, Path(path))
         self._call("opening Qdrant", self._ensure_registry)
+        if path is not None and self._local:
+            self._call("opening Qdrant", lambda: self._list_again(Path(path)))
 
     def _ensure_registry(self) -> None:
         models = self._models
@@ -91,6 +93,29 @@ class QdrantStore:
                 REGISTRY,
                 vectors_config=models.VectorParams(size=1, distance=models.Distance.DOT),
             )
+
+    def _list_again(self, path: Path) -> None:
+        """Collections the registry names whose files are there but not in qdrant-client's
+        meta.json (one restored from an older backup): made again over their folder, which
+        loads their items."""
+        models = self._models
+        for name in self._registered():
+            folder = path / "collection" / name
+            if self._client.collection_exists(name) or not (folder / "storage.sqlite").is_file():
+                continue  # listed, or a drop cut short (its files gone)
+            if (provenance := self._provenance(name)) is None:
+                continue
+            self._client.create_collection(
+                name,
+                vectors_config=models.VectorParams(
+                    size=provenance.dimension, distance=models.Distance.COSINE
+                ),
+            )
+            log.warning(
+                "Qdrant's local collection %r was not listed in %s, though its files are in "
+                "%s: listed again, with its %d items",
+                name, path / "meta.json", folder, self._client.count(name, exact=True).count,
+            )  # fmt: skip
 
     def _call(self, action: str, work: Callable[[], T]) -> T:
         try:
@@ -183,7 +208,8 @@ class QdrantStore:
     def collections(self) -> list[CollectionInfo]:
         return self._call("listing collections", self._collections)
 
-    def _collections(self) -> list[CollectionInfo]:
+    def _registered(self) -> list[str]:
+        """The names in the registry (a drop cut short may leave one without collection)."""
         names = []
         offset = None
         while True:
@@ -192,9 +218,11 @@ class QdrantStore:
             )
             names += [p.payload["name"] for p in points if p.payload]
             if offset is None:
-                break
+                return names
+
+    def _collections(self) -> list[CollectionInfo]:
         infos = []
-        for name in sorted(names):
+        for name in sorted(self._registered()):
             # a drop cut short between its two steps (a crash), or one by another process
             # meanwhile, leaves a name without its collection: not listed, not an error
             with contextlib.suppress(CollectionNotFoundError):
