@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import pickle
+import shutil
 import sqlite3
 from pathlib import Path
 
@@ -191,3 +192,27 @@ def test_a_local_qdrant_collection_meta_json_lost_is_listed_again(tmp_path, capl
     finally:
         store.close()
     assert "hurt" in json.loads((folder / "meta.json").read_text())["collections"]
+
+
+def test_local_qdrant_collections_the_registry_lost_are_named(tmp_path, caplog):
+    """imgembed's registry (which names each collection's model) gone or emptied: the list
+    showed nothing and searches said "no collection", while the items were all there,
+    without a word. The collections that hold items are named, with what to do."""
+    folder = tmp_path / "qdrant"
+    _two_collections(folder)
+    registry = folder / "collection" / "imgembed_collections"
+    shutil.rmtree(registry)
+
+    with caplog.at_level(logging.WARNING, logger="imgembed.store.qdrant"):
+        store = QdrantStore(path=folder)
+    try:
+        assert store.collections() == []
+        assert (
+            f"Qdrant's local collections 'hurt', 'kept' hold items, but imgembed's registry of "
+            f"collections {registry} does not name them" in caplog.text
+        )
+        assert "index into each again with its model (what is stored stays)" in caplog.text
+        store.create_collection("kept", PROV)  # what `index` does first
+        assert [(c.name, c.count) for c in store.collections()] == [("kept", 5)]
+    finally:
+        store.close()

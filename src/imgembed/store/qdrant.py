@@ -97,9 +97,23 @@ class QdrantStore:
     def _list_again(self, path: Path) -> None:
         """Collections the registry names whose files are there but not in qdrant-client's
         meta.json (one restored from an older backup): made again over their folder, which
-        loads their items."""
+        loads their items. Those holding items the registry does not name are said."""
         models = self._models
-        for name in self._registered():
+        registered = self._registered()
+        unnamed = [
+            c.name
+            for c in self._client.get_collections().collections
+            if c.name not in registered and c.name != REGISTRY and self._client.count(c.name).count
+        ]  # an empty one: a create cut short before its registry entry
+        if unnamed:
+            log.warning(
+                "Qdrant's local collections %s hold items, but imgembed's registry of "
+                "collections %s does not name them (it was lost, or restored from an older "
+                "backup), so their model is not known and they are not listed: index into "
+                "each again with its model (what is stored stays), or restore the registry",
+                ", ".join(map(repr, sorted(unnamed))), path / "collection" / REGISTRY,
+            )  # fmt: skip
+        for name in registered:
             folder = path / "collection" / name
             if self._client.collection_exists(name) or not (folder / "storage.sqlite").is_file():
                 continue  # listed, or a drop cut short (its files gone)
