@@ -60,19 +60,44 @@ DAMAGED_META = {
 
 
 @pytest.mark.parametrize("damage", DAMAGED_META.values(), ids=DAMAGED_META.keys())
-def test_a_damaged_local_qdrant_meta_json_is_named_with_what_to_do(tmp_path, damage):
+def test_a_damaged_local_qdrant_meta_json_is_set_aside_and_every_collection_open(
+    tmp_path, caplog, damage
+):
     """qdrant-client's list of its collections cut short, emptied or not JSON was a bare
-    StoreError quoting the JSON parser, naming the folder but not the file to restore."""
+    StoreError quoting the JSON parser, naming the folder but not the file. It is moved to
+    damaged/ (kept), and every collection imgembed's registry names opens from its files."""
     folder = tmp_path / "qdrant"
     _two_collections(folder)
     spoil, why = damage
     spoil(folder / "meta.json")
+
+    with caplog.at_level(logging.WARNING, logger="imgembed.store.qdrant"):
+        store = QdrantStore(path=folder)
+    try:
+        assert [(c.name, c.count) for c in store.collections()] == [("hurt", 5), ("kept", 5)]
+        assert store.search("kept", _unit(np.random.default_rng(2)))[0].id.startswith("kept-")
+    finally:
+        store.close()
+    (aside,) = (folder / "damaged").iterdir()
+    assert aside.name.startswith("meta-") and aside.name.endswith(".json")
+    assert f"Qdrant's local list of collections {folder / 'meta.json'} is damaged (" in caplog.text
+    assert f"{why}" in caplog.text and f"moved to {aside}, kept there" in caplog.text
+    QdrantStore(path=folder).close()  # opens as it is now, without a word
+
+
+def test_a_damaged_local_qdrant_meta_json_that_cannot_be_moved_is_named(tmp_path):
+    """Where it cannot be set aside, a StoreUnavailableError names it and what to do."""
+    folder = tmp_path / "qdrant"
+    _two_collections(folder)
+    _cut(folder / "meta.json")
+    (folder / "damaged").write_text("a file where the folder belongs")
     with pytest.raises(StoreUnavailableError) as caught:
         QdrantStore(path=folder)
     message = str(caught.value)
     assert message.startswith(f"Qdrant's local list of collections {folder / 'meta.json'} ")
-    assert why in message
-    assert message.endswith(f"restore it from a backup, or move {folder} away and index again")
+    assert "is damaged (Expecting value" in message and "cannot be moved to" in message
+    assert message.endswith("restore it from a backup, or move it away (the collections are "
+                            "listed again from their files)")  # fmt: skip
 
 
 def _first_row(storage: Path, value: bytes) -> bytes:

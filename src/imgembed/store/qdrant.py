@@ -494,7 +494,9 @@ def _open_local(client: Any, path: Path) -> Any:
             raise
         raise _busy(path) from None
     except Exception:
-        if not _set_aside_damaged(path, _listed_collections(path)):
+        with _locked(path):
+            repaired = _set_meta_aside(path) or _set_aside_damaged(path)
+        if not repaired:
             raise
         return _open_local(client, path)
 
@@ -507,45 +509,11 @@ def _busy(path: Path) -> StoreBusyError:
     )
 
 
-def _listed_collections(path: Path) -> list[str]:
-    """The collections Qdrant's meta.json lists, read as the client reads it; a file it
-    cannot read is StoreUnavailableError naming it (it holds every collection's settings)."""
-    from qdrant_client.http.models import CreateCollection
-
-    meta = path / "meta.json"
-    try:
-        text = meta.read_text()
-        listed = json.loads(text) if text.strip() else None
-        if not isinstance(listed, dict):
-            why = "not an object" if text.strip() else "empty"
-        elif missing := [
-            k for k in ("collections", "aliases") if not isinstance(listed.get(k), dict)
-        ]:
-            why = f"no {missing[0]!r} in it"
-        else:
-            for name, config in listed["collections"].items():
-                try:  # the client drops this field of old versions before reading
-                    CreateCollection(**{k: v for k, v in config.items() if k != "init_from"})
-                except (ValueError, TypeError, AttributeError):
-                    raise ValueError(f"collection {name!r}: settings it cannot read") from None
-            return list(listed["collections"])
-    except OSError as exc:
-        why = exc.strerror or str(exc)
-    except ValueError as exc:
-        why = str(exc)
-    raise StoreUnavailableError(
-        f"Qdrant's local list of collections {meta} is damaged ({why}): restore it from a "
-        f"backup, or move {path} away and index again"
-    )
-
-
-def _set_aside_damaged(path: Path, names: list[str]) -> list[str]:
-    """Under Qdrant's lock, move each collection whose file SQLite cannot read to `damaged/`
-    (kept, not deleted; the collection starts empty), and take the points qdrant-client
-    cannot load out of the others (a copy of the file as it was kept there); the names."""
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Qdrant's own lock on its folder, held while imgembed repairs files in it."""
     import portalocker
 
-    repaired = []
     with open(path / ".lock", "a+") as lock:
         try:
             portalocker.lock(
@@ -553,40 +521,101 @@ def _set_aside_damaged(path: Path, names: list[str]) -> list[str]:
             )
         except portalocker.exceptions.LockException:
             raise _busy(path) from None
-        for name in names:
-            folder = path / "collection" / name
-            storage = folder / "storage.sqlite"
-            problem = _unreadable(storage)
-            lost, stored, why = _unreadable_points(storage) if problem is None else ([], 0, "")
-            if problem is None and not lost:
-                continue
-            if name == REGISTRY:  # it names every collection's model: never started afresh
-                problem = problem or f"{len(lost)} of its {stored} points cannot be read: {why}"
-                raise StoreUnavailableError(
-                    f"Qdrant's local registry of collections {folder} is damaged ({problem}): "
-                    f"restore it from a backup, or move {path} away and index again"
-                )
-            stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-            target = path / "damaged" / f"{name}-{stamp}"
-            target.parent.mkdir(exist_ok=True)
-            if problem is not None:
-                folder.rename(target)
-                log.warning(
-                    "Qdrant's local collection %r is damaged (%s): moved to %s, kept there; "
-                    "the collection starts empty: index into it again", name, problem, target,
-                )  # fmt: skip
-            else:
-                target.mkdir()
-                shutil.copy2(storage, target / storage.name)
-                with contextlib.closing(sqlite3.connect(storage)) as db, db:
-                    db.executemany("DELETE FROM points WHERE rowid = ?", [(r,) for r in lost])
-                log.warning(
-                    "%d of the %d items stored in Qdrant's local collection %r cannot be read "
-                    "(%s): taken out of %s, the file as it was kept in %s; the other items "
-                    "are there: index again to store those anew",
-                    len(lost), stored, name, why, storage, target,
-                )  # fmt: skip
-            repaired.append(name)
+        yield
+
+
+def _set_meta_aside(path: Path) -> bool:
+    """Move a meta.json the client cannot read to `damaged/` (kept): the client starts a new
+    one, and the collections imgembed's registry names are listed again from their files
+    (`QdrantStore._list_again`); whether it was moved."""
+    meta = path / "meta.json"
+    if (why := _meta_problem(meta)) is None:
+        return False
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    target = path / "damaged" / f"meta-{stamp}.json"
+    try:
+        target.parent.mkdir(exist_ok=True)
+        meta.rename(target)
+    except OSError as exc:
+        raise StoreUnavailableError(
+            f"Qdrant's local list of collections {meta} is damaged ({why}) and cannot be "
+            f"moved to {target} ({exc.strerror or exc}): restore it from a backup, or move it "
+            "away (the collections are listed again from their files)"
+        ) from None
+    log.warning(
+        "Qdrant's local list of collections %s is damaged (%s): moved to %s, kept there; "
+        "the collections are listed again from their files", meta, why, target,
+    )  # fmt: skip
+    return True
+
+
+def _meta_problem(meta: Path) -> str | None:
+    """Why qdrant-client cannot read its meta.json (the settings of every collection), or
+    None; checked as the client reads it."""
+    from qdrant_client.http.models import CreateCollection
+
+    try:
+        text = meta.read_text()
+        listed = json.loads(text) if text.strip() else None
+        if not isinstance(listed, dict):
+            return "not an object" if text.strip() else "empty"
+        if missing := [
+            k for k in ("collections", "aliases") if not isinstance(listed.get(k), dict)
+        ]:
+            return f"no {missing[0]!r} in it"
+        for name, config in listed["collections"].items():
+            try:  # the client drops this field of old versions before reading
+                CreateCollection(**{k: v for k, v in config.items() if k != "init_from"})
+            except (ValueError, TypeError, AttributeError):
+                return f"collection {name!r}: settings it cannot read"
+    except FileNotFoundError:
+        return None  # the client makes it
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def _set_aside_damaged(path: Path) -> list[str]:
+    """Move each collection whose file SQLite cannot read to `damaged/` (kept, not deleted;
+    the collection starts empty), and take the points qdrant-client cannot load out of the
+    others (a copy of the file as it was kept there); the names. Under `_locked`."""
+    repaired = []
+    for name in json.loads((path / "meta.json").read_text())["collections"]:
+        folder = path / "collection" / name
+        storage = folder / "storage.sqlite"
+        problem = _unreadable(storage)
+        lost, stored, why = _unreadable_points(storage) if problem is None else ([], 0, "")
+        if problem is None and not lost:
+            continue
+        if name == REGISTRY:  # it names every collection's model: never started afresh
+            problem = problem or f"{len(lost)} of its {stored} points cannot be read: {why}"
+            raise StoreUnavailableError(
+                f"Qdrant's local registry of collections {folder} is damaged ({problem}): "
+                f"restore it from a backup, or move {path} away and index again"
+            )
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        target = path / "damaged" / f"{name}-{stamp}"
+        target.parent.mkdir(exist_ok=True)
+        if problem is not None:
+            folder.rename(target)
+            log.warning(
+                "Qdrant's local collection %r is damaged (%s): moved to %s, kept there; "
+                "the collection starts empty: index into it again", name, problem, target,
+            )  # fmt: skip
+        else:
+            target.mkdir()
+            shutil.copy2(storage, target / storage.name)
+            with contextlib.closing(sqlite3.connect(storage)) as db, db:
+                db.executemany("DELETE FROM points WHERE rowid = ?", [(r,) for r in lost])
+            log.warning(
+                "%d of the %d items stored in Qdrant's local collection %r cannot be read "
+                "(%s): taken out of %s, the file as it was kept in %s; the other items "
+                "are there: index again to store those anew",
+                len(lost), stored, name, why, storage, target,
+            )  # fmt: skip
+        repaired.append(name)
     return repaired
 
 
