@@ -97,7 +97,8 @@ class QdrantStore:
     def _list_again(self, path: Path) -> None:
         """Collections the registry names whose files are there but not in qdrant-client's
         meta.json (one restored from an older backup): made again over their folder, which
-        loads their items. Those holding items the registry does not name are said."""
+        loads their items; those holding items that the registry does not name (it was lost)
+        are named in a warning."""
         models = self._models
         registered = self._registered()
         unnamed = [
@@ -581,8 +582,11 @@ def _set_aside_damaged(path: Path) -> list[str]:
     """Move each collection whose file SQLite cannot read to `damaged/` (kept, not deleted;
     the collection starts empty), and take the points qdrant-client cannot load out of the
     others (a copy of the file as it was kept there); the names. Under `_locked`."""
+    meta = path / "meta.json"
+    if not meta.is_file():  # the client failed before making it: nothing of ours to repair
+        return []
     repaired = []
-    for name in json.loads((path / "meta.json").read_text())["collections"]:
+    for name in json.loads(meta.read_text())["collections"]:
         folder = path / "collection" / name
         storage = folder / "storage.sqlite"
         problem = _unreadable(storage)
