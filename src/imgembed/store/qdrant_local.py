@@ -1,0 +1,200 @@
+"""Qdrant's local files (qdrant-client's local mode): opened one process at a time, and what
+cannot be read in them set aside (kept under `damaged/`) so that the rest opens."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import pickle
+import shutil
+import sqlite3
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from imgembed.errors import StoreBusyError, StoreUnavailableError
+
+log = logging.getLogger(__name__)
+
+REGISTRY = "imgembed_collections"  # the collection naming every other one's model
+
+
+def open_local(client: Any, path: Path) -> Any:
+    """Qdrant's local files, which one process at a time may hold (a file lock). Qdrant
+    loads every collection on opening: a damaged one is set aside, so the others open."""
+    try:
+        return client(path=str(path))
+    except RuntimeError as exc:
+        if "already accessed by another instance" not in str(exc):
+            raise
+        raise _busy(path) from None
+    except Exception:
+        with _locked(path):
+            repaired = _set_meta_aside(path) or _set_aside_damaged(path)
+        if not repaired:
+            raise
+        return open_local(client, path)
+
+
+def _busy(path: Path) -> StoreBusyError:
+    return StoreBusyError(
+        f"{path} is open in another imgembed process (Qdrant's local files serve one "
+        "process at a time, searches too): wait for it to finish and run again, or use a "
+        "Qdrant server (IMGEMBED_QDRANT_URL) for work at the same time"
+    )
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Qdrant's own lock on its folder, held while imgembed repairs files in it."""
+    import portalocker
+
+    with open(path / ".lock", "a+") as lock:
+        try:
+            portalocker.lock(
+                lock, portalocker.LockFlags.EXCLUSIVE | portalocker.LockFlags.NON_BLOCKING
+            )
+        except portalocker.exceptions.LockException:
+            raise _busy(path) from None
+        yield
+
+
+def _set_meta_aside(path: Path) -> bool:
+    """Move a meta.json the client cannot read to `damaged/` (kept): the client starts a new
+    one, and the collections imgembed's registry names are listed again from their files
+    (`QdrantStore._list_again`); whether it was moved."""
+    meta = path / "meta.json"
+    if (why := _meta_problem(meta)) is None:
+        return False
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    target = path / "damaged" / f"meta-{stamp}.json"
+    try:
+        target.parent.mkdir(exist_ok=True)
+        meta.rename(target)
+    except OSError as exc:
+        raise StoreUnavailableError(
+            f"Qdrant's local list of collections {meta} is damaged ({why}) and cannot be "
+            f"moved to {target} ({exc.strerror or exc}): restore it from a backup, or move it "
+            "away (the collections are listed again from their files)"
+        ) from None
+    log.warning(
+        "Qdrant's local list of collections %s is damaged (%s): moved to %s, kept there; "
+        "the collections are listed again from their files", meta, why, target,
+    )  # fmt: skip
+    return True
+
+
+def _meta_problem(meta: Path) -> str | None:
+    """Why qdrant-client cannot read its meta.json (the settings of every collection), or
+    None; checked as the client reads it."""
+    from qdrant_client.http.models import CreateCollection
+
+    try:
+        text = meta.read_text()
+        listed = json.loads(text) if text.strip() else None
+        if not isinstance(listed, dict):
+            return "not an object" if text.strip() else "empty"
+        if missing := [
+            k for k in ("collections", "aliases") if not isinstance(listed.get(k), dict)
+        ]:
+            return f"no {missing[0]!r} in it"
+        for name, config in listed["collections"].items():
+            try:  # the client drops this field of old versions before reading
+                CreateCollection(**{k: v for k, v in config.items() if k != "init_from"})
+            except (ValueError, TypeError, AttributeError):
+                return f"collection {name!r}: settings it cannot read"
+    except FileNotFoundError:
+        return None  # the client makes it
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def _set_aside_damaged(path: Path) -> list[str]:
+    """Move each collection whose file SQLite cannot read to `damaged/` (kept, not deleted;
+    the collection starts empty), and take the points qdrant-client cannot load out of the
+    others (a copy of the file as it was kept there); the names. Under `_locked`."""
+    meta = path / "meta.json"
+    if not meta.is_file():  # the client failed before making it: nothing of ours to repair
+        return []
+    repaired = []
+    for name in json.loads(meta.read_text())["collections"]:
+        folder = path / "collection" / name
+        storage = folder / "storage.sqlite"
+        problem = _unreadable(storage)
+        lost, stored, why = _unreadable_points(storage) if problem is None else ([], 0, "")
+        if problem is None and not lost:
+            continue
+        if name == REGISTRY:  # it names every collection's model: never started afresh
+            problem = problem or f"{len(lost)} of its {stored} points cannot be read: {why}"
+            raise StoreUnavailableError(
+                f"Qdrant's local registry of collections {folder} is damaged ({problem}): "
+                f"restore it from a backup, or move {path} away and index again"
+            )
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        target = path / "damaged" / f"{name}-{stamp}"
+        target.parent.mkdir(exist_ok=True)
+        if problem is not None:
+            folder.rename(target)
+            log.warning(
+                "Qdrant's local collection %r is damaged (%s): moved to %s, kept there; "
+                "the collection starts empty: index into it again", name, problem, target,
+            )  # fmt: skip
+        else:
+            target.mkdir()
+            shutil.copy2(storage, target / storage.name)
+            with contextlib.closing(sqlite3.connect(storage)) as db, db:
+                db.executemany("DELETE FROM points WHERE rowid = ?", [(r,) for r in lost])
+            log.warning(
+                "%d of the %d items stored in Qdrant's local collection %r cannot be read "
+                "(%s): taken out of %s, the file as it was kept in %s; the other items "
+                "are there: index again to store those anew",
+                len(lost), stored, name, why, storage, target,
+            )  # fmt: skip
+        repaired.append(name)
+    return repaired
+
+
+def _unreadable_points(storage: Path) -> tuple[list[int], int, str]:
+    """The rows of the points qdrant-client cannot load (each a pickled PointStruct), how
+    many rows there are, and why the first cannot be loaded."""
+    from qdrant_client.http.models import PointStruct
+
+    lost: list[int] = []
+    stored, why = 0, ""
+    if not storage.exists():
+        return lost, stored, why
+    with contextlib.closing(sqlite3.connect(f"file:{storage}?mode=ro", uri=True)) as db:
+        try:
+            for rowid, value in db.execute("SELECT rowid, point FROM points"):
+                stored += 1
+                try:
+                    point = pickle.loads(value)
+                except Exception as exc:  # damaged bytes fail in any way unpickling can
+                    point = exc
+                if not isinstance(point, PointStruct):
+                    lost.append(rowid)
+                    why = why or (
+                        f"{type(point).__name__}: {point}"
+                        if isinstance(point, Exception)
+                        else f"a {type(point).__name__}, not a point"
+                    )
+        except sqlite3.Error:  # no table yet: the client makes it
+            pass
+    return lost, stored, why
+
+
+def _unreadable(storage: Path) -> str | None:
+    """Why SQLite cannot read the file, or None (also for a file not there yet)."""
+    if not storage.exists():
+        return None
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{storage}?mode=ro", uri=True)) as db:
+            (answer,) = db.execute("PRAGMA quick_check").fetchone()
+    except sqlite3.Error as exc:
+        return str(exc)
+    return None if answer == "ok" else answer
