@@ -21,6 +21,7 @@
     │   ├── CollectionNotFoundError
     │   ├── ProvenanceMismatchError  a collection built with another model
     │   ├── StoreUnavailableError    the database cannot be reached or went away
+    │   │   └── StoreDamagedError    its files are damaged: to restore, not to retry
     │   ├── StoreFullError           the disk under the store is full
     │   └── InvalidRecordError       a vector, id or metadata the store cannot hold
     ├── RequestTooLargeError      a request over a service limit (body bytes, inputs)
@@ -164,6 +165,11 @@ class StoreBusyError(StoreError):
 class StoreUnavailableError(StoreError):
     """The database cannot be reached, or went away during a call (server stopped or
     killed, connection lost); a retry after reconnecting also failed."""
+
+
+class StoreDamagedError(StoreUnavailableError):
+    """Files the store needs are damaged and could not be set aside: someone must restore or
+    move them (the message says which); retrying will not help."""
 
 
 class DataDirError(ConfigurationError, StoreUnavailableError):

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from imgembed.errors import StoreUnavailableError
+from imgembed.errors import StoreDamagedError, StoreUnavailableError
 from imgembed.store import Provenance, Record
 from imgembed.store.qdrant import QdrantStore
 
@@ -152,7 +152,7 @@ def test_an_unreadable_point_of_the_local_qdrant_registry_is_named_with_what_to_
     _two_collections(folder)
     registry = folder / "collection" / "imgembed_collections" / "storage.sqlite"
     damaged = _first_row(registry, b"garbage")
-    with pytest.raises(StoreUnavailableError) as caught:
+    with pytest.raises(StoreDamagedError) as caught:
         QdrantStore(path=folder)
     assert str(caught.value) == (
         f"Qdrant's local registry of collections {registry.parent} is damaged (1 of its 2 "
@@ -241,3 +241,24 @@ def test_local_qdrant_collections_the_registry_lost_are_named(tmp_path, caplog):
         assert [(c.name, c.count) for c in store.collections()] == [("kept", 5)]
     finally:
         store.close()
+
+
+def test_a_damaged_registry_is_a_503_that_clients_are_told_not_to_retry(tmp_path):
+    """Retrying cannot mend a file: no Retry-After (OpenAI's SDKs and proxies would repeat the
+    request), x-should-retry: false, the file named; the CLI's exit as for any store error."""
+    from fastapi.testclient import TestClient
+
+    from imgembed.api.app import create_app
+    from imgembed.config import load_settings
+
+    folder = tmp_path / "qdrant"
+    _two_collections(folder)
+    _first_row(folder / "collection" / "imgembed_collections" / "storage.sqlite", b"garbage")
+    settings = load_settings(model="imgembed-tiny", pretrained="seed:0", store="qdrant",
+                             data_dir=tmp_path)  # fmt: skip
+    with TestClient(create_app(settings)) as client:
+        answer = client.get("/api/v1/collections")
+    assert answer.status_code == 503, answer.text
+    assert answer.headers["x-should-retry"] == "false" and "retry-after" not in answer.headers
+    assert answer.json()["error_type"] == "StoreDamagedError"
+    assert "imgembed_collections is damaged" in answer.json()["error"]

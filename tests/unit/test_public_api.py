@@ -10,6 +10,7 @@ PUBLIC = {
     "StoreUnavailableError",
     "StoreFullError",
     "StoreBusyError",
+    "StoreDamagedError",
     "TextApiSettingError",
     "TextEmbeddingError",
     "SourceListError",

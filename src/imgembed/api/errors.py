@@ -34,6 +34,7 @@ from imgembed.errors import (
     RequestTooLargeError,
     SourceNotAllowedError,
     StoreBusyError,
+    StoreDamagedError,
     StoreError,
     StoreUnavailableError,
     TextApiSettingError,
@@ -110,10 +111,11 @@ async def _imgembed_error(request: Request, exc: Exception) -> JSONResponse:
     headers = None
     if isinstance(exc, UnavailableError):
         headers = {"Retry-After": str(max(1, round(exc.retry_after)))}
-    elif isinstance(exc, FetchError | TextEmbeddingError):
+    elif isinstance(exc, FetchError | TextEmbeddingError | StoreDamagedError):
         # a 502 after the server's own retries with backoff: OpenAI's SDKs would repeat the
         # whole request twice more (each with its retries) unless told not to (a text
-        # embedder's error is an EncodeError too: it was answered Retry-After 1 instead)
+        # embedder's error is an EncodeError too: it was answered Retry-After 1 instead); a
+        # damaged store file waits for its operator, not for time
         headers = {"x-should-retry": "false"}
     elif isinstance(exc, EncodeError):
         headers = {"Retry-After": "1"}

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from imgembed.errors import StoreBusyError, StoreUnavailableError
+from imgembed.errors import StoreBusyError, StoreDamagedError
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def _set_meta_aside(path: Path) -> bool:
         target.parent.mkdir(exist_ok=True)
         meta.rename(target)
     except OSError as exc:
-        raise StoreUnavailableError(
+        raise StoreDamagedError(
             f"Qdrant's local list of collections {meta} is damaged ({why}) and cannot be "
             f"moved to {target} ({exc.strerror or exc}): restore it from a backup, or move it "
             "away (the collections are listed again from their files)"
@@ -131,7 +131,7 @@ def _set_aside_damaged(path: Path) -> list[str]:
             continue
         if name == REGISTRY:  # it names every collection's model: never started afresh
             problem = problem or f"{len(lost)} of its {stored} points cannot be read: {why}"
-            raise StoreUnavailableError(
+            raise StoreDamagedError(
                 f"Qdrant's local registry of collections {folder} is damaged ({problem}): "
                 f"restore it from a backup, or move {path} away and index again"
             )
