@@ -33,7 +33,7 @@ from imgembed.store.postgres import revisions
 from tests.cli import run
 from tests.conftest import TINY
 from tests.integration.embedding_server import EmbeddingServer
-from tests.integration.test_faults_store import _drop_imgembed_connections
+from tests.integration.test_faults_store import CommitAnswerLost, _drop_imgembed_connections
 from tests.integration.test_stores import answered_within, index_builds_held, raised
 
 REPO = Path(__file__).resolve().parents[2]
@@ -884,6 +884,50 @@ def test_a_connection_lost_while_storing_products_is_made_again_and_the_chunk_st
     assert "reconnecting and trying once more" in caplog.text
     assert repository.product("lost", "i2")["title"] == "Item 2"
     repository.close()
+
+
+def test_an_import_whose_commit_answer_was_lost_counts_what_that_commit_wrote(
+    data_dir, tmp_path, caplog
+):
+    """The connection lost after the server committed a chunk, before its answer came: the
+    retry found the rows as the lost commit had left them and counted them all unchanged
+    (an import of new products said "0 new, 3 unchanged"). Now the commit's outcome is asked
+    for (pg_xact_status): committed, the counts it returned stand and nothing is repeated."""
+    url = embedded.start(data_dir)
+    proxy = CommitAnswerLost(url, tmp_path)
+    repository = ProductRepository(proxy.url, reopen=lambda: proxy.url)
+    try:
+        first = [importer.product({"id": i, "title": i.upper()}) for i in ("a", "b")]
+        repository.upsert_products("lost", first)
+        titles = [("a", "A again"), ("b", "B"), ("c", "C"), ("d", "D")]
+        products = [importer.product({"id": i, "title": t}) for i, t in titles]
+        proxy.armed.set()
+        with caplog.at_level(logging.WARNING, "imgembed.catalog.repository"):
+            counts = repository.upsert_products("lost", products)
+        assert proxy.lost == 1  # the fault happened: committed, and the answer lost
+        assert counts == (2, 1, 1)  # c and d new, a updated, b unchanged (was (0, 0, 4))
+        assert "it was committed before the connection was lost" in caplog.text
+        assert repository.product("lost", "a")["title"] == "A again"
+        assert repository.count("lost") == 4
+
+        # an answer lost before the commit: nothing was written, the retry counts it all
+        real, dropped = repository._cursor, []
+
+        @contextlib.contextmanager
+        def lost_before_commit(what, transaction=False):
+            with real(what, transaction) as cursor:
+                yield cursor
+                if what == "storing products" and not dropped:
+                    dropped.append(_drop_imgembed_connections(url))
+
+        repository._cursor = lost_before_commit
+        more = [importer.product({"id": "e", "title": "E"}), products[0]]
+        assert repository.upsert_products("lost", more) == (1, 0, 1)
+        assert dropped and dropped[0] >= 1
+        assert repository.count("lost") == 5
+    finally:
+        repository.close()
+        proxy.close()
 
 
 def test_dropped_connections_are_made_again_and_a_dead_server_is_a_typed_error(

@@ -10,8 +10,10 @@ import json
 import logging
 import os
 import re
+import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -209,6 +211,54 @@ def _drop_imgembed_connections(url: str) -> int:
             (pgconn.APPLICATION,),
         ).fetchall()
     return len(rows)
+
+
+class CommitAnswerLost:
+    """A proxy on a Unix socket of its own in front of the server's: it passes everything on
+    both ways, but once `armed`, the first COMMIT it passes on has its answer dropped and the
+    client's connection closed: the server committed, the client never hears so (a network
+    or a server that fails at that moment). `url` connects through it."""
+
+    def __init__(self, url: str, folder: Path):
+        info = psycopg.conninfo.conninfo_to_dict(url)
+        port = info.get("port") or 5432
+        self._server = f"{info['host']}/.s.PGSQL.{port}"
+        self.url = url.replace(f"host={info['host']}", f"host={folder}")  # the embedded's form
+        assert self.url != url
+        self.armed = threading.Event()
+        self.lost = 0  # answers dropped
+        self._listener = socket.socket(socket.AF_UNIX)
+        self._listener.bind(str(folder / f".s.PGSQL.{port}"))
+        self._listener.listen()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):  # closed
+            while True:
+                client, _ = self._listener.accept()
+                server = socket.socket(socket.AF_UNIX)
+                server.connect(self._server)
+                threading.Thread(target=self._pump, args=(client, server), daemon=True).start()
+
+    def _pump(self, client: socket.socket, server: socket.socket) -> None:
+        peer = {client: server, server: client}
+        committing = False
+        with client, server, contextlib.suppress(OSError):
+            while True:
+                for side in select.select(list(peer), [], [])[0]:
+                    data = side.recv(65536)
+                    if not data:
+                        return
+                    if side is client and self.armed.is_set() and b"COMMIT\x00" in data:
+                        self.armed.clear()
+                        committing = True
+                    elif side is server and committing and b"COMMIT\x00" in data:
+                        self.lost += 1
+                        return  # the server's "COMMIT" answer dropped, both ends closed
+                    peer[side].sendall(data)
+
+    def close(self) -> None:
+        self._listener.close()
 
 
 def test_a_socket_lock_left_empty_by_a_server_killed_while_starting_is_cleared(data_dir, caplog):

@@ -276,6 +276,8 @@ class ProductRepository:
         if not params:
             return 0, 0, 0
 
+        written: dict[str, Any] = {}  # an attempt's counts and transaction id, before COMMIT
+
         def write() -> tuple[int, int]:
             inserted = updated = 0
             with self._cursor("storing products", transaction=True) as cursor:
@@ -285,17 +287,33 @@ class ProductRepository:
                     if row is not None:
                         inserted += row[0]
                         updated += not row[0]
+                xid = cursor.execute("SELECT pg_current_xact_id()").fetchone()[0]
+                written.update(counts=(inserted, updated), xid=xid)
             return inserted, updated
 
         try:
             inserted, updated = write()
         except StoreUnavailableError as lost:
-            # an upsert by key is safe to repeat (one whose commit was not acknowledged
-            # counts its rows unchanged): once more, as `Connection.run` does; the call
-            # makes the connection again first (and starts a dead embedded server)
-            log.warning("%s; reconnecting and trying once more", lost)
-            inserted, updated = write()
+            # Lost at COMMIT, the transaction may have committed all the same: a repeat would
+            # then find its rows as it left them and count them unchanged. So ask the server.
+            if "xid" in written and self._committed(written["xid"]):
+                log.warning("%s; it was committed before the connection was lost", lost)
+                inserted, updated = written["counts"]
+            else:
+                # an upsert by key is safe to repeat: once more, as `Connection.run` does;
+                # the call makes the connection again first (and starts a dead embedded server)
+                log.warning("%s; reconnecting and trying once more", lost)
+                inserted, updated = write()
         return inserted, updated, len(params) - inserted - updated
+
+    def _committed(self, xid: Any) -> bool:
+        """Whether the transaction `xid` committed (its answer lost with the connection); the
+        call reconnects first. A transaction still running is not (yet): it is repeated."""
+        status = self._db.run(
+            "asking whether a lost commit was made",
+            lambda c: c.execute("SELECT pg_xact_status(%s)", (xid,)).fetchone()[0],
+        )
+        return status == "committed"
 
     def product(self, store_id: str, product_id: str) -> dict[str, Any] | None:
         with self._cursor("reading a product") as cursor:
