@@ -484,6 +484,44 @@ def test_a_call_queued_behind_a_long_one_waits_for_its_reconnect_from_its_start(
     store.close()
 
 
+def test_an_embedded_server_that_cannot_start_is_waited_for_once(data_dir, monkeypatch):
+    """Every start fails (a broken postgresql.conf): a call's reconnect waits for one start
+    (REVIVE_SECONDS), and another store's call that waited behind it fails with it. Both
+    began another whole start until RECONNECT_SECONDS was over, and the second store's call
+    then waited up to twice as long (measured 61 s with the defaults, 30 and 30 s)."""
+    monkeypatch.setattr(embedded, "REVIVE_SECONDS", 3.0)
+    monkeypatch.setattr(pgconn, "RECONNECT_SECONDS", 6.0)
+    url = embedded.start(data_dir)
+    PostgresStore(url).close()  # the schema (pgvector's type, which a connection registers)
+    stores = [pgconn.Connection(url, "here", lambda: embedded.start(data_dir)) for _ in range(2)]
+    starts, real_start = [], embedded._start
+    monkeypatch.setattr(embedded, "_start", lambda folder: starts.append(1) or real_start(folder))
+    conf = embedded.pgdata(data_dir) / "postgresql.conf"
+    conf.write_text(conf.read_text() + "\nthis is no setting\n")
+    os.kill(_postmaster(data_dir), signal.SIGKILL)
+    for _ in range(200):  # their backends end as they see the postmaster gone
+        if all(pgconn._closed_by_server(store._connection) for store in stores):
+            break
+        time.sleep(0.05)
+
+    def ask(connection):
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailableError) as caught:
+            connection.run("asking", lambda c: c.execute("SELECT 1"))
+        return time.monotonic() - started, str(caught.value)
+
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(ask, stores[0])
+        time.sleep(1.0)  # the other store's call comes while the first waits
+        second = pool.submit(ask, stores[1])
+        waits = [first.result(timeout=120), second.result(timeout=120)]
+    assert len(starts) == 1
+    for waited, message in waits:
+        assert waited < 3 * embedded.REVIVE_SECONDS, waits
+        assert "cannot start the embedded PostgreSQL" in message and "contains errors" in message
+    assert "could not be started again" in waits[1][1]
+
+
 def test_a_start_that_failed_fails_at_once_the_calls_that_waited_for_it(tmp_path, monkeypatch):
     """Each store (collections, catalogue) reconnects on its own: the second waited for the
     first's start of the server and, when it failed, made a whole wait of its own."""

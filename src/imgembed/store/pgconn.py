@@ -237,19 +237,25 @@ class Connection:
             self._connection.close()
         deadline = time.monotonic() + RECONNECT_SECONDS
         while True:
+            reopened = False
             try:
                 with store_errors("reconnecting", self.location):
                     self._url = self._reopen()
+                    reopened = True
                     self._connection = _connect(self._url)
                     taken = {key: _try_lock(self._connection, key) for key in list(self._held)}
                 break
             except StoreUnavailableError as exc:
-                if time.monotonic() > deadline:
+                # `reopen` failing has had its wait (the embedded server's start tries for
+                # REVIVE_SECONDS, or failed a start this call waited for): not another here,
+                # which made the other store of a process wait again, up to twice as long
+                late = time.monotonic() > deadline
+                if late or not reopened:
                     self._lost = lost  # the next call after the pause tries again
-                    down = StoreUnavailableError(
-                        f"{lost}; it could not be reached again within "
-                        f"{RECONNECT_SECONDS:.0f} s: {exc}"
-                    )
+                    tried = "started again"
+                    if late:
+                        tried = f"reached again within {RECONNECT_SECONDS:.0f} s"
+                    down = StoreUnavailableError(f"{lost}; it could not be {tried}: {exc}")
                     self._down = (time.monotonic() + DOWN_SECONDS, down)
                     raise down from exc
             time.sleep(1.0)
