@@ -98,6 +98,9 @@ class Settings(BaseSettings):
     # A run storing at least this many new items into a new collection, or one it grows by
     # half or more, builds the HNSW index after the load (Postgres; 0: never).
     defer_index_min: int = Field(5000, ge=0, validation_alias=_env("defer_index_min"))
+    # How long a call waits for a PostgreSQL that went away (the embedded one started again)
+    # before its StoreUnavailableError: long enough for a restart and its crash recovery.
+    db_reconnect_timeout: float = Field(30.0, gt=0, validation_alias=_env("db_reconnect_timeout"))
     # The seed's `image_size`: the model's input size decides; a different value is refused.
     image_size: int | None = Field(None, gt=0, validation_alias=_env("image_size"))
     # The seed's `debug`: results carry metadata["debug_logs"] (timestamped steps).

@@ -30,6 +30,9 @@ import pytest
 from PIL import Image
 
 from imgembed import ImageEmbeddingService
+from imgembed.catalog import importer
+from imgembed.catalog.repository import ProductRepository
+from imgembed.config import load_settings
 from imgembed.errors import (
     InvalidRecordError,
     StoreBusyError,
@@ -38,7 +41,7 @@ from imgembed.errors import (
     StoreUnavailableError,
 )
 from imgembed.indexing import IndexItem, index
-from imgembed.store import Provenance, Record, embedded, pgconn
+from imgembed.store import Provenance, Record, embedded, open_store, pgconn
 from imgembed.store.postgres import PostgresStore
 from imgembed.store.qdrant import QdrantStore
 from tests.conftest import TINY
@@ -495,7 +498,7 @@ def test_an_embedded_server_that_cannot_start_is_waited_for_once(data_dir, monke
     PostgresStore(url).close()  # the schema (pgvector's type, which a connection registers)
     stores = [pgconn.Connection(url, "here", lambda: embedded.start(data_dir)) for _ in range(2)]
     starts, real_start = [], embedded._start
-    monkeypatch.setattr(embedded, "_start", lambda folder: starts.append(1) or real_start(folder))
+    monkeypatch.setattr(embedded, "_start", lambda *args: starts.append(1) or real_start(*args))
     conf = embedded.pgdata(data_dir) / "postgresql.conf"
     conf.write_text(conf.read_text() + "\nthis is no setting\n")
     os.kill(_postmaster(data_dir), signal.SIGKILL)
@@ -522,12 +525,39 @@ def test_an_embedded_server_that_cannot_start_is_waited_for_once(data_dir, monke
     assert "could not be started again" in waits[1][1]
 
 
+def test_the_wait_for_a_database_gone_for_good_is_a_setting(data_dir, monkeypatch):
+    """IMGEMBED_DB_RECONNECT_TIMEOUT bounds what a search and a catalogue import wait for
+    their StoreUnavailableError when the embedded server is killed and cannot start again
+    (30 s by default; it was that, and the embedded start's own 30 s, for every process)."""
+    settings = load_settings(db_reconnect_timeout=2.0)
+    store = open_store(settings)
+    store.create_collection("c", PROV)
+    repository = ProductRepository.for_settings(settings)
+    conf = embedded.pgdata(data_dir) / "postgresql.conf"
+    conf.write_text(conf.read_text() + "\nthis is no setting\n")
+    os.kill(_postmaster(data_dir), signal.SIGKILL)
+    for _ in range(200):  # their backends end as they see the postmaster gone
+        if all(pgconn._closed_by_server(s._db._connection) for s in (store, repository)):
+            break
+        time.sleep(0.05)
+    product = importer.product({"id": "a", "title": "A"})
+    calls = {
+        "search": lambda: store.search("c", np.ones(8)),
+        "import": lambda: repository.upsert_products("s", [product]),
+    }
+    for name, call in calls.items():  # each store its own connection, its own wait
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailableError, match="cannot start the embedded PostgreSQL"):
+            call()
+        assert time.monotonic() - started < 3 * settings.db_reconnect_timeout, name
+
+
 def test_a_start_that_failed_fails_at_once_the_calls_that_waited_for_it(tmp_path, monkeypatch):
     """Each store (collections, catalogue) reconnects on its own: the second waited for the
     first's start of the server and, when it failed, made a whole wait of its own."""
     tries = []
 
-    def failing_start(folder):
+    def failing_start(folder, revive_seconds):
         tries.append(folder)
         time.sleep(3.0)  # the other call waits meanwhile
         raise StoreUnavailableError(f"cannot start the embedded PostgreSQL in {folder}: down")

@@ -199,26 +199,41 @@ class ProductRepository:
         *,
         location: str | None = None,
         reopen: Callable[[], str] | None = None,
+        reconnect_seconds: float | None = None,
     ):
         """`location` names where the data lives, for messages; `reopen` gives the URL again
-        after the server went away (the embedded one restarts it)."""
+        after the server went away (the embedded one restarts it), waited for
+        `reconnect_seconds` (pgconn.RECONNECT_SECONDS)."""
         self.url = url
         self.location = location or describe_url(url)
         self._reopen = reopen
+        self._reconnect_seconds = reconnect_seconds
         if upgrade:
             migrate(url, self.location)
-        self._db = Connection(url, self.location, reopen)
+        self._db = Connection(url, self.location, reopen, reconnect_seconds)
 
     @classmethod
     def for_settings(cls, settings: Settings, upgrade: bool = True) -> ProductRepository:
         """The catalogue always lives in PostgreSQL: IMGEMBED_DATABASE_URL, else the embedded
         server."""
         target = postgres_target(settings)
-        return cls(target.url, upgrade, location=target.location, reopen=target.reopen)
+        return cls(
+            target.url,
+            upgrade,
+            location=target.location,
+            reopen=target.reopen,
+            reconnect_seconds=target.reconnect_seconds,
+        )
 
     def session(self) -> ProductRepository:
         """Another connection to the same database (a bulk job's own, for its store lock)."""
-        return ProductRepository(self.url, False, location=self.location, reopen=self._reopen)
+        return ProductRepository(
+            self.url,
+            False,
+            location=self.location,
+            reopen=self._reopen,
+            reconnect_seconds=self._reconnect_seconds,
+        )
 
     def _cursor(
         self, what: str, transaction: bool = False

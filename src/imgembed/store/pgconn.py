@@ -46,10 +46,18 @@ def _unreachable(location: str, exc: Exception) -> StoreUnavailableError:
 
 
 class Connection:
-    def __init__(self, url: str, location: str, reopen: Callable[[], str] | None = None):
+    def __init__(
+        self,
+        url: str,
+        location: str,
+        reopen: Callable[[], str] | None = None,
+        reconnect_seconds: float | None = None,
+    ):
         """`location` names where the data lives, for messages; `reopen` gives the URL to
-        connect to again after the server went away (and may start the server first)."""
+        connect to again after the server went away (and may start the server first), tried
+        for `reconnect_seconds` (RECONNECT_SECONDS)."""
         self._reopen = reopen or (lambda: url)
+        self._reconnect_seconds = reconnect_seconds
         self._url = url  # as last connected: `alone` connects there too
         self.location = location
         self._lock = threading.RLock()
@@ -235,7 +243,8 @@ class Connection:
     def _wait_for_server(self, lost: StoreUnavailableError) -> None:
         with contextlib.suppress(psycopg.Error):
             self._connection.close()
-        deadline = time.monotonic() + RECONNECT_SECONDS
+        seconds = self._reconnect_seconds or RECONNECT_SECONDS
+        deadline = time.monotonic() + seconds
         while True:
             reopened = False
             try:
@@ -254,7 +263,7 @@ class Connection:
                     self._lost = lost  # the next call after the pause tries again
                     tried = "started again"
                     if late:
-                        tried = f"reached again within {RECONNECT_SECONDS:.0f} s"
+                        tried = f"reached again within {seconds:g} s"
                     down = StoreUnavailableError(f"{lost}; it could not be {tried}: {exc}")
                     self._down = (time.monotonic() + DOWN_SECONDS, down)
                     raise down from exc

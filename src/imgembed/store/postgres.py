@@ -126,17 +126,19 @@ class PostgresStore:
         defer_index_min: int = DEFER_INDEX_MIN,
         location: str | None = None,
         reopen: Callable[[], str] | None = None,
+        reconnect_seconds: float | None = None,
     ):
         """`location` names where the data lives (the embedded server's folder); `reopen`
-        gives the URL again after the server went away (the embedded one restarts it);
-        `defer_index_min`: the smallest bulk load that builds its index afterwards (0: never)."""
+        gives the URL again after the server went away (the embedded one restarts it), waited
+        for `reconnect_seconds` (pgconn.RECONNECT_SECONDS); `defer_index_min`: the smallest
+        bulk load that builds its index afterwards (0: never)."""
         self.url = url
         self.location = location or describe_url(url)
         self.ef_search = ef_search  # HNSW candidates per query: recall against latency
         self.defer_index_min = defer_index_min
         if upgrade:
             migrate(url, self.location)
-        self._db = Connection(url, self.location, reopen)
+        self._db = Connection(url, self.location, reopen, reconnect_seconds)
         self._collections: dict[str, _Collection] = {}
         self._staging: psycopg.Connection | None = None  # the connection with a staging table
 
