@@ -18,7 +18,14 @@ from pgvector.psycopg import register_vector
 
 from imgembed.catalog import Catalog, findly_table, importer, load_weights
 from imgembed.catalog.jobs import NoEvents
-from imgembed.catalog.repository import INDEX_DDL, PARTS, ProductRepository, _index_name
+from imgembed.catalog.repository import (
+    INDEX_DDL,
+    PARTS,
+    FailedProduct,
+    ProductRepository,
+    StoreProvenance,
+    _index_name,
+)
 from imgembed.catalog.text_api import OpenAIEmbedder
 from imgembed.errors import (
     CollectionNotFoundError,
@@ -33,7 +40,7 @@ from imgembed.store.postgres import revisions
 from tests.cli import run
 from tests.conftest import TINY
 from tests.integration.embedding_server import EmbeddingServer
-from tests.integration.test_faults_store import CommitAnswerLost, _drop_imgembed_connections
+from tests.integration.test_faults_store import CutAtCommit, _drop_imgembed_connections
 from tests.integration.test_stores import answered_within, index_builds_held, raised
 
 REPO = Path(__file__).resolve().parents[2]
@@ -860,7 +867,7 @@ def test_objects_for_an_http_layer_and_embedding_some_products(data_dir, photos)
 
 
 def test_a_connection_lost_while_storing_products_is_made_again_and_the_chunk_stored(
-    data_dir, caplog
+    data_dir, caplog, monkeypatch
 ):
     """An import whose connection is lost during a chunk's upsert (the embedded server
     killed, an administrator) stores it once more after reconnecting, as every other call
@@ -868,17 +875,15 @@ def test_a_connection_lost_while_storing_products_is_made_again_and_the_chunk_st
     url = embedded.start(data_dir)
     repository = ProductRepository(url, reopen=lambda: embedded.start(data_dir))
     products = [importer.product({"id": f"i{n}", "title": f"Item {n}"}) for n in range(3)]
-    real, dropped = repository._cursor, []
+    real, dropped = psycopg.Cursor.executemany, []
 
-    @contextlib.contextmanager
-    def lost_once(what, transaction=False):
-        with real(what, transaction) as cursor:
-            if what == "storing products" and not dropped:
-                dropped.append(_drop_imgembed_connections(url))  # this very session, too
-            yield cursor
+    def lost_once(cursor, *args, **kwargs):
+        if not dropped:
+            dropped.append(_drop_imgembed_connections(url))  # this very session, too
+        return real(cursor, *args, **kwargs)
 
-    repository._cursor = lost_once
-    with caplog.at_level(logging.WARNING, "imgembed.catalog.repository"):
+    monkeypatch.setattr(psycopg.Cursor, "executemany", lost_once)
+    with caplog.at_level(logging.WARNING, "imgembed.store.pgconn"):
         assert repository.upsert_products("lost", products) == (3, 0, 0)
     assert dropped and dropped[0] >= 1
     assert "reconnecting and trying once more" in caplog.text
@@ -886,15 +891,16 @@ def test_a_connection_lost_while_storing_products_is_made_again_and_the_chunk_st
     repository.close()
 
 
-def test_an_import_whose_commit_answer_was_lost_counts_what_that_commit_wrote(
+def test_a_commit_whose_answer_was_lost_is_not_repeated_and_keeps_its_counts(
     data_dir, tmp_path, caplog
 ):
-    """The connection lost after the server committed a chunk, before its answer came: the
-    retry found the rows as the lost commit had left them and counted them all unchanged
-    (an import of new products said "0 new, 3 unchanged"). Now the commit's outcome is asked
-    for (pg_xact_status): committed, the counts it returned stand and nothing is repeated."""
+    """The connection lost after the server committed, before its answer came: the repeat
+    found the rows as the lost commit had left them. An import counted them all unchanged
+    (new products: "0 new, 4 unchanged"), a batch of embeddings counted its attempts twice.
+    Now the commit's outcome is asked for (pg_xact_status): committed, its result stands and
+    nothing is repeated; not committed (the COMMIT itself lost), it is repeated as before."""
     url = embedded.start(data_dir)
-    proxy = CommitAnswerLost(url, tmp_path)
+    proxy = CutAtCommit(url, tmp_path)
     repository = ProductRepository(proxy.url, reopen=lambda: proxy.url)
     try:
         first = [importer.product({"id": i, "title": i.upper()}) for i in ("a", "b")]
@@ -902,28 +908,26 @@ def test_an_import_whose_commit_answer_was_lost_counts_what_that_commit_wrote(
         titles = [("a", "A again"), ("b", "B"), ("c", "C"), ("d", "D")]
         products = [importer.product({"id": i, "title": t}) for i, t in titles]
         proxy.armed.set()
-        with caplog.at_level(logging.WARNING, "imgembed.catalog.repository"):
+        with caplog.at_level(logging.WARNING, "imgembed.store.pgconn"):
             counts = repository.upsert_products("lost", products)
-        assert proxy.lost == 1  # the fault happened: committed, and the answer lost
+        assert proxy.cut == 1  # the fault happened: committed, and the answer lost
         assert counts == (2, 1, 1)  # c and d new, a updated, b unchanged (was (0, 0, 4))
-        assert "it was committed before the connection was lost" in caplog.text
+        assert "storing products was committed before the connection was lost" in caplog.text
         assert repository.product("lost", "a")["title"] == "A again"
         assert repository.count("lost") == 4
 
-        # an answer lost before the commit: nothing was written, the retry counts it all
-        real, dropped = repository._cursor, []
+        provenance = StoreProvenance("m", "p", "x", 8, "t", 8)
+        failed = [FailedProduct("c", "no image", "ImageNotFoundError")]
+        proxy.armed.set()
+        repository.save_batch("lost", provenance, "w1", [], failed)
+        assert proxy.cut == 2
+        assert repository.product("lost", "c")["attempts"] == 1  # was 2
 
-        @contextlib.contextmanager
-        def lost_before_commit(what, transaction=False):
-            with real(what, transaction) as cursor:
-                yield cursor
-                if what == "storing products" and not dropped:
-                    dropped.append(_drop_imgembed_connections(url))
-
-        repository._cursor = lost_before_commit
+        proxy.forward = False  # the COMMIT itself lost: nothing written, the repeat counts it
+        proxy.armed.set()
         more = [importer.product({"id": "e", "title": "E"}), products[0]]
         assert repository.upsert_products("lost", more) == (1, 0, 1)
-        assert dropped and dropped[0] >= 1
+        assert proxy.cut == 3
         assert repository.count("lost") == 5
     finally:
         repository.close()

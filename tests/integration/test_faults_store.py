@@ -216,11 +216,11 @@ def _drop_imgembed_connections(url: str) -> int:
     return len(rows)
 
 
-class CommitAnswerLost:
+class CutAtCommit:
     """A proxy on a Unix socket of its own in front of the server's: it passes everything on
-    both ways, but once `armed`, the first COMMIT it passes on has its answer dropped and the
-    client's connection closed: the server committed, the client never hears so (a network
-    or a server that fails at that moment). `url` connects through it."""
+    both ways, but once `armed`, the first COMMIT ends its client's connection: passed on
+    and its answer dropped (`forward`: the server committed, the client never hears so), or
+    dropped itself (the server rolls back as its client goes). `url` connects through it."""
 
     def __init__(self, url: str, folder: Path):
         info = psycopg.conninfo.conninfo_to_dict(url)
@@ -229,7 +229,8 @@ class CommitAnswerLost:
         self.url = url.replace(f"host={info['host']}", f"host={folder}")  # the embedded's form
         assert self.url != url
         self.armed = threading.Event()
-        self.lost = 0  # answers dropped
+        self.forward = True
+        self.cut = 0  # connections ended at a COMMIT
         self._listener = socket.socket(socket.AF_UNIX)
         self._listener.bind(str(folder / f".s.PGSQL.{port}"))
         self._listener.listen()
@@ -254,9 +255,12 @@ class CommitAnswerLost:
                         return
                     if side is client and self.armed.is_set() and b"COMMIT\x00" in data:
                         self.armed.clear()
+                        if not self.forward:
+                            self.cut += 1
+                            return  # the COMMIT dropped, both ends closed
                         committing = True
                     elif side is server and committing and b"COMMIT\x00" in data:
-                        self.lost += 1
+                        self.cut += 1
                         return  # the server's "COMMIT" answer dropped, both ends closed
                     peer[side].sendall(data)
 

@@ -27,7 +27,7 @@ from psycopg.types.json import Jsonb
 
 from imgembed.catalog.products import FIELD_PART, ProductInput
 from imgembed.config import Settings
-from imgembed.errors import StoreBusyError, StoreUnavailableError
+from imgembed.errors import StoreBusyError
 from imgembed.store import postgres_target
 from imgembed.store.pgconn import Connection
 from imgembed.store.postgres import build_memory, describe_url, migrate
@@ -291,44 +291,21 @@ class ProductRepository:
         if not params:
             return 0, 0, 0
 
-        written: dict[str, Any] = {}  # an attempt's counts and transaction id, before COMMIT
-
-        def write() -> tuple[int, int]:
+        def write(connection: psycopg.Connection[Any]) -> tuple[int, int]:
             inserted = updated = 0
-            with self._cursor("storing products", transaction=True) as cursor:
+            with connection.cursor() as cursor:
                 cursor.executemany(statement, params, returning=True)
                 for _ in cursor.results():
                     row = cursor.fetchone()
                     if row is not None:
                         inserted += row[0]
                         updated += not row[0]
-                xid = cursor.execute("SELECT pg_current_xact_id()").fetchone()[0]
-                written.update(counts=(inserted, updated), xid=xid)
             return inserted, updated
 
-        try:
-            inserted, updated = write()
-        except StoreUnavailableError as lost:
-            # Lost at COMMIT, the transaction may have committed all the same: a repeat would
-            # then find its rows as it left them and count them unchanged. So ask the server.
-            if "xid" in written and self._committed(written["xid"]):
-                log.warning("%s; it was committed before the connection was lost", lost)
-                inserted, updated = written["counts"]
-            else:
-                # an upsert by key is safe to repeat: once more, as `Connection.run` does;
-                # the call makes the connection again first (and starts a dead embedded server)
-                log.warning("%s; reconnecting and trying once more", lost)
-                inserted, updated = write()
+        # Repeatable (an upsert by key), so a lost connection is made again and it is retried;
+        # one whose commit was made keeps the counts it had (a repeat counts it unchanged).
+        inserted, updated = self._db.run("storing products", write, transaction=True)
         return inserted, updated, len(params) - inserted - updated
-
-    def _committed(self, xid: Any) -> bool:
-        """Whether the transaction `xid` committed (its answer lost with the connection); the
-        call reconnects first. A transaction still running is not (yet): it is repeated."""
-        status = self._db.run(
-            "asking whether a lost commit was made",
-            lambda c: c.execute("SELECT pg_xact_status(%s)", (xid,)).fetchone()[0],
-        )
-        return status == "committed"
 
     def product(self, store_id: str, product_id: str) -> dict[str, Any] | None:
         with self._cursor("reading a product") as cursor:
@@ -510,7 +487,7 @@ class ProductRepository:
         )
 
         def write(connection: psycopg.Connection[Any]) -> None:
-            with connection.transaction(), connection.cursor() as cursor:
+            with connection.cursor() as cursor:
                 if embedded:
                     cursor.executemany(
                         "UPDATE imgembed_products SET text_embedding = %s, image_embedding = %s,"
@@ -548,8 +525,9 @@ class ProductRepository:
                         [(f.error, f.error_type, store_id, f.product_id) for f in failed],
                     )
 
-        # Repeatable (updates by id), so a lost connection is made again and the batch retried.
-        self._db.run("storing a batch of embeddings", write)
+        # Repeatable (updates by id), so a lost connection is made again and the batch retried;
+        # not one whose commit was made (its attempts would be counted twice).
+        self._db.run("storing a batch of embeddings", write, transaction=True)
 
     def bulk_load(
         self,

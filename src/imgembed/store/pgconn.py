@@ -2,9 +2,11 @@
 turns driver errors into typed StoreErrors (store/faults.py) and, when the server went away,
 reconnects (`reopen` starts the embedded server again if it died) and runs the call once
 more. Calls must therefore be safe to repeat: ours are reads, upserts and deletes by id,
-each in one transaction, so a repeat stores nothing twice. Work that cannot be handed over
-as one function uses `cursor`: typed errors, and the call after a lost connection reconnects
-(the failed one is not repeated: the caller says how to resume). Before each call an idle
+each in one transaction, so a repeat stores nothing twice (and one that counts what it
+changed is not repeated if the server committed it before the connection went: `run`'s
+`transaction`). Work that cannot be handed over as one function uses `cursor`: typed
+errors, and the call after a lost connection reconnects (the failed one is not repeated:
+the caller says how to resume). Before each call an idle
 connection the server has closed meanwhile (restart, administrator) is made again first."""
 
 from __future__ import annotations
@@ -80,19 +82,37 @@ class Connection:
             except psycopg.OperationalError as again:
                 raise _unreachable(location, again) from again
 
-    def run(self, action: str, work: Callable[[psycopg.Connection], T]) -> T:
+    def run(
+        self, action: str, work: Callable[[psycopg.Connection], T], transaction: bool = False
+    ) -> T:
         """`work(connection)` under the lock; reconnects and retries it once if the
-        connection was lost (a StoreUnavailableError if that fails too)."""
+        connection was lost (a StoreUnavailableError if that fails too). With `transaction`,
+        in one; lost at its COMMIT, the server is asked whether it committed all the same
+        (the answer lost with the connection): then its result stands and it is not repeated,
+        as a repeat would find its own writes (rows counted unchanged, counters counted twice)."""
+        done: list[Any] = []  # its result and transaction id, once work is done
+
+        def attempt(connection: psycopg.Connection) -> T:
+            if not transaction:
+                return work(connection)
+            with connection.transaction():
+                result = work(connection)
+                done[:] = [result, connection.execute("SELECT pg_current_xact_id()").fetchone()]
+            return result
+
         with self._locked(action):
             self._check(action)
             try:
                 with store_errors(action, self.location):
-                    return work(self._connection)
+                    return attempt(self._connection)
             except StoreUnavailableError as lost:
                 log.warning("%s; reconnecting and trying once more", lost)
                 self._reconnect(lost)
             with store_errors(action, self.location):
-                return work(self._connection)
+                if done and _committed(self._connection, done[1][0]):
+                    log.warning("%s was committed before the connection was lost: done", action)
+                    return done[0]
+                return attempt(self._connection)
 
     def alone(
         self,
@@ -325,6 +345,12 @@ class _Watch:
 def _try_lock(connection: psycopg.Connection, key: str) -> bool:
     query = "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))"
     return bool(connection.execute(query, (key,)).fetchone()[0])  # type: ignore[index]
+
+
+def _committed(connection: psycopg.Connection, xid: Any) -> bool:
+    """Whether transaction `xid` committed; one still running has not (yet): it is repeated."""
+    query = "SELECT pg_xact_status(%s)"
+    return connection.execute(query, (xid,)).fetchone()[0] == "committed"  # type: ignore[index]
 
 
 def _closed_by_server(connection: psycopg.Connection) -> bool:
