@@ -522,9 +522,9 @@ def test_an_embedded_server_that_cannot_start_is_waited_for_once(data_dir, monke
         time.sleep(1.0)  # the other store's call comes while the first waits
         second = pool.submit(ask, stores[1])
         waits = [first.result(timeout=120), second.result(timeout=120)]
-    assert len(starts) == 1
+    assert len(starts) == 1  # the second store's call made no whole start of its own
     for waited, message in waits:
-        assert waited < 3 * embedded.REVIVE_SECONDS, waits
+        assert waited < 30, waits  # a bound for a busy machine; the count above decides
         assert "cannot start the embedded PostgreSQL" in message and "contains errors" in message
     assert "could not be started again" in waits[1][1]
 
@@ -553,7 +553,9 @@ def test_the_wait_for_a_database_gone_for_good_is_a_setting(data_dir, monkeypatc
         started = time.monotonic()
         with pytest.raises(StoreUnavailableError, match="cannot start the embedded PostgreSQL"):
             call()
-        assert time.monotonic() - started < 3 * settings.db_reconnect_timeout, name
+        # the default would wait 30 s; 2 s and the failed start's own, with room for a
+        # busy machine
+        assert time.monotonic() - started < 20, name
 
 
 def test_a_start_that_failed_fails_at_once_the_calls_that_waited_for_it(tmp_path, monkeypatch):
