@@ -3,6 +3,7 @@ search by text, see scored results with thumbnails, "more like this", search by 
 uploaded image, the near-duplicates view, the product view and the API docs."""
 
 import contextlib
+import functools
 import re
 import shutil
 from collections.abc import Iterator
@@ -373,4 +374,50 @@ def test_a_late_answer_never_replaces_a_newer_search(indexed):
         page.select_option("#store", "other")  # demo's results would read as other's
         assert page.locator("#results .product").count() == 0
         assert page.locator("#status").inner_text() == ""
+        assert errors == []
+
+
+def test_a_failed_answer_is_said_in_words(indexed):
+    """Whatever comes back (a proxy's HTML page, JSON cut short, an error object without a
+    message, a 503 with Retry-After), the status line says it in words, never as a script's
+    error or "[object Object]", and the next search works."""
+    from playwright.sync_api import expect
+
+    settings = load_settings(**TINY, allowed_roots=[indexed])
+    with browser_on(settings) as (page, errors):
+        page.wait_for_selector("#collection option", state="attached")
+        overloaded = '{"error": "server overloaded", "error_type": "OverloadedError"}'
+        answers = [
+            (503, "application/json", overloaded, {"Retry-After": "30"}),
+            (502, "text/html", "<html><title>502 Bad Gateway</title>nginx</html>", {}),
+            (400, "application/json", '{"error": {"type": "odd"}}', {}),
+            (500, "application/json", '{"error": "cut sh', {}),
+            (200, "text/html", "<html>Please log in to the Wi-Fi</html>", {}),
+            (200, "application/json", '{"results": [', {}),
+        ]
+        searching = re.compile("^Searching")
+
+        def fulfil(answer: dict[str, Any], route: Any) -> None:
+            route.fulfill(**answer)
+
+        said = []
+        for status, kind, body, extra in answers:
+            answer = {"status": status, "content_type": kind, "body": body, "headers": extra}
+            page.route("**/api/v1/search/image", functools.partial(fulfil, answer))
+            page.fill("#query", f"answer {len(said)}")
+            with page.expect_response(lambda r: r.url.endswith("/search/image")):
+                page.press("#query", "Enter")  # Enter in the field searches
+            expect(page.locator("#status")).not_to_have_text(searching, timeout=TIMEOUT)
+            assert "error" in page.locator("#status").get_attribute("class")
+            said.append(page.locator("#status").inner_text())
+            page.unroute("**/api/v1/search/image")
+        assert said[0] == "503: server overloaded (try again in 30 seconds)"
+        assert said[1] == "502: Bad Gateway"
+        assert said[2] == "400: Bad Request"
+        assert said[3] == "500: Internal Server Error"
+        proxy = "the server answered 200 without the JSON imgembed sends: is a proxy in between?"
+        assert said[4] == said[5] == proxy
+        page.fill("#query", "a cup of coffee")
+        page.press("#query", "Enter")
+        expect(page.locator("#results .card")).to_have_count(7, timeout=TIMEOUT)
         assert errors == []

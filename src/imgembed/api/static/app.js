@@ -25,14 +25,36 @@ async function send(path, options) {
 
 async function api(path, options = {}) {
   const response = await send(path, { ...options, headers: headers(options.headers) });
-  const body = response.headers.get("content-type")?.includes("json") ? await response.json() : null;
+  const body = await readJson(response);
   // aborted as the answer arrived: it is as late as one that arrives after
   if (options.signal?.aborted) throw new DOMException("superseded", "AbortError");
-  if (!response.ok) {
-    const message = body?.error?.message ?? body?.error ?? response.statusText;
-    throw new Error(`${response.status}: ${message}`);
+  if (!response.ok) throw new Error(`${response.status}: ${failure(response, body)}`);
+  if (body === null) {
+    // e.g. a proxy's or a login portal's page: not an answer of imgembed's
+    throw new Error(`the server answered ${response.status} without the JSON imgembed sends: is a proxy in between?`);
   }
   return body;
+}
+
+// The JSON body of an answer; null when there is none or it cannot be read (cut short, or
+// a page that only says it is JSON).
+async function readJson(response) {
+  if (!response.headers.get("content-type")?.includes("json")) return null;
+  try {
+    return await response.json();
+  } catch (error) {
+    if (error.name === "AbortError") throw error;
+    return null;
+  }
+}
+
+// What a failed answer says: imgembed's message (or OpenAI's shape), else the status's
+// name; and when to try again, if the server said (Retry-After in seconds).
+function failure(response, body) {
+  const given = [body?.error?.message, body?.error].find((text) => typeof text === "string" && text);
+  const message = given ?? (response.statusText || "the server gave no reason");
+  const wait = Number(response.headers.get("retry-after"));
+  return wait > 0 ? `${message} (try again in ${plural(Math.ceil(wait), "second")})` : message;
 }
 
 // A query as the status line echoes it: quoted, and cut short (a pasted page is not repeated).
