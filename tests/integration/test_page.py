@@ -421,3 +421,41 @@ def test_a_failed_answer_is_said_in_words(indexed):
         page.press("#query", "Enter")
         expect(page.locator("#results .card")).to_have_count(7, timeout=TIMEOUT)
         assert errors == []
+
+
+def test_the_page_comes_back_with_the_server(indexed):
+    """A list the server cannot give now (unreachable, or a 503 while it restarts) is asked
+    for again by the page itself: when the server is back, so is the page, without a reload
+    (the empty list left nothing to search with but reloading the page)."""
+    from playwright.sync_api import expect
+
+    settings = load_settings(**TINY, allowed_roots=[indexed])
+    with browser_on(settings) as (page, errors):
+        page.route("**/api/v1/collections", lambda route: route.abort("connectionrefused"))
+        page.reload()
+        expect(page.locator("#status")).to_contain_text(
+            "Cannot list collections: cannot reach the server", timeout=TIMEOUT
+        )
+        assert "asking again in 5 seconds" in page.locator("#status").inner_text()
+        assert page.locator("#collection option").count() == 0
+        page.unroute("**/api/v1/collections")  # the server is back
+        expect(page.locator("#collection option")).to_have_count(1, timeout=TIMEOUT)
+        expect(page.locator("#status")).to_have_text("", timeout=TIMEOUT)
+        page.fill("#query", "a cup of coffee")
+        page.press("#query", "Enter")
+        expect(page.locator("#results .card")).to_have_count(7, timeout=TIMEOUT)
+
+        unreachable = {"error": "the store is unreachable", "error_type": "StoreUnavailableError"}
+        restarting = {"status": 503, "headers": {"Retry-After": "1"}, "json": unreachable}
+        page.route("**/api/v1/stores", lambda route: route.fulfill(**restarting))
+        page.click("#view-products")
+        expect(page.locator("#status")).to_have_text(
+            "Cannot list stores: 503: the store is unreachable; asking again in 5 seconds",
+            timeout=TIMEOUT,
+        )
+        page.unroute("**/api/v1/stores")
+        expect(page.locator("#store-info")).to_have_text(
+            "no stores: import products first", timeout=TIMEOUT
+        )
+        expect(page.locator("#status")).to_have_text("", timeout=TIMEOUT)
+        assert errors == []

@@ -10,6 +10,21 @@ function headers(extra = {}) {
   return key ? { ...extra, Authorization: `Bearer ${key}` } : extra;
 }
 
+// A request that failed: the answer's status (0: none came) and the seconds its
+// Retry-After asked to wait (0: none said).
+class ApiError extends Error {
+  constructor(message, status, retryAfter = 0) {
+    super(message);
+    this.status = status;
+    this.retryAfter = retryAfter;
+  }
+
+  // a server away, restarting or overloaded: asking again later may work
+  get passing() {
+    return this.status === 0 || this.status >= 500;
+  }
+}
+
 // fetch's own errors ("Failed to fetch", a header it cannot send) said plainly.
 async function send(path, options) {
   try {
@@ -19,7 +34,7 @@ async function send(path, options) {
     if (String(error.message).includes("ISO-8859-1")) {
       throw new Error("the API key holds characters an HTTP header cannot carry: check it");
     }
-    throw new Error("cannot reach the server: is imgembed serve still running?");
+    throw new ApiError("cannot reach the server: is imgembed serve still running?", 0);
   }
 }
 
@@ -28,7 +43,10 @@ async function api(path, options = {}) {
   const body = await readJson(response);
   // aborted as the answer arrived: it is as late as one that arrives after
   if (options.signal?.aborted) throw new DOMException("superseded", "AbortError");
-  if (!response.ok) throw new Error(`${response.status}: ${failure(response, body)}`);
+  if (!response.ok) {
+    const wait = Math.ceil(Number(response.headers.get("retry-after"))) || 0; // not a date
+    throw new ApiError(`${response.status}: ${failure(response, body)}`, response.status, wait);
+  }
   if (body === null) {
     // e.g. a proxy's or a login portal's page: not an answer of imgembed's
     throw new Error(`the server answered ${response.status} without the JSON imgembed sends: is a proxy in between?`);
@@ -48,13 +66,23 @@ async function readJson(response) {
   }
 }
 
-// What a failed answer says: imgembed's message (or OpenAI's shape), else the status's
-// name; and when to try again, if the server said (Retry-After in seconds).
+// What a failed answer says: imgembed's message (or OpenAI's shape), else the status's name.
 function failure(response, body) {
   const given = [body?.error?.message, body?.error].find((text) => typeof text === "string" && text);
-  const message = given ?? (response.statusText || "the server gave no reason");
-  const wait = Number(response.headers.get("retry-after"));
-  return wait > 0 ? `${message} (try again in ${plural(Math.ceil(wait), "second")})` : message;
+  return given ?? (response.statusText || "the server gave no reason");
+}
+
+// A list the server cannot give now (away, restarting, overloaded) is asked for again by
+// itself, so the page comes back with the server: what to add to the failure's message.
+const LIST_AGAIN_S = 5;
+const listAgain = new Map(); // loader -> its timer
+
+function askAgainLater(load, error) {
+  clearTimeout(listAgain.get(load));
+  if (!error?.passing) return "";
+  const seconds = Math.max(LIST_AGAIN_S, error.retryAfter);
+  listAgain.set(load, setTimeout(load, seconds * 1000));
+  return `; asking again in ${plural(seconds, "second")}`;
 }
 
 // A query as the status line echoes it: quoted, and cut short (a pasted page is not repeated).
@@ -115,7 +143,8 @@ function failed(signal, error) {
   if (signal.reason === "timeout") {
     status(`No answer from the server in ${GIVE_UP_S} s: it may be overloaded or stuck; try again.`, true);
   } else if (!signal.aborted) {
-    status(error.message, true);
+    const wait = error.retryAfter ? ` (try again in ${plural(error.retryAfter, "second")})` : "";
+    status(`${error.message}${wait}`, true);
   }
 }
 
@@ -124,12 +153,13 @@ function collection() {
 }
 
 async function loadCollections() {
+  askAgainLater(loadCollections); // this is the list's new turn
   let failure = null;
   try {
     state.collections = await api("/api/v1/collections");
   } catch (error) {
     state.collections = []; // a list the key no longer opens is not offered
-    failure = `Cannot list collections: ${error.message}`;
+    failure = `Cannot list collections: ${error.message}${askAgainLater(loadCollections, error)}`;
   }
   const select = $("#collection");
   const chosen = select.value;
@@ -143,6 +173,7 @@ async function loadCollections() {
   else if (!state.collections.length) status("No collections yet: index some images first.");
   else status(""); // an earlier failure (e.g. before the key was given) is over
   describeCollection();
+  watchModel();
 }
 
 function visible(view) {
@@ -326,7 +357,7 @@ function setUp() {
   $("#api-key").value = localStorage.getItem("imgembed-key") ?? "";
   $("#api-key").addEventListener("change", (event) => {
     localStorage.setItem("imgembed-key", event.target.value.trim());
-    loadCollections().then(watchModel);
+    loadCollections();
     if (typeof loadStores === "function") loadStores();
   });
   $("#collection").addEventListener("change", () => {
@@ -345,7 +376,7 @@ function setUp() {
   });
   $("#duplicates").addEventListener("click", duplicates);
   dropZone($("#drop"), $("#file"), searchByFile);
-  loadCollections().then(watchModel);
+  loadCollections();
 }
 
 // A model that cannot load is said when the page opens, not at the first search. /ready

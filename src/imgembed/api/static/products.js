@@ -9,12 +9,13 @@ function store() {
 }
 
 async function loadStores() {
+  askAgainLater(loadStores); // this is the list's new turn
   let failure = null;
   try {
     products.stores = await api("/api/v1/stores");
   } catch (error) {
     products.stores = []; // a list the key no longer opens is not offered (as collections)
-    failure = `Cannot list stores: ${error.message}`;
+    failure = `Cannot list stores: ${error.message}${askAgainLater(loadStores, error)}`;
   }
   const chosen = store();
   $("#store").replaceChildren(
@@ -33,7 +34,7 @@ function showView(name) {
   clearResults();
   status("");
   if (name === "products") loadStores();
-  else loadCollections().then(watchModel); // what failed (a key, the model) is said again
+  else loadCollections(); // what failed (a key, the model) is said again
 }
 
 function fixed(value) {
