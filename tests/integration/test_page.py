@@ -138,7 +138,7 @@ def test_the_page_says_what_it_shows(indexed, tmp_path):
         assert wide <= 0, f"the page scrolls sideways by {wide} px"
         box = page.locator("#results .card .no-image")
         box.wait_for()
-        assert box.inner_text() == "no thumbnail: the image was not found"
+        assert box.inner_text() == f"no thumbnail: {indexed / 'rocket-copy.jpg'}: no such file"
         assert missing and all("/thumbnail?" in url for url in missing), missing
 
         page.set_input_files("#file", str(broken))
@@ -458,4 +458,52 @@ def test_the_page_comes_back_with_the_server(indexed):
             "no stores: import products first", timeout=TIMEOUT
         )
         expect(page.locator("#status")).to_have_text("", timeout=TIMEOUT)
+        assert errors == []
+
+
+def test_a_thumbnail_that_cannot_be_had_says_why(indexed):
+    """The box says the server's reason (it said "not a local file inside the allowed roots"
+    for any failure, a busy server too); an answer that is no picture is a box, not a broken
+    image; the thumbnails of results that go are not fetched any further (a new search
+    waited behind them: a browser opens 6 connections to a server)."""
+    from playwright.sync_api import expect
+
+    settings = load_settings(**TINY, allowed_roots=[indexed])
+    with browser_on(settings) as (page, errors):
+        page.wait_for_selector("#collection option", state="attached")
+        held: list[Any] = []
+
+        def thumbnails(route: Any) -> None:
+            url = route.request.url
+            if "coffee.png" in url:
+                busy = {"error": "server overloaded", "error_type": "OverloadedError"}
+                route.fulfill(status=503, json=busy, headers={"Retry-After": "30"})
+            elif "chelsea.png" in url:
+                route.fulfill(status=200, content_type="image/jpeg", body=b"<html>no</html>")
+            else:
+                held.append(route)  # a slow server: answered when the test is over
+
+        page.route("**/thumbnail?*", thumbnails)
+        page.fill("#query", "a cup of coffee")
+        page.press("#query", "Enter")
+        expect(page.locator("#results .card")).to_have_count(7, timeout=TIMEOUT)
+        coffee = page.locator("#results .card", has_text="coffee.png")
+        expect(coffee.locator(".no-image")).to_have_text(
+            "no thumbnail: server overloaded", timeout=TIMEOUT
+        )
+        chelsea = page.locator("#results .card", has_text="chelsea.png")
+        chelsea.scroll_into_view_if_needed()  # a lazy image is drawn when it is seen
+        expect(chelsea.locator(".no-image")).to_have_text(
+            "no thumbnail: the server sent no picture", timeout=TIMEOUT
+        )
+        assert len(held) == 5
+        failed: list[str] = []
+        page.on("requestfailed", lambda request: failed.append(request.url))
+        page.fill("#query", "a rocket")
+        with page.expect_response(lambda r: r.url.endswith("/search/image")):
+            page.press("#query", "Enter")
+        page.wait_for_function(
+            "document.querySelector('#status').textContent.includes('results for')"
+        )
+        assert sorted(failed) == sorted(route.request.url for route in held[:5])
         assert errors == []

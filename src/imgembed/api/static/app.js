@@ -2,7 +2,7 @@
 "use strict";
 
 const $ = (selector) => document.querySelector(selector);
-const state = { collections: [], thumbnails: [] };
+const state = { collections: [], thumbnails: [], fetching: new AbortController() };
 const HIDDEN_METADATA = new Set(["id", "content_hash", "quality"]);
 
 function headers(extra = {}) {
@@ -109,6 +109,7 @@ let running = null;
 
 function begin(text) {
   cancel();
+  stopThumbnails(); // the results shown go when this search ends, however it ends
   const controller = new AbortController();
   const started = Date.now();
   const ticker = setInterval(() => {
@@ -205,22 +206,33 @@ function describeCollection() {
   else $("#query").placeholder = "This collection's model has no text tower: search by image";
 }
 
+// The thumbnails of results that go are not fetched any further: a new search would wait
+// behind them (a browser opens 6 connections to a server), up to 200 of them.
+function stopThumbnails() {
+  state.fetching.abort();
+  state.fetching = new AbortController();
+}
+
 function releaseThumbnails() {
+  stopThumbnails();
   state.thumbnails.forEach((url) => URL.revokeObjectURL(url));
   state.thumbnails = [];
 }
 
-// Images come through the API (with the key, if any), as blobs.
-async function loadImage(img, path, missing) {
+// Images come through the API (with the key, if any), as blobs. One that cannot be had
+// is a box with the server's reason (a file gone, not a local file, outside the roots, the
+// server busy or away), or one saying the answer is no picture the browser can show.
+async function loadImage(img, path) {
+  const signal = state.fetching.signal;
   try {
-    const response = await send(path, { headers: headers() });
-    if (response.status === 404) missing = "no thumbnail: the image was not found";
-    if (!response.ok) throw new Error(String(response.status));
+    const response = await send(path, { headers: headers(), signal });
+    if (!response.ok) throw new Error(failure(response, await readJson(response)));
     const url = URL.createObjectURL(await response.blob());
     state.thumbnails.push(url);
+    img.addEventListener("error", () => noImage(img, "no thumbnail: the server sent no picture"));
     img.src = url;
-  } catch {
-    noImage(img, missing);
+  } catch (error) {
+    if (!signal.aborted) noImage(img, `no thumbnail: ${error.message}`);
   }
 }
 
@@ -232,7 +244,7 @@ function noImage(img, reason) {
 function thumbnail(img, id) {
   const name = encodeURIComponent(collection().name);
   const path = `/api/v1/collections/${name}/thumbnail?size=256&id=${encodeURIComponent(id)}`;
-  loadImage(img, path, "no thumbnail (not a local file inside the allowed roots)");
+  loadImage(img, path);
 }
 
 function card(hit) {

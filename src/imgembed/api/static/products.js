@@ -61,7 +61,7 @@ function productCard(hit) {
   if (hit.image_url) {
     const path = `/api/v1/stores/${encodeURIComponent(store())}/products/`
       + `${encodeURIComponent(hit.product_id)}/thumbnail?size=256`;
-    loadImage(img, path, "no thumbnail (the image cannot be read)");
+    loadImage(img, path);
   } else {
     noImage(img, "no image");
   }
