@@ -93,7 +93,7 @@ def test_the_search_page_in_a_real_browser(indexed):
 
         page.set_input_files("#file", str(indexed / "chelsea.png"))
         page.wait_for_function(
-            "document.querySelector('#status').textContent.includes('results like chelsea')"
+            "document.querySelector('#status').textContent.includes('results like \u2068chelsea')"
         )
         assert page.locator("#results .card").first.get_attribute("data-id") == str(
             indexed / "chelsea.png"
@@ -245,7 +245,7 @@ def test_the_product_view_in_a_real_browser(data_dir, photos, tmp_path):
         page.set_input_files("#product-file", str(root / "chelsea.png"))
         page.wait_for_function(
             "document.querySelector('#status').textContent"
-            ".includes('products for “chelsea poster” + chelsea.png')"
+            ".includes('products for “\u2068chelsea poster\u2069” + \u2068chelsea.png\u2069')"
         )
         assert page.locator("#results .product").first.get_attribute("data-id") == "chelsea"
         assert "ranked by combined" in page.locator("#status").inner_text()
@@ -342,7 +342,7 @@ def test_a_late_answer_never_replaces_a_newer_search(indexed):
             page.set_input_files("#file", str(indexed / "chelsea.png"))
         assert "query_text" in (aborted.value.post_data or "")
         page.wait_for_function(
-            "document.querySelector('#status').textContent.includes('results like chelsea')"
+            "document.querySelector('#status').textContent.includes('results like \u2068chelsea')"
         )
         assert len(held) == 1
         with contextlib.suppress(Exception):  # the browser gave up on it: nothing to answer
@@ -506,4 +506,39 @@ def test_a_thumbnail_that_cannot_be_had_says_why(indexed):
             "document.querySelector('#status').textContent.includes('results for')"
         )
         assert sorted(failed) == sorted(route.request.url for route in held[:5])
+        assert errors == []
+
+
+def test_right_to_left_text_cannot_turn_the_page_s_words_around(indexed):
+    """A query or file name is set apart for the bidirectional algorithm (an isolate): a
+    right-to-left override in it (a name like "photo\u202egnp.exe") turned the rest of the
+    status line around, "(0.01 s)" read "(s 10.0)"."""
+    settings = load_settings(**TINY, allowed_roots=[indexed])
+    spoof = indexed / "evil\u202egnp.exe.png"
+    shutil.copy(indexed / "chelsea.png", spoof)
+    last_is_rightmost = """() => {
+        const text = document.querySelector('#status').firstChild;
+        const range = document.createRange();
+        range.setStart(text, text.length - 1);
+        range.setEnd(text, text.length);
+        const last = range.getBoundingClientRect().right;
+        range.setStart(text, 0);
+        return Math.abs(range.getBoundingClientRect().right - last) < 1;
+    }"""
+    with browser_on(settings) as (page, errors):
+        page.wait_for_selector("#collection option", state="attached")
+        page.fill("#query", "a cat \u202eon a sofa")
+        page.press("#query", "Enter")
+        page.wait_for_function("document.querySelector('#status').textContent.endsWith(' s)')")
+        assert page.evaluate(last_is_rightmost), page.locator("#status").inner_text()
+        page.set_input_files("#file", str(spoof))
+        page.wait_for_function(
+            "document.querySelector('#status').textContent.includes('results like')"
+        )
+        assert page.evaluate(last_is_rightmost), page.locator("#status").inner_text()
+        # a long query is cut between characters, not inside an emoji's surrogate pair
+        page.fill("#query", "a" * 78 + "\U0001f6b2" * 5)
+        page.press("#query", "Enter")
+        page.wait_for_function("document.querySelector('#status').textContent.endsWith(' s)')")
+        assert "a" * 78 + "\U0001f6b2…" in page.locator("#status").inner_text()
         assert errors == []

@@ -85,9 +85,18 @@ function askAgainLater(load, error) {
   return `; asking again in ${plural(seconds, "second")}`;
 }
 
-// A query as the status line echoes it: quoted, and cut short (a pasted page is not repeated).
+// A query as the status line echoes it: quoted, and cut short (a pasted page is not repeated;
+// cut between characters, not inside an emoji's surrogate pair).
 function quoted(text, limit = 80) {
-  return `“${text.length > limit ? `${text.slice(0, limit - 1)}…` : text}”`;
+  const chars = [...text];
+  return `“${isolated(chars.length > limit ? `${chars.slice(0, limit - 1).join("")}…` : text)}”`;
+}
+
+// A user's text or name inside the page's own words, set apart for the bidirectional
+// algorithm (an isolate, U+2068 ... U+2069): right-to-left text, or a right-to-left override
+// in it (a file named "photo\u202Egnp.exe"), cannot turn the words after it around.
+function isolated(text) {
+  return `\u2068${text}\u2069`;
 }
 
 function plural(count, noun) {
@@ -165,7 +174,7 @@ async function loadCollections() {
   const select = $("#collection");
   const chosen = select.value;
   select.replaceChildren(
-    ...state.collections.map((c) => new Option(`${c.name} (${c.count ?? "?"})`, c.name)),
+    ...state.collections.map((c) => new Option(`${isolated(c.name)} (${c.count ?? "?"})`, c.name)),
   );
   keepChoice(select, chosen, "images");
   if (!visible("images")) {
@@ -278,7 +287,7 @@ function topK() {
 async function search(query, what) {
   const current = collection();
   if (!current) return status("Choose a collection first.", true);
-  const signal = begin(`Searching ${current.name} for ${what}…`);
+  const signal = begin(`Searching ${isolated(current.name)} for ${what}…`);
   try {
     const body = JSON.stringify({ ...query, collection: current.name, top_k: topK() });
     const answer = await api("/api/v1/search/image", {
@@ -298,7 +307,7 @@ async function search(query, what) {
 async function searchByFile(file) {
   const current = collection();
   if (!current) return status("Choose a collection first.", true);
-  const signal = begin(`Searching ${current.name} for images like ${file.name}…`);
+  const signal = begin(`Searching ${isolated(current.name)} for images like ${isolated(file.name)}…`);
   const form = new FormData();
   form.append("file", file, file.name);
   form.append("collection", current.name);
@@ -307,7 +316,7 @@ async function searchByFile(file) {
     const answer = await api("/api/v1/search/image", { method: "POST", body: form, signal });
     end(signal);
     show(answer.results);
-    status(`${plural(answer.results.length, "result")} like ${file.name} (${answer.processing_time.toFixed(2)} s)`);
+    status(`${plural(answer.results.length, "result")} like ${isolated(file.name)} (${answer.processing_time.toFixed(2)} s)`);
   } catch (error) {
     failed(signal, error);
   }
@@ -316,7 +325,7 @@ async function searchByFile(file) {
 async function duplicates() {
   const current = collection();
   if (!current) return status("Choose a collection first.", true);
-  const signal = begin(`Looking for near-duplicates in ${current.name}…`);
+  const signal = begin(`Looking for near-duplicates in ${isolated(current.name)}…`);
   try {
     const name = encodeURIComponent(current.name);
     const answer = await api(`/api/v1/collections/${name}/duplicates`, { signal });

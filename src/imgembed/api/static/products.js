@@ -19,7 +19,7 @@ async function loadStores() {
   }
   const chosen = store();
   $("#store").replaceChildren(
-    ...products.stores.map((s) => new Option(`${s.store_id} (${s.products})`, s.store_id)),
+    ...products.stores.map((s) => new Option(`${isolated(s.store_id)} (${s.products})`, s.store_id)),
   );
   keepChoice($("#store"), chosen, "products");
   $("#store-info").textContent = products.stores.length || failure ? "" : "no stores: import products first";
@@ -49,7 +49,7 @@ function productCard(hit) {
     ? `image ${fixed(hit.image_score)} × ${hit.image_weight} + text ${fixed(hit.text_score)} × ${hit.text_weight}`
     : `by ${hit.ranked_by} only`;
   node.querySelector(".parts").textContent = parts;
-  node.querySelector(".title").textContent = hit.title;
+  node.querySelector(".title").textContent = isolated(hit.title); // the badge stays as it reads
   const price = hit.price === null ? "" : `${hit.price.toFixed(2)} ${hit.currency ?? ""}`;
   node.querySelector(".price").textContent = [price, hit.category].filter(Boolean).join(" · ");
   node.querySelector(".source").textContent = hit.product_id;
@@ -84,8 +84,8 @@ async function searchProducts(file) {
   const maxPrice = $("#max-price").value; // as sent: the field may change before the answer
   if (maxPrice) form.append("max_price", maxPrice);
   form.append("top_k", String(productTopK()));
-  const what = [text && quoted(text), file && file.name].filter(Boolean).join(" + ");
-  const signal = begin(`Searching ${store()} for ${what}…`);
+  const what = [text && quoted(text), file && isolated(file.name)].filter(Boolean).join(" + ");
+  const signal = begin(`Searching ${isolated(store())} for ${what}…`);
   try {
     const path = `/api/v1/stores/${encodeURIComponent(store())}/search`;
     const answer = await api(path, { method: "POST", body: form, signal });
@@ -96,7 +96,7 @@ async function searchProducts(file) {
     if (answer.results.length) {
       status(`${plural(answer.results.length, "product")} for ${what}, ranked by ${answer.ranked_by} ${seconds}`);
     } else {
-      const filters = [category && `category “${category}”`, maxPrice && `price ≤ ${maxPrice}`];
+      const filters = [category && `category ${quoted(category)}`, maxPrice && `price ≤ ${maxPrice}`];
       const which = filters.filter(Boolean).join(" and ");
       status(`No products for ${what}${which ? ` with ${which}: try without the filter` : ""} ${seconds}`);
     }
