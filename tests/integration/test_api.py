@@ -172,6 +172,27 @@ def test_every_error_status_from_real_bad_inputs(client, root, photos):
     assert client.get("/no/such/route").status_code == 404
 
 
+def test_an_empty_file_is_said_to_be_empty(client, root):
+    """0 bytes were "not a recognised image (unknown format or corrupt)": a file still being
+    written, or an upload that sent nothing, is said to be empty, from every source."""
+    (root / "empty.png").write_bytes(b"")
+    answers = [
+        client.post(IMAGE, files={"file": ("empty.png", b"", "image/png")}),
+        client.post(IMAGE, json={"image_path": str(root / "empty.png")}),
+        client.post(IMAGE, json={"image_base64": "data:image/png;base64,"}),
+        client.post(
+            "/api/v1/search/image",
+            files={"file": ("empty.png", b"")},
+            data={"candidate_image_paths": str(root / "rocket.jpg")},
+        ),
+    ]
+    for answer in answers:
+        assert answer.status_code == 400, answer.text
+        assert answer.json()["error_type"] == "InvalidImageError"
+        assert answer.json()["error"].endswith(": empty (0 bytes): no image in it"), answer.text
+    assert answers[0].json()["error"].startswith("empty.png: ")
+
+
 @pytest.mark.parametrize(
     "content_type", [None, "application/x-www-form-urlencoded", "text/plain", "text/json"]
 )

@@ -137,6 +137,8 @@ class Decoded:
 
 def open_image(data: bytes, source: str) -> Image.Image:
     """Open (parse the header of) an image; pixels are decoded later, by `load`."""
+    if not data:  # a file still being written, an upload or download that sent nothing
+        raise InvalidImageError("empty (0 bytes): no image in it", source)
     try:
         return Image.open(io.BytesIO(data))
     except Exception as exc:
