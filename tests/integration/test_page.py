@@ -542,3 +542,40 @@ def test_right_to_left_text_cannot_turn_the_page_s_words_around(indexed):
         page.wait_for_function("document.querySelector('#status').textContent.endsWith(' s)')")
         assert "a" * 78 + "\U0001f6b2…" in page.locator("#status").inner_text()
         assert errors == []
+
+
+def test_an_empty_or_a_dropped_collection_is_said(indexed):
+    """A search in an empty collection said "0 results for ..." as if nothing matched; one in
+    a collection dropped meanwhile said its 404 but kept offering it."""
+    from playwright.sync_api import expect
+
+    settings = load_settings(**TINY, allowed_roots=[indexed])
+    with browser_on(settings) as (page, errors):
+        base = page.url.rstrip("/")
+        for name in ("empty", "doomed"):
+            assert page.request.post(f"{base}/api/v1/collections", data={"name": name}).ok
+        page.reload()
+        expect(page.locator("#collection option")).to_have_count(3, timeout=TIMEOUT)
+        page.select_option("#collection", "empty")
+        page.fill("#query", "a cup of coffee")
+        page.press("#query", "Enter")
+        expect(page.locator("#status")).to_have_text(
+            "No results: \u2068empty\u2069 holds no images yet; index some into it first.",
+            timeout=TIMEOUT,
+        )
+        page.set_input_files("#file", str(indexed / "chelsea.png"))
+        expect(page.locator("#status")).to_contain_text("holds no images yet", timeout=TIMEOUT)
+
+        page.select_option("#collection", "doomed")
+        assert page.request.delete(f"{base}/api/v1/collections/doomed").ok  # another client
+        page.press("#query", "Enter")
+        expect(page.locator("#collection option")).to_have_count(2, timeout=TIMEOUT)
+        expect(page.locator("#status")).to_have_text(
+            "404: no collection 'doomed': it was dropped; the list of collections is reloaded",
+            timeout=TIMEOUT,
+        )
+        assert "error" in page.locator("#status").get_attribute("class")
+        page.select_option("#collection", "photos")
+        page.press("#query", "Enter")
+        expect(page.locator("#results .card")).to_have_count(7, timeout=TIMEOUT)
+        assert errors == []

@@ -10,13 +10,14 @@ function headers(extra = {}) {
   return key ? { ...extra, Authorization: `Bearer ${key}` } : extra;
 }
 
-// A request that failed: the answer's status (0: none came) and the seconds its
-// Retry-After asked to wait (0: none said).
+// A request that failed: the answer's status (0: none came), the seconds its Retry-After
+// asked to wait (0: none said) and the server's error type ("CollectionNotFoundError"...).
 class ApiError extends Error {
-  constructor(message, status, retryAfter = 0) {
+  constructor(message, status, retryAfter = 0, type = null) {
     super(message);
     this.status = status;
     this.retryAfter = retryAfter;
+    this.type = type;
   }
 
   // a server away, restarting or overloaded: asking again later may work
@@ -45,7 +46,8 @@ async function api(path, options = {}) {
   if (options.signal?.aborted) throw new DOMException("superseded", "AbortError");
   if (!response.ok) {
     const wait = Math.ceil(Number(response.headers.get("retry-after"))) || 0; // not a date
-    throw new ApiError(`${response.status}: ${failure(response, body)}`, response.status, wait);
+    const type = body?.error_type ?? body?.error?.type;
+    throw new ApiError(`${response.status}: ${failure(response, body)}`, response.status, wait, type);
   }
   if (body === null) {
     // e.g. a proxy's or a login portal's page: not an answer of imgembed's
@@ -158,11 +160,21 @@ function failed(signal, error) {
   }
 }
 
+// A search in a collection dropped meanwhile (by another client or a CLI run): said so,
+// and the list reloaded, so it is offered no more.
+function collectionGone(error) {
+  if (error.type !== "CollectionNotFoundError") return;
+  status(`${error.message}: it was dropped; the list of collections is reloaded`, true);
+  loadCollections(true);
+}
+
 function collection() {
   return state.collections.find((c) => c.name === $("#collection").value);
 }
 
-async function loadCollections() {
+// The collections, listed anew; `quiet`: the status line keeps what it says (unless the
+// list fails).
+async function loadCollections(quiet = false) {
   askAgainLater(loadCollections); // this is the list's new turn
   let failure = null;
   try {
@@ -180,7 +192,9 @@ async function loadCollections() {
   if (!visible("images")) {
     // the status line is the products view's now
   } else if (failure) status(failure, true);
-  else if (!state.collections.length) status("No collections yet: index some images first.");
+  else if (quiet) {
+    // what the status line says stays
+  } else if (!state.collections.length) status("No collections yet: index some images first.");
   else status(""); // an earlier failure (e.g. before the key was given) is over
   describeCollection();
   watchModel();
@@ -280,6 +294,11 @@ function show(hits) {
   $("#results").replaceChildren(...hits.map(card));
 }
 
+// No result at all (none of these searches filters): the collection holds nothing.
+function empty(current) {
+  status(`No results: ${isolated(current.name)} holds no images yet; index some into it first.`);
+}
+
 function topK() {
   return Math.max(1, Math.min(200, Number($("#top-k").value) || 24));
 }
@@ -298,9 +317,11 @@ async function search(query, what) {
     });
     end(signal);
     show(answer.results);
+    if (!answer.results.length) return empty(current);
     status(`${plural(answer.results.length, "result")} for ${what} (${answer.processing_time.toFixed(2)} s)`);
   } catch (error) {
     failed(signal, error);
+    collectionGone(error);
   }
 }
 
@@ -316,9 +337,11 @@ async function searchByFile(file) {
     const answer = await api("/api/v1/search/image", { method: "POST", body: form, signal });
     end(signal);
     show(answer.results);
+    if (!answer.results.length) return empty(current);
     status(`${plural(answer.results.length, "result")} like ${isolated(file.name)} (${answer.processing_time.toFixed(2)} s)`);
   } catch (error) {
     failed(signal, error);
+    collectionGone(error);
   }
 }
 
@@ -342,6 +365,7 @@ async function duplicates() {
     status(`${plural(groups.length, "group")} of near-duplicates (cosine ≥ ${answer.threshold})`);
   } catch (error) {
     failed(signal, error);
+    collectionGone(error);
   }
 }
 
