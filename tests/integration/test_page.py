@@ -579,3 +579,28 @@ def test_an_empty_or_a_dropped_collection_is_said(indexed):
         page.press("#query", "Enter")
         expect(page.locator("#results .card")).to_have_count(7, timeout=TIMEOUT)
         assert errors == []
+
+
+def test_the_page_by_keyboard_and_by_label(indexed):
+    """Every field has a name of its own (a placeholder is no label, and it changes); each
+    "More like this" says which image; Enter searches and presses the focused button."""
+    from playwright.sync_api import expect
+
+    settings = load_settings(**TINY, allowed_roots=[indexed])
+    with browser_on(settings) as (page, errors):
+        page.wait_for_selector("#collection option", state="attached")
+        expect(page.get_by_label("API key")).to_have_count(1)
+        page.get_by_label("Search text").fill("a cup of coffee")
+        page.get_by_label("Search text").press("Enter")
+        expect(page.locator("#results .card")).to_have_count(7, timeout=TIMEOUT)
+        more = page.get_by_role("button", name=f"More like this: {indexed / 'coffee.png'}")
+        more.focus()
+        page.keyboard.press("Enter")
+        expect(page.locator("#status")).to_contain_text("results for this image", timeout=TIMEOUT)
+        first = page.locator("#results .card").first
+        assert first.get_attribute("data-id") == str(indexed / "coffee.png")
+        page.get_by_role("button", name="Products").press("Enter")
+        expect(page.get_by_label("Search products")).to_be_visible(timeout=TIMEOUT)
+        expect(page.get_by_label("Category")).to_be_visible()
+        expect(page.get_by_label("Max price")).to_be_visible()
+        assert errors == []

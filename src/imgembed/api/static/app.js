@@ -284,7 +284,9 @@ function card(hit) {
     list.append(Object.assign(document.createElement("dt"), { textContent: key }));
     list.append(Object.assign(document.createElement("dd"), { textContent: String(value) }));
   }
-  node.querySelector(".more").addEventListener("click", () => search({ query_id: id }, "this image"));
+  const more = node.querySelector(".more");
+  more.setAttribute("aria-label", `More like this: ${hit.image_path ?? hit.source}`); // which one
+  more.addEventListener("click", () => search({ query_id: id }, "this image"));
   thumbnail(node.querySelector("img"), id);
   return node;
 }
