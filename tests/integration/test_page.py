@@ -604,3 +604,29 @@ def test_the_page_by_keyboard_and_by_label(indexed):
         expect(page.get_by_label("Category")).to_be_visible()
         expect(page.get_by_label("Max price")).to_be_visible()
         assert errors == []
+
+
+def test_a_card_shows_all_its_metadata_within_it(indexed):
+    """A long key without a break took the card's whole width: the values were pushed out of
+    sight (the card overflowed by its own width)."""
+    from playwright.sync_api import expect
+
+    key = "averyveryverylongmetadatakeywithoutanybreak" * 2
+    with ImageEmbeddingService(**TINY) as service:
+        coffee = str(indexed / "coffee.png")
+        service.index([IndexItem(coffee, coffee, {key: "v", "shop": "demo"})], "meta")
+    settings = load_settings(**TINY, allowed_roots=[indexed])
+    with browser_on(settings) as (page, errors):
+        page.wait_for_selector("#collection option", state="attached")
+        page.select_option("#collection", "meta")
+        page.fill("#query", "a cup of coffee")
+        page.press("#query", "Enter")
+        card = page.locator("#results .card")
+        expect(card).to_have_count(1, timeout=TIMEOUT)
+        assert card.evaluate("c => c.scrollWidth <= c.clientWidth")
+        inside = card.bounding_box()
+        for value in card.locator("dd").all():
+            box = value.bounding_box()
+            assert box and box["x"] + box["width"] <= inside["x"] + inside["width"]
+            assert box["width"] > 0, value.inner_text()
+        assert errors == []
