@@ -608,13 +608,14 @@ def test_the_page_by_keyboard_and_by_label(indexed):
 
 def test_a_card_shows_all_its_metadata_within_it(indexed):
     """A long key without a break took the card's whole width: the values were pushed out of
-    sight (the card overflowed by its own width)."""
+    sight (the card overflowed by its own width); a list of tags was not shown at all."""
     from playwright.sync_api import expect
 
     key = "averyveryverylongmetadatakeywithoutanybreak" * 2
     with ImageEmbeddingService(**TINY) as service:
         coffee = str(indexed / "coffee.png")
-        service.index([IndexItem(coffee, coffee, {key: "v", "shop": "demo"})], "meta")
+        tags = ["sale", "<b>new</b>"]  # a list (as JSONL and the API store): shown, as text
+        service.index([IndexItem(coffee, coffee, {key: "v", "tags": tags})], "meta")
     settings = load_settings(**TINY, allowed_roots=[indexed])
     with browser_on(settings) as (page, errors):
         page.wait_for_selector("#collection option", state="attached")
@@ -629,4 +630,6 @@ def test_a_card_shows_all_its_metadata_within_it(indexed):
             box = value.bounding_box()
             assert box and box["x"] + box["width"] <= inside["x"] + inside["width"]
             assert box["width"] > 0, value.inner_text()
+        assert card.locator("dt", has_text="tags").count() == 1
+        assert "sale, <b>new</b>" in card.locator("dd").all_inner_texts()
         assert errors == []

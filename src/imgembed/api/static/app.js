@@ -270,6 +270,12 @@ function thumbnail(img, id) {
   loadImage(img, path);
 }
 
+// A list of plain values (tags: ["sale", "new"]) as the card shows it: "sale, new".
+function listed(value) {
+  const plain = Array.isArray(value) && value.every((item) => item === null || typeof item !== "object");
+  return plain ? value.join(", ") : value;
+}
+
 function card(hit) {
   const node = $("#card").content.firstElementChild.cloneNode(true);
   const id = hit.metadata?.id ?? hit.id ?? hit.image_path;
@@ -279,7 +285,8 @@ function card(hit) {
   else score.textContent = `#${hit.rank}  ${hit.similarity_score.toFixed(4)}`;
   node.querySelector(".source").textContent = hit.image_path ?? hit.source;
   const list = node.querySelector(".metadata");
-  for (const [key, value] of Object.entries(hit.metadata ?? {})) {
+  for (const [key, given] of Object.entries(hit.metadata ?? {})) {
+    const value = listed(given);
     if (HIDDEN_METADATA.has(key) || value === null || typeof value === "object") continue;
     list.append(Object.assign(document.createElement("dt"), { textContent: key }));
     list.append(Object.assign(document.createElement("dd"), { textContent: String(value) }));
