@@ -71,6 +71,9 @@ def test_collections_and_provenance(store):
     for bad in ("a/b", " ", "tab\there", ""):
         with pytest.raises(InvalidRecordError, match="collection name"):
             store.create_collection(bad, PROV)
+    for dots in (".", ".."):  # HTTP clients resolve them away: no route could name them
+        with pytest.raises(InvalidRecordError, match="name no collection in a URL path"):
+            store.create_collection(dots, PROV)
     with pytest.raises(ProvenanceMismatchError, match="cannot be mixed"):
         store.create_collection(name, Provenance("ViT-B-32", "openai", 8, "abc123"))
     assert name in [c.name for c in store.collections()]
@@ -650,8 +653,8 @@ def test_names_qdrant_cannot_hold_are_invalid_records(tmp_path):
     bytes, our registry) were a plain StoreError with the client's words: HTTP 503 as if
     the store were down. Now they are the request's fault, as other bad names are (422)."""
     store = QdrantStore(path=tmp_path / "q")
-    for bad, why in [("a:b", "no :"), ("what?*", r"no \* \?"), ('"x"', 'no "'), ("..", "folders"),
-                     (".", "folders"), ("x" * 256, "255 bytes"), ("é" * 128, "255 bytes"),
+    for bad, why in [("a:b", "no :"), ("what?*", r"no \* \?"), ('"x"', 'no "'), ("..", "URL path"),
+                     (".", "URL path"), ("x" * 256, "255 bytes"), ("é" * 128, "255 bytes"),
                      ("imgembed_collections", "registry")]:  # fmt: skip
         with pytest.raises(InvalidRecordError, match=f"collection name .*{why}"):
             store.create_collection(bad, PROV)

@@ -119,11 +119,19 @@ def busy(name: str) -> StoreBusyError:
 
 def checked_name(name: Any) -> str:
     """A new collection's name: text, not blank, without "/" (it names the collection in
-    HTTP paths, where an encoded slash is decoded before routing) or control characters."""
+    HTTP paths, where an encoded slash is decoded before routing) or control characters, and
+    not "." or ".." (browsers and HTTP clients resolve those path segments away, "%2E%2E"
+    too: /collections/../duplicates asks for /duplicates), as store ids."""
     checked_text(name, "collection name")
     if not name.strip() or "/" in name or any(ord(c) < 32 or ord(c) == 127 for c in name):
         raise InvalidRecordError(
             f"collection name {printable(name)!r}: not blank, without '/' or control characters"
+        )
+    if name in (".", ".."):
+        raise InvalidRecordError(
+            f"collection name {name!r}: '.' and '..' name no collection in a URL path (HTTP "
+            "clients resolve them away: /api/v1/collections/../duplicates is /api/v1/"
+            "duplicates); choose another"
         )
     return name
 

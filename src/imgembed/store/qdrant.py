@@ -408,16 +408,15 @@ class QdrantStore:
 
 def _checked_name(name: str) -> str:
     """A new collection's name as Qdrant (server and local files) takes it: besides what no
-    store takes (checked_name), none of its refused characters, not '.' or '..' (a folder),
-    at most 255 bytes (a file name), and not imgembed's registry."""
+    store takes (checked_name: not '.' or '..' either), none of its refused characters, at
+    most 255 bytes (a file name), and not imgembed's registry."""
     checked_name(name)
     refused = "".join(sorted({c for c in name if c in _REFUSED}))
-    if refused or name in (".", "..") or len(name.encode()) > 255 or name == REGISTRY:
+    if refused or len(name.encode()) > 255 or name == REGISTRY:
         why = (
             f"Qdrant takes no {' '.join(refused)} in names" if refused
             else f"{REGISTRY!r} is imgembed's registry of collections" if name == REGISTRY
-            else "Qdrant names are at most 255 bytes" if len(name.encode()) > 255
-            else "'.' and '..' name folders"
+            else "Qdrant names are at most 255 bytes"
         )  # fmt: skip
         raise InvalidRecordError(f"collection name {printable(name)!r}: {why}; choose another")
     return name
