@@ -633,3 +633,36 @@ def test_a_card_shows_all_its_metadata_within_it(indexed):
         assert card.locator("dt", has_text="tags").count() == 1
         assert "sale, <b>new</b>" in card.locator("dd").all_inner_texts()
         assert errors == []
+
+
+def test_a_file_the_browser_cannot_read_is_said_so(indexed, tmp_path):
+    """A file deleted or moved since it was chosen (or a folder dropped) failed its upload,
+    and the page said "cannot reach the server: is imgembed serve still running?"."""
+    from playwright.sync_api import expect
+
+    settings = load_settings(**TINY, allowed_roots=[indexed])
+    with browser_on(settings) as (page, errors):
+        page.wait_for_selector("#collection option", state="attached")
+        page.evaluate("document.body.append(Object.assign(document.createElement('input'),"
+                      " {type: 'file', id: 'elsewhere'}))")  # fmt: skip
+        for size_known in (True, False):  # the browser read its size before, or not
+            vanishing = tmp_path / "vanishing.png"
+            shutil.copy(indexed / "chelsea.png", vanishing)
+            page.set_input_files("#elsewhere", str(vanishing))  # chosen ...
+            if size_known:
+                assert page.evaluate("document.querySelector('#elsewhere').files[0].size") > 0
+            vanishing.unlink()  # ... then deleted, and dropped on the page
+            page.evaluate("""() => {
+                const files = new DataTransfer();
+                files.items.add(document.querySelector('#elsewhere').files[0]);
+                document.querySelector('#drop').dispatchEvent(
+                    new DragEvent('drop', {dataTransfer: files, bubbles: true, cancelable: true}));
+            }""")
+            expect(page.locator("#status")).to_have_text(
+                "Cannot read \u2068vanishing.png\u2069: a folder, or a file moved or deleted"
+                " since? Choose an image file.",
+                timeout=TIMEOUT,
+            )
+            page.set_input_files("#file", str(indexed / "chelsea.png"))
+            expect(page.locator("#status")).to_contain_text("results like", timeout=TIMEOUT)
+        assert errors == []

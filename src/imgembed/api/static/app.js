@@ -381,10 +381,20 @@ async function duplicates() {
 // A file chosen in `input` or dropped on `zone` goes to `onFile`. The zone opens the file
 // chooser from the keyboard too (Enter or Space).
 function dropZone(zone, input, onFile) {
+  // A file the browser cannot read (a folder dropped, a file moved or deleted since it was
+  // chosen) failed its upload as if the server were away: said as what it is.
+  const offer = async (file) => {
+    try {
+      await (file.size ? file.slice(0, 1) : file).arrayBuffer(); // one byte, or none
+    } catch {
+      return status(`Cannot read ${isolated(file.name)}: a folder, or a file moved or deleted since? Choose an image file.`, true);
+    }
+    onFile(file);
+  };
   input.addEventListener("change", () => {
     const file = input.files[0];
     input.value = ""; // else choosing the same file again sends nothing
-    if (file) onFile(file);
+    if (file) offer(file);
   });
   zone.tabIndex = 0;
   zone.setAttribute("role", "button");
@@ -402,7 +412,7 @@ function dropZone(zone, input, onFile) {
     event.preventDefault();
     zone.classList.remove("over");
     const file = event.dataTransfer.files[0];
-    if (file) onFile(file);
+    if (file) offer(file);
     else status("Drop an image file (not text or a link).", true);
   });
 }
