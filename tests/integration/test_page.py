@@ -156,7 +156,11 @@ def test_the_page_asks_for_an_api_key_when_the_server_wants_one(indexed):
     with browser_on(settings) as (page, _):
         page.wait_for_function("document.querySelector('#status').textContent.includes('401')")
         assert page.get_attribute("#query", "placeholder").startswith("No collection to search")
-        page.click("#key-box summary")
+        # where to give the key is said, and the box is open (it was a folded "API key")
+        assert (
+            page.locator("#status").inner_text().endswith("(enter the key under “API key” above)")
+        )
+        assert page.locator("#api-key").is_visible()
         page.fill("#api-key", "ключ")  # no header can carry it: said so, not fetch's words
         page.press("#api-key", "Enter")
         page.wait_for_function(
@@ -222,8 +226,7 @@ def test_the_product_view_in_a_real_browser(data_dir, photos, tmp_path):
     settings = load_settings(**TINY, allowed_roots=[root], api_keys="shop-key")
     with browser_on(settings) as (page, errors):
         page.click("#view-products")
-        page.click("#key-box summary")
-        page.fill("#api-key", "shop-key")
+        page.fill("#api-key", "shop-key")  # the box opened itself at the 401
         page.press("#api-key", "Enter")
         page.wait_for_selector("#store option", state="attached")
         assert page.locator("#store").input_value() == "demo"
@@ -265,6 +268,7 @@ def test_the_product_view_in_a_real_browser(data_dir, photos, tmp_path):
         page.press("#api-key", "Enter")
         page.wait_for_function("document.querySelector('#store').options.length === 0")
         assert "Cannot list stores: 401" in page.locator("#status").inner_text()
+        assert "(check the key under “API key” above)" in page.locator("#status").inner_text()
         assert page.locator("#results .product").count() == 0
         assert errors == []
 

@@ -47,7 +47,13 @@ async function api(path, options = {}) {
   if (!response.ok) {
     const wait = Math.ceil(Number(response.headers.get("retry-after"))) || 0; // not a date
     const type = body?.error_type ?? body?.error?.type;
-    throw new ApiError(`${response.status}: ${failure(response, body)}`, response.status, wait, type);
+    let message = `${response.status}: ${failure(response, body)}`;
+    if (response.status === 401) {
+      // the page sends the key: where to give it, not the header to send, is what helps
+      $("#key-box").open = true;
+      message += ` (${localStorage.getItem("imgembed-key") ? "check" : "enter"} the key under “API key” above)`;
+    }
+    throw new ApiError(message, response.status, wait, type);
   }
   if (body === null) {
     // e.g. a proxy's or a login portal's page: not an answer of imgembed's
