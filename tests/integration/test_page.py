@@ -670,3 +670,24 @@ def test_a_file_the_browser_cannot_read_is_said_so(indexed, tmp_path):
             page.set_input_files("#file", str(indexed / "chelsea.png"))
             expect(page.locator("#status")).to_contain_text("results like", timeout=TIMEOUT)
         assert errors == []
+
+
+def test_a_long_collection_name_does_not_widen_the_page(indexed):
+    """A name of 200 characters (the most a collection may have) made its list as wide, and
+    the page scrolled sideways, on a phone by four screens."""
+    settings = load_settings(**TINY, allowed_roots=[indexed])
+    long = "a-collection-of-holiday-photos-" * 6 + "x" * 14
+    with browser_on(settings) as (page, errors):
+        base = page.url.rstrip("/")
+        assert page.request.post(f"{base}/api/v1/collections", data={"name": long}).ok
+        for width in (1280, 375):
+            page.set_viewport_size({"width": width, "height": 800})
+            page.reload()
+            page.wait_for_function("document.querySelector('#collection').options.length === 2")
+            page.select_option("#collection", long)
+            page.fill("#query", "a cup of coffee")
+            page.press("#query", "Enter")
+            page.wait_for_function("document.querySelector('#status').textContent.endsWith('.')")
+            wide = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+            assert wide <= 0, f"at {width} px the page scrolls sideways by {wide} px"
+        assert errors == []
