@@ -691,3 +691,25 @@ def test_a_long_collection_name_does_not_widen_the_page(indexed):
             wide = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
             assert wide <= 0, f"at {width} px the page scrolls sideways by {wide} px"
         assert errors == []
+
+
+def test_a_long_product_title_stays_in_its_card(indexed):
+    """A title or category without a break ran out of its card, over the next ones."""
+    long = "VeryLongProductTitleWithoutSpaces" * 4
+    with Catalog(**TINY) as catalog:
+        mug = {"id": "mug", "title": long, "category": long, "price": 5,
+               "image_url": str(indexed / "coffee.png")}  # fmt: skip
+        catalog.upsert_products("demo", [mug])
+        assert catalog.embed("demo").successful == 1
+    settings = load_settings(**TINY, allowed_roots=[indexed])
+    with browser_on(settings) as (page, errors):
+        page.click("#view-products")
+        page.wait_for_selector("#store option", state="attached")
+        page.fill("#product-query", "a mug")
+        page.press("#product-query", "Enter")
+        card = page.locator("#results .product")
+        card.wait_for()
+        assert card.evaluate("c => c.scrollWidth <= c.clientWidth")
+        wide = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+        assert wide <= 0, f"the page scrolls sideways by {wide} px"
+        assert errors == []
