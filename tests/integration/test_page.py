@@ -210,6 +210,36 @@ def test_the_page_says_at_once_when_the_model_cannot_load(indexed, monkeypatch):
         assert errors == []
 
 
+def test_the_page_says_while_the_model_loads(indexed, monkeypatch):
+    """Searches answer 503 while the model loads: the page says it is loading as it opens
+    (it said nothing until a search failed), and no more once it has loaded."""
+    import threading
+
+    from playwright.sync_api import expect
+
+    import imgembed.service
+
+    loaded = threading.Event()
+    create = imgembed.service.create_encoder
+
+    def slow(ref, settings):
+        loaded.wait(TIMEOUT / 1000)
+        return create(ref, settings)
+
+    monkeypatch.setattr(imgembed.service, "create_encoder", slow)
+    settings = load_settings(**TINY, allowed_roots=[indexed])
+    with browser_on(settings, ready="/health") as (page, errors):
+        expect(page.locator("#status")).to_have_text(
+            "The server's model is loading: searches work once it is loaded.", timeout=TIMEOUT
+        )
+        loaded.set()
+        expect(page.locator("#status")).to_have_text("", timeout=TIMEOUT)
+        page.fill("#query", "a cup of coffee")
+        page.press("#query", "Enter")
+        expect(page.locator("#results .card")).to_have_count(7, timeout=TIMEOUT)
+        assert errors == []
+
+
 def test_the_product_view_in_a_real_browser(data_dir, photos, tmp_path):
     """Products of a store: text search with per-part scores, a photo plus text, thumbnails."""
     root = tmp_path / "root"

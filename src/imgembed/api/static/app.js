@@ -449,8 +449,10 @@ function setUp() {
   loadCollections();
 }
 
-// A model that cannot load is said when the page opens, not at the first search. /ready
-// answers without a key; while the model loads it is asked again (one watch at a time).
+// A model that cannot load is said when the page opens, not at the first search; one that
+// loads is said while it does (searches meanwhile answer 503). /ready answers without a
+// key; while the model loads it is asked again (one watch at a time).
+const LOADING = "The server's model is loading: searches work once it is loaded.";
 let watching = false;
 async function watchModel() {
   if (watching) return;
@@ -460,10 +462,15 @@ async function watchModel() {
   } catch {
     return; // an unreachable server is said by the collection list
   }
+  const line = $("#status");
   if (ready.model === "loading") {
+    if (visible("images") && !line.textContent) status(LOADING);
     watching = true;
     setTimeout(() => { watching = false; watchModel(); }, 2000);
-  } else if (String(ready.model).startsWith("failed")) {
+  } else if (line.textContent === LOADING) {
+    status(""); // loaded now (or failed: said below)
+  }
+  if (String(ready.model).startsWith("failed")) {
     const reason = String(ready.model).replace(/^failed:\s*/, "");
     status(`The server's model cannot load (${reason}): searches with it fail until that is fixed.`, true);
   }
