@@ -743,3 +743,27 @@ def test_a_long_product_title_stays_in_its_card(indexed):
         wide = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
         assert wide <= 0, f"the page scrolls sideways by {wide} px"
         assert errors == []
+
+
+def test_a_browser_that_refuses_storage_can_use_the_page(indexed):
+    """With every cookie blocked, reading localStorage throws: the page stopped at its first
+    line (no list, no search); now the key is kept for the page's life instead."""
+    from playwright.sync_api import expect
+
+    settings = load_settings(**TINY, allowed_roots=[indexed], api_keys="page-key")
+    with browser_on(settings) as (page, errors):
+        page.add_init_script("""Object.defineProperty(window, "localStorage", {get() {
+            throw new DOMException("Access is denied for this document.", "SecurityError"); }})""")
+        page.reload()
+        expect(page.locator("#status")).to_contain_text("401", timeout=TIMEOUT)
+        page.fill("#api-key", "page-key")
+        page.press("#api-key", "Enter")
+        expect(page.locator("#collection option")).to_have_count(1, timeout=TIMEOUT)
+        page.fill("#query", "a cup of coffee")
+        page.press("#query", "Enter")
+        expect(page.locator("#results .card")).to_have_count(7, timeout=TIMEOUT)
+        page.wait_for_function(
+            "[...document.querySelectorAll('#results .card img')]"
+            ".every(img => img.complete && img.naturalWidth > 0)"
+        )  # thumbnails fetched with the key
+        assert errors == []

@@ -5,8 +5,21 @@ const $ = (selector) => document.querySelector(selector);
 const state = { collections: [], thumbnails: [], fetching: new AbortController() };
 const HIDDEN_METADATA = new Set(["id", "content_hash", "quality"]);
 
+// The API key, kept in the browser's storage; where the browser refuses storage (all
+// cookies blocked: reading localStorage throws) it is kept for this page only, and the
+// page works all the same (it stopped at its first line).
+const keys = (() => {
+  try {
+    localStorage.getItem("imgembed-key");
+    return localStorage;
+  } catch {
+    const kept = new Map();
+    return { getItem: (name) => kept.get(name) ?? null, setItem: (name, value) => kept.set(name, value) };
+  }
+})();
+
 function headers(extra = {}) {
-  const key = localStorage.getItem("imgembed-key");
+  const key = keys.getItem("imgembed-key");
   return key ? { ...extra, Authorization: `Bearer ${key}` } : extra;
 }
 
@@ -51,7 +64,7 @@ async function api(path, options = {}) {
     if (response.status === 401) {
       // the page sends the key: where to give it, not the header to send, is what helps
       $("#key-box").open = true;
-      message += ` (${localStorage.getItem("imgembed-key") ? "check" : "enter"} the key under “API key” above)`;
+      message += ` (${keys.getItem("imgembed-key") ? "check" : "enter"} the key under “API key” above)`;
     }
     throw new ApiError(message, response.status, wait, type);
   }
@@ -424,9 +437,9 @@ function dropZone(zone, input, onFile) {
 }
 
 function setUp() {
-  $("#api-key").value = localStorage.getItem("imgembed-key") ?? "";
+  $("#api-key").value = keys.getItem("imgembed-key") ?? "";
   $("#api-key").addEventListener("change", (event) => {
-    localStorage.setItem("imgembed-key", event.target.value.trim());
+    keys.setItem("imgembed-key", event.target.value.trim());
     loadCollections();
     if (typeof loadStores === "function") loadStores();
   });
