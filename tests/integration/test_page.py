@@ -767,3 +767,32 @@ def test_a_browser_that_refuses_storage_can_use_the_page(indexed):
             ".every(img => img.complete && img.naturalWidth > 0)"
         )  # thumbnails fetched with the key
         assert errors == []
+
+
+def test_markup_from_the_server_is_shown_as_text(indexed):
+    """Sources, metadata, collection names and error messages holding markup are text on
+    the page: no element is made from them, no script runs."""
+    from playwright.sync_api import expect
+
+    evil = "<img src=x onerror=window.ran=1>"
+    name = indexed / f"{evil}.png"
+    shutil.copy(indexed / "coffee.png", name)
+    with ImageEmbeddingService(**TINY) as service:
+        service.index([IndexItem(str(name), str(name), {"note": evil})], f"<b>{evil}")
+    settings = load_settings(**TINY, allowed_roots=[indexed])
+    with browser_on(settings) as (page, errors):
+        page.wait_for_selector("#collection option", state="attached")
+        page.select_option("#collection", f"<b>{evil}")
+        page.fill("#query", evil)
+        page.press("#query", "Enter")
+        card = page.locator("#results .card")
+        expect(card).to_have_count(1, timeout=TIMEOUT)
+        expect(card.locator(".source")).to_have_text(str(name))
+        expect(card.locator("dd", has_text="onerror")).to_have_text(evil)
+        answer = {"error": evil, "error_type": "InvalidImageError"}
+        page.route("**/api/v1/search/image", lambda route: route.fulfill(status=400, json=answer))
+        page.press("#query", "Enter")
+        expect(page.locator("#status")).to_have_text(f"400: {evil}", timeout=TIMEOUT)
+        assert page.evaluate("document.querySelectorAll('img[src=x], b').length") == 0
+        assert page.evaluate("window.ran") is None
+        assert errors == []
