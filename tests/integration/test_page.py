@@ -796,3 +796,37 @@ def test_markup_from_the_server_is_shown_as_text(indexed):
         assert page.evaluate("document.querySelectorAll('img[src=x], b').length") == 0
         assert page.evaluate("window.ran") is None
         assert errors == []
+
+
+def test_thumbnails_are_asked_for_as_their_cards_come_in_sight(indexed):
+    """Of 60 results, every thumbnail was asked for at once (each one an image the server
+    reads and decodes): now those near the screen, the rest as the page scrolls to them."""
+    from playwright.sync_api import expect
+
+    coffee = str(indexed / "coffee.png")
+    with ImageEmbeddingService(**TINY) as service:
+        items = [IndexItem(f"cup-{n:02d}", coffee, {"n": n}) for n in range(60)]
+        service.index(items, "cups")
+    settings = load_settings(**TINY, allowed_roots=[indexed])
+    with browser_on(settings) as (page, errors):
+        page.wait_for_selector("#collection option", state="attached")
+        page.select_option("#collection", "cups")
+        asked: list[str] = []
+        page.on("request", lambda r: asked.append(r.url) if "/thumbnail?" in r.url else None)
+        page.fill("#top-k", "60")
+        page.fill("#query", "a cup of coffee")
+        page.press("#query", "Enter")
+        cards = page.locator("#results .card")
+        expect(cards).to_have_count(60, timeout=TIMEOUT)
+        page.wait_for_function(
+            "document.querySelector('#results .card img').naturalWidth > 0"
+        )  # the first is in sight
+        assert 0 < len(asked) < 30, len(asked)
+        last = cards.last
+        last.scroll_into_view_if_needed()
+        page.wait_for_function(
+            "(card => card.querySelector('img').naturalWidth > 0)"
+            "([...document.querySelectorAll('#results .card')].at(-1))"
+        )
+        assert any(last.get_attribute("data-id") in url for url in asked)
+        assert errors == []

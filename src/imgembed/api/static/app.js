@@ -251,8 +251,26 @@ function describeCollection() {
 // The thumbnails of results that go are not fetched any further: a new search would wait
 // behind them (a browser opens 6 connections to a server), up to 200 of them.
 function stopThumbnails() {
+  nearScreen.disconnect(); // and those not asked for yet are not
   state.fetching.abort();
   state.fetching = new AbortController();
+}
+
+// A thumbnail is asked for when its card comes near the screen: of 200 results the server
+// makes the few in sight, not all 200 at once (each one an image read and decoded).
+const waiting = new WeakMap(); // img -> what fetches it
+const nearScreen = new IntersectionObserver((seen) => {
+  for (const { target, isIntersecting } of seen) {
+    if (!isIntersecting) continue;
+    nearScreen.unobserve(target);
+    waiting.get(target)?.();
+    waiting.delete(target);
+  }
+}, { rootMargin: "400px" });
+
+function loadImage(img, path) {
+  waiting.set(img, () => fetchImage(img, path));
+  nearScreen.observe(img);
 }
 
 function releaseThumbnails() {
@@ -264,7 +282,7 @@ function releaseThumbnails() {
 // Images come through the API (with the key, if any), as blobs. One that cannot be had
 // is a box with the server's reason (a file gone, not a local file, outside the roots, the
 // server busy or away), or one saying the answer is no picture the browser can show.
-async function loadImage(img, path) {
+async function fetchImage(img, path) {
   const signal = state.fetching.signal;
   try {
     const response = await send(path, { headers: headers(), signal });
