@@ -206,8 +206,8 @@ class ProductRepository:
         `reconnect_seconds` (pgconn.RECONNECT_SECONDS)."""
         self.url = url
         self.location = location or describe_url(url)
-        self._reopen = reopen
-        self._reconnect_seconds = reconnect_seconds
+        self._same = {"location": self.location, "reopen": reopen,
+                      "reconnect_seconds": reconnect_seconds}  # fmt: skip
         if upgrade:
             migrate(url, self.location)
         self._db = Connection(url, self.location, reopen, reconnect_seconds)
@@ -227,13 +227,7 @@ class ProductRepository:
 
     def session(self) -> ProductRepository:
         """Another connection to the same database (a bulk job's own, for its store lock)."""
-        return ProductRepository(
-            self.url,
-            False,
-            location=self.location,
-            reopen=self._reopen,
-            reconnect_seconds=self._reconnect_seconds,
-        )
+        return ProductRepository(self.url, False, **self._same)
 
     def _cursor(
         self, what: str, transaction: bool = False
