@@ -913,3 +913,31 @@ def test_a_damaged_local_qdrant_collection_is_set_aside_and_the_others_open(tmp_
     with pytest.raises(StoreUnavailableError, match=r"registry of collections .* is damaged"):
         QdrantStore(path=folder)
     assert registry.exists() and len(list((folder / "damaged").iterdir())) == 1
+
+
+IGNORES_SIGTERM = (
+    "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True);"
+    " time.sleep(600)"
+)
+
+
+def test_a_keeper_that_does_not_end_on_sigterm_is_killed(tmp_path, monkeypatch, caplog):
+    """`db stop` and a new `db start` end the keeper; one that stays after SIGTERM (its
+    SystemExit swallowed, an exit stuck) was left running: a second `db start` then left two
+    keepers (seen once in CI)."""
+    monkeypatch.setattr(embedded, "KEEPER_EXIT_SECONDS", 0.5)
+    stubborn = subprocess.Popen([sys.executable, "-c", IGNORES_SIGTERM], stdout=subprocess.PIPE,
+                                text=True)  # fmt: skip
+    try:
+        assert stubborn.stdout is not None and stubborn.stdout.readline().strip() == "up"
+        folder = embedded.pgdata(tmp_path)
+        folder.mkdir(parents=True)
+        (folder / embedded._KEEPER).write_text(json.dumps({"pid": stubborn.pid, "until": 1e10}))
+        with caplog.at_level(logging.WARNING):
+            assert embedded.release(tmp_path)
+        assert not psutil.pid_exists(stubborn.pid)  # ended (and reaped by release's wait)
+        assert "did not end on SIGTERM: killing it" in caplog.text
+        assert embedded.kept_until(tmp_path) is None
+    finally:
+        stubborn.kill()
+        stubborn.wait()

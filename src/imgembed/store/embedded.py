@@ -44,6 +44,7 @@ _starting = threading.Lock()
 _failed: dict[Path, tuple[float, StoreError]] = {}
 REVIVE_SECONDS = 30.0  # how long a dead server may take to come back (orphans exit first)
 MAX_KEEP_SECONDS = 10 * 365 * 86400  # `db start --for` at most (the keeper's sleep has a limit)
+KEEPER_EXIT_SECONDS = 10.0  # how long a keeper told to end (SIGTERM) has, then it is killed
 ORPHAN_GRACE_SECONDS = 2.0  # how long a dead server's processes told to quit have (then killed)
 
 
@@ -400,9 +401,18 @@ def release(data_dir: Path) -> bool:
     (pgdata(data_dir) / _KEEPER).unlink(missing_ok=True)
     if keeper is None or not _alive(keeper[0]):  # a killed one may linger as a zombie
         return False
-    os.kill(keeper[0], signal.SIGTERM)
-    with contextlib.suppress(psutil.Error):  # it leaves the list of users as it exits
-        psutil.Process(keeper[0]).wait(10)
+    with contextlib.suppress(psutil.Error):  # gone meanwhile: nothing to end
+        process = psutil.Process(keeper[0])
+        process.terminate()  # it leaves the list of users as it exits
+        try:
+            process.wait(KEEPER_EXIT_SECONDS)
+        except psutil.TimeoutExpired:
+            # still there (a SystemExit swallowed by a bare `except:` in what it ran, an exit
+            # stuck): a new keeper beside it would leave two; a killed one's entry in the
+            # list of users is dropped as dead by the next start
+            log.warning("the keeper (pid %d) did not end on SIGTERM: killing it", keeper[0])
+            process.kill()
+            process.wait(KEEPER_EXIT_SECONDS)
     return True
 
 
