@@ -38,7 +38,7 @@ def vectors(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def product(i: int, text, image, combined):
-    from imgembed.catalog.repository import EmbeddedProduct
+    from imgembed.catalog.records import EmbeddedProduct
 
     weights = (CATEGORIES[i % 4], IMAGE_WEIGHT, 1 - IMAGE_WEIGHT)
     return EmbeddedProduct(f"p{i}", text, image, combined, *weights, "t", "i", None)
@@ -92,7 +92,8 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=200)
     args = parser.parse_args()
 
-    from imgembed.catalog.repository import ProductRepository, StoreProvenance
+    from imgembed.catalog.records import StoreProvenance
+    from imgembed.catalog.repository import ProductRepository
     from imgembed.store import embedded
 
     began = time.perf_counter()

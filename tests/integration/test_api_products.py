@@ -310,7 +310,7 @@ def test_a_job_waiting_on_the_store_indexes_is_cancelled_at_once(root, photos, t
     large store) stops it within a second or so, not when that build ends; a rerun embeds."""
     import psycopg
 
-    from imgembed.catalog.repository import INDEX_DDL
+    from imgembed.catalog.product_indexes import INDEX_DDL
     from imgembed.store import embedded
 
     products = _products(root, photos)[:4]

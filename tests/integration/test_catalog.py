@@ -18,14 +18,9 @@ from pgvector.psycopg import register_vector
 
 from imgembed.catalog import Catalog, findly_table, importer, load_weights
 from imgembed.catalog.jobs import NoEvents
-from imgembed.catalog.repository import (
-    INDEX_DDL,
-    PARTS,
-    FailedProduct,
-    ProductRepository,
-    StoreProvenance,
-    _index_name,
-)
+from imgembed.catalog.product_indexes import INDEX_DDL, PARTS, index_name
+from imgembed.catalog.records import FailedProduct, StoreProvenance
+from imgembed.catalog.repository import ProductRepository
 from imgembed.catalog.text_api import OpenAIEmbedder
 from imgembed.errors import (
     CollectionNotFoundError,
@@ -555,7 +550,7 @@ class _IndexWatch(NoEvents):
 
 
 def _indexes(url, store_id) -> int:
-    names = [_index_name(store_id, part) for part in PARTS]
+    names = [index_name(store_id, part) for part in PARTS]
     with psycopg.connect(url) as connection:
         statement = "SELECT count(to_regclass(n)) FROM unnest(%s::text[]) n"
         return connection.execute(statement, (names,)).fetchone()[0]

@@ -15,7 +15,7 @@ from pathlib import Path
 import psycopg
 from PIL import Image
 
-from imgembed.catalog.repository import INDEX_DDL
+from imgembed.catalog.product_indexes import INDEX_DDL
 from imgembed.store import embedded
 from tests.cli import IMGEMBED, run
 

@@ -23,7 +23,7 @@ from imgembed.catalog.catalog import Catalog, ImportReport, StoreStats
 from imgembed.catalog.importer import BadRow
 from imgembed.catalog.jobs import EmbedEvents, EmbedStats
 from imgembed.catalog.products import ProductInput, product_text
-from imgembed.catalog.repository import StoreProvenance
+from imgembed.catalog.records import StoreProvenance
 from imgembed.catalog.search import ProductHit
 from imgembed.catalog.text_vectors import TextEmbedder
 from imgembed.catalog.weights import Weights, WeightsTable, findly_table, load_weights

@@ -22,7 +22,8 @@ from imgembed.catalog.products import (
     parse_price,
     product_text,
 )
-from imgembed.catalog.repository import ProductRepository, StoreProvenance
+from imgembed.catalog.records import StoreProvenance
+from imgembed.catalog.repository import ProductRepository
 from imgembed.catalog.text import TextEmbedder, create_text_embedder, spec_for
 from imgembed.catalog.weights import WeightsTable, load_weights
 from imgembed.config import Settings, load_settings

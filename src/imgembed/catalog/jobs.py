@@ -24,13 +24,8 @@ from typing import Any, Protocol
 
 from imgembed.catalog.fusion import fuse
 from imgembed.catalog.products import product_text, text_hash
-from imgembed.catalog.repository import (
-    EmbeddedProduct,
-    FailedProduct,
-    PlanRow,
-    ProductRepository,
-    StoreProvenance,
-)
+from imgembed.catalog.records import EmbeddedProduct, FailedProduct, PlanRow, StoreProvenance
+from imgembed.catalog.repository import ProductRepository
 from imgembed.catalog.text_vectors import TextEmbedder, UnusableRowsError
 from imgembed.catalog.weights import Weights, WeightsTable
 from imgembed.results import ImageEmbeddingResult

@@ -13,10 +13,8 @@ precision and the few candidates scored in full precision; wider ones are search
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
@@ -25,19 +23,30 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
+from imgembed.catalog.product_indexes import (
+    INDEX_DDL,
+    PARTS,
+    index_ddl,
+    index_name,
+    index_names,
+    missing_parts,
+    ranked,
+)
 from imgembed.catalog.products import FIELD_PART, ProductInput
+from imgembed.catalog.records import (
+    EmbeddedProduct,
+    FailedProduct,
+    PlanRow,
+    Stored,
+    StoreProvenance,
+)
 from imgembed.config import Settings
 from imgembed.errors import StoreBusyError
 from imgembed.store import postgres_target
 from imgembed.store.pgconn import Connection
 from imgembed.store.postgres import build_memory, describe_url, migrate
 
-HALFVEC_LIMIT = 4000  # pgvector's HNSW limit for `halfvec`
 log = logging.getLogger(__name__)
-PARTS = ("combined", "image", "text")
-# Builds and drops of the stores' indexes, one at a time in every process: all stores share
-# the products table, and two CONCURRENTLY statements on it wait for each other (deadlock).
-INDEX_DDL = "imgembed_products: index builds and drops"
 _PRODUCT_FIELDS = (
     "title",
     "description",
@@ -48,147 +57,6 @@ _PRODUCT_FIELDS = (
     "extra_image_urls",
     "attributes",
 )
-
-
-@dataclass(frozen=True)
-class StoreProvenance:
-    """What made a store's vectors: only equal provenance gives comparable vectors."""
-
-    image_model: str
-    image_pretrained: str
-    image_preprocess: str
-    image_dimension: int
-    text_model: str
-    text_dimension: int
-
-    @property
-    def combined_dimension(self) -> int:
-        return self.image_dimension + self.text_dimension
-
-    def describe(self) -> str:
-        return (
-            f"image model {self.image_model} ({self.image_pretrained}, preprocess "
-            f"{self.image_preprocess}, {self.image_dimension}-d) and text model "
-            f"{self.text_model} ({self.text_dimension}-d)"
-        )
-
-
-@dataclass(frozen=True)
-class PlanRow:
-    """What the bulk job needs to decide whether a product is up to date (no vectors)."""
-
-    product_id: str
-    title: str
-    description: str
-    category: str | None
-    price: Decimal | None
-    currency: str | None
-    image_url: str | None
-    status: str
-    text_hash: str | None
-    embedded_image_url: str | None
-    has_text: bool
-    has_image: bool
-    has_combined: bool
-    weight_category: str | None
-    image_weight: float | None
-    text_weight: float | None
-
-
-@dataclass(frozen=True)
-class Stored:
-    text: np.ndarray | None
-    image: np.ndarray | None
-    image_hash: str | None
-
-
-@dataclass(frozen=True)
-class EmbeddedProduct:
-    product_id: str
-    text: np.ndarray
-    image: np.ndarray | None
-    combined: np.ndarray
-    weight_category: str
-    image_weight: float
-    text_weight: float
-    text_hash: str
-    image_hash: str | None
-    image_url: str | None
-
-
-@dataclass(frozen=True)
-class FailedProduct:
-    product_id: str
-    error: str
-    error_type: str
-
-
-def index_type(dimension: int) -> str | None:
-    """Half precision: half the graph; at 20k products built in 16.2 against 25.6 s, combined
-    search p50 2.50 against 3.11 ms at the same recall (bench_catalog_store.py; migration
-    0004)."""
-    return "halfvec" if dimension <= HALFVEC_LIMIT else None
-
-
-def _index_name(store_id: str, part: str) -> str:
-    return f"imgembed_products_{part}_" + hashlib.sha256(store_id.encode()).hexdigest()[:16]
-
-
-def _ranked(column: str, dimension: int) -> sql.Composable:
-    """`column <#> query` in the form the store's index was built on."""
-    kind = index_type(dimension)
-    if kind is None:
-        return sql.SQL("{} <#> %(q)s::vector").format(sql.Identifier(column))
-    return sql.SQL("({col}::{kind}({dim})) <#> (%(q)s::vector({dim}))::{kind}({dim})").format(
-        col=sql.Identifier(column), kind=sql.SQL(kind), dim=sql.Literal(dimension)
-    )
-
-
-def _index_ddl(
-    store_id: str, provenance: StoreProvenance, concurrently: bool = False
-) -> dict[str, sql.Composed]:
-    """The store's HNSW index per part (a part wider than pgvector indexes has none: it is
-    searched exactly). Partial, on the column cast to the store's dimension."""
-    dimensions = {
-        "combined": provenance.combined_dimension,
-        "image": provenance.image_dimension,
-        "text": provenance.text_dimension,
-    }
-    statements = {}
-    for part in PARTS:
-        kind = index_type(dimensions[part])
-        if kind is None:
-            continue
-        statements[part] = sql.SQL(
-            "CREATE INDEX {concurrently} IF NOT EXISTS {index} ON imgembed_products USING hnsw"
-            " (({column}::{kind}({dim})) {ops}) WHERE store_id = {store}"
-        ).format(
-            concurrently=sql.SQL("CONCURRENTLY" if concurrently else ""),
-            index=sql.Identifier(_index_name(store_id, part)),
-            column=sql.Identifier(f"{part}_embedding"),
-            kind=sql.SQL(kind),
-            dim=sql.Literal(dimensions[part]),
-            ops=sql.SQL(f"{kind}_ip_ops"),
-            store=sql.Literal(store_id),
-        )
-    return statements
-
-
-def _index_names(store_id: str, provenance: StoreProvenance) -> dict[str, str]:
-    return {part: _index_name(store_id, part) for part in _index_ddl(store_id, provenance)}
-
-
-def _missing(connection: psycopg.Connection[Any], names: dict[str, str]) -> list[str]:
-    """The parts (of `names`: part -> index name) without a valid index."""
-    valid = {
-        row[0]
-        for row in connection.execute(
-            "SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid"
-            " WHERE c.relname = ANY(%s) AND i.indisvalid",
-            (list(names.values()),),
-        )
-    }
-    return [part for part, name in names.items() if name not in valid]
 
 
 class ProductRepository:
@@ -378,7 +246,7 @@ class ProductRepository:
                 for part in PARTS:
                     cursor.execute(
                         sql.SQL("DROP INDEX IF EXISTS {}").format(
-                            sql.Identifier(_index_name(store_id, part))
+                            sql.Identifier(index_name(store_id, part))
                         )
                     )
             cursor.execute(
@@ -393,7 +261,7 @@ class ProductRepository:
                 values,
             )
             if not reset:
-                for statement in _index_ddl(store_id, provenance).values():
+                for statement in index_ddl(store_id, provenance).values():
                     cursor.execute(statement)
 
     def set_weights_version(self, store_id: str, version: str) -> None:
@@ -550,7 +418,7 @@ class ProductRepository:
 
         def drop(connection: psycopg.Connection[Any]) -> None:
             for part in PARTS:
-                index = sql.Identifier(_index_name(store_id, part))
+                index = sql.Identifier(index_name(store_id, part))
                 connection.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(index))
 
         # alone: CONCURRENTLY waits for other sessions' transactions on the table to end
@@ -571,11 +439,11 @@ class ProductRepository:
         invalid (with the memory to build in RAM), and refresh the planner's statistics
         (without them it may skip the indexes) when rows `changed` or an index was built.
         `waiting`: see `Connection.alone`."""
-        statements = _index_ddl(store_id, provenance, concurrently=True)
-        names = _index_names(store_id, provenance)
+        statements = index_ddl(store_id, provenance, concurrently=True)
+        names = index_names(store_id, provenance)
 
         def work(connection: psycopg.Connection[Any]) -> None:
-            missing = _missing(connection, names)
+            missing = missing_parts(connection, names)
             if missing:
                 rows = connection.execute(
                     "SELECT count(*) FROM imgembed_products WHERE store_id = %s", (store_id,)
@@ -597,8 +465,8 @@ class ProductRepository:
     def missing_indexes(self, store_id: str, provenance: StoreProvenance) -> list[str]:
         """The parts whose HNSW index is absent or invalid (a bulk run stopped before its
         end): searched exactly until the next run's end builds them."""
-        names = _index_names(store_id, provenance)
-        return self._db.run("reading the store's indexes", lambda c: _missing(c, names))
+        names = index_names(store_id, provenance)
+        return self._db.run("reading the store's indexes", lambda c: missing_parts(c, names))
 
     # -- search and statistics --------------------------------------------------------------
 
@@ -644,7 +512,7 @@ class ProductRepository:
             k=sql.Literal(top_k),
             column=sql.Identifier(column),
             where=sql.SQL(" AND ").join(conditions),
-            ranked=_ranked(column, dimension),
+            ranked=ranked(column, dimension),
         )
         ef = max(ef_search, 2 * top_k)  # enough candidates for k
         filtered = category is not None or max_price is not None  # store_id: a partial index

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from imgembed.catalog import fusion
-from imgembed.catalog.repository import StoreProvenance
+from imgembed.catalog.records import StoreProvenance
 from imgembed.catalog.text_vectors import TextEmbedder
 from imgembed.errors import ConfigurationError
 from imgembed.intake.image_input import Input

@@ -17,7 +17,8 @@ import pyarrow as pa
 import ray
 
 from imgembed.catalog import jobs
-from imgembed.catalog.repository import ProductRepository, StoreProvenance
+from imgembed.catalog.records import StoreProvenance
+from imgembed.catalog.repository import ProductRepository
 from imgembed.config import Settings
 from imgembed.distributed import cluster, stages
 
