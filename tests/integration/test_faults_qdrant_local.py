@@ -8,6 +8,7 @@ import logging
 import pickle
 import shutil
 import sqlite3
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -108,22 +109,34 @@ def _first_row(storage: Path, value: bytes) -> bytes:
     return storage.read_bytes()
 
 
+def _point(size: int) -> bytes:
+    """A point as the client stores it, its vector of `size` numbers (written by another
+    tool, or another model's, to a collection of 8)."""
+    from qdrant_client.http.models import PointStruct
+
+    payload = {"id": "other", "content_hash": "h", "source": "s", "metadata": {}}
+    return pickle.dumps(PointStruct(id=str(uuid.uuid4()), vector=[0.5] * size, payload=payload))
+
+
 DAMAGED_POINTS = {
-    "not a pickle": b"garbage",
-    "a pickle cut short": pickle.dumps(list(range(100)))[:30],
-    "another object pickled": pickle.dumps(42),
+    "not a pickle": (b"garbage", "UnpicklingError"),
+    "a pickle cut short": (pickle.dumps(list(range(100)))[:30], "UnpicklingError"),
+    "another object pickled": (pickle.dumps(42), "a int, not a point"),
+    "a vector of another length": (_point(3), "Vector dimension error: expected dim: 8, got 3"),
 }
 
 
-@pytest.mark.parametrize("value", DAMAGED_POINTS.values(), ids=DAMAGED_POINTS.keys())
-def test_an_unreadable_local_qdrant_point_is_taken_out_and_the_rest_open(tmp_path, caplog, value):
+@pytest.mark.parametrize("damage", DAMAGED_POINTS.values(), ids=DAMAGED_POINTS.keys())
+def test_an_unreadable_local_qdrant_point_is_taken_out_and_the_rest_open(tmp_path, caplog, damage):
     """qdrant-client's local mode unpickles every point of every collection on opening: one
     damaged row failed the whole store (StoreError "UnpicklingError: pickle data was
-    truncated", naming neither collection nor file). It is taken out of its file (a copy of
-    the file as it was kept in damaged/), and every other item of every collection is there."""
+    truncated", naming neither collection nor file; a vector of another length: "ValueError:
+    setting an array element with a sequence"). It is taken out of its file (a copy of the
+    file as it was kept in damaged/), and every other item of every collection is there."""
     folder = tmp_path / "qdrant"
     _two_collections(folder)
     storage = folder / "collection" / "hurt" / "storage.sqlite"
+    value, why = damage
     damaged = _first_row(storage, value)
 
     with caplog.at_level(logging.WARNING, logger="imgembed.store.qdrant"):
@@ -134,6 +147,7 @@ def test_an_unreadable_local_qdrant_point_is_taken_out_and_the_rest_open(tmp_pat
         (aside,) = (folder / "damaged").iterdir()
         assert aside.name.startswith("hurt-") and (aside / "storage.sqlite").read_bytes() == damaged
         assert "1 of the 5 items stored in Qdrant's local collection 'hurt'" in caplog.text
+        assert why in caplog.text
         assert f"taken out of {storage}, the file as it was kept in {aside}" in caplog.text
         stored = store.hashes("hurt")
         missing = {f"hurt-{i}" for i in range(5)} - set(stored)

@@ -10,7 +10,7 @@ import pickle
 import shutil
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -89,8 +89,6 @@ def _set_meta_aside(path: Path) -> bool:
 def _meta_problem(meta: Path) -> str | None:
     """Why qdrant-client cannot read its meta.json (the settings of every collection), or
     None; checked as the client reads it."""
-    from qdrant_client.http.models import CreateCollection
-
     try:
         text = meta.read_text()
         listed = json.loads(text) if text.strip() else None
@@ -101,8 +99,8 @@ def _meta_problem(meta: Path) -> str | None:
         ]:
             return f"no {missing[0]!r} in it"
         for name, config in listed["collections"].items():
-            try:  # the client drops this field of old versions before reading
-                CreateCollection(**{k: v for k, v in config.items() if k != "init_from"})
+            try:
+                _settings(config)
             except (ValueError, TypeError, AttributeError):
                 return f"collection {name!r}: settings it cannot read"
     except FileNotFoundError:
@@ -122,11 +120,11 @@ def _set_aside_damaged(path: Path) -> list[str]:
     if not meta.is_file():  # the client failed before making it: nothing of ours to repair
         return []
     repaired = []
-    for name in json.loads(meta.read_text())["collections"]:
+    for name, config in json.loads(meta.read_text())["collections"].items():
         folder = path / "collection" / name
         storage = folder / "storage.sqlite"
         problem = _unreadable(storage)
-        lost, stored, why = _unreadable_points(storage) if problem is None else ([], 0, "")
+        lost, stored, why = ([], 0, "") if problem else _unreadable_points(storage, config)
         if problem is None and not lost:
             continue
         if name == REGISTRY:  # it names every collection's model: never started afresh
@@ -159,33 +157,57 @@ def _set_aside_damaged(path: Path) -> list[str]:
     return repaired
 
 
-def _unreadable_points(storage: Path) -> tuple[list[int], int, str]:
-    """The rows of the points qdrant-client cannot load (each a pickled PointStruct), how
-    many rows there are, and why the first cannot be loaded."""
-    from qdrant_client.http.models import PointStruct
-
+def _unreadable_points(storage: Path, config: dict[str, Any]) -> tuple[list[int], int, str]:
+    """The rows of the points qdrant-client cannot load (each a pickled PointStruct, whose
+    vectors must fit the collection's settings `config`, as meta.json holds them), how many
+    rows there are, and why the first cannot be loaded."""
     lost: list[int] = []
     stored, why = 0, ""
     if not storage.exists():
         return lost, stored, why
+    fits = _point_check(config)
     with contextlib.closing(sqlite3.connect(f"file:{storage}?mode=ro", uri=True)) as db:
         try:
             for rowid, value in db.execute("SELECT rowid, point FROM points"):
                 stored += 1
-                try:
-                    point = pickle.loads(value)
-                except Exception as exc:  # damaged bytes fail in any way unpickling can
-                    point = exc
-                if not isinstance(point, PointStruct):
+                if problem := fits(value):
                     lost.append(rowid)
-                    why = why or (
-                        f"{type(point).__name__}: {point}"
-                        if isinstance(point, Exception)
-                        else f"a {type(point).__name__}, not a point"
-                    )
+                    why = why or problem
         except sqlite3.Error:  # no table yet: the client makes it
             pass
     return lost, stored, why
+
+
+def _point_check(config: dict[str, Any]) -> Callable[[bytes], str | None]:
+    """Why qdrant-client cannot load a stored point into the collection of these settings,
+    or None: bytes that unpickle to no point, or vectors it refuses (another length than the
+    collection's, NaN), checked by the client's own test of a point before it is written."""
+    from qdrant_client.http.models import PointStruct
+    from qdrant_client.local.local_collection import LocalCollection
+
+    empty = LocalCollection(_settings(config))  # in memory
+    # clients without that test refuse such a point on writing it to a collection in memory
+    check = getattr(empty, "_validate_point", None) or (lambda point: empty.upsert([point]))
+
+    def problem(value: bytes) -> str | None:
+        try:
+            point = pickle.loads(value)
+            if not isinstance(point, PointStruct):
+                return f"a {type(point).__name__}, not a point"
+            check(point)
+        except Exception as exc:  # damaged bytes fail in any way unpickling can
+            return f"{type(exc).__name__}: {exc}"
+        return None
+
+    return problem
+
+
+def _settings(config: dict[str, Any]) -> Any:
+    """A collection's settings as meta.json holds them, read as the client reads them."""
+    from qdrant_client.http.models import CreateCollection
+
+    # the client drops this field of old versions before reading
+    return CreateCollection(**{k: v for k, v in config.items() if k != "init_from"})
 
 
 def _unreadable(storage: Path) -> str | None:
