@@ -233,6 +233,40 @@ def test_a_local_qdrant_collection_meta_json_lost_is_listed_again(tmp_path, capl
     assert "hurt" in json.loads((folder / "meta.json").read_text())["collections"]
 
 
+@pytest.mark.parametrize("lost", ["the folder", "storage.sqlite"])
+def test_a_local_qdrant_collection_whose_files_are_gone_is_named(tmp_path, caplog, lost):
+    """A collection meta.json lists whose folder (or file) is gone started empty without a
+    word: the client makes its files anew. Its loss is named once, with its model (what the
+    registry knows) and what to do; it is served empty, like every other collection in full
+    (its files are gone already: holding the others back would keep nothing, and indexing
+    into it again is what mends it)."""
+    folder = tmp_path / "qdrant"
+    _two_collections(folder)
+    hurt = folder / "collection" / "hurt"
+    if lost == "the folder":
+        shutil.rmtree(missing := hurt)
+    else:
+        (missing := hurt / "storage.sqlite").unlink()
+
+    with caplog.at_level(logging.WARNING, logger="imgembed.store.qdrant"):
+        store = QdrantStore(path=folder)
+    try:
+        assert [(c.name, c.count) for c in store.collections()] == [("hurt", 0), ("kept", 5)]
+        assert (
+            f"Qdrant's local collection 'hurt' ({PROV.describe()}) is listed in "
+            f"{folder / 'meta.json'}, but {missing} is missing: the items stored in it are not "
+            "there" in caplog.text
+        )
+        assert "index into it again" in caplog.text
+        store.upsert("hurt", [Record("hurt-0", _unit(np.random.default_rng(1)), "h", "s")])
+    finally:
+        store.close()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="imgembed.store.qdrant"):
+        QdrantStore(path=folder).close()  # said once: what is there now is what was indexed
+    assert caplog.text == ""
+
+
 def test_local_qdrant_collections_the_registry_lost_are_named(tmp_path, caplog):
     """imgembed's registry (which names each collection's model) gone or emptied: the list
     showed nothing and searches said "no collection", while the items were all there,

@@ -38,7 +38,7 @@ from imgembed.store.base import (
     vector_size,
 )
 from imgembed.store.faults import store_errors
-from imgembed.store.qdrant_local import REGISTRY, open_local
+from imgembed.store.qdrant_local import REGISTRY, missing_files, open_local, warn_missing
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -70,16 +70,18 @@ class QdrantStore:
         self._one_at_a_time = threading.RLock() if self._local else contextlib.nullcontext()
         self._dimensions: dict[str, int] = {}
         self.location = f"Qdrant at {url}" if url else str(path)
+        missing: dict[str, Path] = {}  # local collections whose files are gone
         with store_errors("opening Qdrant", self.location):
             if url:
                 self._client = QdrantClient(url=url, api_key=api_key, timeout=30)
             else:
                 assert path is not None
                 Path(path).mkdir(parents=True, exist_ok=True)
+                missing = missing_files(Path(path))  # before the client makes them anew
                 self._client = open_local(QdrantClient, Path(path))
         self._call("opening Qdrant", self._ensure_registry)
         if path is not None and self._local:
-            self._call("opening Qdrant", lambda: self._list_again(Path(path)))
+            self._call("opening Qdrant", lambda: self._list_again(Path(path), missing))
 
     def _ensure_registry(self) -> None:
         models = self._models
@@ -89,13 +91,17 @@ class QdrantStore:
                 vectors_config=models.VectorParams(size=1, distance=models.Distance.DOT),
             )
 
-    def _list_again(self, path: Path) -> None:
+    def _list_again(self, path: Path, missing: Mapping[str, Path]) -> None:
         """Collections the registry names whose files are there but not in qdrant-client's
         meta.json (one restored from an older backup): made again over their folder, which
-        loads their items; those holding items that the registry does not name (it was lost)
-        are named in a warning."""
+        loads their items; those holding items that the registry does not name (it was lost),
+        and those it names whose files were `missing` (they start empty), are named in a
+        warning."""
         models = self._models
         registered = self._registered()
+        for name in registered:
+            if name in missing and not self._client.count(name).count:
+                warn_missing(path, name, missing[name], self._provenance(name))
         unnamed = [
             c.name
             for c in self._client.get_collections().collections

@@ -38,6 +38,34 @@ def open_local(client: Any, path: Path) -> Any:
         return open_local(client, path)
 
 
+def missing_files(path: Path) -> dict[str, Path]:
+    """The collections meta.json lists whose files are gone, each with what is missing (its
+    folder, or its storage.sqlite): looked at before the client opens, which makes them
+    anew, empty, without a word. Nothing for a meta.json it cannot read (set aside)."""
+    try:
+        names = list(json.loads((path / "meta.json").read_text())["collections"])
+    except (OSError, ValueError, TypeError, KeyError):
+        return {}
+    missing = {}
+    for name in names:
+        folder = path / "collection" / name
+        if not (folder / "storage.sqlite").exists():
+            missing[name] = folder if not folder.exists() else folder / "storage.sqlite"
+    return missing
+
+
+def warn_missing(path: Path, name: str, missing: Path, provenance: Any) -> None:
+    """A collection imgembed's registry names (`provenance`: its model) that started empty
+    as its files were gone: served, so that every other collection is too, and said."""
+    log.warning(
+        "Qdrant's local collection %r (%s) is listed in %s, but %s is missing: the items "
+        "stored in it are not there (the registry keeps no count of them), and it starts "
+        "empty, its files made anew; if they were moved, stop imgembed and put them back in "
+        "place of the new ones, or else index into it again",
+        name, provenance.describe(), path / "meta.json", missing,
+    )  # fmt: skip
+
+
 def _busy(path: Path) -> StoreBusyError:
     return StoreBusyError(
         f"{path} is open in another imgembed process (Qdrant's local files serve one "
