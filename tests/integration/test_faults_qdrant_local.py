@@ -5,18 +5,22 @@ one pickled point per row). Real files, the real client."""
 import contextlib
 import json
 import logging
+import os
 import pickle
 import shutil
 import sqlite3
+import subprocess
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from imgembed.errors import StoreDamagedError, StoreUnavailableError
+from imgembed.errors import DataDirError, StoreDamagedError, StoreUnavailableError
 from imgembed.store import Provenance, Record
 from imgembed.store.qdrant import QdrantStore
+from tests.cli import run
 
 PROV = Provenance("imgembed-tiny", "seed:0", 8, "abc123")
 
@@ -310,3 +314,76 @@ def test_a_damaged_registry_is_a_503_that_clients_are_told_not_to_retry(tmp_path
     assert answer.headers["x-should-retry"] == "false" and "retry-after" not in answer.headers
     assert answer.json()["error_type"] == "StoreDamagedError"
     assert "imgembed_collections is damaged" in answer.json()["error"]
+
+
+@contextlib.contextmanager
+def _read_only(folder: Path) -> Iterator[None]:
+    """`folder` and all in it read-only: chmod, or for root (whom chmod does not stop) a
+    read-only bind mount; the test is skipped where neither stops a write."""
+    mounted = os.geteuid() == 0
+    if mounted:
+        bind = [["mount", "--bind", folder, folder], ["mount", "-o", "remount,bind,ro", folder]]
+        for step, command in enumerate(bind):
+            if subprocess.run(command, capture_output=True).returncode != 0:
+                if step:
+                    subprocess.run(["umount", "--lazy", folder], check=True)
+                pytest.skip("as root chmod does not stop writes, and mount is refused here")
+    else:
+        for inside in [folder, *folder.rglob("*")]:
+            inside.chmod(inside.stat().st_mode & ~0o222)
+    try:
+        with contextlib.suppress(OSError), open(folder / "probe", "w"):
+            pytest.skip(f"{folder} can still be written")
+        yield
+    finally:
+        if mounted:  # lazy: files a failed open left to the garbage collector are let go
+            subprocess.run(["umount", "--lazy", folder], check=True)
+        else:
+            for inside in [folder, *folder.rglob("*")]:
+                inside.chmod(inside.stat().st_mode | 0o200)
+
+
+def test_a_read_only_local_qdrant_folder_is_named_as_such(data_dir):
+    """A Qdrant folder that cannot be written was a bare StoreError ("opening Qdrant failed:
+    OSError: [Errno 30] Read-only file system: '.../.lock'"), read as a broken store. It is a
+    DataDirError (the CLI's exit 3, HTTP 503) naming the folder, the cause and what to do;
+    qdrant-client writes its lock file there on opening, so searches cannot open it either."""
+    folder = data_dir / "qdrant"
+    _two_collections(folder)
+    with _read_only(folder):
+        with pytest.raises(DataDirError) as caught:
+            QdrantStore(path=folder)
+        proc = run("collections", env={"IMGEMBED_STORE": "qdrant"})
+    message = str(caught.value)
+    assert message.startswith(f"Qdrant's local folder {folder} cannot be written (")
+    assert f"at {folder / '.lock'}): opening Qdrant failed" in message
+    assert message.endswith("make it writable for this user, or set IMGEMBED_DATA_DIR to a "
+                            "folder you can write")  # fmt: skip
+    assert proc.returncode == 3 and f"Qdrant's local folder {folder} cannot" in proc.stderr
+
+
+def test_writes_refused_in_a_local_qdrant_folder_are_named_and_reads_go_on(tmp_path):
+    """The folder opens (its lock file can be written) but its collections cannot: creating a
+    collection or storing items was a bare StoreError (PermissionError, or SQLite's "attempt
+    to write a readonly database", naming no file). Each is a DataDirError naming the
+    folder; searches and counts work."""
+    folder = tmp_path / "qdrant"
+    _two_collections(folder)
+    rng = np.random.default_rng(3)
+    with _read_only(folder / "collection"):
+        store = QdrantStore(path=folder)
+        try:
+            assert store.count("kept") == 5 and len(store.search("kept", _unit(rng))) == 5
+            with pytest.raises(DataDirError) as created:
+                store.create_collection("new", PROV)
+            with pytest.raises(DataDirError) as stored:
+                store.upsert("kept", [Record("kept-9", _unit(rng), "h", "s")])
+            assert store.count("kept") == 5 and [c.name for c in store.collections()] == [
+                "hurt", "kept"]  # fmt: skip
+        finally:
+            store.close()
+    for caught, action in [(created, "creating collection 'new'"),
+                           (stored, "storing 1 items in 'kept'")]:  # fmt: skip
+        message = str(caught.value)
+        assert message.startswith(f"Qdrant's local folder {folder} cannot be written (")
+        assert f"): {action} failed (searches and listings still work); make it " in message

@@ -38,7 +38,14 @@ from imgembed.store.base import (
     vector_size,
 )
 from imgembed.store.faults import store_errors
-from imgembed.store.qdrant_local import REGISTRY, missing_files, open_local, warn_missing
+from imgembed.store.qdrant_local import (
+    OPENING,
+    REGISTRY,
+    missing_files,
+    open_local,
+    warn_missing,
+    writable,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -70,8 +77,9 @@ class QdrantStore:
         self._one_at_a_time = threading.RLock() if self._local else contextlib.nullcontext()
         self._dimensions: dict[str, int] = {}
         self.location = f"Qdrant at {url}" if url else str(path)
+        self._files = None if url else path  # local files
         missing: dict[str, Path] = {}  # local collections whose files are gone
-        with store_errors("opening Qdrant", self.location):
+        with store_errors(OPENING, self.location), self._writable(OPENING):
             if url:
                 self._client = QdrantClient(url=url, api_key=api_key, timeout=30)
             else:
@@ -79,9 +87,9 @@ class QdrantStore:
                 Path(path).mkdir(parents=True, exist_ok=True)
                 missing = missing_files(Path(path))  # before the client makes them anew
                 self._client = open_local(QdrantClient, Path(path))
-        self._call("opening Qdrant", self._ensure_registry)
+        self._call(OPENING, self._ensure_registry)
         if path is not None and self._local:
-            self._call("opening Qdrant", lambda: self._list_again(Path(path), missing))
+            self._call(OPENING, lambda: self._list_again(Path(path), missing))
 
     def _ensure_registry(self) -> None:
         models = self._models
@@ -133,9 +141,13 @@ class QdrantStore:
                 name, path / "meta.json", folder, self._client.count(name, exact=True).count,
             )  # fmt: skip
 
+    def _writable(self, action: str) -> contextlib.AbstractContextManager[None]:
+        """Local files: a write refused there is a DataDirError naming the folder."""
+        return writable(Path(self._files), action) if self._files else contextlib.nullcontext()
+
     def _call(self, action: str, work: Callable[[], T]) -> T:
         try:
-            with self._one_at_a_time, store_errors(action, self.location):
+            with self._one_at_a_time, store_errors(action, self.location), self._writable(action):
                 return work()
         except StoreUnavailableError as lost:
             if self._local:

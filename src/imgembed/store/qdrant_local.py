@@ -4,6 +4,7 @@ cannot be read in them set aside (kept under `damaged/`) so that the rest opens.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import pickle
@@ -14,11 +15,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from imgembed.errors import StoreBusyError, StoreDamagedError
+from imgembed.errors import DataDirError, StoreBusyError, StoreDamagedError
 
 log = logging.getLogger(__name__)
 
 REGISTRY = "imgembed_collections"  # the collection naming every other one's model
+OPENING = "opening Qdrant"  # the action of QdrantStore's opening calls
 
 
 def open_local(client: Any, path: Path) -> Any:
@@ -30,12 +32,46 @@ def open_local(client: Any, path: Path) -> Any:
         if "already accessed by another instance" not in str(exc):
             raise
         raise _busy(path) from None
-    except Exception:
+    except Exception as exc:
+        if _unwritable(exc):  # nothing to repair: `writable` names it
+            raise
         with _locked(path):
             repaired = _set_meta_aside(path) or _set_aside_damaged(path)
         if not repaired:
             raise
         return open_local(client, path)
+
+
+@contextlib.contextmanager
+def writable(path: Path, action: str) -> Iterator[None]:
+    """A write refused in Qdrant's local folder (a read-only mount, a folder or file this
+    user cannot write) as the DataDirError naming it: the operator's to fix, not to retry.
+    Reads go on where the client could open the folder (it writes its lock file there)."""
+    try:
+        yield
+    except Exception as exc:
+        if (why := _unwritable(exc)) is None:
+            raise
+        raise DataDirError(
+            f"Qdrant's local folder {path} {why}: {action} failed"
+            + (" (qdrant-client writes there on opening, even to search)" if action == OPENING
+               else " (searches and listings still work)")
+            + "; make it writable for this user, or set IMGEMBED_DATA_DIR to a folder "
+            "you can write"
+        ) from exc  # fmt: skip
+
+
+def _unwritable(exc: BaseException) -> str | None:
+    """What in the folder refused the work, or None for any other error."""
+    at = f" at {exc.filename}" if isinstance(exc, OSError) and exc.filename else ""
+    if isinstance(exc, OSError) and exc.errno == errno.EROFS:
+        return f"cannot be written (a read-only file system{at})"
+    if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM):
+        return f"cannot be written or read by this user (permission denied{at})"
+    if isinstance(exc, sqlite3.OperationalError) and "readonly database" in str(exc):
+        return "cannot be written (a collection's file is read-only: SQLite's \"attempt to " \
+               "write a readonly database\")"  # fmt: skip
+    return None
 
 
 def missing_files(path: Path) -> dict[str, Path]:
