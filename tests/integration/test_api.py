@@ -753,6 +753,9 @@ def test_a_data_dir_that_is_a_file_is_the_servers_fault_not_the_requests(root, t
         assert listed.status_code == 503, listed.text  # not 422: the request is fine
         assert listed.json()["error_type"] == "DataDirError"
         assert "set IMGEMBED_DATA_DIR to a folder" in listed.json()["error"]
+        # the operator's to fix: OpenAI-style clients are told not to repeat it
+        assert listed.headers["x-should-retry"] == "false"
+        assert "retry-after" not in listed.headers
 
 
 def test_a_body_that_is_not_utf8_is_a_422_on_every_json_route(client):

@@ -111,16 +111,16 @@ async def _imgembed_error(request: Request, exc: Exception) -> JSONResponse:
     headers = None
     if isinstance(exc, UnavailableError):
         headers = {"Retry-After": str(max(1, round(exc.retry_after)))}
-    elif isinstance(exc, FetchError | TextEmbeddingError | StoreDamagedError):
+    elif isinstance(exc, FetchError | TextEmbeddingError | StoreDamagedError | DataDirError):
         # a 502 after the server's own retries with backoff: OpenAI's SDKs would repeat the
         # whole request twice more (each with its retries) unless told not to (a text
         # embedder's error is an EncodeError too: it was answered Retry-After 1 instead); a
-        # damaged store file waits for its operator, not for time
+        # damaged store file or a data dir it cannot write waits for its operator, not time
         headers = {"x-should-retry": "false"}
     elif isinstance(exc, EncodeError):
         headers = {"Retry-After": "1"}
-    elif isinstance(exc, StoreUnavailableError) and not isinstance(exc, DataDirError):
-        # the database restarts, or is back soon (a data dir to fix is no matter of time)
+    elif isinstance(exc, StoreUnavailableError):
+        # the database restarts, or is back soon
         headers = {"Retry-After": str(round(STORE_RETRY_SECONDS))}
     if status == 500:
         log.error("unexpected library error", exc_info=exc)
