@@ -10,6 +10,7 @@ import pickle
 import shutil
 import sqlite3
 import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -387,3 +388,35 @@ def test_writes_refused_in_a_local_qdrant_folder_are_named_and_reads_go_on(tmp_p
         message = str(caught.value)
         assert message.startswith(f"Qdrant's local folder {folder} cannot be written (")
         assert f"): {action} failed (searches and listings still work); make it " in message
+
+
+def test_a_collection_file_this_user_may_not_read_is_not_set_aside_as_damaged(tmp_path):
+    """A storage.sqlite this user may not read (chmod 000, another user's) was taken for a
+    damaged file: moved to damaged/, the collection started empty. It is a DataDirError
+    naming the file, and nothing is moved. Root reads any file, so the opening runs in a
+    process without the capabilities that let it."""
+    folder = tmp_path / "qdrant"
+    _two_collections(folder)
+    storage = folder / "collection" / "hurt" / "storage.sqlite"
+    storage.chmod(0)
+    opening = (
+        "from imgembed.errors import DataDirError\n"
+        "from imgembed.store.qdrant import QdrantStore\n"
+        f"try:\n    QdrantStore(path={str(folder)!r})\n"
+        "except DataDirError as e:\n    print(e)\n    raise SystemExit(3)\n"
+    )
+    command = [sys.executable, "-c", opening]
+    if os.geteuid() == 0:
+        command = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", *command]
+    try:
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    finally:
+        storage.chmod(0o644)
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert f"permission denied at {storage}" in proc.stdout
+    assert not (folder / "damaged").exists() and storage.exists()
+    store = QdrantStore(path=folder)
+    try:  # readable again: both there, whole
+        assert store.count("hurt") == 5 and store.count("kept") == 5
+    finally:
+        store.close()

@@ -7,6 +7,7 @@ import contextlib
 import errno
 import json
 import logging
+import os
 import pickle
 import shutil
 import sqlite3
@@ -275,9 +276,12 @@ def _settings(config: dict[str, Any]) -> Any:
 
 
 def _unreadable(storage: Path) -> str | None:
-    """Why SQLite cannot read the file, or None (also for a file not there yet)."""
+    """Why SQLite cannot read the file, or None (also for a file not there yet). A file this
+    user may not read or write is not damaged: that is raised (`writable` names it)."""
     if not storage.exists():
         return None
+    if not os.access(storage, os.R_OK | os.W_OK):
+        raise PermissionError(errno.EACCES, "permission denied", str(storage))
     try:
         with contextlib.closing(sqlite3.connect(f"file:{storage}?mode=ro", uri=True)) as db:
             (answer,) = db.execute("PRAGMA quick_check").fetchone()
