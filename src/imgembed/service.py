@@ -252,10 +252,13 @@ class ImageEmbeddingService(SeedAsyncMethods):
 
     def for_indexing(self, collection: str | None = None) -> ImageEmbeddingService:
         """The service that indexes into a collection: an existing one with its own model
-        (re-runs need not repeat --model), a new one with this service's."""
+        (re-runs need not repeat --model), a new one with this service's. A name the store
+        cannot give a new collection is an InvalidRecordError now, not after the images are
+        read (or, behind a server, in a background job after the request was accepted)."""
         try:
             return self.for_collection(collection)
         except CollectionNotFoundError:
+            self.store.checked_name(collection or self.settings.collection)
             return self
 
     def create_collection(

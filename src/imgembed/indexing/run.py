@@ -40,7 +40,6 @@ from imgembed.store.base import (
     Record,
     StoredItem,
     VectorStore,
-    checked_name,
     checked_record,
     each_on_refusal,
 )
@@ -84,7 +83,7 @@ def index(
     progress: Callable[[Progress], None] | None = None,
 ) -> IndexStats:
     started = time.perf_counter()
-    checked_name(collection)  # before the run: a name no store takes is not "run again"
+    store.checked_name(collection)  # before the run: a name it refuses is not "run again"
     items = unique_items(items)  # items of the library or a request, as a list file's are
     stats = IndexStats(total=len(items))
     with guarded(store, collection, stats, service.settings.cache_embeddings):

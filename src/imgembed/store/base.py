@@ -313,4 +313,9 @@ class VectorStore(Protocol):
         """StoreBusyError if another process's run holds `writing(name)` now."""
         ...
 
+    def checked_name(self, name: str) -> str:
+        """`name` if this store can make a collection of that name, else InvalidRecordError
+        (what `create_collection` would refuse, asked before any work)."""
+        ...
+
     def close(self) -> None: ...

@@ -182,6 +182,9 @@ class PostgresStore:
 
     # -- collections -------------------------------------------------------------------------
 
+    def checked_name(self, name: str) -> str:
+        return checked_name(name)
+
     def create_collection(self, name: str, provenance: Provenance) -> CollectionInfo:
         checked_name(name)
 

@@ -168,6 +168,9 @@ class QdrantStore:
             self._dimensions.pop(name, None)
             raise dropped(name, action) from exc
 
+    def checked_name(self, name: str) -> str:
+        return _checked_name(name)
+
     def create_collection(self, name: str, provenance: Provenance) -> CollectionInfo:
         _checked_name(name)
         self._call(f"creating collection {name!r}", lambda: self._create(name, provenance))
