@@ -73,3 +73,26 @@ def test_indexing_into_a_name_the_store_refuses_is_a_422_not_a_job_that_fails(st
         pytest.raises(InvalidRecordError, match="collection name"),
     ):
         service.for_indexing("..")
+
+
+@pytest.mark.parametrize("store", STORES)
+def test_a_collection_that_never_was_is_not_said_to_have_been_dropped(store, root):
+    """On Qdrant, a thumbnail (or any item read) of a collection that never existed said
+    "it was dropped ...; what was stored in it is gone too": a loss that never happened.
+    Now it is "no collection 'nope'", as on PostgreSQL and on every other route."""
+    from imgembed import ImageEmbeddingService
+    from imgembed.errors import CollectionNotFoundError
+
+    with _server(store, root) as client:
+        answers = [
+            client.get("/api/v1/collections/nope/thumbnail", params={"id": "a"}),
+            client.get("/api/v1/collections/nope/duplicates"),
+            client.request("DELETE", "/api/v1/collections/nope/items", json={"ids": ["a"]}),
+        ]
+        for answer in answers:
+            assert _refused(answer, 404, "CollectionNotFoundError") == "no collection 'nope'"
+    with ImageEmbeddingService(**TINY, store=store) as service:
+        for read in (service.store.get, service.store.delete):
+            with pytest.raises(CollectionNotFoundError) as refused:
+                read("nope", ["a"])
+            assert str(refused.value) == "no collection 'nope'"

@@ -76,6 +76,7 @@ class QdrantStore:
         self._local = not url  # local mode always searches exactly
         self._one_at_a_time = threading.RLock() if self._local else contextlib.nullcontext()
         self._dimensions: dict[str, int] = {}
+        self._seen: set[str] = set()  # collections this store made or worked on
         self.location = f"Qdrant at {url}" if url else str(path)
         self._files = None if url else path  # local files
         missing: dict[str, Path] = {}  # local collections whose files are gone
@@ -159,14 +160,21 @@ class QdrantStore:
 
     def _on(self, name: str, action: str, work: Callable[[], T]) -> T:
         """Work on a collection: one another request dropped (or never made) is
-        CollectionNotFoundError, not a client error."""
+        CollectionNotFoundError, not a client error; said to be dropped only if this store
+        knew it (one never made lost nothing)."""
         try:
-            return self._call(action, work)
+            done = self._call(action, work)
         except StoreError as exc:
             if not _no_collection(exc.__cause__):
                 raise
+            known = name in self._seen or name in self._dimensions
+            self._seen.discard(name)
             self._dimensions.pop(name, None)
+            if not known:
+                raise CollectionNotFoundError(f"no collection {name!r}") from exc
             raise dropped(name, action) from exc
+        self._seen.add(name)
+        return done
 
     def checked_name(self, name: str) -> str:
         return _checked_name(name)
@@ -174,6 +182,7 @@ class QdrantStore:
     def create_collection(self, name: str, provenance: Provenance) -> CollectionInfo:
         _checked_name(name)
         self._call(f"creating collection {name!r}", lambda: self._create(name, provenance))
+        self._seen.add(name)
         return self.get_collection(name)
 
     def _create(self, name: str, provenance: Provenance) -> None:
@@ -263,6 +272,7 @@ class QdrantStore:
     def drop_collection(self, name: str) -> None:
         checked_text(name, "collection name")
         self._dimensions.pop(name, None)
+        self._seen.discard(name)
 
         def drop() -> None:  # also ends a drop cut short: the registry's entry goes
             if self._provenance(name) is None:
