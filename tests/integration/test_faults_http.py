@@ -96,3 +96,71 @@ def test_a_collection_that_never_was_is_not_said_to_have_been_dropped(store, roo
             with pytest.raises(CollectionNotFoundError) as refused:
                 read("nope", ["a"])
             assert str(refused.value) == "no collection 'nope'"
+
+
+SVG = b'<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg" width="64" height="64"/>'
+NOT_READ = {  # formats people send as images that imgembed does not read
+    "logo.svg": SVG,
+    "logo.jpg": b"\xef\xbb\xbf  <svg xmlns='http://www.w3.org/2000/svg'><rect/></svg>",
+    "scan.pdf": b"%PDF-1.7\n1 0 obj << /Type /Catalog >> endobj\n",
+    "photo.jxl": b"\xff\x0a\xfa\x7f\x01\x90\x08\x06\x01\x00\x48" + bytes(64),
+}
+
+
+def test_an_svg_pdf_or_jpeg_xl_is_an_unsupported_format_not_a_corrupt_image(root, tmp_path):
+    """An SVG logo, a PDF scan or a JPEG XL photo was "not a recognised image (unknown format
+    or corrupt)", a 400 as for broken bytes; it is a known format imgembed does not read:
+    415 UnsupportedFormatError naming it, from an upload, base64 and a path, in a batch, in
+    the library and in the CLI (a failed input: exit 1)."""
+    import base64
+    import os
+    import subprocess
+
+    from imgembed import ImageEmbeddingService
+    from imgembed.errors import UnsupportedFormatError
+    from tests.serving import IMGEMBED, TINY_ENV
+
+    for name, data in NOT_READ.items():
+        (root / name).write_bytes(data)
+    with _server("postgres", root) as client:
+        for name, data in NOT_READ.items():
+            kind = {".svg": "SVG", ".jpg": "SVG", ".pdf": "PDF", ".jxl": "JPEG XL"}[name[-4:]]
+            answers = [
+                client.post("/api/v1/embeddings/image", files={"file": (name, data)}),
+                client.post(
+                    "/api/v1/embeddings/image",
+                    json={"image_base64": base64.b64encode(data).decode()},
+                ),
+                client.post("/api/v1/embeddings/image", json={"image_path": str(root / name)}),
+            ]
+            for answer in answers:
+                assert kind in _refused(answer, 415, "UnsupportedFormatError"), name
+            batch = client.post(
+                "/api/v1/embeddings/image/batch",
+                files=[
+                    ("files", (name, data)),
+                    ("files", ("photo.png", (root / "photo.png").read_bytes())),
+                ],
+            )
+            results = batch.json()["results"]
+            assert [r["error_type"] for r in results] == ["UnsupportedFormatError", None]
+    with ImageEmbeddingService(**TINY) as service:
+        for data in NOT_READ.values():
+            with pytest.raises(UnsupportedFormatError):
+                service.embed_image(data)
+    cli = subprocess.run(
+        [
+            IMGEMBED,
+            "embed",
+            str(root / "logo.svg"),
+            str(root / "photo.png"),
+            "-o",
+            str(tmp_path / "v.npy"),
+        ],
+        env={**os.environ, **TINY_ENV},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert cli.returncode == 1, cli.stderr
+    assert "logo.svg: an SVG" in cli.stderr and "(UnsupportedFormatError)" in cli.stderr

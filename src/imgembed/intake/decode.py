@@ -141,8 +141,29 @@ def open_image(data: bytes, source: str) -> Image.Image:
         raise InvalidImageError("empty (0 bytes): no image in it", source)
     try:
         return Image.open(io.BytesIO(data))
+    except UnidentifiedImageError as exc:
+        if kind := _other_format(data):
+            raise UnsupportedFormatError(
+                f"{kind}, a format imgembed does not read: convert it to PNG or JPEG", source
+            ) from exc
+        raise _decode_error(exc, source) from exc
     except Exception as exc:
         raise _decode_error(exc, source) from exc
+
+
+_SVG_START = re.compile(rb"\s*(<\?xml|<!--|<!doctype\s+svg|<svg)", re.IGNORECASE)
+
+
+def _other_format(data: bytes) -> str | None:
+    """What Pillow cannot open but people send as images: named, a 415 and not "corrupt"."""
+    head = data[:1024].removeprefix(b"\xef\xbb\xbf")
+    if _SVG_START.match(head) and b"<svg" in head.lower():
+        return "an SVG (vector) image"
+    if head.startswith(b"%PDF-"):
+        return "a PDF document"
+    if head.startswith((b"\xff\x0a", b"\x00\x00\x00\x0cJXL \r\n\x87\n")):
+        return "a JPEG XL image"
+    return None
 
 
 def decode(data: bytes, source: str, limits: Limits, draft_min_side: int | None = None) -> Decoded:
