@@ -164,3 +164,33 @@ def test_an_svg_pdf_or_jpeg_xl_is_an_unsupported_format_not_a_corrupt_image(root
     )
     assert cli.returncode == 1, cli.stderr
     assert "logo.svg: an SVG" in cli.stderr and "(UnsupportedFormatError)" in cli.stderr
+
+
+def test_a_product_id_or_field_of_nan_or_infinity_is_a_bad_row(root, tmp_path):
+    """JSON's NaN and Infinity (which Python's JSON reader takes) as a product's id became the
+    products "nan" and "inf" (every such row the same product), and as a title the text
+    "nan": now each is a bad row saying why, over HTTP and in `imgembed catalog import`."""
+    from tests.cli import run
+
+    rows = (
+        '[{"id": NaN, "title": "a"}, {"id": Infinity, "title": "b"}, {"id": -Infinity, '
+        '"title": "c"}, {"id": "p1", "title": NaN}, {"id": 7.5, "title": "ok"}]'
+    )
+    with _server("postgres", root) as client:
+        answer = client.post(
+            "/api/v1/stores/s/products",
+            content=f'{{"embed": false, "products": {rows}}}',
+            headers={"content-type": "application/json"},
+        )
+        assert answer.status_code == 200, answer.text
+        report = answer.json()["import"]
+        assert report["product_ids"] == ["7.5"]
+        messages = [row["message"] for row in report["bad_rows"]]
+        assert [row["line"] for row in report["bad_rows"]] == [1, 2, 3, 4]
+        assert all("not a number" in message for message in messages), messages
+        assert client.get("/api/v1/stores/s/products/nan").status_code == 404
+    lines = tmp_path / "products.jsonl"
+    lines.write_text('{"id": NaN, "title": "a"}\n{"id": "p2", "title": "b"}\n')
+    imported = run("catalog", "import", str(lines), "--store-id=cli")
+    assert imported.returncode == 1, imported.stderr
+    assert f"{lines}:1: product id is nan (not a number)" in imported.stderr

@@ -333,10 +333,13 @@ def _text(value: Any) -> str:
 
 
 def _scalar(value: Any, what: str, product_id: str) -> str:
-    """A field's text: a JSON list or object would otherwise be stored as its Python repr."""
+    """A field's text: a JSON list or object would otherwise be stored as its Python repr, and
+    JSON's NaN or Infinity as "nan" or "inf" (as an id, every such row one product)."""
     if isinstance(value, bool) or not isinstance(value, str | int | float | Decimal | None):
         kind = type(value).__name__
         raise ProductRowError(f"{_who(product_id)}{what} must be text or a number, not a {kind}")
+    if isinstance(value, float | Decimal) and not Decimal(value).is_finite():
+        raise ProductRowError(f"{_who(product_id)}{what} is {value} (not a number)")
     return _text(value)
 
 
