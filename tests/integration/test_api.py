@@ -142,6 +142,13 @@ def test_request_ids_are_echoed(client, root):
     assert error.json()["request_id"] == error.headers["x-request-id"]
 
 
+def test_health_and_ready_answer_head_as_load_balancers_probe(client):
+    for path in ("/health", "/ready"):
+        probed = client.head(path)  # was a 405
+        assert probed.status_code == 200 and probed.content == b"", path
+        assert probed.headers["content-type"] == "application/json"
+
+
 def test_every_error_status_from_real_bad_inputs(client, root, photos):
     def status(body):
         response = client.post("/api/v1/embeddings/image", json=body)

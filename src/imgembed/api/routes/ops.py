@@ -32,6 +32,11 @@ async def ready(state: State) -> JSONResponse:
     return JSONResponse(body, 503, headers=wait)
 
 
+# HEAD too: load balancers and uptime checks often probe with it (it was a 405)
+router.add_api_route("/health", health, methods=["HEAD"], include_in_schema=False)
+router.add_api_route("/ready", ready, methods=["HEAD"], include_in_schema=False)
+
+
 @router.get("/metrics", summary="Prometheus metrics")
 async def metrics(state: State) -> Response:
     return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
