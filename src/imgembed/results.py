@@ -47,6 +47,32 @@ class ImageEmbeddingResult:
         }
 
 
+class EmbeddingList(list):
+    """An embedding as the seed's plain `List[float]` (len, slices, JSON, NumPy: a list in
+    every way) that also answers the seed's example 2, `embeddings[i]['processing_time']`:
+    a string key reads that field of the image's result (`ImageEmbeddingResult.to_dict()`:
+    processing_time, image_id, metadata, cached, confidence, ...)."""
+
+    def __init__(self, result: ImageEmbeddingResult):
+        assert result.embedding is not None
+        super().__init__(result.embedding.tolist())
+        self._result = result
+
+    def __getitem__(self, key: Any) -> Any:
+        if isinstance(key, str):
+            fields = self._result.to_dict()
+            if key not in fields:
+                raise KeyError(
+                    f"{key!r}: an embedding is a list of floats; by name it gives its "
+                    f"result's fields ({', '.join(fields)})"
+                )
+            return fields[key]
+        return super().__getitem__(key)
+
+    def __reduce__(self) -> tuple:  # pickled (e.g. to a process pool) as the plain list
+        return (list, (list(self),))
+
+
 @dataclass(frozen=True)
 class SimilarityResult:
     image_path: str | int  # the candidate's key (a row number for a matrix)

@@ -20,7 +20,7 @@ from imgembed.engine import similarity
 from imgembed.errors import ImgEmbedError, InvalidSourceError, SourceNotAllowedError
 from imgembed.intake.image_input import Input
 from imgembed.intake.sources import checked_sources, decode_base64, is_url
-from imgembed.results import ImageEmbeddingResult
+from imgembed.results import EmbeddingList, ImageEmbeddingResult
 
 if TYPE_CHECKING:
     from imgembed.service import ImageEmbeddingService
@@ -164,5 +164,6 @@ class SeedAsyncMethods:
 
 
 def _as_list(result: ImageEmbeddingResult) -> Embedding:
-    assert result.embedding is not None
-    return result.embedding.tolist()
+    """The seed's plain list; `embedding["processing_time"]` (the seed's example 2) reads the
+    result's fields."""
+    return EmbeddingList(result)

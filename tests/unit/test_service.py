@@ -2,6 +2,8 @@
 
 import asyncio
 import base64
+import json
+import pickle
 import time
 from pathlib import Path
 
@@ -84,10 +86,30 @@ async def test_single_bad_path_raises_typed_error(tiny_service):
 async def test_batch_keeps_order_and_marks_failures(tiny_service, photos):
     paths = [str(photos[0]), "/no/such.jpg", str(photos[1])]
     plain = await tiny_service.batch_generate_embeddings(paths)
-    assert [type(x) for x in plain] == [list, type(None), list]
+    assert [isinstance(x, list) for x in plain] == [True, False, True] and plain[1] is None
     detailed = await tiny_service.batch_generate_embeddings(paths, include_metadata=True)
     assert detailed[1]["error_type"] == "ImageNotFoundError" and detailed[1]["embedding"] is None
     np.testing.assert_allclose(detailed[2]["embedding"], plain[2], atol=1e-7)
+
+
+async def test_the_seeds_example_2_reads_processing_time_of_a_plain_embedding(tiny_service, photos):
+    """The seed's example 2 prints `len(embedding)` and `embeddings[i]['processing_time']`
+    of the same plain result: the second was a TypeError (list indices must be integers)."""
+    image_paths = [str(p) for p in photos[:3]]
+    embeddings = await tiny_service.batch_generate_embeddings(image_paths)
+    for i, (path, embedding) in enumerate(zip(image_paths, embeddings, strict=True)):
+        assert len(embedding) == 64 and isinstance(embedding, list)
+        assert f"{embeddings[i]['processing_time']:.2f}s".endswith("s")
+        assert embeddings[i]["processing_time"] >= 0
+        assert embedding["image_path"] == path and embedding["dimension"] == 64
+        assert embedding[:2] == list(embedding)[:2] and embedding[-1] == list(embedding)[-1]
+    single = await tiny_service.generate_embedding_from_image_path(image_paths[0])
+    assert single["image_id"] == embeddings[0]["image_id"]
+    assert json.loads(json.dumps(single)) == pytest.approx(list(single))  # still a JSON list
+    assert pickle.loads(pickle.dumps(single)) == single
+    np.testing.assert_array_equal(np.asarray(single), np.asarray(list(single)))
+    with pytest.raises(KeyError, match="processing_time"):  # a misspelt field names them
+        single["processing_tme"]
 
 
 async def test_one_image_where_a_list_is_needed_and_urls_that_are_not_http(tiny_service):
