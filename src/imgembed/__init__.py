@@ -48,12 +48,13 @@ from imgembed.errors import (
 if TYPE_CHECKING:
     from imgembed.config import Settings
     from imgembed.engine.pipeline import Progress
-    from imgembed.results import ImageEmbeddingResult, SimilarityResult
+    from imgembed.results import ImageEmbeddingResult, ImageMetadata, SimilarityResult
     from imgembed.service import ImageEmbeddingService
 
 _LAZY = {
     "ImageEmbeddingResult": "imgembed.results",
     "ImageEmbeddingService": "imgembed.service",
+    "ImageMetadata": "imgembed.results",
     "Progress": "imgembed.engine.pipeline",
     "Settings": "imgembed.config",
     "SimilarityResult": "imgembed.results",
@@ -78,6 +79,7 @@ __all__ = [
     "ImageEmbeddingResult",
     "ImageEmbeddingService",
     "ImageError",
+    "ImageMetadata",
     "ImageNotFoundError",
     "ImageTooLargeError",
     "ImageTooSmallError",

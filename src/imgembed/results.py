@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from imgembed.errors import ImgEmbedError, error_dict
 
@@ -45,6 +45,30 @@ class ImageEmbeddingResult:
             "metadata": self.metadata,
             **(error_dict(self.error) if self.error else {"error": None, "error_type": None}),
         }
+
+
+class ImageMetadata(TypedDict, total=False):
+    """The seed's `ImageMetadata`: what `extract_image_metadata` returns (a dict of these
+    keys), and, marked *, what `extract_extended_metadata` adds (null when the file has none).
+    """
+
+    width: int  # of the upright image, as shown and embedded
+    height: int
+    format: str  # "JPEG", "PNG", ...
+    mode: str  # "RGB", "RGBA", ...
+    size: int | None  # file size in bytes
+    dpi: list[int] | None  # [x, y], whole numbers
+    animated: bool
+    frames: int | None  # None: more than imgembed counts
+    has_transparency: bool
+    content_hash: str  # SHA-256 of the bytes (= image_id)
+    quality: dict[str, Any]  # confidence, contrast, sharpness, size, low_quality
+    camera_info: dict[str, Any] | None  # * make, model, lens, software
+    exposure: dict[str, Any] | None  # * exposure_time, f_number, iso, focal_length
+    creation_date: str | None  # * ISO 8601
+    modification_date: str | None  # *
+    orientation: int | None  # * EXIF orientation
+    gps_info: dict[str, Any] | None  # * latitude, longitude, altitude (decimal)
 
 
 class EmbeddingList(list):

@@ -28,6 +28,7 @@ PUBLIC = {
     "ImageEmbeddingResult",
     "ImageEmbeddingService",
     "ImageError",
+    "ImageMetadata",
     "ImageNotFoundError",
     "ImageTooLargeError",
     "ImageTooSmallError",

@@ -78,6 +78,31 @@ async def test_include_metadata_returns_a_dict(tiny_service, photos):
     assert len(result["image_id"]) == 64 and result["error"] is None
 
 
+async def test_the_seeds_data_structures_are_importable_and_describe_the_results(
+    tiny_service, photos
+):
+    """The seed's ImageEmbeddingResult, ImageMetadata and SimilarityResult: ImageMetadata
+    was not there to import; it names every key the metadata methods return."""
+    import dataclasses
+    import typing
+
+    from imgembed import ImageEmbeddingResult, ImageMetadata, SimilarityResult
+
+    seed_result = {"embedding", "image_path", "image_id", "metadata", "processing_time"}
+    seed_result |= {"model_name", "dimension", "normalized", "confidence", "error"}
+    assert seed_result <= {f.name for f in dataclasses.fields(ImageEmbeddingResult)}
+    seed_similarity = {"image_path", "similarity_score", "rank", "embedding", "metadata"}
+    assert seed_similarity == {f.name for f in dataclasses.fields(SimilarityResult)}
+    keys = set(typing.get_type_hints(ImageMetadata))
+    seed_metadata = {"width", "height", "format", "mode", "size", "dpi", "creation_date"}
+    seed_metadata |= {"modification_date", "camera_info", "gps_info"}
+    assert seed_metadata <= keys
+    basic = await tiny_service.extract_image_metadata(str(photos[0]))
+    extended = await tiny_service.extract_extended_metadata(str(photos[0]))
+    assert set(basic) <= set(extended) == keys
+    assert ImageMetadata(width=1, height=2) == {"width": 1, "height": 2}  # a plain dict
+
+
 async def test_single_bad_path_raises_typed_error(tiny_service):
     with pytest.raises(ImageNotFoundError):
         await tiny_service.generate_embedding_from_image_path("/no/such/image.jpg")
