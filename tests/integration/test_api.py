@@ -166,6 +166,20 @@ def test_every_error_status_from_real_bad_inputs(client, root, photos):
     escape = status({"image_path": str(root / ".." / ".." / photos[0].name)})
     assert escape[:2] == (403, "SourceNotAllowedError")
     assert status({"image_url": "file:///etc/passwd"})[:2] == (403, "SourceNotAllowedError")
+    # a URL in the seed's path field: refused (paths are never fetched), saying where URLs go;
+    # was "https:// is not fetched: only http(s) URLs are"
+    for url in ("https://example.com/product-image.jpg", "HTTP://example.com/a.jpg"):
+        in_path = status({"image_path": url})
+        assert in_path[:2] == (403, "SourceNotAllowedError"), in_path[2].text
+        assert (
+            "a URL where a local path is asked for: send URLs as image_url"
+            in (in_path[2].json()["error"])
+        )
+    search = client.post(
+        "/api/v1/search/image",
+        json={"query_image_path": "https://example.com/q.jpg", "candidate_image_paths": ["a"]},
+    )
+    assert search.status_code == 403 and "query_image_url" in search.json()["error"]
     assert status({"image_base64": "%%% not base64"})[:2] == (400, "InvalidImageError")
     assert status({"image_base64": _b64(b"not an image")})[:2] == (400, "InvalidImageError")
     two = status({"image_path": str(root / "rocket.jpg"), "image_url": "http://x.example/a"})

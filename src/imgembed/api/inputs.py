@@ -55,7 +55,14 @@ def server_settings(settings: Settings) -> Settings:
 
 
 def local_path(path: str, settings: Settings) -> Path:
-    """A path inside the allowed roots (resolved), or SourceNotAllowedError."""
+    """A path inside the allowed roots (resolved), or SourceNotAllowedError. A path field
+    is never fetched: an http(s) URL there is refused, naming the fields for URLs."""
+    if is_url(path):
+        raise SourceNotAllowedError(
+            "a URL where a local path is asked for: send URLs as image_url or "
+            'query_image_url, or as {"url": ...} in images or candidate_images',
+            path[:200],
+        )
     if not settings.allowed_roots:
         raise SourceNotAllowedError(
             "this server reads no local paths; its operator can allow folders with "

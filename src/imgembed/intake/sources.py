@@ -78,6 +78,8 @@ def as_path(source: str | os.PathLike[str]) -> Path:
     if isinstance(source, str) and not source.strip():
         raise ImageNotFoundError("empty path: give a file, a URL or image data", repr(source))
     scheme = url_scheme(source)
+    if scheme and scheme.lower() in ("http", "https"):  # "https:// is not fetched" said before
+        raise SourceNotAllowedError("a URL where a local path is asked for", source[:200])
     if scheme:
         raise SourceNotAllowedError(
             f"{scheme}:// is not fetched: only http(s) URLs are", source[:200]
