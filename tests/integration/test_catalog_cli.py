@@ -49,7 +49,7 @@ def test_import_embed_search_and_stats(data_dir, photos, tmp_path):
     assert proc.returncode == 1, proc.stderr  # the broken image
     total = len(photos) + 1
     for line in (
-        "🚀 Starting embedding generation for store: demo",
+        "🚀 Starting image embedding generation for store: demo",  # the document's words
         f"📊 Total products to process: {total}",
         "[BATCH] Processing batch 1/3 (3 products)",
         "📈 Progress: 0/7 products processed",
@@ -57,7 +57,7 @@ def test_import_embed_search_and_stats(data_dir, photos, tmp_path):
         "❌ Failed to generate embeddings for product broken: ",
         "📊 Progress: 42.9% complete",
         "📊 Progress: 100.0% complete",
-        "🎉 Embedding generation completed!",
+        "🎉 Image embedding generation completed!",
         "📊 Final Statistics:",
         f"   Total products: {total}",
         f"   Processed: {total}",

@@ -120,7 +120,8 @@ class _Lines:
     def started(self, stats: Any) -> None:
         self.loading = time.perf_counter() - self.created
         self.to_process = stats.to_process
-        self.say(f"🚀 Starting embedding generation for store: {stats.store_id}")
+        # the Findly document's words, as its users grep for them
+        self.say(f"🚀 Starting image embedding generation for store: {stats.store_id}")
         self.say(f"📊 Total products to process: {stats.to_process}")
         if stats.skipped:
             self.say(f"   ({stats.skipped} of {stats.total} products are up to date)")
@@ -234,7 +235,7 @@ def embed(
     if as_json:
         typer.echo(json.dumps(stats.to_dict(), indent=2, ensure_ascii=False))
     else:
-        _say("\n🎉 Embedding generation completed!")
+        _say("\n🎉 Image embedding generation completed!")
         _say(
             "📊 Final Statistics:\n"
             f"   Total products: {stats.total}\n   Processed: {stats.processed}\n"
