@@ -38,7 +38,7 @@ from imgembed.intake.sources import check_allowed, checked_sources
 from imgembed.models import registry
 from imgembed.models.runtime import Encoder, create_encoder
 from imgembed.results import Duplicates, ImageEmbeddingResult, SimilarityResult
-from imgembed.service_async import Candidates, SeedAsyncMethods
+from imgembed.service_async import Candidates, SeedAsyncMethods, one_text
 from imgembed.store import CollectionInfo, Provenance, VectorStore, open_store
 
 Filters = Mapping[str, Any] | None
@@ -167,7 +167,7 @@ class ImageEmbeddingService(SeedAsyncMethods):
         return similarity.l2_normalize(vectors) if self.settings.normalize else vectors
 
     def embed_text(self, text: str) -> np.ndarray:
-        return self.embed_texts([text])[0]
+        return self.embed_texts([one_text(text, "embed_text")])[0]
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         """The tokens of each text that the model reads: its start and end tokens included,

@@ -17,7 +17,12 @@ import numpy as np
 from PIL import Image
 
 from imgembed.engine import similarity
-from imgembed.errors import ImgEmbedError, InvalidSourceError, SourceNotAllowedError
+from imgembed.errors import (
+    ConfigurationError,
+    ImgEmbedError,
+    InvalidSourceError,
+    SourceNotAllowedError,
+)
 from imgembed.intake.image_input import Input
 from imgembed.intake.sources import checked_sources, decode_base64, is_url
 from imgembed.results import EmbeddingList, ImageEmbeddingResult
@@ -96,7 +101,7 @@ class SeedAsyncMethods:
         """The seed's `text_service.generate_embedding(text_query)` (its example 5, text ->
         image search): the model's text embedding, in the same space as its images', so
         `find_similar_images(text_embedding, image_embeddings)` ranks the images by it."""
-        vector = await asyncio.to_thread(self.embed_text, text)
+        vector = await asyncio.to_thread(self.embed_text, one_text(text, "generate_embedding"))
         return vector.tolist()
 
     async def calculate_similarities(
@@ -161,6 +166,15 @@ class SeedAsyncMethods:
         self: ImageEmbeddingService, image_path: Input
     ) -> dict[str, Any]:
         return await asyncio.to_thread(self.image_metadata, image_path, True)
+
+
+def one_text(text: str, method: str) -> str:
+    """One text; a list (or anything else) is refused naming the method that takes a list
+    (it was "embed_texts takes a list of strings", for a list of strings given to embed_text)."""
+    if isinstance(text, str):
+        return text
+    many = " (embed_texts takes a list)" if isinstance(text, list | tuple) else ""
+    raise ConfigurationError(f"{method} takes one string, not a {type(text).__name__}{many}")
 
 
 def _as_list(result: ImageEmbeddingResult) -> Embedding:

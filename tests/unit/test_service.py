@@ -64,6 +64,19 @@ async def test_the_seeds_text_service_example_ranks_images_by_a_text(tiny_servic
     assert [score for _, score in hits] == pytest.approx([score for _, score in best], abs=1e-5)
 
 
+async def test_one_text_methods_given_no_string_say_so(tiny_service):
+    """They said "embed_texts takes a list of strings", also when given a list of strings."""
+    for given, kind in ((["a red car", "a cat"], "list"), (None, "NoneType"), (b"x", "bytes")):
+        with pytest.raises(
+            ConfigurationError, match=f"generate_embedding takes one string, not a {kind}"
+        ):
+            await tiny_service.generate_embedding(given)
+        with pytest.raises(ConfigurationError, match=f"embed_text takes one string, not a {kind}"):
+            tiny_service.embed_text(given)
+    with pytest.raises(ConfigurationError, match=r"not a list \(embed_texts takes a list\)"):
+        tiny_service.embed_text(["a"])
+
+
 async def test_include_metadata_returns_a_dict(tiny_service, photos):
     photo = next(p for p in photos if p.name == "rocket.jpg")
     result = await tiny_service.generate_embedding_from_image_path(
