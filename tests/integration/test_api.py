@@ -440,6 +440,7 @@ def test_search_among_candidates(client, root, library):
         refused = client.post("/api/v1/search/image", json=empty)
         assert refused.status_code == 422, empty
         assert refused.json()["error_type"] == "ValidationError", empty
+        assert "Value error" not in refused.json()["error"], refused.json()  # pydantic's prefix
     no_path = client.post("/api/v1/embeddings/image", json={"image_path": ""})
     assert (no_path.status_code, no_path.json()["error_type"]) == (422, "ValidationError")
     deep = "[" * 100_000 + "]" * 100_000  # json's recursion limit: malformed, not a 500

@@ -127,12 +127,18 @@ async def _imgembed_error(request: Request, exc: Exception) -> JSONResponse:
     return error_response(request, status, error_dict(exc), headers)
 
 
+def _reason(message: str) -> str:
+    """A validator's own words, without pydantic's "Value error, " before them."""
+    return message.removeprefix("Value error, ").removeprefix("Assertion failed, ")
+
+
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     if _fastapi_refused_the_content_type(request, exc):
         exc = not_json(request)
     details = [
-        f"{'.'.join(str(part) for part in error['loc'])}: {error['msg']}" for error in exc.errors()
+        f"{'.'.join(str(part) for part in error['loc'])}: {_reason(error['msg'])}"
+        for error in exc.errors()
     ]
     body = {"error": "; ".join(details), "error_type": "ValidationError"}
     return error_response(request, 422, body)
