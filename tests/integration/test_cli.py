@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -325,3 +326,23 @@ def test_names_with_brackets_are_printed_as_they_are_not_as_markup(tmp_path, pho
     monkeypatch.chdir(tmp_path)  # a short path: a long one is folded over lines in the table
     table = run("metadata", "[x] :smile:.png")
     assert table.returncode == 0 and "[x] :smile:.png" in table.stdout, table.stdout
+
+
+def test_python_dash_m_imgembed_runs_the_command(tmp_path, photos):
+    """`python -m imgembed` was "No module named imgembed.__main__"."""
+    shutil.copy(photos[0], tmp_path / photos[0].name)
+    ran = subprocess.run(
+        [sys.executable, "-m", "imgembed", "metadata", str(tmp_path), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert ran.returncode == 0, ran.stderr
+    assert json.loads(ran.stdout.splitlines()[0])["path"].endswith(photos[0].name)
+    missing = subprocess.run(
+        [sys.executable, "-m", "imgembed", "metadata", str(tmp_path / "nope.jpg")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert missing.returncode == 1 and "Traceback" not in missing.stderr, missing.stderr
