@@ -176,6 +176,25 @@ def test_ollama_api_embed(server, monkeypatch):
     embedder.close()
 
 
+def test_the_findly_documents_text_model_by_its_own_name():
+    """IMGEMBED_TEXT_MODEL=text-embedding-3-small (as the document names it) was "unknown
+    text model"; it is openai:text-embedding-3-small, recorded under that name."""
+    server = EmbeddingServer(dimension=1536)  # the model's own width
+    settings = load_settings(
+        text_model="text-embedding-3-small",
+        text_api_base=f"{server.url}/v1",
+        openai_api_key="sk-test",
+        retry_delay=0.01,
+    )
+    embedder = create_text_embedder(settings, service=None)
+    assert isinstance(embedder, OpenAIEmbedder)
+    assert embedder.name == "openai:text-embedding-3-small"
+    embedder.embed(["een rode jurk"])
+    assert server.requests[-1]["body"]["model"] == "text-embedding-3-small"
+    embedder.close()
+    server.close()
+
+
 def test_unknown_text_models_are_clear_errors(tmp_path):
     with pytest.raises(ConfigurationError, match="unknown text model 'bert'"):
         create_text_embedder(load_settings(text_model="bert"), service=None)

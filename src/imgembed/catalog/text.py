@@ -29,6 +29,9 @@ if TYPE_CHECKING:
 
 MINILM = "minilm"
 MINILM_ALIASES = {"minilm", "all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2"}
+# OpenAI's embedding models by their own names (the Findly document names
+# text-embedding-3-small): openai:<name>
+OPENAI_MODELS = {"text-embedding-3-small", "text-embedding-3-large", "text-embedding-ada-002"}
 
 
 class ClipTextEmbedder:
@@ -131,6 +134,8 @@ def minilm_folder() -> Path:
 def create_text_embedder(settings: Settings, service: ImageEmbeddingService) -> TextEmbedder:
     """The embedder IMGEMBED_TEXT_MODEL names; a name that fits none is a clear error."""
     spec = settings.text_model.strip()
+    if spec.casefold() in OPENAI_MODELS:
+        spec = f"openai:{spec.casefold()}"
     kind, _, model = spec.partition(":")
     if spec.casefold() in MINILM_ALIASES:
         return SentenceTransformerEmbedder(
