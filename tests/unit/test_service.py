@@ -150,6 +150,16 @@ async def test_the_seeds_example_2_reads_processing_time_of_a_plain_embedding(ti
         single["processing_tme"]
 
 
+async def test_a_failed_image_among_named_candidates_is_named(tiny_service, photos):
+    """A dict built from batch_generate_embeddings holds None for an image that failed: the
+    error said "candidate 1 is None", a row number the dict does not have."""
+    paths = [str(photos[0]), "missing.jpg"]
+    embeddings = await tiny_service.batch_generate_embeddings(paths)
+    image_embeddings = dict(zip(paths, embeddings, strict=True))
+    with pytest.raises(ConfigurationError, match=r"the embedding of 'missing\.jpg' is None"):
+        await tiny_service.find_similar_images(embeddings[0], image_embeddings, top_k=2)
+
+
 async def test_one_image_where_a_list_is_needed_and_urls_that_are_not_http(tiny_service):
     # a string is iterable: it used to be embedded character by character (26 Nones)
     with pytest.raises(ConfigurationError, match="a list of images is needed, not one str"):
