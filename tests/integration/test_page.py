@@ -830,3 +830,105 @@ def test_thumbnails_are_asked_for_as_their_cards_come_in_sight(indexed):
         )
         assert any(last.get_attribute("data-id") in url for url in asked)
         assert errors == []
+
+
+def test_an_answer_of_the_wrong_shape_is_said_in_words(indexed):
+    """A 200 with JSON that is not imgembed's (an older server, a proxy's own JSON: `{}`, `[]`,
+    `{"results": null}`, a hit without its score) made the page throw: a script error, a list
+    that stayed broken, "Cannot read properties of null" on the status line. Every answer the
+    page reads is checked: said in words, and the page goes on working."""
+    from playwright.sync_api import expect
+
+    with Catalog(**TINY) as catalog:
+        mug = {"id": "mug", "title": "Coffee mug", "image_url": str(indexed / "coffee.png")}
+        catalog.upsert_products("demo", [mug])
+        assert catalog.embed("demo").successful == 1
+    settings = load_settings(**TINY, allowed_roots=[indexed])
+    odd = "a proxy in between?"  # "is an older server or ...", or (JSON null) "is ..."
+    script_words = re.compile(r"undefined|null|NaN|\[object|TypeError|Cannot read|is not")
+
+    def answer_with(body: str, route: Any) -> None:
+        route.fulfill(body=body, content_type="application/json")
+
+    def said_in_words(page: Any, errors: list[str]) -> None:
+        expect(page.locator("#status")).to_contain_text(odd, timeout=TIMEOUT)
+        assert "error" in page.locator("#status").get_attribute("class")
+        assert not script_words.search(page.locator("#status").inner_text())
+        assert page.locator("#results").get_attribute("aria-busy") is None
+        assert errors == []
+
+    with browser_on(settings) as (page, errors):
+        page.wait_for_selector("#collection option", state="attached")
+        lists = ["{}", "null", "[null]", '{"collections": []}', '[{"name": 5}]']
+        for body in lists:
+            page.route("**/api/v1/collections", functools.partial(answer_with, body))
+            page.reload()
+            said_in_words(page, errors)
+            assert page.locator("#collection option").count() == 0
+            page.unroute("**/api/v1/collections")
+        page.reload()
+        expect(page.locator("#collection option")).to_have_count(1, timeout=TIMEOUT)
+
+        hits = [
+            "{}",
+            "[]",
+            '{"results": null}',
+            '{"results": [null]}',
+            '{"results": {}}',
+            '{"results": [{"similarity_score": "high", "rank": 1, "image_path": "a"}]}',
+            '{"results": [{"similarity_score": 0.5, "rank": 1, "image_path": {}}]}',
+        ]
+        for n, body in enumerate(hits):
+            page.route("**/api/v1/search/image", functools.partial(answer_with, body))
+            page.fill("#query", f"answer {n}")
+            page.press("#query", "Enter")
+            said_in_words(page, errors)
+            page.set_input_files("#file", str(indexed / "chelsea.png"))
+            said_in_words(page, errors)
+            page.unroute("**/api/v1/search/image")
+        for body in ("{}", '{"groups": null}', '{"groups": [null]}', '{"groups": [[null]]}'):
+            page.route("**/duplicates", functools.partial(answer_with, body))
+            page.click("#duplicates")
+            said_in_words(page, errors)
+            page.unroute("**/duplicates")
+        page.fill("#query", "a cup of coffee")
+        page.press("#query", "Enter")
+        expect(page.locator("#results .card")).to_have_count(7, timeout=TIMEOUT)
+
+        for body in ("{}", '{"stores": []}', "[null]", '[{"store_id": null}]'):
+            page.route("**/api/v1/stores", functools.partial(answer_with, body))
+            page.click("#view-products")
+            said_in_words(page, errors)
+            assert page.locator("#store option").count() == 0
+            page.unroute("**/api/v1/stores")
+            page.click("#view-images")
+        page.click("#view-products")
+        expect(page.locator("#store option")).to_have_count(1, timeout=TIMEOUT)
+        products = [
+            "{}",
+            '{"results": null}',
+            '{"results": [{}]}',
+            '{"results": [{"product_id": "mug", "score": 0.5, "price": "cheap"}]}',
+        ]
+        for n, body in enumerate(products):
+            page.route("**/api/v1/stores/demo/search", functools.partial(answer_with, body))
+            page.fill("#product-query", f"answer {n}")
+            page.press("#product-query", "Enter")
+            said_in_words(page, errors)
+            page.unroute("**/api/v1/stores/demo/search")
+        page.fill("#product-query", "coffee")
+        page.press("#product-query", "Enter")
+        expect(page.locator("#results .product")).to_have_count(1, timeout=TIMEOUT)
+
+        page.click("#view-images")
+        for body in ("null", "[]", '"ready"', '{"model": {"state": "loading"}}'):
+            page.route("**/ready", functools.partial(answer_with, body))
+            page.reload()
+            expect(page.locator("#collection option")).to_have_count(1, timeout=TIMEOUT)
+            page.wait_for_load_state("networkidle")
+            assert errors == []
+            page.unroute("**/ready")
+        page.fill("#query", "a cup of coffee")
+        page.press("#query", "Enter")
+        expect(page.locator("#results .card")).to_have_count(7, timeout=TIMEOUT)
+        assert errors == []

@@ -52,7 +52,24 @@ async function send(path, options) {
   }
 }
 
-async function api(path, options = {}) {
+// What the page reads of an answer is checked before it is used: JSON of another shape (an
+// older server's, a proxy's own: `{}`, `{"results": null}`, a hit without its score) is
+// said in words; it was met as a script error ("Cannot read properties of null"), or left a
+// list that broke every search after it. A shape: [what it holds, its test].
+const isRecord = (value) => value !== null && typeof value === "object" && !Array.isArray(value);
+const isNumber = (value) => typeof value === "number" && Number.isFinite(value);
+const isId = (value) => typeof value === "string" || isNumber(value);
+const listOf = (value, each) => Array.isArray(value) && value.every(each);
+const isHit = (hit) => isRecord(hit) && isNumber(hit.similarity_score) && isId(hit.image_path)
+  && (hit.metadata === undefined || hit.metadata === null || isRecord(hit.metadata));
+const SHAPES = {
+  collections: ["list of collections", (body) => listOf(body, (c) => isRecord(c) && typeof c.name === "string")],
+  hits: ["list of results", (body) => isRecord(body) && listOf(body.results, isHit)],
+  groups: ["groups of near-duplicates", (body) => isRecord(body)
+    && listOf(body.groups, (group) => listOf(group, (m) => isRecord(m) && isId(m.id) && isId(m.source)))],
+};
+
+async function api(path, options = {}, shape = null) {
   const response = await send(path, { ...options, headers: headers(options.headers) });
   const body = await readJson(response);
   // aborted as the answer arrived: it is as late as one that arrives after
@@ -71,6 +88,9 @@ async function api(path, options = {}) {
   if (body === null) {
     // e.g. a proxy's or a login portal's page: not an answer of imgembed's
     throw new Error(`the server answered ${response.status} without the JSON imgembed sends: is a proxy in between?`);
+  }
+  if (shape && !shape[1](body)) {
+    throw new Error(`the server's answer holds no ${shape[0]} as imgembed sends it: is an older server or a proxy in between?`);
   }
   return body;
 }
@@ -197,7 +217,7 @@ async function loadCollections(quiet = false) {
   askAgainLater(loadCollections); // this is the list's new turn
   let failure = null;
   try {
-    state.collections = await api("/api/v1/collections");
+    state.collections = await api("/api/v1/collections", {}, SHAPES.collections);
   } catch (error) {
     state.collections = []; // a list the key no longer opens is not offered
     failure = `Cannot list collections: ${error.message}${askAgainLater(loadCollections, error)}`;
@@ -205,7 +225,7 @@ async function loadCollections(quiet = false) {
   const select = $("#collection");
   const chosen = select.value;
   select.replaceChildren(
-    ...state.collections.map((c) => new Option(`${isolated(c.name)} (${c.count ?? "?"})`, c.name)),
+    ...state.collections.map((c) => new Option(`${isolated(c.name)} (${isNumber(c.count) ? c.count : "?"})`, c.name)),
   );
   keepChoice(select, chosen, "images");
   if (!visible("images")) {
@@ -235,11 +255,17 @@ function keepChoice(select, chosen, view) {
   else if (chosen && visible(view)) clearResults();
 }
 
+// "ViT-B-32 (openai), 512-d": what of it the server said (an older one may say less)
+function about(current) {
+  const text = (value) => (typeof value === "string" ? value : "");
+  const model = [text(current.model), text(current.pretrained) && `(${current.pretrained})`];
+  const dimension = isNumber(current.dimension) ? `${current.dimension}-d` : "";
+  return [model.filter(Boolean).join(" "), dimension].filter(Boolean).join(", ");
+}
+
 function describeCollection() {
   const current = collection();
-  $("#collection-info").textContent = current
-    ? `${current.model} (${current.pretrained}), ${current.dimension}-d`
-    : "";
+  $("#collection-info").textContent = current ? about(current) : "";
   const text = Boolean(current?.has_text_tower);
   $("#query").disabled = !text;
   $("#search").disabled = !text;
@@ -307,6 +333,16 @@ function thumbnail(img, id) {
   loadImage(img, path);
 }
 
+// "#3  " before a score; nothing where the server said no rank
+function ranked(hit) {
+  return isNumber(hit.rank) ? `#${hit.rank}  ` : "";
+}
+
+// " (0.05 s)" after a search's summary; nothing where the server said no time
+function took(answer) {
+  return isNumber(answer.processing_time) ? ` (${answer.processing_time.toFixed(2)} s)` : "";
+}
+
 // A list of plain values (tags: ["sale", "new"]) as the card shows it: "sale, new".
 function listed(value) {
   const plain = Array.isArray(value) && value.every((item) => item === null || typeof item !== "object");
@@ -319,7 +355,7 @@ function card(hit) {
   node.dataset.id = id;
   const score = node.querySelector(".score");
   if (hit.similarity_score === undefined) score.remove();
-  else score.textContent = `#${hit.rank}  ${hit.similarity_score.toFixed(4)}`;
+  else score.textContent = `${ranked(hit)}${hit.similarity_score.toFixed(4)}`;
   node.querySelector(".source").textContent = hit.image_path ?? hit.source;
   const list = node.querySelector(".metadata");
   for (const [key, given] of Object.entries(hit.metadata ?? {})) {
@@ -360,11 +396,11 @@ async function search(query, what) {
       headers: { "Content-Type": "application/json" },
       body,
       signal,
-    });
+    }, SHAPES.hits);
     end(signal);
     show(answer.results);
     if (!answer.results.length) return empty(current);
-    status(`${plural(answer.results.length, "result")} for ${what} (${answer.processing_time.toFixed(2)} s)`);
+    status(`${plural(answer.results.length, "result")} for ${what}${took(answer)}`);
   } catch (error) {
     failed(signal, error);
     collectionGone(error);
@@ -380,11 +416,11 @@ async function searchByFile(file) {
   form.append("collection", current.name);
   form.append("top_k", String(topK()));
   try {
-    const answer = await api("/api/v1/search/image", { method: "POST", body: form, signal });
+    const answer = await api("/api/v1/search/image", { method: "POST", body: form, signal }, SHAPES.hits);
     end(signal);
     show(answer.results);
     if (!answer.results.length) return empty(current);
-    status(`${plural(answer.results.length, "result")} like ${isolated(file.name)} (${answer.processing_time.toFixed(2)} s)`);
+    status(`${plural(answer.results.length, "result")} like ${isolated(file.name)}${took(answer)}`);
   } catch (error) {
     failed(signal, error);
     collectionGone(error);
@@ -397,7 +433,7 @@ async function duplicates() {
   const signal = begin(`Looking for near-duplicates in ${isolated(current.name)}…`);
   try {
     const name = encodeURIComponent(current.name);
-    const answer = await api(`/api/v1/collections/${name}/duplicates`, { signal });
+    const answer = await api(`/api/v1/collections/${name}/duplicates`, { signal }, SHAPES.groups);
     end(signal);
     clearResults();
     const groups = answer.groups.map((members, n) => {
@@ -408,7 +444,8 @@ async function duplicates() {
       return row;
     });
     $("#results").replaceChildren(...groups);
-    status(`${plural(groups.length, "group")} of near-duplicates (cosine ≥ ${answer.threshold})`);
+    const threshold = isNumber(answer.threshold) ? ` (cosine ≥ ${answer.threshold})` : "";
+    status(`${plural(groups.length, "group")} of near-duplicates${threshold}`);
   } catch (error) {
     failed(signal, error);
     collectionGone(error);
@@ -493,6 +530,7 @@ async function watchModel() {
   } catch {
     return; // an unreachable server is said by the collection list
   }
+  if (!isRecord(ready)) return; // not imgembed's answer (a proxy's): the searches will say
   const line = $("#status");
   if (ready.model === "loading") {
     if (visible("images") && !line.textContent) status(LOADING);

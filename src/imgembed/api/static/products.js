@@ -4,6 +4,14 @@
 
 const products = { stores: [] };
 
+// What the product view reads of an answer (see SHAPES in app.js)
+const isProductHit = (hit) => isRecord(hit) && typeof hit.product_id === "string" && isNumber(hit.score)
+  && typeof hit.ranked_by === "string" && (hit.price === undefined || hit.price === null || isNumber(hit.price));
+const PRODUCT_SHAPES = {
+  stores: ["list of stores", (body) => listOf(body, (s) => isRecord(s) && typeof s.store_id === "string")],
+  hits: ["list of products", (body) => isRecord(body) && listOf(body.results, isProductHit)],
+};
+
 function store() {
   return $("#store").value;
 }
@@ -12,14 +20,14 @@ async function loadStores() {
   askAgainLater(loadStores); // this is the list's new turn
   let failure = null;
   try {
-    products.stores = await api("/api/v1/stores");
+    products.stores = await api("/api/v1/stores", {}, PRODUCT_SHAPES.stores);
   } catch (error) {
     products.stores = []; // a list the key no longer opens is not offered (as collections)
     failure = `Cannot list stores: ${error.message}${askAgainLater(loadStores, error)}`;
   }
   const chosen = store();
   $("#store").replaceChildren(
-    ...products.stores.map((s) => new Option(`${isolated(s.store_id)} (${s.products})`, s.store_id)),
+    ...products.stores.map((s) => new Option(`${isolated(s.store_id)} (${isNumber(s.products) ? s.products : "?"})`, s.store_id)),
   );
   keepChoice($("#store"), chosen, "products");
   $("#store-info").textContent = products.stores.length || failure ? "" : "no stores: import products first";
@@ -38,19 +46,19 @@ function showView(name) {
 }
 
 function fixed(value) {
-  return value === null || value === undefined ? "–" : value.toFixed(4);
+  return isNumber(value) ? value.toFixed(4) : "–";
 }
 
 function productCard(hit) {
   const node = $("#product-card").content.firstElementChild.cloneNode(true);
   node.dataset.id = hit.product_id;
-  node.querySelector(".score").textContent = `#${hit.rank}  ${hit.score.toFixed(4)}`;
+  node.querySelector(".score").textContent = `${ranked(hit)}${hit.score.toFixed(4)}`;
   const parts = hit.ranked_by === "combined"
     ? `image ${fixed(hit.image_score)} × ${hit.image_weight} + text ${fixed(hit.text_score)} × ${hit.text_weight}`
     : `by ${hit.ranked_by} only`;
   node.querySelector(".parts").textContent = parts;
-  node.querySelector(".title").textContent = isolated(hit.title); // the badge stays as it reads
-  const price = hit.price === null ? "" : `${hit.price.toFixed(2)} ${hit.currency ?? ""}`;
+  node.querySelector(".title").textContent = isolated(hit.title ?? ""); // the badge stays as it reads
+  const price = isNumber(hit.price) ? `${hit.price.toFixed(2)} ${hit.currency ?? ""}` : "";
   node.querySelector(".price").textContent = [price, hit.category].filter(Boolean).join(" · ");
   node.querySelector(".source").textContent = hit.product_id;
   if (hit.text_only) {
@@ -88,17 +96,17 @@ async function searchProducts(file) {
   const signal = begin(`Searching ${isolated(store())} for ${what}…`);
   try {
     const path = `/api/v1/stores/${encodeURIComponent(store())}/search`;
-    const answer = await api(path, { method: "POST", body: form, signal });
+    const answer = await api(path, { method: "POST", body: form, signal }, PRODUCT_SHAPES.hits);
     end(signal);
     clearResults();
     $("#results").replaceChildren(...answer.results.map(productCard));
-    const seconds = `(${answer.processing_time.toFixed(2)} s)`;
+    const seconds = took(answer);
     if (answer.results.length) {
-      status(`${plural(answer.results.length, "product")} for ${what}, ranked by ${answer.ranked_by} ${seconds}`);
+      status(`${plural(answer.results.length, "product")} for ${what}, ranked by ${answer.results[0].ranked_by}${seconds}`);
     } else {
       const filters = [category && `category ${quoted(category)}`, maxPrice && `price ≤ ${maxPrice}`];
       const which = filters.filter(Boolean).join(" and ");
-      status(`No products for ${what}${which ? ` with ${which}: try without the filter` : ""} ${seconds}`);
+      status(`No products for ${what}${which ? ` with ${which}: try without the filter` : ""}${seconds}`);
     }
   } catch (error) {
     failed(signal, error);
