@@ -932,3 +932,76 @@ def test_an_answer_of_the_wrong_shape_is_said_in_words(indexed):
         page.press("#query", "Enter")
         expect(page.locator("#results .card")).to_have_count(7, timeout=TIMEOUT)
         assert errors == []
+
+
+DROP = """([zone, files]) => {
+    const dropped = new DataTransfer();
+    for (const [name, type, bytes] of files) {
+        dropped.items.add(new File([new Uint8Array(bytes)], name, {type}));
+    }
+    document.querySelector(zone).dispatchEvent(
+        new DragEvent('drop', {dataTransfer: dropped, bubbles: true, cancelable: true}));
+}"""
+
+
+def test_several_files_or_no_image_dropped_is_said(indexed):
+    """Of several files dropped the first was searched with, and nothing said so; a text or
+    a PDF dropped went to the server, which said '400: notes.txt: not a recognised image'.
+    Now the first image is taken and that is said; a file that is no image is not sent."""
+    from playwright.sync_api import expect
+
+    with Catalog(**TINY) as catalog:
+        mug = {"id": "mug", "title": "Coffee mug", "image_url": str(indexed / "coffee.png")}
+        catalog.upsert_products("demo", [mug])
+        assert catalog.embed("demo").successful == 1
+    settings = load_settings(**TINY, allowed_roots=[indexed])
+    chelsea = list((indexed / "chelsea.png").read_bytes())
+    rocket = list((indexed / "rocket.jpg").read_bytes())
+    text = list(b"a shopping list")
+    with browser_on(settings) as (page, errors):
+        page.wait_for_selector("#collection option", state="attached")
+        sent: list[str] = []
+        page.on("request", lambda r: sent.append(r.url) if "/search" in r.url else None)
+        images = [("a.png", "image/png", chelsea), ("b.jpg", "image/jpeg", rocket)]
+        page.evaluate(DROP, ["#drop", [*images, ("c.png", "image/png", chelsea)]])
+        expect(page.locator("#status")).to_have_text(
+            re.compile("^3 files dropped, a search takes one image: 7 results like \u2068a.png"),
+            timeout=TIMEOUT,
+        )
+        first = page.locator("#results .card").first
+        assert first.get_attribute("data-id") == str(indexed / "chelsea.png")
+
+        page.evaluate(DROP, ["#drop", [("notes.txt", "text/plain", text)]])
+        expect(page.locator("#status")).to_have_text(
+            "\u2068notes.txt\u2069 is not an image (text/plain): choose an image file"
+            " (JPEG, PNG, WebP…).",
+            timeout=TIMEOUT,
+        )
+        assert "error" in page.locator("#status").get_attribute("class")
+        pdf = ("report.pdf", "application/pdf", text)
+        page.evaluate(DROP, ["#drop", [("notes.txt", "text/plain", text), pdf]])
+        expect(page.locator("#status")).to_have_text(
+            "None of the 2 files dropped is an image: choose an image file (JPEG, PNG, WebP…).",
+            timeout=TIMEOUT,
+        )
+        assert len(sent) == 1  # neither went to the server
+
+        page.evaluate(DROP, ["#drop", [("notes.txt", "text/plain", text), images[1]]])
+        expect(page.locator("#status")).to_have_text(
+            re.compile("^2 files dropped, a search takes one image: 7 results like \u2068b.jpg"),
+            timeout=TIMEOUT,
+        )
+        assert first.get_attribute("data-id").startswith(str(indexed / "rocket"))  # or its copy
+
+        page.click("#view-products")
+        page.wait_for_selector("#store option", state="attached")
+        page.evaluate(DROP, ["#product-drop", images])
+        expect(page.locator("#status")).to_have_text(
+            re.compile("^2 files dropped, a search takes one image: 1 product for \u2068a.png"),
+            timeout=TIMEOUT,
+        )
+        page.evaluate(DROP, ["#product-drop", [pdf]])
+        expect(page.locator("#status")).to_contain_text(
+            "\u2068report.pdf\u2069 is not an image", timeout=TIMEOUT
+        )
+        assert errors == []

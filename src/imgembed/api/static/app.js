@@ -407,10 +407,11 @@ async function search(query, what) {
   }
 }
 
-async function searchByFile(file) {
+// `note`: what the status line says first (that one of several files dropped was taken)
+async function searchByFile(file, note = "") {
   const current = collection();
   if (!current) return status("Choose a collection first.", true);
-  const signal = begin(`Searching ${isolated(current.name)} for images like ${isolated(file.name)}…`);
+  const signal = begin(`${note}Searching ${isolated(current.name)} for images like ${isolated(file.name)}…`);
   const form = new FormData();
   form.append("file", file, file.name);
   form.append("collection", current.name);
@@ -420,7 +421,7 @@ async function searchByFile(file) {
     end(signal);
     show(answer.results);
     if (!answer.results.length) return empty(current);
-    status(`${plural(answer.results.length, "result")} like ${isolated(file.name)}${took(answer)}`);
+    status(`${note}${plural(answer.results.length, "result")} like ${isolated(file.name)}${took(answer)}`);
   } catch (error) {
     failed(signal, error);
     collectionGone(error);
@@ -452,23 +453,37 @@ async function duplicates() {
   }
 }
 
+// A file the browser knows is no image (a text, a PDF) is said so at once; one it cannot
+// tell (no extension, a format it does not know) goes to the server, which says.
+function isImage(file) {
+  return !file.type || file.type.startsWith("image/");
+}
+
 // A file chosen in `input` or dropped on `zone` goes to `onFile`. The zone opens the file
-// chooser from the keyboard too (Enter or Space).
+// chooser from the keyboard too (Enter or Space). Of several files dropped the first image
+// is searched with, and the status line says so (it took the first file, and said nothing).
 function dropZone(zone, input, onFile) {
   // A file the browser cannot read (a folder dropped, a file moved or deleted since it was
   // chosen) failed its upload as if the server were away: said as what it is.
-  const offer = async (file) => {
+  const offer = async (files) => {
+    const file = files.find(isImage);
+    if (!file) {
+      const which = files.length === 1
+        ? `${isolated(files[0].name)} is not an image (${files[0].type})`
+        : `None of the ${files.length} files dropped is an image`;
+      return status(`${which}: choose an image file (JPEG, PNG, WebP…).`, true);
+    }
     try {
       await (file.size ? file.slice(0, 1) : file).arrayBuffer(); // one byte, or none
     } catch {
       return status(`Cannot read ${isolated(file.name)}: a folder, or a file moved or deleted since? Choose an image file.`, true);
     }
-    onFile(file);
+    onFile(file, files.length > 1 ? `${plural(files.length, "file")} dropped, a search takes one image: ` : "");
   };
   input.addEventListener("change", () => {
-    const file = input.files[0];
+    const files = [...input.files];
     input.value = ""; // else choosing the same file again sends nothing
-    if (file) offer(file);
+    if (files.length) offer(files);
   });
   zone.tabIndex = 0;
   zone.setAttribute("role", "button");
@@ -485,8 +500,8 @@ function dropZone(zone, input, onFile) {
   zone.addEventListener("drop", (event) => {
     event.preventDefault();
     zone.classList.remove("over");
-    const file = event.dataTransfer.files[0];
-    if (file) offer(file);
+    const files = [...event.dataTransfer.files];
+    if (files.length) offer(files);
     else status("Drop an image file (not text or a link).", true);
   });
 }

@@ -80,7 +80,8 @@ function productTopK() {
   return Math.max(1, Math.min(200, Number($("#product-top-k").value) || 24));
 }
 
-async function searchProducts(file) {
+// `note`: what the status line says first (that one of several files dropped was taken)
+async function searchProducts(file, note = "") {
   if (!store()) return status("Choose a store first.", true);
   const text = $("#product-query").value.trim();
   if (!text && !file) return status("Type a text, drop a photo, or both.", true);
@@ -93,7 +94,7 @@ async function searchProducts(file) {
   if (maxPrice) form.append("max_price", maxPrice);
   form.append("top_k", String(productTopK()));
   const what = [text && quoted(text), file && isolated(file.name)].filter(Boolean).join(" + ");
-  const signal = begin(`Searching ${isolated(store())} for ${what}…`);
+  const signal = begin(`${note}Searching ${isolated(store())} for ${what}…`);
   try {
     const path = `/api/v1/stores/${encodeURIComponent(store())}/search`;
     const answer = await api(path, { method: "POST", body: form, signal }, PRODUCT_SHAPES.hits);
@@ -102,11 +103,11 @@ async function searchProducts(file) {
     $("#results").replaceChildren(...answer.results.map(productCard));
     const seconds = took(answer);
     if (answer.results.length) {
-      status(`${plural(answer.results.length, "product")} for ${what}, ranked by ${answer.results[0].ranked_by}${seconds}`);
+      status(`${note}${plural(answer.results.length, "product")} for ${what}, ranked by ${answer.results[0].ranked_by}${seconds}`);
     } else {
       const filters = [category && `category ${quoted(category)}`, maxPrice && `price ≤ ${maxPrice}`];
       const which = filters.filter(Boolean).join(" and ");
-      status(`No products for ${what}${which ? ` with ${which}: try without the filter` : ""}${seconds}`);
+      status(`${note}No products for ${what}${which ? ` with ${which}: try without the filter` : ""}${seconds}`);
     }
   } catch (error) {
     failed(signal, error);
