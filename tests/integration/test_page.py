@@ -543,6 +543,18 @@ def test_a_thumbnail_that_cannot_be_had_says_why(indexed):
         assert errors == []
 
 
+# The status line's last character is drawn rightmost: nothing in it runs right-to-left to its end.
+LAST_IS_RIGHTMOST = """() => {
+    const text = document.querySelector('#status').firstChild;
+    const range = document.createRange();
+    range.setStart(text, text.length - 1);
+    range.setEnd(text, text.length);
+    const last = range.getBoundingClientRect().right;
+    range.setStart(text, 0);
+    return Math.abs(range.getBoundingClientRect().right - last) < 1;
+}"""
+
+
 def test_right_to_left_text_cannot_turn_the_page_s_words_around(indexed):
     """A query or file name is set apart for the bidirectional algorithm (an isolate): a
     right-to-left override in it (a name like "photo\u202egnp.exe") turned the rest of the
@@ -550,26 +562,17 @@ def test_right_to_left_text_cannot_turn_the_page_s_words_around(indexed):
     settings = load_settings(**TINY, allowed_roots=[indexed])
     spoof = indexed / "evil\u202egnp.exe.png"
     shutil.copy(indexed / "chelsea.png", spoof)
-    last_is_rightmost = """() => {
-        const text = document.querySelector('#status').firstChild;
-        const range = document.createRange();
-        range.setStart(text, text.length - 1);
-        range.setEnd(text, text.length);
-        const last = range.getBoundingClientRect().right;
-        range.setStart(text, 0);
-        return Math.abs(range.getBoundingClientRect().right - last) < 1;
-    }"""
     with browser_on(settings) as (page, errors):
         page.wait_for_selector("#collection option", state="attached")
         page.fill("#query", "a cat \u202eon a sofa")
         page.press("#query", "Enter")
         page.wait_for_function("document.querySelector('#status').textContent.endsWith(' s)')")
-        assert page.evaluate(last_is_rightmost), page.locator("#status").inner_text()
+        assert page.evaluate(LAST_IS_RIGHTMOST), page.locator("#status").inner_text()
         page.set_input_files("#file", str(spoof))
         page.wait_for_function(
             "document.querySelector('#status').textContent.includes('results like')"
         )
-        assert page.evaluate(last_is_rightmost), page.locator("#status").inner_text()
+        assert page.evaluate(LAST_IS_RIGHTMOST), page.locator("#status").inner_text()
         # a long query is cut between characters, not inside an emoji's surrogate pair
         page.fill("#query", "a" * 78 + "\U0001f6b2" * 5)
         page.press("#query", "Enter")
@@ -1004,4 +1007,44 @@ def test_several_files_or_no_image_dropped_is_said(indexed):
         expect(page.locator("#status")).to_contain_text(
             "\u2068report.pdf\u2069 is not an image", timeout=TIMEOUT
         )
+        assert errors == []
+
+
+def test_a_right_to_left_override_cannot_turn_a_server_message_around(indexed, tmp_path):
+    """The server's messages quote names as given: "400: evil\u202egnp.exe.png: not a
+    recognised image (unknown format or corrupt)" read "...(tpurroc ro tamrof nwonknu)", as
+    did one naming a collection "ph\u202eotos". A "\u2069" in a query closed the page's
+    isolate around it early, and an override after it turned the rest of the line around."""
+    from playwright.sync_api import expect
+
+    with ImageEmbeddingService(**TINY) as service:
+        coffee = str(indexed / "coffee.png")
+        service.index([IndexItem(coffee, coffee, {})], "ph\u202eotos")
+    bad = tmp_path / "evil\u202egnp.exe.png"
+    bad.write_bytes(b"not an image at all")
+    settings = load_settings(**TINY, allowed_roots=[indexed])
+
+    def said_left_to_right(page: Any, text: str) -> None:
+        expect(page.locator("#status")).to_contain_text(text, timeout=TIMEOUT)
+        assert page.evaluate(LAST_IS_RIGHTMOST), page.locator("#status").inner_text()
+
+    with browser_on(settings) as (page, errors):
+        page.wait_for_selector("#collection option", state="attached")
+        page.select_option("#collection", "photos")
+        page.fill("#query", "a cat \u2069\u202eon a sofa")
+        page.press("#query", "Enter")
+        said_left_to_right(page, "7 results for")
+        page.set_input_files("#file", str(bad))
+        said_left_to_right(page, "400: evilgnp.exe.png: not a recognised image")
+
+        page.select_option("#collection", "ph\u202eotos")
+        gone = {"error": "no collection 'ph\u202eotos' (dropped by another client)",
+                "error_type": "CollectionNotFoundError"}  # fmt: skip
+        page.route("**/search/image", lambda route: route.fulfill(status=404, json=gone))
+        page.fill("#query", "a cup of coffee")
+        page.press("#query", "Enter")
+        said_left_to_right(page, "404: no collection 'photos' (dropped by another client)")
+        page.unroute("**/search/image")
+        page.press("#query", "Enter")
+        said_left_to_right(page, "1 result for")
         assert errors == []

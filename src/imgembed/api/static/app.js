@@ -108,9 +108,18 @@ async function readJson(response) {
 }
 
 // What a failed answer says: imgembed's message (or OpenAI's shape), else the status's name.
+// The server's words quote a user's names (a file "evil\u202Egnp.exe.png: not a recognised
+// image"): their bidirectional controls are taken out, else the words after the name read
+// backwards ("(tpurroc ro tamrof nwonknu)"); what is left is the name as it is spelled.
 function failure(response, body) {
   const given = [body?.error?.message, body?.error].find((text) => typeof text === "string" && text);
-  return given ?? (response.statusText || "the server gave no reason");
+  return given ? unformatted(given) : response.statusText || "the server gave no reason";
+}
+
+const BIDI_CONTROLS = /[\u202A-\u202E\u2066-\u2069]/g; // embeddings, overrides, isolates
+
+function unformatted(text) {
+  return text.replace(BIDI_CONTROLS, "");
 }
 
 // A list the server cannot give now (away, restarting, overloaded) is asked for again by
@@ -136,8 +145,25 @@ function quoted(text, limit = 80) {
 // A user's text or name inside the page's own words, set apart for the bidirectional
 // algorithm (an isolate, U+2068 ... U+2069): right-to-left text, or a right-to-left override
 // in it (a file named "photo\u202Egnp.exe"), cannot turn the words after it around.
+// The isolate holds: the text's own controls are paired first (a "\u2069" in it closed the
+// isolate early, and an override after it turned the rest of the line around; one left open
+// is closed), so they act inside it only.
 function isolated(text) {
-  return `\u2068${text}\u2069`;
+  return `\u2068${paired(text)}\u2069`;
+}
+
+function paired(text) {
+  const open = []; // the closer each control still open asks for, innermost last
+  let out = "";
+  for (const char of text) {
+    if ("\u202A\u202B\u202D\u202E".includes(char)) open.push("\u202C");
+    else if ("\u2066\u2067\u2068".includes(char)) open.push("\u2069");
+    else if (char === "\u202C" && open.at(-1) === "\u202C") open.pop();
+    else if (char === "\u2069" && open.includes("\u2069")) open.length = open.lastIndexOf("\u2069");
+    else if (char === "\u202C" || char === "\u2069") continue; // closes nothing of the text's
+    out += char;
+  }
+  return out + open.reverse().join("");
 }
 
 function plural(count, noun) {
@@ -555,7 +581,7 @@ async function watchModel() {
     status(""); // loaded now (or failed: said below)
   }
   if (String(ready.model).startsWith("failed")) {
-    const reason = String(ready.model).replace(/^failed:\s*/, "");
+    const reason = unformatted(String(ready.model).replace(/^failed:\s*/, ""));
     status(`The server's model cannot load (${reason}): searches with it fail until that is fixed.`, true);
   }
 }
