@@ -886,7 +886,8 @@ def test_an_answer_of_the_wrong_shape_is_said_in_words(indexed):
             page.fill("#query", f"answer {n}")
             page.press("#query", "Enter")
             said_in_words(page, errors)
-            page.set_input_files("#file", str(indexed / "chelsea.png"))
+            with page.expect_response("**/api/v1/search/image"):  # the last words went
+                page.set_input_files("#file", str(indexed / "chelsea.png"))
             said_in_words(page, errors)
             page.unroute("**/api/v1/search/image")
         for body in ("{}", '{"groups": null}', '{"groups": [null]}', '{"groups": [[null]]}'):
