@@ -1049,3 +1049,63 @@ def test_a_right_to_left_override_cannot_turn_a_server_message_around(indexed, t
         page.press("#query", "Enter")
         said_left_to_right(page, "1 result for")
         assert errors == []
+
+
+def test_a_slow_list_is_waited_for_and_only_its_newest_answer_shown(indexed):
+    """A server slow to list its collections left the page blank, and a search typed
+    meanwhile said "Choose a collection first." with none to choose; a list asked for
+    anew (a key given) was emptied by the earlier request's late 401, which then said
+    "Cannot list collections: 401" under the list the key had opened."""
+    from playwright.sync_api import expect
+
+    with Catalog(**TINY) as catalog:
+        mug = {"id": "mug", "title": "Coffee mug", "image_url": str(indexed / "coffee.png")}
+        catalog.upsert_products("demo", [mug])
+        assert catalog.embed("demo").successful == 1
+    settings = load_settings(**TINY, allowed_roots=[indexed], api_keys="page-key")
+    with browser_on(settings) as (page, errors):
+        held: list[Any] = []
+
+        def asked_for(path: str, request: Any) -> bool:
+            return request.url.endswith(path)
+
+        def hold_the_first(route: Any) -> None:
+            if held:
+                route.continue_()
+            else:
+                held.append(route)
+
+        lists = [
+            ("collections", None, "collection", "#query"),  # the view the page opens on
+            ("stores", "#view-products", "store", "#product-query"),
+        ]
+        for path, view, what, query in lists:
+            held.clear()
+            page.route(f"**/api/v1/{path}", hold_the_first)
+            page.reload()
+            if view:
+                page.click(view)
+            expect(page.locator("#status")).to_have_text(
+                f"Asking the server for its {what}s…", timeout=TIMEOUT
+            )
+            page.fill(query, "a cup of coffee")
+            page.press(query, "Enter")
+            expect(page.locator("#status")).to_have_text(
+                f"The {what}s are not listed yet (no answer from the server so far):"
+                " search once they are.",
+                timeout=TIMEOUT,
+            )
+            page.evaluate("document.querySelector('#key-box').open = true")  # if no 401 has
+            page.fill("#api-key", "page-key")  # asked for anew, with the key
+            page.press("#api-key", "Enter")
+            expect(page.locator(f"#{what} option")).to_have_count(1, timeout=TIMEOUT)
+            expect(page.locator("#status")).to_have_text("", timeout=TIMEOUT)
+            with page.expect_event("requestfinished", functools.partial(asked_for, path)):
+                held[0].continue_()  # the first, without the key: a 401, late
+            page.wait_for_timeout(500)  # time to read it
+            expect(page.locator(f"#{what} option")).to_have_count(1)
+            assert "401" not in page.locator("#status").inner_text()
+            page.unroute(f"**/api/v1/{path}")
+            page.fill("#api-key", "")
+            page.press("#api-key", "Enter")
+        assert errors == []

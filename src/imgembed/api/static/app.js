@@ -135,6 +135,36 @@ function askAgainLater(load, error) {
   return `; asking again in ${plural(seconds, "second")}`;
 }
 
+// A list asked for anew (a key given, a view shown) while an earlier request for it is still
+// out: only the newest answer is shown. A slow 401 of before the key emptied the list the
+// key had opened, and said "401" under it. While a list is out, the page says it waits.
+const turns = new Map(); // loader -> its newest request: { out }
+
+function listTurn(load) {
+  const turn = { out: true };
+  turns.set(load, turn);
+  return turn;
+}
+
+function newest(load, turn) {
+  if (turns.get(load) !== turn) return false;
+  turn.out = false;
+  return true;
+}
+
+function listing(load) {
+  return Boolean(turns.get(load)?.out);
+}
+
+// A search asked for with nothing to search in: the list may not have come yet (a slow
+// server: the page said "Choose a collection first." with none to choose).
+function nothingChosen(load, what) {
+  const message = listing(load)
+    ? `The ${what}s are not listed yet (no answer from the server so far): search once they are.`
+    : `Choose a ${what} first.`;
+  return status(message, true);
+}
+
 // A query as the status line echoes it: quoted, and cut short (a pasted page is not repeated;
 // cut between characters, not inside an emoji's surrogate pair).
 function quoted(text, limit = 80) {
@@ -241,13 +271,20 @@ function collection() {
 // list fails).
 async function loadCollections(quiet = false) {
   askAgainLater(loadCollections); // this is the list's new turn
-  let failure = null;
-  try {
-    state.collections = await api("/api/v1/collections", {}, SHAPES.collections);
-  } catch (error) {
-    state.collections = []; // a list the key no longer opens is not offered
-    failure = `Cannot list collections: ${error.message}${askAgainLater(loadCollections, error)}`;
+  const turn = listTurn(loadCollections);
+  if (!quiet && visible("images") && !state.collections.length && !$("#status").textContent) {
+    status("Asking the server for its collections…"); // none to search in yet: said why
   }
+  let list = [];
+  let error = null;
+  try {
+    list = await api("/api/v1/collections", {}, SHAPES.collections);
+  } catch (caught) {
+    error = caught; // a list the key no longer opens is not offered: it is empty
+  }
+  if (!newest(loadCollections, turn)) return; // asked for again meanwhile: that answer counts
+  state.collections = list;
+  const failure = error && `Cannot list collections: ${error.message}${askAgainLater(loadCollections, error)}`;
   const select = $("#collection");
   const chosen = select.value;
   select.replaceChildren(
@@ -413,7 +450,7 @@ function topK() {
 
 async function search(query, what) {
   const current = collection();
-  if (!current) return status("Choose a collection first.", true);
+  if (!current) return nothingChosen(loadCollections, "collection");
   const signal = begin(`Searching ${isolated(current.name)} for ${what}…`);
   try {
     const body = JSON.stringify({ ...query, collection: current.name, top_k: topK() });
@@ -436,7 +473,7 @@ async function search(query, what) {
 // `note`: what the status line says first (that one of several files dropped was taken)
 async function searchByFile(file, note = "") {
   const current = collection();
-  if (!current) return status("Choose a collection first.", true);
+  if (!current) return nothingChosen(loadCollections, "collection");
   const signal = begin(`${note}Searching ${isolated(current.name)} for images like ${isolated(file.name)}…`);
   const form = new FormData();
   form.append("file", file, file.name);
@@ -456,7 +493,7 @@ async function searchByFile(file, note = "") {
 
 async function duplicates() {
   const current = collection();
-  if (!current) return status("Choose a collection first.", true);
+  if (!current) return nothingChosen(loadCollections, "collection");
   const signal = begin(`Looking for near-duplicates in ${isolated(current.name)}…`);
   try {
     const name = encodeURIComponent(current.name);

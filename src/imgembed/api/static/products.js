@@ -18,13 +18,20 @@ function store() {
 
 async function loadStores() {
   askAgainLater(loadStores); // this is the list's new turn
-  let failure = null;
-  try {
-    products.stores = await api("/api/v1/stores", {}, PRODUCT_SHAPES.stores);
-  } catch (error) {
-    products.stores = []; // a list the key no longer opens is not offered (as collections)
-    failure = `Cannot list stores: ${error.message}${askAgainLater(loadStores, error)}`;
+  const turn = listTurn(loadStores);
+  if (visible("products") && !products.stores.length && !$("#status").textContent) {
+    status("Asking the server for its stores…"); // none to search in yet: said why
   }
+  let list = [];
+  let error = null;
+  try {
+    list = await api("/api/v1/stores", {}, PRODUCT_SHAPES.stores);
+  } catch (caught) {
+    error = caught; // a list the key no longer opens is not offered (as collections)
+  }
+  if (!newest(loadStores, turn)) return; // asked for again meanwhile: that answer counts
+  products.stores = list;
+  const failure = error && `Cannot list stores: ${error.message}${askAgainLater(loadStores, error)}`;
   const chosen = store();
   $("#store").replaceChildren(
     ...products.stores.map((s) => new Option(`${isolated(s.store_id)} (${isNumber(s.products) ? s.products : "?"})`, s.store_id)),
@@ -82,7 +89,7 @@ function productTopK() {
 
 // `note`: what the status line says first (that one of several files dropped was taken)
 async function searchProducts(file, note = "") {
-  if (!store()) return status("Choose a store first.", true);
+  if (!store()) return nothingChosen(loadStores, "store");
   const text = $("#product-query").value.trim();
   if (!text && !file) return status("Type a text, drop a photo, or both.", true);
   const form = new FormData();
