@@ -38,6 +38,16 @@ def _catalogue(photos, folder: Path) -> Path:
     return path
 
 
+def test_a_product_without_an_image_is_said_to_be_embedded_from_its_text(data_dir, tmp_path):
+    csv = tmp_path / "products.csv"
+    csv.write_text("id,title,description,category,price,image_url\nt1,Tea,Green tea,food,3,\n")
+    assert run("catalog", "import", str(csv), "--store_id=tea").returncode == 0
+    proc = run("catalog", "embed", "--store_id=tea", "--verbose", *TINY)
+    assert proc.returncode == 0, proc.stderr
+    # not "image embedding": it has no image
+    assert "✅ Successfully generated text embedding for product t1 (no image)" in proc.stderr
+
+
 def test_import_embed_search_and_stats(data_dir, photos, tmp_path):
     csv = _catalogue(photos, tmp_path)
     imported = run("catalog", "import", str(csv), "--store_id=demo")
@@ -53,7 +63,7 @@ def test_import_embed_search_and_stats(data_dir, photos, tmp_path):
         f"📊 Total products to process: {total}",
         "[BATCH] Processing batch 1/3 (3 products)",
         "📈 Progress: 0/7 products processed",
-        "✅ Successfully generated embeddings for product p0",
+        "✅ Successfully generated image embedding for product p0",  # as the document
         "❌ Failed to generate embeddings for product broken: ",
         "📊 Progress: 42.9% complete",
         "📊 Progress: 100.0% complete",

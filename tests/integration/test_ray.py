@@ -272,7 +272,7 @@ class _Events:
     def batch(self, number, stats, size):
         self.batches.append(size)
 
-    def product(self, product_id, error):
+    def product(self, product_id, error, text_only=False):
         self.outcomes[product_id] = error
 
     def batch_done(self, stats):

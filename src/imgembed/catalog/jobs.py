@@ -109,7 +109,9 @@ class EmbedEvents(Protocol):
 
     def batch(self, number: int, stats: EmbedStats, size: int) -> None: ...
 
-    def product(self, product_id: str, error: str | None) -> None: ...
+    def product(self, product_id: str, error: str | None, text_only: bool = False) -> None:
+        """Each product of a batch once stored: its error, or None; `text_only`: stored with
+        no image (it has none)."""
 
     def batch_done(self, stats: EmbedStats) -> None: ...
 
@@ -126,7 +128,7 @@ class NoEvents:
     def batch(self, number: int, stats: EmbedStats, size: int) -> None:
         pass
 
-    def product(self, product_id: str, error: str | None) -> None:
+    def product(self, product_id: str, error: str | None, text_only: bool = False) -> None:
         pass
 
     def batch_done(self, stats: EmbedStats) -> None:
@@ -268,7 +270,7 @@ class EmbedRun:
         for item in embedded:
             stats.successful += 1
             stats.text_only += item.image is None
-            events.product(item.product_id, None)
+            events.product(item.product_id, None, text_only=item.image is None)
         for item in failed:
             stats.failed += 1
             stats.failures.append(

@@ -130,11 +130,13 @@ class _Lines:
         self.say(f"\n[BATCH] Processing batch {number}/{stats.batches} ({size} products)")
         self.say(f"📈 Progress: {stats.processed}/{stats.to_process} products processed")
 
-    def product(self, product_id: str, error: str | None) -> None:
+    def product(self, product_id: str, error: str | None, text_only: bool = False) -> None:
         if not self.verbose:
             return
-        if error is None:
-            self.say(f"✅ Successfully generated embeddings for product {product_id}")
+        if error is None:  # the Findly document's words, where an image was embedded
+            kind = "text embedding" if text_only else "image embedding"
+            extra = " (no image)" if text_only else ""
+            self.say(f"✅ Successfully generated {kind} for product {product_id}{extra}")
         else:
             self.say(f"❌ Failed to generate embeddings for product {product_id}: {error}")
 

@@ -31,7 +31,7 @@ class _Outcomes(jobs.NoEvents):
     def __init__(self) -> None:
         self.errors: dict[str, str | None] = {}
 
-    def product(self, product_id: str, error: str | None) -> None:
+    def product(self, product_id: str, error: str | None, text_only: bool = False) -> None:
         self.errors[product_id] = error
 
 
@@ -141,7 +141,7 @@ def _fold(batch: pa.Table, stats: jobs.EmbedStats, events: jobs.EmbedEvents) -> 
                     "error_type": row["error_type"],
                 }
             )
-        events.product(row["product_id"], row["error"])
+        events.product(row["product_id"], row["error"], text_only=row["text_only"])
 
 
 def embed_store(
