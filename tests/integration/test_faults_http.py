@@ -194,3 +194,43 @@ def test_a_product_id_or_field_of_nan_or_infinity_is_a_bad_row(root, tmp_path):
     imported = run("catalog", "import", str(lines), "--store-id=cli")
     assert imported.returncode == 1, imported.stderr
     assert f"{lines}:1: product id is nan (not a number)" in imported.stderr
+
+
+def test_a_form_cut_short_is_said_to_be_cut_short_not_to_hold_no_image(root, photos):
+    """A multipart body that ended before its closing boundary (a client or proxy that cut
+    the upload) dropped the half-sent file without a word: 422 "give exactly one image", as
+    if none had been sent. Now it is a 422 saying the form ended before "--XX--"; a whole
+    form with the same part is read as before."""
+    part = (
+        b'--XX\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n'
+        b"Content-Type: image/png\r\n\r\n" + photos[0].read_bytes()
+    )
+    form = {"content-type": "multipart/form-data; boundary=XX"}
+    with _server("postgres", root) as client:
+        for route in ("/api/v1/embeddings/image", "/api/v1/search/image"):
+            for cut in (part, part[:200], part + b"\r\n--XX", b""):
+                answer = client.post(route, content=cut, headers=form)
+                error = _refused(answer, 422, "ValidationError")
+                assert "ended before its closing boundary (--XX--)" in error, (route, error)
+        whole = client.post("/api/v1/embeddings/image", content=part + b"\r\n--XX--\r\n",
+                            headers=form)  # fmt: skip
+        assert whole.status_code == 200 and whole.json()["embedding"], whole.text
+
+
+def test_json_nested_too_deeply_is_said_so_on_every_route(root):
+    """/v1/embeddings (and every route FastAPI reads the JSON of) answered a body nested
+    5000 deep with FastAPI's "There was an error parsing the body", where the routes that
+    parse their own said "nested too deeply"; now all say it, /v1/ in OpenAI's shape."""
+    deep = '{"input": ' + "[" * 5000 + "]" * 5000 + ', "model": "imgembed-tiny"}'
+    as_json = {"content-type": "application/json"}
+    with _server("postgres", root) as client:
+        answer = client.post("/v1/embeddings", content=deep, headers=as_json)
+        assert answer.status_code == 422, answer.text
+        assert answer.json()["error"]["type"] == "ValidationError"
+        assert answer.json()["error"]["message"] == "body: invalid JSON: nested too deeply"
+        for route in ("/api/v1/embeddings/text", "/api/v1/collections",
+                      "/api/v1/stores/s/products", "/api/v1/embeddings/image"):  # fmt: skip
+            answer = client.post(route, content=deep, headers=as_json)
+            assert _refused(answer, 422, "ValidationError") == (
+                "body: invalid JSON: nested too deeply"
+            ), route

@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+from contextlib import aclosing
 from pathlib import Path
 from typing import Any, TypeVar, get_args, get_origin
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
+from python_multipart.multipart import parse_options_header
 from starlette.datastructures import FormData, UploadFile
-from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException, MultiPartParser
 
 from imgembed.api.errors import is_json, not_json
 from imgembed.api.schemas import ImageSource
@@ -213,12 +215,27 @@ LARGE_BODY = 256 * 1024
 MAX_FORM_FIELDS = 1000  # Starlette's default: form fields other than files
 
 
+class _WholeForm(MultiPartParser):
+    """Starlette's streaming form parser, which also tells whether the form reached its
+    closing boundary: python-multipart ends a body cut short without a word, and the part it
+    was in (a file half sent) is dropped, so the form would seem to hold no file."""
+
+    ended = False
+
+    def on_end(self) -> None:
+        self.ended = True
+
+
 async def _form(request: Request, settings: Settings) -> FormData:
     limit = settings.max_batch_inputs
     try:  # one file more than allowed, so that the route names the count it refuses
-        return await request.form(max_files=limit + 1, max_fields=MAX_FORM_FIELDS)
-    except HTTPException as exc:  # Starlette's words for a form over its limits: a 400
-        detail = str(exc.detail)
+        async with aclosing(request.stream()) as stream:
+            parser = _WholeForm(
+                request.headers, stream, max_files=limit + 1, max_fields=MAX_FORM_FIELDS
+            )
+            form = await parser.parse()
+    except MultiPartException as exc:  # Starlette's words for a form over its limits
+        detail = exc.message
         if detail.startswith("Too many files"):
             raise RequestTooLargeError(
                 f"more than {limit + 1:,} files in one request, over the limit of {limit:,} "
@@ -231,6 +248,16 @@ async def _form(request: Request, settings: Settings) -> FormData:
         raise RequestValidationError(  # a malformed form: no boundary, a part without a name
             [{"loc": ("body",), "msg": f"invalid form: {detail}", "type": "form_invalid"}]
         ) from None
+    if not parser.ended:
+        await form.close()
+        boundary = parse_options_header(request.headers["content-type"])[1].get(b"boundary", b"")
+        closing = f"--{boundary.decode('latin-1')}--"
+        raise RequestValidationError([{
+            "loc": ("body",), "type": "form_incomplete",
+            "msg": f"invalid form: it ended before its closing boundary ({closing}): the "
+            "body was cut short, so its last part (a file?) is incomplete; send it whole",
+        }])  # fmt: skip
+    return form
 
 
 def _form_data(model: type[BaseModel], fields: dict[str, list[str]]) -> dict[str, Any]:
