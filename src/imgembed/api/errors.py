@@ -188,7 +188,10 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     if isinstance(cause, UnicodeDecodeError):
         body = {"error": f"body: invalid JSON: {cause}", "error_type": "ValidationError"}
         return error_response(request, 422, body)
-    if exc.status_code == 400:  # FastAPI's "error parsing the body" (e.g. nested too deeply)
+    if isinstance(cause, RecursionError):  # said as the routes that parse their own JSON do
+        body = {"error": "body: invalid JSON: nested too deeply", "error_type": "ValidationError"}
+        return error_response(request, 422, body)
+    if exc.status_code == 400:  # FastAPI's "error parsing the body"
         body = {"error": f"body: {exc.detail}", "error_type": "ValidationError"}
         return error_response(request, 422, body)
     body = {"error": str(exc.detail), "error_type": "HTTPError"}
