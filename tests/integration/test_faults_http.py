@@ -234,3 +234,25 @@ def test_json_nested_too_deeply_is_said_so_on_every_route(root):
             assert _refused(answer, 422, "ValidationError") == (
                 "body: invalid JSON: nested too deeply"
             ), route
+
+
+def test_a_collection_or_store_named_with_an_encoded_slash_is_refused_not_redirected(root):
+    """DELETE /api/v1/collections/%2F answered a bare 307 to /api/v1/collections, and "a%2F"
+    a 307 to collection "a" (which a client following it would drop); "a%2Fitems" reached
+    a's items. A name holding "/" is none a collection or store can have: the library's
+    refusal, 422, on every method, before any route is taken."""
+    with _server("postgres", root) as client:
+        assert client.post("/api/v1/collections", json={"name": "a"}).status_code == 201
+        for name in ("%2F", "a%2F", "a%2f", "a%2Fitems", "%2F%2F"):
+            for method in ("GET", "DELETE", "POST"):
+                answer = client.request(method, f"/api/v1/collections/{name}", json={})
+                assert "collection name" in _refused(answer, 422, "InvalidRecordError"), name
+            items = client.request(
+                "DELETE", f"/api/v1/collections/{name}/items", json={"ids": ["x"]}
+            )
+            assert "collection name" in _refused(items, 422, "InvalidRecordError"), name
+            stats = client.get(f"/api/v1/stores/{name}/stats")
+            assert "store id" in _refused(stats, 422, "ConfigurationError"), name
+        assert [c["name"] for c in client.get("/api/v1/collections").json()] == ["a"]
+        product = client.get("/api/v1/stores/s/products/a%2Fb")  # ids may hold "/"
+        assert _refused(product, 404, "ProductNotFoundError") == "no product 'a/b' in store 's'"

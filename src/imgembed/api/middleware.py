@@ -19,10 +19,12 @@ from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from imgembed.api.errors import error_body
+from imgembed.api.errors import error_body, status_of
 from imgembed.api.metrics import Metrics
+from imgembed.catalog.catalog import checked_store_id
 from imgembed.config import Settings
-from imgembed.errors import RequestTimeoutError, RequestTooLargeError
+from imgembed.errors import ImgEmbedError, RequestTimeoutError, RequestTooLargeError, error_dict
+from imgembed.store.base import checked_name
 
 access_log = logging.getLogger("imgembed.access")
 log = logging.getLogger("imgembed.api")
@@ -116,6 +118,9 @@ class RequestContext:
             error = {"error": "the path is not UTF-8 once its %-escapes are decoded",
                      "error_type": "ValidationError"}  # fmt: skip
             return 422, error
+        refused = _named_with_a_slash(scope.get("raw_path") or b"")
+        if refused is not None:
+            return status_of(refused), error_dict(refused)
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body:
             return 413, _too_large(int(length), self.max_body)
@@ -159,6 +164,27 @@ class RequestContext:
             return message
 
         return receive_limited
+
+
+# Routes that name a collection or store in one path segment, and the library's check of it.
+_NAMED = ((b"/api/v1/collections/", checked_name), (b"/api/v1/stores/", checked_store_id))
+
+
+def _named_with_a_slash(raw_path: bytes) -> ImgEmbedError | None:
+    """The library's refusal of a collection name or store id given with an encoded "/"
+    (%2F), which no collection or store has: the path is decoded before routing, so "a%2F"
+    was redirected (307) to collection "a" (a DELETE too), "%2F" to the list, and
+    "a%2Fitems" was a's items."""
+    for prefix, check in _NAMED:
+        if raw_path.startswith(prefix):
+            segment = raw_path[len(prefix) :].split(b"/", 1)[0]
+            name = urllib.parse.unquote(segment.decode("utf-8"))
+            if "/" in name:
+                try:
+                    check(name)
+                except ImgEmbedError as exc:
+                    return exc
+    return None
 
 
 def _is_open(path: str) -> bool:

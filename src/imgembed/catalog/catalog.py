@@ -250,7 +250,7 @@ class Catalog:
         """Upsert a CSV / JSONL / Shopify products.json file's products into the store; bad
         rows are reported with their line and skipped."""
         started = time.perf_counter()
-        store_id = _new_store(store_id)
+        store_id = checked_store_id(store_id)
         parsed = importer.read_catalogue(Path(path), format)
         report = ImportReport(
             store_id,
@@ -271,7 +271,7 @@ class Catalog:
         objects) or ProductInputs; a bad one, also one that is neither, is reported by its
         position (1-based)."""
         started = time.perf_counter()
-        report = ImportReport(_new_store(store_id), "request", "objects")
+        report = ImportReport(checked_store_id(store_id), "request", "objects")
         numbered: list[tuple[int, ProductInput]] = []
         for number, item in enumerate(products, 1):
             report.rows += 1
@@ -577,8 +577,9 @@ def _check_rankable(repository: ProductRepository, store_id: str, part: str) -> 
     )
 
 
-def _new_store(store_id: str) -> str:
-    """A store id that can be named everywhere: as a path segment in the HTTP routes too."""
+def checked_store_id(store_id: str) -> str:
+    """A new store's id, one that can be named everywhere: as a path segment in the HTTP
+    routes too (ConfigurationError if not)."""
     store_id = _store(store_id)
     if len(store_id) > MAX_ID_LENGTH:  # as a product id: a key of the products' index
         raise ConfigurationError(
