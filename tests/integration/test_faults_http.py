@@ -256,3 +256,37 @@ def test_a_collection_or_store_named_with_an_encoded_slash_is_refused_not_redire
         assert [c["name"] for c in client.get("/api/v1/collections").json()] == ["a"]
         product = client.get("/api/v1/stores/s/products/a%2Fb")  # ids may hold "/"
         assert _refused(product, 404, "ProductNotFoundError") == "no product 'a/b' in store 's'"
+
+
+@pytest.mark.parametrize("store", STORES)
+def test_a_nul_in_an_id_read_is_not_found_on_either_store(store, root):
+    """A NUL character in an item id, product id or store id on a read was 422 "the database
+    refused a value" on PostgreSQL, while Qdrant answered 404: nothing can be stored with a
+    NUL (imports and indexing refuse it), so a read finds nothing, the same on both."""
+    with _server(store, root) as client:
+        indexed = client.post(
+            "/api/v1/collections/c/index", json={"sources": [str(root / "photo.png")]}
+        )
+        assert indexed.status_code == 202, indexed.text
+        job = client.get(indexed.json()["url"]).json()
+        while job["status"] in ("queued", "running"):
+            job = client.get(indexed.json()["url"]).json()
+        assert job["status"] == "done", job
+        products = {"products": [{"id": "p1", "title": "shirt"}], "embed": False}
+        assert client.post("/api/v1/stores/s/products", json=products).status_code == 200
+        item = client.get("/api/v1/collections/c/thumbnail", params={"id": "a\x00"})
+        assert _refused(item, 404, "NotFoundError") == "no item 'a\\x00' in collection 'c'"
+        query = client.post("/api/v1/search/image", json={"collection": "c", "query_id": "a\x00"})
+        _refused(query, 404, "NotFoundError")
+        gone = client.request("DELETE", "/api/v1/collections/c/items", json={"ids": ["a\x00"]})
+        assert gone.json() == {"deleted": 0}, gone.text
+        for path in ("/api/v1/stores/s/products/p1%00", "/api/v1/stores/s%00/products/p1",
+                     "/api/v1/stores/s/products/p1%00/thumbnail"):  # fmt: skip
+            _refused(client.get(path), 404, "ProductNotFoundError")
+        _refused(client.get("/api/v1/stores/s%00/stats"), 404, "CollectionNotFoundError")
+        for store_id, ids in (("s", ["p1\x00"]), ("s%00", ["p1"])):
+            embed = client.post(f"/api/v1/stores/{store_id}/embed", json={"product_ids": ids})
+            _refused(embed, 404, "ProductNotFoundError")
+        search = client.post("/api/v1/stores/s%00/search", json={"query": "shirt"})
+        _refused(search, 404, "CollectionNotFoundError")
+        assert client.get("/api/v1/stores/s/products/p1").status_code == 200

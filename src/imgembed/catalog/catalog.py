@@ -36,8 +36,9 @@ from imgembed.errors import (
     ProvenanceMismatchError,
 )
 from imgembed.intake.image_input import Input
+from imgembed.names import printable
 from imgembed.service import ImageEmbeddingService
-from imgembed.store.base import each_on_refusal
+from imgembed.store.base import each_on_refusal, storable
 
 log = logging.getLogger(__name__)
 _IMPORT_CHUNK = 1000  # products per transaction: a killed import keeps what it wrote
@@ -428,7 +429,7 @@ class Catalog:
     ) -> list[search.ProductHit]:
         """Products for a text, an image, or both, best first, with the score of each part."""
         top_k = similarity.checked_top_k(top_k)
-        store_id = _store(store_id)  # " ws " is the store "ws" here too, as in import
+        store_id = _read_store(store_id)  # " ws " is the store "ws" here too, as in import
         for name, value in {"text": text, "category": category}.items():
             if value is not None and not isinstance(value, str):
                 raise ConfigurationError(f"{name} must be text, not {type(value).__name__}")
@@ -471,7 +472,7 @@ class Catalog:
     def stats(self, store_id: str) -> StoreStats:
         """Counts of the store's products by state and category, without loading a model."""
         repository = self.repository
-        store_id = _store(store_id)
+        store_id = _read_store(store_id)
         counts = repository.stats(store_id)
         if not counts["total"]:
             raise CollectionNotFoundError(f"store {store_id!r} has no products")
@@ -529,6 +530,15 @@ def _store(store_id: str) -> str:
     if not isinstance(store_id, str) or not store_id.strip():
         raise ConfigurationError("a store id is required: a name, not empty or blank")
     return store_id.strip()
+
+
+def _read_store(store_id: str) -> str:
+    """A store id to read: one with a NUL character or a lone surrogate was never stored (the
+    database cannot hold it), so it has no products, as any unknown store."""
+    store_id = _store(store_id)
+    if not storable([store_id]):
+        raise CollectionNotFoundError(f"store {printable(store_id)!r} has no products")
+    return store_id
 
 
 def _no_products(store_id: str) -> str:

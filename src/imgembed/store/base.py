@@ -136,6 +136,18 @@ def checked_name(name: Any) -> str:
     return name
 
 
+def storable(ids: Iterable[Any]) -> list[Any]:
+    """The ids a store could hold: one with a NUL character or a lone surrogate was never
+    stored, so a read or delete of it finds nothing (as on Qdrant), not a refused query."""
+    kept = []
+    for id_ in ids:
+        try:
+            kept.append(checked_text(id_, "id") if isinstance(id_, str) else id_)
+        except InvalidRecordError:
+            continue
+    return kept
+
+
 def checked_text(value: Any, what: str) -> str:
     """Text the store can hold: valid UTF-8 (no lone surrogates), no NUL characters."""
     if not isinstance(value, str):
