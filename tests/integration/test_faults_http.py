@@ -290,3 +290,26 @@ def test_a_nul_in_an_id_read_is_not_found_on_either_store(store, root):
         search = client.post("/api/v1/stores/s%00/search", json={"query": "shirt"})
         _refused(search, 404, "CollectionNotFoundError")
         assert client.get("/api/v1/stores/s/products/p1").status_code == 200
+
+
+def test_a_whole_number_id_in_a_float_form_is_that_number(root):
+    """JSON ids -0 and -0.0 became two products, "0" and "-0.0", and 1 and 1.0 two, "1" and
+    "1.0" (as 1e20 became "1e+20"): a whole number is one id however JSON writes it. Other
+    numbers stay as written, and ids given as text are never changed."""
+    from imgembed.catalog.products import checked
+
+    rows = ('[{"id": -0, "title": "a"}, {"id": -0.0, "title": "b"}, {"id": 1, "title": "c"},'
+            ' {"id": 1.0, "title": "d"}, {"id": 1e20, "title": "e"}, {"id": 7.5, "title": "f"},'
+            ' {"id": "1.0", "title": "g"}]')  # fmt: skip
+    with _server("postgres", root) as client:
+        answer = client.post(
+            "/api/v1/stores/s/products",
+            content=f'{{"embed": false, "products": {rows}}}',
+            headers={"content-type": "application/json"},
+        )
+        assert answer.status_code == 200, answer.text
+        report = answer.json()["import"]
+        assert report["product_ids"] == ["0", "1", "100000000000000000000", "7.5", "1.0"]
+        assert [row["line"] for row in report["bad_rows"]] == [2, 4]  # the same id again
+        assert client.get("/api/v1/stores/s/products/0").json()["title"] == "a"
+    assert checked(product_id=-0.0, title="x").product_id == "0"  # the library's own rule

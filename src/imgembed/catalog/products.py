@@ -153,7 +153,7 @@ def checked(
 ) -> ProductInput:
     """A ProductInput from loose values, or ProductRowError naming the first problem.
     Relative image paths are made absolute against `base`, or the current directory."""
-    product_id = _scalar(product_id, "product id", "")
+    product_id = _scalar(_whole(product_id), "product id", "")
     if not product_id:
         raise ProductRowError(
             "no product id (a column product_id, id, sku, handle or artikelnummer)"
@@ -325,6 +325,16 @@ def _nested(value: Any, product_id: Any) -> Mapping[str, Any]:
     if not isinstance(value, Mapping):
         who = _who(product_id if isinstance(product_id, str) else "")
         raise ProductRowError(f'{who}attributes must be an object, as {{"color": "red"}}')
+    return value
+
+
+def _whole(value: Any) -> Any:
+    """An id given as a whole number in a float's form (JSON's 1.0, -0.0, 1e20; a pandas
+    export of ids) is that number, as written without the fraction: "1", "0",
+    "100000000000000000000", the product an id of 1 (or -0, read as 0) names too; other
+    numbers are kept as written ("7.5")."""
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(Decimal(repr(value)))  # repr's digits: 1e20 is 1 and 20 zeros
     return value
 
 
