@@ -533,8 +533,8 @@ def _store(store_id: str) -> str:
 
 
 def _read_store(store_id: str) -> str:
-    """A store id to read: one with a NUL character or a lone surrogate was never stored (the
-    database cannot hold it), so it has no products, as any unknown store."""
+    """A store id to read: one with a NUL character was never stored (the database cannot
+    hold it), so it has no products, as any unknown store."""
     store_id = _store(store_id)
     if not storable([store_id]):
         raise CollectionNotFoundError(f"store {printable(store_id)!r} has no products")

@@ -172,7 +172,7 @@ class ProductRepository:
 
     def product(self, store_id: str, product_id: str) -> dict[str, Any] | None:
         if storable([store_id, product_id]) != [store_id, product_id]:
-            return None  # a NUL or a lone surrogate: never stored (PostgreSQL refuses them)
+            return None  # a NUL: never stored (PostgreSQL text cannot hold it)
         with self._cursor("reading a product") as cursor:
             cursor.execute(
                 "SELECT product_id, title, description, category, price, currency, image_url,"

@@ -137,15 +137,10 @@ def checked_name(name: Any) -> str:
 
 
 def storable(ids: Iterable[Any]) -> list[Any]:
-    """The ids a store could hold: one with a NUL character or a lone surrogate was never
-    stored, so a read or delete of it finds nothing (as on Qdrant), not a refused query."""
-    kept = []
-    for id_ in ids:
-        try:
-            kept.append(checked_text(id_, "id") if isinstance(id_, str) else id_)
-        except InvalidRecordError:
-            continue
-    return kept
+    """The ids without those holding a NUL character: none was ever stored (PostgreSQL text
+    cannot hold it), so a read or delete of one finds nothing, as on Qdrant, instead of a
+    query the database refuses. Text that is not UTF-8 is still refused (say how to escape)."""
+    return [id_ for id_ in ids if not (isinstance(id_, str) and "\x00" in id_)]
 
 
 def checked_text(value: Any, what: str) -> str:
