@@ -601,7 +601,20 @@ def test_an_empty_or_a_dropped_collection_is_said(indexed):
             timeout=TIMEOUT,
         )
         page.set_input_files("#file", str(indexed / "chelsea.png"))
-        expect(page.locator("#status")).to_contain_text("holds no images yet", timeout=TIMEOUT)
+        expect(page.locator("#status")).to_have_text(
+            "No results like \u2068chelsea.png\u2069: \u2068empty\u2069 holds no images yet;"
+            " index some into it first.",
+            timeout=TIMEOUT,
+        )
+        # of several files dropped, which one was taken is said as with results
+        chelsea = list((indexed / "chelsea.png").read_bytes())
+        dropped = [("a.png", "image/png", chelsea), ("b.png", "image/png", chelsea)]
+        page.evaluate(DROP, ["#drop", dropped])
+        expect(page.locator("#status")).to_have_text(
+            "2 files dropped, a search takes one image: No results like \u2068a.png\u2069:"
+            " \u2068empty\u2069 holds no images yet; index some into it first.",
+            timeout=TIMEOUT,
+        )
 
         page.select_option("#collection", "doomed")
         assert page.request.delete(f"{base}/api/v1/collections/doomed").ok  # another client

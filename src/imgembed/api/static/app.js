@@ -439,9 +439,11 @@ function show(hits) {
   $("#results").replaceChildren(...hits.map(card));
 }
 
-// No result at all (none of these searches filters): the collection holds nothing.
-function empty(current) {
-  status(`No results: ${isolated(current.name)} holds no images yet; index some into it first.`);
+// No result at all (none of these searches filters): the collection holds nothing. `what`:
+// which search it was, as its results would have said it (which of several files dropped
+// was taken: the status line said so of 7 results, not of none).
+function empty(current, note = "", what = "") {
+  status(`${note}No results${what}: ${isolated(current.name)} holds no images yet; index some into it first.`);
 }
 
 function topK() {
@@ -483,7 +485,7 @@ async function searchByFile(file, note = "") {
     const answer = await api("/api/v1/search/image", { method: "POST", body: form, signal }, SHAPES.hits);
     end(signal);
     show(answer.results);
-    if (!answer.results.length) return empty(current);
+    if (!answer.results.length) return empty(current, note, ` like ${isolated(file.name)}`);
     status(`${note}${plural(answer.results.length, "result")} like ${isolated(file.name)}${took(answer)}`);
   } catch (error) {
     failed(signal, error);
