@@ -1122,3 +1122,51 @@ def test_a_slow_list_is_waited_for_and_only_its_newest_answer_shown(indexed):
             page.fill("#api-key", "")
             page.press("#api-key", "Enter")
         assert errors == []
+
+
+def test_a_list_the_server_never_gives_is_counted_and_given_up(indexed):
+    """A server that never answered the list of collections (or of stores) left "Asking the
+    server for its collections…" for ever: no seconds counted, no end, unlike a search. Now
+    a list is waited for as a search is, given up after 120 s and asked for again later."""
+    from playwright.sync_api import expect
+
+    with Catalog(**TINY) as catalog:
+        mug = {"id": "mug", "title": "Coffee mug", "image_url": str(indexed / "coffee.png")}
+        catalog.upsert_products("demo", [mug])
+        assert catalog.embed("demo").successful == 1
+    settings = load_settings(**TINY, allowed_roots=[indexed])
+    with browser_on(settings) as (page, errors):
+        page.clock.install()  # the page's seconds are the test's to move
+        held: list[Any] = []
+
+        def hold(route: Any) -> None:
+            held.append(route)  # never answered
+
+        lists = [("collections", None, "collection"), ("stores", "#view-products", "store")]
+        for path, view, what in lists:
+            page.route(f"**/api/v1/{path}", hold)
+            if view:
+                page.click(view)
+            else:
+                page.reload()
+            asking = f"Asking the server for its {what}s…"
+            expect(page.locator("#status")).to_have_text(asking, timeout=TIMEOUT)
+            page.clock.run_for(5_000)
+            expect(page.locator("#status")).to_have_text(
+                f"{asking} (no answer yet after 5 s: still waiting for the server)", timeout=TIMEOUT
+            )
+            page.clock.run_for(115_000)
+            expect(page.locator("#status")).to_have_text(
+                f"Cannot list {what}s: no answer from the server in 120 s: it may be overloaded"
+                " or stuck; asking again in 5 seconds",
+                timeout=TIMEOUT,
+            )
+            assert "error" in page.locator("#status").get_attribute("class")
+            page.unroute(f"**/api/v1/{path}")  # the server answers again
+            page.clock.run_for(5_000)
+            expect(page.locator(f"#{what} option")).to_have_count(1, timeout=TIMEOUT)
+            expect(page.locator("#status")).to_have_text("", timeout=TIMEOUT)
+        for route in held:
+            with contextlib.suppress(Exception):  # the page gave up on it
+                route.continue_()
+        assert errors == []

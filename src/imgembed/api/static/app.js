@@ -156,6 +156,30 @@ function listing(load) {
   return Boolean(turns.get(load)?.out);
 }
 
+// A list's request, waited for as a search is: the seconds said after WAIT_NOTICE_S (on the
+// status line while it says `asking`, the list's own words) and given up after GIVE_UP_S, a
+// failure asked for again later. A server that never answered left "Asking the server for
+// its collections…" for ever, with no count and no end.
+async function listFrom(load, turn, path, shape, asking) {
+  const controller = new AbortController();
+  const started = Date.now();
+  const ticker = setInterval(() => {
+    const seconds = Math.round((Date.now() - started) / 1000);
+    if (seconds >= GIVE_UP_S) controller.abort("timeout");
+    else if (turns.get(load) === turn && $("#status").textContent.startsWith(asking)) {
+      status(`${asking} (no answer yet after ${seconds} s: still waiting for the server)`);
+    }
+  }, WAIT_NOTICE_S * 1000);
+  try {
+    return await api(path, { signal: controller.signal }, shape);
+  } catch (error) {
+    if (controller.signal.reason !== "timeout") throw error;
+    throw new ApiError(`no answer from the server in ${GIVE_UP_S} s: it may be overloaded or stuck`, 0);
+  } finally {
+    clearInterval(ticker);
+  }
+}
+
 // A search asked for with nothing to search in: the list may not have come yet (a slow
 // server: the page said "Choose a collection first." with none to choose).
 function nothingChosen(load, what) {
@@ -272,13 +296,14 @@ function collection() {
 async function loadCollections(quiet = false) {
   askAgainLater(loadCollections); // this is the list's new turn
   const turn = listTurn(loadCollections);
+  const asking = "Asking the server for its collections…";
   if (!quiet && visible("images") && !state.collections.length && !$("#status").textContent) {
-    status("Asking the server for its collections…"); // none to search in yet: said why
+    status(asking); // none to search in yet: said why
   }
   let list = [];
   let error = null;
   try {
-    list = await api("/api/v1/collections", {}, SHAPES.collections);
+    list = await listFrom(loadCollections, turn, "/api/v1/collections", SHAPES.collections, asking);
   } catch (caught) {
     error = caught; // a list the key no longer opens is not offered: it is empty
   }

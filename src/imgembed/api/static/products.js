@@ -19,13 +19,14 @@ function store() {
 async function loadStores() {
   askAgainLater(loadStores); // this is the list's new turn
   const turn = listTurn(loadStores);
+  const asking = "Asking the server for its stores…";
   if (visible("products") && !products.stores.length && !$("#status").textContent) {
-    status("Asking the server for its stores…"); // none to search in yet: said why
+    status(asking); // none to search in yet: said why
   }
   let list = [];
   let error = null;
   try {
-    list = await api("/api/v1/stores", {}, PRODUCT_SHAPES.stores);
+    list = await listFrom(loadStores, turn, "/api/v1/stores", PRODUCT_SHAPES.stores, asking);
   } catch (caught) {
     error = caught; // a list the key no longer opens is not offered (as collections)
   }
