@@ -138,7 +138,8 @@ def test_the_page_says_what_it_shows(indexed, tmp_path):
         assert wide <= 0, f"the page scrolls sideways by {wide} px"
         box = page.locator("#results .card .no-image")
         box.wait_for()
-        assert box.inner_text() == f"no thumbnail: {indexed / 'rocket-copy.jpg'}: no such file"
+        gone = indexed / "rocket-copy.jpg"
+        assert box.inner_text() == f"no thumbnail: \u2068{gone}: no such file\u2069"
         assert missing and all("/thumbnail?" in url for url in missing), missing
 
         page.set_input_files("#file", str(broken))
@@ -445,7 +446,7 @@ def test_a_failed_answer_is_said_in_words(indexed):
             assert "error" in page.locator("#status").get_attribute("class")
             said.append(page.locator("#status").inner_text())
             page.unroute("**/api/v1/search/image")
-        assert said[0] == "503: server overloaded (try again in 30 seconds)"
+        assert said[0] == "503: \u2068server overloaded\u2069 (try again in 30 seconds)"
         assert said[1] == "502: Bad Gateway"
         assert said[2] == "400: Bad Request"
         assert said[3] == "500: Internal Server Error"
@@ -484,7 +485,8 @@ def test_the_page_comes_back_with_the_server(indexed):
         page.route("**/api/v1/stores", lambda route: route.fulfill(**restarting))
         page.click("#view-products")
         expect(page.locator("#status")).to_have_text(
-            "Cannot list stores: 503: the store is unreachable; asking again in 5 seconds",
+            "Cannot list stores: 503: \u2068the store is unreachable\u2069;"
+            " asking again in 5 seconds",
             timeout=TIMEOUT,
         )
         page.unroute("**/api/v1/stores")
@@ -523,7 +525,7 @@ def test_a_thumbnail_that_cannot_be_had_says_why(indexed):
         expect(page.locator("#results .card")).to_have_count(7, timeout=TIMEOUT)
         coffee = page.locator("#results .card", has_text="coffee.png")
         expect(coffee.locator(".no-image")).to_have_text(
-            "no thumbnail: server overloaded", timeout=TIMEOUT
+            "no thumbnail: \u2068server overloaded\u2069", timeout=TIMEOUT
         )
         chelsea = page.locator("#results .card", has_text="chelsea.png")
         chelsea.scroll_into_view_if_needed()  # a lazy image is drawn when it is seen
@@ -621,7 +623,8 @@ def test_an_empty_or_a_dropped_collection_is_said(indexed):
         page.press("#query", "Enter")
         expect(page.locator("#collection option")).to_have_count(2, timeout=TIMEOUT)
         expect(page.locator("#status")).to_have_text(
-            "404: no collection 'doomed': it was dropped; the list of collections is reloaded",
+            "404: \u2068no collection 'doomed'\u2069: it was dropped;"
+            " the list of collections is reloaded",
             timeout=TIMEOUT,
         )
         assert "error" in page.locator("#status").get_attribute("class")
@@ -808,7 +811,7 @@ def test_markup_from_the_server_is_shown_as_text(indexed):
         answer = {"error": evil, "error_type": "InvalidImageError"}
         page.route("**/api/v1/search/image", lambda route: route.fulfill(status=400, json=answer))
         page.press("#query", "Enter")
-        expect(page.locator("#status")).to_have_text(f"400: {evil}", timeout=TIMEOUT)
+        expect(page.locator("#status")).to_have_text(f"400: \u2068{evil}\u2069", timeout=TIMEOUT)
         assert page.evaluate("document.querySelectorAll('img[src=x], b').length") == 0
         assert page.evaluate("window.ran") is None
         assert errors == []
@@ -1049,7 +1052,7 @@ def test_a_right_to_left_override_cannot_turn_a_server_message_around(indexed, t
         page.press("#query", "Enter")
         said_left_to_right(page, "7 results for")
         page.set_input_files("#file", str(bad))
-        said_left_to_right(page, "400: evilgnp.exe.png: not a recognised image")
+        said_left_to_right(page, "400: \u2068evilgnp.exe.png: not a recognised image")
 
         page.select_option("#collection", "ph\u202eotos")
         gone = {"error": "no collection 'ph\u202eotos' (dropped by another client)",
@@ -1057,7 +1060,7 @@ def test_a_right_to_left_override_cannot_turn_a_server_message_around(indexed, t
         page.route("**/search/image", lambda route: route.fulfill(status=404, json=gone))
         page.fill("#query", "a cup of coffee")
         page.press("#query", "Enter")
-        said_left_to_right(page, "404: no collection 'photos' (dropped by another client)")
+        said_left_to_right(page, "404: \u2068no collection 'photos' (dropped by another client)")
         page.unroute("**/search/image")
         page.press("#query", "Enter")
         said_left_to_right(page, "1 result for")
@@ -1169,4 +1172,45 @@ def test_a_list_the_server_never_gives_is_counted_and_given_up(indexed):
         for route in held:
             with contextlib.suppress(Exception):  # the page gave up on it
                 route.continue_()
+        assert errors == []
+
+
+# Where each of the status line's characters is drawn: [character, left, right].
+DRAWN = """() => {
+    const text = document.querySelector('#status').firstChild;
+    const range = document.createRange();
+    return [...text.data].map((char, n) => {
+        range.setStart(text, n);
+        range.setEnd(text, n + 1);
+        const box = range.getBoundingClientRect();
+        return [char, box.left, box.right];
+    });
+}"""
+
+
+def test_a_right_to_left_server_message_keeps_to_itself(indexed):
+    """A server message in Hebrew or Arabic (no control characters in it) was not set apart
+    from the page's words: its own full stop was drawn after it as English reads, to the
+    right ("503: השרת עמוס. (try again ...)" read in Hebrew as a stop before the message).
+    The message is now an isolate of its own, drawn as it reads, the page's words in place."""
+    from playwright.sync_api import expect
+
+    message = "השרת עמוס."  # "the server is overloaded."
+    settings = load_settings(**TINY, allowed_roots=[indexed])
+    with browser_on(settings) as (page, errors):
+        page.wait_for_selector("#collection option", state="attached")
+        busy = {"status": 503, "headers": {"Retry-After": "30"}, "json": {"error": message}}
+        page.route("**/api/v1/search/image", lambda route: route.fulfill(**busy))
+        page.fill("#query", "a cup of coffee")
+        page.press("#query", "Enter")
+        expect(page.locator("#status")).to_contain_text("(try again in", timeout=TIMEOUT)
+        drawn = page.evaluate(DRAWN)
+        letters = [(left, right) for char, left, right in drawn if "\u05d0" <= char <= "\u05ea"]
+        stop = next(left for char, left, _ in drawn if char == ".")
+        bracket = next(left for char, left, _ in drawn if char == "(")
+        prefix = max(right for char, _, right in drawn[:3])  # "503"
+        assert stop < min(left for left, _ in letters), drawn  # the stop ends it, leftmost
+        assert prefix <= stop and max(right for _, right in letters) <= bracket, drawn
+        said = page.locator("#status").inner_text()
+        assert said == f"503: \u2068{message}\u2069 (try again in 30 seconds)"
         assert errors == []

@@ -111,9 +111,16 @@ async function readJson(response) {
 // The server's words quote a user's names (a file "evil\u202Egnp.exe.png: not a recognised
 // image"): their bidirectional controls are taken out, else the words after the name read
 // backwards ("(tpurroc ro tamrof nwonknu)"); what is left is the name as it is spelled.
+// The words are then set apart as a whole (an isolate, as a user's text is): a message in
+// Hebrew or Arabic ran into the page's words around it, its own full stop drawn on the
+// wrong side ("503: השרת עמוס. (try again ...)" read with the stop before the message).
 function failure(response, body) {
   const given = [body?.error?.message, body?.error].find((text) => typeof text === "string" && text);
-  return given ? unformatted(given) : response.statusText || "the server gave no reason";
+  return given ? serverWords(given) : response.statusText || "the server gave no reason";
+}
+
+function serverWords(text) {
+  return isolated(unformatted(text));
 }
 
 const BIDI_CONTROLS = /[\u202A-\u202E\u2066-\u2069]/g; // embeddings, overrides, isolates
@@ -645,7 +652,7 @@ async function watchModel() {
     status(""); // loaded now (or failed: said below)
   }
   if (String(ready.model).startsWith("failed")) {
-    const reason = unformatted(String(ready.model).replace(/^failed:\s*/, ""));
+    const reason = serverWords(String(ready.model).replace(/^failed:\s*/, ""));
     status(`The server's model cannot load (${reason}): searches with it fail until that is fixed.`, true);
   }
 }
