@@ -4,6 +4,7 @@ uploaded image, the near-duplicates view, the product view and the API docs."""
 
 import contextlib
 import functools
+import json
 import re
 import shutil
 from collections.abc import Iterator
@@ -1213,4 +1214,46 @@ def test_a_right_to_left_server_message_keeps_to_itself(indexed):
         assert prefix <= stop and max(right for _, right in letters) <= bracket, drawn
         said = page.locator("#status").inner_text()
         assert said == f"503: \u2068{message}\u2069 (try again in 30 seconds)"
+        assert errors == []
+
+
+def test_a_very_long_list_of_results_keeps_the_page_responsive(indexed):
+    """A server that sends 5000 results (an older one that ignores top_k, a proxy's cache):
+    the page made all 5000 cards at once and froze for seconds (a task of 2.2-2.5 s here).
+    Now a part is drawn, the rest as the end nears the screen or at a button that says how
+    many are still to come; the status line says how many came."""
+    from playwright.sync_api import expect
+
+    def hit(n: int) -> dict[str, Any]:
+        path = f"/x/{n}.png"
+        return {"similarity_score": 1 - n / 10_000, "rank": n + 1, "image_path": path}
+
+    hits = [hit(n) for n in range(5000)]
+    body = json.dumps({"results": hits, "processing_time": 0.01})
+    settings = load_settings(**TINY, allowed_roots=[indexed])
+    with browser_on(settings) as (page, errors):
+        page.wait_for_selector("#collection option", state="attached")
+        page.route("**/thumbnail?*", lambda route: route.fulfill(status=404, json={"error": "no"}))
+        page.route(
+            "**/api/v1/search/image",
+            lambda route: route.fulfill(body=body, content_type="application/json"),
+        )
+        page.fill("#query", "a cup of coffee")
+        page.press("#query", "Enter")
+        expect(page.locator("#status")).to_have_text(
+            "5000 results for “\u2068a cup of coffee\u2069” (0.01 s)", timeout=TIMEOUT
+        )
+        cards = page.locator("#results .card")
+        assert cards.count() == 100  # not all at once
+        more = page.locator("#results .more-results")
+        expect(more).to_have_text("Show 100 more (4900 of 5000 not shown yet)")
+        # from the keyboard (focused where it is, not scrolled to): the next part, the focus kept
+        page.evaluate("document.querySelector('.more-results').focus({preventScroll: true})")
+        page.keyboard.press("Enter")
+        expect(cards).to_have_count(200, timeout=TIMEOUT)
+        expect(more).to_have_text("Show 100 more (4800 of 5000 not shown yet)")
+        assert page.evaluate("document.activeElement.classList.contains('more-results')")
+        more.scroll_into_view_if_needed()  # the end in sight: more come by themselves
+        page.wait_for_function("document.querySelectorAll('#results .card').length > 200")
+        assert cards.first.get_attribute("data-id") == "/x/0.png"
         assert errors == []

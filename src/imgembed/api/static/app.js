@@ -339,6 +339,7 @@ function visible(view) {
 }
 
 function clearResults() {
+  nearEnd.disconnect(); // the results that go are drawn no further
   releaseThumbnails();
   $("#results").replaceChildren();
 }
@@ -467,8 +468,40 @@ function card(hit) {
 }
 
 function show(hits) {
+  showAll(hits, card);
+}
+
+// A long list of results (a server that sends 5000) is drawn a part at a time: drawn at
+// once it froze the page for seconds (every card made and laid out, its thumbnail
+// watched). The rest come as the end of the list nears the screen, or at the button after
+// the last card, which says how many are still to come (and keeps the keyboard's focus).
+const PART = 100;
+const nearEnd = new IntersectionObserver((seen) => {
+  for (const { target, isIntersecting } of seen) if (isIntersecting) target.click();
+}, { rootMargin: "400px" });
+
+function showAll(items, make) {
   clearResults();
-  $("#results").replaceChildren(...hits.map(card));
+  const more = Object.assign(document.createElement("button"), { type: "button", className: "secondary more-results" });
+  let next = 0;
+  const part = () => {
+    nearEnd.unobserve(more);
+    const nodes = items.slice(next, next + PART).map(make);
+    next += nodes.length;
+    more.before(...nodes);
+    const left = items.length - next;
+    if (!left) {
+      const focused = document.activeElement === more;
+      more.remove();
+      if (focused) nodes.at(-1)?.querySelector("button")?.focus(); // not lost to the page's top
+      return;
+    }
+    more.textContent = `Show ${Math.min(PART, left)} more (${left} of ${items.length} not shown yet)`;
+    nearEnd.observe(more); // anew: it says at once whether the button is still in sight
+  };
+  more.addEventListener("click", part);
+  $("#results").replaceChildren(more);
+  part();
 }
 
 // No result at all (none of these searches filters): the collection holds nothing. `what`:
@@ -533,17 +566,16 @@ async function duplicates() {
     const name = encodeURIComponent(current.name);
     const answer = await api(`/api/v1/collections/${name}/duplicates`, { signal }, SHAPES.groups);
     end(signal);
-    clearResults();
-    const groups = answer.groups.map((members, n) => {
+    let n = 0;
+    showAll(answer.groups, (members) => {
       const row = document.createElement("div");
       row.className = "group";
-      row.append(Object.assign(document.createElement("h2"), { textContent: `group ${n + 1}` }));
+      row.append(Object.assign(document.createElement("h2"), { textContent: `group ${++n}` }));
       row.append(...members.map((m) => card({ id: m.id, source: m.source })));
       return row;
     });
-    $("#results").replaceChildren(...groups);
     const threshold = isNumber(answer.threshold) ? ` (cosine ≥ ${answer.threshold})` : "";
-    status(`${plural(groups.length, "group")} of near-duplicates${threshold}`);
+    status(`${plural(answer.groups.length, "group")} of near-duplicates${threshold}`);
   } catch (error) {
     failed(signal, error);
     collectionGone(error);

@@ -107,8 +107,7 @@ async function searchProducts(file, note = "") {
     const path = `/api/v1/stores/${encodeURIComponent(store())}/search`;
     const answer = await api(path, { method: "POST", body: form, signal }, PRODUCT_SHAPES.hits);
     end(signal);
-    clearResults();
-    $("#results").replaceChildren(...answer.results.map(productCard));
+    showAll(answer.results, productCard);
     const seconds = took(answer);
     if (answer.results.length) {
       status(`${note}${plural(answer.results.length, "product")} for ${what}, ranked by ${answer.results[0].ranked_by}${seconds}`);
