@@ -1257,3 +1257,60 @@ def test_a_very_long_list_of_results_keeps_the_page_responsive(indexed):
         page.wait_for_function("document.querySelectorAll('#results .card').length > 200")
         assert cards.first.get_attribute("data-id") == "/x/0.png"
         assert errors == []
+
+
+# What has the keyboard's focus: its id (or class), and whether its ring is drawn clearly.
+FOCUSED = """() => {
+    const node = document.activeElement;
+    const style = getComputedStyle(node);
+    const ring = style.outlineStyle === 'solid' && parseFloat(style.outlineWidth) >= 2;
+    return [node.id || node.className || node.tagName.toLowerCase(), ring];
+}"""
+
+
+def test_the_page_from_the_keyboard_alone(indexed):
+    """Every control in order with Tab and a clear ring (the browser's was 1 px, dark on the
+    blue buttons); Escape closes the key box (it stayed open) and gives the focus back to it;
+    Enter searches; after "More like this" from the keyboard Tab goes on into the new
+    results; the drop zone opens the file chooser."""
+    from playwright.sync_api import expect
+
+    settings = load_settings(**TINY, allowed_roots=[indexed])
+    with browser_on(settings) as (page, errors):
+        page.wait_for_selector("#collection option", state="attached")
+        order = []
+        for _ in range(9):
+            page.keyboard.press("Tab")
+            order.append(page.evaluate(FOCUSED))
+        controls = ["view-images", "view-products", "collection", "summary", "query", "top-k"]
+        controls += ["search", "duplicates", "drop"]
+        assert order == [[control, True] for control in controls], order
+
+        page.focus("#key-box summary")
+        page.keyboard.press("Enter")
+        page.keyboard.press("Tab")
+        assert page.evaluate(FOCUSED) == ["api-key", True]
+        page.keyboard.press("Escape")
+        expect(page.locator("#api-key")).to_be_hidden()
+        assert page.evaluate(FOCUSED) == ["summary", True]
+
+        page.focus("#query")
+        page.keyboard.type("a cup of coffee")
+        page.keyboard.press("Enter")  # searches
+        expect(page.locator("#results .card")).to_have_count(7, timeout=TIMEOUT)
+        for _ in range(4):  # top, search, near-duplicates, the drop zone, then the results
+            page.keyboard.press("Tab")
+        assert page.evaluate(FOCUSED) == ["drop", True]
+        page.keyboard.press("Tab")
+        assert page.evaluate(FOCUSED) == ["more", True]
+        page.keyboard.press("Enter")  # more like this
+        expect(page.locator("#status")).to_contain_text("results for this image", timeout=TIMEOUT)
+        page.keyboard.press("Tab")
+        assert page.evaluate(FOCUSED) == ["more", True], "the focus went back to the top"
+
+        with page.expect_file_chooser() as chooser:  # the drop zone opens the file chooser
+            page.focus("#drop")
+            page.keyboard.press(" ")
+        chooser.value.set_files(str(indexed / "chelsea.png"))
+        expect(page.locator("#status")).to_contain_text("results like", timeout=TIMEOUT)
+        assert errors == []

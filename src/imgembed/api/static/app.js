@@ -636,6 +636,12 @@ function dropZone(zone, input, onFile) {
 }
 
 function setUp() {
+  // Escape closes the key box, and the focus goes back to its "API key"
+  $("#key-box").addEventListener("keydown", (event) => {
+    if (event.key !== "Escape" || !$("#key-box").open) return;
+    $("#key-box").open = false;
+    $("#key-box summary").focus();
+  });
   $("#api-key").value = keys.getItem("imgembed-key") ?? "";
   $("#api-key").addEventListener("change", (event) => {
     keys.setItem("imgembed-key", event.target.value.trim());
