@@ -268,6 +268,7 @@ def test_nul_characters_lists_and_repeated_ids_are_bad_rows_not_lost_imports(tmp
         {"id": "N5", "title": "t", "image_url": 5},  # a number is a name like any other
         {"id": "N1", "title": "again"},
         {"id": "N7", "title": "t", "extra_image_urls": {"a": 1}},
+        {"id": "N8\nx", "title": "a line break in its id"},  # no HTTP route could name it
     ]
     parsed = _read_jsonl(tmp_path, rows)
     assert _lines(parsed) == {
@@ -276,6 +277,8 @@ def test_nul_characters_lists_and_repeated_ids_are_bad_rows_not_lost_imports(tmp
         4: "product N4: title must be text or a number, not a dict",
         6: "product N1: the same id as line 1, which is kept",
         7: "product N7: extra_image_urls must be a list",
+        8: "product 'N8\\nx': an id with a control character (a line break, a tab): HTTP "
+        "routes cannot name it",
     }
     assert [(line, p.title) for line, p in parsed.products] == [(1, "good"), (5, "t")]
     assert parsed.products[1][1].image_url == str(tmp_path / "5")

@@ -177,6 +177,11 @@ def checked(
     values += list(_texts(attributes or {}, product_id))
     if any(has_surrogates(v) for v in values if v):
         raise ProductRowError(f"product {product_id}: text that is not valid UTF-8")
+    if any(ord(c) < 32 or ord(c) == 127 for c in product_id):  # as store ids
+        raise ProductRowError(
+            f"product {product_id!r}: an id with a control character (a line "
+            "break, a tab): HTTP routes cannot name it"
+        )
     if any("\x00" in v for v in values):  # PostgreSQL text cannot hold it
         raise ProductRowError(f"product {product_id}: text with a NUL character")
     images = [_image(u, base) for u in urls if u]
