@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, TypedDict
 
 from imgembed.errors import ImgEmbedError, error_dict
@@ -81,10 +81,14 @@ class EmbeddingList(list):
         assert result.embedding is not None
         super().__init__(result.embedding.tolist())
         self._result = result
+        self._fields: dict[str, Any] | None = None
 
     def __getitem__(self, key: Any) -> Any:
         if isinstance(key, str):
-            fields = self._result.to_dict()
+            if self._fields is None:  # once, on the first name: the embedding is this list
+                without = replace(self._result, embedding=None).to_dict()
+                self._fields = {**without, "embedding": list(self)}
+            fields = self._fields
             if key not in fields:
                 raise KeyError(
                     f"{key!r}: an embedding is a list of floats; by name it gives its "

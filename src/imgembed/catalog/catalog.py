@@ -38,7 +38,7 @@ from imgembed.errors import (
 from imgembed.intake.image_input import Input
 from imgembed.names import printable
 from imgembed.service import ImageEmbeddingService
-from imgembed.store.base import each_on_refusal, storable
+from imgembed.store.base import each_on_refusal, never_stored
 
 log = logging.getLogger(__name__)
 _IMPORT_CHUNK = 1000  # products per transaction: a killed import keeps what it wrote
@@ -536,7 +536,7 @@ def _read_store(store_id: str) -> str:
     """A store id to read: one with a NUL character was never stored (the database cannot
     hold it), so it has no products, as any unknown store."""
     store_id = _store(store_id)
-    if not storable([store_id]):
+    if never_stored(store_id):
         raise CollectionNotFoundError(f"store {printable(store_id)!r} has no products")
     return store_id
 

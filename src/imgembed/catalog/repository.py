@@ -43,7 +43,7 @@ from imgembed.catalog.records import (
 from imgembed.config import Settings
 from imgembed.errors import StoreBusyError
 from imgembed.store import postgres_target
-from imgembed.store.base import storable
+from imgembed.store.base import never_stored, storable_ids
 from imgembed.store.pgconn import Connection
 from imgembed.store.postgres import build_memory, describe_url, migrate
 
@@ -171,7 +171,7 @@ class ProductRepository:
         return inserted, updated, len(params) - inserted - updated
 
     def product(self, store_id: str, product_id: str) -> dict[str, Any] | None:
-        if storable([store_id, product_id]) != [store_id, product_id]:
+        if never_stored(store_id, product_id):
             return None  # a NUL: never stored (PostgreSQL text cannot hold it)
         with self._cursor("reading a product") as cursor:
             cursor.execute(
@@ -189,19 +189,19 @@ class ProductRepository:
 
     def unknown(self, store_id: str, product_ids: Sequence[str]) -> list[str]:
         """Those of the ids that name no product in the store, in the order given."""
-        if not storable([store_id]):
+        if never_stored(store_id):
             return list(product_ids)
         with self._cursor("looking up products") as cursor:
             cursor.execute(
                 "SELECT product_id FROM imgembed_products"
                 " WHERE store_id = %s AND product_id = ANY(%s)",
-                (store_id, storable(product_ids)),
+                (store_id, storable_ids(product_ids)),
             )
             known = {row[0] for row in cursor.fetchall()}
         return [product_id for product_id in product_ids if product_id not in known]
 
     def count(self, store_id: str) -> int:
-        if not storable([store_id]):
+        if never_stored(store_id):
             return 0
         with self._cursor("counting products") as cursor:
             cursor.execute(
@@ -213,7 +213,7 @@ class ProductRepository:
 
     def provenance(self, store_id: str) -> tuple[StoreProvenance, str] | None:
         """The store's provenance and the weights version of its last embed run."""
-        if not storable([store_id]):
+        if never_stored(store_id):
             return None
         with self._cursor("reading the store's provenance") as cursor:
             cursor.execute(

@@ -136,11 +136,16 @@ def checked_name(name: Any) -> str:
     return name
 
 
-def storable(ids: Iterable[Any]) -> list[Any]:
-    """The ids without those holding a NUL character: none was ever stored (PostgreSQL text
-    cannot hold it), so a read or delete of one finds nothing, as on Qdrant, instead of a
-    query the database refuses. Text that is not UTF-8 is still refused (say how to escape)."""
-    return [id_ for id_ in ids if not (isinstance(id_, str) and "\x00" in id_)]
+def never_stored(*texts: Any) -> bool:
+    """True if any text holds a NUL character: none was ever stored (PostgreSQL text cannot
+    hold it), so a read or delete of one finds nothing, as on Qdrant, instead of a query the
+    database refuses. Text that is not UTF-8 is still refused (say how to escape)."""
+    return any(isinstance(text, str) and "\x00" in text for text in texts)
+
+
+def storable_ids(ids: Iterable[Any]) -> list[Any]:
+    """The ids but those `never_stored`."""
+    return [id_ for id_ in ids if not never_stored(id_)]
 
 
 def checked_text(value: Any, what: str) -> str:

@@ -36,7 +36,7 @@ from imgembed.store.base import (
     checked_record,
     checked_text,
     dropped,
-    storable,
+    storable_ids,
     vector_size,
 )
 from imgembed.store.faults import store_errors
@@ -333,7 +333,7 @@ class PostgresStore:
             name, "reading items of",
             "SELECT id, embedding, content_hash, source, metadata FROM {table}"
             " WHERE id = ANY(%s) ORDER BY id",
-            (storable(ids),),
+            (storable_ids(ids),),
         )  # fmt: skip
         return [Record(r[0], _array(r[1]), r[2], r[3], r[4]) for r in rows]
 
@@ -352,7 +352,7 @@ class PostgresStore:
         return {row[0]: StoredItem(row[1], row[2], row[3] or {}) for row in rows}
 
     def delete(self, name: str, ids: Iterable[str]) -> int:
-        ids = storable(ids)
+        ids = storable_ids(ids)
         statement = sql.SQL("DELETE FROM {} WHERE id = ANY(%s)").format(
             sql.Identifier(self._collection(name).table)
         )
