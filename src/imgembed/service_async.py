@@ -1,8 +1,10 @@
 """The GenericRAG seed's async methods, mixed into ImageEmbeddingService.
 
-They return the seed's plain shapes: a `list[float]`, or a dict when `include_metadata=True`
-or, as the seed shows, in `debug` mode, whose `metadata["debug_logs"]` lists the steps. They
-run their work in a thread, never on the event loop. Everything they do is a sync method of
+They return the seed's plain shapes: a `list[float]`, or a dict when `include_metadata=True`.
+The list also gives its result's fields by name (the seed's examples read
+`embedding['processing_time']`, and in `debug` mode `embedding['metadata']['debug_logs']`,
+while `len(embedding)` stays the dimension). They run their work in a thread, never on the
+event loop. Everything they do is a sync method of
 the service; this module only adapts shapes."""
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ class SeedAsyncMethods:
         self: ImageEmbeddingService, source: Input, include_metadata: bool
     ) -> Embedding | dict[str, Any]:
         result = await asyncio.to_thread(self._embed_one, source)
-        return result.to_dict() if include_metadata or self.settings.debug else _as_list(result)
+        return result.to_dict() if include_metadata else _as_list(result)
 
     async def generate_embedding_from_image_path(
         self: ImageEmbeddingService, image_path: str, include_metadata: bool = False
@@ -88,13 +90,16 @@ class SeedAsyncMethods:
     async def batch_generate_embeddings(
         self: ImageEmbeddingService, image_paths: Sequence[Input], include_metadata: bool = False
     ) -> list[Embedding | dict[str, Any] | None]:
-        """In input order. A failed item is None (plain) or a dict with `error` (metadata)."""
+        """In input order. A failed item is None, or a dict with `error` (with metadata, or in
+        debug mode: its steps say where it failed)."""
         results = await asyncio.to_thread(self.embed_images, image_paths)
         for result in results:
             if result.error is not None:
                 log.warning("failed %s", result.error)
-        if include_metadata or self.settings.debug:
+        if include_metadata:
             return [result.to_dict() for result in results]
+        if self.settings.debug:
+            return [_as_list(result) if result.ok else result.to_dict() for result in results]
         return [_as_list(result) if result.ok else None for result in results]
 
     async def generate_embedding(self: ImageEmbeddingService, text: str) -> Embedding:

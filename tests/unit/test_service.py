@@ -297,14 +297,18 @@ async def test_debug_mode_returns_timestamped_steps(photos, tmp_path):
     assert messages[-1].startswith("done in ")
     stamps = [datetime.fromisoformat(e["timestamp"]) for e in fresh["metadata"]["debug_logs"]]
     assert stamps == sorted(stamps) and stamps[0].tzinfo is not None
-    assert len(fresh["embedding"]) == 64
+    # still the seed's plain list (its example 1 prints len(embedding)), fields by name
+    assert isinstance(fresh, list) and len(fresh) == 64 and fresh["embedding"] == fresh
+    with_metadata = await service.generate_embedding_from_image_path(str(photos[0]), True)
+    assert isinstance(with_metadata, dict) and with_metadata["metadata"]["debug_logs"]
 
     cached = await service.generate_embedding_from_image_path(str(photos[0]))
     assert "cache hit: the stored embedding is used" in [
         e["message"] for e in cached["metadata"]["debug_logs"]
     ]
-    (broken,) = await service.batch_generate_embeddings([b"not an image"])
-    assert broken["error_type"] == "InvalidImageError"
+    broken, good = await service.batch_generate_embeddings([b"not an image", photos[0]])
+    assert isinstance(broken, dict) and broken["error_type"] == "InvalidImageError"
+    assert isinstance(good, list) and len(good) == 64 and good["metadata"]["debug_logs"]
     assert broken["metadata"]["debug_logs"][-2]["message"].startswith("failed: InvalidImageError")
 
 
