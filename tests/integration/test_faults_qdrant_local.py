@@ -3,6 +3,7 @@ no server): its list of collections (meta.json) and a collection's points (stora
 one pickled point per row). Real files, the real client."""
 
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -12,13 +13,19 @@ import sqlite3
 import subprocess
 import sys
 import uuid
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from imgembed.errors import DataDirError, StoreDamagedError, StoreUnavailableError
+from imgembed.errors import (
+    DataDirError,
+    StoreBusyError,
+    StoreDamagedError,
+    StoreUnavailableError,
+)
 from imgembed.store import Provenance, Record
 from imgembed.store.qdrant import QdrantStore
 from tests.cli import run
@@ -420,3 +427,73 @@ def test_a_collection_file_this_user_may_not_read_is_not_set_aside_as_damaged(tm
         assert store.count("hurt") == 5 and store.count("kept") == 5
     finally:
         store.close()
+
+
+# what an open store of _two_collections holds: the lock file, one SQLite file a collection
+OPEN_FILES = [".lock"] + [
+    f"collection/{name}/storage.sqlite" for name in ("hurt", "imgembed_collections", "kept")
+]
+
+
+def _open_files(folder: Path) -> list[str]:
+    """The files under `folder` this process holds open (its SQLite files, the lock file),
+    each once per descriptor."""
+    held = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # the descriptor listing the folder itself
+            if (target := os.readlink(f"/proc/self/fd/{fd}")).startswith(f"{folder}/"):
+                held.append(target[len(str(folder)) + 1 :])
+    return sorted(held)
+
+
+@contextlib.contextmanager
+def _no_garbage_collector() -> Iterator[None]:
+    """What is closed, closed by us: the collector would close it some time later too."""
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+def test_a_local_qdrant_folder_busy_elsewhere_leaves_no_file_open(tmp_path):
+    """qdrant-client loads every collection before it takes the folder's lock: an opening
+    refused as another store holds the folder left this process holding each collection's
+    SQLite file (3 more descriptors here) and the lock file, until the garbage collector ran
+    ("ResourceWarning: unclosed file .lock"); the service opens the store again on each
+    request, so each held 3 more. Nothing more is held than the other store's own."""
+    folder = tmp_path / "qdrant"
+    _two_collections(folder)
+    other = QdrantStore(path=folder)
+    try:
+        held = _open_files(folder)
+        assert held == OPEN_FILES
+        with _no_garbage_collector(), warnings.catch_warnings(record=True) as warned:
+            warnings.simplefilter("always", ResourceWarning)
+            for _ in range(3):
+                with pytest.raises(StoreBusyError):
+                    QdrantStore(path=folder)
+                assert _open_files(folder) == held
+            gc.collect()
+        assert [str(w.message) for w in warned if w.category is ResourceWarning] == []
+    finally:
+        other.close()
+    assert _open_files(folder) == []
+
+
+def test_a_repaired_local_qdrant_opening_leaves_no_file_of_the_failed_one_open(tmp_path):
+    """An opening that failed on a damaged point, then opened again once it was taken out,
+    kept the failed client's SQLite files of the collections loaded before it (the
+    registry's and 'kept': 2 more descriptors) while the store was open and after it was
+    closed, until the garbage collector ran."""
+    folder = tmp_path / "qdrant"
+    _two_collections(folder)
+    _first_row(folder / "collection" / "hurt" / "storage.sqlite", b"garbage")
+    with _no_garbage_collector():
+        store = QdrantStore(path=folder)
+        try:
+            assert store.count("hurt") == 4 and store.count("kept") == 5
+            assert _open_files(folder) == OPEN_FILES
+        finally:
+            store.close()
+        assert _open_files(folder) == []

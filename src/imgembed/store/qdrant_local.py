@@ -12,6 +12,7 @@ import pickle
 import shutil
 import sqlite3
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -29,11 +30,12 @@ def open_local(client: Any, path: Path) -> Any:
     loads every collection on opening: a damaged one is set aside, so the others open."""
     try:
         return client(path=str(path))
-    except RuntimeError as exc:
-        if "already accessed by another instance" not in str(exc):
-            raise
-        raise _busy(path) from None
     except Exception as exc:
+        _close_opened(exc)
+        if isinstance(exc, RuntimeError):
+            if "already accessed by another instance" not in str(exc):
+                raise
+            raise _busy(path) from None
         if _unwritable(exc):  # nothing to repair: `writable` names it
             raise
         with _locked(path):
@@ -41,6 +43,22 @@ def open_local(client: Any, path: Path) -> Any:
         if not repaired:
             raise
         return open_local(client, path)
+
+
+def _close_opened(exc: BaseException) -> None:
+    """Close the files of the client whose opening failed (`exc`): qdrant-client leaves its
+    SQLite connections and lock file to the garbage collector, which frees them only when
+    it next runs (a reference cycle), so every failed opening held them meanwhile (a
+    server asked while another process holds the folder opens it again each request)."""
+    from qdrant_client.local.local_collection import LocalCollection
+    from qdrant_client.local.persistence import CollectionPersistence
+    from qdrant_client.local.qdrant_local import QdrantLocal
+
+    opened = (QdrantLocal, LocalCollection, CollectionPersistence)
+    for frame, _ in traceback.walk_tb(exc.__traceback__):
+        if isinstance(owner := frame.f_locals.get("self"), opened):
+            with contextlib.suppress(Exception):  # half made: close what is there
+                owner.close()
 
 
 @contextlib.contextmanager
