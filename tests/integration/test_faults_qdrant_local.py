@@ -172,6 +172,98 @@ def test_an_unreadable_local_qdrant_point_is_taken_out_and_the_rest_open(tmp_pat
     assert len(list((folder / "damaged").iterdir())) == 1
 
 
+def _every_point(storage: Path, change) -> bytes:
+    """Each stored point's vector as `change` makes it; the file's bytes now."""
+    with contextlib.closing(sqlite3.connect(storage)) as db, db:
+        for rowid, value in db.execute("SELECT rowid, point FROM points").fetchall():
+            point = pickle.loads(value)
+            point.vector = change(point.vector)
+            db.execute("UPDATE points SET point = ? WHERE rowid = ?", (pickle.dumps(point), rowid))
+    return storage.read_bytes()
+
+
+MISFIT_POINTS = {
+    "vectors of another length": (
+        lambda v: v[:3],
+        "Vector dimension error: expected dim: 8, got 3",
+    ),
+    "only a named vector": (lambda v: {"image": v}, "Not existing vector name error: image"),
+}
+
+
+@pytest.mark.parametrize("misfit", MISFIT_POINTS.values(), ids=MISFIT_POINTS.keys())
+def test_local_qdrant_points_that_all_misfit_their_settings_are_taken_out(tmp_path, caplog, misfit):
+    """Every point of a collection holding vectors its settings do not name (3 numbers where
+    meta.json and the registry say 8: another model's, another tool's): qdrant-client loads
+    them as one array without a word, so it opened, and every search of it failed (StoreError
+    "shapes (5,3) and (8,) not aligned"), as did storing ("could not broadcast"); named vectors
+    were counted (5) but no search found them. As one such point already is, they are taken
+    out of the file (kept in damaged/), and the collection serves, empty, to be indexed again;
+    the other collection is whole."""
+    folder = tmp_path / "qdrant"
+    _two_collections(folder)
+    storage = folder / "collection" / "hurt" / "storage.sqlite"
+    change, why = misfit
+    damaged = _every_point(storage, change)
+
+    with caplog.at_level(logging.WARNING):
+        store = QdrantStore(path=folder)
+    rng = np.random.default_rng(1)
+    try:
+        assert [(c.name, c.count) for c in store.collections()] == [("hurt", 0), ("kept", 5)]
+        assert store.search("kept", _unit(rng))[0].id.startswith("kept-")
+        assert store.search("hurt", _unit(rng)) == []
+        (aside,) = (folder / "damaged").iterdir()
+        assert aside.name.startswith("hurt-") and (aside / "storage.sqlite").read_bytes() == damaged
+        assert "5 of the 5 items stored in Qdrant's local collection 'hurt' cannot be read" in (
+            caplog.text
+        )
+        assert why in caplog.text and f"the file as it was kept in {aside}" in caplog.text
+        assert "the collection is empty now: index into it again" in caplog.text
+        store.upsert("hurt", [Record(f"hurt-{i}", _unit(rng), "h", "s") for i in range(5)])
+        found = sorted(h.id for h in store.search("hurt", _unit(rng), top_k=9))
+        assert found == [f"hurt-{i}" for i in range(5)]
+    finally:
+        store.close()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        QdrantStore(path=folder).close()  # opens as it is now, without a word
+    assert caplog.text == ""
+
+
+def test_local_qdrant_settings_the_points_and_registry_contradict_are_set_right(tmp_path, caplog):
+    """meta.json saying vectors of 3 numbers where the collection's points and imgembed's
+    registry (its model) hold 8 (a meta.json restored from before the collection was made
+    again with another model): it opened, searched, but storing failed ("Vector dimension
+    error: expected dim: 3, got 8"). The settings are what is wrong, so they are set to 8
+    (meta.json as it was kept in damaged/), and every item stays."""
+    folder = tmp_path / "qdrant"
+    _two_collections(folder)
+    meta = folder / "meta.json"
+    listed = json.loads(meta.read_text())
+    listed["collections"]["hurt"]["vectors"]["size"] = 3
+    meta.write_text(json.dumps(listed))
+    was = meta.read_bytes()
+
+    with caplog.at_level(logging.WARNING):
+        store = QdrantStore(path=folder)
+    rng = np.random.default_rng(1)
+    try:
+        assert [(c.name, c.count) for c in store.collections()] == [("hurt", 5), ("kept", 5)]
+        store.upsert("hurt", [Record("hurt-9", _unit(rng), "h", "s")])
+        assert store.count("hurt") == 6 and len(store.search("hurt", _unit(rng))) == 6
+    finally:
+        store.close()
+    (kept,) = (folder / "damaged").iterdir()
+    assert kept.name.startswith("meta-") and kept.read_bytes() == was
+    assert (
+        f"Qdrant's local collection 'hurt': its settings in {meta} say vectors of 3 numbers, "
+        "but its items and imgembed's registry hold vectors of 8 (it could not be searched or "
+        f"stored into): the settings are set to 8, meta.json as it was kept in {kept}"
+    ) in caplog.text
+    assert json.loads(meta.read_text())["collections"]["hurt"]["vectors"]["size"] == 8
+
+
 def test_an_unreadable_point_of_the_local_qdrant_registry_is_named_with_what_to_do(tmp_path):
     """The registry holds every collection's model: a row of it is not taken out silently."""
     folder = tmp_path / "qdrant"

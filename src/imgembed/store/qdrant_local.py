@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from imgembed.errors import DataDirError, StoreBusyError, StoreDamagedError
+from imgembed.store.qdrant_misfits import fit_settings, misfits, registered_sizes
 
 log = logging.getLogger(__name__)
 
@@ -27,9 +28,11 @@ OPENING = "opening Qdrant"  # the action of QdrantStore's opening calls
 
 def open_local(client: Any, path: Path) -> Any:
     """Qdrant's local files, which one process at a time may hold (a file lock). Qdrant
-    loads every collection on opening: a damaged one is set aside, so the others open."""
+    loads every collection on opening: a damaged one is set aside, so the others open; so
+    are points that all misfit their collection's settings (`misfits`), or the settings
+    where the registry agrees with the points."""
     try:
-        return client(path=str(path))
+        opened = client(path=str(path))
     except Exception as exc:
         _close_opened(exc)
         if isinstance(exc, RuntimeError):
@@ -43,6 +46,19 @@ def open_local(client: Any, path: Path) -> Any:
         if not repaired:
             raise
         return open_local(client, path)
+    if not (wrong := misfits(opened)):
+        return opened
+    sizes = registered_sizes(opened, REGISTRY)
+    opened.close()
+    confirmed = {n: s for n, s in wrong.items() if s is not None and sizes.get(n) == s}
+    with _locked(path):  # settings the registry confirms, or else the points, set aside
+        if not (fit_settings(path, confirmed) + _set_aside_damaged(path)):  # or found again
+            raise StoreDamagedError(
+                f"Qdrant's local collections {', '.join(map(repr, sorted(wrong)))} hold vectors "
+                f"that do not fit their settings in {path / 'meta.json'}: move their folders "
+                f"out of {path / 'collection'} and index into them again"
+            )
+    return open_local(client, path)
 
 
 def _close_opened(exc: BaseException) -> None:
@@ -232,9 +248,10 @@ def _set_aside_damaged(path: Path) -> list[str]:
                 db.executemany("DELETE FROM points WHERE rowid = ?", [(r,) for r in lost])
             log.warning(
                 "%d of the %d items stored in Qdrant's local collection %r cannot be read "
-                "(%s): taken out of %s, the file as it was kept in %s; the other items "
-                "are there: index again to store those anew",
+                "(%s): taken out of %s, the file as it was kept in %s; %s",
                 len(lost), stored, name, why, storage, target,
+                "the collection is empty now: index into it again" if len(lost) == stored
+                else "the other items are there: index again to store those anew",
             )  # fmt: skip
         repaired.append(name)
     return repaired

@@ -1,0 +1,81 @@
+"""Local Qdrant collections whose points all hold vectors that do not fit their settings
+(another length, or only named vectors): qdrant-client loads such points as one array
+without a word, and then every search of the collection fails ("shapes (5,3) and (8,) not
+aligned") or finds nothing. Found on opening, by one point of each collection (the client
+refuses to load vectors of mixed lengths: one point stands for all)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def misfits(opened: Any) -> dict[str, int | None]:
+    """The collections of an opened local client whose points do not fit their settings,
+    each with the length of its points' vectors (None: they hold none the settings name)."""
+    from qdrant_client.http.models import VectorParams
+
+    found = {}
+    for collection in opened.get_collections().collections:
+        params = opened.get_collection(collection.name).config.params.vectors
+        points, _ = opened.scroll(collection.name, limit=1, with_vectors=True)
+        if not points or not isinstance(params, VectorParams):  # named: not imgembed's
+            continue
+        vector = points[0].vector
+        if not isinstance(vector, list):
+            found[collection.name] = None
+        elif len(vector) != params.size:
+            found[collection.name] = len(vector)
+    return found
+
+
+def registered_sizes(opened: Any, registry: str) -> dict[str, int]:
+    """The vector length imgembed's registry names for each collection (its model's)."""
+    sizes: dict[str, int] = {}
+    offset = None
+    while opened.collection_exists(registry):
+        points, offset = opened.scroll(
+            registry, limit=1000, offset=offset, with_payload=["name", "dimension"]
+        )
+        for point in points:
+            payload = point.payload or {}
+            if isinstance(payload.get("dimension"), int):
+                sizes[payload.get("name")] = payload["dimension"]
+        if offset is None:
+            break
+    return sizes
+
+
+def fit_settings(path: Path, sizes: dict[str, int]) -> list[str]:
+    """Set the vector length in meta.json of each collection in `sizes` to that length: its
+    points and imgembed's registry agree on it, so meta.json is what is wrong (one restored
+    from before the collection was made again with another model), and its items stay. The
+    file as it was is kept in damaged/; the names."""
+    if not sizes:
+        return []
+    meta = path / "meta.json"
+    listed = json.loads(meta.read_text())
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    kept = path / "damaged" / f"meta-{stamp}.json"
+    kept.parent.mkdir(exist_ok=True)
+    shutil.copy2(meta, kept)
+    for name, size in sizes.items():
+        vectors = listed["collections"][name]["vectors"]
+        log.warning(
+            "Qdrant's local collection %r: its settings in %s say vectors of %s numbers, but "
+            "its items and imgembed's registry hold vectors of %d (it could not be searched "
+            "or stored into): the settings are set to %d, %s as it was kept in %s",
+            name, meta, vectors.get("size"), size, size, meta.name, kept,
+        )  # fmt: skip
+        vectors["size"] = size
+    written = meta.with_name(meta.name + ".new")
+    written.write_text(json.dumps(listed))
+    os.replace(written, meta)  # whole or not at all
+    return list(sizes)
