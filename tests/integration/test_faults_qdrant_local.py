@@ -258,10 +258,53 @@ def test_local_qdrant_settings_the_points_and_registry_contradict_are_set_right(
     assert kept.name.startswith("meta-") and kept.read_bytes() == was
     assert (
         f"Qdrant's local collection 'hurt': its settings in {meta} say vectors of 3 numbers, "
-        "but its items and imgembed's registry hold vectors of 8 (it could not be searched or "
-        f"stored into): the settings are set to 8, meta.json as it was kept in {kept}"
+        "but imgembed's registry of collections names 8 (its model's), so it could not be "
+        f"searched or stored into: the settings are set to 8, meta.json as it was kept in {kept}"
     ) in caplog.text
+    assert "cannot be read" not in caplog.text  # the items fit the registry: they stay
     assert json.loads(meta.read_text())["collections"]["hurt"]["vectors"]["size"] == 8
+
+
+def test_a_local_qdrant_collection_the_registry_contradicts_is_made_its_models(tmp_path, caplog):
+    """imgembed's registry naming vectors of 3 numbers (its model's) for a collection whose
+    settings and items hold 8 (a registry restored from before it was made again, or the
+    folder of another store's collection put in its place): every search of it failed, with
+    a query of 8 numbers as "vector of shape (8,), but the collection has 3 dimensions", with
+    one of 3 as StoreError "shapes (5,8) and (3,) not aligned". The registry is the only
+    record of which model made a collection's vectors, so its length stands: the settings
+    are set to it and the items of another length taken out (kept in damaged/); the
+    collection serves its model, empty, to be indexed again."""
+    folder = tmp_path / "qdrant"
+    _two_collections(folder)
+    registry = folder / "collection" / "imgembed_collections" / "storage.sqlite"
+    with contextlib.closing(sqlite3.connect(registry)) as db, db:
+        for rowid, value in db.execute("SELECT rowid, point FROM points").fetchall():
+            entry = pickle.loads(value)
+            if entry.payload["name"] == "hurt":
+                entry.payload["dimension"] = 3
+                db.execute("UPDATE points SET point = ? WHERE rowid = ?",
+                           (pickle.dumps(entry), rowid))  # fmt: skip
+
+    with caplog.at_level(logging.WARNING):
+        store = QdrantStore(path=folder)
+    rng = np.random.default_rng(1)
+    short = np.array([0.6, 0.8, 0.0], dtype=np.float32)
+    try:
+        assert [(c.name, c.count) for c in store.collections()] == [("hurt", 0), ("kept", 5)]
+        assert store.search("kept", _unit(rng))[0].id.startswith("kept-")
+        store.upsert("hurt", [Record("hurt-9", short, "h", "s")])
+        assert [h.id for h in store.search("hurt", short)] == ["hurt-9"]
+    finally:
+        store.close()
+    assert "say vectors of 8 numbers, but imgembed's registry of collections names 3" in (
+        caplog.text
+    )
+    assert "5 of the 5 items stored in Qdrant's local collection 'hurt' cannot be read" in (
+        caplog.text
+    )
+    assert "expected dim: 3, got 8" in caplog.text
+    assert sorted(p.name.split("-")[0] for p in (folder / "damaged").iterdir()) == [
+        "hurt", "meta"]  # fmt: skip
 
 
 def test_an_unreadable_point_of_the_local_qdrant_registry_is_named_with_what_to_do(tmp_path):

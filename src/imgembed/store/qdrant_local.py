@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from imgembed.errors import DataDirError, StoreBusyError, StoreDamagedError
-from imgembed.store.qdrant_misfits import fit_settings, misfits, registered_sizes
+from imgembed.store.qdrant_misfits import fit_settings, misfits
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +29,7 @@ OPENING = "opening Qdrant"  # the action of QdrantStore's opening calls
 def open_local(client: Any, path: Path) -> Any:
     """Qdrant's local files, which one process at a time may hold (a file lock). Qdrant
     loads every collection on opening: a damaged one is set aside, so the others open; so
-    are points that all misfit their collection's settings (`misfits`), or the settings
-    where the registry agrees with the points."""
+    are settings and points that do not fit imgembed's registry (`misfits`)."""
     try:
         opened = client(path=str(path))
     except Exception as exc:
@@ -46,17 +45,16 @@ def open_local(client: Any, path: Path) -> Any:
         if not repaired:
             raise
         return open_local(client, path)
-    if not (wrong := misfits(opened)):
+    settings, points = misfits(opened, REGISTRY)
+    if not (settings or points):
         return opened
-    sizes = registered_sizes(opened, REGISTRY)
     opened.close()
-    confirmed = {n: s for n, s in wrong.items() if s is not None and sizes.get(n) == s}
-    with _locked(path):  # settings the registry confirms, or else the points, set aside
-        if not (fit_settings(path, confirmed) + _set_aside_damaged(path)):  # or found again
+    with _locked(path):  # the registry's length set, then the points not of it set aside
+        if not (fit_settings(path, settings) + _set_aside_damaged(path)):  # or found again
             raise StoreDamagedError(
-                f"Qdrant's local collections {', '.join(map(repr, sorted(wrong)))} hold vectors "
-                f"that do not fit their settings in {path / 'meta.json'}: move their folders "
-                f"out of {path / 'collection'} and index into them again"
+                f"Qdrant's local collections {', '.join(map(repr, sorted(points)))} hold "
+                f"vectors that do not fit their settings in {path / 'meta.json'}: move their "
+                f"folders out of {path / 'collection'} and index into them again"
             )
     return open_local(client, path)
 

@@ -1,8 +1,9 @@
 """Local Qdrant collections whose points all hold vectors that do not fit their settings
 (another length, or only named vectors): qdrant-client loads such points as one array
 without a word, and then every search of the collection fails ("shapes (5,3) and (8,) not
-aligned") or finds nothing. Found on opening, by one point of each collection (the client
-refuses to load vectors of mixed lengths: one point stands for all)."""
+aligned") or finds nothing; so does one whose settings name another length than imgembed's
+registry. Found on opening, by one point of each collection (the client refuses to load
+vectors of mixed lengths: one point stands for all)."""
 
 from __future__ import annotations
 
@@ -17,26 +18,27 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 
-def misfits(opened: Any) -> dict[str, int | None]:
-    """The collections of an opened local client whose points do not fit their settings,
-    each with the length of its points' vectors (None: they hold none the settings name)."""
+def misfits(opened: Any, registry: str) -> tuple[dict[str, int], list[str]]:
+    """What in an opened local client does not fit: the collections whose settings name
+    another vector length than imgembed's registry (its model's), each with that length;
+    and those whose points misfit their settings (another length, or only named vectors)."""
     from qdrant_client.http.models import VectorParams
 
-    found = {}
+    sizes = _registered_sizes(opened, registry)
+    settings, points = {}, []
     for collection in opened.get_collections().collections:
         params = opened.get_collection(collection.name).config.params.vectors
-        points, _ = opened.scroll(collection.name, limit=1, with_vectors=True)
-        if not points or not isinstance(params, VectorParams):  # named: not imgembed's
+        if not isinstance(params, VectorParams):  # named vectors: not imgembed's
             continue
-        vector = points[0].vector
-        if not isinstance(vector, list):
-            found[collection.name] = None
-        elif len(vector) != params.size:
-            found[collection.name] = len(vector)
-    return found
+        if sizes.get(collection.name, params.size) != params.size:
+            settings[collection.name] = sizes[collection.name]
+        first, _ = opened.scroll(collection.name, limit=1, with_vectors=True)
+        if first and (not isinstance(first[0].vector, list) or len(first[0].vector) != params.size):
+            points.append(collection.name)
+    return settings, points
 
 
-def registered_sizes(opened: Any, registry: str) -> dict[str, int]:
+def _registered_sizes(opened: Any, registry: str) -> dict[str, int]:
     """The vector length imgembed's registry names for each collection (its model's)."""
     sizes: dict[str, int] = {}
     offset = None
@@ -54,10 +56,11 @@ def registered_sizes(opened: Any, registry: str) -> dict[str, int]:
 
 
 def fit_settings(path: Path, sizes: dict[str, int]) -> list[str]:
-    """Set the vector length in meta.json of each collection in `sizes` to that length: its
-    points and imgembed's registry agree on it, so meta.json is what is wrong (one restored
-    from before the collection was made again with another model), and its items stay. The
-    file as it was is kept in damaged/; the names."""
+    """Set the vector length in meta.json of each collection in `sizes` to the one imgembed's
+    registry names: the registry knows the model, and a meta.json restored from before the
+    collection was made again with another model does not; items of another length are
+    taken out next (`_set_aside_damaged`). The file as it was is kept in damaged/; the
+    names."""
     if not sizes:
         return []
     meta = path / "meta.json"
@@ -70,8 +73,8 @@ def fit_settings(path: Path, sizes: dict[str, int]) -> list[str]:
         vectors = listed["collections"][name]["vectors"]
         log.warning(
             "Qdrant's local collection %r: its settings in %s say vectors of %s numbers, but "
-            "its items and imgembed's registry hold vectors of %d (it could not be searched "
-            "or stored into): the settings are set to %d, %s as it was kept in %s",
+            "imgembed's registry of collections names %d (its model's), so it could not be "
+            "searched or stored into: the settings are set to %d, %s as it was kept in %s",
             name, meta, vectors.get("size"), size, size, meta.name, kept,
         )  # fmt: skip
         vectors["size"] = size
