@@ -1314,3 +1314,83 @@ def test_the_page_from_the_keyboard_alone(indexed):
         chooser.value.set_files(str(indexed / "chelsea.png"))
         expect(page.locator("#status")).to_contain_text("results like", timeout=TIMEOUT)
         assert errors == []
+
+
+def test_escape_gives_up_a_search_or_a_list_the_page_waits_for(indexed):
+    """A slow server: Escape did nothing, the search went on and its answer, when it came,
+    replaced what the page showed. Now Escape aborts the search (by text, by image, of
+    products) or the list the page waits for, says so, and the page goes on working."""
+    from playwright.sync_api import expect
+
+    with Catalog(**TINY) as catalog:
+        mug = {"id": "mug", "title": "Coffee mug", "image_url": str(indexed / "coffee.png")}
+        catalog.upsert_products("demo", [mug])
+        assert catalog.embed("demo").successful == 1
+    settings = load_settings(**TINY, allowed_roots=[indexed])
+    with browser_on(settings) as (page, errors):
+        page.wait_for_selector("#collection option", state="attached")
+        held: list[Any] = []  # requests the "server" does not answer until the test says
+
+        def hold(route: Any) -> None:
+            held.append(route)
+
+        searches = re.compile(r"/api/v1/(search/image|stores/[^/]+/search)$")
+        page.route(searches, hold)
+
+        def escape_gives_up(field: str, said: str) -> None:
+            """Escape in `field` while the page waits: the request aborted, `said` on the
+            status line; the late answer, sent anyway, is not shown."""
+            page.wait_for_function("document.querySelector('#results').ariaBusy === 'true'")
+            with page.expect_event("requestfailed"):
+                page.press(field, "Escape")
+            expect(page.locator("#status")).to_have_text(said, timeout=TIMEOUT)
+            assert page.locator("#results").get_attribute("aria-busy") is None
+            with contextlib.suppress(Exception):  # the browser gave up on it: nothing to answer
+                held.pop().continue_()
+            page.wait_for_timeout(500)  # time to show it, were it still awaited
+            expect(page.locator("#status")).to_have_text(said)
+            assert page.locator("#results .card").count() == 0
+
+        page.fill("#query", "a cup of coffee")
+        page.press("#query", "Enter")
+        escape_gives_up(
+            "#query", "Searching \u2068photos\u2069 for “\u2068a cup of coffee\u2069”: cancelled."
+        )
+        assert page.input_value("#query") == "a cup of coffee"  # kept to try again
+
+        page.unroute(searches)
+        page.press("#query", "Enter")  # the page goes on: the same search, answered
+        expect(page.locator("#results .card")).to_have_count(7, timeout=TIMEOUT)
+        page.route(searches, hold)
+        page.locator("#results .card .more").first.click()
+        escape_gives_up("#query", "Searching \u2068photos\u2069 for this image: cancelled.")
+
+        page.click("#view-products")
+        page.wait_for_selector("#store option", state="attached")
+        page.fill("#product-query", "coffee")
+        page.press("#product-query", "Enter")
+        escape_gives_up(
+            "#product-query", "Searching \u2068demo\u2069 for “\u2068coffee\u2069”: cancelled."
+        )
+        page.unroute(searches)
+        page.press("#product-query", "Enter")
+        expect(page.locator("#results .product")).to_have_count(1, timeout=TIMEOUT)
+
+        # a list: the page opens on a server that does not answer it
+        page.route("**/api/v1/collections", hold)
+        page.reload()
+        asking = "Asking the server for its collections…"
+        expect(page.locator("#status")).to_have_text(asking, timeout=TIMEOUT)
+        with page.expect_event("requestfailed"):
+            page.keyboard.press("Escape")
+        said = "Asking the server for its collections: cancelled; reload the page to ask again."
+        expect(page.locator("#status")).to_have_text(said, timeout=TIMEOUT)
+        with contextlib.suppress(Exception):
+            held.pop().continue_()
+        page.wait_for_timeout(500)
+        expect(page.locator("#status")).to_have_text(said)
+        assert page.locator("#collection option").count() == 0
+        page.unroute("**/api/v1/collections")
+        page.reload()
+        expect(page.locator("#collection option")).to_have_count(1, timeout=TIMEOUT)
+        assert errors == []

@@ -145,10 +145,10 @@ function askAgainLater(load, error) {
 // A list asked for anew (a key given, a view shown) while an earlier request for it is still
 // out: only the newest answer is shown. A slow 401 of before the key emptied the list the
 // key had opened, and said "401" under it. While a list is out, the page says it waits.
-const turns = new Map(); // loader -> its newest request: { out }
+const turns = new Map(); // loader -> its newest request: { out, cancelled, controller, asking }
 
 function listTurn(load) {
-  const turn = { out: true };
+  const turn = { out: true, cancelled: false };
   turns.set(load, turn);
   return turn;
 }
@@ -169,6 +169,7 @@ function listing(load) {
 // its collections…" for ever, with no count and no end.
 async function listFrom(load, turn, path, shape, asking) {
   const controller = new AbortController();
+  Object.assign(turn, { controller, asking });
   const started = Date.now();
   const ticker = setInterval(() => {
     const seconds = Math.round((Date.now() - started) / 1000);
@@ -254,16 +255,41 @@ function begin(text) {
     if (seconds >= GIVE_UP_S) controller.abort("timeout");
     else status(`${text} (no answer yet after ${seconds} s: still waiting for the server)`);
   }, WAIT_NOTICE_S * 1000);
-  running = { controller, ticker };
+  running = { controller, ticker, text };
   $("#results").setAttribute("aria-busy", "true");
   status(text);
   return controller.signal;
 }
 
-function cancel() {
+function cancel(reason = "superseded") {
   if (!running) return;
-  running.controller.abort("superseded");
+  running.controller.abort(reason);
   end(running.controller.signal);
+}
+
+// Escape gives up what the page waits for (a search, a list), as a slow server may keep
+// it waiting: the request is aborted, so its answer, if it still comes, is never shown.
+// The results shown go, as after a search given up (their thumbnails were stopped).
+// Returns whether there was anything to give up.
+function cancelByUser() {
+  const said = [];
+  let any = false;
+  if (running) {
+    said.push(`${running.text.replace(/…$/, "")}: cancelled`);
+    cancel("cancelled");
+    clearResults();
+    any = true;
+  }
+  for (const [load, turn] of turns) {
+    if (!turn.out || !turn.controller || turn.cancelled) continue;
+    turn.cancelled = true;
+    turn.controller.abort("cancelled");
+    const view = load === loadCollections ? "images" : "products";
+    if (visible(view)) said.push(`${turn.asking.replace(/…$/, "")}: cancelled; reload the page to ask again`);
+    any = true;
+  }
+  if (said.length) status(`${said.join(". ")}.`);
+  return any;
 }
 
 function end(signal) {
@@ -315,6 +341,7 @@ async function loadCollections(quiet = false) {
     error = caught; // a list the key no longer opens is not offered: it is empty
   }
   if (!newest(loadCollections, turn)) return; // asked for again meanwhile: that answer counts
+  if (turn.cancelled) return; // at Escape (said then): the list stays as it was
   state.collections = list;
   const failure = error && `Cannot list collections: ${error.message}${askAgainLater(loadCollections, error)}`;
   const select = $("#collection");
@@ -639,8 +666,13 @@ function setUp() {
   // Escape closes the key box, and the focus goes back to its "API key"
   $("#key-box").addEventListener("keydown", (event) => {
     if (event.key !== "Escape" || !$("#key-box").open) return;
+    event.preventDefault(); // this Escape is the box's: a search running goes on
     $("#key-box").open = false;
     $("#key-box summary").focus();
+  });
+  document.addEventListener("keydown", (event) => {
+    if (event.key !== "Escape" || event.defaultPrevented) return;
+    if (cancelByUser()) event.preventDefault(); // the search field keeps its text to try again
   });
   $("#api-key").value = keys.getItem("imgembed-key") ?? "";
   $("#api-key").addEventListener("change", (event) => {

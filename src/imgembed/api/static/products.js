@@ -31,6 +31,7 @@ async function loadStores() {
     error = caught; // a list the key no longer opens is not offered (as collections)
   }
   if (!newest(loadStores, turn)) return; // asked for again meanwhile: that answer counts
+  if (turn.cancelled) return; // at Escape (said then): the list stays as it was
   products.stores = list;
   const failure = error && `Cannot list stores: ${error.message}${askAgainLater(loadStores, error)}`;
   const chosen = store();
