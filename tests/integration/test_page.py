@@ -1394,3 +1394,35 @@ def test_escape_gives_up_a_search_or_a_list_the_page_waits_for(indexed):
         page.reload()
         expect(page.locator("#collection option")).to_have_count(1, timeout=TIMEOUT)
         assert errors == []
+
+
+def test_more_like_this_leaves_the_focus_on_the_new_results(indexed):
+    """ "More like this" replaced its own card, and the keyboard's focus fell to the page's
+    body: a screen reader or the next Tab started again from the top. Now the focus goes to
+    the results (as the answer comes, or fails), and Tab goes on into them."""
+    from playwright.sync_api import expect
+
+    settings = load_settings(**TINY, allowed_roots=[indexed])
+    with browser_on(settings) as (page, errors):
+        page.wait_for_selector("#collection option", state="attached")
+        page.fill("#query", "a cup of coffee")
+        page.press("#query", "Enter")
+        expect(page.locator("#results .card")).to_have_count(7, timeout=TIMEOUT)
+        focused = "document.activeElement.id || document.activeElement.className"
+        page.locator("#results .card", has_text="coffee.png").locator(".more").click()
+        expect(page.locator("#status")).to_contain_text("results for this image", timeout=TIMEOUT)
+        assert page.evaluate(focused) == "results"
+        page.keyboard.press("Tab")
+        assert page.evaluate(focused) == "more"
+        assert page.evaluate("document.activeElement.closest('.card').dataset.id") == str(
+            indexed / "coffee.png"
+        )  # the first of the new results
+
+        page.click("#duplicates")  # a group's card, and a search that fails
+        page.wait_for_selector("#results .group")
+        busy = {"status": 503, "json": {"error": "server overloaded"}}
+        page.route("**/api/v1/search/image", lambda route: route.fulfill(**busy))
+        page.locator("#results .group .more").first.click()
+        expect(page.locator("#status")).to_contain_text("503", timeout=TIMEOUT)
+        assert page.evaluate(focused) == "results"
+        assert errors == []

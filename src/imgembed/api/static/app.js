@@ -365,10 +365,16 @@ function visible(view) {
   return !document.querySelector(`div[data-view=${view}]`).hidden;
 }
 
+// The keyboard's focus on a result that goes ("More like this" replaces its own card) is
+// moved to the results themselves: it fell to the page's body, and a screen reader or the
+// next Tab started again from the top.
 function clearResults() {
   nearEnd.disconnect(); // the results that go are drawn no further
   releaseThumbnails();
-  $("#results").replaceChildren();
+  const results = $("#results");
+  const focused = results !== document.activeElement && results.contains(document.activeElement);
+  results.replaceChildren();
+  if (focused) results.focus();
 }
 
 // A list reloaded (e.g. a new API key) keeps the user's choice while it is still there;
