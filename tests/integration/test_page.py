@@ -7,7 +7,9 @@ import functools
 import json
 import re
 import shutil
+import threading
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -448,9 +450,9 @@ def test_a_failed_answer_is_said_in_words(indexed):
             said.append(page.locator("#status").inner_text())
             page.unroute("**/api/v1/search/image")
         assert said[0] == "503: \u2068server overloaded\u2069 (try again in 30 seconds)"
-        assert said[1] == "502: Bad Gateway"
-        assert said[2] == "400: Bad Request"
-        assert said[3] == "500: Internal Server Error"
+        assert said[1] == "502: \u2068Bad Gateway\u2069"  # the reason phrase, as the server's words
+        assert said[2] == "400: \u2068Bad Request\u2069"
+        assert said[3] == "500: \u2068Internal Server Error\u2069"
         proxy = "the server answered 200 without the JSON imgembed sends: is a proxy in between?"
         assert said[4] == said[5] == proxy
         page.fill("#query", "a cup of coffee")
@@ -1425,4 +1427,79 @@ def test_more_like_this_leaves_the_focus_on_the_new_results(indexed):
         page.locator("#results .group .more").first.click()
         expect(page.locator("#status")).to_contain_text("503", timeout=TIMEOUT)
         assert page.evaluate(focused) == "results"
+        assert errors == []
+
+
+@contextlib.contextmanager
+def answering_with(phrases: dict[str, tuple[int, str]]) -> Iterator[str]:
+    """A stand-in for a proxy on loopback: a request for /<name> is answered with the status
+    and reason phrase `phrases` give it (the phrase as UTF-8 bytes, as a proxy may send it;
+    no HTTP server in Python sends other than Latin-1), a plain-text body and Retry-After."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def answer(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            status, phrase = phrases[self.path.lstrip("/")]
+            head = f"HTTP/1.1 {status} {phrase}\r\nContent-Type: text/plain\r\nRetry-After: 30\r\n"
+            self.wfile.write(f"{head}Content-Length: 2\r\nConnection: close\r\n\r\nno".encode())
+
+        do_GET = do_POST = answer
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+
+
+def test_a_right_to_left_reason_phrase_keeps_to_itself(indexed):
+    """A failed answer without imgembed's JSON (a proxy's) is said by its reason phrase,
+    which was neither set apart (an isolate, as the server's messages are) nor rid of its
+    bidirectional controls; one in Hebrew, sent as UTF-8, read as its bytes ("×©×¨×ª")."""
+    from playwright.sync_api import expect
+
+    message = "השרת עמוס."  # "the server is overloaded."
+    phrases = {"search": (503, message), "products": (502, "no \u202eupstream"),
+               "thumbnail": (503, message)}  # fmt: skip
+    with Catalog(**TINY) as catalog:
+        mug = {"id": "mug", "title": "Coffee mug", "image_url": str(indexed / "coffee.png")}
+        catalog.upsert_products("demo", [mug])
+        assert catalog.embed("demo").successful == 1
+    settings = load_settings(**TINY, allowed_roots=[indexed])
+    with browser_on(settings) as (page, errors), answering_with(phrases) as proxy:
+        page.wait_for_selector("#collection option", state="attached")
+        page.route("**/thumbnail?*", lambda route: route.continue_(url=f"{proxy}/thumbnail"))
+        page.fill("#query", "a cup of coffee")
+        page.press("#query", "Enter")
+        expect(page.locator("#results .card")).to_have_count(7, timeout=TIMEOUT)
+        expect(page.locator("#results .card .no-image").first).to_have_text(
+            f"no thumbnail: \u2068{message}\u2069", timeout=TIMEOUT
+        )
+
+        page.route("**/api/v1/search/image", lambda route: route.continue_(url=f"{proxy}/search"))
+        page.press("#query", "Enter")
+        expect(page.locator("#status")).to_contain_text("(try again in", timeout=TIMEOUT)
+        said = page.locator("#status").inner_text()
+        assert said == f"503: \u2068{message}\u2069 (try again in 30 seconds)"
+        drawn = page.evaluate(DRAWN)
+        letters = [(left, right) for char, left, right in drawn if "\u05d0" <= char <= "\u05ea"]
+        stop = next(left for char, left, _ in drawn if char == ".")
+        bracket = next(left for char, left, _ in drawn if char == "(")
+        prefix = max(right for char, _, right in drawn[:3])  # "503"
+        assert stop < min(left for left, _ in letters), drawn  # the stop ends it, leftmost
+        assert prefix <= stop and max(right for _, right in letters) <= bracket, drawn
+
+        page.click("#view-products")
+        page.wait_for_selector("#store option", state="attached")
+        page.route("**/stores/*/search", lambda route: route.continue_(url=f"{proxy}/products"))
+        page.fill("#product-query", "coffee")
+        page.press("#product-query", "Enter")
+        expect(page.locator("#status")).to_have_text(
+            "502: \u2068no upstream\u2069 (try again in 30 seconds)", timeout=TIMEOUT
+        )
         assert errors == []

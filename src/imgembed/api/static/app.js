@@ -114,9 +114,22 @@ async function readJson(response) {
 // The words are then set apart as a whole (an isolate, as a user's text is): a message in
 // Hebrew or Arabic ran into the page's words around it, its own full stop drawn on the
 // wrong side ("503: השרת עמוס. (try again ...)" read with the stop before the message).
+// A status's reason phrase (a proxy's own words) is the server's words too.
 function failure(response, body) {
   const given = [body?.error?.message, body?.error].find((text) => typeof text === "string" && text);
-  return given ? serverWords(given) : response.statusText || "the server gave no reason";
+  const words = given || fromBytes(response.statusText);
+  return words ? serverWords(words) : "the server gave no reason";
+}
+
+// The browser gives a reason phrase as its bytes, a character each: one sent as UTF-8 read
+// "×©×¨×ª" for "שרת". Bytes that are UTF-8 are read as such; others are kept as they came.
+function fromBytes(text) {
+  if (/[^\u0000-\u00ff]/.test(text)) return text; // already characters: not bytes
+  try {
+    return new TextDecoder("utf-8", { fatal: true }).decode(Uint8Array.from(text, (char) => char.charCodeAt(0)));
+  } catch {
+    return text;
+  }
 }
 
 function serverWords(text) {
