@@ -346,3 +346,10 @@ def test_python_dash_m_imgembed_runs_the_command(tmp_path, photos):
         timeout=300,
     )
     assert missing.returncode == 1 and "Traceback" not in missing.stderr, missing.stderr
+
+
+@pytest.mark.parametrize("command", [("index",), ("catalog", "embed")])
+def test_the_ray_options_help_names_the_extra_to_install(command):
+    # Rich's markup read "imgembed[ray]" as a tag and printed "Needs imgembed."
+    out = run(*command, "--help", env={"COLUMNS": "400"}).stdout
+    assert "Needs imgembed[ray]." in out

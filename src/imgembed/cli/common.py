@@ -77,7 +77,7 @@ RayOpt = Annotated[
         metavar="[ADDRESS]",
         help="Run on Ray: alone (or 'local') a Ray started for this run, 'auto' the cluster "
         "running here, or a cluster's address (host:port, ray://host:10001). "
-        "Needs imgembed[ray].",
+        "Needs imgembed\\[ray].",  # escaped: rich's markup took [ray] for a tag and dropped it
     ),
 ]
 SourcesArg = Annotated[
