@@ -904,7 +904,10 @@ def test_collections_index_search_duplicates_thumbnails(data_dir, root, library,
         # for a file name; a 503 after trying to load one with a colon, or an unknown tag)
         for model in ({"model": "ViT-Q-99"}, {"model": "x" * 300}, {"model": "a:b"},
                       {"model": "hf-hub:"},
-                      {"model": "imgembed-tiny", "pretrained": "no-such-tag"}):  # fmt: skip
+                      {"model": "imgembed-tiny", "pretrained": "no-such-tag"},
+                      # a checkpoint or folder in the roots that is not there (was a 503)
+                      {"model": "imgembed-tiny", "pretrained": str(root / "missing.pt")},
+                      {"model": f"local-dir:{root / 'missing'}"}):  # fmt: skip
             unknown = client.post("/api/v1/collections", json={"name": "m3", **model})
             assert (unknown.status_code, unknown.json()["error_type"]) == (
                 422, "UnknownModelError"), unknown.text[:300]  # fmt: skip

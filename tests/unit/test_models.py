@@ -31,10 +31,16 @@ def test_offline_default_model_fails_fast_and_says_what_to_do():
 
 
 def test_missing_checkpoint_file(tmp_path):
+    from imgembed.errors import UnknownModelError
+
     missing = tmp_path / "nope.safetensors"
     service = ImageEmbeddingService(model="ViT-B-32", pretrained=str(missing))
-    with pytest.raises(ModelUnavailableError, match="does not exist"):
+    # no weights of that name, as an unknown tag: over HTTP a 422, not a 503 to retry
+    with pytest.raises(UnknownModelError, match="does not exist"):
         service.encoder  # noqa: B018
+    folder = ImageEmbeddingService(model=f"local-dir:{tmp_path / 'no-folder'}")
+    with pytest.raises(UnknownModelError, match="does not exist"):
+        folder.encoder  # noqa: B018
 
 
 def test_a_checkpoint_of_another_architecture_says_so_not_where_to_download(tmp_path):
