@@ -1102,8 +1102,8 @@ def test_jobs_can_be_cancelled_and_a_repeated_request_gets_the_queued_job(
         client.delete(f"/api/v1/jobs/{other['job_id']}")
         dropped = client.delete(f"/api/v1/jobs/{waiting['job_id']}").json()
         assert dropped["status"] == "cancelled" and dropped["progress"] is None
-        while (job := client.get(running["url"]).json())["progress"] is None:
-            time.sleep(0.05)
+        while not (client.get(running["url"]).json()["progress"] or {}).get("done"):
+            time.sleep(0.05)  # a batch stored (its progress is there from the start)
         client.delete(f"/api/v1/jobs/{running['job_id']}")
         while (job := client.get(running["url"]).json())["status"] == "running":
             time.sleep(0.05)
@@ -1213,6 +1213,20 @@ def test_the_oldest_finished_jobs_are_forgotten_also_behind_a_long_one(monkeypat
     last = jobs.submit("index", "last", 1, lambda progress: None)  # forgets on a submit
     kept = [job.id for job in jobs.listing()]
     assert kept == [last.id, quick[9].id, quick[8].id, quick[7].id, long.id]
+    gate.set()
+    jobs.close()
+
+
+def test_a_running_job_shows_its_progress_before_its_first_batch():
+    from imgembed.api.jobs import Jobs
+
+    gate = threading.Event()
+    jobs = Jobs()
+    job = jobs.submit("index", "a", 5, lambda progress: gate.wait(60))
+    _until(lambda: job.status == "running")
+    # was "progress": null for a running job until its first batch came back
+    assert job.to_dict()["progress"] == {"total": 5, "done": 0, "embedded": 0, "cached": 0,
+                                         "failed": 0, "skipped": 0, "waiting": ""}  # fmt: skip
     gate.set()
     jobs.close()
 

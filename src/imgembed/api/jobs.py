@@ -242,6 +242,8 @@ class Jobs:
                     self._published.pop(job.id, None)
                 return
             job.status = "running"
+            # its progress from the start (all to do), not null until its first batch is done
+            job.progress = job.progress or Progress(job.total)
         self._publish(job)
         try:
             job.stats = run(progress)
