@@ -255,6 +255,16 @@ def test_a_full_stdout_is_a_typed_output_error_not_a_traceback(args):
     assert proc.stderr.strip() == "error: cannot write the output: No space left on device"
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
+def test_a_full_stdout_under_embed_says_what_every_command_says(photos):
+    with open("/dev/full", "w") as full:  # was "cannot write stdout: ..." from embed alone
+        proc = subprocess.run([IMGEMBED, "embed", str(photos[0]), *TINY], stdout=full,
+                              stderr=subprocess.PIPE, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 5, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == "error: cannot write the output: No space left on device", proc.stderr
+
+
 def test_a_reader_that_stops_early_ends_the_command_quietly():
     proc = subprocess.Popen([IMGEMBED, "models", "list"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)  # fmt: skip

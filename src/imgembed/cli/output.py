@@ -133,7 +133,7 @@ class Writer:
             if path is None and exc.errno == errno.EPIPE:
                 raise  # the reader stopped (`| head`): the CLI ends quietly with 1
             self.discard()
-            where = printable(str(path)) if path else "stdout"
+            where = printable(str(path)) if path else "the output"  # as every command says
             raise OutputError(f"cannot write {where}: {exc.strerror or exc}") from exc
 
     def _write_npy(self, dimension: int) -> None:
