@@ -146,22 +146,21 @@ class Settings(BaseSettings):
         if not isinstance(value, str):
             return value
         if value.strip().startswith("["):
-            return json.loads(value)
-        if info.field_name == "allowed_roots":  # model names may hold a colon (hf-hub:)
-            value = value.replace(os.pathsep, ",")
-        if info.field_name == "supported_formats":
-            value = ",".join(value.split())
-        return [part.strip() for part in value.split(",") if part.strip()]
-
-    @field_validator("allowed_roots")
-    @classmethod
-    def _some_root(cls, value: list[Path] | None) -> list[Path] | None:
-        """Set but naming no folder (an empty variable): refused, not every path refused."""
-        if value is not None and not value:
+            parts = json.loads(value)
+        else:
+            if info.field_name == "allowed_roots":  # model names may hold a colon (hf-hub:)
+                value = value.replace(os.pathsep, ",")
+            if info.field_name == "supported_formats":
+                value = ",".join(value.split())
+            parts = [part.strip() for part in value.split(",") if part.strip()]
+        # A variable set but naming no folder is refused, not every path refused. A list
+        # given as one ([]) means what it says, no local path: a server's own settings say
+        # so, and settings derived from them are validated again (a store's models).
+        if info.field_name == "allowed_roots" and parts == []:
             raise ValueError(
                 "is set but names no folder: give at least one, or unset it to allow any path"
             )
-        return value
+        return parts
 
     @field_validator("database_url")
     @classmethod

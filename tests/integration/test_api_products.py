@@ -356,3 +356,23 @@ def test_a_broken_weights_file_is_the_servers_fault_not_the_requests(root, tmp_p
             assert answer.status_code == 503, answer.text
             assert answer.json()["error_type"] == "CategoryWeightsError"
             assert f"{weights}: category 'fashion'" in answer.json()["error"]  # names the file
+
+
+def test_a_server_without_allowed_roots_serves_an_embedded_store(root, photos):
+    """No IMGEMBED_ALLOWED_ROOTS (the default: no local paths) and a store embedded before:
+    its catalogue was made from the server's settings again, which refused their own "no
+    roots" as a setting "set but naming no folder" (422 ConfigurationError on every search)."""
+    products = _products(root, photos)[:2]
+    with TestClient(create_app(load_settings(**TINY, allowed_roots=[root]))) as client:
+        _wait_for_model(client)
+        job = client.post("/api/v1/stores/own/products", json={"products": products}).json()
+        assert _finished(client, job["job"])["stats"]["successful"] == 2
+    with TestClient(create_app(load_settings(**TINY))) as client:
+        _wait_for_model(client)
+        found = client.post("/api/v1/stores/own/search", json={"query": "a poster"})
+        assert found.status_code == 200 and len(found.json()["results"]) == 2, found.text
+        # a local image is still no source for this server: the product fails, said why
+        changed = [{**products[0], "image_url": str(root / photos[1].name)}]
+        job = client.post("/api/v1/stores/own/products", json={"products": changed}).json()
+        stats = _finished(client, job["job"])["stats"]
+        assert stats["failures"][0]["error_type"] == "SourceNotAllowedError", stats
