@@ -376,3 +376,4 @@ def test_a_server_without_allowed_roots_serves_an_embedded_store(root, photos):
         job = client.post("/api/v1/stores/own/products", json={"products": changed}).json()
         stats = _finished(client, job["job"])["stats"]
         assert stats["failures"][0]["error_type"] == "SourceNotAllowedError", stats
+        assert "no local path is read here" in stats["failures"][0]["error"]  # not "roots ()"

@@ -131,6 +131,11 @@ def check_allowed(path: Path, roots: list[Path] | None) -> Path:
         real = path.resolve()
     except (OSError, ValueError) as exc:  # ValueError: a NUL character in the path
         raise InvalidImageError(f"not a usable path: {exc}", str(path)) from None
+    if not roots:  # a server's default: it reads no local path
+        raise SourceNotAllowedError(
+            "no local path is read here (IMGEMBED_ALLOWED_ROOTS names no folder to read)",
+            str(path),
+        )
     if not any(real.is_relative_to(root) for root in roots):
         raise SourceNotAllowedError(
             f"outside the allowed roots ({', '.join(map(str, roots))})", str(path)
