@@ -43,6 +43,19 @@ def test_missing_checkpoint_file(tmp_path):
         folder.encoder  # noqa: B018
 
 
+def test_missing_checkpoint_file_on_onnx_is_said_before_any_export(tmp_path, caplog):
+    from imgembed.errors import UnknownModelError
+
+    missing = tmp_path / "nope.pt"
+    service = ImageEmbeddingService(model="imgembed-tiny", pretrained=str(missing),
+                                    runtime="onnx", data_dir=tmp_path / "d")  # fmt: skip
+    with pytest.raises(UnknownModelError, match=r"nope\.pt does not exist"):
+        service.embed_text("x")
+    # it warned "not exported yet; exporting to ONNX ..." first (without torch: "exporting
+    # needs torch, run imgembed models export ...", for weights that are not there)
+    assert not [r for r in caplog.records if "exporting" in r.getMessage()]
+
+
 def test_a_checkpoint_of_another_architecture_says_so_not_where_to_download(tmp_path):
     registry.open_clip()
     path = tmp_path / "tiny.pt"

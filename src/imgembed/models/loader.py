@@ -78,12 +78,7 @@ def load_model(
     torch_device = resolve_device(device)
     if precision == "fp16" and torch_device.type == "cpu":
         raise ConfigurationError("fp16 needs a CUDA device; use fp32 or bf16 on the CPU")
-    # A file or folder that is not there names no weights, as a tag that does not exist
-    # (retrying will not help: over HTTP a 422, not a 503 that clients and SDKs retry).
-    if ref.is_file and not os.path.isfile(ref.pretrained):  # False for a name too long too
-        raise UnknownModelError(f"{ref}: checkpoint file {ref.pretrained} does not exist")
-    if ref.local_dir is not None and not os.path.isdir(ref.local_dir):
-        raise UnknownModelError(f"{ref}: folder {ref.local_dir} does not exist")
+    registry.check_weights_there(ref)
     weights_id = registry.weights_id(ref)
     if not shared:
         return _load(ref, torch_device, precision, cache_dir, weights_id)

@@ -14,6 +14,7 @@ import numpy as np
 
 from imgembed.config import Settings
 from imgembed.errors import ConfigurationError, EncodeError, ModelUnavailableError
+from imgembed.models import registry
 from imgembed.models.onnx_manifest import ONNX_PRECISIONS, check_export, export_dir
 from imgembed.models.preprocess import Preprocessor
 from imgembed.models.registry import ModelRef
@@ -37,6 +38,8 @@ def ensure_export(ref: ModelRef, settings: Settings, precision: str) -> tuple[Pa
     manifest, reason = check_export(folder, ref)
     if manifest is not None:
         return folder, manifest
+    # before "exporting ..." (or "exporting needs torch"): weights that are not there
+    registry.check_weights_there(ref)
     try:
         from imgembed.models.onnx_export import export
     except ImportError as exc:

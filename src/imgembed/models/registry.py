@@ -194,6 +194,15 @@ def model_config(name: str) -> dict[str, Any] | None:
     return None
 
 
+def check_weights_there(ref: ModelRef) -> None:
+    """A checkpoint file or local-dir: folder that is not there names no weights, as a tag
+    that does not exist (retrying will not help: over HTTP a 422, not a 503 to retry)."""
+    if ref.is_file and not Path(ref.pretrained).is_file():  # False for a name too long too
+        raise UnknownModelError(f"{ref}: checkpoint file {ref.pretrained} does not exist")
+    if ref.local_dir is not None and not ref.local_dir.is_dir():
+        raise UnknownModelError(f"{ref}: folder {ref.local_dir} does not exist")
+
+
 def weights_id(ref: ModelRef) -> str:
     """Changes whenever the weights change; part of every cache key and ONNX export."""
     if ref.seed is not None:  # random init depends on the torch version
