@@ -41,6 +41,10 @@ def test_missing_checkpoint_file(tmp_path):
     folder = ImageEmbeddingService(model=f"local-dir:{tmp_path / 'no-folder'}")
     with pytest.raises(UnknownModelError, match="does not exist"):
         folder.encoder  # noqa: B018
+    # a name too long for a file name is not there either (pathlib's is_file raises)
+    too_long = ImageEmbeddingService(model="ViT-B-32", pretrained=str(tmp_path / f"{'x' * 300}.pt"))
+    with pytest.raises(UnknownModelError, match="does not exist"):
+        too_long.encoder  # noqa: B018
 
 
 def test_missing_checkpoint_file_on_onnx_is_said_before_any_export(tmp_path, caplog):

@@ -7,6 +7,7 @@ import functools
 import importlib.metadata
 import importlib.util
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -197,9 +198,10 @@ def model_config(name: str) -> dict[str, Any] | None:
 def check_weights_there(ref: ModelRef) -> None:
     """A checkpoint file or local-dir: folder that is not there names no weights, as a tag
     that does not exist (retrying will not help: over HTTP a 422, not a 503 to retry)."""
-    if ref.is_file and not Path(ref.pretrained).is_file():  # False for a name too long too
+    # os.path: False for a name too long too (pathlib's is_file raises ENAMETOOLONG)
+    if ref.is_file and not os.path.isfile(ref.pretrained):
         raise UnknownModelError(f"{ref}: checkpoint file {ref.pretrained} does not exist")
-    if ref.local_dir is not None and not ref.local_dir.is_dir():
+    if ref.local_dir is not None and not os.path.isdir(ref.local_dir):
         raise UnknownModelError(f"{ref}: folder {ref.local_dir} does not exist")
 
 
