@@ -133,6 +133,7 @@ def test_embed_text(tmp_path):
     proc = run("embed-text", "-", "-o", str(out), *TINY_ARGS, stdin="one\ntwo\n\nthree\n")
     assert proc.returncode == 0, proc.stderr
     assert np.load(out).shape == (3, 64)
+    assert f"written to {out}" in proc.stderr  # as embed says it
     # a file saved on Windows: its \r is no part of the text (nor of the source written); a
     # real process (Typer's runner reads its input with universal newlines)
     crlf = run_process("embed-text", "-", *TINY_ARGS, stdin="a red bicycle\r\na cat\r\n")

@@ -184,6 +184,8 @@ def embed_text(
         raise fail(exc) from exc
     seconds = time.perf_counter() - started
     err.print(f"embedded: {len(texts)} texts  duration: {seconds:.2f} s", highlight=False)
+    if output:  # as embed says it
+        err.print(f"written to {printable(str(output))}", highlight=False)
 
 
 @app.command()
