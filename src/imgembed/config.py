@@ -7,6 +7,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import re
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -419,4 +420,21 @@ def _unwritable(folder: Path, where: Any) -> str:
     return (
         f"the data directory {folder} (IMGEMBED_DATA_DIR) cannot be written by this user "
         f"(permission denied at {where}); set IMGEMBED_DATA_DIR to a folder you can write"
+    )
+
+
+_RAY_ADDRESS = re.compile(r"^(ray://)?[\w.\-\[\]:]+:\d+$")
+
+
+def check_ray_address(address: str | None) -> str:
+    """ "local", "auto" or a cluster address; anything else is a ConfigurationError. Here,
+    not beside Ray: the command line checks `--ray` while it reads its arguments (Ray not
+    imported), before a path taken for the address leaves the sources missing."""
+    if address is None or address == "local":
+        return "local"
+    if address == "auto" or _RAY_ADDRESS.match(address):
+        return address
+    raise ConfigurationError(
+        f"--ray takes local, auto or a cluster address (host:port, ray://host:10001), not "
+        f"{address!r}; with no address, put --ray after the sources or write --ray=local"
     )

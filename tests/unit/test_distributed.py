@@ -51,6 +51,8 @@ def test_cluster_addresses():
     [
         ["index", "photos/", "-c", "x", "--ray", "photos/"],
         ["catalog", "embed", "--store-id", "s", "--ray", "photos/"],
+        # the one source taken for the address: was exit 2, "Missing argument 'SOURCES...'"
+        ["index", "--ray", "photos/"],
     ],
 )
 def test_a_bad_address_is_exit_3_before_any_work(args):

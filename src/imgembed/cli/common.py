@@ -70,10 +70,26 @@ CollectionOpt = Annotated[
     str | None,
     typer.Option("--collection", "-c", callback=_named, help="Collection name (default: images)."),
 ]
+
+
+def _ray_address(value: str | None) -> str | None:
+    """Checked as it is read: `index --ray photos/` took the folder for the address and then
+    said only that the sources were missing."""
+    from imgembed.config import check_ray_address
+
+    if value is not None:
+        try:
+            check_ray_address(value)
+        except ImgEmbedError as exc:
+            raise fail(exc) from exc
+    return value
+
+
 RayOpt = Annotated[
     str | None,
     typer.Option(
         "--ray",
+        callback=_ray_address,
         metavar="[ADDRESS]",
         help="Run on Ray: alone (or 'local') a Ray started for this run, 'auto' the cluster "
         "running here, or a cluster's address (host:port, ray://host:10001). "

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import signal
 import socket
 import threading
@@ -24,23 +23,11 @@ from contextlib import contextmanager
 import ray
 
 from imgembed.config import Settings
+from imgembed.config import check_ray_address as check_address
 from imgembed.errors import ConfigurationError, ImgEmbedError
 from imgembed.store import postgres_target
 
 _RETRY_NOTE = "\nFailed to apply UDF transform after "
-_ADDRESS = re.compile(r"^(ray://)?[\w.\-\[\]:]+:\d+$")
-
-
-def check_address(address: str | None) -> str:
-    """ "local", "auto" or a cluster address; anything else is a ConfigurationError."""
-    if address is None or address == "local":
-        return "local"
-    if address == "auto" or _ADDRESS.match(address):
-        return address
-    raise ConfigurationError(
-        f"--ray takes local, auto or a cluster address (host:port, ray://host:10001), not "
-        f"{address!r}; with no address, put --ray after the sources or write --ray=local"
-    )
 
 
 @contextmanager
