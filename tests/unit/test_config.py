@@ -176,6 +176,7 @@ def test_a_misspelt_environment_variable_warns(monkeypatch):
     with pytest.warns(UserWarning, match=r"IMGEMBED_BATCHSIZE .*did you mean IMGEMBED_BATCH_SIZE"):
         settings = load_settings()
     assert settings.batch_size == 4
+    monkeypatch.delenv("IMGEMBED_BATCHSIZE")  # said above: not again into the run's warnings
     monkeypatch.setenv("IMGEMBED_EMBEDDING_CACHE_DIR", "/x")  # two names are close: both said
     with pytest.warns(UserWarning, match="IMGEMBED_MODEL_CACHE_DIR or IMGEMBED_CACHE_DIR"):
         load_settings()
