@@ -143,3 +143,51 @@ def test_fuse_refuses_vectors_it_cannot_normalise_or_place():
 def test_a_table_is_checked_when_built():
     with pytest.raises(ConfigurationError, match="names no category"):
         WeightsTable({"general": Weights(0.6, 0.4)}, {"x": "missing"})
+
+
+@pytest.mark.parametrize(("image", "text"), [(0.6, 0.45), (0.3, 0.3), (0.5, 0.49)])
+def test_weights_that_do_not_add_up_to_1_are_refused_above_or_below(tmp_path, image, text):
+    """A category whose weights add up to 1.05 or 0.6 scored on another scale than the rest
+    (its products ranked above or below others for the weights alone)."""
+    path = tmp_path / "w.toml"
+    path.write_text(f"[categories.x]\nimage = {image}\ntext = {text}\n")
+    with pytest.raises(ConfigurationError, match="must add up to 1"):
+        load_weights(path)
+    path.write_text("[categories.x]\nimage = 0.1\ntext = 0.9\n")  # 0.1 + 0.9 in floats: fine
+    assert load_weights(path).weights("x") == ("x", Weights(0.1, 0.9))
+
+
+def test_a_weights_file_names_categories_aliases_and_default_in_any_case_and_spacing(tmp_path):
+    path = tmp_path / "w.toml"
+    path.write_text(
+        'default = "Fashion"\n'  # the file's default: a category of the table, in any case
+        "[categories.'Home  Office']\nimage = 0.3\ntext = 0.7\n"
+        "[categories.Books]\nimage = 0.2\ntext = 0.8\naliases = [123, 'Fußball']\n"
+    )
+    table = load_weights(path)
+    assert table.default == "fashion"
+    # an unknown category takes the file's default, not the built-in 'general'
+    assert table.weights("posters") == ("fashion", Weights(0.75, 0.25))
+    assert table.weights(None) == ("fashion", Weights(0.75, 0.25))
+    assert table.weights("BOOKS") == ("books", Weights(0.2, 0.8))
+    # a name of two words, spaced as a product's category may be: not its first word 'home'
+    assert table.weights(" home   office ") == ("home office", Weights(0.3, 0.7))
+    assert table.key("123") == "books"  # a category code as an alias
+    assert table.key("FUSSBALL") == "books"  # 'ß' in upper case is 'SS'
+
+
+def test_the_first_word_of_a_category_that_the_table_knows_decides():
+    assert TABLE.key("Kleding & elektronica") == "fashion"
+    assert TABLE.key("elektronica, kleding") == "tech"
+
+
+def test_the_table_version_changes_with_its_aliases_and_its_default():
+    """The version is how a store's stats tell that its weights changed since its last run:
+    an alias moved to another category or another default reweighs products too."""
+    categories = dict(TABLE.categories)
+    base = WeightsTable(categories, {"kleding": "fashion"})
+    moved = WeightsTable(categories, {"kleding": "interior"})
+    other_default = WeightsTable(categories, {"kleding": "fashion"}, default="tech")
+    versions = {base.version, moved.version, other_default.version}
+    assert len(versions) == 3
+    assert WeightsTable(dict(categories), {"kleding": "fashion"}).version == base.version
