@@ -191,3 +191,16 @@ def test_the_table_version_changes_with_its_aliases_and_its_default():
     versions = {base.version, moved.version, other_default.version}
     assert len(versions) == 3
     assert WeightsTable(dict(categories), {"kleding": "fashion"}).version == base.version
+
+
+def test_the_score_of_a_product_without_an_image_counts_its_image_cosine_as_0():
+    weights = Weights(0.75, 0.25)
+    rng = np.random.default_rng(7)
+    text, query_image, query_text = rng.standard_normal((3, 8))
+    cos_text = float(fusion.unit(text, "t") @ fusion.unit(query_text, "q"))
+    text_only = fusion.fuse(None, text, weights, 8, 8)
+    assert fusion.score(weights, None, cos_text) == pytest.approx(0.25 * cos_text, abs=1e-12)
+    assert float(text_only @ fusion.query(query_image, query_text)) == pytest.approx(
+        fusion.score(weights, None, cos_text), abs=1e-6
+    )
+    assert fusion.score(weights, 0.5, -0.2) == pytest.approx(0.75 * 0.5 - 0.25 * 0.2)
