@@ -125,3 +125,21 @@ def test_torch_tensors_and_generators_of_candidates():
         similarity.cosine_similarities([1.0, 0.0], graph)
     with pytest.raises(ConfigurationError, match=r"cannot be read: .*detach"):
         similarity.cosine_similarity(graph[0], [1.0, 0.0])
+
+
+def test_embeddings_of_negative_numbers_only_keep_their_sign():
+    """Lists are scaled by their largest magnitude before float32: a row of negative numbers
+    only must not be divided by its (negative) largest value, which flips its direction."""
+    negative, positive = [-1.0, -2.0, -3.0], [1.0, 2.0, 3.0]
+    assert similarity.cosine_similarity(negative, positive) == pytest.approx(-1, abs=1e-6)
+    assert similarity.cosine_similarity(positive, negative) == pytest.approx(-1, abs=1e-6)
+    scores = similarity.cosine_similarities(negative, [positive, negative, [3.0, 0.0, 0.0]])
+    np.testing.assert_allclose(scores, [-1.0, 1.0, -1 / np.sqrt(14)], atol=1e-6)
+    assert similarity.top_k(scores, 3).tolist() == [1, 2, 0]
+
+
+def test_a_top_k_beyond_any_store_asks_for_every_item_within_postgres_limit():
+    assert similarity.checked_top_k(5) == 5
+    assert similarity.checked_top_k(np.int64(3)) == 3
+    assert similarity.checked_top_k(2**63 - 1) == 2**63 - 1
+    assert similarity.checked_top_k(10**30) == 2**63 - 1  # PostgreSQL's LIMIT is a bigint
