@@ -143,3 +143,19 @@ def test_a_top_k_beyond_any_store_asks_for_every_item_within_postgres_limit():
     assert similarity.checked_top_k(np.int64(3)) == 3
     assert similarity.checked_top_k(2**63 - 1) == 2**63 - 1
     assert similarity.checked_top_k(10**30) == 2**63 - 1  # PostgreSQL's LIMIT is a bigint
+
+
+def test_top_k_takes_the_first_of_the_scores_tied_at_its_cut():
+    """argpartition took any of the scores tied with the k-th highest: of two copies of the
+    same image the later one could be a result and the earlier one left out."""
+    # two candidates, each given twice: the best is the first copy (was index 3)
+    query, candidates = [1.0, 0.0], [[0.0, 1.0], [0.0, 1.0], [1.0, 1.0], [1.0, 1.0]]
+    scores = similarity.cosine_similarities(query, candidates)
+    assert similarity.top_k(scores, 1).tolist() == [2]
+    assert similarity.top_k(scores, 3).tolist() == [2, 3, 0]
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        scores = rng.integers(0, 4, size=int(rng.integers(1, 40))).astype(np.float32)
+        stable = np.argsort(-scores, kind="stable")
+        for k in (1, len(scores) // 2, len(scores) - 1):
+            assert similarity.top_k(scores, k).tolist() == stable[: max(k, 0)].tolist()

@@ -141,7 +141,12 @@ def top_k(scores: np.ndarray, k: int) -> np.ndarray:
     k = max(0, min(k, scores.shape[0]))
     if k == 0:
         return np.empty(0, dtype=np.int64)
-    part = (
-        np.argpartition(-scores, k - 1)[:k] if k < scores.shape[0] else np.arange(scores.shape[0])
-    )
+    if k < scores.shape[0]:
+        # argpartition picks any of the scores tied with the k-th highest: the first of them
+        # (in input order) are taken, as a full stable sort would
+        kth = -np.partition(-scores, k - 1)[k - 1]
+        above = np.flatnonzero(scores > kth)
+        part = np.concatenate([above, np.flatnonzero(scores == kth)[: k - above.size]])
+    else:
+        part = np.arange(scores.shape[0])
     return part[np.lexsort((part, -scores[part]))]
