@@ -523,3 +523,100 @@ def test_a_nul_byte_in_one_row_of_a_utf8_csv_is_that_rows_error(tmp_path):
     assert (parsed.encoding, parsed.rows) == ("utf-8", 3)
     assert _lines(parsed) == {3: "product 2: text with a NUL character"}
     assert [p.product_id for _, p in parsed.products] == ["1", "3"]
+
+
+def test_bad_rows_are_reported_in_the_order_of_their_lines(tmp_path):
+    """A repeated id is found after the file is read: its line was listed after the later
+    lines' errors."""
+    rows = [
+        {"id": "A", "title": "first"},
+        {"id": "B", "title": "second"},
+        {"id": "A", "title": "again"},
+        {"title": "no id"},
+        {"id": "B", "title": "again"},
+    ]
+    parsed = _read_jsonl(tmp_path, rows)
+    assert [row.line for row in parsed.bad_rows] == [3, 4, 5]
+    assert [(line, p.product_id) for line, p in parsed.products] == [(1, "A"), (2, "B")]
+    assert parsed.rows == 5
+
+
+def test_a_json_file_is_never_read_as_windows_1252(tmp_path):
+    """JSON is UTF-8: a byte that is not (Windows-1252's é) is its row's error, as in a UTF-8
+    CSV; only a CSV without one UTF-8 sequence is taken for Excel's Windows-1252."""
+    raw = b'{"id": "1", "title": "Caf\xe9"}\n{"id": "2", "title": "Tea"}\n'
+    for name in ("products.jsonl", "products.json"):
+        path = tmp_path / name
+        path.write_bytes(raw if name.endswith("l") else b"[" + raw.replace(b"}\n{", b"},{") + b"]")
+        parsed = read_catalogue(path)
+        assert parsed.encoding == "utf-8"
+        assert _lines(parsed) == {1: "product 1: text that is not valid UTF-8"}
+        assert [p.title for _, p in parsed.products] == ["Tea"]
+
+
+def test_utf16_without_a_bom_of_a_greek_shop_is_read(tmp_path):
+    """Text that is more than half ASCII (ids, prices, links) is UTF-16 when half of its
+    bytes are 0, though a third of it is Greek."""
+    text = "id,title,price\r\n1,Φόρεμα μακρύ,49.95\r\n2,Κούπα,12\r\n"
+    path = tmp_path / "greek.csv"
+    path.write_bytes(text.encode("utf-16-le"))
+    parsed = read_catalogue(path)
+    assert (parsed.encoding, parsed.bad_rows) == ("utf-16-le", [])
+    assert [(p.title, p.price) for _, p in parsed.products] == [
+        ("Φόρεμα μακρύ", Decimal("49.95")),
+        ("Κούπα", Decimal("12")),
+    ]
+
+
+def test_a_shopify_product_with_one_image_object_status_and_presentment_currencies(tmp_path):
+    """Shopify's `image` object alone (no `images` list) is its photo; the first presentment
+    currency is the shop's own; the status is kept with vendor and handle."""
+    item = {
+        "id": 9,
+        "title": "Mug",
+        "status": "draft",
+        "image": {"src": "https://x/mug.jpg"},
+        "variants": [
+            {"price": "12.00", "presentment_prices": [
+                {"price": {"amount": "12.00", "currency_code": "EUR"}},
+                {"price": {"amount": "13.10", "currency_code": "USD"}}]},
+            {"price": "10.00", "presentment_prices": [
+                {"price": {"amount": "8.60", "currency_code": "GBP"}}]},
+        ],
+    }  # fmt: skip
+    mug = _read_jsonl(tmp_path, [item]).products[0][1]
+    assert mug.image_url == "https://x/mug.jpg" and mug.extra_image_urls == ()
+    assert (mug.price, mug.currency) == (Decimal("10.00"), "EUR")
+    assert mug.attributes == {"status": "draft"}
+    no_variants = product({"id": 10, "title": "Print", "image": {"src": "https://x/p.jpg"}})
+    assert no_variants.image_url == "https://x/p.jpg"
+
+
+def test_csv_header_names_are_read_without_the_blanks_around_them(tmp_path):
+    path = tmp_path / "spaced.csv"
+    path.write_text("id , title , price\nM1,Mok,12\n")
+    parsed = read_catalogue(path)
+    assert parsed.bad_rows == []
+    assert [(p.product_id, p.title, p.price) for _, p in parsed.products] == [
+        ("M1", "Mok", Decimal("12"))
+    ]
+    twice = tmp_path / "twice.csv"  # one value would silently win over the other
+    twice.write_text("id,title, Title \nM1,Mok,Beker\n")
+    parsed = read_catalogue(twice)
+    assert (parsed.products, _lines(parsed)) == (
+        [], {1: "the header names title more than once; rename or remove one"})  # fmt: skip
+
+
+def test_a_json_list_missing_a_comma_ends_there_and_ndjson_is_json_lines(tmp_path):
+    document = tmp_path / "products.json"
+    document.write_text('[{"id": "a", "title": "A"},\n {"id": "b", "title": "B"}\n {"id": "c"}]')
+    parsed = read_catalogue(document)
+    assert [p.product_id for _, p in parsed.products] == ["a", "b"]
+    assert _lines(parsed) == {
+        3: "not valid JSON (expected ',' or ']' after a product); the rest is skipped"
+    }
+    lines = tmp_path / "export.NDJSON"
+    lines.write_text('{"id": "n1", "title": "One"}\n{"id": "n2", "title": "Two"}\n')
+    parsed = read_catalogue(lines)
+    assert parsed.format == "jsonl"
+    assert [p.product_id for _, p in parsed.products] == ["n1", "n2"]
