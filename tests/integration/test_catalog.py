@@ -89,9 +89,11 @@ def _check_scores(hits, stored, q_image, q_text):
     for product_id, (text, image, _, w_image, w_text) in stored.items():
         cos_image = 0.0 if image is None else float(_unit(image) @ _unit(q_image))
         formula[product_id] = w_image * cos_image + w_text * float(_unit(text) @ _unit(q_text))
+    assert [hit.rank for hit in hits] == list(range(1, len(hits) + 1))
     for hit in hits:
         assert hit.ranked_by == "combined"
         assert hit.score == pytest.approx(formula[hit.product_id], abs=1e-6), hit.product_id
+        assert (hit.image_weight, hit.text_weight) == stored[hit.product_id][3:]
         text, image, *_ = stored[hit.product_id]
         assert hit.text_score == pytest.approx(float(_unit(text) @ _unit(q_text)), abs=1e-6)
         if image is None:
@@ -136,9 +138,19 @@ def test_search_scores_equal_the_formula_from_the_separate_vectors(data_dir, pho
         assert by_image[0].product_id == "p2" and by_image[0].ranked_by == "image"
         assert by_image[0].score == pytest.approx(1, abs=1e-5)
         assert all(h.text_score is None and not h.text_only for h in by_image)
+        q_photo = catalog.service.embed_image(photos[2])
+        for rank, hit in enumerate(by_image, start=1):  # the score is the image cosine
+            cosine = float(_unit(stored[hit.product_id][1]) @ _unit(q_photo))
+            assert (hit.rank, hit.image_score) == (rank, pytest.approx(cosine, abs=1e-5))
+            assert hit.score == pytest.approx(cosine, abs=1e-5)
+            assert (hit.image_weight, hit.text_weight) == stored[hit.product_id][3:]
 
         fashion = catalog.search("shop", query, category="kleding", top_k=10)
-        assert {h.product_id for h in fashion} == {"p0", "p1", "book"}
+        assert {(h.product_id, h.category, h.weight_category) for h in fashion} == {
+            ("p0", "fashion", "fashion"),  # each product's own category, and its table's
+            ("p1", "kleding", "fashion"),
+            ("book", "fashion", "fashion"),
+        }
         cheap = catalog.search("shop", query, max_price=12, top_k=10)
         assert {h.product_id for h in cheap} == {"p0", "p1", "p2", "book"}
 
@@ -368,7 +380,7 @@ def test_a_store_with_nothing_to_rank_is_said_not_answered_empty(data_dir, photo
 def test_search_arguments_the_library_cannot_use_are_refused(data_dir, photos):
     """The CLI and HTTP refused these before the library saw them; the library answered NaN
     with every product, -1 with none, and text or a list with an untyped exception."""
-    rows = _products(photos)
+    rows = [*_products(photos), {"id": "pin", "title": "Enamel pin", "price": 4.49}]
     with Catalog(**TINY) as catalog:
         catalog.upsert_products("limits", rows)
         catalog.embed("limits")
@@ -388,6 +400,8 @@ def test_search_arguments_the_library_cannot_use_are_refused(data_dir, photos):
         assert {h.product_id for h in catalog.search("limits", "a", max_price="€ 12")} == cheap
         every = catalog.search("limits", "a", max_price=float("inf"), top_k=50)
         assert len(every) == len(rows)
+        prices = {h.product_id: (h.price, h.currency) for h in every}
+        assert prices["pin"] == (4.49, None) and prices["gift"] == (25.0, None)
 
 
 def test_a_text_the_text_model_cannot_embed_fails_its_product_not_the_run(data_dir, photos):
@@ -443,6 +457,11 @@ def test_combined_vectors_over_2000_dimensions_are_indexed_in_half_precision(dat
             )
             text_only = catalog.search("wide", "coffee print", top_k=2)  # no text tower
             assert text_only[0].ranked_by == "text" and text_only[0].image_score is None
+            q_text = catalog.text_embedder.embed(["coffee print"])[0]
+            for hit in text_only:  # the score is the text cosine
+                cosine = float(_unit(stored[hit.product_id][0]) @ _unit(q_text))
+                assert hit.score == pytest.approx(cosine, abs=1e-5)
+                assert hit.text_score == pytest.approx(cosine, abs=1e-5)
     finally:
         server.close()
 
