@@ -155,6 +155,34 @@ def test_search_scores_equal_the_formula_from_the_separate_vectors(data_dir, pho
         assert {h.product_id for h in cheap} == {"p0", "p1", "p2", "book"}
 
 
+def test_an_image_search_ranks_by_cosine_when_the_service_does_not_normalise(data_dir, photos):
+    """IMGEMBED_NORMALIZE=false: products' image vectors were stored as the model gave them
+    (lengths 6.7 to 7.5) and the query's image part too, so a search by a photo ranked by the
+    inner product (another photo, of a longer vector, above the same one) and said image
+    scores of 51.9 as cosines."""
+    with Catalog(**TINY, normalize=False) as catalog:
+        assert float(np.linalg.norm(catalog.service.embed_image(photos[2]))) > 2  # raw
+        catalog.upsert_products("raw", _products(photos))
+        catalog.embed("raw")
+        stored = _vectors(catalog, "raw")
+        assert all(
+            abs(np.linalg.norm(v[1]) - 1) < 1e-5 for v in stored.values() if v[1] is not None
+        )
+        q_image = catalog.service.embed_image(photos[2])
+        by_image = catalog.search("raw", image=photos[2], top_k=len(stored))
+        cosines = {
+            p: float(_unit(v[1]) @ _unit(q_image)) for p, v in stored.items() if v[1] is not None
+        }
+        assert [h.product_id for h in by_image] == sorted(cosines, key=lambda p: -cosines[p])
+        assert by_image[0].product_id == "p2" and by_image[0].score == pytest.approx(1, abs=1e-5)
+        for hit in by_image:
+            assert hit.score == pytest.approx(cosines[hit.product_id], abs=1e-5)
+            assert hit.image_score == pytest.approx(cosines[hit.product_id], abs=1e-5)
+        query = "a cup of coffee"
+        both = catalog.search("raw", query, image=photos[2], top_k=len(stored))
+        _check_scores(both, stored, q_image, catalog.text_embedder.embed([query])[0])
+
+
 def test_two_imports_of_the_same_products_at_once_neither_deadlock_nor_miscount(data_dir):
     """A webhook upsert beside a CLI backfill, in opposite orders: each waits for the other
     (rows are written in key order); together they insert every product once."""

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from imgembed.catalog.fusion import fuse
+from imgembed.catalog.fusion import fuse, unit
 from imgembed.catalog.products import product_text, text_hash
 from imgembed.catalog.records import EmbeddedProduct, FailedProduct, PlanRow, StoreProvenance
 from imgembed.catalog.repository import ProductRepository
@@ -292,7 +292,9 @@ class EmbedRun:
                 return FailedProduct(
                     task.product_id, str(result.error), type(result.error).__name__
                 )
-            image, image_hash = result.embedding, result.image_id
+            # unit length, as its part of the fused vector: an image search ranks by cosine
+            # also when the service does not normalise (IMGEMBED_NORMALIZE=false)
+            image, image_hash = unit(result.embedding, "image embedding"), result.image_id
         elif task.row.image_url is None or previous is None:
             image, image_hash = None, None
         else:

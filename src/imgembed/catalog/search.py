@@ -55,12 +55,18 @@ def build_query(
         image_part = service.embed_text(text)
     else:
         image_part = None
+    # unit parts: each part's score is a cosine also when the service does not normalise
+    # (IMGEMBED_NORMALIZE=false), as the stored parts are unit too
+    if image_part is not None:
+        image_part = fusion.unit(image_part, "query image part")
+    if text_part is not None:
+        text_part = fusion.unit(text_part, "query text part")
     if image_part is not None and text_part is not None:
         return Query("combined", fusion.query(image_part, text_part), image_part, text_part)
     if image_part is not None:
-        return Query("image", fusion.unit(image_part, "query"), image_part, None)
+        return Query("image", image_part, image_part, None)
     assert text_part is not None
-    return Query("text", fusion.unit(text_part, "query"), None, text_part)
+    return Query("text", text_part, None, text_part)
 
 
 @dataclass(frozen=True)
