@@ -60,6 +60,15 @@ def indexed(data_dir, photos, tmp_path) -> Path:
     return root
 
 
+def store_a_mug(indexed: Path, *stores: str) -> None:
+    """One embedded product ("Coffee mug", the coffee photo) in each store named."""
+    with Catalog(**TINY) as catalog:
+        for store in stores:
+            mug = {"id": "mug", "title": "Coffee mug", "image_url": str(indexed / "coffee.png")}
+            catalog.upsert_products(store, [mug])
+            assert catalog.embed(store).successful == 1
+
+
 def test_the_search_page_in_a_real_browser(indexed):
     with ImageEmbeddingService(**TINY) as service:
         rocket = str(indexed / "rocket.jpg")
@@ -348,11 +357,7 @@ def test_a_late_answer_never_replaces_a_newer_search(indexed):
     """Searches are not queued on the page: a new one (or another view, collection or store)
     aborts the one still running, so its late answer shows nowhere; a search the server does
     not answer says that it is still waiting; each view clears when its store changes."""
-    with Catalog(**TINY) as catalog:
-        for store in ("demo", "other"):
-            mug = {"id": "mug", "title": "Coffee mug", "image_url": str(indexed / "coffee.png")}
-            catalog.upsert_products(store, [mug])
-            assert catalog.embed(store).successful == 1
+    store_a_mug(indexed, "demo", "other")
     settings = load_settings(**TINY, allowed_roots=[indexed])
     with browser_on(settings) as (page, errors):
         page.wait_for_selector("#collection option", state="attached")
@@ -861,10 +866,7 @@ def test_an_answer_of_the_wrong_shape_is_said_in_words(indexed):
     page reads is checked: said in words, and the page goes on working."""
     from playwright.sync_api import expect
 
-    with Catalog(**TINY) as catalog:
-        mug = {"id": "mug", "title": "Coffee mug", "image_url": str(indexed / "coffee.png")}
-        catalog.upsert_products("demo", [mug])
-        assert catalog.embed("demo").successful == 1
+    store_a_mug(indexed, "demo")
     settings = load_settings(**TINY, allowed_roots=[indexed])
     odd = "a proxy in between?"  # "is an older server or ...", or (JSON null) "is ..."
     script_words = re.compile(r"undefined|null|NaN|\[object|TypeError|Cannot read|is not")
@@ -973,10 +975,7 @@ def test_several_files_or_no_image_dropped_is_said(indexed):
     Now the first image is taken and that is said; a file that is no image is not sent."""
     from playwright.sync_api import expect
 
-    with Catalog(**TINY) as catalog:
-        mug = {"id": "mug", "title": "Coffee mug", "image_url": str(indexed / "coffee.png")}
-        catalog.upsert_products("demo", [mug])
-        assert catalog.embed("demo").successful == 1
+    store_a_mug(indexed, "demo")
     settings = load_settings(**TINY, allowed_roots=[indexed])
     chelsea = list((indexed / "chelsea.png").read_bytes())
     rocket = list((indexed / "rocket.jpg").read_bytes())
@@ -1077,10 +1076,7 @@ def test_a_slow_list_is_waited_for_and_only_its_newest_answer_shown(indexed):
     "Cannot list collections: 401" under the list the key had opened."""
     from playwright.sync_api import expect
 
-    with Catalog(**TINY) as catalog:
-        mug = {"id": "mug", "title": "Coffee mug", "image_url": str(indexed / "coffee.png")}
-        catalog.upsert_products("demo", [mug])
-        assert catalog.embed("demo").successful == 1
+    store_a_mug(indexed, "demo")
     settings = load_settings(**TINY, allowed_roots=[indexed], api_keys="page-key")
     with browser_on(settings) as (page, errors):
         held: list[Any] = []
@@ -1136,10 +1132,7 @@ def test_a_list_the_server_never_gives_is_counted_and_given_up(indexed):
     a list is waited for as a search is, given up after 120 s and asked for again later."""
     from playwright.sync_api import expect
 
-    with Catalog(**TINY) as catalog:
-        mug = {"id": "mug", "title": "Coffee mug", "image_url": str(indexed / "coffee.png")}
-        catalog.upsert_products("demo", [mug])
-        assert catalog.embed("demo").successful == 1
+    store_a_mug(indexed, "demo")
     settings = load_settings(**TINY, allowed_roots=[indexed])
     with browser_on(settings) as (page, errors):
         page.clock.install()  # the page's seconds are the test's to move
@@ -1191,6 +1184,18 @@ DRAWN = """() => {
 }"""
 
 
+def assert_drawn_right_to_left(page) -> None:
+    """The status line's Hebrew message, whose full stop ends it (drawn leftmost), sits
+    whole between the status ("503: ") and the page's words after it ("(try again")."""
+    drawn = page.evaluate(DRAWN)
+    letters = [(left, right) for char, left, right in drawn if "\u05d0" <= char <= "\u05ea"]
+    stop = next(left for char, left, _ in drawn if char == ".")
+    bracket = next(left for char, left, _ in drawn if char == "(")
+    prefix = max(right for char, _, right in drawn[:3])  # "503"
+    assert stop < min(left for left, _ in letters), drawn  # the stop ends it, leftmost
+    assert prefix <= stop and max(right for _, right in letters) <= bracket, drawn
+
+
 def test_a_right_to_left_server_message_keeps_to_itself(indexed):
     """A server message in Hebrew or Arabic (no control characters in it) was not set apart
     from the page's words: its own full stop was drawn after it as English reads, to the
@@ -1207,13 +1212,7 @@ def test_a_right_to_left_server_message_keeps_to_itself(indexed):
         page.fill("#query", "a cup of coffee")
         page.press("#query", "Enter")
         expect(page.locator("#status")).to_contain_text("(try again in", timeout=TIMEOUT)
-        drawn = page.evaluate(DRAWN)
-        letters = [(left, right) for char, left, right in drawn if "\u05d0" <= char <= "\u05ea"]
-        stop = next(left for char, left, _ in drawn if char == ".")
-        bracket = next(left for char, left, _ in drawn if char == "(")
-        prefix = max(right for char, _, right in drawn[:3])  # "503"
-        assert stop < min(left for left, _ in letters), drawn  # the stop ends it, leftmost
-        assert prefix <= stop and max(right for _, right in letters) <= bracket, drawn
+        assert_drawn_right_to_left(page)
         said = page.locator("#status").inner_text()
         assert said == f"503: \u2068{message}\u2069 (try again in 30 seconds)"
         assert errors == []
@@ -1324,10 +1323,7 @@ def test_escape_gives_up_a_search_or_a_list_the_page_waits_for(indexed):
     products) or the list the page waits for, says so, and the page goes on working."""
     from playwright.sync_api import expect
 
-    with Catalog(**TINY) as catalog:
-        mug = {"id": "mug", "title": "Coffee mug", "image_url": str(indexed / "coffee.png")}
-        catalog.upsert_products("demo", [mug])
-        assert catalog.embed("demo").successful == 1
+    store_a_mug(indexed, "demo")
     settings = load_settings(**TINY, allowed_roots=[indexed])
     with browser_on(settings) as (page, errors):
         page.wait_for_selector("#collection option", state="attached")
@@ -1466,10 +1462,7 @@ def test_a_right_to_left_reason_phrase_keeps_to_itself(indexed):
     message = "השרת עמוס."  # "the server is overloaded."
     phrases = {"search": (503, message), "products": (502, "no \u202eupstream"),
                "thumbnail": (503, message)}  # fmt: skip
-    with Catalog(**TINY) as catalog:
-        mug = {"id": "mug", "title": "Coffee mug", "image_url": str(indexed / "coffee.png")}
-        catalog.upsert_products("demo", [mug])
-        assert catalog.embed("demo").successful == 1
+    store_a_mug(indexed, "demo")
     settings = load_settings(**TINY, allowed_roots=[indexed])
     with browser_on(settings) as (page, errors), answering_with(phrases) as proxy:
         page.wait_for_selector("#collection option", state="attached")
@@ -1486,13 +1479,7 @@ def test_a_right_to_left_reason_phrase_keeps_to_itself(indexed):
         expect(page.locator("#status")).to_contain_text("(try again in", timeout=TIMEOUT)
         said = page.locator("#status").inner_text()
         assert said == f"503: \u2068{message}\u2069 (try again in 30 seconds)"
-        drawn = page.evaluate(DRAWN)
-        letters = [(left, right) for char, left, right in drawn if "\u05d0" <= char <= "\u05ea"]
-        stop = next(left for char, left, _ in drawn if char == ".")
-        bracket = next(left for char, left, _ in drawn if char == "(")
-        prefix = max(right for char, _, right in drawn[:3])  # "503"
-        assert stop < min(left for left, _ in letters), drawn  # the stop ends it, leftmost
-        assert prefix <= stop and max(right for _, right in letters) <= bracket, drawn
+        assert_drawn_right_to_left(page)
 
         page.click("#view-products")
         page.wait_for_selector("#store option", state="attached")
