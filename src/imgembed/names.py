@@ -15,6 +15,12 @@ import re
 _ESCAPED = re.compile(rb"\\x([89a-f][0-9a-f])")
 
 
+def has_control(text: str) -> bool:
+    """A control character (a line break, a tab, DEL): an id or name with one cannot be
+    named in an HTTP path, nor printed on one line."""
+    return any(ord(c) < 32 or ord(c) == 127 for c in text)
+
+
 def printable(name: str) -> str:
     """The name as valid UTF-8 text, undecodable bytes written as `\\xNN`."""
     try:

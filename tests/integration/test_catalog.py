@@ -362,7 +362,7 @@ def test_a_stopped_forced_refresh_goes_on_without_force_and_store_ids_are_routab
         assert {catalog.product("shop", r["id"])["attempts"] for r in rows} == {2}
         assert catalog.embed("shop").processed == 0
         # a store id the HTTP routes could not name is refused where stores begin
-        for unroutable in ("winkel/1", ".."):
+        for unroutable in ("winkel/1", "..", "winkel\n1", "winkel\x7f"):  # DEL as a line break
             with pytest.raises(ConfigurationError, match="HTTP routes could not name it"):
                 catalog.upsert_products(unroutable, rows[:1])
         with pytest.raises(CollectionNotFoundError, match="has no products: import some first"):

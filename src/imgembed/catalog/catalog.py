@@ -36,7 +36,7 @@ from imgembed.errors import (
     ProvenanceMismatchError,
 )
 from imgembed.intake.image_input import Input
-from imgembed.names import printable
+from imgembed.names import has_control, printable
 from imgembed.service import ImageEmbeddingService
 from imgembed.store.base import each_on_refusal, never_stored
 
@@ -595,7 +595,7 @@ def checked_store_id(store_id: str) -> str:
         raise ConfigurationError(
             f"store id {store_id[:40]!r}... is longer than {MAX_ID_LENGTH} characters"
         )
-    if "/" in store_id or store_id in (".", "..") or any(ord(ch) < 32 for ch in store_id):
+    if "/" in store_id or store_id in (".", "..") or has_control(store_id):
         raise ConfigurationError(
             f"store id {store_id!r} is '.', '..' or holds a '/' or a control character: the "
             "HTTP routes could not name it (/api/v1/stores/<store id>/...); choose another"

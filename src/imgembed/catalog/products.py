@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from imgembed.intake.sources import is_data_uri, url_scheme
+from imgembed.names import has_control
 
 # Column names accepted for each field (case-insensitive), also as Dutch and German shops'
 # exports name them; anything else is an attribute.
@@ -177,7 +178,7 @@ def checked(
     values += list(_texts(attributes or {}, product_id))
     if any(has_surrogates(v) for v in values if v):
         raise ProductRowError(f"product {product_id}: text that is not valid UTF-8")
-    if any(ord(c) < 32 or ord(c) == 127 for c in product_id):  # as store ids
+    if has_control(product_id):  # as store ids
         raise ProductRowError(
             f"product {product_id!r}: an id with a control character (a line "
             "break, a tab): HTTP routes cannot name it"

@@ -12,7 +12,7 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 
 from imgembed.errors import CollectionNotFoundError, InvalidRecordError, StoreBusyError
-from imgembed.names import printable
+from imgembed.names import has_control, printable
 
 
 @dataclass(frozen=True)
@@ -123,7 +123,7 @@ def checked_name(name: Any) -> str:
     not "." or ".." (browsers and HTTP clients resolve those path segments away, "%2E%2E"
     too: /collections/../duplicates asks for /duplicates), as store ids."""
     checked_text(name, "collection name")
-    if not name.strip() or "/" in name or any(ord(c) < 32 or ord(c) == 127 for c in name):
+    if not name.strip() or "/" in name or has_control(name):
         raise InvalidRecordError(
             f"collection name {printable(name)!r}: not blank, without '/' or control characters"
         )
