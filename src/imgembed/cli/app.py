@@ -224,7 +224,7 @@ def metadata(
         else:
             table.add_row(*_metadata_cells(path, data)[: len(table.columns)])
     if not as_json and table.row_count:
-        tables.print(table)
+        tables().print(table)
     if failed:
         raise typer.Exit(1)
 

@@ -332,7 +332,7 @@ def search(
             f"{hit['category'] or ''} ({hit['weight_category']})",
             "" if price is None else f"{price:.2f} {hit['currency'] or ''}".strip(),
         )
-    tables.print(table)
+    tables().print(table)
 
 
 def _cell(value: float | None, missing: str) -> str:
@@ -385,4 +385,4 @@ def stats(store_id: StoreOpt, as_json: JsonOpt = False) -> None:
             f"{', '.join(result.indexes_missing)}: searched exactly until the next "
             "`imgembed catalog embed` builds them",
         )
-    tables.print(table)
+    tables().print(table)

@@ -19,7 +19,14 @@ from imgembed.errors import (
 # Names, paths, product titles and messages are printed as they are: with rich's markup a
 # "[/b]" in one was a MarkupError traceback, "[x]" vanished and ":m:" became an emoji.
 err = Console(stderr=True, soft_wrap=True, emoji=False, markup=False)
-tables = Console(emoji=False, markup=False)
+
+
+def tables() -> Console:
+    """stdout's console, made per table: a Console keeps the COLUMNS it saw when made, and a
+    test runs many commands in one process with their own widths."""
+    return Console(emoji=False, markup=False)
+
+
 # The command group; app.py and the *_command(s).py modules add their commands to it.
 app = typer.Typer(help="Exact CLIP image and text embeddings.", no_args_is_help=True)
 

@@ -72,7 +72,7 @@ def models_list(
             ", ".join(row["aliases"]),
             row["note"],
         )
-    tables.print(table)
+    tables().print(table)
 
 
 @models_app.command("export")
@@ -181,7 +181,7 @@ def models_verify(
             f"{report.images_per_second:.1f} ({report.speed_ratio:.2f}x)",
             f"{report.reference_images_per_second:.1f}",
         )
-        tables.print(table)
+        tables().print(table)
     for failure in report.failed:
         err.print(f"  skipped: {failure}", highlight=False)
     if report.image_cosine_min < bound:

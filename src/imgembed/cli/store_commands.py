@@ -243,7 +243,7 @@ def search(
         extra = {k: v for k, v in row["metadata"].items() if k not in _IMAGE_KEYS}
         cells = [str(row["rank"]), f"{row['score']:.4f}", *([row["id"]] if show_id else [])]
         table.add_row(*cells, row["source"], json.dumps(extra, ensure_ascii=False))
-    tables.print(table)
+    tables().print(table)
 
 
 _IMAGE_KEYS = ("width", "height", "format", "confidence")
@@ -298,7 +298,7 @@ def collections(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     for row in rows:
         table.add_row(*(str(row[k]) for k in ("name", "backend", "model", "pretrained",
                                               "dimension", "count")))  # fmt: skip
-    tables.print(table)
+    tables().print(table)
 
 
 @collections_app.command("drop")
