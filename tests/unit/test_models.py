@@ -89,6 +89,11 @@ def test_unknown_tag_lists_the_known_ones():
     # a wrong name, as an unknown architecture (over HTTP a 422, not a 503 to retry)
     with pytest.raises(UnknownModelError, match=r"known: .*openai.*laion2b_s34b_b79k"):
         service.encoder  # noqa: B018
+    # the test model has no tag: the default 'openai' names the way to its random weights
+    with pytest.raises(
+        UnknownModelError, match=r"known: none\) .*: seed:N, e\.g\. --pretrained seed:0$"
+    ):
+        ImageEmbeddingService(model="imgembed-tiny").encoder  # noqa: B018
 
 
 def test_unknown_architecture():

@@ -102,6 +102,7 @@ def _load(
             f"{ref}: {ref.pretrained!r} is neither a pretrained tag of {ref.name} "
             f"(known: {', '.join(tags) or 'none'}) nor a checkpoint file "
             f"({', '.join(registry.CHECKPOINT_SUFFIXES)})"
+            + ("" if tags else "; random weights for tests: seed:N, e.g. --pretrained seed:0")
         )
     kwargs: dict[str, Any] = {
         "precision": precision,
