@@ -231,6 +231,63 @@ def test_local_qdrant_points_that_all_misfit_their_settings_are_taken_out(tmp_pa
     assert caplog.text == ""
 
 
+def _rewrite(folder: Path, item: str, vector) -> None:
+    """Store `item` of 'hurt' again with `vector`, written by qdrant-client's own persistence,
+    which checks nothing (an older client, or another tool, wrote such points)."""
+    from qdrant_client.local.persistence import CollectionPersistence
+
+    files = CollectionPersistence(str(folder / "collection" / "hurt"))
+    try:
+        (point,) = [p for p in files.load() if p.payload["id"] == item]
+        point.vector = vector(point.vector)
+        files.persist(point)
+    finally:
+        files.close()
+
+
+SOME_MISFIT = {
+    "only a named vector": (lambda v: {"image": v}, "Not existing vector name error: image"),
+    "NaN": (lambda v: [float("nan"), *v[1:]], "Vector contains NaN values"),
+    "another length": (lambda v: v[:3], "expected dim: 8, got 3"),
+}
+
+
+@pytest.mark.parametrize("misfit", SOME_MISFIT.values(), ids=SOME_MISFIT.keys())
+def test_a_local_qdrant_point_among_fitting_ones_that_misfits_is_taken_out(
+    tmp_path, caplog, misfit
+):
+    """One point of a collection misfitting its settings, the others fine: the check of one
+    point per collection missed it (another length fails the client's loading, so was taken
+    out already). A named vector opened without a word and was counted but
+    never found, and indexing skipped its image as unchanged, so it stayed unfound; a NaN
+    ranked first in every search of the collection (score -1.0 over HTTP and the CLI). It is
+    taken out as a single damaged point is (the file as it was kept in damaged/, a warning),
+    so indexing stores it anew; the other items stay."""
+    folder = tmp_path / "qdrant"
+    _two_collections(folder)
+    change, why = misfit
+    _rewrite(folder, "hurt-2", change)
+
+    with caplog.at_level(logging.WARNING):
+        store = QdrantStore(path=folder)
+    rng = np.random.default_rng(1)
+    try:
+        assert [(c.name, c.count) for c in store.collections()] == [("hurt", 4), ("kept", 5)]
+        assert sorted(store.hashes("hurt")) == ["hurt-0", "hurt-1", "hurt-3", "hurt-4"]
+        assert "1 of the 5 items stored in Qdrant's local collection 'hurt' cannot be read" in (
+            caplog.text
+        )
+        assert why in caplog.text and "the other items are there" in caplog.text
+        (aside,) = (folder / "damaged").iterdir()
+        assert aside.name.startswith("hurt-")
+        store.upsert("hurt", [Record("hurt-2", _unit(rng), "h", "s")])  # indexed again
+        hits = store.search("hurt", _unit(rng), top_k=9)
+        assert sorted(h.id for h in hits) == [f"hurt-{i}" for i in range(5)]
+        assert all(-1.0 <= h.score <= 1.0 for h in hits)
+    finally:
+        store.close()
+
+
 def test_local_qdrant_settings_the_points_and_registry_contradict_are_set_right(tmp_path, caplog):
     """meta.json saying vectors of 3 numbers where the collection's points and imgembed's
     registry (its model) hold 8 (a meta.json restored from before the collection was made

@@ -1,9 +1,9 @@
-"""Local Qdrant collections whose points all hold vectors that do not fit their settings
-(another length, or only named vectors): qdrant-client loads such points as one array
-without a word, and then every search of the collection fails ("shapes (5,3) and (8,) not
-aligned") or finds nothing; so does one whose settings name another length than imgembed's
-registry. Found on opening, by one point of each collection (the client refuses to load
-vectors of mixed lengths: one point stands for all)."""
+"""Local Qdrant collections whose points hold vectors that do not fit their settings (another
+length, only named vectors, NaN): qdrant-client loads such points without a word, and then
+every search of the collection fails ("shapes (5,3) and (8,) not aligned"), passes over them
+(a named vector: counted, never found, and skipped by indexing as unchanged) or ranks them
+first (NaN); so does one whose settings name another length than imgembed's registry. Found
+on opening in the arrays the client loaded (vectors of mixed lengths it refuses to load)."""
 
 from __future__ import annotations
 
@@ -15,27 +15,44 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 log = logging.getLogger(__name__)
 
 
 def misfits(opened: Any, registry: str) -> tuple[dict[str, int], list[str]]:
     """What in an opened local client does not fit: the collections whose settings name
     another vector length than imgembed's registry (its model's), each with that length;
-    and those whose points misfit their settings (another length, or only named vectors)."""
+    and those with points that misfit their settings (another length, no unnamed vector,
+    NaN)."""
     from qdrant_client.http.models import VectorParams
 
     sizes = _registered_sizes(opened, registry)
     settings, points = {}, []
     for collection in opened.get_collections().collections:
         params = opened.get_collection(collection.name).config.params.vectors
-        if not isinstance(params, VectorParams):  # named vectors: not imgembed's
+        if not isinstance(params, VectorParams) or params.multivector_config:  # not imgembed's
             continue
         if sizes.get(collection.name, params.size) != params.size:
             settings[collection.name] = sizes[collection.name]
-        first, _ = opened.scroll(collection.name, limit=1, with_vectors=True)
-        if first and (not isinstance(first[0].vector, list) or len(first[0].vector) != params.size):
+        if _points_misfit(opened, collection.name, params.size):
             points.append(collection.name)
     return settings, points
+
+
+def _points_misfit(opened: Any, name: str, size: int) -> bool:
+    """Whether any point of the collection misfits its settings, read from the client's own
+    arrays: a pass over memory (4 ms for 20,000 points of 512 numbers), where reading the
+    file again took 650 ms. A client keeping them otherwise: its first point checked."""
+    loaded = getattr(getattr(opened, "_client", None), "collections", {}).get(name)
+    vectors = getattr(loaded, "vectors", {}).get("")
+    missing = getattr(loaded, "deleted_per_vector", {}).get("")  # points without the vector
+    if vectors is None or missing is None:
+        first, _ = opened.scroll(name, limit=1, with_vectors=True)
+        return bool(first) and (
+            not isinstance(first[0].vector, list) or len(first[0].vector) != size
+        )
+    return vectors.shape[1] != size or bool(missing.any()) or bool(np.isnan(vectors).any())
 
 
 def _registered_sizes(opened: Any, registry: str) -> dict[str, int]:
