@@ -693,3 +693,45 @@ def test_a_repaired_local_qdrant_opening_leaves_no_file_of_the_failed_one_open(t
         finally:
             store.close()
         assert _open_files(folder) == []
+
+
+def test_misfits_in_a_read_only_local_qdrant_collection_are_named_and_the_rest_serves(
+    tmp_path, caplog
+):
+    """Items to take out of a collection that cannot be written (a read-only mount, another
+    user's files): the whole opening failed (DataDirError "opening Qdrant failed (qdrant-client
+    writes there on opening, even to search)", though it had opened), a copy of the file left
+    in damaged/. Nothing is changed: each collection serves as it is, the misfit named with
+    what to do, and a search it fails is a StoreDamagedError saying why; once the folder can
+    be written, the next opening takes the items out."""
+    folder = tmp_path / "qdrant"
+    _two_collections(folder)
+    storage = folder / "collection" / "hurt" / "storage.sqlite"
+    _every_point(storage, lambda v: v[:3])
+    rng = np.random.default_rng(1)
+    with _read_only(folder / "collection"):
+        with caplog.at_level(logging.WARNING):
+            store = QdrantStore(path=folder)
+        try:
+            assert [(c.name, c.count) for c in store.collections()] == [("hurt", 5), ("kept", 5)]
+            assert store.search("kept", _unit(rng))[0].id.startswith("kept-")
+            with pytest.raises(StoreDamagedError) as caught:
+                store.search("hurt", _unit(rng))
+        finally:
+            store.close()
+    why = (
+        "Qdrant's local collection 'hurt' holds vectors that do not fit it, which could not be "
+        f"taken out, as {storage.parent} cannot be written ("
+    )
+    assert why in caplog.text
+    assert (
+        "): make it writable for this user and open Qdrant again, which mends it; till then it "
+        "is served as it is"
+    ) in caplog.text
+    assert str(caught.value).startswith(f"searching 'hurt' failed: {why}")
+    assert not (folder / "damaged").exists()
+    store = QdrantStore(path=folder)  # writable again: taken out
+    try:
+        assert store.count("hurt") == 0 and store.count("kept") == 5
+    finally:
+        store.close()

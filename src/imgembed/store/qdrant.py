@@ -19,6 +19,7 @@ from imgembed.errors import (
     CollectionNotFoundError,
     InvalidRecordError,
     ProvenanceMismatchError,
+    StoreDamagedError,
     StoreError,
     StoreUnavailableError,
 )
@@ -79,6 +80,7 @@ class QdrantStore:
         self._seen: set[str] = set()  # collections this store made or worked on
         self.location = f"Qdrant at {url}" if url else str(path)
         self._files = None if url else path  # local files
+        self._unmended: dict[str, str] = {}  # local collections left misfit: why, what to do
         missing: dict[str, Path] = {}  # local collections whose files are gone
         with store_errors(OPENING, self.location), self._writable(OPENING):
             if url:
@@ -87,7 +89,7 @@ class QdrantStore:
                 assert path is not None
                 Path(path).mkdir(parents=True, exist_ok=True)
                 missing = missing_files(Path(path))  # before the client makes them anew
-                self._client = open_local(QdrantClient, Path(path))
+                self._client, self._unmended = open_local(QdrantClient, Path(path))
         self._call(OPENING, self._ensure_registry)
         if path is not None and self._local:
             self._call(OPENING, lambda: self._list_again(Path(path), missing))
@@ -165,6 +167,8 @@ class QdrantStore:
         try:
             done = self._call(action, work)
         except StoreError as exc:
+            if name in self._unmended and not isinstance(exc, CollectionNotFoundError):
+                raise StoreDamagedError(f"{action} failed: {self._unmended[name]}") from exc
             if not _no_collection(exc.__cause__):
                 raise
             known = name in self._seen or name in self._dimensions

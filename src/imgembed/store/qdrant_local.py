@@ -26,10 +26,12 @@ REGISTRY = "imgembed_collections"  # the collection naming every other one's mod
 OPENING = "opening Qdrant"  # the action of QdrantStore's opening calls
 
 
-def open_local(client: Any, path: Path) -> Any:
+def open_local(client: Any, path: Path) -> tuple[Any, dict[str, str]]:
     """Qdrant's local files, which one process at a time may hold (a file lock). Qdrant
     loads every collection on opening: a damaged one is set aside, so the others open; so
-    are settings and points that do not fit imgembed's registry (`misfits`)."""
+    are settings and points that do not fit imgembed's registry (`misfits`). Also the
+    collections whose misfits cannot be set aside as their files cannot be written, each
+    with why (served as they are)."""
     try:
         opened = client(path=str(path))
     except Exception as exc:
@@ -46,17 +48,49 @@ def open_local(client: Any, path: Path) -> Any:
             raise
         return open_local(client, path)
     settings, points = misfits(opened, REGISTRY)
-    if not (settings or points):
-        return opened
+    stuck = _unwritable_misfits(path, settings, points)
+    if not {*settings, *points} - set(stuck):
+        for why in stuck.values():
+            log.warning("%s; till then it is served as it is", why)
+        return opened, stuck
     opened.close()
+    settings = {name: size for name, size in settings.items() if name not in stuck}
+    points = [name for name in points if name not in stuck]
     with _locked(path):  # the registry's length set, then the points not of it set aside
-        if not (fit_settings(path, settings) + _set_aside_damaged(path)):  # or found again
+        if not (fit_settings(path, settings) + _set_aside_damaged(path, points)):  # or again
             raise StoreDamagedError(
                 f"Qdrant's local collections {', '.join(map(repr, sorted(points)))} hold "
                 f"vectors that do not fit their settings in {path / 'meta.json'}: move their "
                 f"folders out of {path / 'collection'} and index into them again"
             )
     return open_local(client, path)
+
+
+def _unwritable_misfits(path: Path, settings: dict[str, int], points: list[str]) -> dict[str, str]:
+    """The misfit collections whose files cannot be written to mend them (a read-only mount,
+    another user's files), each with what does not fit and what to do: nothing of them is
+    changed, so the others still open."""
+    stuck = {}
+    for name in {*settings, *points}:
+        folder = path / "collection" / name
+        aside = path / "damaged" if (path / "damaged").exists() else path
+        needed = [path, path / "meta.json"] if name in settings else []
+        needed += [folder, folder / "storage.sqlite", aside] if name in points else [aside]
+        if (refused := next((p for p in needed if not os.access(p, os.W_OK)), None)) is None:
+            continue
+        read_only = os.statvfs(refused).f_flag & os.ST_RDONLY
+        what = (
+            "holds vectors that do not fit it, which could not be taken out"
+            if name in points
+            else f"has settings that name another vector length than imgembed's registry "
+            f"({settings[name]}), which could not be set to it"
+        )
+        stuck[name] = (
+            f"Qdrant's local collection {name!r} {what}, as {refused} cannot be written "
+            f"({'a read-only file system' if read_only else 'permission denied'}): make it "
+            "writable for this user and open Qdrant again, which mends it"
+        )
+    return stuck
 
 
 def _close_opened(exc: BaseException) -> None:
@@ -209,15 +243,18 @@ def _meta_problem(meta: Path) -> str | None:
     return None
 
 
-def _set_aside_damaged(path: Path) -> list[str]:
-    """Move each collection whose file SQLite cannot read to `damaged/` (kept, not deleted;
-    the collection starts empty), and take the points qdrant-client cannot load out of the
-    others (a copy of the file as it was kept there); the names. Under `_locked`."""
+def _set_aside_damaged(path: Path, only: list[str] | None = None) -> list[str]:
+    """Move each collection (of `only`, if given) whose file SQLite cannot read to `damaged/`
+    (kept, not deleted; the collection starts empty), and take the points qdrant-client
+    cannot load out of the others (a copy of the file as it was kept there); the names.
+    Under `_locked`."""
     meta = path / "meta.json"
     if not meta.is_file():  # the client failed before making it: nothing of ours to repair
         return []
     repaired = []
     for name, config in json.loads(meta.read_text())["collections"].items():
+        if only is not None and name not in only:
+            continue
         folder = path / "collection" / name
         storage = folder / "storage.sqlite"
         problem = _unreadable(storage)

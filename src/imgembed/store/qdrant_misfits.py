@@ -23,8 +23,8 @@ log = logging.getLogger(__name__)
 def misfits(opened: Any, registry: str) -> tuple[dict[str, int], list[str]]:
     """What in an opened local client does not fit: the collections whose settings name
     another vector length than imgembed's registry (its model's), each with that length;
-    and those with points that misfit their settings (another length, no unnamed vector,
-    NaN)."""
+    and those with points that misfit the registry's length, or else their settings' (another
+    length, no unnamed vector, NaN)."""
     from qdrant_client.http.models import VectorParams
 
     sizes = _registered_sizes(opened, registry)
@@ -35,7 +35,7 @@ def misfits(opened: Any, registry: str) -> tuple[dict[str, int], list[str]]:
             continue
         if sizes.get(collection.name, params.size) != params.size:
             settings[collection.name] = sizes[collection.name]
-        if _points_misfit(opened, collection.name, params.size):
+        if _points_misfit(opened, collection.name, sizes.get(collection.name, params.size)):
             points.append(collection.name)
     return settings, points
 
