@@ -495,6 +495,53 @@ def test_local_qdrant_collections_the_registry_lost_are_named(tmp_path, caplog):
         store.close()
 
 
+UNREAD_ENTRIES = {
+    "no name": (lambda entry: entry.pop("name"), "no 'name'"),
+    "a name not text": (lambda entry: entry.update(name=7), "its 'name' is not text: 7"),
+    "no dimension": (lambda entry: entry.pop("dimension"), "no 'dimension'"),
+}
+
+
+@pytest.mark.parametrize("spoil", UNREAD_ENTRIES.values(), ids=UNREAD_ENTRIES.keys())
+def test_a_registry_entry_it_cannot_read_is_named_and_the_rest_serves(tmp_path, caplog, spoil):
+    """A registry entry without a 'name' (written by hand, or by another tool) failed every
+    opening (StoreError "opening Qdrant failed (...): KeyError: 'name'"), one whose name was
+    no text too ("TypeError: unsupported operand type(s) for /"); one without 'dimension'
+    failed every listing. As for a collection the registry does not name, that collection
+    is not listed, a warning names the registry's file, the entry, why and what to do, and
+    the rest serves; indexing into it again writes the entry anew, its items kept."""
+    folder = tmp_path / "qdrant"
+    _two_collections(folder)
+    registry = folder / "collection" / "imgembed_collections"
+    change, why = spoil
+    with contextlib.closing(sqlite3.connect(registry / "storage.sqlite")) as db, db:
+        for rowid, value in db.execute("SELECT rowid, point FROM points").fetchall():
+            if (entry := pickle.loads(value)).payload["name"] == "hurt":
+                change(entry.payload)
+                db.execute("UPDATE points SET point = ? WHERE rowid = ?",
+                           (pickle.dumps(entry), rowid))  # fmt: skip
+                point_id = entry.id
+
+    with caplog.at_level(logging.WARNING, logger="imgembed.store.qdrant"):
+        store = QdrantStore(path=folder)
+    try:
+        assert [(c.name, c.count) for c in store.collections()] == [("kept", 5)]
+        assert (
+            f"imgembed's registry of collections {registry} holds an entry it cannot read "
+            f"(point {point_id}: {why}), that of collection 'hurt', so that collection is not "
+            "listed: index into it again with its model, which writes the entry anew"
+        ) in caplog.text
+        assert "does not name them" not in caplog.text  # said once
+        store.create_collection("hurt", PROV)  # what `index` does first
+        assert [(c.name, c.count) for c in store.collections()] == [("hurt", 5), ("kept", 5)]
+    finally:
+        store.close()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="imgembed.store.qdrant"):
+        QdrantStore(path=folder).close()
+    assert caplog.text == ""
+
+
 def test_a_damaged_registry_is_a_503_that_clients_are_told_not_to_retry(tmp_path):
     """Retrying cannot mend a file: no Retry-After (OpenAI's SDKs and proxies would repeat the
     request), x-should-retry: false, the file named; the CLI's exit as for any store error."""

@@ -5,6 +5,7 @@ collection; point ids are UUIDs derived from our ids, which are kept in the payl
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import threading
 import time
@@ -106,17 +107,31 @@ class QdrantStore:
         """Collections the registry names whose files are there but not in qdrant-client's
         meta.json (one restored from an older backup): made again over their folder, which
         loads their items; those holding items that the registry does not name (it was lost),
-        and those it names whose files were `missing` (they start empty), are named in a
-        warning."""
+        or whose entry it cannot read, and those it names whose files were `missing` (they
+        start empty), are named in a warning."""
         models = self._models
-        registered = self._registered()
+        entries = self._entries()
+        registered = [entry[0] for entry in entries.values() if isinstance(entry, tuple)]
         for name in registered:
             if name in missing and not self._client.count(name).count:
                 warn_missing(path, name, missing[name], self._provenance(name))
+        present = [c.name for c in self._client.get_collections().collections]
+        unread = {_point_id(name): name for name in present
+                  if isinstance(entries.get(_point_id(name)), str)}  # fmt: skip
+        for point_id, name in unread.items():
+            log.warning(
+                "imgembed's registry of collections %s holds an entry it cannot read (point "
+                "%s: %s), that of collection %r, so that collection is not listed: index into "
+                "it again with its model, which writes the entry anew (what is stored stays)",
+                path / "collection" / REGISTRY, point_id, entries[point_id], name,
+            )  # fmt: skip
         unnamed = [
-            c.name
-            for c in self._client.get_collections().collections
-            if c.name not in registered and c.name != REGISTRY and self._client.count(c.name).count
+            name
+            for name in present
+            if name not in registered
+            and name not in unread.values()
+            and name != REGISTRY
+            and self._client.count(name).count
         ]  # an empty one: a create cut short before its registry entry
         if unnamed:
             log.warning(
@@ -214,12 +229,10 @@ class QdrantStore:
             )
 
     def _provenance(self, name: str) -> Provenance | None:
+        """None also for an entry it cannot read: `_create` writes it anew."""
         points = self._client.retrieve(REGISTRY, ids=[_point_id(name)], with_payload=True)
-        if not points:
-            return None
-        payload = dict(points[0].payload or {})
-        payload.pop("name", None)
-        return Provenance(**payload)
+        entry = _read_entry(points[0].payload) if points else None
+        return entry[1] if isinstance(entry, tuple) else None
 
     def _dimension(self, name: str, size: int | None = None) -> int:
         """Without counting points (the hot path: every search and upsert); read again for a
@@ -254,15 +267,20 @@ class QdrantStore:
 
     def _registered(self) -> list[str]:
         """The names in the registry (a drop cut short may leave one without collection)."""
-        names = []
+        return [entry[0] for entry in self._entries().values() if isinstance(entry, tuple)]
+
+    def _entries(self) -> dict[str, tuple[str, Provenance] | str]:
+        """The registry's entries by point id: each its collection and model, or why it
+        cannot be read."""
+        entries = {}
         offset = None
         while True:
             points, offset = self._client.scroll(
                 REGISTRY, limit=_PAGE, offset=offset, with_payload=True
             )
-            names += [p.payload["name"] for p in points if p.payload]
+            entries.update({str(p.id): _read_entry(p.payload) for p in points})
             if offset is None:
-                return names
+                return entries
 
     def _collections(self) -> list[CollectionInfo]:
         infos = []
@@ -439,6 +457,21 @@ class QdrantStore:
     def close(self) -> None:
         with self._one_at_a_time, store_errors("closing Qdrant", self.location):
             self._client.close()
+
+
+def _read_entry(payload: Mapping[str, Any] | None) -> tuple[str, Provenance] | str:
+    """A registry entry's collection name and model, or why it holds none (one written by
+    hand or by another tool)."""
+    fields = dict(payload or {})
+    name = fields.pop("name", None)
+    wanted = [field.name for field in dataclasses.fields(Provenance)]
+    if not isinstance(name, str):
+        return "no 'name'" if name is None else f"its 'name' is not text: {name!r}"
+    if missing := [field for field in wanted if field not in fields]:
+        return f"no {missing[0]!r}"
+    if not isinstance(fields["dimension"], int):
+        return f"its 'dimension' is not a whole number: {fields['dimension']!r}"
+    return name, Provenance(**{field: fields[field] for field in wanted})  # others: a newer's
 
 
 def _checked_name(name: str) -> str:
