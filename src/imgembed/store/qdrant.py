@@ -182,9 +182,9 @@ class QdrantStore:
         try:
             done = self._call(action, work)
         except StoreError as exc:
-            if name in self._unmended and not isinstance(exc, CollectionNotFoundError):
-                raise StoreDamagedError(f"{action} failed: {self._unmended[name]}") from exc
             if not _no_collection(exc.__cause__):
+                if name in self._unmended and not isinstance(exc, CollectionNotFoundError):
+                    raise StoreDamagedError(f"{action} failed: {self._unmended[name]}") from exc
                 raise
             known = name in self._seen or name in self._dimensions
             self._seen.discard(name)
@@ -295,6 +295,7 @@ class QdrantStore:
         checked_text(name, "collection name")
         self._dimensions.pop(name, None)
         self._seen.discard(name)
+        self._unmended.pop(name, None)  # what did not fit goes with it
 
         def drop() -> None:  # also ends a drop cut short: the registry's entry goes
             if self._provenance(name) is None:
