@@ -294,6 +294,24 @@ def test_a_batch_with_broken_files_answers_every_item_in_order(client, root, lib
     assert result["error_type"] == "ImageNotFoundError" and "empty path" in result["error"]
 
 
+def test_a_debug_server_gives_every_result_its_steps_without_include_metadata(root):
+    # The seed's debug mode (IMGEMBED_DEBUG): the library's results carry their steps
+    # unasked; the server dropped them with the rest of the metadata unless include_metadata.
+    with _client(allowed_roots=[root], debug=True) as client:
+        one = client.post(IMAGE, json={"image_path": str(root / "rocket.jpg")}).json()
+        assert list(one["metadata"]) == ["debug_logs"]  # the steps, not the metadata
+        assert one["metadata"]["debug_logs"][-1]["message"].startswith("done in")
+        body = {"image_paths": [str(root / "rocket.jpg"), str(root / "missing.jpg")]}
+        results = client.post(f"{IMAGE}/batch", json=body).json()["results"]
+        steps = [[e["message"] for e in r["metadata"]["debug_logs"]] for r in results]
+        assert "normalised to unit length" in steps[0]
+        assert steps[1][0].startswith("failed: ImageNotFoundError")  # where it failed
+        full = client.post(
+            IMAGE, json={"image_path": str(root / "rocket.jpg"), "include_metadata": True}
+        )
+        assert full.json()["metadata"]["width"] == 640 and full.json()["metadata"]["debug_logs"]
+
+
 def test_size_and_count_limits_are_413(root):
     with _client(allowed_roots=[root], max_body_size=200_000, max_batch_inputs=3) as client:
         big = {"image_base64": "A" * 300_000}

@@ -34,9 +34,11 @@ router = APIRouter(prefix="/api/v1/embeddings", tags=["embeddings"])
 
 
 def result_dict(result: ImageEmbeddingResult, include_metadata: bool) -> dict[str, Any]:
+    """Metadata only when asked; a debug-mode server's steps always (as in the library)."""
     out = result.to_dict()
     if not include_metadata:
-        out["metadata"] = None
+        steps = (out["metadata"] or {}).get("debug_logs")
+        out["metadata"] = {"debug_logs": steps} if steps is not None else None
     return out
 
 
