@@ -307,12 +307,20 @@ def translate_seed_config(config: dict[str, Any]) -> dict[str, Any]:
         elif key in Settings.model_fields:
             out[key] = value
         else:
-            raise ConfigurationError(f"unknown setting {key!r}")
+            raise ConfigurationError(f"unknown setting {key!r}{_closest_key(key)}")
     if use_gpu is False:
         out["device"] = "cpu"
     elif gpu_device:
         out["device"] = gpu_device
     return out
+
+
+def _closest_key(key: str) -> str:
+    """' (did you mean ...?)' for a misspelt seed key or setting name, else ''."""
+    known = [*_SEED_KEYS, *_SEED_FIXED, *_SEED_KEYS_WITHOUT_EFFECT, *Settings.model_fields]
+    known += ["use_gpu", "gpu_device", "parallel_processing"]
+    close = difflib.get_close_matches(str(key), known, n=2)
+    return f" (did you mean {' or '.join(close)}?)" if close else ""
 
 
 # Read by `imgembed serve` (uvicorn's own options) and by the embedded PostgreSQL

@@ -105,6 +105,13 @@ def test_seed_keyword_style(tmp_path):
 def test_unknown_and_invalid_settings_are_clear_errors():
     with pytest.raises(ConfigurationError, match="unknown setting 'modle'"):
         ImageEmbeddingService(modle="ViT-B-32")
+    # a seed key misspelt in a copied CLIP_CONFIG names the key meant, as the variables do
+    with pytest.raises(ConfigurationError, match=r"'modle_name' \(did you mean model_name\?\)"):
+        ImageEmbeddingService({"modle_name": "clip-vit-base-patch32"})
+    with pytest.raises(ConfigurationError, match=r"\(did you mean normalize_embeddings"):
+        ImageEmbeddingService({"normalise_embeddings": True})
+    with pytest.raises(ConfigurationError, match=r"unknown setting 'zzz'$"):
+        ImageEmbeddingService({"zzz": 1})
     with pytest.raises(ConfigurationError, match="batch_size"):
         ImageEmbeddingService(batch_size=0)
     with pytest.raises(ConfigurationError, match="runtime"):
