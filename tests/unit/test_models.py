@@ -114,6 +114,10 @@ def test_unknown_architecture():
 def test_cuda_without_a_gpu_is_a_configuration_error():
     with pytest.raises(ConfigurationError, match="IMGEMBED_DEVICE=cpu"):
         ImageEmbeddingService(**TINY, device="cuda").encoder  # noqa: B018
+    # the seed's GPU example names its own keys, not our variable: the way out in them
+    seed = {"use_gpu": True, "gpu_device": "cuda:0", "model_name": "imgembed-tiny"}
+    with pytest.raises(ConfigurationError, match="leave out gpu_device: use_gpu alone"):
+        ImageEmbeddingService(seed, pretrained="seed:0").encoder  # noqa: B018
 
 
 def test_auto_device_on_this_machine():

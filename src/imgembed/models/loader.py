@@ -55,7 +55,8 @@ def resolve_device(device: str) -> torch.device:
         if (resolved.index or 0) >= count:
             raise ConfigurationError(
                 f"device {device!r} requested but torch sees {count} CUDA device(s); "
-                "set IMGEMBED_DEVICE=cpu or auto"
+                "set IMGEMBED_DEVICE=cpu or auto (--device; in a seed config, leave out "
+                "gpu_device: use_gpu alone means the GPU when there is one)"
             )
     elif resolved.type != "cpu":
         raise ConfigurationError(f"unsupported device {device!r}: use cpu, cuda, cuda:N or auto")
