@@ -187,12 +187,10 @@ class ImageEmbeddingService(SeedAsyncMethods):
         if isinstance(image_embeddings, Mapping):
             keys = list(image_embeddings)
             matrix = [image_embeddings[key] for key in keys]
-            failed = [key for key, row in zip(keys, matrix, strict=True) if row is None]
-            if failed:  # a dict built from batch_generate_embeddings: name the image, not a row
-                raise ConfigurationError(
-                    f"the embedding of {failed[0]!r} is None (an image that failed to embed): "
-                    "leave failed items out"
-                )
+            for key, row in zip(keys, matrix, strict=True):
+                reason = similarity.not_an_embedding(row)
+                if reason:  # a dict built from batch_generate_embeddings: name the image
+                    raise ConfigurationError(f"the embedding of {key!r} {reason}")
         else:
             matrix = similarity.candidate_rows(image_embeddings)  # a generator as a list
             keys = list(range(len(matrix)))

@@ -160,6 +160,25 @@ async def test_a_failed_image_among_named_candidates_is_named(tiny_service, phot
         await tiny_service.find_similar_images(embeddings[0], image_embeddings, top_k=2)
 
 
+async def test_result_dicts_among_candidates_are_named_not_counted(photos):
+    """In debug mode (or with include_metadata) a batch's items are result dicts: fed in as
+    candidates, the error was "numbers of one length (lengths given: [12, 64])", the 12 being
+    the dict's keys; now it says which item is a failed image's result or a dict to unwrap."""
+    service = ImageEmbeddingService(TINY, debug=True)
+    paths = [str(photos[0]), "missing.jpg"]
+    embeddings = await service.batch_generate_embeddings(paths)
+    query = embeddings[0]
+    named = dict(zip(paths, embeddings, strict=True))
+    failed = r"the embedding of 'missing\.jpg' is a failed image's result \(missing\.jpg: no such"
+    with pytest.raises(ConfigurationError, match=failed):
+        await service.find_similar_images(query, named)
+    with pytest.raises(ConfigurationError, match=r"candidate 1 is a failed image's result"):
+        await service.calculate_similarities(query, embeddings)
+    detailed = await service.batch_generate_embeddings(paths[:1], include_metadata=True)
+    with pytest.raises(ConfigurationError, match=r"candidate 0 is a result dict.*'embedding'"):
+        await service.calculate_similarities(query, detailed)
+
+
 async def test_one_image_where_a_list_is_needed_and_urls_that_are_not_http(tiny_service):
     # a string is iterable: it used to be embedded character by character (26 Nones)
     with pytest.raises(ConfigurationError, match="a list of images is needed, not one str"):

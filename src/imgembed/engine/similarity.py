@@ -51,15 +51,25 @@ def _iterable(value: Any) -> bool:
     return isinstance(value, Iterable) or hasattr(value, "__getitem__")
 
 
+def not_an_embedding(row: Any) -> str | None:
+    """Why a candidate row is a result of batch_generate_embeddings rather than an embedding
+    (None for a failed image; a dict with include_metadata, or a failed one in debug mode)."""
+    if row is None:
+        return "is None (an image that failed to embed): leave failed items out"
+    if isinstance(row, Mapping):
+        if row.get("error"):
+            return f"is a failed image's result ({row['error']}): leave failed items out"
+        return "is a result dict, not an embedding: pass its 'embedding'"
+    return None
+
+
 def _matrix(candidates: Sequence[ArrayLike] | np.ndarray, dim: int) -> np.ndarray:
     candidates = candidate_rows(candidates)
     if not isinstance(candidates, np.ndarray):
-        missing = [n for n, row in enumerate(candidates) if row is None]
-        if missing:  # batch_generate_embeddings gives None for an image that failed
-            raise ConfigurationError(
-                f"candidate {missing[0]} is None (an image that failed to embed): leave "
-                "failed items out"
-            )
+        for n, row in enumerate(candidates):
+            reason = not_an_embedding(row)
+            if reason:
+                raise ConfigurationError(f"candidate {n} {reason}")
     try:
         matrix = np.asarray(candidates)
         matrix = matrix.astype(np.float64) if matrix.dtype != np.float32 else matrix
