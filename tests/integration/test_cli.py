@@ -329,11 +329,13 @@ def test_names_with_brackets_are_printed_as_they_are_not_as_markup(tmp_path, pho
     assert table.returncode == 0 and "[x] :smile:.png" in table.stdout, table.stdout
 
 
-def test_python_dash_m_imgembed_runs_the_command(tmp_path, photos):
-    """`python -m imgembed` was "No module named imgembed.__main__"."""
+# `python -m imgembed` was "No module named imgembed.__main__"; `python -m imgembed.cli.app`
+# (the module [project.scripts] names) did nothing at all and exited 0
+@pytest.mark.parametrize("module", ["imgembed", "imgembed.cli.app"])
+def test_python_dash_m_imgembed_runs_the_command(tmp_path, photos, module):
     shutil.copy(photos[0], tmp_path / photos[0].name)
     ran = subprocess.run(
-        [sys.executable, "-m", "imgembed", "metadata", str(tmp_path), "--json"],
+        [sys.executable, "-m", module, "metadata", str(tmp_path), "--json"],
         capture_output=True,
         text=True,
         timeout=300,
@@ -341,7 +343,7 @@ def test_python_dash_m_imgembed_runs_the_command(tmp_path, photos):
     assert ran.returncode == 0, ran.stderr
     assert json.loads(ran.stdout.splitlines()[0])["path"].endswith(photos[0].name)
     missing = subprocess.run(
-        [sys.executable, "-m", "imgembed", "metadata", str(tmp_path / "nope.jpg")],
+        [sys.executable, "-m", module, "metadata", str(tmp_path / "nope.jpg")],
         capture_output=True,
         text=True,
         timeout=300,

@@ -307,3 +307,7 @@ def _warning(message: Warning | str, *args: object, **kwargs: object) -> str:
 
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
+
+
+if __name__ == "__main__":  # python -m imgembed.cli.app, the module [project.scripts] names
+    main()
