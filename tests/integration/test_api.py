@@ -447,6 +447,15 @@ def test_search_among_candidates(client, root, library):
     assert filters.status_code == 422 and "JSON object" in filters.text
     no_query = client.post("/api/v1/search/image", json={"candidate_image_paths": []})
     assert no_query.status_code == 422
+    # a seed request without its candidates searched the default collection, not made yet
+    default = client.post("/api/v1/search/image", json={"query_text": "a cup"})
+    assert default.status_code == 404 and default.json()["error"].startswith("no collection")
+    assert default.json()["error"].endswith(
+        "(the server's default collection, searched as the request names no collection): give "
+        "candidate_image_paths or candidate_images to search among those images, or a collection"
+    )
+    named = client.post("/api/v1/search/image", json={"query_text": "a cup", "collection": "c"})
+    assert named.status_code == 404 and "default" not in named.json()["error"]
     blank = client.post("/api/v1/search/image", json={"query_text": " ", "collection": "c"})
     assert blank.status_code == 422 and "search text is empty" in blank.json()["error"]
     assert blank.json()["error_type"] == "ValidationError"  # like any malformed body

@@ -23,7 +23,8 @@ from imgembed.api.inputs import (
 from imgembed.api.schemas import SearchRequest, SearchResponse
 from imgembed.api.state import AppState, State
 from imgembed.engine.batcher import Batcher
-from imgembed.errors import ConfigurationError, error_dict
+from imgembed.errors import CollectionNotFoundError, ConfigurationError, error_dict
+from imgembed.models.registry import ModelRef
 from imgembed.results import SimilarityResult
 from imgembed.service import ImageEmbeddingService, checked_search_text
 
@@ -61,20 +62,17 @@ async def search_image(request: Request, state: State) -> dict[str, Any]:
         model = batcher.pipeline.encoder.ref
     else:
         collection = body.collection or state.settings.collection
-        service = await state.in_store(state.service.for_collection, collection)
-        if body.query_id is not None:
-            vector = await state.in_store(_stored_vector, service, collection, body.query_id)
-        else:
-            vector = await _query_vector(await state.batcher_for(service), body, uploads, state)
-        hits = await state.in_store(
-            service.search_vector,
-            vector,
-            collection,
-            body.top_k,
-            body.filters,
-            include_embeddings=body.include_embeddings,
-        )
-        model = service.model_ref
+        try:
+            hits, model = await _in_collection(body, uploads, state, collection)
+        except CollectionNotFoundError as exc:
+            if body.collection is not None:
+                raise
+            # the seed's requests name candidates: one without them searched the default
+            raise CollectionNotFoundError(
+                f"{exc} (the server's default collection, searched as the request names no "
+                "collection): give candidate_image_paths or candidate_images to search among "
+                "those images, or a collection"
+            ) from exc
     return {
         "results": [vars(hit) for hit in hits],
         "failed": failed,
@@ -82,6 +80,25 @@ async def search_image(request: Request, state: State) -> dict[str, Any]:
         "model_name": str(model),
         "processing_time": time.perf_counter() - started,
     }
+
+
+async def _in_collection(
+    body: SearchRequest, uploads: list[Any], state: AppState, collection: str
+) -> tuple[list[SimilarityResult], ModelRef]:
+    service = await state.in_store(state.service.for_collection, collection)
+    if body.query_id is not None:
+        vector = await state.in_store(_stored_vector, service, collection, body.query_id)
+    else:
+        vector = await _query_vector(await state.batcher_for(service), body, uploads, state)
+    hits = await state.in_store(
+        service.search_vector,
+        vector,
+        collection,
+        body.top_k,
+        body.filters,
+        include_embeddings=body.include_embeddings,
+    )
+    return hits, service.model_ref
 
 
 async def _query_vector(
