@@ -1422,6 +1422,50 @@ def test_a_delete_as_the_job_ends_does_not_leave_it_running_on_the_board(tmp_pat
     second.close()
 
 
+@pytest.mark.parametrize("moment", ["as it is taken", "just after it is taken"])
+def test_a_delete_through_another_process_as_the_job_starts_runs_no_batch(tmp_path, moment):
+    """Both processes read the job queued: the other's DELETE answered "cancelled before it
+    started" while its owner took it, which ran its first batch all the same (stored, then
+    "cancelled after 1 of 3 items"), and the board showed it ended while it ran."""
+    from imgembed.api.board import Board
+    from imgembed.api.jobs import Jobs
+    from imgembed.engine.pipeline import Progress
+
+    path = tmp_path / "jobs.sqlite3"
+    second, answers = Jobs(board=Board(path)), []
+
+    class Taking(Board):  # the DELETE through the other process lands at `moment`
+        def take(self, job, resume, key=""):
+            if moment == "as it is taken":
+                answers.append(second.cancel(job["job_id"]))
+            return super().take(job, resume, key)
+
+        def publish(self, job, resume, key=""):
+            if job["status"] == "running" and not answers:
+                answers.append(second.cancel(job["job_id"]))
+            super().publish(job, resume, key)
+
+    first, ran = Jobs(board=Taking(path)), []
+
+    def batches(progress):
+        for done in (1, 2, 3):
+            ran.append(done)
+            progress(Progress(3, done, embedded=done))
+
+    job = first.submit("index", "shop", 3, batches, "send it again")
+    _until(lambda: first.get(job.id).finished is not None)
+    final = second.status(job.id)
+    assert ran == [] and final["status"] == "cancelled" and final["resume"] == "send it again"
+    said = {
+        "as it is taken": ("cancelled", "cancelled before it started"),
+        "just after it is taken": ("running", "cancelled by a request (DELETE of the job)"),
+    }
+    assert answers[0]["status"] == said[moment][0]  # the DELETE's answer, as it was
+    assert final["error"]["error"] == said[moment][1]
+    first.close()
+    second.close()
+
+
 def test_the_same_request_after_a_delete_through_another_process_is_a_new_job(tmp_path):
     """A queued job cancelled through the other worker process stayed "queued" in its own
     until its turn: the same request again got that cancelled job back (202), never run."""

@@ -118,6 +118,24 @@ class Board:
                     (KEEP,),
                 )
 
+    def take(self, job: dict[str, Any], resume: str, key: str = "") -> bool:
+        """The queued job shown running, unless a cancel was asked first (through another
+        process): then False, and it must not run. One conditional statement: a DELETE
+        through another process answered "cancelled before it started" as the owner took
+        the job (both had read it queued), which ran a batch all the same, and the board
+        showed it ended while it ran."""
+        with self._lock:
+            taken = self._db.execute(
+                "UPDATE jobs SET status = ?, state = ? WHERE id = ? AND status = 'queued'"
+                " AND cancel = 0",
+                (job["status"], json.dumps(job), job["job_id"]),
+            ).rowcount
+            row = self._db.execute("SELECT 1 FROM jobs WHERE id = ?", (job["job_id"],))
+            known = taken or row.fetchone()
+        if not known:  # its queued state never got here (the board failed then)
+            self.publish(job, resume, key)
+        return bool(taken or not known)
+
     def get(self, job_id: str) -> dict[str, Any] | None:
         rows = self._rows("WHERE id = ?", (job_id,))
         return rows[0] if rows else None

@@ -236,16 +236,14 @@ class Jobs:
             if job.cancel.is_set():
                 raise UnavailableError("cancelled by a request (DELETE of the job)")
 
-        with self._lock:
-            if job.cancel.is_set():  # cancelled while it was queued
-                with self._publishing:
-                    self._published.pop(job.id, None)
-                return
-            job.status = "running"
-            # its progress from the start (all to do), not null until its first batch is done
-            job.progress = job.progress or Progress(job.total)
+        if not self._take(job):  # cancelled while it was queued
+            with self._publishing:
+                self._published.pop(job.id, None)
+            return
         self._publish(job)
         try:
+            if job.cancel.is_set():  # asked as it was taken: not even its first batch
+                raise UnavailableError("cancelled by a request (DELETE of the job)")
             job.stats = run(progress)
             job.status = "done"
         except UnavailableError as exc:
@@ -265,6 +263,26 @@ class Jobs:
             job.status, job.error = "failed", {**error_dict(exc), "error_type": "InternalError"}
         job.finished = time.time()
         self._publish(job)
+
+    def _take(self, job: Job) -> bool:
+        """The job marked running, here and on the board, unless it was cancelled first: in
+        this process, or through another one (the board's take and cancel cannot both win)."""
+        with self._lock:
+            if job.cancel.is_set():
+                return False
+            # its progress from the start (all to do), not null until its first batch is done
+            progress = dataclasses.asdict(job.progress or Progress(job.total))
+            start = {**job.to_dict(), "status": "running", "progress": progress}
+        if not self._shared(lambda board: board.take(start, job.resume, job.key), True):
+            self._cancelled_before_start(job)
+            self._publish(job)
+            return False
+        with self._lock:
+            if job.cancel.is_set():  # a DELETE of this process meanwhile: it published it
+                return False
+            job.status = "running"
+            job.progress = job.progress or Progress(job.total)
+        return True
 
     def _waits(self, job: Job) -> bool:
         """Whether another worker process runs (or queued before) a job for the same target:
