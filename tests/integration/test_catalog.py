@@ -976,6 +976,54 @@ def test_a_commit_whose_answer_was_lost_is_not_repeated_and_keeps_its_counts(
         proxy.close()
 
 
+def test_a_commit_lost_while_its_session_still_holds_it_is_not_repeated_behind_it(
+    data_dir, tmp_path
+):
+    """The connection lost at a COMMIT the server had not yet done (on its way, or never
+    come: the server still waits for its client in the transaction): pg_xact_status said
+    "in progress", read as not committed, and the work was repeated. The repeat waited for
+    the lost session's row locks (for hours, until the server noticed its client gone); when
+    the late COMMIT came, it found its own writes: "0 new, 0 updated, 4 unchanged". Now that
+    session is ended first and its outcome asked for."""
+    url = embedded.start(data_dir)
+    proxy = CutAtCommit(url, tmp_path)
+    repository = ProductRepository(proxy.url, reopen=lambda: proxy.url)
+    held = threading.Event()
+
+    def release_the_commit() -> None:  # once the repeat waits behind it, or it has ended
+        with psycopg.connect(url, autocommit=True) as admin:
+            while not held.wait(0.05):
+                sessions = admin.execute(
+                    "SELECT count(*) FILTER (WHERE wait_event_type = 'Lock'),"
+                    " count(*) FILTER (WHERE state LIKE 'idle in transaction%%')"
+                    " FROM pg_stat_activity WHERE application_name = %s",
+                    (pgconn.APPLICATION,),
+                ).fetchone()
+                if proxy.cut and (sessions[0] or not sessions[1]):
+                    break
+        proxy.release.set()
+
+    try:
+        first = [importer.product({"id": i, "title": i.upper()}) for i in ("a", "b")]
+        repository.upsert_products("lost", first)
+        titles = [("a", "A again"), ("b", "B"), ("c", "C"), ("d", "D")]
+        products = [importer.product({"id": i, "title": t}) for i, t in titles]
+        proxy.forward = "hold"
+        proxy.armed.set()
+        releaser = threading.Thread(target=release_the_commit, daemon=True)
+        releaser.start()
+        counts = repository.upsert_products("lost", products)
+        assert proxy.cut == 1  # the fault happened: the COMMIT held, the client's end closed
+        assert counts == (2, 1, 1)  # c and d new, a updated, b unchanged (was (0, 0, 4))
+        assert repository.product("lost", "a")["title"] == "A again"
+        assert repository.count("lost") == 4
+    finally:
+        held.set()
+        proxy.release.set()
+        repository.close()
+        proxy.close()
+
+
 def test_dropped_connections_are_made_again_and_a_dead_server_is_a_typed_error(
     data_dir, photos, caplog, monkeypatch
 ):

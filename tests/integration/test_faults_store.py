@@ -224,7 +224,9 @@ class CutAtCommit:
     """A proxy on a Unix socket of its own in front of the server's: it passes everything on
     both ways, but once `armed`, the first COMMIT ends its client's connection: passed on
     and its answer dropped (`forward`: the server committed, the client never hears so), or
-    dropped itself (the server rolls back as its client goes). `url` connects through it."""
+    dropped itself (the server rolls back as its client goes), or held (`forward` "hold":
+    the client's end closed, the server's kept, its session waiting in its transaction
+    until `release` lets the COMMIT through). `url` connects through it."""
 
     def __init__(self, url: str, folder: Path):
         info = psycopg.conninfo.conninfo_to_dict(url)
@@ -233,7 +235,8 @@ class CutAtCommit:
         self.url = url.replace(f"host={info['host']}", f"host={folder}")  # the embedded's form
         assert self.url != url
         self.armed = threading.Event()
-        self.forward = True
+        self.forward: bool | str = True
+        self.release = threading.Event()
         self.cut = 0  # connections ended at a COMMIT
         self._listener = socket.socket(socket.AF_UNIX)
         self._listener.bind(str(folder / f".s.PGSQL.{port}"))
@@ -262,6 +265,12 @@ class CutAtCommit:
                         if not self.forward:
                             self.cut += 1
                             return  # the COMMIT dropped, both ends closed
+                        if self.forward == "hold":
+                            self.cut += 1
+                            client.shutdown(socket.SHUT_RDWR)  # the server's end stays open
+                            self.release.wait(120)
+                            server.sendall(data)  # the COMMIT late (its session ended: lost)
+                            return
                         committing = True
                     elif side is server and committing and b"COMMIT\x00" in data:
                         self.cut += 1

@@ -37,6 +37,8 @@ HNSW_MAX_EF_SEARCH = 1000  # pgvector's limit for hnsw.ef_search
 LOCK_POLL_SECONDS = 0.2  # how often `alone` asks for a lock another session holds
 LOCK_WAIT_SECONDS = 300.0  # and for how long at most
 WATCH_SECONDS = 0.5  # how often long work asks its caller whether to go on
+OUTCOME_WAIT_MS = 10_000  # how long a lost session ended at its COMMIT is waited for
+XACT = "SELECT pg_current_xact_id(), pg_backend_pid()"  # a transaction's, to ask after it
 
 
 def _one_line(exc: Exception) -> str:
@@ -97,7 +99,7 @@ class Connection:
                 return work(connection)
             with connection.transaction():
                 result = work(connection)
-                done[:] = [result, connection.execute("SELECT pg_current_xact_id()").fetchone()]
+                done[:] = [result, connection.execute(XACT).fetchone()]
             return result
 
         with self._locked(action):
@@ -109,7 +111,7 @@ class Connection:
                 log.warning("%s; reconnecting and trying once more", lost)
                 self._reconnect(lost)
             with store_errors(action, self.location):
-                if done and _committed(self._connection, done[1][0]):
+                if done and _committed(self._connection, *done[1]):
                     log.warning("%s was committed before the connection was lost: done", action)
                     return done[0]
                 return attempt(self._connection)
@@ -347,10 +349,24 @@ def _try_lock(connection: psycopg.Connection, key: str) -> bool:
     return bool(connection.execute(query, (key,)).fetchone()[0])  # type: ignore[index]
 
 
-def _committed(connection: psycopg.Connection, xid: Any) -> bool:
-    """Whether transaction `xid` committed; one still running has not (yet): it is repeated."""
+def _committed(connection: psycopg.Connection, xid: Any, pid: int) -> bool:
+    """Whether transaction `xid` of the lost session `pid` committed. One still in progress
+    (its COMMIT on its way, or never come: the server still waits for its client) was taken
+    for not committed and repeated: the repeat waited for its row locks, for hours if the
+    server had not noticed the client gone, and if it committed then, found its writes (rows
+    counted unchanged, attempts twice). That session is ended (it is ours, its client gone)
+    and its outcome waited for: a COMMIT it had begun still commits."""
     query = "SELECT pg_xact_status(%s)"
-    return connection.execute(query, (xid,)).fetchone()[0] == "committed"  # type: ignore[index]
+    status = connection.execute(query, (xid,)).fetchone()[0]  # type: ignore[index]
+    if status == "in progress":
+        connection.execute("SELECT pg_terminate_backend(%s, %s)", (pid, OUTCOME_WAIT_MS))
+        status = connection.execute(query, (xid,)).fetchone()[0]  # type: ignore[index]
+    if status == "in progress":
+        raise StoreUnavailableError(
+            f"the connection was lost at a COMMIT and its session (pid {pid}) did not end "
+            f"within {OUTCOME_WAIT_MS / 1000:g} s: whether it committed is not known"
+        )
+    return status == "committed"
 
 
 def _closed_by_server(connection: psycopg.Connection) -> bool:
