@@ -1514,6 +1514,50 @@ def test_the_same_request_through_the_other_process_gets_the_queued_job(tmp_path
     second.close()
 
 
+def test_the_same_request_reaching_both_processes_at_once_is_one_job(tmp_path):
+    """Two equal requests at the same moment, one in each worker process: each looked for
+    the other's queued job before either had written its own, and the work was queued (and
+    run) twice: a forced embed of a whole store, two times."""
+    from imgembed.api.board import Board
+    from imgembed.api.jobs import Jobs
+
+    together = threading.Barrier(2)
+
+    class Together(Board):  # both equal requests arrive before either has queued its job
+        def queued(self, kind, target, key):  # where the lookup was
+            if key == "k":
+                together.wait(30)
+            return super().queued(kind, target, key)
+
+        def enqueue(self, job, resume, key=""):  # where it is
+            if key == "k":
+                together.wait(30)
+            return super().enqueue(job, resume, key)
+
+    path = tmp_path / "jobs.sqlite3"
+    first, second = Jobs(board=Together(path)), Jobs(board=Together(path))
+    gate, ran = threading.Event(), []
+    for jobs in (first, second):  # each busy with the collection: the equal ones queue
+        jobs.submit("index", "x", 1, lambda progress: gate.wait(30) and None)
+    answers = []
+    threads = [
+        threading.Thread(target=lambda jobs=jobs, n=n: answers.append(
+            jobs.submit("index", "x", 1, lambda progress, n=n: ran.append(n), key="k")))
+        for n, jobs in enumerate((first, second))
+    ]  # fmt: skip
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len({answer.id for answer in answers}) == 1
+    gate.set()
+    _until(lambda: first.status(answers[0].id)["status"] == "done")
+    _until(lambda: not first.active("index", "x"))
+    assert len(ran) == 1
+    first.close()
+    second.close()
+
+
 def test_two_processes_whose_workers_wait_for_each_other_go_on(tmp_path):
     """Each process's two job workers waited (holding the worker) for an older job of the
     same collection that the other process had queued behind its own two waiting workers:

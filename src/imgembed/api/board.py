@@ -158,15 +158,33 @@ class Board:
             job = self.get(job_id)
         return job
 
-    def queued(self, kind: str, target: str, key: str) -> dict[str, Any] | None:
-        """A job of a live process, still queued and not cancelled, that does `key`."""
+    def enqueue(self, job: dict[str, Any], resume: str, key: str = "") -> dict[str, Any] | None:
+        """The new job written queued; or, if a live process has one still queued and not
+        cancelled that does `key` (the same request), that one instead, and nothing written.
+        Both in one transaction: two equal requests reaching two processes at once each
+        found none and queued the work twice (a forced embed of a store ran twice)."""
         with self._lock:
-            rows = self._db.execute(
-                "SELECT state, owner FROM jobs WHERE kind = ? AND target = ? AND key = ? AND"
-                " status = 'queued' AND cancel = 0 ORDER BY created",
-                (kind, target, key),
-            ).fetchall()
-        return next((json.loads(state) for state, owner in rows if alive(owner)), None)
+            self._db.execute("BEGIN IMMEDIATE")  # waits (up to 10 s) for another's write
+            try:
+                rows = self._db.execute(
+                    "SELECT state, owner FROM jobs WHERE kind = ? AND target = ? AND key = ?"
+                    " AND status = 'queued' AND cancel = 0 ORDER BY created",
+                    (job["kind"], _target(job), key),
+                ).fetchall()
+                same = next((json.loads(s) for s, owner in rows if key and alive(owner)), None)
+                if same is None:
+                    self._db.execute(
+                        "INSERT INTO jobs (id, owner, kind, target, status, created, finished,"
+                        " resume, state, key) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (job["job_id"], self.owner, job["kind"], _target(job), job["status"],
+                         job["created"], job["finished"], resume, json.dumps(job), key),
+                    )  # fmt: skip
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
+        return same
 
     def cancel_asked(self, job_id: str) -> bool:
         with self._lock:

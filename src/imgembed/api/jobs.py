@@ -106,6 +106,7 @@ class Jobs:
         # per (kind, target): its jobs in order, the first running; a lane exists while busy
         self._lanes: dict[tuple[str, str], deque[tuple[Job, Runner]]] = {}
         self._lock = threading.Lock()
+        self._submitting = threading.Lock()
         self._stopping = threading.Event()
 
     def submit(
@@ -120,27 +121,33 @@ class Jobs:
         """A new job, or the queued one that does the same (`key`): a client that repeats
         its request (a retry loop) does not queue the same work many times. One queued by
         another worker process is returned as a copy of its state: that process runs it."""
-        with self._lock:
-            same = [q for q in self._jobs.values() if key and q.key == key and q.status == "queued"]
-        for queued in same:  # unless cancelled meanwhile through another worker process
-            if not self._shared(lambda board, queued=queued: board.cancel_asked(queued.id), False):
-                return queued
-            self._cancelled_before_start(queued)
-        other = key and self._shared(lambda board: board.queued(kind, target, key), None)
-        if other:
-            return Job(other["job_id"], kind, target, other["total"], created=other["created"])
-        with self._lock:
-            if sum(queued.status == "queued" for queued in self._jobs.values()) >= QUEUED:
-                raise OverloadedError(
-                    f"{QUEUED} jobs are waiting already; send it again when some have run",
-                    QUEUE_RETRY_SECONDS,
-                )
+        with self._submitting:  # two equal requests at once: the second gets the first's
+            with self._lock:
+                same = [
+                    q for q in self._jobs.values() if key and q.key == key and q.status == "queued"
+                ]
+            for queued in same:  # unless cancelled meanwhile through another worker process
+                if not self._shared(
+                    lambda board, queued=queued: board.cancel_asked(queued.id), False
+                ):
+                    return queued
+                self._cancelled_before_start(queued)
+            with self._lock:
+                if sum(queued.status == "queued" for queued in self._jobs.values()) >= QUEUED:
+                    raise OverloadedError(
+                        f"{QUEUED} jobs are waiting already; send it again when some have run",
+                        QUEUE_RETRY_SECONDS,
+                    )
             job = Job(uuid.uuid4().hex, kind, target, total, resume=resume, key=key)
-            self._jobs[job.id] = job
-            finished = [old.id for old in self._jobs.values() if old.finished]
-            for old_id in finished[: max(0, len(finished) - KEEP)]:  # the oldest go
-                del self._jobs[old_id]
-        self._publish(job)  # queued, before it may start and say "running"
+            # queued on the board, before it may start and say "running"; or another process's
+            other = self._shared(lambda board: board.enqueue(job.to_dict(), resume, key), None)
+            if other:
+                return Job(other["job_id"], kind, target, other["total"], created=other["created"])
+            with self._lock:
+                self._jobs[job.id] = job
+                finished = [old.id for old in self._jobs.values() if old.finished]
+                for old_id in finished[: max(0, len(finished) - KEEP)]:  # the oldest go
+                    del self._jobs[old_id]
         with self._lock:
             lane = (kind, target)
             if lane in self._lanes:  # behind the target's running job
