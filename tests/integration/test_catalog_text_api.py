@@ -4,6 +4,7 @@ key, a dimension change, timeouts, an unreachable server, an unknown model."""
 
 import json
 import socket
+import threading
 import time
 
 import numpy as np
@@ -135,7 +136,7 @@ def test_a_dimension_change_is_a_typed_error(server):
 def test_timeouts_and_an_unreachable_server(server):
     server.script = [("sleep", 1.0), ("sleep", 1.0)]
     embedder = _openai(server, text_timeout=0.2, text_retries=1)
-    with pytest.raises(TextEmbeddingError, match=r"no answer .* within 0\.2 s"):
+    with pytest.raises(TextEmbeddingError, match=r"no complete answer .* within 0\.2 s \(IMGEMBED"):
         embedder.embed(["a"])
     assert len(server.requests) == 2
     embedder.close()
@@ -146,9 +147,11 @@ def test_timeouts_and_an_unreachable_server(server):
         text_api_base=f"http://127.0.0.1:{port}/v1", retry_delay=0.01, text_retries=1
     )
     started = time.monotonic()
+    embedder = OpenAIEmbedder("m", settings)
     with pytest.raises(TextEmbeddingError, match="cannot reach"):
-        OpenAIEmbedder("m", settings).embed(["a"])
+        embedder.embed(["a"])
     assert time.monotonic() - started < 30
+    embedder.close()
 
 
 def test_openai_without_a_key_names_the_variable(monkeypatch):
@@ -259,6 +262,85 @@ def test_an_endless_or_trickling_answer_is_cut_off(server):
     assert len(server.requests) == 2
     assert embedder.embed(["a"]).shape == (1, 16)  # the next answer is read as ever
     embedder.close()
+
+
+class _SlowHeaderServer:
+    """A socket-level server: connection n gets `answers[n]`: "status" (its status line a
+    byte every 0.3 s), "headers" (the status line, then a header byte every 0.3 s: each
+    within a read timeout of 1 s, for a minute) or "ok" (an embeddings answer)."""
+
+    def __init__(self, answers):
+        self.answers, self.connections = list(answers), 0
+        self._stop = threading.Event()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(
+                target=self._serve, args=(conn, self.answers.pop(0)), daemon=True
+            ).start()
+
+    def _serve(self, conn, answer):
+        with conn:
+            try:
+                conn.recv(65536)
+                if answer == "ok":
+                    body = json.dumps(_answer([[1.0] * 16])).encode()
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
+                    conn.recv(65536)  # kept open, as a server keeps an idle connection
+                    return
+                head, trickle = b"HTTP/1.1 200 OK\r\n", b"X-Slow: " + b"a" * 200
+                if answer == "status":
+                    trickle = head + trickle
+                else:
+                    conn.sendall(head)
+                for byte in trickle:
+                    if self._stop.wait(0.3):
+                        return
+                    conn.sendall(bytes([byte]))
+            except OSError:
+                pass  # the client cut the connection
+
+    def close(self):
+        self._stop.set()
+        self._listener.close()
+
+
+def test_a_trickling_status_line_or_headers_are_cut_off_at_the_deadline():
+    """The deadline bound only the body: a server trickling its status line or its headers a
+    byte at a time (each read within the per-read timeout) held an embed for as long as it
+    went on (a minute here, without end in general); now the whole request ends at
+    text_timeout, is retried like any timeout, and the next request gets a new connection."""
+    server = _SlowHeaderServer(["status", "status", "headers", "headers", "ok"])
+    settings = load_settings(text_api_base=f"{server.url}/v1", openai_api_key="sk-test",
+                             text_timeout=1, text_retries=1, retry_delay=0.01)  # fmt: skip
+    before = set(threading.enumerate())
+    embedder = OpenAIEmbedder("m", settings)
+    own = set(threading.enumerate()) - before  # its event loop's
+    try:
+        for _ in range(2):  # the status line; the headers (two attempts each)
+            started = time.monotonic()
+            with pytest.raises(
+                TextEmbeddingError,
+                match=r"no complete answer from .* within 1\.0 s \(IMGEMBED_TEXT_TIMEOUT\) "
+                r"\(gave up after 2 attempts\)",
+            ):
+                embedder.embed(["a"])
+            assert time.monotonic() - started < 30
+        assert embedder.embed(["a"]).shape == (1, 16)  # on a new connection, read as ever
+        assert server.connections == 5
+    finally:
+        embedder.close()
+        server.close()
+    assert own and not any(thread.is_alive() for thread in own)
 
 
 def test_a_compressed_answer_is_read_as_before(server):

@@ -8,16 +8,23 @@ Retry-After is respected, up to a minute); other failures are typed at once: a r
 ModelUnavailableError, anything else and vectors of a different dimension than before a
 TextEmbeddingError.
 
-Each answer is read whole within `text_timeout` (a server that trickles a byte at a time is
-cut off, as one that never answers) and up to a size no embeddings answer reaches; a
-redirect is not followed but named. A base URL or an API key that cannot work is a
+One deadline, `text_timeout`, bounds each request whole: connecting, sending, the status
+line and headers, the body. A per-read timeout alone cannot stop a server that trickles a
+byte at a time, so requests run on an event-loop thread of the embedder's own, where the
+deadline cancels whatever is in progress (and the connection is closed, never reused).
+An answer is read up to a size no embeddings answer reaches; a redirect is not followed but
+named. A base URL or an API key that cannot work is a
 TextApiSettingError when the embedder is made, before any request."""
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import email.utils
 import logging
+import threading
 import time
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -65,7 +72,16 @@ class HttpTextEmbedder:
         self._delay = settings.retry_delay
         self._batch_size = settings.text_batch_size
         self._dimension = dimension
-        self._client = httpx.Client(timeout=httpx.Timeout(settings.text_timeout), headers=headers)
+        self._client = httpx.AsyncClient(timeout=httpx.Timeout(self._timeout), headers=headers)
+        self._closing = False
+        self._scheduling = threading.Lock()  # no request is started on a stopping loop
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=_run, args=(self._loop,), name="imgembed-text-api", daemon=True
+        )
+        self._thread.start()
+        # an embedder dropped without close() does not leave its thread behind
+        self._stop_loop = weakref.finalize(self, self._loop.call_soon_threadsafe, self._loop.stop)
 
     def payload(self, texts: list[str]) -> dict[str, Any]:
         raise NotImplementedError
@@ -108,7 +124,21 @@ class HttpTextEmbedder:
         return vectors
 
     def close(self) -> None:
-        self._client.close()
+        """Stop: requests still running end at once with TextEmbeddingError."""
+        with self._scheduling:
+            if self._closing:
+                return
+            self._closing = True
+        asyncio.run_coroutine_threadsafe(self._stop(), self._loop).result()
+        self._stop_loop()
+        self._thread.join()
+
+    async def _stop(self) -> None:
+        running = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in running:
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
+        await self._client.aclose()
 
     def _embed_batch(self, texts: list[str]) -> np.ndarray:
         retrying = tenacity.Retrying(
@@ -152,10 +182,11 @@ class HttpTextEmbedder:
     def _request(self, texts: list[str]) -> list[Any]:
         try:
             response = self._answer(texts)
-        except httpx.TimeoutException as exc:
+        except (TimeoutError, httpx.TimeoutException) as exc:  # the deadline, or one read's
             raise _Retryable(
                 TextEmbeddingError(
-                    f"{self.name}: no answer from {self.url} within {self._timeout} s"
+                    f"{self.name}: no complete answer from {self.url} within "
+                    f"{self._timeout} s (IMGEMBED_TEXT_TIMEOUT)"
                 )
             ) from exc
         except httpx.TransportError as exc:
@@ -193,13 +224,28 @@ class HttpTextEmbedder:
             ) from exc
 
     def _answer(self, texts: list[str]) -> httpx.Response:
-        """The response with its whole body, read within `text_timeout` and up to a size no
-        embeddings answer for these texts reaches."""
-        deadline = time.monotonic() + self._timeout
+        """The response with its whole body, read within `text_timeout` (TimeoutError)."""
+        with self._scheduling:
+            if self._closing:
+                raise TextEmbeddingError(f"{self.name}: not embedded: the embedder is closed")
+            request = asyncio.run_coroutine_threadsafe(self._read(texts), self._loop)
+        try:
+            return request.result()
+        except concurrent.futures.CancelledError as exc:
+            raise TextEmbeddingError(
+                f"{self.name}: not embedded: the embedder was closed meanwhile"
+            ) from exc
+
+    async def _read(self, texts: list[str]) -> httpx.Response:
+        """On the loop: the request, up to a size no embeddings answer for these texts
+        reaches, all within the deadline."""
         limit = ANSWER_BYTES_BASE + ANSWER_BYTES_PER_TEXT * len(texts)
-        with self._client.stream("POST", self.url, json=self.payload(texts)) as response:
+        async with (
+            asyncio.timeout(self._timeout),
+            self._client.stream("POST", self.url, json=self.payload(texts)) as response,
+        ):
             chunks, size = [], 0
-            for chunk in response.iter_bytes():
+            async for chunk in response.aiter_bytes():
                 size += len(chunk)
                 if size > limit:
                     raise TextEmbeddingError(
@@ -207,13 +253,6 @@ class HttpTextEmbedder:
                         f"{len(texts)} text{'s' if len(texts) > 1 else ''}, more than any "
                         f"embeddings answer; is {self.setting} an embeddings API?",
                         response.status_code,
-                    )
-                if time.monotonic() > deadline:
-                    raise _Retryable(
-                        TextEmbeddingError(
-                            f"{self.name}: no complete answer from {self.url} within "
-                            f"{self._timeout} s (IMGEMBED_TEXT_TIMEOUT)"
-                        )
                     )
                 chunks.append(chunk)
         # the body as read is decompressed already: without its Content-Encoding, or the
@@ -312,6 +351,13 @@ class OllamaEmbedder(HttpTextEmbedder):
                 f"run `ollama pull {self.model}`"
             )
         return super().refused(status, detail)
+
+
+def _run(loop: asyncio.AbstractEventLoop) -> None:
+    try:
+        loop.run_forever()
+    finally:
+        loop.close()
 
 
 def _check_url(url: str, setting: str) -> None:
