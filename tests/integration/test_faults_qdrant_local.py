@@ -782,3 +782,32 @@ def test_misfits_in_a_read_only_local_qdrant_collection_are_named_and_the_rest_s
         assert store.count("hurt") == 0 and store.count("kept") == 5
     finally:
         store.close()
+
+
+def test_an_empty_local_qdrant_collection_with_wrong_settings_needs_only_meta_json(
+    tmp_path, caplog
+):
+    """An empty collection whose meta.json names another length than the registry: its
+    loaded array (no rows, the settings' width) was read as points that misfit, so with its
+    folder read-only it was said to hold vectors that could not be taken out and was served
+    unmended (every call a StoreDamagedError), though only meta.json, writable, needed
+    setting right."""
+    folder = tmp_path / "qdrant"
+    _two_collections(folder)
+    store = QdrantStore(path=folder)
+    store.create_collection("empty", PROV)
+    store.close()
+    meta = folder / "meta.json"
+    listed = json.loads(meta.read_text())
+    listed["collections"]["empty"]["vectors"]["size"] = 3
+    meta.write_text(json.dumps(listed))
+    rng = np.random.default_rng(1)
+    with _read_only(folder / "collection" / "empty"):
+        with caplog.at_level(logging.WARNING):
+            store = QdrantStore(path=folder)
+        try:
+            assert store.search("empty", _unit(rng)) == []
+        finally:
+            store.close()
+    assert json.loads(meta.read_text())["collections"]["empty"]["vectors"]["size"] == 8
+    assert "its settings in" in caplog.text and "holds vectors" not in caplog.text

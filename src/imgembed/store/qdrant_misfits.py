@@ -52,6 +52,8 @@ def _points_misfit(opened: Any, name: str, size: int) -> bool:
         return bool(first) and (
             not isinstance(first[0].vector, list) or len(first[0].vector) != size
         )
+    if not len(vectors):  # none loaded: its width is the settings', misfit or not
+        return False
     return vectors.shape[1] != size or bool(missing.any()) or bool(np.isnan(vectors).any())
 
 
