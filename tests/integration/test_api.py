@@ -312,6 +312,18 @@ def test_a_debug_server_gives_every_result_its_steps_without_include_metadata(ro
         assert full.json()["metadata"]["width"] == 640 and full.json()["metadata"]["debug_logs"]
 
 
+def test_a_query_id_or_filters_without_a_collection_are_told_to_name_one(client):
+    # query_id and filters search a collection only: the default's missing one was answered
+    # with "give candidate_image_paths or candidate_images", which these requests refuse (422)
+    for body in ({"query_id": "x"}, {"query_text": "a cup", "filters": {"a": 1}}):
+        answer = client.post("/api/v1/search/image", json=body)
+        assert answer.status_code == 404 and "default collection" in answer.json()["error"]
+        assert "candidate" not in answer.json()["error"]
+        assert answer.json()["error"].endswith(
+            ": give a collection (query_id and filters search one)"
+        )
+
+
 def test_size_and_count_limits_are_413(root):
     with _client(allowed_roots=[root], max_body_size=200_000, max_batch_inputs=3) as client:
         big = {"image_base64": "A" * 300_000}

@@ -68,10 +68,15 @@ async def search_image(request: Request, state: State) -> dict[str, Any]:
             if body.collection is not None:
                 raise
             # the seed's requests name candidates: one without them searched the default
+            what = (
+                "a collection (query_id and filters search one)"
+                if body.query_id is not None or body.filters
+                else "candidate_image_paths or candidate_images to search among those "
+                "images, or a collection"
+            )
             raise CollectionNotFoundError(
                 f"{exc} (the server's default collection, searched as the request names no "
-                "collection): give candidate_image_paths or candidate_images to search among "
-                "those images, or a collection"
+                f"collection): give {what}"
             ) from exc
     return {
         "results": [vars(hit) for hit in hits],
