@@ -249,6 +249,8 @@ SOME_MISFIT = {
     "only a named vector": (lambda v: {"image": v}, "Not existing vector name error: image"),
     "NaN": (lambda v: [float("nan"), *v[1:]], "Vector contains NaN values"),
     "another length": (lambda v: v[:3], "expected dim: 8, got 3"),
+    # no vector at all: the whole opening failed, every collection with it
+    "no vector": (lambda v: {}, "a point without a vector"),
 }
 
 

@@ -317,18 +317,22 @@ def _point_check(config: dict[str, Any]) -> Callable[[bytes], str | None]:
     """Why qdrant-client cannot load a stored point into the collection of these settings,
     or None: bytes that unpickle to no point, or vectors it refuses (another length than the
     collection's, NaN), checked by the client's own test of a point before it is written."""
-    from qdrant_client.http.models import PointStruct
+    from qdrant_client.http.models import PointStruct, VectorParams
     from qdrant_client.local.local_collection import LocalCollection
 
-    empty = LocalCollection(_settings(config))  # in memory
+    settings = _settings(config)
+    empty = LocalCollection(settings)  # in memory
     # clients without that test refuse such a point on writing it to a collection in memory
     check = getattr(empty, "_validate_point", None) or (lambda point: empty.upsert([point]))
+    unnamed = isinstance(settings.vectors, VectorParams)  # imgembed's: one vector, no name
 
     def problem(value: bytes) -> str | None:
         try:
             point = pickle.loads(value)
             if not isinstance(point, PointStruct):
                 return f"a {type(point).__name__}, not a point"
+            if unnamed and point.vector == {}:  # the test passes it: no name it lacks
+                return "a point without a vector"
             check(point)
         except Exception as exc:  # damaged bytes fail in any way unpickling can
             return f"{type(exc).__name__}: {exc}"
