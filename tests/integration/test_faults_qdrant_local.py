@@ -251,6 +251,8 @@ SOME_MISFIT = {
     "another length": (lambda v: v[:3], "expected dim: 8, got 3"),
     # no vector at all: the whole opening failed, every collection with it
     "no vector": (lambda v: {}, "a point without a vector"),
+    # not a number (null): the opening's check failed, the whole opening with it (TypeError)
+    "null": (lambda v: [None, *v[1:]], "Vector contains NaN values"),
 }
 
 

@@ -54,6 +54,8 @@ def _points_misfit(opened: Any, name: str, size: int) -> bool:
         )
     if not len(vectors):  # none loaded: its width is the settings', misfit or not
         return False
+    if vectors.dtype.kind not in "biuf":  # a value that is no number (null): not one array
+        return True
     return vectors.shape[1] != size or bool(missing.any()) or bool(np.isnan(vectors).any())
 
 
