@@ -253,6 +253,8 @@ SOME_MISFIT = {
     "no vector": (lambda v: {}, "a point without a vector"),
     # not a number (null): the opening's check failed, the whole opening with it (TypeError)
     "null": (lambda v: [None, *v[1:]], "Vector contains NaN values"),
+    # an infinity passes the client's test: it scored NaN, ranked first in every search
+    "infinity": (lambda v: [float("inf"), *v[1:]], "a vector holding an infinite value"),
 }
 
 

@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from imgembed.errors import DataDirError, StoreBusyError, StoreDamagedError
 from imgembed.store.qdrant_misfits import fit_settings, misfits
 
@@ -316,7 +318,8 @@ def _unreadable_points(storage: Path, config: dict[str, Any]) -> tuple[list[int]
 def _point_check(config: dict[str, Any]) -> Callable[[bytes], str | None]:
     """Why qdrant-client cannot load a stored point into the collection of these settings,
     or None: bytes that unpickle to no point, or vectors it refuses (another length than the
-    collection's, NaN), checked by the client's own test of a point before it is written."""
+    collection's, NaN), checked by the client's own test of a point before it is written;
+    also none at all, or an infinity, which it passes and loads but cannot search."""
     from qdrant_client.http.models import PointStruct, VectorParams
     from qdrant_client.local.local_collection import LocalCollection
 
@@ -334,6 +337,9 @@ def _point_check(config: dict[str, Any]) -> Callable[[bytes], str | None]:
             if unnamed and point.vector == {}:  # the test passes it: no name it lacks
                 return "a point without a vector"
             check(point)
+            vector = point.vector.get("") if isinstance(point.vector, dict) else point.vector
+            if unnamed and not np.isfinite(np.asarray(vector, dtype=float)).all():
+                return "a vector holding an infinite value"  # the test passes it: NaN scores
         except Exception as exc:  # damaged bytes fail in any way unpickling can
             return f"{type(exc).__name__}: {exc}"
         return None

@@ -24,7 +24,7 @@ def misfits(opened: Any, registry: str) -> tuple[dict[str, int], list[str]]:
     """What in an opened local client does not fit: the collections whose settings name
     another vector length than imgembed's registry (its model's), each with that length;
     and those with points that misfit the registry's length, or else their settings' (another
-    length, no unnamed vector, NaN)."""
+    length, no unnamed vector, NaN or an infinity)."""
     from qdrant_client.http.models import VectorParams
 
     sizes = _registered_sizes(opened, registry)
@@ -56,7 +56,8 @@ def _points_misfit(opened: Any, name: str, size: int) -> bool:
         return False
     if vectors.dtype.kind not in "biuf":  # a value that is no number (null): not one array
         return True
-    return vectors.shape[1] != size or bool(missing.any()) or bool(np.isnan(vectors).any())
+    finite = np.isfinite(vectors).all()  # NaN or an infinity: scored NaN, ranked first
+    return vectors.shape[1] != size or bool(missing.any()) or not finite
 
 
 def _registered_sizes(opened: Any, registry: str) -> dict[str, int]:
