@@ -504,6 +504,11 @@ def test_local_qdrant_collections_the_registry_lost_are_named(tmp_path, caplog):
 UNREAD_ENTRIES = {
     "no name": (lambda entry: entry.pop("name"), "no 'name'"),
     "a name not text": (lambda entry: entry.update(name=7), "its 'name' is not text: 7"),
+    # the opening's check of vector lengths failed on it: "TypeError: unhashable type: 'list'"
+    "a name a list": (
+        lambda entry: entry.update(name=["hurt"]),
+        "its 'name' is not text: ['hurt']",
+    ),
     "no dimension": (lambda entry: entry.pop("dimension"), "no 'dimension'"),
 }
 

@@ -70,8 +70,9 @@ def _registered_sizes(opened: Any, registry: str) -> dict[str, int]:
         )
         for point in points:
             payload = point.payload or {}
-            if isinstance(payload.get("dimension"), int):
-                sizes[payload.get("name")] = payload["dimension"]
+            name, size = payload.get("name"), payload.get("dimension")
+            if isinstance(name, str) and isinstance(size, int):  # else it names none
+                sizes[name] = size
         if offset is None:
             break
     return sizes
