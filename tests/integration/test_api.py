@@ -1536,12 +1536,7 @@ def test_the_same_request_reaching_both_processes_at_once_is_one_job(tmp_path):
     together = threading.Barrier(2)
 
     class Together(Board):  # both equal requests arrive before either has queued its job
-        def queued(self, kind, target, key):  # where the lookup was
-            if key == "k":
-                together.wait(30)
-            return super().queued(kind, target, key)
-
-        def enqueue(self, job, resume, key=""):  # where it is
+        def enqueue(self, job, resume, key=""):  # the lookup, and the job's write
             if key == "k":
                 together.wait(30)
             return super().enqueue(job, resume, key)

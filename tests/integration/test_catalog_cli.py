@@ -62,6 +62,7 @@ def test_import_embed_search_and_stats(data_dir, photos, tmp_path):
         "🚀 Starting image embedding generation for store: demo",  # the document's words
         f"📊 Total products to process: {total}",
         "[BATCH] Processing batch 1/3 (3 products)",
+        "[BATCH] Processing batch 3/3 (1 product)",
         "📈 Progress: 0/7 products processed",
         "✅ Successfully generated image embedding for product p0",  # as the document
         "❌ Failed to generate embeddings for product broken: ",

@@ -127,7 +127,8 @@ class _Lines:
             self.say(f"   ({stats.skipped} of {stats.total} products are up to date)")
 
     def batch(self, number: int, stats: Any, size: int) -> None:
-        self.say(f"\n[BATCH] Processing batch {number}/{stats.batches} ({size} products)")
+        products = f"{size} product{'s' * (size != 1)}"
+        self.say(f"\n[BATCH] Processing batch {number}/{stats.batches} ({products})")
         self.say(f"📈 Progress: {stats.processed}/{stats.to_process} products processed")
 
     def product(self, product_id: str, error: str | None, text_only: bool = False) -> None:
@@ -226,7 +227,10 @@ def embed(
                 stats = distributed.embed_store(catalog, store_id, address=ray, **options)
     except ImgEmbedError as exc:
         if events.written:  # a dependency broke mid-run
-            _say(f"The {events.written} batches already written are kept: {_resume(force)}.")
+            written = (
+                "batch already written is" if events.written == 1 else "batches already written are"
+            )
+            _say(f"The {events.written} {written} kept: {_resume(force)}.")
         raise fail(exc) from exc
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: between batches, or inside one
         _say(
