@@ -8,6 +8,7 @@ reports batches and products as they are written and ends the run like the local
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 import time
 from collections.abc import Sequence
@@ -118,10 +119,11 @@ class RayRunner:
                 compute=ray.data.ActorPoolStrategy(size=1),
                 num_cpus=0,  # mostly waits on the database (and a small text model)
             )
-            for number, batch in enumerate(stages.outcomes(ds, batch_size), 1):
-                events.batch(number, stats, batch.num_rows)
-                _fold(batch, stats, events)
-                events.batch_done(stats)
+            with contextlib.closing(stages.outcomes(ds, batch_size)) as batches:
+                for number, batch in enumerate(batches, 1):
+                    events.batch(number, stats, batch.num_rows)
+                    _fold(batch, stats, events)
+                    events.batch_done(stats)
         run.finish(stats, started, events)
         return stats
 

@@ -10,6 +10,7 @@ refreshes the planner's statistics like the local run."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import pickle
 import time
@@ -140,10 +141,11 @@ def _index(
                 compute=ray.data.ActorPoolStrategy(size=1),
                 num_cpus=0,  # waits on the database
             )
-            for batch in stages.outcomes(ds):
-                _fold(batch, stats, state)
-                if seen:
-                    seen(Progress(**vars(state)))
+            with contextlib.closing(stages.outcomes(ds)) as batches:
+                for batch in batches:
+                    _fold(batch, stats, state)
+                    if seen:
+                        seen(Progress(**vars(state)))
         finish(store, name, items, stored, prune, stats, waiting)
     stats.duration = time.perf_counter() - started
     return stats

@@ -250,7 +250,9 @@ def from_rows(rows: list[dict[str, Any]], batch_size: int) -> ray.data.Dataset:
 
 def outcomes(ds: ray.data.Dataset, batch_size: int | None = None) -> Iterator[pa.Table]:
     """Runs `ds`, yielding its batches on the driver; a worker's typed error is raised as
-    itself (a StoreError stays a StoreError)."""
+    itself (a StoreError stays a StoreError). Close it (contextlib.closing) when a run stops
+    early (Ctrl-C): else Ray's executor is stopped only when collected, maybe after
+    ray.shutdown(), where its cancel started a new local Ray and printed a traceback."""
     try:
         yield from ds.iter_batches(batch_size=batch_size, batch_format="pyarrow")
     except Exception as exc:
