@@ -48,6 +48,7 @@ from imgembed.store.qdrant_local import (
     warn_missing,
     writable,
 )
+from imgembed.store.qdrant_server import DeadlineClient
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -63,15 +64,22 @@ def _point_id(item_id: str) -> str:
 
 class QdrantStore:
     """Every call turns client errors into typed StoreErrors; against a server, a call that
-    lost its connection is tried once more (the client reconnects by itself). Local files
-    take one call at a time: qdrant-client's local mode keeps each collection in arrays
-    and one SQLite connection that threads (a server's requests and jobs) must not share."""
+    lost its connection, or got no whole answer within `timeout` (a server may send it a
+    byte at a time), is tried once more (the client reconnects by itself). Local files take
+    one call at a time: qdrant-client's local mode keeps each collection in arrays and one
+    SQLite connection that threads (a server's requests and jobs) must not share."""
 
     backend = "qdrant"
 
     def __init__(
-        self, *, url: str | None = None, api_key: str | None = None, path: Path | None = None
+        self,
+        *,
+        url: str | None = None,
+        api_key: str | None = None,
+        path: Path | None = None,
+        timeout: float = 30.0,
     ):
+        """`timeout`: how long each call to a server waits for its whole answer."""
         from qdrant_client import QdrantClient, models
 
         self._models = models
@@ -85,14 +93,22 @@ class QdrantStore:
         missing: dict[str, Path] = {}  # local collections whose files are gone
         with store_errors(OPENING, self.location), self._writable(OPENING):
             if url:
-                self._client = QdrantClient(url=url, api_key=api_key, timeout=30)
+                self._client = DeadlineClient(url, api_key, timeout)
             else:
                 assert path is not None
                 Path(path).mkdir(parents=True, exist_ok=True)
                 missing = missing_files(Path(path))  # before the client makes them anew
                 self._client, self._unmended = open_local(QdrantClient, Path(path))
-        self._call(OPENING, self._ensure_registry)
-        if path is not None and self._local:
+        if url:
+            try:
+                self._call(OPENING, self._client.check_version)
+                self._call(OPENING, self._ensure_registry)
+            except BaseException:
+                self._client.close()  # its thread and connections
+                raise
+        else:
+            self._call(OPENING, self._ensure_registry)
+            assert path is not None
             self._call(OPENING, lambda: self._list_again(Path(path), missing))
 
     def _ensure_registry(self) -> None:
