@@ -94,6 +94,8 @@ class Settings(BaseSettings):
     database_url: str | None = Field(None, validation_alias=_env("database_url"))
     qdrant_url: str | None = Field(None, validation_alias=_env("qdrant_url"))
     qdrant_api_key: str | None = Field(None, validation_alias=_env("qdrant_api_key"))
+    # How long each call to a Qdrant server waits for its whole answer (tried once more).
+    qdrant_timeout: float = Field(30.0, gt=0, validation_alias=_env("qdrant_timeout"))
     collection: str = Field("images", min_length=1, validation_alias=_env("collection"))
     hnsw_ef_search: int = Field(100, ge=10, le=1000, validation_alias=_env("hnsw_ef_search"))
     # A run storing at least this many new items into a new collection, or one it grows by

@@ -1,5 +1,5 @@
 """A Qdrant server that sends its answers a byte at a time, each byte well within a read
-timeout: every call still ends, within the store's timeout (tried once more), with
+timeout: every call still ends, within IMGEMBED_QDRANT_TIMEOUT (tried once more), with
 StoreUnavailableError naming the server and the time, and the store goes on once the server
 answers again. Bounds are generous: a 1 s timeout must end well within 30 s."""
 
@@ -13,8 +13,9 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
+from imgembed.config import load_settings
 from imgembed.errors import StoreUnavailableError
-from imgembed.store import Record
+from imgembed.store import Record, open_store
 from imgembed.store.qdrant import QdrantStore
 from tests.fake_qdrant import FakeQdrant
 
@@ -75,7 +76,8 @@ def test_opening_against_a_server_trickling_every_answer_ends_in_its_timeout(cap
 )
 def test_a_call_the_server_trickles_is_unavailable_then_goes_on(trickled, work, caplog):
     with FakeQdrant() as server:
-        store = QdrantStore(url=server.url, timeout=1)
+        settings = load_settings(store="qdrant", qdrant_url=server.url, qdrant_timeout=1)
+        store = open_store(settings)
         try:
             work(store)  # answered
             server.trickle = trickled

@@ -17,7 +17,11 @@ def open_store(settings: Settings) -> VectorStore:
         from imgembed.store.qdrant import QdrantStore
 
         if settings.qdrant_url:
-            return QdrantStore(url=settings.qdrant_url, api_key=settings.qdrant_api_key)
+            return QdrantStore(
+                url=settings.qdrant_url,
+                api_key=settings.qdrant_api_key,
+                timeout=settings.qdrant_timeout,
+            )
         return QdrantStore(path=make_data_dir(settings.data_dir) / "qdrant")
     from imgembed.store.postgres import PostgresStore
 
