@@ -22,9 +22,7 @@ import asyncio
 import concurrent.futures
 import email.utils
 import logging
-import threading
 import time
-import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -35,6 +33,7 @@ import tenacity
 from imgembed.catalog.text_vectors import UnusableRowsError, checked_rows
 from imgembed.config import Settings
 from imgembed.errors import ModelUnavailableError, TextApiSettingError, TextEmbeddingError
+from imgembed.loop_thread import LoopThread
 
 log = logging.getLogger(__name__)
 
@@ -73,15 +72,7 @@ class HttpTextEmbedder:
         self._batch_size = settings.text_batch_size
         self._dimension = dimension
         self._client = httpx.AsyncClient(timeout=httpx.Timeout(self._timeout), headers=headers)
-        self._closing = False
-        self._scheduling = threading.Lock()  # no request is started on a stopping loop
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(
-            target=_run, args=(self._loop,), name="imgembed-text-api", daemon=True
-        )
-        self._thread.start()
-        # an embedder dropped without close() does not leave its thread behind
-        self._stop_loop = weakref.finalize(self, self._loop.call_soon_threadsafe, self._loop.stop)
+        self._loop = LoopThread("imgembed-text-api")
 
     def payload(self, texts: list[str]) -> dict[str, Any]:
         raise NotImplementedError
@@ -125,20 +116,7 @@ class HttpTextEmbedder:
 
     def close(self) -> None:
         """Stop: requests still running end at once with TextEmbeddingError."""
-        with self._scheduling:
-            if self._closing:
-                return
-            self._closing = True
-        asyncio.run_coroutine_threadsafe(self._stop(), self._loop).result()
-        self._stop_loop()
-        self._thread.join()
-
-    async def _stop(self) -> None:
-        running = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-        for task in running:
-            task.cancel()
-        await asyncio.gather(*running, return_exceptions=True)
-        await self._client.aclose()
+        self._loop.close(self._client.aclose)
 
     def _embed_batch(self, texts: list[str]) -> np.ndarray:
         retrying = tenacity.Retrying(
@@ -225,10 +203,9 @@ class HttpTextEmbedder:
 
     def _answer(self, texts: list[str]) -> httpx.Response:
         """The response with its whole body, read within `text_timeout` (TimeoutError)."""
-        with self._scheduling:
-            if self._closing:
-                raise TextEmbeddingError(f"{self.name}: not embedded: the embedder is closed")
-            request = asyncio.run_coroutine_threadsafe(self._read(texts), self._loop)
+        request = self._loop.submit(self._read(texts))
+        if request is None:
+            raise TextEmbeddingError(f"{self.name}: not embedded: the embedder is closed")
         try:
             return request.result()
         except concurrent.futures.CancelledError as exc:
@@ -351,13 +328,6 @@ class OllamaEmbedder(HttpTextEmbedder):
                 f"run `ollama pull {self.model}`"
             )
         return super().refused(status, detail)
-
-
-def _run(loop: asyncio.AbstractEventLoop) -> None:
-    try:
-        loop.run_forever()
-    finally:
-        loop.close()
 
 
 def _check_url(url: str, setting: str) -> None:

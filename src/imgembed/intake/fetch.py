@@ -35,6 +35,7 @@ from imgembed.errors import (
     InvalidSourceError,
     SourceNotAllowedError,
 )
+from imgembed.loop_thread import LoopThread
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 AddressPolicy = Callable[[IPAddress], bool]
@@ -119,21 +120,14 @@ class Fetcher:
             follow_redirects=False,
             headers={"User-Agent": "imgembed", "Accept": "image/*"},
         )
-        self._closing = False
-        self._scheduling = threading.Lock()  # no download is started on a stopping loop
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(
-            target=self._loop.run_forever, name="imgembed-fetch", daemon=True
-        )
-        self._thread.start()
+        self._loop = LoopThread("imgembed-fetch")
 
     def fetch(self, url: str) -> bytes:
         """The body of `url`; called from any thread (not from the fetch loop itself)."""
         with self._turns:  # waiting for a turn is not part of the deadline
-            with self._scheduling:
-                if self._closing:
-                    raise FetchError("not downloaded: the service is stopping", url)
-                download = asyncio.run_coroutine_threadsafe(self._fetch(url), self._loop)
+            download = self._loop.submit(self._fetch(url))
+            if download is None:
+                raise FetchError("not downloaded: the service is stopping", url)
             try:
                 return download.result()
             except concurrent.futures.CancelledError as exc:
@@ -142,21 +136,7 @@ class Fetcher:
     def close(self) -> None:
         """Stop: downloads still running end at once with FetchError (a thread waiting on
         one would otherwise keep the process from exiting)."""
-        if self._loop.is_closed():
-            return
-        with self._scheduling:
-            self._closing = True
-        asyncio.run_coroutine_threadsafe(self._cancel_downloads(), self._loop).result()
-        asyncio.run_coroutine_threadsafe(self._client.aclose(), self._loop).result()
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join()
-        self._loop.close()
-
-    async def _cancel_downloads(self) -> None:
-        running = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-        for task in running:
-            task.cancel()
-        await asyncio.gather(*running, return_exceptions=True)
+        self._loop.close(self._client.aclose)
 
     async def _fetch(self, url: str) -> bytes:
         retrying = tenacity.AsyncRetrying(

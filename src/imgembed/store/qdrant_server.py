@@ -14,10 +14,10 @@ import asyncio
 import importlib.metadata
 import logging
 import math
-import threading
-import weakref
 from collections.abc import Callable, Coroutine
 from typing import Any
+
+from imgembed.loop_thread import LoopThread
 
 log = logging.getLogger(__name__)
 
@@ -36,15 +36,7 @@ class DeadlineClient:
         self._client = AsyncQdrantClient(
             url=url, api_key=api_key, timeout=math.ceil(deadline), check_compatibility=False
         )
-        self._scheduling = threading.Lock()  # no call is started on a stopping loop
-        self._closing = False
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(
-            target=_run, args=(self._loop,), name="imgembed-qdrant", daemon=True
-        )
-        self._thread.start()
-        # a client dropped without close() does not leave its thread behind
-        self._stop_loop = weakref.finalize(self, self._loop.call_soon_threadsafe, self._loop.stop)
+        self._loop = LoopThread("imgembed-qdrant")
 
     def __getattr__(self, name: str) -> Callable[..., Any]:
         if name.startswith("_"):  # not set yet, or not the client's to give
@@ -53,11 +45,10 @@ class DeadlineClient:
         return lambda *args, **kwargs: self._wait(method(*args, **kwargs))
 
     def _wait(self, call: Coroutine[Any, Any, Any]) -> Any:
-        with self._scheduling:
-            if self._closing:
-                call.close()
-                raise RuntimeError("the Qdrant client is closed")
-            running = asyncio.run_coroutine_threadsafe(self._within_deadline(call), self._loop)
+        running = self._loop.submit(self._within_deadline(call))
+        if running is None:
+            call.close()  # never started: no "never awaited" warning
+            raise RuntimeError("the Qdrant client is closed")
         try:
             return running.result()
         except BaseException:  # Ctrl-C while waiting: the call stops too
@@ -98,24 +89,4 @@ class DeadlineClient:
 
     def close(self) -> None:
         """Calls still running end at once; the connections close, the thread ends."""
-        with self._scheduling:
-            if self._closing:
-                return
-            self._closing = True
-        asyncio.run_coroutine_threadsafe(self._stop(), self._loop).result()
-        self._stop_loop()
-        self._thread.join()
-
-    async def _stop(self) -> None:
-        running = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-        for task in running:
-            task.cancel()
-        await asyncio.gather(*running, return_exceptions=True)
-        await self._client.close()
-
-
-def _run(loop: asyncio.AbstractEventLoop) -> None:
-    try:
-        loop.run_forever()
-    finally:
-        loop.close()
+        self._loop.close(self._client.close)
