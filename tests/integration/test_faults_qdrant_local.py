@@ -510,6 +510,10 @@ UNREAD_ENTRIES = {
         "its 'name' is not text: ['hurt']",
     ),
     "no dimension": (lambda entry: entry.pop("dimension"), "no 'dimension'"),
+    "a dimension true": (  # Python's bool is an int: it passed as a length of 1
+        lambda entry: entry.update(dimension=True),
+        "its 'dimension' is not a whole number: True",
+    ),
 }
 
 

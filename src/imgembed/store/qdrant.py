@@ -5,7 +5,6 @@ collection; point ids are UUIDs derived from our ids, which are kept in the payl
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import threading
 import time
@@ -48,6 +47,7 @@ from imgembed.store.qdrant_local import (
     warn_missing,
     writable,
 )
+from imgembed.store.qdrant_misfits import read_entry
 from imgembed.store.qdrant_server import DeadlineClient
 
 log = logging.getLogger(__name__)
@@ -247,7 +247,7 @@ class QdrantStore:
     def _provenance(self, name: str) -> Provenance | None:
         """None also for an entry it cannot read: `_create` writes it anew."""
         points = self._client.retrieve(REGISTRY, ids=[_point_id(name)], with_payload=True)
-        entry = _read_entry(points[0].payload) if points else None
+        entry = read_entry(points[0].payload) if points else None
         return entry[1] if isinstance(entry, tuple) else None
 
     def _dimension(self, name: str, size: int | None = None) -> int:
@@ -294,7 +294,7 @@ class QdrantStore:
             points, offset = self._client.scroll(
                 REGISTRY, limit=_PAGE, offset=offset, with_payload=True
             )
-            entries.update({str(p.id): _read_entry(p.payload) for p in points})
+            entries.update({str(p.id): read_entry(p.payload) for p in points})
             if offset is None:
                 return entries
 
@@ -474,21 +474,6 @@ class QdrantStore:
     def close(self) -> None:
         with self._one_at_a_time, store_errors("closing Qdrant", self.location):
             self._client.close()
-
-
-def _read_entry(payload: Mapping[str, Any] | None) -> tuple[str, Provenance] | str:
-    """A registry entry's collection name and model, or why it holds none (one written by
-    hand or by another tool)."""
-    fields = dict(payload or {})
-    name = fields.pop("name", None)
-    wanted = [field.name for field in dataclasses.fields(Provenance)]
-    if not isinstance(name, str):
-        return "no 'name'" if name is None else f"its 'name' is not text: {name!r}"
-    if missing := [field for field in wanted if field not in fields]:
-        return f"no {missing[0]!r}"
-    if not isinstance(fields["dimension"], int):
-        return f"its 'dimension' is not a whole number: {fields['dimension']!r}"
-    return name, Provenance(**{field: fields[field] for field in wanted})  # others: a newer's
 
 
 def _checked_name(name: str) -> str:

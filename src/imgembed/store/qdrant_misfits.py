@@ -7,15 +7,19 @@ on opening in the arrays the client loaded (vectors of mixed lengths it refuses 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import shutil
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from imgembed.store.base import Provenance
 
 log = logging.getLogger(__name__)
 
@@ -65,17 +69,29 @@ def _registered_sizes(opened: Any, registry: str) -> dict[str, int]:
     sizes: dict[str, int] = {}
     offset = None
     while opened.collection_exists(registry):
-        points, offset = opened.scroll(
-            registry, limit=1000, offset=offset, with_payload=["name", "dimension"]
-        )
+        points, offset = opened.scroll(registry, limit=1000, offset=offset, with_payload=True)
         for point in points:
-            payload = point.payload or {}
-            name, size = payload.get("name"), payload.get("dimension")
-            if isinstance(name, str) and isinstance(size, int):  # else it names none
-                sizes[name] = size
+            entry = read_entry(point.payload)
+            if isinstance(entry, tuple):  # else it names none
+                sizes[entry[0]] = entry[1].dimension
         if offset is None:
             break
     return sizes
+
+
+def read_entry(payload: Mapping[str, Any] | None) -> tuple[str, Provenance] | str:
+    """A registry entry's collection name and model, or why it holds none (one written by
+    hand or by another tool)."""
+    fields = dict(payload or {})
+    name = fields.pop("name", None)
+    wanted = [field.name for field in dataclasses.fields(Provenance)]
+    if not isinstance(name, str):
+        return "no 'name'" if name is None else f"its 'name' is not text: {name!r}"
+    if missing := [field for field in wanted if field not in fields]:
+        return f"no {missing[0]!r}"
+    if isinstance(fields["dimension"], bool) or not isinstance(fields["dimension"], int):
+        return f"its 'dimension' is not a whole number: {fields['dimension']!r}"
+    return name, Provenance(**{field: fields[field] for field in wanted})  # others: a newer's
 
 
 def fit_settings(path: Path, sizes: dict[str, int]) -> list[str]:
